@@ -1,0 +1,11 @@
+"""gptforge: train GPT-2 language models on your own text."""
+from importlib.metadata import PackageNotFoundError, version as _version
+
+try:
+    __version__ = _version("gptforge")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+local"
+
+from .config import GPTConfig, ConfigError, PRESETS, preset, build_gpt2_config
+from .model import GPT, KVCache
+from .checkpoint import CheckpointError, load_model, save_model, model_info

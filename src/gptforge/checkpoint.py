@@ -1,0 +1,267 @@
+"""Model folders that transformers reads and writes, and crash-safe writing.
+
+A model folder holds `config.json` (GPT2Config), `model.safetensors` (GPT2LMHeadModel key names,
+Conv1D layout: c_attn / c_proj / c_fc weights stored (in, out)), `generation_config.json`, and the
+tokenizer files when a tokenizer is attached. Loading also accepts what transformers and older tools
+write: keys with or without the `transformer.` prefix, with or without `lm_head.weight`, the old
+`attn.bias` / `attn.masked_bias` buffers, sharded safetensors with an index, and `pytorch_model.bin`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, GPTConfig
+from .model import GPT
+
+WEIGHTS_NAME = "model.safetensors"
+# Weights transformers keeps as Conv1D, i.e. transposed relative to nn.Linear.
+_CONV1D = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")
+_BUFFERS = re.compile(r"\.attn\.(bias|masked_bias)$")
+
+
+class CheckpointError(RuntimeError):
+    """A model folder or weights file that cannot be loaded."""
+
+
+# --- crash-safe writing ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to `target`; on success it replaces `target` in one rename.
+
+    A crash or a full disk leaves the previous `target` untouched (and at worst a `.tmp-*` folder).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call `write(tmp_path)` and then rename the result onto `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --- state dict conversion ---------------------------------------------------------------
+
+
+def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our parameters under GPT2LMHeadModel names and layouts, without the tied `lm_head.weight`."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        t = t.detach()
+        out[name] = (t.t() if _CONV1D.search(name) else t).contiguous().cpu()
+    return out
+
+
+def from_hf_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig, source: str = "weights") -> dict[str, torch.Tensor]:
+    """Map any transformers GPT-2 state dict variant onto our names and layouts; check every shape."""
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        expected = GPT(config).state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        if _BUFFERS.search(name):
+            continue  # causal-mask buffers from old transformers versions
+        key = name
+        if not key.startswith(("transformer.", "lm_head.")):
+            key = "transformer." + key  # saved from GPT2Model, without the LM head wrapper
+        if key not in expected:
+            raise CheckpointError(f"{source}: unexpected tensor {name!r}; is this a GPT-2 checkpoint?")
+        if _CONV1D.search(key):
+            t = t.t()
+        if tuple(t.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {tuple(t.shape)} but the config needs "
+                f"{tuple(expected[key].shape)} (vocab_size={config.vocab_size}, n_positions={config.n_positions}, "
+                f"n_embd={config.n_embd}, n_layer={config.n_layer}, n_inner={config.mlp_width})"
+            )
+        out[key] = t
+    out.setdefault("lm_head.weight", out.get("transformer.wte.weight"))
+    missing = sorted(k for k in expected if k not in out or out[k] is None)
+    if missing:
+        raise CheckpointError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return out
+
+
+# --- reading weights -----------------------------------------------------------------------
+
+
+def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: cannot read weights ({msg}); the file is damaged or not a weights file") from None
+
+
+def _weights_in(folder: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [folder / s for s in shards]
+    for name in (WEIGHTS_NAME, "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return [folder / name]
+    raise CheckpointError(
+        f"{folder}: no weights found (looked for model.safetensors, model.safetensors.index.json, pytorch_model.bin)"
+    )
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a folder (single file or shards) or of one weights file, as stored."""
+    path = Path(path)
+    files = _weights_in(path) if path.is_dir() else [path]
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f}: weights file not found")
+        sd.update(_read_weights_file(f))
+    return sd
+
+
+# --- hub -----------------------------------------------------------------------------------------
+
+
+_HUB_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return name in _HUB_GPT2 or re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+
+
+def fetch_from_hub(repo_id: str) -> Path:
+    """Download a GPT-2 model folder from the Hugging Face hub (only when the user names one)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(
+            f"{repo_id!r} is not a local folder; downloading it needs huggingface_hub "
+            "(pip install 'gptforge[hub]'), or pass the path of a local model folder"
+        ) from None
+    patterns = ["*.json", "*.safetensors", "merges.txt", "vocab.json", "*.txt"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, proxy: all mean the same to the user
+        raise CheckpointError(
+            f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}). "
+            f"Without network access, download it elsewhere (e.g. `huggingface-cli download {repo_id} --local-dir DIR`) "
+            "and pass the local folder instead"
+        ) from None
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """A local folder or weights file as given, or a hub id downloaded to the local cache."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    if _looks_like_hub_id(str(name_or_path)):
+        return fetch_from_hub(str(name_or_path))
+    raise CheckpointError(f"{name_or_path}: no such model folder or file")
+
+
+# --- public API ------------------------------------------------------------------------------------
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    config: GPTConfig | str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> GPT:
+    """Load a GPT-2 model from a folder, a weights file (+ `config`), or a hub id.
+
+    `name_or_path` may be a folder written by gptforge or transformers, a single `.safetensors` /
+    `pytorch_model.bin` file (its folder's config.json is used unless `config` is given), or a hub id
+    such as `gpt2` (downloaded with huggingface_hub).
+    """
+    path = resolve_model_path(name_or_path)
+    folder = path if path.is_dir() else path.parent
+    if config is None:
+        config = GPTConfig.load(folder)
+    elif not isinstance(config, GPTConfig):
+        config = GPTConfig.load(config)
+    sd = from_hf_state_dict(read_state_dict(path), config, source=str(path))
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(sd, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied tensor
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    return model
+
+
+def save_model(model: GPT, folder: str | os.PathLike, tokenizer=None) -> Path:
+    """Write a transformers-compatible model folder (each file replaced atomically)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(to_hf_state_dict(model), str(p), metadata={"format": "pt"}))
+    atomic_write(folder / "config.json", config.save)
+    gen = {"_from_model_config": True, "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    atomic_write(folder / "generation_config.json", lambda p: p.write_text(json.dumps(gen, indent=2) + "\n"))
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    # A stale legacy file would shadow nothing (safetensors wins) but confuses people; leave theirs alone.
+    return folder
+
+
+def model_info(name_or_path: str | os.PathLike) -> dict:
+    """Config, parameter counts and files of a model folder (no weights loaded)."""
+    path = resolve_model_path(name_or_path)
+    folder = path if path.is_dir() else path.parent
+    config = GPTConfig.load(folder)
+    files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    return {
+        "path": str(folder),
+        "config": config,
+        "params": config.num_params(),
+        "non_embedding_params": config.num_params(non_embedding=True),
+        "files": {name: (folder / name).stat().st_size for name in files},
+    }
+
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "atomic_dir",
+    "atomic_write",
+    "load_model",
+    "model_info",
+    "read_state_dict",
+    "save_model",
+]

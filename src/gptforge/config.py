@@ -1,0 +1,184 @@
+"""GPT-2 model configuration: one dataclass, named presets, transformers' config.json format."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A model configuration that cannot describe a GPT-2 network."""
+
+
+@dataclass
+class GPTConfig:
+    """GPT-2 hyper-parameters, with transformers' GPT2Config field names and defaults."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    activation_function: str = "gelu_new"
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+    tie_word_embeddings: bool = True
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    reorder_and_upcast_attn: bool = False
+    gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
+    extra: dict = field(default_factory=dict, repr=False)  # unknown config.json keys, kept on save
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def mlp_width(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner <= 0):
+            raise ConfigError(f"n_inner must be a positive integer or None, got {self.n_inner!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                f"choose n_embd a multiple of n_head (e.g. n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))})"
+            )
+        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
+        if self.activation_function not in ACTIVATIONS:
+            raise ConfigError(
+                f"activation_function={self.activation_function!r} is not supported; "
+                f"choose one of {sorted(ACTIVATIONS)}"
+            )
+        if not self.tie_word_embeddings:
+            raise ConfigError("tie_word_embeddings=False is not supported: GPT-2 ties its output head to wte")
+        if self.scale_attn_by_inverse_layer_idx or self.reorder_and_upcast_attn or not self.scale_attn_weights:
+            raise ConfigError(
+                "only standard GPT-2 attention is supported "
+                "(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False)"
+            )
+
+    # --- transformers config.json -------------------------------------------------
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "gradient_checkpointing")}
+        d.update(self.extra)
+        d.update(
+            model_type="gpt2",
+            architectures=["GPT2LMHeadModel"],
+            n_ctx=self.n_positions,
+            summary_type="cls_index",
+            summary_use_proj=True,
+            summary_activation=None,
+            summary_proj_to_labels=True,
+            summary_first_dropout=0.1,
+            use_cache=True,
+        )
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        if d.get("model_type", "gpt2") != "gpt2":
+            raise ConfigError(f"model_type is {d.get('model_type')!r}; gptforge loads GPT-2 models (model_type 'gpt2')")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        ignored = {"model_type", "architectures", "n_ctx", "use_cache", "transformers_version", "torch_dtype", "dtype"}
+        extra = {k: v for k, v in d.items() if k not in names and k not in ignored}
+        return cls(**known, extra=extra)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "GPTConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no config.json here; a model folder needs one (GPT2Config format)")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        try:
+            return cls.from_dict(d)
+        except TypeError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count as GPT-2 reports it (tied head counted once)."""
+        d, L, h = self.n_embd, self.n_layer, self.mlp_width
+        block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * h + h) + (h * d + d)
+        n = L * block + 2 * d
+        if not non_embedding:
+            n += self.vocab_size * d + self.n_positions * d
+        return n
+
+
+ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "gelu_fast", "quick_gelu")
+
+# Named sizes. The first four are OpenAI's GPT-2 releases; the small ones train usefully on a laptop CPU.
+PRESETS: dict[str, dict] = {
+    "gpt2": dict(n_embd=768, n_layer=12, n_head=12),
+    "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16),
+    "gpt2-large": dict(n_embd=1280, n_layer=36, n_head=20),
+    "gpt2-xl": dict(n_embd=1600, n_layer=48, n_head=25),
+    "tiny": dict(vocab_size=5000, bos_token_id=0, eos_token_id=0, n_positions=128, n_embd=128, n_layer=4, n_head=4),
+    "mini": dict(vocab_size=5000, bos_token_id=0, eos_token_id=0, n_positions=256, n_embd=256, n_layer=8, n_head=8),
+    "small": dict(vocab_size=5000, bos_token_id=0, eos_token_id=0, n_positions=512, n_embd=384, n_layer=6, n_head=6),
+}
+
+
+def preset(name: str, **overrides) -> GPTConfig:
+    """A named config (see PRESETS), with any field overridden."""
+    key = name.removeprefix("openai-community/")
+    if key not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return GPTConfig(**{**PRESETS[key], **overrides})
+
+
+def build_gpt2_config(
+    vocab_size: int = 5000,
+    max_length: int = 32,
+    dropout: float = 0.0,
+    n_embd: int = 256,
+    n_layer: int = 8,
+    n_head: int = 8,
+    **kwargs,
+) -> GPTConfig:
+    """A small GPT-2 config with the argument names older GPT-2 tools use.
+
+    `max_length` is the context length (n_positions); `dropout` sets all three dropouts.
+    """
+    return GPTConfig(
+        vocab_size=vocab_size,
+        n_positions=max_length,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=kwargs.pop("bos_token_id", 0),
+        eos_token_id=kwargs.pop("eos_token_id", 0),
+        **kwargs,
+    )

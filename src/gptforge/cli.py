@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None, help=f"override {name}")
     p.set_defaults(func=cmd_create)
 
+    # Each stage adds its own commands below, in the order of the pipeline.
+    # -- tokenizer / prepare (tokenizer.py, data.py) --
+    # -- train / demo (train.py) --
+    # -- generate / eval (generate.py, evaluate.py) --
     return parser
 
 

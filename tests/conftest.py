@@ -1,0 +1,42 @@
+"""Shared fixtures: everything a test needs is made here, nothing is downloaded."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def hf_gpt2_dir(tmp_path_factory):
+    """A small random GPT2LMHeadModel saved by transformers (safetensors), vocab 300, context 64."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(1234)
+    config = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    path = tmp_path_factory.mktemp("hf_gpt2")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_text() -> str:
+    """A few kilobytes of varied text: English prose, digits, Chinese, emoji, odd whitespace."""
+    rng = random.Random(7)
+    words = ("the quick brown fox jumps over a lazy dog while seven wizards quietly brew "
+             "strong coffee near old lighthouses and 42 recipes call for 3.5 cups of flour").split()
+    lines = []
+    for i in range(400):
+        lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(3, 14))).capitalize() + ".")
+        if i % 9 == 0:
+            lines.append("")  # blank line: a document boundary
+        if i % 37 == 0:
+            lines.append("床前明月光，疑是地上霜。举头望明月，低头思故乡。 🙂🚀  tabs\tand   spaces")
+    return "\n".join(lines) + "\n"

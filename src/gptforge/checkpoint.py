@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -99,16 +100,23 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig, source: s
             key = "transformer." + key  # saved from GPT2Model, without the LM head wrapper
         if key not in expected:
             raise CheckpointError(f"{source}: unexpected tensor {name!r}; is this a GPT-2 checkpoint?")
+        need = tuple(expected[key].shape)
         if _CONV1D.search(key):
-            t = t.t()
-        if tuple(t.shape) != tuple(expected[key].shape):
+            need = need[::-1]  # shapes as stored: Conv1D (in, out)
+        if tuple(t.shape) != need:
             raise CheckpointError(
                 f"{source}: tensor {name!r} has shape {tuple(t.shape)} but the config needs "
-                f"{tuple(expected[key].shape)} (vocab_size={config.vocab_size}, n_positions={config.n_positions}, "
+                f"{need} (vocab_size={config.vocab_size}, n_positions={config.n_positions}, "
                 f"n_embd={config.n_embd}, n_layer={config.n_layer}, n_inner={config.mlp_width})"
             )
-        out[key] = t
-    out.setdefault("lm_head.weight", out.get("transformer.wte.weight"))
+        out[key] = t.t() if _CONV1D.search(key) else t
+    head, wte = out.get("lm_head.weight"), out.get("transformer.wte.weight")
+    if head is not None and wte is not None and head.data_ptr() != wte.data_ptr() and not torch.equal(head, wte):
+        raise CheckpointError(
+            f"{source}: lm_head.weight differs from transformer.wte.weight; gptforge ties the output head "
+            "to the token embedding (tie_word_embeddings=True) and cannot load an untied head"
+        )
+    out["lm_head.weight"] = wte
     missing = sorted(k for k in expected if k not in out or out[k] is None)
     if missing:
         raise CheckpointError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -123,6 +131,11 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path}: not a plain weights file (torch.load with weights_only=True refused it: it is damaged or "
+            "holds Python objects, which are never executed); re-save it as safetensors from a trusted source"
+        ) from None
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: cannot read weights ({msg}); the file is damaged or not a weights file") from None
@@ -179,7 +192,7 @@ def fetch_from_hub(repo_id: str) -> Path:
     except Exception as e:  # offline, unknown repo, proxy: all mean the same to the user
         raise CheckpointError(
             f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}). "
-            f"Without network access, download it elsewhere (e.g. `huggingface-cli download {repo_id} --local-dir DIR`) "
+            f"Without network access, download it elsewhere (e.g. `hf download {repo_id} --local-dir DIR`) "
             "and pass the local folder instead"
         ) from None
 
@@ -189,7 +202,8 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     path = Path(name_or_path)
     if path.exists():
         return path
-    if _looks_like_hub_id(str(name_or_path)):
+    # `runs/model` whose `runs/` exists is a mistyped local path, not a hub id to download.
+    if _looks_like_hub_id(str(name_or_path)) and not (path.parent != Path(".") and path.parent.is_dir()):
         return fetch_from_hub(str(name_or_path))
     raise CheckpointError(f"{name_or_path}: no such model folder or file")
 

@@ -1,0 +1,424 @@
+"""Sampling from a GPT with the KV cache: the token-level core, the text layer on top, streaming.
+
+Every option means what it means in transformers' `generate`, applied in the same order: repetition
+penalty, no-repeat n-grams and min_new_tokens first (they change which tokens are allowed), then, only
+when sampling, temperature, top-k and top-p. Greedy decoding (`do_sample=False` or `temperature=0`)
+picks the arg-max of the processed logits, so it reproduces transformers token for token.
+
+Prompts of different lengths share one left-padded batch: padding is masked out of attention, and
+position ids count only real tokens, as transformers does. When a sequence reaches the model's context,
+generation continues by sliding the window: the last `context_keep` tokens are kept and their cache is
+recomputed from scratch, so the model always sees positions it was trained on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .model import GPT
+
+
+@dataclass
+class SamplingOptions:
+    """Generation options and their defaults (the CLI reads its defaults from here).
+
+    `temperature=0` or `do_sample=False` means greedy decoding; `top_k=0` and `top_p=1` switch those
+    filters off; `repetition_penalty=1` and `no_repeat_ngram_size=0` too.
+    """
+
+    max_new_tokens: int = 100
+    min_new_tokens: int = 0
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    num_samples: int = 1
+    batch_size: int = 8
+    seed: int | None = None
+
+    def validate(self) -> None:
+        def bad(name: str, value, why: str):
+            raise ValueError(f"{name}={value!r}: {why}")
+
+        for name in ("max_new_tokens", "min_new_tokens", "top_k", "no_repeat_ngram_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                bad(name, value, "must be an integer >= 0")
+        for name in ("num_samples", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                bad(name, value, "must be an integer >= 1")
+        if self.min_new_tokens > self.max_new_tokens:
+            bad("min_new_tokens", self.min_new_tokens, f"is above max_new_tokens={self.max_new_tokens}; lower it or raise max_new_tokens")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            bad("temperature", self.temperature, "must be >= 0 (0 means greedy decoding)")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", self.top_p, "must be in (0, 1]; 1 switches top-p filtering off")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            bad("repetition_penalty", self.repetition_penalty, "must be > 0 (1 means no penalty, > 1 discourages repeats)")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+
+# --- logits processors (each the counterpart of one transformers LogitsProcessor) ------------------
+
+
+def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Divide positive and multiply negative logits of tokens already seen (prompt and output).
+
+    `seen` is a (B, V) boolean mask. A mask rather than a list of ids makes the cost independent of
+    the length of the text, and a token seen twice is penalised once, as in transformers.
+    """
+    penalised = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return torch.where(seen, penalised, scores)
+
+
+def apply_temperature(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    return scores / temperature if temperature != 1.0 else scores
+
+
+def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k highest logits (and any tied with the k-th); the rest become -inf."""
+    if k <= 0 or k >= scores.size(-1):
+        return scores
+    kth = torch.topk(scores, k, dim=-1).values[..., -1:]
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def top_p_filter(scores: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches p.
+
+    A token survives when the probability of all strictly more likely tokens is still below p, so the
+    most likely token always survives.
+    """
+    if p >= 1.0:
+        return scores
+    ordered, order = torch.sort(scores, dim=-1, descending=True)
+    probs = ordered.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
+    drop = before >= p
+    drop[..., 0] = False
+    return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+class _NGramBan:
+    """No-repeat n-grams for one row: remembers every (n-1)-token prefix and the tokens that followed it."""
+
+    def __init__(self, n: int, ids: Sequence[int]):
+        self.n, self.ids, self.table = n, [], {}
+        for t in ids:
+            self.add(t)
+
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        if len(self.ids) >= self.n:
+            gram = tuple(self.ids[-self.n:])
+            self.table.setdefault(gram[:-1], set()).add(gram[-1])
+
+    def banned(self) -> set[int]:
+        if len(self.ids) + 1 < self.n:
+            return set()
+        prefix = tuple(self.ids[len(self.ids) - self.n + 1:]) if self.n > 1 else ()
+        return self.table.get(prefix, set())
+
+
+def process_logits(
+    scores: torch.Tensor,
+    opts: SamplingOptions,
+    step: int,
+    eos_id: int | None,
+    seen: torch.Tensor | None = None,
+    ngrams: list[_NGramBan] | None = None,
+) -> torch.Tensor:
+    """All processors for one decoding step in transformers' order; `scores` is (B, V) float."""
+    if opts.repetition_penalty != 1.0 and seen is not None:
+        scores = apply_repetition_penalty(scores, seen, opts.repetition_penalty)
+    if ngrams:
+        for row, ban in enumerate(ngrams):
+            if ban is not None and (banned := ban.banned()):
+                scores[row, list(banned)] = float("-inf")
+    if step < opts.min_new_tokens and eos_id is not None:
+        scores[:, eos_id] = float("-inf")
+    if not opts.greedy:
+        scores = top_p_filter(top_k_filter(apply_temperature(scores, opts.temperature), opts.top_k), opts.top_p)
+    return scores
+
+
+def _pick(scores: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
+    if greedy:
+        return scores.argmax(dim=-1)
+    probs = scores.softmax(dim=-1)
+    # Exponential race (Gumbel-max in another form): argmax(p / E) with E ~ Exp(1) is a draw from p.
+    # One elementwise pass; cheaper than torch.multinomial and never syncs with the host.
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(dim=-1)
+
+
+# --- the token-level core --------------------------------------------------------------------------
+
+
+Callback = Callable[[int, list[int]], bool | None]
+
+
+def _as_prompts(input_ids) -> list[list[int]]:
+    if isinstance(input_ids, torch.Tensor):
+        input_ids = input_ids.tolist() if input_ids.dim() == 2 else [input_ids.tolist()]
+    elif input_ids and isinstance(input_ids[0], int):
+        input_ids = [list(input_ids)]
+    return [list(map(int, p)) for p in input_ids]
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: GPT,
+    input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+    *,
+    eos_id: int | None = -1,
+    context_keep: int | None = None,
+    callback: Callback | None = None,
+    **options,
+) -> list[list[int]]:
+    """Generate from token-id prompts; returns the new tokens of each sample (without eos).
+
+    `input_ids` is one prompt (list of ids or 1-D tensor) or several (list of lists or a 2-D tensor).
+    `options` are the fields of `SamplingOptions` (max_new_tokens, temperature, top_k, ...). Each
+    prompt gives `num_samples` samples, in order: prompt 0's samples first. Sampling stops at
+    `eos_id` (default: the model's eos_token_id; None to never stop early). An empty prompt starts
+    from eos. A prompt longer than the context keeps its last n_positions tokens, with a warning.
+    `callback(row, new_ids)` is called after every new token of an unfinished row (for streaming and
+    stop strings); returning True ends that row.
+    """
+    opts = SamplingOptions(**options)
+    opts.validate()
+    n_ctx = model.config.n_positions
+    if eos_id == -1:
+        eos_id = model.config.eos_token_id
+    keep = context_keep or max(1, n_ctx * 3 // 4)
+    if not 0 < keep < n_ctx:
+        raise ValueError(f"context_keep={context_keep} must be between 1 and n_positions-1={n_ctx - 1}")
+    prompts = []
+    vocab = model.config.vocab_size
+    for p in _as_prompts(input_ids):
+        if not p:
+            if eos_id is None:
+                raise ValueError("empty prompt and no eos token to start from; give a prompt")
+            p = [eos_id]
+        if min(p) < 0 or max(p) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}) (the model's vocab_size); got {min(p)}..{max(p)}")
+        if len(p) > n_ctx:
+            warnings.warn(f"prompt of {len(p)} tokens is longer than the model's context ({n_ctx}); keeping its last {n_ctx} tokens")
+            p = p[-n_ctx:]
+        prompts += [p] * opts.num_samples
+    generator = None
+    device = model.transformer.wte.weight.device
+    if opts.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(opts.seed)
+    was_training = model.training
+    model.eval()
+    try:
+        out: list[list[int]] = []
+        for start in range(0, len(prompts), opts.batch_size):
+            batch = prompts[start:start + opts.batch_size]
+            row_callback = None
+            if callback is not None:
+                row_callback = lambda row, ids, _s=start: callback(_s + row, ids)  # noqa: E731
+            out += _generate_batch(model, batch, opts, eos_id, keep, generator, row_callback)
+        return out
+    finally:
+        model.train(was_training)
+
+
+def _generate_batch(model: GPT, prompts: list[list[int]], opts: SamplingOptions, eos_id: int | None, keep: int,
+                    generator: torch.Generator | None, callback: Callback | None) -> list[list[int]]:
+    device = model.transformer.wte.weight.device
+    B, n_ctx = len(prompts), model.config.n_positions
+    T0 = max(map(len, prompts))
+    padded = any(len(p) < T0 for p in prompts)
+    pad = eos_id if eos_id is not None else 0
+    total = T0 + opts.max_new_tokens
+    # Every token so far (left-padded), and which are real: needed to rebuild the cache when sliding.
+    tokens = torch.full((B, total), pad, dtype=torch.long, device=device)
+    real = torch.zeros((B, total), dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, T0 - len(p):T0] = torch.tensor(p, device=device)
+        real[i, T0 - len(p):T0] = True
+    real[:, T0:] = True
+    seen = None
+    if opts.repetition_penalty != 1.0:
+        seen = torch.zeros((B, model.config.vocab_size), dtype=torch.bool, device=device)
+        seen.scatter_(1, tokens[:, :T0], real[:, :T0])
+        if padded:  # the scatter above may have cleared a pad id that is also a real token elsewhere
+            for i, p in enumerate(prompts):
+                seen[i, p] = True
+    ngrams = [_NGramBan(opts.no_repeat_ngram_size, p) for p in prompts] if opts.no_repeat_ngram_size else None
+
+    cache = model.new_cache(B, min(n_ctx, total))
+    window_start = 0  # column of `tokens` where the cached window begins
+
+    def prefill(end: int) -> torch.Tensor:
+        """(Re)compute the cache for tokens[window_start:end]; return last-position logits."""
+        cache.length = 0
+        mask = real[:, window_start:end]
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits, _ = model(tokens[:, window_start:end], cache=cache, position_ids=pos,
+                          attention_mask=mask if padded else None, logits_to_keep=1)
+        return logits[:, -1], pos[:, -1:] + 1
+
+    logits, next_pos = prefill(T0)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    done_host = [False] * B
+    lengths = [opts.max_new_tokens] * B
+    host_every = 1 if (callback is not None or ngrams) else 8  # host syncs are cheap on CPU, not on GPU
+    for step in range(opts.max_new_tokens):
+        col = T0 + step
+        scores = process_logits(logits.float(), opts, step, eos_id, seen, ngrams)
+        nxt = _pick(scores, opts.greedy, generator)
+        if eos_id is not None:
+            nxt = nxt.masked_fill(finished, eos_id)
+            finished |= nxt == eos_id
+        tokens[:, col] = nxt
+        if seen is not None:
+            seen.scatter_(1, nxt[:, None], True)
+        if step % host_every == host_every - 1 or step == opts.max_new_tokens - 1:
+            fin = finished.tolist()
+            if ngrams or callback is not None:
+                new = nxt.tolist()
+                for i in range(B):
+                    if done_host[i]:
+                        continue
+                    if fin[i]:
+                        done_host[i], lengths[i] = True, step
+                        continue
+                    if ngrams:
+                        ngrams[i].add(new[i])
+                    if callback is not None and callback(i, tokens[i, T0:col + 1].tolist()):
+                        done_host[i], lengths[i] = True, step + 1
+                        finished[i] = True
+            if all(fin) or all(done_host):
+                break
+        if step == opts.max_new_tokens - 1:
+            break
+        if col + 1 - window_start > cache.max_len:  # the context is full: slide the window
+            window_start = col + 1 - keep
+            logits, next_pos = prefill(col + 1)
+            continue
+        mask = real[:, window_start:col + 1] if padded else None
+        logits, _ = model(nxt[:, None], cache=cache, position_ids=next_pos, attention_mask=mask, logits_to_keep=1)
+        logits = logits[:, -1]
+        next_pos = next_pos + 1
+
+    rows = tokens[:, T0:].tolist()
+    out = []
+    for i, row in enumerate(rows):
+        row = row[:lengths[i]]
+        if eos_id is not None and eos_id in row:  # rows finished between host checks
+            row = row[:row.index(eos_id)]
+        out.append(row)
+    return out
+
+
+# --- the text layer --------------------------------------------------------------------------------
+
+
+class _StopText:
+    """Decodes one row as it grows, cuts it at the first stop string, and releases text that is final.
+
+    Text is held back while it could still be the start of a stop string, or while it ends in an
+    incomplete UTF-8 character (the replacement character from decoding half a byte sequence).
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str]):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.hold = max((len(s) - 1 for s in self.stop), default=0)
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def update(self, ids: list[int]) -> str:
+        """New final text after the row became `ids`; sets `stopped` when a stop string appeared."""
+        self.text = self.tokenizer.decode(ids)
+        cut = min((i for s in self.stop if (i := self.text.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.stopped = self.text[:cut], True
+            return self.flush()
+        safe = len(self.text) - self.hold
+        while safe > self.sent and self.text[safe - 1] == "\ufffd":
+            safe -= 1
+        piece = self.text[self.sent:safe] if safe > self.sent else ""
+        self.sent += len(piece)
+        return piece
+
+    def flush(self) -> str:
+        piece = self.text[self.sent:]
+        self.sent = len(self.text)
+        return piece
+
+
+def generate(
+    model: GPT,
+    tokenizer,
+    prompt: str | list[str] = "",
+    *,
+    stop: str | Sequence[str] | None = None,
+    include_prompt: bool = True,
+    stream: Callable[[int, str], None] | None = None,
+    context_keep: int | None = None,
+    **options,
+) -> list[str]:
+    """Generate text: one string per sample, prompt 0's `num_samples` samples first.
+
+    `options` are the fields of `SamplingOptions` (max_new_tokens, min_new_tokens, temperature,
+    top_k, top_p, repetition_penalty, no_repeat_ngram_size, num_samples, batch_size, seed, do_sample).
+    Generation stops at the tokenizer's end-of-text token and at the first of the `stop` strings (which
+    is not included). `stream(sample, text)` receives each piece of final text as soon as it is known.
+    """
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("no prompt given; pass a string (\"\" starts from <|endoftext|>) or a list of strings")
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    opts = SamplingOptions(**options)
+    opts.validate()
+    n = opts.num_samples
+    texts = [_StopText(tokenizer, stop) for _ in range(len(prompts) * n)]
+    if stream is not None and include_prompt:
+        for i, p in enumerate(prompts):
+            for j in range(n):
+                stream(i * n + j, p)
+
+    def on_token(row: int, ids: list[int]) -> bool:
+        piece = texts[row].update(ids)
+        if piece and stream is not None:
+            stream(row, piece)
+        return texts[row].stopped
+
+    eos = tokenizer.eos_id
+    ids = generate_ids(model, [tokenizer.encode(p) if p else [] for p in prompts], eos_id=eos,
+                       context_keep=context_keep, callback=on_token if (stop or stream) else None,
+                       **dataclasses.asdict(opts))
+    out = []
+    for row, new in enumerate(ids):
+        t = texts[row]
+        t.update(new)  # the whole row: also cuts a stop string that the last host check missed
+        if stream is not None and (piece := t.flush()):
+            stream(row, piece)
+        out.append((prompts[row // n] if include_prompt else "") + t.text)
+    return out
+
+
+__all__ = [
+    "SamplingOptions",
+    "apply_repetition_penalty",
+    "apply_temperature",
+    "generate",
+    "generate_ids",
+    "process_logits",
+    "top_k_filter",
+    "top_p_filter",
+]

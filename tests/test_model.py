@@ -1,0 +1,269 @@
+"""The network: KV cache, padded batches, loss and gradients against transformers, init, checkpointing, dropout."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import gptforge.model as model_module
+from gptforge import GPT, GPTConfig, preset
+from gptforge.checkpoint import to_hf_state_dict
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(vocab_size=200, n_positions=48, n_embd=48, n_layer=2, n_head=3,
+             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def _model(**overrides) -> GPT:
+    model = GPT(GPTConfig(**{**SMALL, **overrides}))
+    with torch.no_grad():  # non-zero biases and LayerNorms, so that every term matters
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def _hf_copy(model: GPT):
+    """The same weights in a transformers GPT2LMHeadModel."""
+    c = model.config
+    hf_config = transformers.GPT2Config(**{k: v for k, v in c.to_dict().items() if k not in ("architectures",)})
+    hf = transformers.GPT2LMHeadModel(hf_config)
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
+    assert missing == ["lm_head.weight"] or not missing, missing
+    assert not unexpected
+    hf.tie_weights()
+    return hf.eval()
+
+
+def _ids(batch: int, length: int, vocab: int = 200, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# --- KV cache -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", [1, 7, 19])
+def test_kv_cache_in_pieces_equals_full_forward(split):
+    model = _model()
+    ids = _ids(2, 20)
+    with torch.no_grad():
+        full, _ = model(ids)
+        cache = model.new_cache(2, 32)
+        a, _ = model(ids[:, :split], cache=cache)
+        assert cache.length == split
+        b, _ = model(ids[:, split:], cache=cache)
+    assert cache.length == 20
+    torch.testing.assert_close(torch.cat([a, b], dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_kv_cache_token_by_token_equals_full_forward():
+    model = _model()
+    ids = _ids(3, 12)
+    with torch.no_grad():
+        full, _ = model(ids)
+        cache = model.new_cache(3)
+        steps = [model(ids[:, t : t + 1], cache=cache)[0] for t in range(12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_kv_cache_overflow_and_context_length_are_errors():
+    model = _model()
+    cache = model.new_cache(1, 8)
+    with torch.no_grad():
+        model(_ids(1, 6), cache=cache)
+        with pytest.raises(ValueError, match="8"):
+            model(_ids(1, 3), cache=cache)
+        with pytest.raises(ValueError, match="n_positions=48"):
+            model(_ids(1, 49))
+
+
+def test_kv_cache_reorder_keeps_selected_rows():
+    model = _model()
+    ids = _ids(3, 10)
+    with torch.no_grad():
+        cache = model.new_cache(3, 16)
+        model(ids[:, :9], cache=cache)
+        cache.reorder(torch.tensor([2, 0]))
+        step, _ = model(ids[[2, 0], 9:], cache=cache)
+        full, _ = model(ids[[2, 0]])
+    torch.testing.assert_close(step, full[:, -1:], atol=1e-5, rtol=0)
+
+
+# --- left padding -----------------------------------------------------------------------------------
+
+
+def _left_padded(rows: list[torch.Tensor], pad: int = 0):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+def test_left_padded_batch_matches_single_rows_and_transformers():
+    model = _model()
+    hf = _hf_copy(model)
+    rows = [_ids(1, n, seed=n)[0] for n in (11, 4, 8)]
+    ids, mask, positions = _left_padded(rows, pad=7)
+    with torch.no_grad():
+        batch, _ = model(ids, attention_mask=mask, position_ids=positions)
+        reference = hf(ids, attention_mask=mask, position_ids=positions).logits
+        assert torch.isfinite(batch).all()
+        for i, r in enumerate(rows):
+            single, _ = model(r[None])
+            torch.testing.assert_close(batch[i, -len(r):], single[0], atol=1e-5, rtol=0)
+    real = mask.bool()
+    assert (batch[real] - reference[real]).abs().max().item() <= 1e-4
+
+
+def test_left_padded_prefill_then_cached_step_matches_single_rows():
+    """What generation does: a padded prompt through the cache, then one new token per row."""
+    model = _model()
+    rows = [_ids(1, n, seed=10 + n)[0] for n in (9, 3)]
+    ids, mask, positions = _left_padded(rows)
+    nxt = torch.tensor([[5], [17]])
+    with torch.no_grad():
+        cache = model.new_cache(2, 16)
+        model(ids, cache=cache, attention_mask=mask, position_ids=positions)
+        mask2 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        step, _ = model(nxt, cache=cache, attention_mask=mask2, position_ids=positions[:, -1:] + 1)
+        for i, r in enumerate(rows):
+            single, _ = model(torch.cat([r, nxt[i]])[None])
+            torch.testing.assert_close(step[i, 0], single[0, -1], atol=1e-5, rtol=0)
+
+
+# --- loss, logits_to_keep, gradients -------------------------------------------------------------------
+
+
+def test_loss_and_gradients_match_transformers():
+    model = _model()
+    hf = _hf_copy(model)
+    ids = _ids(2, 16)
+    targets = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    logits, loss = model(ids, targets)
+    ref = hf(ids, labels=ids)
+    assert abs(loss.item() - ref.loss.item()) <= 1e-5
+    # By hand: the mean negative log-likelihood of the next token.
+    manual = -torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).mean()
+    assert abs(loss.item() - manual.item()) <= 1e-5
+    loss.backward()
+    ref.loss.backward()
+    ours = model.transformer.h[1].attn.c_attn.weight.grad
+    theirs = hf.transformer.h[1].attn.c_attn.weight.grad.t()
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model.transformer.wte.weight.grad, hf.transformer.wte.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_logits_to_keep():
+    model = _model()
+    ids = _ids(2, 10)
+    with torch.no_grad():
+        full, _ = model(ids)
+        last, _ = model(ids, logits_to_keep=1)
+        three, _ = model(ids, logits_to_keep=3)
+    assert last.shape == (2, 1, 200) and three.shape == (2, 3, 200)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(three, full[:, -3:], atol=1e-6, rtol=0)
+
+
+# --- initialisation and size -----------------------------------------------------------------------------
+
+
+def test_gpt2_initialisation():
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=4000, n_positions=256, n_embd=256, n_layer=6, n_head=8)
+    model = GPT(config)
+    std = config.initializer_range
+    tr = model.transformer
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):  # residual projections: 1/sqrt(2 n_layer) smaller
+            assert p.std().item() == pytest.approx(std / math.sqrt(2 * config.n_layer), rel=0.05), name
+        elif name.endswith(("c_attn.weight", "c_fc.weight", "wte.weight", "wpe.weight")):
+            assert p.std().item() == pytest.approx(std, rel=0.05), name
+            assert abs(p.mean().item()) < 1e-3, name
+        elif "ln" in name and name.endswith("weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif name.endswith("bias"):
+            assert torch.equal(p, torch.zeros_like(p)), name
+    # The output head is the token embedding itself (one storage, one parameter).
+    assert model.lm_head.weight is tr.wte.weight
+    assert model.lm_head.weight.data_ptr() == tr.wte.weight.data_ptr()
+    assert len(list(model.parameters())) == len(model.state_dict()) - 1
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200),
+])
+def test_parameter_counts_of_the_gpt2_releases(name, expected):
+    config = preset(name)
+    assert config.num_params() == expected
+    with torch.device("meta"):  # counts shapes without allocating gigabytes
+        model = GPT(config)
+    assert model.num_params() == expected
+    assert model.num_params(non_embedding=True) == config.num_params(non_embedding=True)
+    assert config.num_params(non_embedding=True) == expected - config.vocab_size * config.n_embd - config.n_positions * config.n_embd
+
+
+@pytest.mark.parametrize("overrides", [dict(n_inner=100), dict(n_head=1, n_layer=1), dict(vocab_size=7)])
+def test_config_and_model_parameter_counts_agree(overrides):
+    config = GPTConfig(**{**SMALL, **overrides})
+    model = GPT(config)
+    assert model.num_params() == config.num_params() == sum(p.numel() for p in model.parameters())
+    assert model.num_params(non_embedding=True) == config.num_params(non_embedding=True)
+
+
+# --- activation checkpointing, dropout -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_activation_checkpointing_gives_the_same_gradients(monkeypatch, dropout):
+    calls = []
+    real_checkpoint = model_module.checkpoint
+    monkeypatch.setattr(model_module, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
+
+    ids = _ids(2, 16)
+    grads = []
+    for flag in (False, True):
+        torch.manual_seed(3)
+        model = GPT(GPTConfig(**{**SMALL, "resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout}))
+        model.config.gradient_checkpointing = flag
+        model.train()
+        torch.manual_seed(4)  # same dropout masks in both runs
+        _, loss = model(ids, ids)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert len(calls) == SMALL["n_layer"]  # only the checkpointed run went through checkpoint()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_checkpointing_is_off_in_eval(monkeypatch):
+    monkeypatch.setattr(model_module, "checkpoint", lambda *a, **k: pytest.fail("checkpoint() in eval"))
+    model = _model(gradient_checkpointing=True)
+    with torch.no_grad():
+        model(_ids(1, 5))
+
+
+def test_dropout_is_active_in_training_and_off_in_eval():
+    model = GPT(GPTConfig(**{**SMALL, "resid_pdrop": 0.3, "embd_pdrop": 0.3, "attn_pdrop": 0.3}))
+    ids = _ids(2, 12)
+    model.train()
+    with torch.no_grad():
+        a, _ = model(ids)
+        b, _ = model(ids)
+    assert not torch.allclose(a, b)
+    model.eval()
+    with torch.no_grad():
+        c, _ = model(ids)
+        d, _ = model(ids)
+    assert torch.equal(c, d)
+    # In eval the dropout model computes what the same weights without dropout compute.
+    plain = GPT(GPTConfig(**SMALL)).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids)[0], c, atol=1e-6, rtol=0)

@@ -172,8 +172,8 @@ Callback = Callable[[int, list[int]], bool | None]
 def _as_prompts(input_ids) -> list[list[int]]:
     if isinstance(input_ids, torch.Tensor):
         input_ids = input_ids.tolist() if input_ids.dim() == 2 else [input_ids.tolist()]
-    elif input_ids and isinstance(input_ids[0], int):
-        input_ids = [list(input_ids)]
+    elif not len(input_ids) or isinstance(input_ids[0], int):
+        input_ids = [list(input_ids)]  # one prompt; [] is one empty prompt
     return [list(map(int, p)) for p in input_ids]
 
 
@@ -209,9 +209,7 @@ def generate_ids(
     vocab = model.config.vocab_size
     for p in _as_prompts(input_ids):
         if not p:
-            if eos_id is None:
-                raise ValueError("empty prompt and no eos token to start from; give a prompt")
-            p = [eos_id]
+            p = [eos_id if eos_id is not None else model.config.eos_token_id]
         if min(p) < 0 or max(p) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab}) (the model's vocab_size); got {min(p)}..{max(p)}")
         if len(p) > n_ctx:

@@ -80,19 +80,10 @@ class GPTConfig:
     # --- transformers config.json -------------------------------------------------
 
     def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "gradient_checkpointing")}
+        d = dict(_HF_DEFAULTS)
+        d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "gradient_checkpointing")})
         d.update(self.extra)
-        d.update(
-            model_type="gpt2",
-            architectures=["GPT2LMHeadModel"],
-            n_ctx=self.n_positions,
-            summary_type="cls_index",
-            summary_use_proj=True,
-            summary_activation=None,
-            summary_proj_to_labels=True,
-            summary_first_dropout=0.1,
-            use_cache=True,
-        )
+        d.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_ctx=self.n_positions)
         return d
 
     @classmethod
@@ -102,7 +93,7 @@ class GPTConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         ignored = {"model_type", "architectures", "n_ctx", "use_cache", "transformers_version", "torch_dtype", "dtype"}
-        extra = {k: v for k, v in d.items() if k not in names and k not in ignored}
+        extra = {k: v for k, v in d.items() if k not in names and k not in ignored and _HF_DEFAULTS.get(k, _MISSING) != v}
         return cls(**known, extra=extra)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -133,6 +124,11 @@ class GPTConfig:
             n += self.vocab_size * d + self.n_positions * d
         return n
 
+
+# GPT2Config fields gptforge does not use, written with transformers' defaults; other values are kept in `extra`.
+_HF_DEFAULTS = dict(summary_type="cls_index", summary_use_proj=True, summary_activation=None,
+                    summary_proj_to_labels=True, summary_first_dropout=0.1, use_cache=True)
+_MISSING = object()
 
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "gelu_fast", "quick_gelu")
 

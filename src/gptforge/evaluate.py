@@ -67,8 +67,8 @@ def _score(model: GPT, tokens, block_size: int | None, stride: int | None, batch
            max_tokens: int | None, device, autocast_dtype) -> tuple[float, int]:
     """Total nats and number of predictions scored over one token stream."""
     n_ctx = model.config.n_positions
-    block_size = block_size or n_ctx
-    stride = stride or block_size
+    block_size = n_ctx if block_size is None else block_size
+    stride = block_size if stride is None else stride
     if not 0 < block_size <= n_ctx:
         raise ValueError(f"block_size={block_size} must be between 1 and the model's context n_positions={n_ctx}")
     if not 0 < stride <= block_size:

@@ -202,7 +202,7 @@ def generate_ids(
     n_ctx = model.config.n_positions
     if eos_id == -1:
         eos_id = model.config.eos_token_id
-    keep = context_keep or max(1, n_ctx * 3 // 4)
+    keep = max(1, n_ctx * 3 // 4) if context_keep is None else context_keep
     if not 0 < keep < n_ctx:
         raise ValueError(f"context_keep={context_keep} must be between 1 and n_positions-1={n_ctx - 1}")
     prompts = []

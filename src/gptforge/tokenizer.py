@@ -1,0 +1,451 @@
+"""Tokenizers: train a byte-level BPE or a character vocabulary, load any GPT-2-style tokenizer, encode fast.
+
+Two kinds, both stored as a `tokenizers` library `tokenizer.json` that transformers' AutoTokenizer opens:
+
+* **bpe** -- GPT-2's byte-level BPE (ByteLevel pre-tokenizer with GPT-2's split regex, no prefix space).
+  `<|endoftext|>` is the only special token and serves as bos, eos and unk, as in GPT-2. Tokenizers we train
+  put it at id 0 (the small presets in config.py use bos = eos = 0); OpenAI's GPT-2 has it at 50256.
+* **char** -- one token per Unicode code point, for Chinese and other scripts where a character is the
+  natural unit: a WordLevel model behind a pre-tokenizer that isolates every character. Id 0 is
+  `<|endoftext|>`, id 1 is `<|unk|>`. **Unseen-character policy:** a character that was not kept at
+  training time (never seen, or seen fewer than `min_frequency` times, or beyond `vocab_size`) encodes as
+  `<|unk|>` and decodes as the literal text `<|unk|>`; nothing is dropped silently and the sequence
+  length still equals the number of characters.
+
+Bulk encoding is the bottleneck of data preparation, so `encode_batch` takes the fastest path that gives
+exactly the ids `tokenizers` gives: tiktoken for byte-level BPEs that qualify (see `_tiktoken_encoding`),
+a numpy table lookup for char vocabularies, and `tokenizers` itself otherwise.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+EOS = "<|endoftext|>"
+UNK = "<|unk|>"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+# GPT-2's pre-tokenizer split pattern, as the tokenizers library's ByteLevel pre-tokenizer applies it.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used, or options that cannot build one."""
+
+
+@lru_cache(maxsize=1)
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map that byte-level vocabularies are written in.
+
+    Printable Latin-1 bytes map to themselves; the other 68 bytes map to code points from 256 up, so
+    every token is a readable string in vocab.json.
+    """
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+# Text on which the fast path must agree with `tokenizers` before it is used (on top of the structural checks).
+_PROBE = (
+    "Hello, world! It's 2024; we've 3.14159 reasons.\n\n\n  indented\tline\r\n"
+    "床前明月光，疑是地上霜。举头望明月，低头思故乡。 🙂🚀👩‍👩‍👧 é e\u0301 ﬁ  \u00a0 \u3000 x\n"
+    "<|endoftext|>next doc<|endoftext|><|endoftext|>   trailing   \n\n"
+    "I'LL don't they're 12345678901234567890 ---=== (([[{{ }}]])) ... ??!! @user #tag http://x.y/z?a=1&b=2\n"
+)
+
+
+class Tokenizer:
+    """One object for both kinds: encode, decode, special tokens, save, fingerprint.
+
+    Wraps a `tokenizers.Tokenizer`; it pickles as its JSON so worker processes can rebuild it.
+    """
+
+    def __init__(self, hf_tokenizer, source: str = "<memory>"):
+        self._hf = hf_tokenizer
+        self.source = source
+        spec = json.loads(hf_tokenizer.to_str())
+        model = spec.get("model") or {}
+        if model.get("type") == "BPE":
+            self.kind = "bpe"
+        elif model.get("type") == "WordLevel":
+            self.kind = "char"
+        else:
+            raise TokenizerError(f"{source}: a {model.get('type')} tokenizer is not supported; gptforge uses byte-level BPE or char vocabularies")
+        eos = hf_tokenizer.token_to_id(EOS)
+        if eos is None:
+            raise TokenizerError(f"{source}: the vocabulary has no {EOS} token; GPT-2 tokenizers need it as end of text")
+        self.eos_id: int = eos
+        self.bos_id = self.unk_id = eos
+        if self.kind == "char":
+            self.unk_id = hf_tokenizer.token_to_id(UNK)
+        self.vocab_size: int = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+        self._spec = spec
+        self.fingerprint: str = _fingerprint(spec)
+        self._fast = None  # built lazily: tiktoken Encoding, char lookup table, or False (use tokenizers)
+
+    # --- pickling: workers rebuild from JSON ---
+    def __getstate__(self):
+        return {"json": self._hf.to_str(), "source": self.source}
+
+    def __setstate__(self, state):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.__init__(HFTokenizer.from_str(state["json"]), state["source"])
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id}, fast={self.fast_path})"
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    @property
+    def hf_tokenizer(self):
+        """The underlying `tokenizers.Tokenizer` (the reference implementation)."""
+        return self._hf
+
+    @property
+    def fast_path(self) -> str:
+        """Which exact encoder `encode_batch` uses: "tiktoken", "char-table" or "tokenizers"."""
+        self._ensure_fast()
+        if self._fast is False:
+            return "tokenizers"
+        return "char-table" if self.kind == "char" else "tiktoken"
+
+    # --- encoding ---
+    def _ensure_fast(self) -> None:
+        if self._fast is None:
+            self._fast = (_char_table(self) if self.kind == "char" else _tiktoken_encoding(self)) or False
+            if self._fast is not False:  # the structural checks passed; now the ids themselves must agree
+                vocab = sorted(self._hf.get_vocab().items(), key=lambda kv: kv[1])
+                sample = [t for t, _ in vocab[:: max(1, len(vocab) // 4000)]]
+                probe = [_PROBE, self.decode_tokens(sample, " "), self.decode_tokens(sample, "")]
+                if self.encode_batch(probe) != self.reference_encode_batch(probe):
+                    self._fast = False
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; a literal `<|endoftext|>` in the text becomes `eos_id`, as in `tokenizers`."""
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+        """Ids of many texts at once, through the fastest path proven identical to `tokenizers`."""
+        self._ensure_fast()
+        if self._fast is False:
+            return [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=False)]
+        if self.kind == "char":
+            return [self._char_encode(t).tolist() for t in texts]
+        return self._fast.encode_batch(list(texts), allowed_special={EOS}, num_threads=num_threads)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Ids of one (long) text as an int64 numpy array, skipping Python lists where possible."""
+        self._ensure_fast()
+        if self.kind == "char" and self._fast is not False:
+            return self._char_encode(text)
+        return np.asarray(self.encode_batch([text])[0], dtype=np.int64)
+
+    def reference_encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Ids from the `tokenizers` library itself, the reference the fast paths are checked against."""
+        return [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def _char_encode(self, text: str) -> np.ndarray:
+        table, specials = self._fast
+        parts = re.split(specials, text)
+        out = []
+        for i, part in enumerate(parts):
+            if i % 2:  # a special token captured by the split
+                out.append(np.array([self._hf.token_to_id(part)], dtype=np.int64))
+            elif part:
+                codes = np.frombuffer(part.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+                out.append(table[codes])
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def decode_tokens(self, tokens: list[str], sep: str) -> str:
+        """Text of vocabulary entries joined by `sep` (for probing the fast path with every kind of token)."""
+        return sep.join(self._hf.decode([self._hf.token_to_id(t)]) for t in tokens)
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        return self._hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """UTF-8 length of each token id's text (0 for special tokens): bytes of a token array without decoding."""
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        inverse = {c: b for b, c in byte_to_unicode().items()}
+        specials = {t["id"] for t in self._spec.get("added_tokens", []) if t.get("special")}
+        for token, i in self._hf.get_vocab(with_added_tokens=True).items():
+            if i in specials or i >= self.vocab_size:
+                continue
+            lengths[i] = len(token) if (self.kind == "bpe" and all(c in inverse for c in token)) else len(token.encode())
+        return lengths
+
+    # --- files ---
+    def save(self, folder: str | os.PathLike, model_max_length: int | None = None) -> None:
+        """Write tokenizer.json, vocab.json, merges.txt (bpe), tokenizer_config.json, special_tokens_map.json.
+
+        transformers' AutoTokenizer opens the folder and gives the same ids; each file is replaced atomically.
+        """
+        from .checkpoint import atomic_write
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        model = self._spec["model"]
+        vocab = dict(sorted(self._hf.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1]))
+        unk = UNK if self.kind == "char" else EOS
+        specials = {"bos_token": EOS, "eos_token": EOS, "unk_token": unk}
+        config = {
+            # GPT2Tokenizer rebuilds the exact byte-level BPE; a char vocabulary loads as a generic fast tokenizer.
+            "tokenizer_class": "GPT2Tokenizer" if self.kind == "bpe" else "PreTrainedTokenizerFast",
+            **specials,
+            "add_prefix_space": False,
+            "add_bos_token": False,
+            "model_max_length": model_max_length or 1024,
+            "clean_up_tokenization_spaces": False,
+        }
+
+        def text(s: str):
+            return lambda p: Path(p).write_text(s, encoding="utf-8")
+
+        atomic_write(folder / "tokenizer.json", text(self._hf.to_str(pretty=True)))
+        atomic_write(folder / "vocab.json", text(json.dumps(vocab, ensure_ascii=False) + "\n"))
+        if self.kind == "bpe":
+            merges = ["#version: 0.2"] + [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+            atomic_write(folder / "merges.txt", text("\n".join(merges) + "\n"))
+        atomic_write(folder / "tokenizer_config.json", text(json.dumps(config, indent=2) + "\n"))
+        atomic_write(folder / "special_tokens_map.json", text(json.dumps(specials, indent=2) + "\n"))
+
+
+def _fingerprint(spec: dict) -> str:
+    """Hash of what decides the ids (model vocab/merges, added tokens, pre-tokenizer), not of file formatting."""
+    model = spec.get("model") or {}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    key = {
+        "type": model.get("type"),
+        "vocab": sorted((model.get("vocab") or {}).items(), key=lambda kv: kv[1]),
+        "merges": merges,
+        "added": [(t["id"], t["content"], bool(t.get("special"))) for t in spec.get("added_tokens", [])],
+        "normalizer": spec.get("normalizer"),
+        "pre_tokenizer": spec.get("pre_tokenizer"),
+    }
+    return hashlib.sha256(json.dumps(key, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- fast exact paths -------------------------------------------------------------------------------
+
+
+def _tiktoken_encoding(tok: Tokenizer):
+    """A tiktoken Encoding giving exactly `tokenizers`' ids for this byte-level BPE, or None.
+
+    tiktoken merges the adjacent pair whose concatenation has the lowest rank; `tokenizers` applies the
+    merge with the lowest merge index. Ranks taken as ids agree with merge order when every non-byte token
+    is the result of exactly one merge and ids increase with merge index, which is what BPE training
+    produces (GPT-2's own vocabulary included). Anything else -- a normalizer, a pre-tokenizer other than
+    GPT-2's ByteLevel regex, added tokens besides `<|endoftext|>`, dropout, suffixes, byte fallback, ids out of
+    merge order -- falls back to `tokenizers`. A final check encodes varied probe text and a sample of the
+    vocabulary with both and keeps tiktoken only if the ids agree.
+    """
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    spec, model = tok._spec, tok._spec["model"]
+    pre = spec.get("pre_tokenizer") or {}
+    if pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 1:
+        pre = pre["pretokenizers"][0]
+    if (
+        spec.get("normalizer") is not None
+        or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True)
+        or model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")
+        or model.get("byte_fallback")
+        or [t["content"] for t in spec.get("added_tokens", [])] != [EOS]
+    ):
+        return None
+    inverse = {c: b for b, c in byte_to_unicode().items()}
+    vocab: dict[str, int] = model["vocab"]
+    ranks: dict[bytes, int] = {}
+    for token, i in vocab.items():
+        if token == EOS:
+            continue
+        if not all(c in inverse for c in token):
+            return None
+        ranks[bytes(inverse[c] for c in token)] = i
+    if len(ranks) != len(vocab) - (EOS in vocab) or sum(len(b) == 1 for b in ranks) != 256:
+        return None
+    last = max(i for b, i in ranks.items() if len(b) == 1)
+    for m in model["merges"]:
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        i = vocab.get(a + b)
+        if i is None or i <= last or i <= vocab.get(a, -1) or i <= vocab.get(b, -1):
+            return None
+        last = i
+    if len(model["merges"]) != len(ranks) - 256:
+        return None
+    return tiktoken.Encoding(f"gptforge-{tok.fingerprint}", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={EOS: tok.eos_id})
+
+
+def _char_table(tok: Tokenizer):
+    """(code point -> id table, special-token split regex) for a char vocabulary built like ours, or None."""
+    spec = tok._spec
+    pre = json.dumps(spec.get("pre_tokenizer"))
+    if spec.get("normalizer") is not None or _CHAR_SPLIT not in pre or tok.unk_id is None:
+        return None
+    table = np.full(0x110000, tok.unk_id, dtype=np.int64)
+    for token, i in spec["model"]["vocab"].items():
+        if len(token) == 1:
+            table[ord(token)] = i
+    specials = [t["content"] for t in spec.get("added_tokens", [])]
+    split = "(" + "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")"
+    return table, split
+
+
+_CHAR_SPLIT = "[\\\\s\\\\S]"  # the character-isolating regex, as it appears in tokenizer.json
+
+
+# --- building ----------------------------------------------------------------------------------------
+
+
+def _bpe_from_vocab_merges(vocab_file: Path, merges_file: Path):
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken
+
+    for f in (vocab_file, merges_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: no such file; a GPT-2 tokenizer needs vocab.json and merges.txt side by side")
+    try:
+        vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{vocab_file}: not a JSON vocabulary ({e})") from None
+    merges = []
+    for n, line in enumerate(merges_file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or (n == 1 and line.startswith("#version")):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            raise TokenizerError(f"{merges_file}:{n}: expected two tokens separated by one space, got {line!r}")
+        merges.append((parts[0], parts[1]))
+    if EOS not in vocab:
+        raise TokenizerError(f"{vocab_file}: the vocabulary has no {EOS} token; GPT-2 tokenizers need it as end of text")
+    hf = HFTokenizer(models.BPE(vocab, merges))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken(EOS, special=True, normalized=False)])
+    return hf
+
+
+def load_tokenizer(path: str | os.PathLike, merges_file: str | os.PathLike | None = None) -> Tokenizer:
+    """Open a tokenizer folder, a `tokenizer.json`, or a `vocab.json` (+ `merges.txt`) pair.
+
+    A folder written by gptforge or transformers (including a pretrained GPT-2 folder) is read from its
+    `tokenizer.json`, or from `vocab.json` + `merges.txt` when that is all it has.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = Path(path)
+    if isinstance(path, Path) and not path.exists():
+        raise FileNotFoundError(f"{path}: no such tokenizer folder or file")
+    if path.is_dir():
+        if (path / "tokenizer.json").is_file() and merges_file is None:
+            path = path / "tokenizer.json"
+        elif (path / "vocab.json").is_file():
+            path = path / "vocab.json"
+        else:
+            raise FileNotFoundError(f"{path}: no tokenizer here (looked for tokenizer.json, vocab.json + merges.txt); "
+                                    "train one with `gptforge tokenizer train`")
+    if path.name.endswith(".json") and merges_file is None and path.name != "vocab.json":
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for malformed files
+            raise TokenizerError(f"{path}: not a tokenizers tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+        return Tokenizer(hf, str(path))
+    merges = Path(merges_file) if merges_file is not None else path.with_name("merges.txt")
+    return Tokenizer(_bpe_from_vocab_merges(path, merges), str(path))
+
+
+def train_tokenizer(
+    files: str | os.PathLike | Sequence[str | os.PathLike],
+    vocab_size: int = 5000,
+    min_frequency: int = 2,
+    kind: str = "bpe",
+    out_dir: str | os.PathLike | None = ".",
+    *,
+    texts: Iterable[str] | None = None,
+    model_max_length: int | None = None,
+    **read_options,
+) -> Tokenizer:
+    """Train a byte-level BPE (`kind="bpe"`) or a character vocabulary (`kind="char"`) and save it in `out_dir`.
+
+    `files` takes what `prepare` takes (files, folders, globs, .csv/.jsonl with `column=`/`field=`), read
+    through the same streaming reader, so the tokenizer sees exactly the text the model will. `texts` adds
+    in-memory strings. `<|endoftext|>` gets id 0. Pass `out_dir=None` to keep it in memory only.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    if kind not in ("bpe", "char"):
+        raise TokenizerError(f"kind={kind!r} is not a tokenizer kind; choose 'bpe' or 'char'")
+    if not isinstance(vocab_size, int) or vocab_size < (258 if kind == "bpe" else 3):
+        raise TokenizerError(f"vocab_size={vocab_size} is too small for a {kind} tokenizer; "
+                             f"use at least {258 if kind == 'bpe' else 3} (e.g. --vocab-size 5000)")
+    if min_frequency < 1:
+        raise TokenizerError(f"min_frequency={min_frequency} must be at least 1")
+    from .data import iter_texts
+
+    paths = [files] if isinstance(files, (str, os.PathLike)) else list(files or [])
+    stream = iter_texts(paths, **read_options) if paths else iter(())
+    extra = list(texts or [])
+
+    def everything():
+        yield from stream
+        yield from extra
+
+    if kind == "bpe":
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        hf.train_from_iterator(everything(), trainer)
+    else:
+        from collections import Counter
+
+        counts: Counter = Counter()
+        for t in everything():
+            counts.update(t.replace(EOS, ""))
+        kept = [c for c, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_frequency]
+        chars = sorted(kept[: vocab_size - 2])
+        vocab = {EOS: 0, UNK: 1, **{c: i + 2 for i, c in enumerate(chars)}}
+        hf = HFTokenizer(models.WordLevel(vocab, unk_token=UNK))
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        hf.decoder = decoders.Fuse()
+        hf.add_special_tokens([AddedToken(EOS, special=True, normalized=False), AddedToken(UNK, special=True, normalized=False)])
+    tok = Tokenizer(hf, source=f"trained {kind}")
+    if tok.vocab_size <= 2 + (kind == "bpe") * 256:
+        raise TokenizerError(f"no text to train on in {', '.join(map(str, paths)) or 'texts'}; give files with text")
+    if out_dir is not None:
+        tok.save(out_dir, model_max_length=model_max_length)
+        tok.source = str(out_dir)
+    return tok
+
+
+def check_vocab_fits(tokenizer: Tokenizer, model_vocab_size: int, what: str = "the model") -> None:
+    """Raise if the tokenizer can produce ids the model's embedding table does not have."""
+    if tokenizer.vocab_size > model_vocab_size:
+        raise TokenizerError(
+            f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but {what} has vocab_size={model_vocab_size}; "
+            f"build the model with vocab_size >= {tokenizer.vocab_size} (e.g. --vocab-size {tokenizer.vocab_size}) "
+            "or use the tokenizer the model was trained with"
+        )
+
+
+__all__ = ["EOS", "UNK", "Tokenizer", "TokenizerError", "check_vocab_fits", "load_tokenizer", "train_tokenizer"]

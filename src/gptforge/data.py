@@ -447,7 +447,8 @@ def prepare(
     files = resolve_inputs(inputs, opts.extensions)
     val_files = resolve_inputs(val_inputs, opts.extensions) if val_inputs else []
     dtype = token_dtype(tok.vocab_size)
-    options = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(opts).items()}
+    # what decides the tokens; `extensions` only chose the files, which are fingerprinted themselves
+    options = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(opts).items() if k != "extensions"}
     options.update(val_fraction=0.0 if val_files else val_fraction, seed=seed, shard_tokens=shard_tokens)
     inputs_fp = [fingerprint_file(p) for p in files]
     val_fp = [fingerprint_file(p) for p in val_files]

@@ -191,7 +191,7 @@ def _gather_prompts(args: argparse.Namespace) -> list[str]:
     from .evaluate import read_text_file
 
     sources = []
-    for p in args.prompt:
+    for p in args.prompt + args.prompt_option:
         sources.append(sys.stdin.read() if p == "-" else p)
     for f in args.prompt_file or []:
         sources.append(read_text_file(f))
@@ -472,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--prompt-file, or stdin ('-' or a pipe); an empty prompt starts from <|endoftext|>.")
     p.add_argument("model", help="model folder (with its tokenizer) or hub id")
     p.add_argument("prompt", nargs="*", help="prompt text; several give several prompts; '-' reads stdin")
+    p.add_argument("-p", "--prompt", dest="prompt_option", action="append", default=[],
+                   help="a prompt, as an option (repeatable; may come after other options; '-' reads stdin)")
     p.add_argument("--prompt-file", action="append", help="a file whose text is one prompt (repeatable)")
     p.add_argument("--lines", action="store_true", help="every non-empty line of the prompts is a prompt of its own")
     p.add_argument("--interactive", action="store_true", help="read prompts line by line from stdin, stream each answer")

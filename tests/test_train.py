@@ -1,0 +1,231 @@
+"""The training engine: schedule, exact resume, checkpoints, bad input, fine-tuning, the CLI."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from gptforge.checkpoint import load_model
+from gptforge.config import GPTConfig
+from gptforge.model import GPT
+from gptforge.train import (
+    RunFolderError,
+    TrainConfig,
+    TrainingError,
+    apply_freeze,
+    lr_at,
+    parse_duration,
+    train,
+)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, sample_text):
+    path = tmp_path_factory.mktemp("corpus") / "input.txt"
+    path.write_text(sample_text * 3, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, corpus):
+    """A prepared dataset and its tokenizer, made the way users make them."""
+    from gptforge.data import prepare
+    from gptforge.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("dataset")
+    tok = train_tokenizer([str(corpus)], vocab_size=300, out_dir=root / "tok")
+    prepare([str(corpus)], tok, root / "data")
+    return root / "data", tok
+
+
+def tiny_model(vocab: int = 300, dropout: float = 0.1) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
+                         eos_token_id=0, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout))
+
+
+def quick(tmp_path, name="run", **kw) -> dict:
+    opts = dict(out_dir=str(tmp_path / name), batch_size=4, block_size=16, log_interval=2, eval_interval=4,
+                eval_tokens=512, sample_interval=0, sample_tokens=8, progress=False, plot=False, save_minutes=None)
+    opts.update(kw)
+    return opts
+
+
+def test_parse_duration():
+    assert parse_duration("90") == 90 and parse_duration("10m") == 600 and parse_duration("1.5h") == 5400
+    with pytest.raises(ValueError, match="--max-time"):
+        parse_duration("ten minutes")
+
+
+def test_schedule_warms_up_and_decays_to_floor():
+    cfg = TrainConfig(max_steps=100, learning_rate=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(cfg, 0, 0.0) < lr_at(cfg, 5, 0.05) < lr_at(cfg, 9, 0.09) <= 1.0
+    assert lr_at(cfg, 50, 0.5) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(cfg, 100, 1.0) == pytest.approx(0.1)
+    linear = TrainConfig(max_steps=100, learning_rate=1.0, schedule="linear", warmup_steps=0, min_lr_ratio=0.0)
+    assert lr_at(linear, 25, 0.25) == pytest.approx(0.75)
+    const = TrainConfig(max_steps=100, learning_rate=2.0, schedule="constant", warmup_steps=0)
+    assert lr_at(const, 99, 0.99) == 2.0
+
+
+def test_bad_options_name_the_option():
+    with pytest.raises(ValueError, match="--batch-size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="--schedule"):
+        TrainConfig(schedule="exp")
+
+
+def test_resume_is_the_same_run(tmp_path, dataset):
+    """2N steps in one go and N steps + resume to 2N end with bitwise-equal parameters (dropout on)."""
+    data, tok = dataset
+    full = train(tiny_model(), data, tokenizer=tok, **quick(tmp_path, "full", max_steps=12))
+    assert full.step == 12 and not full.interrupted
+
+    def stop_at_6(trainer):
+        if trainer.step == 6:
+            trainer.request_stop()
+
+    first = train(tiny_model(), data, tokenizer=tok, on_step=stop_at_6, **quick(tmp_path, "split", max_steps=12))
+    assert first.interrupted and first.step == 6
+    assert (tmp_path / "split" / "checkpoints" / "step-0000006" / "trainer_state.pt").is_file()
+    # the resumed process starts from a differently initialised model: everything must come from the checkpoint
+    torch.manual_seed(99)
+    resumed = train(GPT(tiny_model().config), data, tokenizer=tok, **quick(tmp_path, "split", max_steps=12, resume=True))
+    assert resumed.step == 12 and not resumed.interrupted
+
+    a = load_model(tmp_path / "full").state_dict()
+    b = load_model(tmp_path / "split").state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_run_folder_is_a_transformers_model_with_metrics(tmp_path, dataset):
+    transformers = pytest.importorskip("transformers")
+    data, tok = dataset
+    result = train(tiny_model(), data, tokenizer=tok, **quick(tmp_path, max_steps=8, save_steps=4, keep_checkpoints=1))
+    out = tmp_path / "run"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    val_rows = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6, 8]
+    assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in train_rows)
+    assert val_rows and val_rows[-1]["val_perplexity"] == pytest.approx(math.exp(val_rows[-1]["val_loss"]))
+    assert val_rows[-1]["val_bits_per_byte"] > 0
+    assert result.val_loss == pytest.approx(val_rows[-1]["val_loss"])
+    # keep_checkpoints=1: only the latest survives, and no temporary folder is left behind
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000008"]
+    assert (out / "best" / "model.safetensors").is_file()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ours = load_model(out)
+    x = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(hf(x).logits, ours(x)[0], atol=1e-4)
+    assert transformers.AutoTokenizer.from_pretrained(out)("hello world")["input_ids"] == tok.encode("hello world")
+
+
+def test_training_lowers_the_loss(tmp_path, dataset):
+    data, tok = dataset
+    result = train(tiny_model(dropout=0.0), data, tokenizer=tok,
+                   **quick(tmp_path, max_steps=60, learning_rate=3e-3, eval_interval=None))
+    rows = [r for r in result.history if "loss" in r]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
+    assert result.val_loss < math.log(300)
+
+
+def test_refuses_to_overwrite_another_run(tmp_path, dataset):
+    data, tok = dataset
+    train(tiny_model(), data, tokenizer=tok, **quick(tmp_path, max_steps=2))
+    with pytest.raises(RunFolderError, match="--resume.*--overwrite"):
+        train(tiny_model(), data, tokenizer=tok, **quick(tmp_path, max_steps=2))
+    result = train(tiny_model(), data, tokenizer=tok, **quick(tmp_path, max_steps=2, overwrite=True))
+    assert result.step == 2
+
+
+def test_resume_with_another_config_names_the_difference(tmp_path, dataset):
+    data, tok = dataset
+    train(tiny_model(), data, tokenizer=tok, **quick(tmp_path, max_steps=2))
+    other = GPT(GPTConfig(vocab_size=300, n_positions=32, n_embd=64, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0))
+    with pytest.raises(RunFolderError, match="n_embd: checkpoint 32 vs now 64"):
+        train(other, data, tokenizer=tok, **quick(tmp_path, max_steps=4, resume=True))
+
+
+def test_bad_block_size_and_vocab(tmp_path, dataset):
+    data, tok = dataset
+    with pytest.raises(ValueError, match="--block-size 64 is larger than .*n_positions=32"):
+        train(tiny_model(), data, tokenizer=tok, **quick(tmp_path, max_steps=2, block_size=64))
+    with pytest.raises(ValueError, match=f"{tok.vocab_size} tokens but the model's vocab_size is 100"):
+        train(tiny_model(vocab=100), data, tokenizer=tok, **quick(tmp_path, max_steps=2))
+    with pytest.raises(ValueError, match="how long"):
+        train(tiny_model(), data, tokenizer=tok, **quick(tmp_path, "x"))
+
+
+def test_nan_loss_stops_with_step_and_checkpoint(tmp_path, dataset):
+    data, tok = dataset
+
+    def poison(trainer):
+        if trainer.step == 3:
+            with torch.no_grad():
+                trainer.model.transformer.ln_f.weight.fill_(float("nan"))
+
+    with pytest.raises(TrainingError, match=r"at step 4; the last good checkpoint is .*step-0000002"):
+        train(tiny_model(), data, tokenizer=tok, on_step=poison, **quick(tmp_path, max_steps=10, save_steps=2))
+
+
+def test_ctrl_c_saves_and_resumes(tmp_path, dataset):
+    data, tok = dataset
+
+    def interrupt(trainer):
+        if trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    result = train(tiny_model(), data, tokenizer=tok, on_step=interrupt, **quick(tmp_path, max_steps=8))
+    assert result.interrupted and result.step in (3, 4)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    resumed = train(tiny_model(), data, tokenizer=tok, **quick(tmp_path, max_steps=8, resume=True))
+    assert resumed.step == 8
+
+
+def test_freeze_keeps_frozen_weights(tmp_path, dataset):
+    data, tok = dataset
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, data, tokenizer=tok, **quick(tmp_path, max_steps=3, freeze="embeddings,blocks:1"))
+    after = model.state_dict()
+    assert torch.equal(before["transformer.wte.weight"], after["transformer.wte.weight"])
+    assert torch.equal(before["transformer.h.0.mlp.c_fc.weight"], after["transformer.h.0.mlp.c_fc.weight"])
+    assert not torch.equal(before["transformer.h.1.mlp.c_fc.weight"], after["transformer.h.1.mlp.c_fc.weight"])
+    with pytest.raises(ValueError, match="--freeze 'blocks:9'"):
+        apply_freeze(tiny_model(), "blocks:9")
+    assert apply_freeze(tiny_model(), "all-but:1") == sum(
+        p.numel() for n, p in tiny_model().named_parameters() if not n.startswith(("transformer.h.1.", "transformer.ln_f"))
+    )
+
+
+def test_max_time_ends_decayed_at_the_deadline(tmp_path, dataset):
+    data, tok = dataset
+    result = train(tiny_model(), data, tokenizer=tok,
+                   **quick(tmp_path, max_time=2.0, learning_rate=1e-3, warmup_steps=0, log_interval=1, eval_interval=None))
+    rows = [r for r in result.history if "loss" in r]
+    assert result.step > 1 and rows[-1]["elapsed"] >= 2.0
+    assert rows[-1]["lr"] < 0.2e-3  # close to the 1e-4 floor at the end
+    assert rows[0]["lr"] > 0.9e-3
+
+
+def test_cli_trains_from_raw_text(tmp_path, corpus):
+    from gptforge.cli import main
+
+    out = tmp_path / "cli_run"
+    rc = main(["train", str(corpus), "--out", str(out), "--size", "tiny", "--n-layer", "1", "--vocab-size", "300",
+               "--max-steps", "4", "--batch-size", "2", "--block-size", "32", "--no-progress", "--no-plot",
+               "--sample-tokens", "4"])
+    assert rc == 0
+    model = load_model(out)
+    assert model.config.n_layer == 1 and model.config.n_positions == 32
+    assert model.config.vocab_size == json.loads((out / "tokenizer.json").read_text())["model"]["vocab"].__len__()
+    assert (out / "samples.txt").read_text().count("=== step") >= 1
+    assert main(["train", str(corpus), "--out", str(out), "--max-steps", "1"]) == 2  # refuses to overwrite

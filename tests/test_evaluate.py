@@ -144,3 +144,35 @@ def test_bad_files(models, tmp_path):
             evaluate_text(models[0], tok, [tmp_path / name])
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         evaluate_text(models[0], tok, [tmp_path / "missing.txt"])
+
+
+def test_cli_eval_equals_the_api(models, hf_gpt2_dir, tmp_path, sample_text, capsys):
+    import json
+
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+
+    from gptforge.cli import main
+    from gptforge.tokenizer import load_tokenizer
+
+    hf = Tokenizer(tok_models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator([sample_text], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(sample_text[:3000], encoding="utf-8")
+    b.write_text(sample_text[3000:4000], encoding="utf-8")
+    rc = main(["eval", str(hf_gpt2_dir), str(a), str(b), "--tokenizer", str(tmp_path / "tokenizer.json"),
+               "--block-size", "32", "--stride", "8", "--json", "--device", "cpu"])
+    got = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    ref = evaluate_text(models[0], load_tokenizer(tmp_path / "tokenizer.json"), [a, b], block_size=32, stride=8)
+    assert got["total"]["loss"] == pytest.approx(ref.loss, rel=1e-6)
+    assert got["total"]["tokens"] == ref.tokens == got[str(a)]["tokens"] + got[str(b)]["tokens"]
+    assert got["total"]["bits_per_byte"] == pytest.approx(ref.bits_per_byte, rel=1e-6)
+    rc = main(["eval", str(hf_gpt2_dir), str(a), "--tokenizer", str(tmp_path / "tokenizer.json"), "--stride", "100",
+               "--block-size", "32"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "stride=100" in err

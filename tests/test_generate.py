@@ -273,3 +273,95 @@ def test_streaming_several_samples_rebuilds_each(models):
                    stream=lambda row, piece: parts.__setitem__(row, parts.get(row, "") + piece))
     assert [parts[i] for i in range(3)] == out
     assert out == generate(m, tok, "ok", seed=1, num_samples=3, max_new_tokens=15)
+
+
+# --- command line ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, sample_text):
+    """A tiny random model folder with a byte-level BPE tokenizer.json trained here (vocab 300, eos id 0)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from gptforge import GPT, GPTConfig, save_model
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator([sample_text], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0))
+    folder = tmp_path_factory.mktemp("gen_model")
+    save_model(model, folder)
+    hf.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def _cli(argv, capsys, stdin: str | None = None, monkeypatch=None):
+    import io
+
+    from gptforge.cli import main
+
+    if stdin is not None:
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    rc = main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_greedy_equals_the_api(model_dir, capsys):
+    from gptforge.generate import load_model_and_tokenizer
+
+    m, tok = load_model_and_tokenizer(model_dir, device="cpu")
+    ref = generate(m, tok, "the quick", do_sample=False, max_new_tokens=15)[0]
+    rc, out, _ = _cli(["generate", str(model_dir), "the quick", "--greedy", "--max-new-tokens", "15"], capsys)
+    assert rc == 0 and out == ref + "\n"
+
+
+def test_cli_seeded_samples_repeat_and_go_to_a_dated_file(model_dir, tmp_path, capsys):
+    argv = ["generate", str(model_dir), "a", "b", "--num-samples", "2", "--seed", "7", "--max-new-tokens", "12",
+            "--delimiter", "\n---\n"]
+    rc, first, _ = _cli(argv, capsys)
+    assert rc == 0 and first.count("\n---\n") == 3
+    assert _cli(argv, capsys)[1] == first
+    rc, out, err = _cli(argv + ["--out-dir", str(tmp_path / "samples")], capsys)
+    files = list((tmp_path / "samples").iterdir())
+    assert rc == 0 and out == "" and len(files) == 1 and "seed7" in files[0].name and str(files[0]) in err
+    assert files[0].read_text(encoding="utf-8") == first
+    _cli(argv + ["--out-dir", str(tmp_path / "samples")], capsys)
+    assert len(list((tmp_path / "samples").iterdir())) == 2  # a second run never overwrites the first
+
+
+def test_cli_prompts_from_files_stdin_and_interactive(model_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "p.txt").write_text("one\ntwo\n", encoding="utf-8")
+    base = ["generate", str(model_dir), "--greedy", "--max-new-tokens", "5", "--no-stream", "--delimiter", "|"]
+    _, from_file, _ = _cli(base + ["--prompt-file", str(tmp_path / "p.txt"), "--lines"], capsys)
+    _, from_args, _ = _cli(base + ["-p", "one", "--prompt", "two"], capsys)
+    assert _cli(["generate", str(model_dir), "one", "two"] + base[2:], capsys)[1] == from_args
+    _, from_stdin, _ = _cli(base + ["--lines", "-p", "-"], capsys, stdin="one\ntwo\n", monkeypatch=monkeypatch)
+    assert from_file == from_args == from_stdin and from_args.startswith("one") and "|two" in from_args
+    _, inter, _ = _cli(base[:-3] + ["--interactive"], capsys, stdin="one\ntwo\n", monkeypatch=monkeypatch)
+    assert inter.replace("\n", "") == from_args.replace("|", "").replace("\n", "")
+
+
+@pytest.mark.parametrize("option, value", [("--top-p", "0"), ("--temperature", "-1"), ("--top-k", "-2"),
+                                           ("--min-new-tokens", "500")])
+def test_cli_bad_options_are_one_line_errors(model_dir, capsys, option, value):
+    rc, out, err = _cli(["generate", str(model_dir), "x", option, value], capsys)
+    assert rc == 2 and out == ""
+    assert option.lstrip("-").replace("-", "_") in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_model_without_tokenizer_says_how_to_attach_one(model_dir, tmp_path, capsys):
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(model_dir / name, bare / name)
+    rc, _, err = _cli(["generate", str(bare), "x"], capsys)
+    assert rc == 2 and "no tokenizer" in err and "--tokenizer" in err
+    rc, out, _ = _cli(["generate", str(bare), "x", "--tokenizer", str(model_dir), "--greedy", "--max-new-tokens", "3"], capsys)
+    assert rc == 0 and out.startswith("x")

@@ -209,4 +209,27 @@ def evaluate_text(
     return _result(nats, count, nbytes)
 
 
-__all__ = ["EvalResult", "evaluate_text", "evaluate_tokens", "read_text_file", "sliding_windows"]
+def evaluate_prepared(model: GPT, folder: str | os.PathLike, split: str = "val", **options) -> EvalResult:
+    """Loss of a split of a dataset prepared by `gptforge prepare` (a folder with meta.json and token shards).
+
+    Bits per byte uses the split's bytes per token from meta.json, the same figure training reports.
+    `options` are those of `evaluate_tokens`.
+    """
+    import json
+
+    from .data import load_split
+
+    folder = Path(folder)
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{folder}: not a prepared dataset (no meta.json); run `gptforge prepare` or pass text files")
+    info = json.loads(meta_path.read_text()).get(split) or {}
+    if not info.get("tokens"):
+        raise ValueError(f"{folder}: the prepared dataset has no {split!r} tokens; prepare it with a validation split")
+    r = evaluate_tokens(model, load_split(folder, split), **options)
+    if info.get("bytes"):
+        r.bits_per_byte = r.loss / math.log(2) / (info["bytes"] / info["tokens"])
+    return r
+
+
+__all__ = ["EvalResult", "evaluate_prepared", "evaluate_text", "evaluate_tokens", "read_text_file", "sliding_windows"]

@@ -410,12 +410,45 @@ def generate(
     return out
 
 
+def load_model_and_tokenizer(model_path, tokenizer_path=None, device: str = "auto", dtype: torch.dtype | None = None):
+    """A model folder (or hub id) and its tokenizer, ready to generate: eval mode, on `device`.
+
+    The tokenizer comes from the model folder unless `tokenizer_path` names another one. `dtype=None`
+    keeps fp32 on CPU and uses bf16 weights on a CUDA GPU that supports it (decoding is memory-bound).
+    """
+    from .checkpoint import load_model, resolve_model_path
+    from .tokenizer import load_tokenizer
+    from .train import resolve_device
+
+    dev = resolve_device(device)
+    if dtype is None and dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        dtype = torch.bfloat16
+    path = resolve_model_path(model_path)
+    folder = path if path.is_dir() else path.parent
+    model = load_model(path, device=dev, dtype=dtype)
+    try:
+        tokenizer = load_tokenizer(tokenizer_path or folder)
+    except FileNotFoundError:
+        if tokenizer_path is not None:
+            raise
+        raise FileNotFoundError(
+            f"{folder}: the model folder has no tokenizer (tokenizer.json, or vocab.json + merges.txt); pass "
+            "--tokenizer PATH, or attach one for good by saving it into the folder: "
+            f"`gptforge.load_tokenizer(PATH).save({str(folder)!r})`"
+        ) from None
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{tokenizer.source}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
+                         f"{folder} only {model.config.vocab_size}; use the tokenizer the model was trained with")
+    return model, tokenizer
+
+
 __all__ = [
     "SamplingOptions",
     "apply_repetition_penalty",
     "apply_temperature",
     "generate",
     "generate_ids",
+    "load_model_and_tokenizer",
     "process_logits",
     "top_k_filter",
     "top_p_filter",

@@ -558,6 +558,7 @@ def prepare(
             "val_inputs": val_fp,
             "options": options,
             "val_split": val_split,
+            "workers": workers,
             "train": train,
             "val": val,
             "seconds": round(time.time() - started, 3),
@@ -684,8 +685,11 @@ class Batches:
     def starts(self, step: int) -> np.ndarray:
         """Window start offsets of this rank's batch at `step`."""
         if self.mode == "random":
-            rng = np.random.default_rng([self.seed, step, self.rank, self.world_size])
-            return rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
+            # One global batch per step, cut into rank slices: N ranks of batch B see exactly what one
+            # process of batch N*B sees, so runs and checkpoints move between world sizes unchanged.
+            rng = np.random.default_rng([self.seed, step])
+            starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size * self.world_size)
+            return starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         epoch, i = divmod(step, self.steps_per_epoch)
         if self._perm is None or self._perm[0] != epoch:
             order = (np.random.default_rng([self.seed, epoch]).permutation(self.num_windows) if self.shuffle

@@ -39,7 +39,7 @@ from .tokenizer import EOS, Tokenizer, load_tokenizer
 
 FORMAT = "gptforge-tokens-1"
 TEXT_EXTENSIONS = (".txt", ".md", ".text", ".csv", ".tsv", ".jsonl", ".ndjson")
-BLOCK_BYTES = 4 << 20  # bytes read at a time
+BLOCK_BYTES = 1 << 20  # bytes read at a time
 JOB_CHARS = 1 << 20  # characters of text per worker job
 MAX_PIECE_CHARS = 16 << 20  # a document longer than this is encoded in pieces (cut where the ids cannot change)
 SHARD_TOKENS = 100_000_000
@@ -159,36 +159,43 @@ def _decoded_blocks(path: Path, errors: str) -> Iterator[str]:
                 yield text[:cut]
 
 
-def _text_pieces(path: Path, opts: ReadOptions) -> Iterator[tuple[str, bool]]:
-    """(text, ends_document) pieces of a plain text file."""
+def _text_pieces(path: Path, opts: ReadOptions) -> Iterator[tuple[list[str], list[bool]]]:
+    """Batches of (texts, ends_document) of a plain text file, one batch per block read."""
     carry = ""
     for block in _decoded_blocks(path, opts.encoding_errors):
         if opts.line_by_line:
-            for line in block.split("\n"):
-                line = line.rstrip("\r")
-                if line.strip():
-                    yield line, True
+            texts = [line.rstrip("\r") for line in block.split("\n") if line and not line.isspace()]
+            yield texts, [True] * len(texts)
             continue
         parts = _BLANK_LINES.split(carry + block)
         carry = parts.pop()
-        for part in parts:
-            part = part.strip("\r\n")
-            if part.strip():
-                yield part, True
+        texts = [p.strip("\r\n") for p in parts if p and not p.isspace()]
+        ends = [True] * len(texts)
         if len(carry) > MAX_PIECE_CHARS:  # one enormous document: pass it on in pieces the tokenizer cannot tell apart
-            cut = None
-            for m in _SAFE_CUT.finditer(carry, len(carry) // 2):
-                cut = m.end()
-                break
-            if cut:
-                piece, carry = carry[:cut], carry[cut:]
-                yield piece.lstrip("\r\n"), False
+            m = _SAFE_CUT.search(carry, len(carry) // 2)
+            if m:
+                texts.append(carry[: m.end()].lstrip("\r\n"))
+                ends.append(False)
+                carry = carry[m.end():]
+        yield texts, ends
     carry = carry.strip("\r\n")
-    if carry.strip():
-        yield carry, True
+    if carry and not carry.isspace():
+        yield [carry], [True]
 
 
-def _csv_pieces(path: Path, opts: ReadOptions, delimiter: str) -> Iterator[tuple[str, bool]]:
+def _batched(rows: Iterator[str]) -> Iterator[tuple[list[str], list[bool]]]:
+    texts, size = [], 0
+    for text in rows:
+        texts.append(text)
+        size += len(text)
+        if size >= JOB_CHARS:
+            yield texts, [True] * len(texts)
+            texts, size = [], 0
+    if texts:
+        yield texts, [True] * len(texts)
+
+
+def _csv_rows(path: Path, opts: ReadOptions, delimiter: str) -> Iterator[str]:
     csv.field_size_limit(sys.maxsize)
     lines = (line for block in _decoded_blocks(path, opts.encoding_errors) for line in block.splitlines(keepends=True))
     reader = csv.reader(lines, delimiter=delimiter)
@@ -214,10 +221,10 @@ def _csv_pieces(path: Path, opts: ReadOptions, delimiter: str) -> Iterator[tuple
         if index >= len(row):
             raise DataError(f"{path}: row {reader.line_num} has {len(row)} columns, no column {index}; check --column")
         if row[index].strip():
-            yield row[index], True
+            yield row[index]
 
 
-def _jsonl_pieces(path: Path, opts: ReadOptions) -> Iterator[tuple[str, bool]]:
+def _jsonl_rows(path: Path, opts: ReadOptions) -> Iterator[str]:
     n = 0
     for block in _decoded_blocks(path, opts.encoding_errors):
         for line in block.splitlines():
@@ -233,23 +240,28 @@ def _jsonl_pieces(path: Path, opts: ReadOptions) -> Iterator[tuple[str, bool]]:
                 keys = sorted(row) if isinstance(row, dict) else type(row).__name__
                 raise DataError(f"{path}:{n}: no text field {opts.field!r} (found {keys}); choose it with --field NAME")
             if text.strip():
-                yield text, True
+                yield text
 
 
-def iter_pieces(files: Sequence[Path], opts: ReadOptions) -> Iterator[tuple[str, bool]]:
-    """(text, ends_document) for every document of every file, in order, uncleaned; memory stays bounded."""
+def iter_pieces(files: Sequence[Path], opts: ReadOptions) -> Iterator[tuple[list[str], list[bool]]]:
+    """Batches of (texts, ends_document) covering every document of every file in order, uncleaned.
+
+    A text is a whole document unless its `ends_document` is False (a piece of an enormous document that
+    the next text continues). Memory stays bounded by the block size.
+    """
     for path in files:
         fmt = _format_of(path)
-        empty = True
         if fmt == "text":
-            pieces = _text_pieces(path, opts)
+            batches = _text_pieces(path, opts)
         elif fmt in ("csv", "tsv"):
-            pieces = _csv_pieces(path, opts, "," if fmt == "csv" else "\t")
+            batches = _batched(_csv_rows(path, opts, "," if fmt == "csv" else "\t"))
         else:
-            pieces = _jsonl_pieces(path, opts)
-        for piece in pieces:
-            empty = False
-            yield piece
+            batches = _batched(_jsonl_rows(path, opts))
+        empty = True
+        for texts, ends in batches:
+            if texts:
+                empty = False
+                yield texts, ends
         if empty:
             raise DataError(f"{path}: no text in this file (only blank lines or empty rows); remove it from the inputs")
 
@@ -270,11 +282,12 @@ def iter_texts(inputs, **options) -> Iterator[str]:
     """Cleaned documents (whole) of `inputs`, as `prepare` sees them; used to train tokenizers on the same text."""
     opts = options.pop("options", None) or ReadOptions(**options)
     pending = []
-    for text, ends in iter_pieces(resolve_inputs(inputs, opts.extensions), opts):
-        pending.append(clean(text, opts))
-        if ends:
-            yield "".join(pending)
-            pending = []
+    for texts, ends in iter_pieces(resolve_inputs(inputs, opts.extensions), opts):
+        for text, end in zip(texts, ends):
+            pending.append(clean(text, opts))
+            if end:
+                yield "".join(pending)
+                pending = []
 
 
 # --- encoding jobs (run in worker processes) -------------------------------------------------------------
@@ -288,21 +301,24 @@ def _init_worker(tokenizer: Tokenizer, opts: ReadOptions, dtype: str) -> None:
     _worker.update(tokenizer=tokenizer, opts=opts, dtype=np.dtype(dtype))
 
 
-def _encode_job(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """Clean and encode one job: (all tokens, tokens per piece, UTF-8 bytes per piece, hash per piece)."""
+def _encode_job(texts: list[str], ends: list[bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Clean and encode one job: (tokens with <|endoftext|> after each finished document, tokens per text
+    including that separator, UTF-8 bytes per text, 64-bit hash per text or None)."""
     tok: Tokenizer = _worker["tokenizer"]
     opts: ReadOptions = _worker["opts"]
-    texts = [clean(t, opts) for t in texts]
-    if any(EOS in t for t in texts):
-        arrays = [tok.encode_array(t) for t in texts]
-        ids = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+    if opts.nfc or opts.drop_control or opts.remove:
+        texts = [clean(t, opts) for t in texts]
+    finished = np.asarray(ends, dtype=bool)
+    if any(EOS in t for t in texts):  # a literal <|endoftext|> in the text: encode texts one by one
+        arrays = [np.append(tok.encode_array(t), [tok.eos_id] * e) for t, e in zip(texts, ends)]
+        ids = np.concatenate(arrays)
         counts = np.array([len(a) for a in arrays], dtype=np.int64)
-    else:  # one call for the whole job; the separators tell the pieces apart again
-        ids = tok.encode_array(EOS.join(texts))
+    else:  # one call for the whole job; the separators tell the texts apart again
+        ids = tok.encode_array(EOS.join(texts) + EOS)
         cuts = np.flatnonzero(ids == tok.eos_id)
-        bounds = np.concatenate([[-1], cuts, [len(ids)]])
-        counts = np.diff(bounds) - 1
-        ids = np.delete(ids, cuts)
+        counts = np.diff(cuts, prepend=-1)
+        ids = np.delete(ids, cuts[~finished])  # a piece that the next text continues gets no separator
+        counts[~finished] -= 1
     nbytes = np.array([len(t.encode("utf-8", "surrogatepass")) for t in texts], dtype=np.int64)
     hashes = None
     if opts.dedupe:
@@ -312,11 +328,11 @@ def _encode_job(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
 
 
 def _run_jobs(jobs, tokenizer: Tokenizer, opts: ReadOptions, dtype: str, workers: int):
-    """Results of `_encode_job` in input order, with at most 2 jobs per worker in flight (bounded memory)."""
+    """(job, result of `_encode_job`) in input order, with at most 2 jobs per worker in flight (bounded memory)."""
     if workers <= 1:
         _init_worker(tokenizer, opts, dtype)
-        for texts, ends in jobs:
-            yield ends, _encode_job(texts)
+        for job in jobs:
+            yield job, _encode_job(job[0], job[1])
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
@@ -327,14 +343,14 @@ def _run_jobs(jobs, tokenizer: Tokenizer, opts: ReadOptions, dtype: str, workers
                              initargs=(tokenizer, opts, dtype)) as pool:
         window: deque = deque()
         try:
-            for texts, ends in jobs:
-                window.append((ends, pool.submit(_encode_job, texts)))
+            for job in jobs:
+                window.append((job, pool.submit(_encode_job, job[0], job[1])))
                 if len(window) >= 2 * workers:
-                    ends, fut = window.popleft()
-                    yield ends, fut.result()
+                    job, fut = window.popleft()
+                    yield job, fut.result()
             while window:
-                ends, fut = window.popleft()
-                yield ends, fut.result()
+                job, fut = window.popleft()
+                yield job, fut.result()
         finally:
             for _, fut in window:
                 fut.cancel()
@@ -480,59 +496,48 @@ def prepare(
     with atomic_dir(out_dir) as tmp:
         writers = {s: _ShardWriter(tmp, s, np.dtype(dtype), tok.eos_id, shard_tokens) for s in ("train", "val")}
         try:
-            def tagged():
-                for split, group in (("train", files), ("val", val_files)):
-                    for piece in iter_pieces(group, opts):
-                        yield split, piece
-
-            # split labels travel beside the jobs: jobs never mix the train inputs with the val inputs
-            stream = tagged()
-            split_of_job: deque = deque()
-
             def jobs():
-                texts, ends, size, current = [], [], 0, None
-                for split, (text, end) in stream:
-                    if (current is not None and split != current) or size >= JOB_CHARS:
-                        split_of_job.append(current)
-                        yield texts, ends
-                        texts, ends, size = [], [], 0
-                    current = split
-                    texts.append(text)
-                    ends.append(end)
-                    size += len(text)
-                if texts:
-                    split_of_job.append(current)
-                    yield texts, ends
+                """(texts, ends, source split) of ~JOB_CHARS each; a job never mixes train and val inputs."""
+                for split, group in (("train", files), ("val", val_files)):
+                    texts, ends = [], []
+                    for t, e in iter_pieces(group, opts):
+                        texts += t
+                        ends += e
+                        if sum(map(len, texts)) >= JOB_CHARS:
+                            yield texts, ends, split
+                            texts, ends = [], []
+                    if texts:
+                        yield texts, ends, split
 
-            in_doc_split = None  # split of a document that continues into the next piece
-            for ends, (ids, counts, nbytes, hashes) in _run_jobs(jobs(), tok, opts, dtype, workers):
-                source = split_of_job.popleft()
-                start = 0
-                for i, end in enumerate(ends):
-                    n = int(counts[i])
-                    piece = ids[start:start + n]
-                    start += n
-                    if in_doc_split is None:  # a new document: dedupe and route it
-                        if n == 0 and end:
-                            continue  # nothing left after cleaning
-                        if hashes is not None and end:
-                            h = int(hashes[i])
-                            if h in seen:
-                                continue
-                            seen.add(h)
-                        split = source if source == "val" or val_files or val_fraction == 0 else (
-                            "val" if rng.random() < val_fraction else "train")
-                    else:
-                        split = in_doc_split
-                    w = writers[split]
-                    w.write(piece)
-                    w.bytes += int(nbytes[i])
-                    if end:
-                        w.write(writers[split].eos)
-                        w.documents += 1
-                        in_doc_split = None
-                    else:
-                        in_doc_split = split
+            carried = -1  # split (0 train, 1 val) of a document that continues into the next job, else -1
+            for (_, ends, source), (ids, counts, nbytes, hashes) in _run_jobs(jobs(), tok, opts, dtype, workers):
+                ends = np.asarray(ends, dtype=bool)
+                k = len(ends)
+                starts = np.concatenate([[carried < 0], ends[:-1]])  # texts that begin a document
+                whole = starts & ends
+                keep = ~(whole & (counts <= 1))  # documents with no text left after cleaning
+                if hashes is not None:
+                    for i in np.flatnonzero(whole & keep):
+                        h = int(hashes[i])
+                        keep[i] = h not in seen
+                        seen.add(h)
+                label = np.zeros(k, dtype=np.int64)
+                if source == "val":
+                    label[:] = 1
+                elif not val_files and val_fraction > 0:
+                    new = starts & keep
+                    label[new] = rng.random(int(new.sum())) < val_fraction
+                    # continuation texts take the label of the document they continue
+                    first = np.maximum.accumulate(np.where(starts, np.arange(k), -1))
+                    label = np.where(first >= 0, label[np.maximum(first, 0)], carried)
+                carried = -1 if ends[-1] else int(label[-1])
+                per_token = np.repeat(np.where(keep, label, -1), counts)
+                for s, name in enumerate(("train", "val")):
+                    w = writers[name]
+                    w.write(ids[per_token == s])
+                    mine = keep & (label == s)
+                    w.bytes += int(nbytes[mine].sum())
+                    w.documents += int((mine & ends).sum())
                 if bar is not None:
                     bar.update(int(nbytes.sum()))
         finally:

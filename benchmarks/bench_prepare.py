@@ -1,0 +1,191 @@
+"""Data preparation: `gptforge prepare` against the `tokenizers` library's encode_batch, same tokenizer, same run.
+
+    python benchmarks/bench_prepare.py [--size-mb 100] [--trials 3] [--workers 2]
+
+Builds a corpus of at least --size-mb MB from ../shared/corpora (English and Chinese fortunes, repeated),
+trains a 5,000-token byte-level BPE on it, then alternates trials of
+  * gptforge: `prepare(corpus, tokenizer, out, val_fraction=0)` (streaming, worker processes, tiktoken path)
+  * tokenizers: the same documents streamed in ~1 MB batches through `Tokenizer.encode_batch` (its own
+    thread pool uses every core), ids appended to a uint16 file in the same layout
+each in a fresh process, and reports median MB/s, peak memory (PSS) of the whole process tree, and whether the two
+token files are byte-identical. Prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+CORPORA = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpora"
+
+
+def build_corpus(path: Path, size_mb: float) -> None:
+    parts = [(CORPORA / name).read_text(encoding="utf-8") for name in ("fortunes_en.txt", "fortunes_zh.txt")]
+    block = "\n\n".join(p.strip("\n") for p in parts) + "\n\n"
+    with open(path, "w", encoding="utf-8") as f:
+        written = 0
+        while written < size_mb * 1e6:
+            f.write(block)
+            written += len(block.encode())
+
+
+def tree_rss(pid: int) -> int:
+    """Proportional resident bytes (PSS) of `pid` and all its descendants (Linux /proc).
+
+    PSS splits pages shared between a parent and its forked workers among them, so the sum is the memory
+    the process tree really holds (summing RSS would count shared pages once per process).
+    """
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            for line in open(f"/proc/{p}/smaps_rollup"):
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        stack += children.get(p, [])
+    return total
+
+
+def run_measured(args: list[str]) -> tuple[dict, int]:
+    """Run a child process, sampling the RSS of its process tree; returns its JSON result and the peak."""
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
+    peak, done = 0, threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, tree_rss(proc.pid))
+            time.sleep(0.02)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    out, _ = proc.communicate()
+    done.set()
+    t.join()
+    if proc.returncode:
+        raise SystemExit(f"child {args} failed")
+    return json.loads(out.strip().splitlines()[-1]), peak
+
+
+# --- the two contenders, each run in its own process -------------------------------------------------------
+
+
+def child_gptforge(corpus: str, tok_dir: str, out: str, workers: int) -> dict:
+    from gptforge.data import load_split, prepare
+    from gptforge.tokenizer import load_tokenizer
+
+    t0 = time.perf_counter()
+    meta = prepare(corpus, load_tokenizer(tok_dir), out, val_fraction=0.0, workers=workers, force=True)
+    seconds = time.perf_counter() - t0
+    tokens = load_split(out, "train")
+    return {"seconds": seconds, "tokens": int(len(tokens)), "sha": hashlib.sha256(tokens.tobytes()).hexdigest(),
+            "fast_path": load_tokenizer(tok_dir).fast_path, "workers": meta["workers"]}
+
+
+def child_tokenizers(corpus: str, tok_dir: str, out: str) -> dict:
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from gptforge.data import ReadOptions, iter_pieces
+
+    t0 = time.perf_counter()
+    hf = Tokenizer.from_file(str(Path(tok_dir) / "tokenizer.json"))
+    eos = hf.token_to_id("<|endoftext|>")
+    sha, n = hashlib.sha256(), 0
+    with open(out, "wb") as f:
+        def flush(docs):
+            nonlocal n
+            ids = []
+            for enc in hf.encode_batch(docs, add_special_tokens=False):
+                ids += enc.ids
+                ids.append(eos)
+            arr = np.asarray(ids, dtype=np.uint16)
+            f.write(arr.tobytes())
+            sha.update(arr.tobytes())
+            n += len(arr)
+
+        head = np.asarray([eos], dtype=np.uint16)
+        f.write(head.tobytes())
+        sha.update(head.tobytes())
+        n += 1
+        batch, size = [], 0
+        for text, _ in iter_pieces([Path(corpus)], ReadOptions()):
+            batch.append(text)
+            size += len(text)
+            if size >= 1 << 20:
+                flush(batch)
+                batch, size = [], 0
+        if batch:
+            flush(batch)
+    return {"seconds": time.perf_counter() - t0, "tokens": n, "sha": sha.hexdigest()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mb", type=float, default=100)
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        result = child_gptforge(*rest[:3], int(rest[3])) if kind == "gptforge" else child_tokenizers(*rest)
+        print(json.dumps(result))
+        return
+
+    from gptforge.tokenizer import train_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        corpus = tmp / "corpus.txt"
+        build_corpus(corpus, args.size_mb)
+        mb = corpus.stat().st_size / 1e6
+        tok = train_tokenizer([CORPORA / "fortunes_en.txt", CORPORA / "fortunes_zh.txt"], vocab_size=5000,
+                              out_dir=tmp / "tok")
+        rows: dict[str, list] = {"gptforge prepare": [], "tokenizers encode_batch": []}
+        results = {}
+        for trial in range(args.trials):  # interleaved, so load from other jobs hits both alike
+            r, peak = run_measured(["--child", "gptforge", str(corpus), str(tmp / "tok"), str(tmp / "ds"), str(args.workers)])
+            rows["gptforge prepare"].append((mb / r["seconds"], peak))
+            results["gptforge prepare"] = r
+            r, peak = run_measured(["--child", "tokenizers", str(corpus), str(tmp / "tok"), str(tmp / "ref.bin")])
+            rows["tokenizers encode_batch"].append((mb / r["seconds"], peak))
+            results["tokenizers encode_batch"] = r
+            print(f"trial {trial + 1}: " + ", ".join(f"{k} {v[-1][0]:.1f} MB/s" for k, v in rows.items()), file=sys.stderr)
+        ours, ref = results["gptforge prepare"], results["tokenizers encode_batch"]
+        same = ours["sha"] == ref["sha"] and ours["tokens"] == ref["tokens"]
+        base = statistics.median(s for s, _ in rows["tokenizers encode_batch"])
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                   platform.processor())
+        print(f"\ncorpus: {mb:.0f} MB ({ours['tokens']:,} tokens), byte-level BPE of {tok.vocab_size} tokens, "
+              f"{os.cpu_count()} CPUs ({cpu}), gptforge workers: {ours['workers']}, fast path: {ours['fast_path']}, "
+              f"median of {args.trials} interleaved trials\n")
+        print("| pipeline | MB/s | speed-up | peak memory, PSS (MB) | identical ids |")
+        print("| --- | ---: | ---: | ---: | --- |")
+        for name, values in rows.items():
+            speed = statistics.median(s for s, _ in values)
+            rss = max(p for _, p in values) / 1e6
+            print(f"| {name} | {speed:.1f} | {speed / base:.2f}x | {rss:.0f} | {'yes' if same else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -41,15 +41,20 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from .checkpoint import save_model
+    from .checkpoint import atomic_dir, save_model
     from .config import preset
     from .model import GPT
     import torch
 
+    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)) and not args.force:
+        raise ValueError(f"{args.out} already exists and is not empty; choose another --out, or add --force to replace it")
+    overrides = {k: getattr(args, k) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+                 if getattr(args, k) is not None}
+    config = preset(args.preset, **overrides)  # validated before anything is allocated or written
     torch.manual_seed(args.seed)
-    overrides = {k: getattr(args, k) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head") if getattr(args, k)}
-    model = GPT(preset(args.preset, **overrides))
-    save_model(model, args.out)
+    model = GPT(config)
+    with atomic_dir(args.out) as tmp:  # a crash leaves no half-written folder that looks complete
+        save_model(model, tmp)
     print(f"wrote a randomly initialised {args.preset!r} model ({_human(model.num_params())} parameters) to {args.out}")
     return 0
 
@@ -386,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("preset", help="preset name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny, mini, small)")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace --out if it already holds files")
     for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None, help=f"override {name}")
     p.set_defaults(func=cmd_create)

@@ -127,15 +127,8 @@ def child_tokenizers(corpus: str, tok_dir: str, out: str) -> dict:
         f.write(head.tobytes())
         sha.update(head.tobytes())
         n += 1
-        batch, size = [], 0
-        for text, _ in iter_pieces([Path(corpus)], ReadOptions()):
-            batch.append(text)
-            size += len(text)
-            if size >= 1 << 20:
-                flush(batch)
-                batch, size = [], 0
-        if batch:
-            flush(batch)
+        for texts, _ in iter_pieces([Path(corpus)], ReadOptions()):  # ~1 MB of documents at a time
+            flush(texts)
     return {"seconds": time.perf_counter() - t0, "tokens": n, "sha": sha.hexdigest()}
 
 

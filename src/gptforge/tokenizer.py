@@ -150,9 +150,11 @@ class Tokenizer:
     def encode_array(self, text: str) -> np.ndarray:
         """Ids of one (long) text as an int64 numpy array, skipping Python lists where possible."""
         self._ensure_fast()
-        if self.kind == "char" and self._fast is not False:
+        if self._fast is False:
+            return np.asarray(self.reference_encode_batch([text])[0], dtype=np.int64)
+        if self.kind == "char":
             return self._char_encode(text)
-        return np.asarray(self.encode_batch([text])[0], dtype=np.int64)
+        return self._fast.encode_to_numpy(text, allowed_special={EOS}).astype(np.int64)  # no list, no thread pool
 
     def reference_encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids from the `tokenizers` library itself, the reference the fast paths are checked against."""

@@ -9,3 +9,5 @@ except PackageNotFoundError:  # running from a source tree
 from .config import GPTConfig, ConfigError, PRESETS, preset, build_gpt2_config
 from .model import GPT, KVCache
 from .checkpoint import CheckpointError, load_model, save_model, model_info
+from .tokenizer import Tokenizer, TokenizerError, check_vocab_fits, load_tokenizer, train_tokenizer
+from .data import Batches, DataError, Prefetcher, TokenDataset, load_split, prepare

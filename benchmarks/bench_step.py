@@ -1,0 +1,153 @@
+"""Training-step speed: gptforge's GPT against transformers' GPT2LMHeadModel, same weights, same batch, same run.
+
+A step is forward + loss + backward + AdamW (foreach). Trials of the two models are interleaved (the order
+alternating) and the median is reported, so that load from other jobs on the machine hits both alike.
+
+FLOPs per token (training) = 6 * N + 12 * n_layer * n_embd * T, where N is the non-embedding parameter count
+plus the output head (vocab_size * n_embd; the head is tied to wte but its matrix product is still done), and the
+second term is the attention score and weighted-sum products (QK^T and AV, 2 * 2 * T * n_embd per layer forward,
+times 3 for forward + backward; no discount for the causal mask, as in the PaLM paper's accounting).
+The peak is the best fp32 rate of large square matmuls measured at the start of the run.
+
+    python benchmarks/bench_step.py                  # both shapes
+    python benchmarks/bench_step.py --shapes small --trials 7
+    python benchmarks/bench_step.py --profile        # also print the top operators of one step of each
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import transformers
+
+from gptforge import GPT, GPTConfig, preset
+from gptforge.checkpoint import to_hf_state_dict
+
+SHAPES = {
+    # name: (config fields, batch, block, steps per trial)
+    "small": (dict(vocab_size=5000, n_positions=128, n_embd=256, n_layer=8, n_head=8,
+                   bos_token_id=0, eos_token_id=0), 16, 128, 3),
+    "gpt2": (dict(), 1, 1024, 1),
+}
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 GFLOP/s of an n x n matrix product (2 n^3 FLOPs) over a few repeats."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def flops_per_token(c: GPTConfig, block: int) -> float:
+    n = c.num_params(non_embedding=True) + c.vocab_size * c.n_embd
+    return 6 * n + 12 * c.n_layer * c.n_embd * block
+
+
+def build(fields: dict):
+    config = preset("gpt2", **fields, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    ours = GPT(config).train()
+    hf_fields = {k: v for k, v in config.to_dict().items() if k != "architectures"}
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_fields, attn_implementation="sdpa"))
+    hf.load_state_dict(to_hf_state_dict(ours), strict=False)  # lm_head.weight is tied to wte
+    hf.tie_weights()
+    hf.train()
+    return config, ours, hf
+
+
+def make_step(model, hf: bool, x: torch.Tensor, y: torch.Tensor):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, foreach=True)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        if hf:
+            loss = model(input_ids=x, labels=x).loss  # transformers shifts the labels itself
+        else:
+            loss = model(x, y)[1]
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def profile(step, label: str) -> None:
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    with prof(activities=[ProfilerActivity.CPU]) as p:
+        step()
+    print(f"\n### {label}: top operators of one step\n")
+    print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def run_shape(name: str, trials: int, peak: float, do_profile: bool) -> dict:
+    fields, batch, block, steps = SHAPES[name]
+    config, ours, hf = build(fields)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, config.vocab_size, (batch, block), generator=g)
+    y = torch.cat([x[:, 1:], torch.full((batch, 1), -100)], dim=1)  # same targets transformers builds from labels
+    with torch.no_grad():  # same weights: same loss
+        diff = abs(ours(x, y)[1].item() - hf(input_ids=x, labels=x).loss.item())
+    assert diff < 1e-4, f"models disagree (loss difference {diff})"
+    runs = {"gptforge": make_step(ours, False, x, y), "transformers": make_step(hf, True, x, y)}
+    for step in runs.values():
+        step()  # warm-up: allocator, optimizer state
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for trial in range(trials):
+        order = list(runs) if trial % 2 == 0 else list(runs)[::-1]
+        for label in order:
+            t = time.perf_counter()
+            for _ in range(steps):
+                runs[label]()
+            times[label].append((time.perf_counter() - t) / steps)
+    if do_profile:
+        for label, step in runs.items():
+            profile(step, f"{name} / {label}")
+    tokens = batch * block
+    fpt = flops_per_token(config, block)
+    row = {"shape": name, "config": config, "batch": batch, "block": block}
+    for label, ts in times.items():
+        med = statistics.median(ts)
+        row[label] = (tokens / med, tokens / med * fpt / 1e9, min(ts), max(ts))
+    row["ratio"] = row["gptforge"][0] / row["transformers"][0]
+    row["peak"] = peak
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="small,gpt2", help=f"comma-separated, from {list(SHAPES)}")
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    peak = matmul_peak_gflops()
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {threads} threads, "
+          f"{platform.machine()}; fp32 matmul peak {peak:.1f} GFLOP/s (2048^2, best of 5)\n")
+    rows = [run_shape(s, args.trials, peak, args.profile) for s in args.shapes.split(",")]
+    print("| shape | batch x block | gptforge tok/s | transformers tok/s | ratio | gptforge GFLOP/s (% peak) "
+          "| transformers GFLOP/s (% peak) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        c = r["config"]
+        desc = f"{r['shape']}: {c.n_layer}L {c.n_embd}d {c.n_head}h vocab {c.vocab_size}"
+        ours, theirs = r["gptforge"], r["transformers"]
+        print(f"| {desc} | {r['batch']} x {r['block']} | {ours[0]:,.0f} | {theirs[0]:,.0f} | {r['ratio']:.2f} "
+              f"| {ours[1]:.1f} ({100 * ours[1] / r['peak']:.0f}%) | {theirs[1]:.1f} ({100 * theirs[1] / r['peak']:.0f}%) |")
+    print(f"\nmedian of {args.trials} interleaved trials; ratio = gptforge / transformers tokens/s (> 1: gptforge faster)")
+    for r in rows:
+        for label in ("gptforge", "transformers"):
+            lo, hi = r[label][2], r[label][3]
+            print(f"  {r['shape']} {label}: step time min {lo * 1e3:.0f} ms, max {hi * 1e3:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()

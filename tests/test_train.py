@@ -211,9 +211,12 @@ def test_max_time_ends_decayed_at_the_deadline(tmp_path, dataset):
     result = train(tiny_model(), data, tokenizer=tok,
                    **quick(tmp_path, max_time=2.0, learning_rate=1e-3, warmup_steps=0, log_interval=1, eval_interval=None))
     rows = [r for r in result.history if "loss" in r]
-    assert result.step > 1 and rows[-1]["elapsed"] >= 2.0
-    assert rows[-1]["lr"] < 0.2e-3  # close to the 1e-4 floor at the end
-    assert rows[0]["lr"] > 0.9e-3
+    assert result.step >= 2 and rows[-1]["elapsed"] >= 2.0 and rows[-2]["elapsed"] < 2.0
+    lrs = [r["lr"] for r in rows]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] > 0.9e-3
+    # the last step started at or after the previous one ended, so its rate is at most the rate there
+    cfg = TrainConfig(max_time=2.0, learning_rate=1e-3, warmup_steps=0)
+    assert lrs[-1] <= lr_at(cfg, 0, rows[-2]["elapsed"] / 2.0) + 1e-12
 
 
 def test_cli_trains_from_raw_text(tmp_path, corpus):
@@ -229,3 +232,10 @@ def test_cli_trains_from_raw_text(tmp_path, corpus):
     assert model.config.vocab_size == json.loads((out / "tokenizer.json").read_text())["model"]["vocab"].__len__()
     assert (out / "samples.txt").read_text().count("=== step") >= 1
     assert main(["train", str(corpus), "--out", str(out), "--max-steps", "1"]) == 2  # refuses to overwrite
+
+
+def test_time_budget_warms_up_over_a_share_of_the_time():
+    cfg = TrainConfig(max_time=100, learning_rate=1.0, min_lr_ratio=0.1)
+    assert lr_at(cfg, 0, 0.0, warmup_share=0.02) == 0.0
+    assert lr_at(cfg, 5, 0.01, warmup_share=0.02) == pytest.approx(0.5, rel=1e-3)
+    assert lr_at(cfg, 9, 0.5, warmup_share=0.02) == pytest.approx(0.55)

@@ -192,10 +192,14 @@ def configure_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> t
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **kind)
 
 
-def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
+def lr_at(cfg: TrainConfig, step: int, progress: float, warmup_share: float | None = None) -> float:
     """Learning rate at optimizer step `step`, `progress` in [0, 1] being the share of the run done
-    (of the steps, or of the wall-clock budget). Linear warmup, then decay to the floor at progress 1."""
-    warm = min(1.0, (step + 1) / (cfg.warmup_steps + 1)) if cfg.warmup_steps else 1.0
+    (of the steps, or of the wall-clock budget). Linear warmup over `cfg.warmup_steps` (or over the
+    first `warmup_share` of the run when the step count is unknown), then decay to the floor at progress 1."""
+    if warmup_share:
+        warm = min(1.0, progress / warmup_share)
+    else:
+        warm = min(1.0, (step + 1) / (cfg.warmup_steps + 1)) if cfg.warmup_steps else 1.0
     p = min(max(progress, 0.0), 1.0)
     floor = cfg.min_lr_ratio
     if cfg.schedule == "cosine":
@@ -329,8 +333,13 @@ class Trainer:
                                seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size)
         self.tokens_per_step = cfg.batch_size * self.block_size * cfg.grad_accum * self.dist.world_size
         self.max_steps = self._total_steps()
-        if "warmup_steps" in unset and self.max_steps:  # a short run should not spend itself warming up
+        # A short run should not spend itself warming up: by default warm up over at most a tenth of the
+        # steps, or over the first 2% of the time when only a time budget is given.
+        self.warmup_share = None
+        if "warmup_steps" in unset and self.max_steps:
             self.cfg = cfg = dataclasses.replace(cfg, warmup_steps=min(cfg.warmup_steps, self.max_steps // 10))
+        elif "warmup_steps" in unset:
+            self.warmup_share = 0.02
 
         self.step = 0
         self.elapsed = 0.0  # training seconds, carried across resumes
@@ -555,7 +564,8 @@ class Trainer:
             f"device: {self.device}, precision: {str(self.dtype).removeprefix('torch.')}, world size {self.dist.world_size}\n"
             f"batch: {cfg.batch_size} x {self.block_size} tokens x {cfg.grad_accum} accumulation"
             f"{f' x {self.dist.world_size} ranks' if self.dist.world_size > 1 else ''} = {self.tokens_per_step:,} tokens per step\n"
-            f"optimizer: AdamW lr {cfg.learning_rate:g} ({cfg.schedule}, warmup {cfg.warmup_steps}, floor x{cfg.min_lr_ratio}), "
+            f"optimizer: AdamW lr {cfg.learning_rate:g} ({cfg.schedule}, warmup "
+            f"{f'{self.warmup_share:.0%} of the time' if self.warmup_share else f'{cfg.warmup_steps} steps'}, floor x{cfg.min_lr_ratio}), "
             f"weight decay {cfg.weight_decay}, betas ({cfg.beta1}, {cfg.beta2}), clip {cfg.grad_clip}\n"
             f"length: {length}; training tokens: {len(self.data.train):,}; output: {self.out}"
         )
@@ -590,7 +600,7 @@ class Trainer:
         train_loss = None
         try:
             while not self._done() and not self._stop:
-                lr = lr_at(cfg, self.step, self._progress())
+                lr = lr_at(cfg, self.step, self._progress(), self.warmup_share)
                 for micro in range(cfg.grad_accum):
                     x, y = next(batches)
                     loss_sum += self._micro_step(x, y, sync=micro == cfg.grad_accum - 1)
@@ -759,6 +769,8 @@ def run_training(
 
     cfg = TrainConfig(**options)
     out = Path(cfg.out_dir)
+    if int(os.environ.get("RANK", "0")) != 0:
+        log = lambda message: None  # noqa: E731 - only rank 0 talks
     if not inputs and not data:
         raise ValueError("nothing to train on: give text files or folders, or --data with a prepared dataset")
     model = None
@@ -797,6 +809,7 @@ def run_training(
         if size is None:
             size, why = choose_size(len(run_data.train), resolve_device(cfg.device), cfg.max_time)
             log(f"model size: {size!r} for {why} (choose another with --size)")
+        torch.manual_seed(cfg.seed)  # the same fresh weights on every rank and every rerun
         model, _ = build_model(size=size, **overrides)
     if cfg.max_steps is None and cfg.epochs is None and cfg.max_time is None:
         cfg = dataclasses.replace(cfg, epochs=1.0)

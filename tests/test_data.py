@@ -368,3 +368,14 @@ def test_cli_tokenizer_train_and_prepare(sample_text, tmp_path, capsys):
     assert main(["prepare", str(tmp_path / "nope.txt"), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "nope.txt: no such file" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_prefetcher_cuda_matches_cpu_batches():
+    b = Batches(np.arange(5000, dtype=np.uint16), 64, 4, seed=1)
+    with Prefetcher(b, start_step=3, device="cuda", depth=2) as pf:
+        for step in range(3, 8):
+            x, y = next(pf)
+            assert x.is_cuda and y.is_cuda
+            ex, ey = b.batch(step)
+            assert torch.equal(x.cpu(), ex) and torch.equal(y.cpu(), ey)

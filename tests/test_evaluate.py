@@ -176,3 +176,25 @@ def test_cli_eval_equals_the_api(models, hf_gpt2_dir, tmp_path, sample_text, cap
                "--block-size", "32"])
     err = capsys.readouterr().err
     assert rc == 2 and "stride=100" in err
+
+
+def test_prepared_dataset_matches_its_tokens_and_training_bits_per_byte(models, hf_gpt2_dir, tmp_path, sample_text, capsys):
+    import json
+
+    from gptforge.cli import main
+    from gptforge.data import load_meta, load_split, prepare
+    from gptforge.evaluate import evaluate_prepared
+    from gptforge.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([], vocab_size=300, texts=[sample_text], out_dir=tmp_path / "tok")
+    (tmp_path / "corpus.txt").write_text(sample_text * 3, encoding="utf-8")
+    prepare([tmp_path / "corpus.txt"], tok, tmp_path / "data", val_fraction=0.2, shard_tokens=500)
+    val = load_split(tmp_path / "data", "val")
+    assert not isinstance(val, np.ndarray)  # several shards seen as one array
+    meta = load_meta(tmp_path / "data")["val"]
+    r = evaluate_prepared(models[0], tmp_path / "data", block_size=32)
+    ref = evaluate_tokens(models[0], np.asarray(val), block_size=32)
+    assert r.tokens == ref.tokens == len(val) - 1 and r.loss == pytest.approx(ref.loss, rel=1e-9)
+    assert r.bits_per_byte == pytest.approx(r.loss / math.log(2) / (meta["bytes"] / meta["tokens"]), rel=1e-9)
+    assert main(["eval", str(hf_gpt2_dir), str(tmp_path / "data"), "--block-size", "32", "--json", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)[str(tmp_path / "data")]["loss"] == pytest.approx(r.loss, rel=1e-6)

@@ -75,17 +75,13 @@ def _score(model: GPT, tokens, block_size: int | None, stride: int | None, batch
         raise ValueError(f"stride={stride} must be between 1 and block_size={block_size}")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
-    if not isinstance(tokens, (torch.Tensor, np.ndarray)):
+    if isinstance(tokens, (list, tuple)):
         tokens = np.asarray(tokens, dtype=np.int64)
-    if tokens.ndim != 1:
+    if getattr(tokens, "ndim", 1) != 1:
         raise ValueError(f"tokens must be a 1-D array of token ids, got shape {tuple(tokens.shape)}")
     n = min(len(tokens), max_tokens) if max_tokens else len(tokens)
     if n < 2:
         raise ValueError(f"need at least 2 tokens to score a prediction, got {n}")
-    lo, hi = int(tokens[:n].min()), int(tokens[:n].max())
-    if lo < 0 or hi >= model.config.vocab_size:
-        raise ValueError(f"token ids {lo}..{hi} fall outside the model's vocab_size={model.config.vocab_size}; "
-                         "were these tokens made with another tokenizer?")
     device = torch.device(device) if device is not None else model.transformer.wte.weight.device
     windows = sliding_windows(n, block_size, stride)
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -101,8 +97,13 @@ def _score(model: GPT, tokens, block_size: int | None, stride: int | None, batch
             group.append(w)
         i += len(group)
         keep = max(w[2] for w in group)
-        x = torch.stack([_as_tensor(tokens, s, e) for s, e, _ in group]).to(device, non_blocking=True)
+        x = torch.stack([_as_tensor(tokens, s, e) for s, e, _ in group])
         y = torch.stack([_as_tensor(tokens, s + 1, e + 1) for s, e, _ in group])[:, -keep:].clone()
+        lo, hi = min(x.min(), y.min()).item(), max(x.max(), y.max()).item()  # on the host: no device sync
+        if lo < 0 or hi >= model.config.vocab_size:
+            raise ValueError(f"token ids {lo}..{hi} fall outside the model's vocab_size={model.config.vocab_size}; "
+                             "were these tokens made with another tokenizer?")
+        x = x.to(device, non_blocking=True)
         for row, (_, _, scored) in enumerate(group):
             y[row, : keep - scored] = -100  # already scored by an earlier window
         y = y.to(device, non_blocking=True)
@@ -215,15 +216,9 @@ def evaluate_prepared(model: GPT, folder: str | os.PathLike, split: str = "val",
     Bits per byte uses the split's bytes per token from meta.json, the same figure training reports.
     `options` are those of `evaluate_tokens`.
     """
-    import json
+    from .data import load_meta, load_split
 
-    from .data import load_split
-
-    folder = Path(folder)
-    meta_path = folder / "meta.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{folder}: not a prepared dataset (no meta.json); run `gptforge prepare` or pass text files")
-    info = json.loads(meta_path.read_text()).get(split) or {}
+    info = load_meta(folder).get(split) or {}
     if not info.get("tokens"):
         raise ValueError(f"{folder}: the prepared dataset has no {split!r} tokens; prepare it with a validation split")
     r = evaluate_tokens(model, load_split(folder, split), **options)

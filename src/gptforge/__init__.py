@@ -11,3 +11,5 @@ from .model import GPT, KVCache
 from .checkpoint import CheckpointError, load_model, save_model, model_info
 from .tokenizer import Tokenizer, TokenizerError, check_vocab_fits, load_tokenizer, train_tokenizer
 from .data import Batches, DataError, Prefetcher, TokenDataset, load_split, prepare
+from .generate import SamplingOptions, generate, generate_ids, load_model_and_tokenizer
+from .evaluate import EvalResult, evaluate_prepared, evaluate_text, evaluate_tokens

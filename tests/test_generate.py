@@ -365,3 +365,12 @@ def test_cli_model_without_tokenizer_says_how_to_attach_one(model_dir, tmp_path,
     assert rc == 2 and "no tokenizer" in err and "--tokenizer" in err
     rc, out, _ = _cli(["generate", str(bare), "x", "--tokenizer", str(model_dir), "--greedy", "--max-new-tokens", "3"], capsys)
     assert rc == 0 and out.startswith("x")
+
+
+def test_cli_streams_samples_one_after_another(model_dir, capsys):
+    argv = ["generate", str(model_dir), "ab", "cd", "--seed", "3", "--max-new-tokens", "8", "--delimiter", "\n#\n"]
+    rc, streamed, _ = _cli(argv + ["--batch-size", "1"], capsys)
+    rc2, printed, _ = _cli(argv + ["--batch-size", "1", "--no-stream"], capsys)
+    assert rc == rc2 == 0 and streamed == printed
+    samples = printed.rstrip("\n").split("\n#\n")
+    assert len(samples) == 2 and samples[0].startswith("ab") and samples[1].startswith("cd")

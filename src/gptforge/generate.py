@@ -385,15 +385,20 @@ def generate(
     opts.validate()
     n = opts.num_samples
     texts = [_StopText(tokenizer, stop) for _ in range(len(prompts) * n)]
-    if stream is not None and include_prompt:
-        for i, p in enumerate(prompts):
-            for j in range(n):
-                stream(i * n + j, p)
+    started = [False] * len(texts)
+
+    def emit(row: int, piece: str) -> None:
+        if stream is None:
+            return
+        if not started[row]:  # a sample's prompt goes out just before its first new text
+            started[row] = True
+            if include_prompt and prompts[row // n]:
+                stream(row, prompts[row // n])
+        if piece:
+            stream(row, piece)
 
     def on_token(row: int, ids: list[int]) -> bool:
-        piece = texts[row].update(ids)
-        if piece and stream is not None:
-            stream(row, piece)
+        emit(row, texts[row].update(ids))
         return texts[row].stopped
 
     eos = tokenizer.eos_id
@@ -404,8 +409,7 @@ def generate(
     for row, new in enumerate(ids):
         t = texts[row]
         t.update(new)  # the whole row: also cuts a stop string that the last host check missed
-        if stream is not None and (piece := t.flush()):
-            stream(row, piece)
+        emit(row, t.flush())
         out.append((prompts[row // n] if include_prompt else "") + t.text)
     return out
 

@@ -51,15 +51,19 @@ def flops_per_token(c: GPTConfig, block: int) -> float:
     return 6 * n + 12 * c.n_layer * c.n_embd * block
 
 
-def build(fields: dict):
+def build(fields: dict) -> tuple[GPTConfig, GPT]:
     config = preset("gpt2", **fields, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    ours = GPT(config).train()
-    hf_fields = {k: v for k, v in config.to_dict().items() if k != "architectures"}
+    return config, GPT(config).train()
+
+
+def hf_copy(ours: GPT, **overrides):
+    """transformers' GPT2LMHeadModel with the same weights (SDPA attention, its default)."""
+    hf_fields = {k: v for k, v in ours.config.to_dict().items() if k != "architectures"}
+    hf_fields.update(overrides)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_fields, attn_implementation="sdpa"))
-    hf.load_state_dict(to_hf_state_dict(ours), strict=False)  # lm_head.weight is tied to wte
+    hf.load_state_dict(to_hf_state_dict(ours.state_dict()), strict=False)  # lm_head.weight is tied to wte
     hf.tie_weights()
-    hf.train()
-    return config, ours, hf
+    return hf.train()
 
 
 def make_step(model, hf: bool, x: torch.Tensor, y: torch.Tensor):
@@ -86,16 +90,21 @@ def profile(step, label: str) -> None:
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
-def run_shape(name: str, trials: int, peak: float, do_profile: bool) -> dict:
+def run_shape(name: str, trials: int, peak: float, do_profile: bool, fused_gelu: bool) -> dict:
     fields, batch, block, steps = SHAPES[name]
-    config, ours, hf = build(fields)
+    config, ours = build(fields)
+    hfs = {"transformers": hf_copy(ours)}
+    if fused_gelu:  # the same network with transformers' fused tanh-GELU instead of gelu_new's separate ops
+        hfs["transformers, gelu_pytorch_tanh"] = hf_copy(ours, activation_function="gelu_pytorch_tanh")
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, config.vocab_size, (batch, block), generator=g)
     y = torch.cat([x[:, 1:], torch.full((batch, 1), -100)], dim=1)  # same targets transformers builds from labels
     with torch.no_grad():  # same weights: same loss
-        diff = abs(ours(x, y)[1].item() - hf(input_ids=x, labels=x).loss.item())
-    assert diff < 1e-4, f"models disagree (loss difference {diff})"
-    runs = {"gptforge": make_step(ours, False, x, y), "transformers": make_step(hf, True, x, y)}
+        for hf in hfs.values():
+            diff = abs(ours(x, y)[1].item() - hf(input_ids=x, labels=x).loss.item())
+            assert diff < 1e-4, f"models disagree (loss difference {diff})"
+    runs = {"gptforge": make_step(ours, False, x, y)}
+    runs.update({label: make_step(hf, True, x, y) for label, hf in hfs.items()})
     for step in runs.values():
         step()  # warm-up: allocator, optimizer state
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -111,12 +120,10 @@ def run_shape(name: str, trials: int, peak: float, do_profile: bool) -> dict:
             profile(step, f"{name} / {label}")
     tokens = batch * block
     fpt = flops_per_token(config, block)
-    row = {"shape": name, "config": config, "batch": batch, "block": block}
+    row = {"shape": name, "config": config, "batch": batch, "block": block, "peak": peak, "results": {}}
     for label, ts in times.items():
         med = statistics.median(ts)
-        row[label] = (tokens / med, tokens / med * fpt / 1e9, min(ts), max(ts))
-    row["ratio"] = row["gptforge"][0] / row["transformers"][0]
-    row["peak"] = peak
+        row["results"][label] = (tokens / med, tokens / med * fpt / 1e9, min(ts), max(ts))
     return row
 
 
@@ -125,6 +132,8 @@ def main() -> None:
     parser.add_argument("--shapes", default="small,gpt2", help=f"comma-separated, from {list(SHAPES)}")
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--fused-gelu", action="store_true",
+                        help="also time transformers with activation_function=gelu_pytorch_tanh")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -132,21 +141,18 @@ def main() -> None:
     peak = matmul_peak_gflops()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {threads} threads, "
           f"{platform.machine()}; fp32 matmul peak {peak:.1f} GFLOP/s (2048^2, best of 5)\n")
-    rows = [run_shape(s, args.trials, peak, args.profile) for s in args.shapes.split(",")]
-    print("| shape | batch x block | gptforge tok/s | transformers tok/s | ratio | gptforge GFLOP/s (% peak) "
-          "| transformers GFLOP/s (% peak) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    rows = [run_shape(s, args.trials, peak, args.profile, args.fused_gelu) for s in args.shapes.split(",")]
+    print("| shape | batch x block | implementation | tokens/s | gptforge speed-up | GFLOP/s | % of peak | step min / max |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         c = r["config"]
         desc = f"{r['shape']}: {c.n_layer}L {c.n_embd}d {c.n_head}h vocab {c.vocab_size}"
-        ours, theirs = r["gptforge"], r["transformers"]
-        print(f"| {desc} | {r['batch']} x {r['block']} | {ours[0]:,.0f} | {theirs[0]:,.0f} | {r['ratio']:.2f} "
-              f"| {ours[1]:.1f} ({100 * ours[1] / r['peak']:.0f}%) | {theirs[1]:.1f} ({100 * theirs[1] / r['peak']:.0f}%) |")
-    print(f"\nmedian of {args.trials} interleaved trials; ratio = gptforge / transformers tokens/s (> 1: gptforge faster)")
-    for r in rows:
-        for label in ("gptforge", "transformers"):
-            lo, hi = r[label][2], r[label][3]
-            print(f"  {r['shape']} {label}: step time min {lo * 1e3:.0f} ms, max {hi * 1e3:.0f} ms")
+        ours = r["results"]["gptforge"][0]
+        for label, (tps, gflops, lo, hi) in r["results"].items():
+            ratio = "" if label == "gptforge" else f"{ours / tps:.2f}x"
+            print(f"| {desc} | {r['batch']} x {r['block']} | {label} | {tps:,.0f} | {ratio} | {gflops:.1f} "
+                  f"| {100 * gflops / r['peak']:.0f}% | {lo * 1e3:,.0f} / {hi * 1e3:,.0f} ms |")
+    print(f"\nmedian of {args.trials} interleaved trials; speed-up = gptforge tokens/s / that row's tokens/s")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def _hf_copy(model: GPT):
     c = model.config
     hf_config = transformers.GPT2Config(**{k: v for k, v in c.to_dict().items() if k not in ("architectures",)})
     hf = transformers.GPT2LMHeadModel(hf_config)
-    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model.state_dict()), strict=False)
     assert missing == ["lm_head.weight"] or not missing, missing
     assert not unexpected
     hf.tie_weights()

@@ -76,10 +76,10 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 # --- state dict conversion ---------------------------------------------------------------
 
 
-def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our parameters under GPT2LMHeadModel names and layouts, without the tied `lm_head.weight`."""
     out = {}
-    for name, t in model.state_dict().items():
+    for name, t in state_dict.items():
         if name == "lm_head.weight":
             continue
         t = t.detach()
@@ -239,12 +239,16 @@ def load_model(
     return model
 
 
-def save_model(model: GPT, folder: str | os.PathLike, tokenizer=None) -> Path:
-    """Write a transformers-compatible model folder (each file replaced atomically)."""
+def save_model(model: GPT, folder: str | os.PathLike, tokenizer=None, *, state_dict: dict | None = None) -> Path:
+    """Write a transformers-compatible model folder (each file replaced atomically).
+
+    `state_dict` replaces `model.state_dict()`, e.g. the full weights gathered from a sharded (FSDP) model.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
-    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(to_hf_state_dict(model), str(p), metadata={"format": "pt"}))
+    weights = to_hf_state_dict(state_dict if state_dict is not None else model.state_dict())
+    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
     atomic_write(folder / "config.json", config.save)
     gen = {"_from_model_config": True, "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
     atomic_write(folder / "generation_config.json", lambda p: p.write_text(json.dumps(gen, indent=2) + "\n"))

@@ -100,6 +100,7 @@ TRAIN_HELP = {
     "overwrite": "replace a previous run in --out",
     "freeze": "transfer learning: embeddings, blocks:N (first N blocks), all-but:N, comma-joined",
     "seed": "random seed (weights, batches, dropout)",
+    "fsdp": "shard parameters, gradients and optimizer state across the torchrun processes (big models)",
 }
 
 

@@ -80,6 +80,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: bool = False
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard parameters, gradients and optimizer state across ranks (torchrun)
     # watching
     log_interval: int = 10
     eval_interval: int | None = 200
@@ -275,6 +276,16 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
     return Dist(dist.get_rank(), dist.get_world_size(), local), device
 
 
+def shard_model(model: GPT) -> None:
+    """FSDP (PyTorch's fully_shard): each block is one unit of all-gather / reduce-scatter; the root holds
+    the embeddings, the tied head and the final LayerNorm."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+
+
 # --- the trainer ------------------------------------------------------------------------------------
 
 
@@ -317,12 +328,16 @@ class Trainer:
         config.gradient_checkpointing = cfg.gradient_checkpointing
         self.model = model.to(self.device)
         self.frozen = apply_freeze(model, cfg.freeze)
+        self._resume_from = self._latest_checkpoint() if cfg.resume else None
+        if self._resume_from is not None:  # weights first: sharding and the optimizer start from them
+            model.load_state_dict(load_model(self._resume_from).state_dict())
+        self.fsdp = cfg.fsdp and self.dist.world_size > 1
+        if self.fsdp:
+            shard_model(model)
         self.optimizer = configure_optimizer(model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.forward_model: nn.Module = model
-        if cfg.compile:
-            self.forward_model = torch.compile(model)
-        if self.dist.world_size > 1:
+        self.forward_model: nn.Module = torch.compile(model) if cfg.compile else model
+        if self.dist.world_size > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.forward_model = DDP(self.forward_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -348,8 +363,8 @@ class Trainer:
         self._stop = False
         self.history: list[dict] = []
         self._last_ckpt: Path | None = None
-        if cfg.resume:
-            self._resume()
+        if self._resume_from is not None:
+            self._load_training_state(self._resume_from)
 
     # -- set-up helpers
 
@@ -393,26 +408,60 @@ class Trainer:
         root = self.out / CHECKPOINTS
         return sorted(p for p in root.glob("step-*") if (p / STATE_NAME).is_file()) if root.is_dir() else []
 
+    def _latest_checkpoint(self) -> Path:
+        found = self.checkpoints()
+        if not found:
+            raise RunFolderError(f"{self.out}: no checkpoint to resume from (looked in {self.out / CHECKPOINTS})")
+        path = found[-1]
+        theirs, mine = GPTConfig.load(path).to_dict(), self.model.config.to_dict()
+        differ = [f"{k}: checkpoint {theirs[k]} vs now {mine[k]}" for k in mine if k in theirs and mine[k] != theirs[k]]
+        if differ:
+            raise RunFolderError(f"{path}: was trained with a different model config ({'; '.join(differ)})")
+        return path
+
+    def _full_state(self) -> tuple[dict, dict]:
+        """Whole model and optimizer state dicts, keyed by parameter name, gathered from every rank when the
+        model is sharded (so all ranks must call this). The same format for 1, N or sharded ranks is what lets
+        a checkpoint resume on any number of processes."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+            model_state = get_model_state_dict(self.model, options=full)
+        else:
+            model_state = self.model.state_dict()
+        return model_state, get_optimizer_state_dict(self.model, self.optimizer, options=full)
+
+    def save_model_folder(self, folder: Path, model_state: dict | None = None) -> None:
+        """Write a model folder atomically (rank 0 writes; with FSDP every rank helps gather)."""
+        if model_state is None and self.fsdp:
+            model_state = self._full_state()[0]
+        if self.dist.main:
+            with atomic_dir(folder) as tmp:
+                save_model(self.model, tmp, self.tokenizer, state_dict=model_state)
+
     def save_checkpoint(self) -> Path:
         """A complete model folder plus the training state, written under a temporary name and renamed."""
         target = self.out / CHECKPOINTS / f"step-{self.step:07d}"
+        model_state, optim_state = self._full_state()
         if self.dist.main:
             state = {
                 "step": self.step,
                 "elapsed": self.elapsed,
                 "best_val": self.best_val,
                 "evals_since_best": self.evals_since_best,
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optim_state,
                 "scaler": self.scaler.state_dict(),
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "train_config": dataclasses.asdict(self.cfg),
-                "model_config": self.model.config.to_dict(),
                 "data": self.data.fingerprint,
                 "world_size": self.dist.world_size,
             }
             with atomic_dir(target) as tmp:
-                save_model(self.model, tmp, self.tokenizer)
+                save_model(self.model, tmp, self.tokenizer, state_dict=model_state)
                 torch.save(state, tmp / STATE_NAME)
             for old in self.checkpoints()[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -420,19 +469,12 @@ class Trainer:
         self._last_ckpt = target
         return target
 
-    def _resume(self) -> None:
-        found = self.checkpoints()
-        if not found:
-            raise RunFolderError(f"{self.out}: no checkpoint to resume from (looked in {self.out / CHECKPOINTS})")
-        path = found[-1]
+    def _load_training_state(self, path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
         state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
-        mine, theirs = self.model.config.to_dict(), state["model_config"]
-        differ = [f"{k}: checkpoint {theirs.get(k)} vs now {mine.get(k)}" for k in mine if k in theirs and mine[k] != theirs[k]]
-        if differ:
-            raise RunFolderError(f"{path}: was trained with a different model config ({'; '.join(differ)})")
-        saved = load_model(path)
-        self.model.load_state_dict(saved.state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"] and torch.cuda.is_available():
@@ -440,7 +482,9 @@ class Trainer:
         self.step, self.elapsed = state["step"], state["elapsed"]
         self.best_val, self.evals_since_best = state["best_val"], state["evals_since_best"]
         self._last_ckpt = path
-        self.log(f"resumed from {path} at step {self.step}")
+        ranks = state.get("world_size", 1)
+        self.log(f"resumed from {path} at step {self.step}"
+                 + (f" (saved by {ranks} processes, now {self.dist.world_size})" if ranks != self.dist.world_size else ""))
 
     # -- logging
 
@@ -463,7 +507,8 @@ class Trainer:
     # -- evaluation and samples
 
     def evaluate(self, full: bool = False) -> dict | None:
-        if self.data.val is None or not self.dist.main:
+        # a sharded model needs every rank in each forward pass; otherwise rank 0 evaluates alone
+        if self.data.val is None or not (self.dist.main or self.fsdp):
             return None
         from .evaluate import evaluate_tokens
 
@@ -475,20 +520,20 @@ class Trainer:
         bpb = res.loss / math.log(2) / self.data.bytes_per_token if self.data.bytes_per_token else None
         row = {"step": self.step, "val_loss": res.loss, "val_perplexity": res.perplexity, "val_bits_per_byte": bpb,
                "val_tokens": res.tokens, "elapsed": round(self.elapsed, 2)}
-        self._record(row)
+        if self.dist.main:
+            self._record(row)
         msg = f"step {self.step}: val loss {res.loss:.4f}, perplexity {res.perplexity:.2f}"
         self.log(msg + (f", {bpb:.4f} bits/byte" if bpb is not None else ""))
         if res.loss < self.best_val:
             self.best_val, self.evals_since_best = res.loss, 0
-            with atomic_dir(self.out / "best") as tmp:
-                save_model(self.model, tmp, self.tokenizer)
+            self.save_model_folder(self.out / "best")
         else:
             self.evals_since_best += 1
         self._plot()
         return row
 
     def sample(self) -> None:
-        if self.tokenizer is None or not self.dist.main:
+        if self.tokenizer is None or not (self.dist.main or self.fsdp):
             return
         from .generate import generate
 
@@ -496,6 +541,8 @@ class Trainer:
             text = generate(self.model, self.tokenizer, self.cfg.sample_prompt, max_new_tokens=self.cfg.sample_tokens,
                             temperature=0.8, top_k=40, seed=self.step)[0]
         self.log(f"--- sample at step {self.step} ---\n{text}\n---")
+        if not self.dist.main:
+            return
         with open(self.out / "samples.txt", "a", encoding="utf-8") as f:
             f.write(f"=== step {self.step} ===\n{text}\n\n")
 
@@ -530,7 +577,9 @@ class Trainer:
 
     def _micro_step(self, x: torch.Tensor, y: torch.Tensor, sync: bool) -> torch.Tensor:
         model = self.forward_model
-        no_sync = model.no_sync() if self.dist.world_size > 1 and not sync else contextlib.nullcontext()
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(sync)  # reduce-scatter only on the last micro-step
+        no_sync = model.no_sync() if self.dist.world_size > 1 and not self.fsdp and not sync else contextlib.nullcontext()
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         with no_sync:
             with autocast:
@@ -666,8 +715,12 @@ class Trainer:
                 result.val_loss, result.val_perplexity = row["val_loss"], row["val_perplexity"]
                 result.val_bits_per_byte = row["val_bits_per_byte"]
             self.sample()
+            if self.fsdp:
+                model_state = self._full_state()[0]
+            else:
+                model_state = None
             if self.dist.main:
-                save_model(self.model, self.out, self.tokenizer)
+                save_model(self.model, self.out, self.tokenizer, state_dict=model_state)
                 self.log(f"saved the final model to {self.out}")
         result.best_val_loss = self.best_val if math.isfinite(self.best_val) else None
         if self._tb is not None:

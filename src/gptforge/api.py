@@ -1,0 +1,299 @@
+"""`GPTForge`: one object for the train-from-scratch workflow that older GPT-2 tools made popular.
+
+    ai = GPTForge(vocab_file="vocab.json", merges_file="merges.txt", config=config)   # fresh weights
+    ai.train(data, batch_size=16, num_steps=5000)                                     # -> trained_model/
+    ai.generate(n=3, prompt="The", max_length=100, temperature=0.7, top_p=0.9)
+    ai = GPTForge(model="trained_model", config="trained_model/config.json", vocab_file=..., merges_file=...)
+
+The object only holds a model, its tokenizer and whether the model is fresh or pretrained; every
+operation is a call into the modules that own it (train.train, generate.generate, checkpoint, evaluate),
+so the Python API and the `gptforge` command behave alike.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_model, resolve_model_path, save_model
+from .config import GPTConfig, PRESETS, preset
+from .model import GPT
+from .tokenizer import Tokenizer, load_tokenizer
+
+# Argument names of older tools' `train()` and the TrainConfig field each one means.
+TRAIN_ALIASES = {
+    "num_steps": "max_steps",
+    "output_dir": "out_dir",
+    "gradient_accumulation_steps": "grad_accum",
+    "max_grad_norm": "grad_clip",
+    "save_every": "save_steps",
+    "generate_every": "sample_interval",
+}
+
+
+class GPTForgeError(ValueError):
+    """A model, tokenizer, config or dataset that do not fit together; the message names the numbers."""
+
+
+def _weights_path(model: str | os.PathLike) -> str | os.PathLike:
+    """Older guides reload `trained_model/pytorch_model.bin`; gptforge writes `model.safetensors` in that
+    folder instead, so a missing legacy file next to a safetensors file means the folder."""
+    path = Path(model)
+    if path.name == "pytorch_model.bin" and not path.exists() and (path.parent / "model.safetensors").is_file():
+        return path.parent
+    return model
+
+
+def _as_config(config: GPTConfig | str | os.PathLike) -> GPTConfig:
+    """A GPTConfig, a preset name (`mini`) or a config.json / model folder."""
+    if isinstance(config, GPTConfig):
+        return config
+    if isinstance(config, str) and config in PRESETS and not os.path.exists(config):
+        return preset(config)
+    return GPTConfig.load(config)
+
+
+class GPTForge:
+    """A GPT-2 model and its tokenizer, to train, generate from, evaluate and save.
+
+    * Fresh weights: `GPTForge(config=config, vocab_file=..., merges_file=...)` (or `tokenizer_file=`,
+      `tokenizer=`). `config` is a GPTConfig (e.g. from `build_gpt2_config`), a preset name or a
+      config.json; its vocab_size must equal the tokenizer's.
+    * A trained or pretrained model: `GPTForge("trained_model")`, `GPTForge("gpt2")` (a hub id is
+      downloaded only because you named it), or `GPTForge(model="trained_model/pytorch_model.bin",
+      config="trained_model/config.json", vocab_file=..., merges_file=...)` as older guides write it.
+      The tokenizer comes from the model folder unless you name one.
+
+    `device="auto"` uses CUDA when there is a GPU.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | GPT | None = None,
+        config: GPTConfig | str | os.PathLike | None = None,
+        vocab_file: str | os.PathLike | None = None,
+        merges_file: str | os.PathLike | None = None,
+        tokenizer_file: str | os.PathLike | None = None,
+        *,
+        tokenizer: Tokenizer | str | os.PathLike | None = None,
+        model_folder: str | os.PathLike | None = None,
+        device: str = "auto",
+    ):
+        from .generate import load_model_and_tokenizer
+        from .train import resolve_device
+
+        model = model if model is not None else model_folder
+        self.device = resolve_device(device)
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_tokenizer(tokenizer)
+        elif tokenizer is None and tokenizer_file is not None:
+            tokenizer = load_tokenizer(tokenizer_file)
+        elif tokenizer is None and vocab_file is not None:
+            tokenizer = load_tokenizer(vocab_file, merges_file=merges_file)
+        elif tokenizer is None and merges_file is not None:
+            raise GPTForgeError(f"merges_file={merges_file} needs vocab_file= too (the vocab.json it belongs to)")
+
+        if model is None:
+            # A model from a config: fresh GPT-2 weights.
+            if config is None:
+                raise GPTForgeError("GPTForge needs model= (a model folder, weights file or hub id such as 'gpt2') "
+                                    "or config= (a GPTConfig from build_gpt2_config, for a new model)")
+            if tokenizer is None:
+                raise GPTForgeError("a new model needs its tokenizer: pass vocab_file= and merges_file=, tokenizer_file= "
+                                    "or tokenizer= (train one with gptforge.train_tokenizer)")
+            config = _as_config(config)
+            if tokenizer.vocab_size != config.vocab_size:
+                raise GPTForgeError(
+                    f"the tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but the config has "
+                    f"vocab_size={config.vocab_size}; build the config with vocab_size={tokenizer.vocab_size}"
+                )
+            config = dataclasses.replace(config, bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
+            self.model, self.pretrained = GPT(config).to(self.device), False
+        elif isinstance(model, GPT):
+            if tokenizer is None:
+                raise GPTForgeError("GPTForge(model=<GPT object>) needs tokenizer= (or vocab_file=/tokenizer_file=)")
+            self.model, self.pretrained = model.to(self.device), True
+        elif tokenizer is None and config is None:
+            # The folder's own tokenizer; fp32 weights, since this model may be trained further.
+            self.model, tokenizer = load_model_and_tokenizer(_weights_path(model), device=str(self.device),
+                                                             dtype=torch.float32)
+            self.pretrained = True
+        else:
+            path = resolve_model_path(_weights_path(model))
+            self.model = load_model(path, config=None if config is None else _as_config(config), device=self.device)
+            self.pretrained = True
+            if tokenizer is None:
+                tokenizer = load_tokenizer(path if path.is_dir() else path.parent)
+        if self.pretrained and tokenizer.vocab_size > self.model.config.vocab_size:
+            raise GPTForgeError(
+                f"the tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but the model has "
+                f"vocab_size={self.model.config.vocab_size}; use the tokenizer the model was trained with"
+            )
+        self.tokenizer: Tokenizer = tokenizer
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.model.config
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"GPTForge({self.model.num_params() / 1e6:.2f}M parameters, n_layer={c.n_layer}, n_embd={c.n_embd}, "
+                f"context {c.n_positions}, vocab {c.vocab_size}, {'pretrained' if self.pretrained else 'fresh'}, {self.device})")
+
+    # -- training
+
+    def dataset(self, files, block_size: int | None = None, line_by_line: bool = False, **options):
+        """A TokenDataset of `files` encoded with this model's tokenizer (block size: the model's context)."""
+        from .data import TokenDataset
+
+        return TokenDataset(files, tokenizer=self.tokenizer, block_size=block_size or self.config.n_positions,
+                            line_by_line=line_by_line, **options)
+
+    def _check_block_size(self, block_size: int) -> None:
+        n_ctx = self.config.n_positions
+        if not self.pretrained and block_size != n_ctx:
+            raise GPTForgeError(f"the dataset's block_size is {block_size} but the config's max_length (n_positions) is "
+                                f"{n_ctx}; make them equal (TokenDataset(..., block_size={n_ctx}) or "
+                                f"build_gpt2_config(max_length={block_size}))")
+        if block_size > n_ctx:
+            raise GPTForgeError(f"the dataset's block_size is {block_size} but the model's context (n_positions) is "
+                                f"only {n_ctx}; use block_size <= {n_ctx}")
+
+    def train(
+        self,
+        data,
+        batch_size: int = 16,
+        num_steps: int | None = 5000,
+        output_dir: str | os.PathLike = "trained_model",
+        line_by_line: bool = False,
+        fp16: bool = False,
+        **options,
+    ):
+        """Train on `data`: a TokenDataset, a folder written by `gptforge prepare`, or text files (encoded with
+        this model's tokenizer, in blocks of the model's context).
+
+        Trains `num_steps` optimizer steps (None: use `epochs=` or `max_time=` instead) with a progress bar,
+        samples and checkpoints as `gptforge train` does, and saves the model folder (weights, config,
+        tokenizer) into `output_dir`. `options` are TrainConfig fields (learning_rate, grad_accum, max_time,
+        save_steps, sample_interval, overwrite, resume, ...) or older tools' names for them
+        (gradient_accumulation_steps, max_grad_norm, save_every, generate_every). A previous run in
+        `output_dir` is not replaced unless `overwrite=True`. Returns the TrainResult.
+        """
+        from .train import TrainConfig, train
+
+        for old, new in TRAIN_ALIASES.items():
+            if old in options:
+                options[new] = options.pop(old)
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise GPTForgeError(f"train(): unknown option(s) {', '.join(unknown)}; "
+                                f"choose from {', '.join(sorted(fields | set(TRAIN_ALIASES)))}")
+        if fp16:
+            options["precision"] = "fp16"
+        if isinstance(data, (str, os.PathLike, list, tuple)) and not (Path(str(data)) / "meta.json").is_file():
+            data = self.dataset(data, line_by_line=line_by_line)
+        block_size = getattr(data, "block_size", None) or options.get("block_size") or self.config.n_positions
+        self._check_block_size(block_size)
+        data_tok = getattr(data, "tokenizer", None)
+        if data_tok is not None and data_tok.fingerprint != self.tokenizer.fingerprint:
+            raise GPTForgeError(f"the dataset was encoded with another tokenizer ({data_tok.source}) than the model's "
+                                f"({self.tokenizer.source}); build the TokenDataset with the model's vocab_file/merges_file")
+        if self.device.type != "cpu":
+            options.setdefault("device", str(self.device))
+        options.update(out_dir=str(output_dir), batch_size=batch_size, block_size=block_size)
+        if num_steps is not None:
+            options["max_steps"] = num_steps
+        return train(self.model, data, tokenizer=self.tokenizer, finetune=self.pretrained, **options)
+
+    # -- generation
+
+    def generate(
+        self,
+        n: int = 1,
+        prompt: str = "",
+        max_length: int | None = 100,
+        temperature: float = 0.7,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        return_as_list: bool = False,
+        max_new_tokens: int | None = None,
+        **options,
+    ) -> list[str] | None:
+        """`n` samples after `prompt`, printed (separated by a line of `=`), or returned when `return_as_list`.
+
+        `max_length` counts the prompt's tokens too, as in older tools and transformers; `max_new_tokens`
+        counts only new ones and wins when given. Generation stops early at <|endoftext|>. Other options are
+        those of `gptforge.generate` (repetition_penalty, no_repeat_ngram_size, stop, min_new_tokens, ...).
+        The same seed gives the same text.
+        """
+        from .generate import generate
+
+        if max_new_tokens is None:
+            used = len(self.tokenizer.encode(prompt)) if prompt else 0
+            if max_length is None or max_length <= used:
+                raise GPTForgeError(f"max_length={max_length} leaves no room after the prompt's {used} tokens; "
+                                    "raise max_length or pass max_new_tokens=")
+            max_new_tokens = max_length - used
+        chosen = {k: v for k, v in dict(top_k=top_k, top_p=top_p).items() if v is not None}
+        texts = generate(self.model.eval(), self.tokenizer, prompt, num_samples=n, max_new_tokens=max_new_tokens,
+                         temperature=temperature, seed=seed, **chosen, **options)
+        if return_as_list:
+            return texts
+        print(("\n" + "=" * 10 + "\n").join(texts))
+        return None
+
+    def generate_to_file(
+        self,
+        n: int = 20,
+        destination_path: str | os.PathLike | None = None,
+        sample_delim: str = "=" * 20 + "\n",
+        seed: int | None = None,
+        **options,
+    ) -> Path:
+        """Write `n` samples to `destination_path` (default: a new `gptforge-<date>-seed<seed>.txt` here);
+        an existing file is never replaced. Options as in `generate`. Returns the path written."""
+        import random
+
+        from .checkpoint import atomic_write
+        from .cli import _output_path
+
+        seed = random.randrange(2**31) if seed is None else seed
+        path = Path(destination_path) if destination_path is not None else _output_path(".", seed)
+        if path.exists():
+            raise GPTForgeError(f"{path}: already exists; choose another destination_path")
+        texts = self.generate(n=n, seed=seed, return_as_list=True, **options)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda p: p.write_text("".join(t + "\n" + sample_delim for t in texts), encoding="utf-8"))
+        return path
+
+    # -- evaluation and saving
+
+    def evaluate(self, data, **options):
+        """Loss, perplexity and bits per byte (an EvalResult) of text files or strings, a folder written by
+        `gptforge prepare` (its val split), or a TokenDataset (its val split, else its train split).
+        Options are those of `gptforge.evaluate.evaluate_tokens` (block_size, stride, batch_size, max_tokens)."""
+        from .evaluate import evaluate_prepared, evaluate_text
+
+        folder = getattr(data, "data_dir", None)
+        if folder is None and isinstance(data, (str, os.PathLike)) and (Path(data) / "meta.json").is_file():
+            folder = data
+        if folder is not None:
+            split = options.pop("split", "val" if len(getattr(data, "val", [1])) else "train")
+            return evaluate_prepared(self.model, folder, split=split, **options)
+        return evaluate_text(self.model, self.tokenizer, data, **options)
+
+    def save(self, folder: str | os.PathLike = "trained_model", overwrite: bool = False) -> Path:
+        """Write the model folder (config.json, model.safetensors, generation_config.json and the tokenizer
+        files) that `GPTForge(folder)`, `gptforge generate` and transformers open. A folder that already
+        holds a model is replaced only with `overwrite=True`."""
+        folder = Path(folder)
+        if (folder / "config.json").exists() and not overwrite:
+            raise GPTForgeError(f"{folder}: already holds a model; pass overwrite=True to replace it or choose another folder")
+        return save_model(self.model, folder, self.tokenizer)
+
+
+__all__ = ["GPTForge", "GPTForgeError"]

@@ -13,3 +13,4 @@ from .tokenizer import Tokenizer, TokenizerError, check_vocab_fits, load_tokeniz
 from .data import Batches, DataError, Prefetcher, TokenDataset, load_split, prepare
 from .generate import SamplingOptions, generate, generate_ids, load_model_and_tokenizer
 from .evaluate import EvalResult, evaluate_prepared, evaluate_text, evaluate_tokens
+from .api import GPTForge, GPTForgeError

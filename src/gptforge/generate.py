@@ -167,12 +167,13 @@ def _pick(scores: torch.Tensor, greedy: bool, generator: torch.Generator | None)
 
 
 Callback = Callable[[int, list[int]], bool | None]
+_D = SamplingOptions()  # the defaults, written once
 
 
 def _as_prompts(input_ids) -> list[list[int]]:
     if isinstance(input_ids, torch.Tensor):
         input_ids = input_ids.tolist() if input_ids.dim() == 2 else [input_ids.tolist()]
-    elif not len(input_ids) or isinstance(input_ids[0], int):
+    elif not len(input_ids) or not hasattr(input_ids[0], "__len__"):  # ints, numpy ints
         input_ids = [list(input_ids)]  # one prompt; [] is one empty prompt
     return [list(map(int, p)) for p in input_ids]
 
@@ -182,22 +183,33 @@ def generate_ids(
     model: GPT,
     input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
     *,
+    max_new_tokens: int = _D.max_new_tokens,
+    min_new_tokens: int = _D.min_new_tokens,
+    do_sample: bool = _D.do_sample,
+    temperature: float = _D.temperature,
+    top_k: int = _D.top_k,
+    top_p: float = _D.top_p,
+    repetition_penalty: float = _D.repetition_penalty,
+    no_repeat_ngram_size: int = _D.no_repeat_ngram_size,
+    num_samples: int = _D.num_samples,
+    batch_size: int = _D.batch_size,
+    seed: int | None = _D.seed,
     eos_id: int | None = -1,
     context_keep: int | None = None,
     callback: Callback | None = None,
-    **options,
 ) -> list[list[int]]:
     """Generate from token-id prompts; returns the new tokens of each sample (without eos).
 
     `input_ids` is one prompt (list of ids or 1-D tensor) or several (list of lists or a 2-D tensor).
-    `options` are the fields of `SamplingOptions` (max_new_tokens, temperature, top_k, ...). Each
+    The sampling options are those of `SamplingOptions` (see there and transformers' `generate`). Each
     prompt gives `num_samples` samples, in order: prompt 0's samples first. Sampling stops at
     `eos_id` (default: the model's eos_token_id; None to never stop early). An empty prompt starts
     from eos. A prompt longer than the context keeps its last n_positions tokens, with a warning.
     `callback(row, new_ids)` is called after every new token of an unfinished row (for streaming and
     stop strings); returning True ends that row.
     """
-    opts = SamplingOptions(**options)
+    opts = SamplingOptions(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
+                           no_repeat_ngram_size, num_samples, batch_size, seed)
     opts.validate()
     n_ctx = model.config.n_positions
     if eos_id == -1:
@@ -364,16 +376,25 @@ def generate(
     tokenizer,
     prompt: str | list[str] = "",
     *,
+    max_new_tokens: int = _D.max_new_tokens,
+    min_new_tokens: int = _D.min_new_tokens,
+    do_sample: bool = _D.do_sample,
+    temperature: float = _D.temperature,
+    top_k: int = _D.top_k,
+    top_p: float = _D.top_p,
+    repetition_penalty: float = _D.repetition_penalty,
+    no_repeat_ngram_size: int = _D.no_repeat_ngram_size,
+    num_samples: int = _D.num_samples,
+    batch_size: int = _D.batch_size,
+    seed: int | None = _D.seed,
     stop: str | Sequence[str] | None = None,
     include_prompt: bool = True,
     stream: Callable[[int, str], None] | None = None,
     context_keep: int | None = None,
-    **options,
 ) -> list[str]:
     """Generate text: one string per sample, prompt 0's `num_samples` samples first.
 
-    `options` are the fields of `SamplingOptions` (max_new_tokens, min_new_tokens, temperature,
-    top_k, top_p, repetition_penalty, no_repeat_ngram_size, num_samples, batch_size, seed, do_sample).
+    The sampling options are those of `SamplingOptions` and `generate_ids`.
     Generation stops at the tokenizer's end-of-text token and at the first of the `stop` strings (which
     is not included). `stream(sample, text)` receives each piece of final text as soon as it is known.
     """
@@ -381,7 +402,8 @@ def generate(
     if not prompts:
         raise ValueError("no prompt given; pass a string (\"\" starts from <|endoftext|>) or a list of strings")
     stop = [stop] if isinstance(stop, str) else list(stop or [])
-    opts = SamplingOptions(**options)
+    opts = SamplingOptions(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
+                           no_repeat_ngram_size, num_samples, batch_size, seed)
     opts.validate()
     n = opts.num_samples
     texts = [_StopText(tokenizer, stop) for _ in range(len(prompts) * n)]

@@ -109,7 +109,8 @@ def _score(model: GPT, tokens, block_size: int | None, stride: int | None, batch
         y = y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             logits, _ = model(x, logits_to_keep=keep)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum")
+        for row in range(len(group)):  # one row at a time: the float copy of (B, T, vocab) logits can be GBs
+            total += F.cross_entropy(logits[row].float(), y[row], ignore_index=-100, reduction="sum")
     return total.item(), n - 1
 
 

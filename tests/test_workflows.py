@@ -16,6 +16,7 @@ import torch
 from gptforge import GPTForge, GPTForgeError, TokenDataset, build_gpt2_config, load_model, load_tokenizer, train_tokenizer
 from gptforge.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -188,3 +189,18 @@ def test_single_train_file_gets_a_90_10_split(tmp_path, pretrained, capsys):
     meta = json.loads((tmp_path / "o" / "data" / "meta.json").read_text())
     share = meta["val"]["documents"] / (meta["val"]["documents"] + meta["train"]["documents"])
     assert meta["val"]["tokens"] > 0 and 0.02 < share < 0.3 and not meta["val_inputs"]
+
+
+# --- the README's command-line reference ------------------------------------------------------------------------
+
+
+def test_readme_cli_reference_is_up_to_date():
+    """The table is generated from the parsers; a new or changed option must be regenerated into the README."""
+    import runpy
+
+    script = runpy.run_path(str(ROOT / "docs" / "cli_reference.py"))
+    assert script["main"](["--check", str(ROOT / "README.md")]) == 0, \
+        "README.md is out of date: run `python docs/cli_reference.py --write README.md`"
+    block = script["reference"]()
+    for option in ("`--grad-accum`", "`--max-new-tokens`", "`--minutes`", "`--val-fraction`"):
+        assert option in block

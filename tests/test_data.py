@@ -172,6 +172,7 @@ def test_long_document_cut_into_pieces_keeps_ids(tok, tmp_path, monkeypatch):
     monkeypatch.setattr(data, "MAX_PIECE_CHARS", 300)
     monkeypatch.setattr(data, "BLOCK_BYTES", 256)
     text = "\n".join(f"Line {i}: some words,  spaced\tout; 第{i}行" for i in range(120))
+    text += "\r\n".join(f"  windows line {i}  " if i % 2 else f"crlf{i}" for i in range(60))
     (tmp_path / "long.txt").write_text(text)
     meta = prepare(tmp_path / "long.txt", tok, tmp_path / "ds", val_fraction=0.0)
     assert load_split(tmp_path / "ds", "train").tolist() == expected_stream(tok, [text])

@@ -45,7 +45,7 @@ MAX_PIECE_CHARS = 16 << 20  # a document longer than this is encoded in pieces (
 SHARD_TOKENS = 100_000_000
 NUL = b"\x00"
 _BLANK_LINES = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
-_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")  # GPT-2 pre-tokens never span such a newline
+_SAFE_CUT = re.compile(r"(?<=\S)\r?\n(?=\S)")  # GPT-2 pre-tokens never span such a newline
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\ufeff]")
 
 

@@ -208,3 +208,15 @@ def test_bad_input(bpe, corpus, tmp_path):
     with pytest.raises(TokenizerError, match=r"vocab_size=300.*--vocab-size"):
         check_vocab_fits(tok, 300)
     check_vocab_fits(tok, tok.vocab_size)
+
+
+def test_train_reads_inputs_like_prepare(tmp_path):
+    """CSV columns, JSON Lines fields and cleaning reach the trainer: only the chosen text shapes the vocabulary."""
+    rows = "\n".join(f'{i},"zqx{i % 3} zqx{i % 3} zqx{i % 3}",ignored words here' for i in range(50))
+    (tmp_path / "t.csv").write_text("id,text,other\n" + rows + "\n")
+    tok = train_tokenizer([tmp_path / "t.csv"], vocab_size=300, out_dir=None, column="text")
+    vocab = tok.hf_tokenizer.get_vocab()
+    assert "Ġzqx" in vocab and "ignored" not in vocab and "Ġwords" not in vocab
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps({"body": "plover plover", "x": "unused"}) for _ in range(20)))
+    tok = train_tokenizer([tmp_path / "t.jsonl"], vocab_size=300, out_dir=None, field="body")
+    assert "Ġplover" in tok.hf_tokenizer.get_vocab() and "unused" not in tok.hf_tokenizer.get_vocab()

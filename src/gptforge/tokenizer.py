@@ -145,6 +145,8 @@ class Tokenizer:
             return [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=False)]
         if self.kind == "char":
             return [self._char_encode(t).tolist() for t in texts]
+        if num_threads <= 1:  # tiktoken's batch call always starts a thread pool; skip it
+            return [self._fast.encode(t, allowed_special={EOS}) for t in texts]
         return self._fast.encode_batch(list(texts), allowed_special={EOS}, num_threads=num_threads)
 
     def encode_array(self, text: str) -> np.ndarray:

@@ -60,3 +60,8 @@ def test_demo_takes_your_own_text(tmp_path, capsys, sample_text):
     printed = capsys.readouterr().out
     assert "mine.txt" in printed and "standard library" not in printed.split("[2/4]")[0]
     assert (out / "model.safetensors").is_file()
+    # a second run into the same folder is refused at once, before the tokenizer is trained again
+    stamp = (out / "tokenizer" / "tokenizer.json").stat().st_mtime_ns
+    assert main(["demo", str(tmp_path / "mine.txt"), "--minutes", "0.02", "--out", str(out)]) == 2
+    assert "holds another run" in capsys.readouterr().err
+    assert (out / "tokenizer" / "tokenizer.json").stat().st_mtime_ns == stamp

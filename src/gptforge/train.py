@@ -289,6 +289,17 @@ def shard_model(model: GPT) -> None:
     fully_shard(model)
 
 
+def refuse_previous_run(out: Path, cfg: TrainConfig) -> list[str]:
+    """The files of an earlier run in `out`; an error unless this run resumes or overwrites it."""
+    previous = [n for n in ("metrics.jsonl", CHECKPOINTS) if (out / n).exists()]
+    if previous and not cfg.resume and not cfg.overwrite:
+        raise RunFolderError(
+            f"{out}: holds another run ({', '.join(previous)}); pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --out"
+        )
+    return previous
+
+
 # --- the trainer ------------------------------------------------------------------------------------
 
 
@@ -384,14 +395,9 @@ class Trainer:
 
     def _check_out_dir(self) -> None:
         cfg, out = self.cfg, self.out
-        previous = [n for n in ("metrics.jsonl", CHECKPOINTS) if (out / n).exists()]
+        previous = refuse_previous_run(out, cfg)
         if not previous or cfg.resume:
             return
-        if not cfg.overwrite:
-            raise RunFolderError(
-                f"{out}: holds another run ({', '.join(previous)}); pass --resume to continue it, "
-                "--overwrite to replace it, or choose another --out"
-            )
         if self.dist.main:
             for name in (CHECKPOINTS, "best", "metrics.jsonl", "samples.txt", "loss.png"):
                 path = out / name
@@ -825,6 +831,7 @@ def run_training(
 
     cfg = TrainConfig(**options)
     out = Path(cfg.out_dir)
+    refuse_previous_run(out, cfg)  # now, not after minutes of tokenizer training and preparation
     if int(os.environ.get("RANK", "0")) != 0:
         log = lambda message: None  # noqa: E731 - only rank 0 talks
     if not inputs and not data:

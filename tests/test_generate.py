@@ -374,3 +374,16 @@ def test_cli_streams_samples_one_after_another(model_dir, capsys):
     assert rc == rc2 == 0 and streamed == printed
     samples = printed.rstrip("\n").split("\n#\n")
     assert len(samples) == 2 and samples[0].startswith("ab") and samples[1].startswith("cd")
+
+
+def test_unseen_characters_follow_the_tokenizer_policy(models, sample_text):
+    """A char vocabulary encodes an unseen character as <|unk|> (its documented policy); generation goes on."""
+    from gptforge.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([], kind="char", vocab_size=100, texts=[sample_text], out_dir=None)
+    m, _ = models
+    prompt = "the fox ☃"  # the snowman is not in sample_text
+    assert tok.encode(prompt)[-1] == tok.unk_id
+    out = generate(m, tok, prompt, do_sample=False, max_new_tokens=10, include_prompt=False)[0]
+    ids = generate_ids(m, tok.encode(prompt), do_sample=False, max_new_tokens=10, eos_id=tok.eos_id)[0]
+    assert out == tok.decode(ids)

@@ -194,7 +194,7 @@ class GPTForge:
         if fp16:
             options["precision"] = "fp16"
         if isinstance(data, (str, os.PathLike, list, tuple)) and not (Path(str(data)) / "meta.json").is_file():
-            data = self.dataset(data, line_by_line=line_by_line)
+            data = self.dataset(data, block_size=options.get("block_size"), line_by_line=line_by_line)
         block_size = getattr(data, "block_size", None) or options.get("block_size") or self.config.n_positions
         self._check_block_size(block_size)
         data_tok = getattr(data, "tokenizer", None)

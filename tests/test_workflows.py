@@ -204,3 +204,16 @@ def test_readme_cli_reference_is_up_to_date():
     block = script["reference"]()
     for option in ("`--grad-accum`", "`--max-new-tokens`", "`--minutes`", "`--val-fraction`"):
         assert option in block
+
+
+def test_training_failure_is_one_line_on_the_command_line(tmp_path, monkeypatch, capsys):
+    """Out of memory or a diverged loss (TrainingError) reaches the user as the message, not a traceback."""
+    import gptforge.train
+
+    def fail(*args, **kwargs):
+        raise gptforge.train.TrainingError("out of memory at step 3 (batch 16 x 1024). Lower --batch-size")
+
+    monkeypatch.setattr(gptforge.train, "run_training", fail)
+    assert main(["train", str(_write_corpus(tmp_path / "t.txt", 5)), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "gptforge train: error: out of memory at step 3 (batch 16 x 1024). Lower --batch-size"

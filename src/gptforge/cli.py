@@ -524,10 +524,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .train import TrainingError
 
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, ConfigError, FileNotFoundError, ValueError, TrainingError) as e:
         print(f"gptforge {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -193,10 +193,10 @@ class GPTForge:
                                 f"choose from {', '.join(sorted(fields | set(TRAIN_ALIASES)))}")
         if fp16:
             options["precision"] = "fp16"
-        if isinstance(data, (str, os.PathLike, list, tuple)) and not (Path(str(data)) / "meta.json").is_file():
-            data = self.dataset(data, block_size=options.get("block_size"), line_by_line=line_by_line)
         block_size = getattr(data, "block_size", None) or options.get("block_size") or self.config.n_positions
-        self._check_block_size(block_size)
+        self._check_block_size(block_size)  # before any text is encoded
+        if isinstance(data, (str, os.PathLike, list, tuple)) and not (Path(str(data)) / "meta.json").is_file():
+            data = self.dataset(data, block_size=block_size, line_by_line=line_by_line)
         data_tok = getattr(data, "tokenizer", None)
         if data_tok is not None and data_tok.fingerprint != self.tokenizer.fingerprint:
             raise GPTForgeError(f"the dataset was encoded with another tokenizer ({data_tok.source}) than the model's "

@@ -129,7 +129,7 @@ def test_folder_glob_csv_tsv_jsonl(tok, tmp_path):
 def test_cleaning_options(tok, tmp_path):
     src = tmp_path / "c.txt"
     src.write_text("Cafe\u0301 page\n12\n\nsame doc\n\nsame doc\n\nbell\x07 here\n")
-    prepare(src, tok, tmp_path / "ds", val_fraction=0.0, nfc=True, drop_control=True, remove=[r"^\s*\d+\s*$\n?"], dedupe=True)
+    prepare(src, tok, tmp_path / "ds", val_fraction=0.0, nfc=True, drop_control=True, remove=[r"^[ \t]*\d+[ \t]*(\n|$)"], dedupe=True)
     docs = tok.decode(load_split(tmp_path / "ds", "train")).split(EOS)
     assert [d for d in docs if d] == ["Café page\n", "same doc", "bell here"]
 
@@ -380,3 +380,11 @@ def test_prefetcher_cuda_matches_cpu_batches():
             assert x.is_cuda and y.is_cuda
             ex, ey = b.batch(step)
             assert torch.equal(x.cpu(), ex) and torch.equal(y.cpu(), ey)
+
+
+def test_iter_texts_applies_cleaning_and_dedupe(tmp_path):
+    from gptforge.data import iter_texts
+
+    (tmp_path / "a.txt").write_text("same\n\nsame\n\npage\n7\n")
+    assert list(iter_texts(tmp_path / "a.txt")) == ["same", "same", "page\n7"]
+    assert list(iter_texts(tmp_path / "a.txt", dedupe=True, remove=[r"^\d+$"])) == ["same", "page\n"]

@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--nfc", action="store_true", help="Unicode NFC normalisation")
         g.add_argument("--drop-control", action="store_true", help="remove control characters (keeps tabs and newlines)")
         g.add_argument("--remove", action="append", metavar="REGEX", help="delete matches of this regex (repeatable), "
-                       "e.g. --remove '^\\s*\\d+\\s*$' for page numbers")
+                       "e.g. --remove '^[ \\t]*\\d+[ \\t]*(\\n|$)' for page-number lines")
         g.add_argument("--dedupe", action="store_true", help="drop exact duplicate documents / lines")
 
     p = sub.add_parser("tokenizer", help="train a tokenizer")

@@ -281,13 +281,18 @@ def clean(text: str, opts: ReadOptions, _compiled: dict = {}) -> str:
 def iter_texts(inputs, **options) -> Iterator[str]:
     """Cleaned documents (whole) of `inputs`, as `prepare` sees them; used to train tokenizers on the same text."""
     opts = options.pop("options", None) or ReadOptions(**options)
-    pending = []
+    pending, seen = [], set()
     for texts, ends in iter_pieces(resolve_inputs(inputs, opts.extensions), opts):
         for text, end in zip(texts, ends):
             pending.append(clean(text, opts))
             if end:
-                yield "".join(pending)
-                pending = []
+                doc, pending = "".join(pending), []
+                if opts.dedupe:
+                    h = hashlib.blake2b(doc.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+                    if h in seen:
+                        continue
+                    seen.add(h)
+                yield doc
 
 
 # --- encoding jobs (run in worker processes) -------------------------------------------------------------

@@ -219,8 +219,9 @@ def test_training_failure_is_one_line_on_the_command_line(tmp_path, monkeypatch,
     assert err.strip() == "gptforge train: error: out of memory at step 3 (batch 16 x 1024). Lower --batch-size"
 
 
-def test_python_finetune_of_a_pretrained_folder(tmp_path, pretrained):
+def test_python_finetune_of_a_pretrained_folder(tmp_path, pretrained, monkeypatch):
     """GPTForge(folder).train(text files, block_size=...) fine-tunes with the fine-tuning defaults."""
+    monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path / "cache"))  # where TokenDataset keeps encoded text
     ai = GPTForge(str(pretrained))
     assert ai.pretrained and ai.tokenizer.vocab_size == ai.config.vocab_size == 300
     book = _write_corpus(tmp_path / "book.txt", 40)
@@ -229,6 +230,7 @@ def test_python_finetune_of_a_pretrained_folder(tmp_path, pretrained):
     assert result.step == 2
     rows = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["lr"] for r in rows if "lr" in r) <= 5e-5  # not the from-scratch 1e-3
+    assert list((tmp_path / "cache").glob("datasets/*/meta.json"))
     with pytest.raises(GPTForgeError, match="block_size is 128 but the model's context .n_positions. is only 64"):
         ai.train(str(book), num_steps=1, block_size=128, output_dir=tmp_path / "ft2")
     assert GPTForge(str(tmp_path / "ft")).generate(prompt="The", max_new_tokens=5, seed=0, return_as_list=True) == \

@@ -388,3 +388,15 @@ def test_iter_texts_applies_cleaning_and_dedupe(tmp_path):
     (tmp_path / "a.txt").write_text("same\n\nsame\n\npage\n7\n")
     assert list(iter_texts(tmp_path / "a.txt")) == ["same", "same", "page\n7"]
     assert list(iter_texts(tmp_path / "a.txt", dedupe=True, remove=[r"^\d+$"])) == ["same", "page\n"]
+
+
+def test_tail_split_across_shards(tok, tmp_path):
+    text = "\n".join(f"row {i} without any blank line" for i in range(300))
+    (tmp_path / "one.txt").write_text(text)
+    meta = prepare(tmp_path / "one.txt", tok, tmp_path / "ds", val_fraction=0.25, shard_tokens=100)
+    whole = expected_stream(tok, [text])
+    train, val = load_split(tmp_path / "ds", "train"), load_split(tmp_path / "ds", "val")
+    assert meta["val_split"] == "tail" and len(val) == int(len(whole) * 0.25) > 100
+    assert np.asarray(train).tolist() + np.asarray(val).tolist() == whole
+    assert sum(s["tokens"] for s in meta["train"]["shards"]) == meta["train"]["tokens"] == len(train)
+    assert sorted(p.name for p in (tmp_path / "ds").glob("train_*.bin")) == [s["file"] for s in meta["train"]["shards"]]

@@ -400,3 +400,25 @@ def test_tail_split_across_shards(tok, tmp_path):
     assert np.asarray(train).tolist() + np.asarray(val).tolist() == whole
     assert sum(s["tokens"] for s in meta["train"]["shards"]) == meta["train"]["tokens"] == len(train)
     assert sorted(p.name for p in (tmp_path / "ds").glob("train_*.bin")) == [s["file"] for s in meta["train"]["shards"]]
+
+
+@pytest.mark.parametrize("text", [
+    " ".join(f"word{i}, it's   (x) {i}" for i in range(150)),  # one line, no line breaks at all
+    "".join(f"床前明月光{i}，疑是地上霜。举头望明月！" for i in range(150)),  # Chinese: no spaces, no line breaks
+])
+def test_enormous_line_is_cut_without_changing_ids(tok, tmp_path, monkeypatch, text):
+    monkeypatch.setattr(data, "MAX_PIECE_CHARS", 300)
+    monkeypatch.setattr(data, "BLOCK_BYTES", 256)
+    (tmp_path / "line.txt").write_text(text)
+    cuts = []
+    real = data._text_pieces
+
+    def spy(path, opts):
+        for texts, ends in real(path, opts):
+            cuts.extend(e for e in ends if not e)
+            yield texts, ends
+
+    monkeypatch.setattr(data, "_text_pieces", spy)
+    meta = prepare(tmp_path / "line.txt", tok, tmp_path / "ds", val_fraction=0.0)
+    assert load_split(tmp_path / "ds", "train").tolist() == expected_stream(tok, [text])
+    assert meta["train"]["documents"] == 1 and len(cuts) > 5

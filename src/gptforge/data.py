@@ -45,7 +45,10 @@ MAX_PIECE_CHARS = 16 << 20  # a document longer than this is encoded in pieces (
 SHARD_TOKENS = 100_000_000
 NUL = b"\x00"
 _BLANK_LINES = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
-_SAFE_CUT = re.compile(r"(?<=\S)\r?\n(?=\S)")  # GPT-2 pre-tokens never span such a newline
+# Where GPT-2's pre-tokenizer always starts a new pre-token, whatever the text around: after a line break
+# between two non-space characters, before a single space between two non-space characters, or between a
+# letter and punctuation (Chinese text has neither spaces nor, sometimes, line breaks).
+_SAFE_CUT = re.compile(r"(?<=\S)\r?\n(?=\S)|(?<=\S)(?= \S)|(?<=[^\W\d_])(?=[^\w\s])")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\ufeff]")
 
 
@@ -128,8 +131,12 @@ def _format_of(path: Path) -> str:
     return {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(suffix, "text")
 
 
-def _decoded_blocks(path: Path, errors: str) -> Iterator[str]:
-    """Text of `path` in blocks of whole lines; names the byte offset of invalid UTF-8 and rejects binary files."""
+def _decoded_blocks(path: Path, errors: str, split_long_lines: bool = False) -> Iterator[str]:
+    """Text of `path` in blocks of whole lines; names the byte offset of invalid UTF-8 and rejects binary files.
+
+    With `split_long_lines`, a line longer than MAX_PIECE_CHARS is passed on in parts, so memory stays
+    bounded even for text without line breaks.
+    """
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty; remove it from the inputs")
     decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
@@ -154,6 +161,8 @@ def _decoded_blocks(path: Path, errors: str) -> Iterator[str]:
                     yield text
                 break
             cut = text.rfind("\n") + 1
+            if not cut and split_long_lines and len(text) > MAX_PIECE_CHARS:
+                cut = len(text)
             carry = text[cut:]
             if cut:
                 yield text[:cut]
@@ -162,7 +171,7 @@ def _decoded_blocks(path: Path, errors: str) -> Iterator[str]:
 def _text_pieces(path: Path, opts: ReadOptions) -> Iterator[tuple[list[str], list[bool]]]:
     """Batches of (texts, ends_document) of a plain text file, one batch per block read."""
     carry = ""
-    for block in _decoded_blocks(path, opts.encoding_errors):
+    for block in _decoded_blocks(path, opts.encoding_errors, split_long_lines=not opts.line_by_line):
         if opts.line_by_line:
             texts = [line.rstrip("\r") for line in block.split("\n") if line and not line.isspace()]
             yield texts, [True] * len(texts)

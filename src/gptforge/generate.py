@@ -274,8 +274,8 @@ def _generate_batch(model: GPT, prompts: list[list[int]], opts: SamplingOptions,
     cache = model.new_cache(B, min(n_ctx, total))
     window_start = 0  # column of `tokens` where the cached window begins
 
-    def prefill(end: int) -> torch.Tensor:
-        """(Re)compute the cache for tokens[window_start:end]; return last-position logits."""
+    def prefill(end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Re)compute the cache for tokens[window_start:end]; last-position logits and next position ids."""
         cache.length = 0
         mask = real[:, window_start:end]
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -158,7 +158,7 @@ def test_bad_block_size_and_vocab(tmp_path, dataset):
     data, tok = dataset
     with pytest.raises(ValueError, match="--block-size 64 is larger than .*n_positions=32"):
         train(tiny_model(), data, tokenizer=tok, **quick(tmp_path, max_steps=2, block_size=64))
-    with pytest.raises(ValueError, match=f"{tok.vocab_size} tokens but the model's vocab_size is 100"):
+    with pytest.raises(ValueError, match=f"has {tok.vocab_size} tokens but the model has vocab_size=100"):
         train(tiny_model(vocab=100), data, tokenizer=tok, **quick(tmp_path, max_steps=2))
     with pytest.raises(ValueError, match="how long"):
         train(tiny_model(), data, tokenizer=tok, **quick(tmp_path, "x"))

@@ -89,8 +89,7 @@ def to_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def from_hf_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig, source: str = "weights") -> dict[str, torch.Tensor]:
     """Map any transformers GPT-2 state dict variant onto our names and layouts; check every shape."""
-    with torch.device("meta"):  # shapes only: nothing is allocated
-        expected = GPT(config).state_dict()
+    expected = GPT.empty(config).state_dict()  # shapes only: nothing is allocated
     out: dict[str, torch.Tensor] = {}
     for name, t in sd.items():
         if _BUFFERS.search(name):
@@ -230,8 +229,7 @@ def load_model(
     elif not isinstance(config, GPTConfig):
         config = GPTConfig.load(config)
     sd = from_hf_state_dict(read_state_dict(path), config, source=str(path))
-    with torch.device("meta"):
-        model = GPT(config)
+    model = GPT.empty(config)
     model.load_state_dict(sd, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied tensor
     model.to(device=device, dtype=dtype)

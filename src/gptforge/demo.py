@@ -5,6 +5,7 @@ model folder that `gptforge generate` and transformers open. A user's own text r
 """
 from __future__ import annotations
 
+import hashlib
 import sysconfig
 from pathlib import Path
 
@@ -12,14 +13,15 @@ from .train import TrainResult, run_training
 
 
 def stdlib_files(max_bytes: int = 6_000_000) -> list[Path]:
-    """The running interpreter's standard-library `.py` files (no site-packages, no tests), in a fixed
-    order, up to `max_bytes` of text."""
+    """The running interpreter's standard-library `.py` files (no site-packages, no tests), up to
+    `max_bytes` of text: a fixed pseudo-random choice over the whole library (by a hash of each relative
+    path, so every machine with the same Python picks the same files), returned sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
+    skip = ("site-packages", "dist-packages", "test", "tests", "idle_test")
+    candidates = [p for p in root.rglob("*.py") if not any(part in skip for part in p.relative_to(root).parts)]
+    candidates.sort(key=lambda p: hashlib.blake2b(str(p.relative_to(root)).encode(), digest_size=8).digest())
     files, total = [], 0
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root).parts
-        if any(part in ("site-packages", "dist-packages", "test", "tests", "idle_test") for part in rel):
-            continue
+    for path in candidates:
         size = path.stat().st_size
         if size == 0 or total + size > max_bytes:
             continue
@@ -27,7 +29,7 @@ def stdlib_files(max_bytes: int = 6_000_000) -> list[Path]:
         total += size
     if not files:
         raise FileNotFoundError(f"{root}: no standard-library .py files found; pass your own text to `gptforge demo`")
-    return files
+    return sorted(files)
 
 
 def demo(

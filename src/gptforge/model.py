@@ -135,6 +135,24 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
 
+    @classmethod
+    def empty(cls, config: GPTConfig) -> "GPT":
+        """A model on the meta device, with no storage and no initialisation, to load weights into.
+
+        Initialisers on meta tensors are not free (the first one imports torch's compiler stack, seconds
+        per process), so they are switched off while the modules are built, as transformers does.
+        """
+        names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
+        saved = {name: getattr(nn.init, name) for name in names}
+        try:
+            for name in names:
+                setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+            with torch.device("meta"):
+                return cls(config)
+        finally:
+            for name, fn in saved.items():
+                setattr(nn.init, name, fn)
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)

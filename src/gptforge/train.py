@@ -334,8 +334,10 @@ class Trainer:
         self.block_size = cfg.block_size or config.n_positions
         if self.block_size > config.n_positions:
             raise ValueError(f"--block-size {self.block_size} is larger than the model's context n_positions={config.n_positions}")
-        if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {config.vocab_size}")
+        if tokenizer is not None:
+            from .tokenizer import check_vocab_fits
+
+            check_vocab_fits(tokenizer, config.vocab_size)
         self._check_out_dir()
 
         torch.manual_seed(cfg.seed)

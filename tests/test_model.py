@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import gptforge.model as model_module
 from gptforge import GPT, GPTConfig, preset
@@ -140,12 +141,36 @@ def test_left_padded_prefill_then_cached_step_matches_single_rows():
 # --- loss, logits_to_keep, gradients -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("vocab", [50, 9000])  # one chunk; several chunks of 256 rows (2**21 // 9000 = 233)
+def test_chunked_linear_cross_entropy_equals_the_plain_form(vocab):
+    from gptforge.model import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(700, 32, generator=g, requires_grad=True)
+    w = (torch.randn(vocab, 32, generator=g) * 0.3).requires_grad_()
+    t = torch.randint(0, vocab, (700,), generator=g)
+    t[::7] = -100  # ignored positions count neither in the sum nor in the mean
+    ours = linear_cross_entropy(x, w, t)
+    (ours * 3).backward()  # a non-unit upstream gradient must scale both gradients
+    gx, gw = x.grad, w.grad
+    x.grad = w.grad = None
+    ref = F.cross_entropy(x @ w.t(), t, ignore_index=-100)
+    (ref * 3).backward()
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, x.grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(gw, w.grad, atol=1e-6, rtol=1e-4)
+    with torch.no_grad():  # evaluation: the loss alone
+        torch.testing.assert_close(linear_cross_entropy(x, w, t), ref.detach(), atol=1e-5, rtol=1e-5)
+
+
 def test_loss_and_gradients_match_transformers():
     model = _model()
     hf = _hf_copy(model)
     ids = _ids(2, 16)
     targets = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
-    logits, loss = model(ids, targets)
+    none, loss = model(ids, targets)
+    assert none is None  # with targets, the logits are not kept
+    logits, _ = model(ids)
     ref = hf(ids, labels=ids)
     assert abs(loss.item() - ref.loss.item()) <= 1e-5
     # By hand: the mean negative log-likelihood of the next token.

@@ -22,32 +22,7 @@ import torch
 
 from gptforge.config import preset
 from gptforge.model import GPT
-from gptforge.train import RunData, TrainConfig, Trainer, configure_optimizer
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 8192, reps: int = 20) -> float:
-    """Measured FLOP/s of large square matrix products."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def flops_per_token(model: GPT, block: int) -> float:
-    c = model.config
-    n = model.num_params(non_embedding=True) + c.vocab_size * c.n_embd
-    return 6 * n + 12 * c.n_layer * block * c.n_embd
+from gptforge.train import RunData, TrainConfig, Trainer, configure_optimizer, matmul_flops
 
 
 def bench_gptforge(model: GPT, tokens: np.ndarray, block: int, batch: int, steps: int, device: str, compile: bool,
@@ -114,8 +89,8 @@ def main() -> None:
     tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, 20_000_000 if not args.smoke else 200_000,
                                                dtype=np.uint16)
     peak_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    peak = matmul_peak(device, peak_dtype, n=8192 if device.type == "cuda" else 1024)
-    fpt = flops_per_token(model, block)
+    peak = matmul_flops(device, peak_dtype, n=8192 if device.type == "cuda" else 1024, repeats=20)
+    fpt = model.config.flops_per_token(block)
     compile = not args.no_compile
     state = {k: v.clone() for k, v in model.state_dict().items()}
     ours = bench_gptforge(model, tokens, block, args.batch, args.steps, args.device, compile)

@@ -25,6 +25,7 @@ import transformers
 
 from gptforge import GPT, GPTConfig, preset
 from gptforge.checkpoint import to_hf_state_dict
+from gptforge.train import matmul_flops
 
 SHAPES = {
     # name: (config fields, batch, block, steps per trial)
@@ -36,20 +37,7 @@ SHAPES = {
 
 def matmul_peak_gflops(sizes: tuple[int, ...] = (2048, 4096), repeats: int = 3) -> float:
     """Best fp32 GFLOP/s of large square matrix products (2 n^3 FLOPs each): the machine's practical peak."""
-    best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        torch.mm(a, b)  # warm-up
-        for _ in range(repeats):
-            t = time.perf_counter()
-            torch.mm(a, b)
-            best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
-    return best
-
-
-def flops_per_token(c: GPTConfig, block: int) -> float:
-    n = c.num_params(non_embedding=True) + c.vocab_size * c.n_embd
-    return 6 * n + 12 * c.n_layer * c.n_embd * block
+    return max(matmul_flops(torch.device("cpu"), n=n, repeats=repeats) for n in sizes) / 1e9
 
 
 def build(fields: dict) -> tuple[GPTConfig, GPT]:
@@ -120,7 +108,7 @@ def run_shape(name: str, trials: int, peak: float, do_profile: bool, fused_gelu:
         for label, step in runs.items():
             profile(step, f"{name} / {label}")
     tokens = batch * block
-    fpt = flops_per_token(config, block)
+    fpt = config.flops_per_token(block)
     row = {"shape": name, "config": config, "batch": batch, "block": block, "peak": peak, "results": {}}
     for label, ts in times.items():
         med = statistics.median(ts)

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from bench_step import SHAPES, build, flops_per_token, hf_copy, matmul_peak_gflops  # same models, FLOP count and peak
+from bench_step import SHAPES, build, hf_copy, matmul_peak_gflops  # same models, FLOP count and peak
 
 from gptforge.data import Batches, load_split, prepare
 from gptforge.tokenizer import train_tokenizer
@@ -179,7 +179,7 @@ def run_shape(name: str, data_dir: Path, warmup: int, steps: int | None) -> dict
     for label, values in tps.items():
         print(f"  {name} {label}: " + ", ".join(f"{v:,.0f}" for v in values) + " tokens/s", flush=True)
     return {"name": name, "config": config, "batch": batch, "block": block, "steps": steps,
-            "fpt": flops_per_token(config, block), "tps": {k: statistics.median(v) for k, v in tps.items()}}
+            "fpt": config.flops_per_token(block), "tps": {k: statistics.median(v) for k, v in tps.items()}}
 
 
 def main() -> None:
@@ -211,7 +211,7 @@ def main() -> None:
             gflops = tps * r["fpt"] / 1e9
             print(f"| {desc} | {r['batch']} x {r['block']} | {label} | {tps:,.0f} | {r['tps']['gptforge'] / tps:.2f}x "
                   f"| {gflops:.1f} | {100 * gflops / peak:.0f}% |")
-    print(f"\nmedian over the timed steps (" + ", ".join(f"{r['name']} {r['steps']}" for r in rows) + "), taken in lock-step "
+    print("\nmedian over the timed steps (" + ", ".join(f"{r['name']} {r['steps']}" for r in rows) + "), taken in lock-step "
           f"after {args.warmup} untimed warm-up steps each; fp32 matmul peak {peak:.1f} GFLOP/s (best of the "
           "measurements at the start and the end)")
 

@@ -26,6 +26,43 @@ def hf_gpt2_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def models(hf_gpt2_dir):
+    """(gptforge model, transformers model) holding the weights of `hf_gpt2_dir`, both in eval mode."""
+    transformers = pytest.importorskip("transformers")
+    from gptforge.checkpoint import load_model
+
+    return load_model(hf_gpt2_dir), transformers.GPT2LMHeadModel.from_pretrained(hf_gpt2_dir).eval()
+
+
+class ByteTokenizer:
+    """Bytes as tokens 1..256, eos 0 (the hf_gpt2_dir model's eos): enough of the tokenizer interface to test
+    the text layer, and it splits multi-byte characters across tokens like byte-level BPE does."""
+
+    eos_id = 0
+    vocab_size = 257
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 1 for b in text.encode("utf-8")]
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i - 1 for i in ids if 0 < i < 257).decode("utf-8", errors="replace")
+
+
+@pytest.fixture
+def byte_tokenizer() -> ByteTokenizer:
+    return ByteTokenizer()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a busy 2-core CPU: one thread is faster than two fighting over it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def sample_text() -> str:
     """A few kilobytes of varied text: English prose, digits, Chinese, emoji, odd whitespace."""

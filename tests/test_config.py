@@ -116,3 +116,10 @@ def test_config_json_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ConfigError, match="bert"):
         GPTConfig.load(tmp_path)
+
+
+def test_flops_per_token_counts_every_matrix_product():
+    # gpt2: 85,056,000 non-embedding weights, the 50,257 x 768 head, attention over 1,024 positions
+    assert preset("gpt2").flops_per_token(1024) == 6 * (85_056_000 + 50_257 * 768) + 12 * 12 * 768 * 1024
+    tiny = preset("tiny")
+    assert tiny.flops_per_token() == tiny.flops_per_token(tiny.n_positions) < tiny.flops_per_token(4 * tiny.n_positions)

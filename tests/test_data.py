@@ -73,8 +73,8 @@ def test_split_is_seeded_by_document(tok, sample_text, tmp_path):
     src = tmp_path / "c.txt"
     src.write_text(sample_text, encoding="utf-8")
     a = prepare(src, tok, tmp_path / "a", seed=1)
-    b = prepare(src, tok, tmp_path / "b", seed=1)
-    c = prepare(src, tok, tmp_path / "c", seed=2)
+    prepare(src, tok, tmp_path / "b", seed=1)
+    prepare(src, tok, tmp_path / "c", seed=2)
     n = len(docs_of(sample_text))
     assert a["train"]["documents"] + a["val"]["documents"] == n and a["val"]["documents"] > 0
     assert a["val_split"] == "documents"

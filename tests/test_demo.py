@@ -6,19 +6,13 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-import torch
 
 import gptforge.demo
 from gptforge import load_model, load_tokenizer
 from gptforge.cli import main
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_stdlib_files_are_the_interpreters_own_source():

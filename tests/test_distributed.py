@@ -66,7 +66,11 @@ def run(tmp_path, out: str, data_dir, nproc: int = 1, **options) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def assert_same_weights(a, b, atol=1e-5):
+def assert_same_weights(a, b, atol=1e-4):
+    """Equal up to float rounding. Two ranks sum a batch in a different order than one process, and
+    AdamW turns a rounding-level difference in a near-zero gradient into an update difference of up to
+    about 1e-5 here; a real fault (a lost or repeated step, wrong data shards) moves weights by about
+    the learning rate, 3e-3, thirty times the tolerance."""
     sa, sb = load_model(a).state_dict(), load_model(b).state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:

@@ -8,27 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptforge.checkpoint import load_model
 from gptforge.evaluate import evaluate_text, evaluate_tokens, sliding_windows
 
 transformers = pytest.importorskip("transformers")
-
-
-class ByteTokenizer:
-    """Bytes as tokens 1..256, eos 0 (the hf_gpt2_dir model's eos)."""
-
-    eos_id = 0
-
-    def encode(self, text: str) -> list[int]:
-        return [b + 1 for b in text.encode("utf-8")]
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(i - 1 for i in ids if 0 < i < 257).decode("utf-8", errors="replace")
-
-
-@pytest.fixture(scope="module")
-def models(hf_gpt2_dir):
-    return load_model(hf_gpt2_dir), transformers.GPT2LMHeadModel.from_pretrained(hf_gpt2_dir).eval()
 
 
 def hf_sliding_nll(hf, ids: torch.Tensor, block: int, stride: int) -> tuple[float, int]:
@@ -102,9 +84,9 @@ def test_bits_per_byte_and_mode_restored(models):
     assert r.bits_per_byte == pytest.approx(r.loss * r.tokens / math.log(2) / 333, rel=1e-9)
 
 
-def test_evaluate_text_scores_each_text_after_eos(models, tmp_path, sample_text):
+def test_evaluate_text_scores_each_text_after_eos(models, tmp_path, sample_text, byte_tokenizer):
+    tok = byte_tokenizer
     ours, _ = models
-    tok = ByteTokenizer()
     a, b = sample_text[:700], "short text, ünïcödé 🙂"
     (tmp_path / "a.txt").write_text(a, encoding="utf-8")
     r = evaluate_text(ours, tok, [tmp_path / "a.txt", b], block_size=32, stride=16)
@@ -134,8 +116,8 @@ def test_bad_tokens(models):
         evaluate_tokens(models[0], [1])
 
 
-def test_bad_files(models, tmp_path):
-    tok = ByteTokenizer()
+def test_bad_files(models, tmp_path, byte_tokenizer):
+    tok = byte_tokenizer
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02abc")
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptforge.checkpoint import load_model
 from gptforge.generate import (
     SamplingOptions,
     _NGramBan,
@@ -22,26 +21,6 @@ transformers = pytest.importorskip("transformers")
 from transformers.generation import logits_process as lp  # noqa: E402
 
 EOS = 0  # the hf_gpt2_dir model's eos / bos
-
-
-class ByteTokenizer:
-    """Bytes as tokens 1..256, eos 0: enough of the tokenizer interface to test the text layer, and it
-    splits multi-byte characters across tokens like byte-level BPE does."""
-
-    eos_id = EOS
-    vocab_size = 257
-
-    def encode(self, text: str) -> list[int]:
-        return [b + 1 for b in text.encode("utf-8")]
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(i - 1 for i in ids if 0 < i < 257).decode("utf-8", errors="replace")
-
-
-@pytest.fixture(scope="module")
-def models(hf_gpt2_dir):
-    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_gpt2_dir).eval()
-    return load_model(hf_gpt2_dir), hf
 
 
 def _prompts(lengths, seed=0):
@@ -241,18 +220,18 @@ def test_bad_token_ids_are_rejected(models):
 # --- text layer ----------------------------------------------------------------------------------------
 
 
-def test_generate_text_is_the_decoded_ids(models):
+def test_generate_text_is_the_decoded_ids(models, byte_tokenizer):
+    tok = byte_tokenizer
     m, _ = models
-    tok = ByteTokenizer()
     texts = generate(m, tok, ["ab", "hello"], do_sample=False, max_new_tokens=20)
     ids = generate_ids(m, [tok.encode("ab"), tok.encode("hello")], do_sample=False, max_new_tokens=20)
     assert texts == ["ab" + tok.decode(ids[0]), "hello" + tok.decode(ids[1])]
     assert generate(m, tok, "ab", do_sample=False, max_new_tokens=20, include_prompt=False) == [tok.decode(ids[0])]
 
 
-def test_stop_strings_cut_the_text_and_streaming_agrees(models):
+def test_stop_strings_cut_the_text_and_streaming_agrees(models, byte_tokenizer):
+    tok = byte_tokenizer
     m, _ = models
-    tok = ByteTokenizer()
     # A model that emits ASCII: keep only tokens 'a'..'h' possible by biasing the embedding would change
     # the model, so instead pick the stop string from what the model actually writes.
     free = generate(m, tok, "x", seed=4, max_new_tokens=40, top_k=0, include_prompt=False)[0]
@@ -265,9 +244,9 @@ def test_stop_strings_cut_the_text_and_streaming_agrees(models):
     assert "".join(pieces) == out
 
 
-def test_streaming_several_samples_rebuilds_each(models):
+def test_streaming_several_samples_rebuilds_each(models, byte_tokenizer):
+    tok = byte_tokenizer
     m, _ = models
-    tok = ByteTokenizer()
     parts: dict[int, str] = {}
     out = generate(m, tok, "ok", seed=1, num_samples=3, max_new_tokens=15,
                    stream=lambda row, piece: parts.__setitem__(row, parts.get(row, "") + piece))

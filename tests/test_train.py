@@ -244,3 +244,21 @@ def test_time_budget_warms_up_over_a_share_of_the_time():
     assert lr_at(cfg, 0, 0.0, warmup_share=0.02) == 0.0
     assert lr_at(cfg, 5, 0.01, warmup_share=0.02) == pytest.approx(0.5, rel=1e-3)
     assert lr_at(cfg, 9, 0.5, warmup_share=0.02) == pytest.approx(0.55)
+
+
+def test_choose_size_follows_the_budget_and_the_data():
+    from gptforge.train import SCRATCH_SIZES, TOKENS_PER_PARAM, choose_size
+
+    cpu = 2e11  # FLOP/s of matrix products, as measured on a 2-core CPU
+    order = [choose_size(10**9, TrainConfig(max_time=t), 5000, flops_per_s=cpu)[0] for t in (60, 3 * 3600, 30 * 24 * 3600)]
+    assert order[0] == "tiny" and SCRATCH_SIZES.index(order[1]) > 0 and order[2] == "gpt2"
+    # More time cannot buy a bigger model for data that a small one already sees many times over.
+    assert choose_size(100_000, TrainConfig(max_time=30 * 24 * 3600), 5000, flops_per_s=cpu)[0] == "tiny"
+    # Without a time budget the count of tokens is exact: steps x batch x block, or epochs x data.
+    # 1,000 steps x 16 x 128 = 2.0M tokens for tiny (1.45M parameters: 1.4 each, the smallest is always
+    # allowed); mini would see 1,000 x 16 x 256 = 4.1M for 7.7M parameters: 0.53 each, below TOKENS_PER_PARAM.
+    size, why = choose_size(10**9, TrainConfig(max_steps=1000, batch_size=16), 5000)
+    assert (size, TOKENS_PER_PARAM) == ("tiny", 2.0) and "'mini' would see only 0.53 per parameter" in why
+    # 10,000 steps: small sees 81.9M tokens (6.4 each); gpt2 would see 164M for its 89.7M parameters: 1.8.
+    assert choose_size(10**9, TrainConfig(max_steps=10_000, batch_size=16), 5000)[0] == "small"
+    assert choose_size(10**8, TrainConfig(epochs=1), 5000)[0] == "small"  # 100M tokens; gpt2 1.1 each

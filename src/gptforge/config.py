@@ -124,6 +124,13 @@ class GPTConfig:
             n += self.vocab_size * d + self.n_positions * d
         return n
 
+    def flops_per_token(self, block: int | None = None) -> float:
+        """Training FLOPs per token, forward and backward: 6 per weight of the matrix products (the output
+        head included: tied to wte, but its product is done) plus the attention products QK^T and AV over a
+        context of `block` (12 * n_layer * n_embd * block, no discount for the causal mask)."""
+        matmul_weights = self.num_params(non_embedding=True) + self.vocab_size * self.n_embd
+        return 6 * matmul_weights + 12 * self.n_layer * self.n_embd * (block or self.n_positions)
+
 
 # GPT2Config fields gptforge does not use, written with transformers' defaults; other values are kept in `extra`.
 _HF_DEFAULTS = dict(summary_type="cls_index", summary_use_proj=True, summary_activation=None,

@@ -20,7 +20,6 @@ import csv
 import glob as globlib
 import hashlib
 import json
-import math
 import os
 import queue
 import re
@@ -29,7 +28,7 @@ import threading
 import time
 import unicodedata
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 

@@ -792,19 +792,61 @@ def train(
     return trainer.run()
 
 
-def choose_size(train_tokens: int, device: torch.device, max_time: float | None) -> tuple[str, str]:
-    """A preset that the data and the time can feed, and the reason, for runs where the user named none.
+def matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
+    """The best FLOP/s of `repeats` n x n matrix products on `device`: what the hardware gives right now."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / min(times[1:])
 
-    Rule of thumb (Chinchilla): about 20 training tokens per parameter; a short CPU budget favours a
-    small model that takes many steps over a big one that takes few.
+
+SCRATCH_SIZES = ("tiny", "mini", "small", "gpt2")  # the presets `choose_size` picks from, smallest first
+TOKENS_PER_PARAM = 2.0  # a size is picked only if the run shows it at least this many tokens per parameter
+MAX_EPOCHS_COUNTED = 10  # passes over the data beyond this many teach a model little more
+STEP_EFFICIENCY = 0.5  # share of the matmul rate a training step achieves (tiny 57%, mini 80% on a 2-core CPU)
+
+
+def choose_size(
+    train_tokens: int, cfg: TrainConfig, vocab_size: int, *, flops_per_s: float | None = None
+) -> tuple[str, str]:
+    """The preset for a from-scratch run where the user named none, and the reason, in words.
+
+    The largest of SCRATCH_SIZES that the run can feed: one that will see at least TOKENS_PER_PARAM
+    training tokens per parameter, repeats of the data beyond MAX_EPOCHS_COUNTED passes not counted.
+    What a run will see follows from --max-steps or --epochs; for --max-time it is estimated from the
+    device's matrix-product rate (`flops_per_s`, measured when not given) and each size's FLOPs per token.
+    A short CPU budget thus gets a small model that takes many steps rather than a big one that takes few:
+    in ten minutes on a 2-core CPU, `tiny` reached 2.12 bits per byte on fortunes_en.txt where `mini`
+    reached 2.44 (docs/benchmarks.md).
     """
-    if device.type == "cuda" and train_tokens >= 50_000_000 and (max_time is None or max_time >= 3600):
-        return "gpt2", f"{train_tokens:,} training tokens and a GPU"
-    if train_tokens < 300_000 or (device.type == "cpu" and max_time is not None and max_time <= 180):
-        return "tiny", f"{train_tokens:,} training tokens" + (f" and {max_time:.0f}s on the CPU" if max_time else "")
-    if train_tokens < 20_000_000 or device.type == "cpu":
-        return "mini", f"{train_tokens:,} training tokens on {device.type}"
-    return "small", f"{train_tokens:,} training tokens"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.max_time is not None and flops_per_s is None:
+        device = resolve_device(cfg.device)
+        flops_per_s = matmul_flops(device, pick_precision(cfg.precision, device)) * world
+    chosen, why = SCRATCH_SIZES[0], ""
+    for name in SCRATCH_SIZES:
+        config = preset(name, vocab_size=vocab_size)
+        block = min(cfg.block_size or config.n_positions, config.n_positions)
+        if cfg.max_time is not None:
+            tokens, how = cfg.max_time * flops_per_s * STEP_EFFICIENCY / config.flops_per_token(block), "in the time"
+        elif cfg.max_steps is not None:
+            tokens, how = cfg.max_steps * cfg.batch_size * cfg.grad_accum * world * block, "in the steps"
+        else:
+            tokens, how = (cfg.epochs or 1.0) * train_tokens, "in the epochs"
+        seen = min(tokens, MAX_EPOCHS_COUNTED * train_tokens)
+        per_param = seen / config.num_params()
+        line = f"about {seen / 1e6:,.1f}M tokens {how}, {per_param:.2g} per parameter"
+        if name != SCRATCH_SIZES[0] and per_param < TOKENS_PER_PARAM:
+            return chosen, f"{why}; {name!r} would see only {per_param:.2g} per parameter"
+        chosen, why = name, line
+    return chosen, why
 
 
 def run_training(
@@ -873,8 +915,8 @@ def run_training(
         if cfg.block_size:
             overrides.setdefault("n_positions", cfg.block_size)
         if size is None:
-            size, why = choose_size(len(run_data.train), resolve_device(cfg.device), cfg.max_time)
-            log(f"model size: {size!r} for {why} (choose another with --size)")
+            size, why = choose_size(len(run_data.train), cfg, overrides["vocab_size"])
+            log(f"model size: {size!r}: {why} (choose another with --size)")
         torch.manual_seed(cfg.seed)  # the same fresh weights on every rank and every rerun
         model, _ = build_model(size=size, **overrides)
     if cfg.max_steps is None and cfg.epochs is None and cfg.max_time is None:

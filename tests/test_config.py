@@ -67,7 +67,11 @@ def test_preset_accepts_hub_style_names_and_overrides():
 
 def test_small_presets_fit_a_laptop():
     for name in ("tiny", "mini", "small"):
-        assert preset(name).num_params() < 30_000_000
+        c = preset(name)
+        assert c.num_params() < 30_000_000
+        assert c.resid_pdrop == c.embd_pdrop == c.attn_pdrop == 0.0  # measured better from scratch
+        assert preset(name, resid_pdrop=0.1).resid_pdrop == 0.1
+    assert preset("gpt2").resid_pdrop == 0.1  # GPT-2's own value
 
 
 def test_build_gpt2_config_like_older_tools():

@@ -452,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", help="from scratch: preset (tiny, mini, small, gpt2, ...; default: chosen for the data)")
     for name in ("n_layer", "n_embd", "n_head", "n_positions"):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, help=f"from scratch: override the preset's {name}")
-    p.add_argument("--dropout", type=float, help="from scratch: residual, embedding and attention dropout")
+    p.add_argument("--dropout", type=float, help="from scratch: residual, embedding and attention dropout (default: the preset's; 0 for tiny/mini/small, 0.1 for gpt2 sizes)")
     p.add_argument("--tokenizer", help="use this tokenizer (folder or tokenizer.json) instead of training one")
     p.add_argument("--vocab-size", type=int, help="vocabulary of the tokenizer trained for the run (default 5000)")
     p.add_argument("--tokenizer-kind", choices=("bpe", "char"), default="bpe", help="byte-level BPE or characters")

@@ -141,7 +141,7 @@ ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "gelu_fast", "qu
 
 # Named sizes. The first four are OpenAI's GPT-2 releases; the small ones train usefully on a laptop CPU.
 # The laptop presets train from scratch without dropout: a model that sees its data a few times is short
-# of capacity, not overfitting (ten minutes of `tiny` on English fortunes, 15 passes over the data:
+# of capacity, not overfitting (ten minutes of `tiny` on English fortunes, 11 passes over the data:
 # 2.11 bits per byte without dropout, 2.17 with 0.1; docs/benchmarks.md). The GPT-2 sizes keep GPT-2's 0.1.
 _LAPTOP = dict(vocab_size=5000, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 

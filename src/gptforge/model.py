@@ -79,13 +79,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, x.size(0), rows):
             xs, ts, vs = x[s : s + rows], safe[s : s + rows], valid[s : s + rows]
             z = (xs @ weight.t()).float()
-            lse = torch.logsumexp(z, dim=1)
-            total += ((lse - z.gather(1, ts[:, None]).squeeze(1)) * vs).sum()
+            target = z.gather(1, ts[:, None]).squeeze(1)
+            top = z.amax(dim=1, keepdim=True)
+            e = z.sub_(top).exp_()  # exp(z - max), in place: one exp pass serves the loss and the softmax
+            total_e = e.sum(dim=1)
+            total += ((top.squeeze(1) + total_e.log() - target) * vs).sum()  # log-sum-exp - target logit
             if grad_x is None and grad_w is None:
                 continue
-            p = z.sub_(lse[:, None]).exp_()  # softmax, in place
-            p[torch.arange(p.size(0), device=p.device), ts] -= 1
-            p = p.mul_(vs[:, None]).to(x.dtype)
+            p = e.mul_((vs / total_e)[:, None])  # softmax, zero on ignored rows
+            p[torch.arange(p.size(0), device=p.device), ts] -= vs.to(p.dtype)
+            p = p.to(x.dtype)
             if grad_x is not None:
                 torch.mm(p, weight, out=grad_x[s : s + rows])
             if grad_w is not None:

@@ -137,6 +137,19 @@ def test_training_lowers_the_loss(tmp_path, dataset):
     assert result.val_loss < math.log(300)
 
 
+def test_tokens_per_second_leave_out_callbacks(tmp_path, dataset):
+    """Time spent outside the steps (here a callback that sleeps; evaluations, samples and saves alike)
+    is not charged to the next logging window's tokens/s."""
+    import time
+
+    data, tok = dataset
+    result = train(tiny_model(), data, tokenizer=tok, on_step=lambda trainer: time.sleep(0.5),
+                   **quick(tmp_path, max_steps=4, log_interval=1, eval_interval=None))
+    rows = [r for r in result.history if "tokens_per_s" in r]
+    step_seconds = [4 * 16 / r["tokens_per_s"] for r in rows]  # batch 4 x block 16 per step
+    assert len(rows) == 4 and max(step_seconds) < 0.5, step_seconds
+
+
 def test_refuses_to_overwrite_another_run(tmp_path, dataset):
     data, tok = dataset
     train(tiny_model(), data, tokenizer=tok, **quick(tmp_path, max_steps=2))
@@ -207,13 +220,13 @@ def test_freeze_keeps_frozen_weights(tmp_path, dataset):
 
 
 def test_max_time_ends_decayed_at_the_deadline(tmp_path, dataset, monkeypatch):
-    """The schedule runs over the clock: a fake clock that advances 0.05 s per reading makes it exact."""
+    """The schedule runs over the clock: a fake clock that advances 0.01 s per reading makes it exact."""
     import types
 
     import gptforge.train as train_module
 
     ticks = iter(range(10**9))
-    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks) * 0.05))
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks) * 0.01))
     data, tok = dataset
     result = train(tiny_model(), data, tokenizer=tok,
                    **quick(tmp_path, max_time=2.0, learning_rate=1e-3, warmup_steps=0, log_interval=1, eval_interval=None))

@@ -13,11 +13,11 @@ from .train import TrainResult, run_training
 
 
 def stdlib_files(max_bytes: int = 6_000_000) -> list[Path]:
-    """The running interpreter's standard-library `.py` files (no site-packages, no tests), up to
-    `max_bytes` of text: a fixed pseudo-random choice over the whole library (by a hash of each relative
+    """The running interpreter's standard-library `.py` files (no site-packages, no tests, no `encodings`:
+    its generated codec tables would fill the samples), up to `max_bytes` of text: a fixed pseudo-random choice over the whole library (by a hash of each relative
     path, so every machine with the same Python picks the same files), returned sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = ("site-packages", "dist-packages", "test", "tests", "idle_test")
+    skip = ("site-packages", "dist-packages", "test", "tests", "idle_test", "encodings")
     candidates = [p for p in root.rglob("*.py") if not any(part in skip for part in p.relative_to(root).parts)]
     candidates.sort(key=lambda p: hashlib.blake2b(str(p.relative_to(root)).encode(), digest_size=8).digest())
     files, total = [], 0
@@ -56,6 +56,7 @@ def demo(
     print(f"[2/4] tokenizer, data and training for {minutes:g} minutes -> {out_dir}")
     options.setdefault("block_size", 128)
     options.setdefault("eval_interval", 100)
+    options.setdefault("eval_tokens", 1 << 15)  # a progress estimate every 100 steps; the final evaluation uses all
     result = run_training(inputs, out_dir=out_dir, max_time=minutes * 60, overwrite=overwrite,
                           sample_prompt=prompt, **options)
     print("[3/4] result")

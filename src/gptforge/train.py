@@ -689,6 +689,7 @@ class Trainer:
                                     **({"left": f"{left:.0f}s"} if left is not None else {}))
                     loss_sum.zero_()
                     n_logged, tokens_since, last_log = 0, 0, now
+                paused = time.perf_counter()  # callbacks, evaluations, samples and saves are not training steps
                 if self.on_step is not None:
                     self.on_step(self)
                 if eval_every and self.step % eval_every == 0 and not self._done():
@@ -705,6 +706,7 @@ class Trainer:
                 if (due_steps or due_time) and not self._done():
                     self.save_checkpoint()
                     last_save = time.perf_counter()
+                last_log += time.perf_counter() - paused  # so tokens/s counts training time only
         except torch.OutOfMemoryError:
             raise TrainingError(
                 f"out of memory at step {self.step} (batch {cfg.batch_size} x {self.block_size}). Lower --batch-size and raise "

@@ -292,3 +292,28 @@ def test_dropout_is_active_in_training_and_off_in_eval():
     plain.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(plain(ids)[0], c, atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_cpu_inference_weights_give_the_same_logits_and_follow_weight_updates():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=4)).eval()
+    x = torch.randint(0, 97, (3, 10))
+    with torch.no_grad():
+        plain = model(x)[0]
+        with model_module.cpu_inference_weights(model):
+            assert all("forward" in m.__dict__ for m in model.modules() if isinstance(m, torch.nn.Linear))
+            packed = model(x)[0]
+            torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+            model.transformer.h[0].mlp.c_fc.weight.mul_(2.0)  # an in-place update: the packed copy is remade
+            changed = model(x)[0]
+        assert not any("forward" in m.__dict__ for m in model.modules())  # plain modules again
+        torch.testing.assert_close(changed, model(x)[0], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(changed, plain, atol=1e-3)
+    assert model.transformer.h[0].mlp.c_fc in model_module._PACKED  # kept for the next call
+    with torch.no_grad(), model_module.cpu_inference_weights(model, keep=False):
+        model(x)
+    assert model.transformer.h[0].mlp.c_fc not in model_module._PACKED
+    with model_module.cpu_inference_weights(model):  # with gradients on, the plain path: gradients flow
+        model(x, targets=x)[1].backward()
+    assert model.transformer.h[0].attn.c_attn.weight.grad is not None

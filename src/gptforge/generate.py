@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .model import GPT
+from .model import GPT, cpu_inference_weights
 
 
 @dataclass
@@ -236,12 +236,13 @@ def generate_ids(
     model.eval()
     try:
         out: list[list[int]] = []
-        for start in range(0, len(prompts), opts.batch_size):
-            batch = prompts[start:start + opts.batch_size]
-            row_callback = None
-            if callback is not None:
-                row_callback = lambda row, ids, _s=start: callback(_s + row, ids)  # noqa: E731
-            out += _generate_batch(model, batch, opts, eos_id, keep, generator, row_callback)
+        with cpu_inference_weights(model, keep=not was_training):  # a model in training keeps no copies
+            for start in range(0, len(prompts), opts.batch_size):
+                batch = prompts[start:start + opts.batch_size]
+                row_callback = None
+                if callback is not None:
+                    row_callback = lambda row, ids, _s=start: callback(_s + row, ids)  # noqa: E731
+                out += _generate_batch(model, batch, opts, eos_id, keep, generator, row_callback)
         return out
     finally:
         model.train(was_training)

@@ -7,7 +7,10 @@ transposes those on the way in and out.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import platform
+import weakref
 
 import torch
 import torch.nn as nn
@@ -58,6 +61,59 @@ class KVCache:
         self.v = [t.index_select(0, index) for t in self.v]
 
 
+# On x86 CPUs, fp32 matrix products go through oneDNN rather than the BLAS that torch.mm calls: on the 2-core
+# AMD EPYC we measure on, oneDNN ran them at 2.0-2.4x the BLAS rate (docs/benchmarks.md), same fp32 math.
+_ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _onednn_ok(x: torch.Tensor) -> bool:
+    return (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) through oneDNN (fp32 CPU tensors; no autograd)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for 2-D fp32 CPU tensors, through oneDNN where it is used."""
+    return _linear(a.contiguous(), b.t().contiguous()) if _onednn_ok(a) else a @ b
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """`F.linear` with its three products (forward, input gradient, weight gradient) done by oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.size(-1))
+        grad_x = _matmul(g, weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_w = _matmul(g.t(), x.reshape(-1, x.size(-1))) if ctx.needs_input_grad[1] else None
+        grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, through oneDNN for fp32 on x86 CPUs (see _ONEDNN), the plain call elsewhere."""
+    if _onednn_ok(x) and weight.dtype == torch.float32:
+        return _OneDNNLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters, same state dict) whose products go through `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of `x @ weight.T` against `targets`, a few hundred rows at a time.
 
@@ -78,7 +134,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = x.new_zeros((), dtype=torch.float32)
         for s in range(0, x.size(0), rows):
             xs, ts, vs = x[s : s + rows], safe[s : s + rows], valid[s : s + rows]
-            z = (xs @ weight.t()).float()
+            z = _matmul(xs, weight.t()).float()
             target = z.gather(1, ts[:, None]).squeeze(1)
             top = z.amax(dim=1, keepdim=True)
             e = z.sub_(top).exp_()  # exp(z - max), in place: one exp pass serves the loss and the softmax
@@ -90,9 +146,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             p[torch.arange(p.size(0), device=p.device), ts] -= vs.to(p.dtype)
             p = p.to(x.dtype)
             if grad_x is not None:
-                torch.mm(p, weight, out=grad_x[s : s + rows])
+                grad_x[s : s + rows] = _matmul(p, weight)
             if grad_w is not None:
-                grad_w.addmm_(p.t(), xs)
+                grad_w += _matmul(p.t(), xs)
         scale = 1.0 / valid.sum().clamp(min=1)
         ctx.save_for_backward(grad_x, grad_w, scale)
         return total * scale
@@ -116,13 +172,59 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return F.cross_entropy((x @ weight.t()).float(), targets, ignore_index=-100)
 
 
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # nn.Linear -> (weight key, packed weight)
+
+
+def _packed_weight(linear: nn.Linear) -> torch.Tensor:
+    """`linear.weight` reordered for oneDNN, made once and reused until the weight changes (in-place
+    updates bump the tensor's version, a new tensor changes its address); freed with the layer."""
+    w = linear.weight
+    key = (w.data_ptr(), w._version)
+    cached = _PACKED.get(linear)
+    if cached is None or cached[0] != key:
+        cached = _PACKED[linear] = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1))
+    return cached[1]
+
+
+@contextlib.contextmanager
+def cpu_inference_weights(model: nn.Module, keep: bool = True):
+    """For the duration, the model's `nn.Linear` layers multiply with oneDNN-packed copies of their fp32 CPU
+    weights (gradients off). Same products, same results up to float rounding; for decoding, where each step
+    multiplies a few rows by every weight, about twice as fast as the plain BLAS call on a 2-core x86 CPU
+    (docs/benchmarks.md). The copies cost as much memory as the weights and are made on first use (~0.15 s
+    for `gpt2`); with `keep` they are reused by later calls while the weights stay unchanged, without it
+    (a model in training, whose weights change anyway) they are dropped on exit. Elsewhere (CUDA, bf16,
+    no oneDNN) it does nothing.
+    """
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.device.type == "cpu"
+               and m.weight.dtype == torch.float32]
+    if not linears or not torch.backends.mkldnn.is_available():
+        yield model
+        return
+    def packed_forward(linear: nn.Linear):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled() or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+                return F.linear(x, linear.weight, linear.bias)
+            return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(linear), linear.bias, "none", [], "")
+        return forward
+    try:
+        for m in linears:
+            m.forward = packed_forward(m)
+        yield model
+    finally:
+        for m in linears:
+            m.__dict__.pop("forward", None)
+            if not keep:
+                _PACKED.pop(m, None)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.layer = layer
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.attn_dropout = config.attn_pdrop
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
@@ -144,8 +246,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.mlp_width)
-        self.c_proj = nn.Linear(config.mlp_width, config.n_embd)
+        self.c_fc = Linear(config.n_embd, config.mlp_width)
+        self.c_proj = Linear(config.mlp_width, config.n_embd)
         self.act = _activation(config.activation_function)
         self.dropout = nn.Dropout(config.resid_pdrop)
 
@@ -185,7 +287,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = Transformer(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): each block adds two of them.

@@ -253,6 +253,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this run started the process group, so it ends it
 
     @property
     def main(self) -> bool:
@@ -261,6 +262,15 @@ class Dist:
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
+
+    def close(self) -> None:
+        """Wait for every rank, then end the process group this run started. A rank that exits while
+        another still writes, with gloo's threads alive, can abort with 'terminate called without an
+        active exception'."""
+        self.barrier()
+        if self.owns_group:
+            torch.distributed.destroy_process_group()
+            self.owns_group = False
 
 
 def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
@@ -274,9 +284,10 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), local), device
+    return Dist(dist.get_rank(), dist.get_world_size(), local, owns), device
 
 
 def shard_model(model: GPT) -> None:
@@ -738,6 +749,7 @@ class Trainer:
         result.best_val_loss = self.best_val if math.isfinite(self.best_val) else None
         if self._tb is not None:
             self._tb.close()
+        self.dist.close()
         return result
 
     def _install_signal_handlers(self):
@@ -795,14 +807,17 @@ def train(
 
 
 def matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
-    """The best FLOP/s of `repeats` n x n matrix products on `device`: what the hardware gives right now."""
+    """The best FLOP/s of `repeats` n x n matrix products on `device`, by the kernel the model's layers use
+    (`model._matmul`: oneDNN on x86 CPUs): what the hardware gives right now."""
+    from .model import _matmul
+
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     times = []
     for _ in range(repeats + 1):  # the first is a warm-up
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        torch.mm(a, b)
+        _matmul(a, b)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)

@@ -198,7 +198,7 @@ def cpu_inference_weights(model: nn.Module, keep: bool = True):
     """
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.device.type == "cpu"
                and m.weight.dtype == torch.float32]
-    if not linears or not torch.backends.mkldnn.is_available():
+    if not linears or not _ONEDNN:
         yield model
         return
     def packed_forward(linear: nn.Linear):

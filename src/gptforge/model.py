@@ -63,7 +63,17 @@ class KVCache:
 
 # On x86 CPUs, fp32 matrix products go through oneDNN rather than the BLAS that torch.mm calls: on the 2-core
 # AMD EPYC we measure on, oneDNN ran them at 2.0-2.4x the BLAS rate (docs/benchmarks.md), same fp32 math.
-_ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+def _has_onednn_ops() -> bool:
+    """Whether this torch build has the (internal) oneDNN linear ops we call; a build without them keeps F.linear."""
+    try:
+        torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+_ONEDNN = (torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+           and _has_onednn_ops())
 
 
 def _onednn_ok(x: torch.Tensor) -> bool:

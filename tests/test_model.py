@@ -314,6 +314,6 @@ def test_cpu_inference_weights_give_the_same_logits_and_follow_weight_updates():
     with torch.no_grad(), model_module.cpu_inference_weights(model, keep=False):
         model(x)
     assert model.transformer.h[0].mlp.c_fc not in model_module._PACKED
-    with model_module.cpu_inference_weights(model):  # with gradients on, the plain path: gradients flow
+    with model_module.cpu_inference_weights(model):  # with gradients on, the layer's own path: gradients flow
         model(x, targets=x)[1].backward()
     assert model.transformer.h[0].attn.c_attn.weight.grad is not None

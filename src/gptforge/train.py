@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from .checkpoint import atomic_dir, load_model, save_model
 from .config import GPTConfig, preset
-from .model import GPT
+from .model import GPT, _matmul
 
 STATE_NAME = "trainer_state.pt"
 CHECKPOINTS = "checkpoints"
@@ -809,8 +809,6 @@ def train(
 def matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
     """The best FLOP/s of `repeats` n x n matrix products on `device`, by the kernel the model's layers use
     (`model._matmul`: oneDNN on x86 CPUs): what the hardware gives right now."""
-    from .model import _matmul
-
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     times = []
     for _ in range(repeats + 1):  # the first is a warm-up

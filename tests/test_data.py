@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+import gptforge.data.reading
+import gptforge.data.shards
 from gptforge import data
 from gptforge.data import (Batches, DataError, Prefetcher, ShardedTokens, TokenDataset, load_meta, load_split,
                            prepare, token_dtype)
@@ -155,7 +157,7 @@ def test_workers_and_shards_match_single_process(tok, sample_text, tmp_path, mon
     src = tmp_path / "c.txt"
     src.write_text(sample_text * 4)
     prepare(src, tok, tmp_path / "one", workers=1, seed=3, dedupe=True)
-    monkeypatch.setattr(data, "JOB_CHARS", 2000)
+    monkeypatch.setattr(data.reading, "JOB_CHARS", 2000); monkeypatch.setattr(data.shards, "JOB_CHARS", 2000)
     meta = prepare(src, tok, tmp_path / "two", workers=2, seed=3, shard_tokens=1000, dedupe=True)
     for split in ("train", "val"):
         a, b = load_split(tmp_path / "one", split), load_split(tmp_path / "two", split)
@@ -169,8 +171,8 @@ def test_workers_and_shards_match_single_process(tok, sample_text, tmp_path, mon
 
 
 def test_long_document_cut_into_pieces_keeps_ids(tok, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "MAX_PIECE_CHARS", 300)
-    monkeypatch.setattr(data, "BLOCK_BYTES", 256)
+    monkeypatch.setattr(data.reading, "MAX_PIECE_CHARS", 300)
+    monkeypatch.setattr(data.reading, "BLOCK_BYTES", 256)
     text = "\n".join(f"Line {i}: some words,  spaced\tout; 第{i}行" for i in range(120))
     text += "\r\n".join(f"  windows line {i}  " if i % 2 else f"crlf{i}" for i in range(60))
     (tmp_path / "long.txt").write_text(text)
@@ -221,7 +223,7 @@ def test_bad_input_errors(tok, tmp_path):
 
 
 def test_invalid_utf8_offset_across_blocks_and_replace(tok, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "BLOCK_BYTES", 7)
+    monkeypatch.setattr(data.reading, "BLOCK_BYTES", 7)
     raw = "ab\nédé\n".encode() + b"\xff" + b"zz\n"
     (tmp_path / "x.txt").write_bytes(raw)
     bad = raw.index(b"\xff")
@@ -407,18 +409,18 @@ def test_tail_split_across_shards(tok, tmp_path):
     "".join(f"床前明月光{i}，疑是地上霜。举头望明月！" for i in range(150)),  # Chinese: no spaces, no line breaks
 ])
 def test_enormous_line_is_cut_without_changing_ids(tok, tmp_path, monkeypatch, text):
-    monkeypatch.setattr(data, "MAX_PIECE_CHARS", 300)
-    monkeypatch.setattr(data, "BLOCK_BYTES", 256)
+    monkeypatch.setattr(data.reading, "MAX_PIECE_CHARS", 300)
+    monkeypatch.setattr(data.reading, "BLOCK_BYTES", 256)
     (tmp_path / "line.txt").write_text(text)
     cuts = []
-    real = data._text_pieces
+    real = data.reading._text_pieces
 
     def spy(path, opts):
         for texts, ends in real(path, opts):
             cuts.extend(e for e in ends if not e)
             yield texts, ends
 
-    monkeypatch.setattr(data, "_text_pieces", spy)
+    monkeypatch.setattr(data.reading, "_text_pieces", spy)
     meta = prepare(tmp_path / "line.txt", tok, tmp_path / "ds", val_fraction=0.0)
     assert load_split(tmp_path / "ds", "train").tolist() == expected_stream(tok, [text])
     assert meta["train"]["documents"] == 1 and len(cuts) > 5

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gptforge.kernels as kernels
 import gptforge.model as model_module
 from gptforge import GPT, GPTConfig, preset
 from gptforge.checkpoint import to_hf_state_dict
@@ -143,7 +144,7 @@ def test_left_padded_prefill_then_cached_step_matches_single_rows():
 
 @pytest.mark.parametrize("vocab", [50, 9000])  # one chunk; several chunks of 256 rows (2**21 // 9000 = 233)
 def test_chunked_linear_cross_entropy_equals_the_plain_form(vocab):
-    from gptforge.model import linear_cross_entropy
+    from gptforge.kernels import linear_cross_entropy
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(700, 32, generator=g, requires_grad=True)
@@ -294,14 +295,14 @@ def test_dropout_is_active_in_training_and_off_in_eval():
         torch.testing.assert_close(plain(ids)[0], c, atol=1e-6, rtol=0)
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.skipif(not kernels.onednn(), reason="no oneDNN fast path in this torch build or on this CPU")
 def test_cpu_inference_weights_give_the_same_logits_and_follow_weight_updates():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=4)).eval()
     x = torch.randint(0, 97, (3, 10))
     with torch.no_grad():
         plain = model(x)[0]
-        with model_module.cpu_inference_weights(model):
+        with kernels.cpu_inference_weights(model):
             assert all("forward" in m.__dict__ for m in model.modules() if isinstance(m, torch.nn.Linear))
             packed = model(x)[0]
             torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
@@ -310,10 +311,10 @@ def test_cpu_inference_weights_give_the_same_logits_and_follow_weight_updates():
         assert not any("forward" in m.__dict__ for m in model.modules())  # plain modules again
         torch.testing.assert_close(changed, model(x)[0], atol=1e-5, rtol=1e-5)
         assert not torch.allclose(changed, plain, atol=1e-3)
-    assert model.transformer.h[0].mlp.c_fc in model_module._PACKED  # kept for the next call
-    with torch.no_grad(), model_module.cpu_inference_weights(model, keep=False):
+    assert model.transformer.h[0].mlp.c_fc in kernels._PACKED  # kept for the next call
+    with torch.no_grad(), kernels.cpu_inference_weights(model, keep=False):
         model(x)
-    assert model.transformer.h[0].mlp.c_fc not in model_module._PACKED
-    with model_module.cpu_inference_weights(model):  # with gradients on, the layer's own path: gradients flow
+    assert model.transformer.h[0].mlp.c_fc not in kernels._PACKED
+    with kernels.cpu_inference_weights(model):  # with gradients on, the layer's own path: gradients flow
         model(x, targets=x)[1].backward()
     assert model.transformer.h[0].attn.c_attn.weight.grad is not None

@@ -223,10 +223,10 @@ def test_max_time_ends_decayed_at_the_deadline(tmp_path, dataset, monkeypatch):
     """The schedule runs over the clock: a fake clock that advances 0.01 s per reading makes it exact."""
     import types
 
-    import gptforge.train as train_module
+    import gptforge.train.loop as loop
 
     ticks = iter(range(10**9))
-    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks) * 0.01))
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks) * 0.01))
     data, tok = dataset
     result = train(tiny_model(), data, tokenizer=tok,
                    **quick(tmp_path, max_time=2.0, learning_rate=1e-3, warmup_steps=0, log_interval=1, eval_interval=None))

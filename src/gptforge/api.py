@@ -17,10 +17,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_model, resolve_model_path, save_model
-from .config import GPTConfig, PRESETS, preset
+from .checkpoint import load_model, load_model_and_tokenizer, resolve_model_path, save_model
+from .config import GPTConfig, resolve_config
+from .errors import GPTForgeError, OptionError  # GPTForgeError: re-exported for `from gptforge.api import ...`
+from .fsio import atomic_write, dated_path, folder_of
 from .model import GPT
-from .tokenizer import Tokenizer, load_tokenizer
+from .options import TrainConfig
+from .runtime import resolve_device
+from .tokenizer import Tokenizer, check_vocab_fits, load_tokenizer
 
 # Argument names of older tools' `train()` and the TrainConfig field each one means.
 TRAIN_ALIASES = {
@@ -33,10 +37,6 @@ TRAIN_ALIASES = {
 }
 
 
-class GPTForgeError(ValueError):
-    """A model, tokenizer, config or dataset that do not fit together; the message names the numbers."""
-
-
 def _weights_path(model: str | os.PathLike) -> str | os.PathLike:
     """Older guides reload `trained_model/pytorch_model.bin`; gptforge writes `model.safetensors` in that
     folder instead, so a missing legacy file next to a safetensors file means the folder."""
@@ -44,15 +44,6 @@ def _weights_path(model: str | os.PathLike) -> str | os.PathLike:
     if path.name == "pytorch_model.bin" and not path.exists() and (path.parent / "model.safetensors").is_file():
         return path.parent
     return model
-
-
-def _as_config(config: GPTConfig | str | os.PathLike) -> GPTConfig:
-    """A GPTConfig, a preset name (`mini`) or a config.json / model folder."""
-    if isinstance(config, GPTConfig):
-        return config
-    if isinstance(config, str) and config in PRESETS and not os.path.exists(config):
-        return preset(config)
-    return GPTConfig.load(config)
 
 
 class GPTForge:
@@ -81,9 +72,6 @@ class GPTForge:
         model_folder: str | os.PathLike | None = None,
         device: str = "auto",
     ):
-        from .generate import load_model_and_tokenizer
-        from .train import resolve_device
-
         model = model if model is not None else model_folder
         self.device = resolve_device(device)
         if isinstance(tokenizer, (str, os.PathLike)):
@@ -93,19 +81,19 @@ class GPTForge:
         elif tokenizer is None and vocab_file is not None:
             tokenizer = load_tokenizer(vocab_file, merges_file=merges_file)
         elif tokenizer is None and merges_file is not None:
-            raise GPTForgeError(f"merges_file={merges_file} needs vocab_file= too (the vocab.json it belongs to)")
+            raise OptionError(f"merges_file={merges_file} needs vocab_file= too (the vocab.json it belongs to)")
 
         if model is None:
             # A model from a config: fresh GPT-2 weights.
             if config is None:
-                raise GPTForgeError("GPTForge needs model= (a model folder, weights file or hub id such as 'gpt2') "
+                raise OptionError("GPTForge needs model= (a model folder, weights file or hub id such as 'gpt2') "
                                     "or config= (a GPTConfig from build_gpt2_config, for a new model)")
             if tokenizer is None:
-                raise GPTForgeError("a new model needs its tokenizer: pass vocab_file= and merges_file=, tokenizer_file= "
+                raise OptionError("a new model needs its tokenizer: pass vocab_file= and merges_file=, tokenizer_file= "
                                     "or tokenizer= (train one with gptforge.train_tokenizer)")
-            config = _as_config(config)
+            config = resolve_config(config)
             if tokenizer.vocab_size != config.vocab_size:
-                raise GPTForgeError(
+                raise OptionError(
                     f"the tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but the config has "
                     f"vocab_size={config.vocab_size}; build the config with vocab_size={tokenizer.vocab_size}"
                 )
@@ -113,7 +101,7 @@ class GPTForge:
             self.model, self.pretrained = GPT(config).to(self.device), False
         elif isinstance(model, GPT):
             if tokenizer is None:
-                raise GPTForgeError("GPTForge(model=<GPT object>) needs tokenizer= (or vocab_file=/tokenizer_file=)")
+                raise OptionError("GPTForge(model=<GPT object>) needs tokenizer= (or vocab_file=/tokenizer_file=)")
             self.model, self.pretrained = model.to(self.device), True
         elif tokenizer is None and config is None:
             # The folder's own tokenizer; fp32 weights, since this model may be trained further.
@@ -122,15 +110,12 @@ class GPTForge:
             self.pretrained = True
         else:
             path = resolve_model_path(_weights_path(model))
-            self.model = load_model(path, config=None if config is None else _as_config(config), device=self.device)
+            self.model = load_model(path, config=None if config is None else resolve_config(config), device=self.device)
             self.pretrained = True
             if tokenizer is None:
-                tokenizer = load_tokenizer(path if path.is_dir() else path.parent)
-        if self.pretrained and tokenizer.vocab_size > self.model.config.vocab_size:
-            raise GPTForgeError(
-                f"the tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but the model has "
-                f"vocab_size={self.model.config.vocab_size}; use the tokenizer the model was trained with"
-            )
+                tokenizer = load_tokenizer(folder_of(path))
+        if self.pretrained:
+            check_vocab_fits(tokenizer, self.model.config.vocab_size)
         self.tokenizer: Tokenizer = tokenizer
 
     @property
@@ -146,7 +131,7 @@ class GPTForge:
 
     def dataset(self, files, block_size: int | None = None, line_by_line: bool = False, **options):
         """A TokenDataset of `files` encoded with this model's tokenizer (block size: the model's context)."""
-        from .data import TokenDataset
+        from .data.dataset import TokenDataset
 
         return TokenDataset(files, tokenizer=self.tokenizer, block_size=block_size or self.config.n_positions,
                             line_by_line=line_by_line, **options)
@@ -154,11 +139,11 @@ class GPTForge:
     def _check_block_size(self, block_size: int) -> None:
         n_ctx = self.config.n_positions
         if not self.pretrained and block_size != n_ctx:
-            raise GPTForgeError(f"the dataset's block_size is {block_size} but the config's max_length (n_positions) is "
+            raise OptionError(f"the dataset's block_size is {block_size} but the config's max_length (n_positions) is "
                                 f"{n_ctx}; make them equal (TokenDataset(..., block_size={n_ctx}) or "
                                 f"build_gpt2_config(max_length={block_size}))")
         if block_size > n_ctx:
-            raise GPTForgeError(f"the dataset's block_size is {block_size} but the model's context (n_positions) is "
+            raise OptionError(f"the dataset's block_size is {block_size} but the model's context (n_positions) is "
                                 f"only {n_ctx}; use block_size <= {n_ctx}")
 
     def train(
@@ -181,7 +166,7 @@ class GPTForge:
         (gradient_accumulation_steps, max_grad_norm, save_every, generate_every). A previous run in
         `output_dir` is not replaced unless `overwrite=True`. Returns the TrainResult.
         """
-        from .train import TrainConfig, train
+        from .train.pipeline import train
 
         for old, new in TRAIN_ALIASES.items():
             if old in options:
@@ -189,7 +174,7 @@ class GPTForge:
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         unknown = sorted(set(options) - fields)
         if unknown:
-            raise GPTForgeError(f"train(): unknown option(s) {', '.join(unknown)}; "
+            raise OptionError(f"train(): unknown option(s) {', '.join(unknown)}; "
                                 f"choose from {', '.join(sorted(fields | set(TRAIN_ALIASES)))}")
         if fp16:
             options["precision"] = "fp16"
@@ -199,7 +184,7 @@ class GPTForge:
             data = self.dataset(data, block_size=block_size, line_by_line=line_by_line)
         data_tok = getattr(data, "tokenizer", None)
         if data_tok is not None and data_tok.fingerprint != self.tokenizer.fingerprint:
-            raise GPTForgeError(f"the dataset was encoded with another tokenizer ({data_tok.source}) than the model's "
+            raise OptionError(f"the dataset was encoded with another tokenizer ({data_tok.source}) than the model's "
                                 f"({self.tokenizer.source}); build the TokenDataset with the model's vocab_file/merges_file")
         if self.device.type != "cpu":
             options.setdefault("device", str(self.device))
@@ -235,7 +220,7 @@ class GPTForge:
         if max_new_tokens is None:
             used = len(self.tokenizer.encode(prompt)) if prompt else 0
             if max_length is None or max_length <= used:
-                raise GPTForgeError(f"max_length={max_length} leaves no room after the prompt's {used} tokens; "
+                raise OptionError(f"max_length={max_length} leaves no room after the prompt's {used} tokens; "
                                     "raise max_length or pass max_new_tokens=")
             max_new_tokens = max_length - used
         chosen = {k: v for k, v in dict(top_k=top_k, top_p=top_p).items() if v is not None}
@@ -258,13 +243,10 @@ class GPTForge:
         an existing file is never replaced. Options as in `generate`. Returns the path written."""
         import random
 
-        from .checkpoint import atomic_write
-        from .cli import _output_path
-
         seed = random.randrange(2**31) if seed is None else seed
-        path = Path(destination_path) if destination_path is not None else _output_path(".", seed)
+        path = Path(destination_path) if destination_path is not None else dated_path(".", seed)
         if path.exists():
-            raise GPTForgeError(f"{path}: already exists; choose another destination_path")
+            raise OptionError(f"{path}: already exists; choose another destination_path")
         texts = self.generate(n=n, seed=seed, return_as_list=True, **options)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda p: p.write_text("".join(t + "\n" + sample_delim for t in texts), encoding="utf-8"))
@@ -292,7 +274,7 @@ class GPTForge:
         holds a model is replaced only with `overwrite=True`."""
         folder = Path(folder)
         if (folder / "config.json").exists() and not overwrite:
-            raise GPTForgeError(f"{folder}: already holds a model; pass overwrite=True to replace it or choose another folder")
+            raise OptionError(f"{folder}: already holds a model; pass overwrite=True to replace it or choose another folder")
         return save_model(self.model, folder, self.tokenizer)
 
 

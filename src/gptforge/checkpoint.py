@@ -1,76 +1,38 @@
-"""Model folders that transformers reads and writes, and crash-safe writing.
+"""Model folders that transformers reads and writes, and the training checkpoints of a run.
 
 A model folder holds `config.json` (GPT2Config), `model.safetensors` (GPT2LMHeadModel key names,
 Conv1D layout: c_attn / c_proj / c_fc weights stored (in, out)), `generation_config.json`, and the
 tokenizer files when a tokenizer is attached. Loading also accepts what transformers and older tools
 write: keys with or without the `transformer.` prefix, with or without `lm_head.weight`, the old
 `attn.bias` / `attn.masked_bias` buffers, sharded safetensors with an index, and `pytorch_model.bin`.
+
+A run's checkpoints are model folders under `checkpoints/step-NNNNNNN/` with the training state
+(`trainer_state.pt`: optimizer, step, RNG, clock) beside the weights, each written under a temporary
+name and renamed, so an interrupted save never leaves a checkpoint that looks complete.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
 import re
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError, GPTConfig
+from .config import GPTConfig
+from .errors import CheckpointError, ConfigError, NotFoundError
+from .fsio import atomic_dir, atomic_write, folder_of
 from .model import GPT
 
 WEIGHTS_NAME = "model.safetensors"
 # Weights transformers keeps as Conv1D, i.e. transposed relative to nn.Linear.
 _CONV1D = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")
 _BUFFERS = re.compile(r"\.attn\.(bias|masked_bias)$")
-
-
-class CheckpointError(RuntimeError):
-    """A model folder or weights file that cannot be loaded."""
-
-
-# --- crash-safe writing ---------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder next to `target`; on success it replaces `target` in one rename.
-
-    A crash or a full disk leaves the previous `target` untouched (and at worst a `.tmp-*` folder).
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call `write(tmp_path)` and then rename the result onto `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # --- state dict conversion ---------------------------------------------------------------
@@ -145,6 +107,10 @@ def _weights_in(folder: Path) -> list[Path]:
         index = folder / index_name
         if index.is_file():
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            root = folder.resolve()
+            for name in shards:  # an index names files of this folder, nothing else
+                if Path(name).is_absolute() or root not in (folder / name).resolve().parents:
+                    raise CheckpointError(f"{index}: names {name!r}, a file outside the model folder; refusing to read it")
             return [folder / s for s in shards]
     for name in (WEIGHTS_NAME, "pytorch_model.bin"):
         if (folder / name).is_file():
@@ -223,7 +189,7 @@ def load_model(
     such as `gpt2` (downloaded with huggingface_hub).
     """
     path = resolve_model_path(name_or_path)
-    folder = path if path.is_dir() else path.parent
+    folder = folder_of(path)
     if config is None:
         config = GPTConfig.load(folder)
     elif not isinstance(config, GPTConfig):
@@ -258,8 +224,7 @@ def save_model(model: GPT, folder: str | os.PathLike, tokenizer=None, *, state_d
 
 def model_info(name_or_path: str | os.PathLike) -> dict:
     """Config, parameter counts and files of a model folder (no weights loaded)."""
-    path = resolve_model_path(name_or_path)
-    folder = path if path.is_dir() else path.parent
+    folder = folder_of(resolve_model_path(name_or_path))
     config = GPTConfig.load(folder)
     files = sorted(p.name for p in folder.iterdir() if p.is_file())
     return {
@@ -271,13 +236,80 @@ def model_info(name_or_path: str | os.PathLike) -> dict:
     }
 
 
+def load_model_and_tokenizer(model_path, tokenizer_path=None, device: str = "auto", dtype: torch.dtype | None = None):
+    """A model folder (or hub id) and its tokenizer, ready to generate: eval mode, on `device`.
+
+    The tokenizer comes from the model folder unless `tokenizer_path` names another one. `dtype=None`
+    keeps fp32 on CPU and uses bf16 weights on a CUDA GPU that supports it (decoding is memory-bound).
+    """
+    from .runtime import resolve_device
+    from .tokenizer import check_vocab_fits, load_tokenizer
+
+    dev = resolve_device(device)
+    if dtype is None and dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        dtype = torch.bfloat16
+    path = resolve_model_path(model_path)
+    folder = folder_of(path)
+    model = load_model(path, device=dev, dtype=dtype)
+    try:
+        tokenizer = load_tokenizer(tokenizer_path or folder)
+    except FileNotFoundError:
+        if tokenizer_path is not None:
+            raise
+        raise NotFoundError(
+            f"{folder}: the model folder has no tokenizer (tokenizer.json, or vocab.json + merges.txt); pass "
+            "--tokenizer PATH, or attach one for good by saving it into the folder: "
+            f"`gptforge.load_tokenizer(PATH).save({str(folder)!r})`"
+        ) from None
+    check_vocab_fits(tokenizer, model.config.vocab_size, f"the model {folder}")
+    return model, tokenizer
+
+
+# --- training checkpoints ------------------------------------------------------------------------------
+
+STATE_NAME = "trainer_state.pt"
+CHECKPOINTS = "checkpoints"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints of a run folder, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    return sorted(p for p in root.glob("step-*") if (p / STATE_NAME).is_file()) if root.is_dir() else []
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, write_model: Callable[[Path], None], state: dict,
+                    keep: int) -> Path:
+    """Write `checkpoints/step-N/` (the model folder `write_model(folder)` makes, plus the training state)
+    under a temporary name, rename it into place, then delete all but the `keep` newest checkpoints."""
+    target = Path(run_dir) / CHECKPOINTS / f"step-{step:07d}"
+    with atomic_dir(target) as tmp:
+        write_model(tmp)
+        torch.save(state, tmp / STATE_NAME)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_training_state(path: str | os.PathLike) -> dict:
+    """The training state saved with a checkpoint (tensors and plain data only; nothing is executed)."""
+    file = Path(path) / STATE_NAME
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        msg = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{file}: the training state cannot be read ({msg}); the checkpoint is damaged") from None
+
+
 __all__ = [
+    "CHECKPOINTS",
     "CheckpointError",
-    "ConfigError",
-    "atomic_dir",
-    "atomic_write",
+    "STATE_NAME",
+    "list_checkpoints",
     "load_model",
+    "load_model_and_tokenizer",
+    "load_training_state",
     "model_info",
     "read_state_dict",
+    "save_checkpoint",
     "save_model",
 ]

@@ -6,6 +6,7 @@ import os
 import sys
 
 from . import __version__
+from .errors import GPTForgeError, NotFoundError, RunFolderError
 
 
 def _human(n: int) -> str:
@@ -20,10 +21,10 @@ def _human(n: int) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .checkpoint import model_info
-    from .config import PRESETS, preset
+    from .config import is_preset, resolve_config
 
-    if args.model in PRESETS and not os.path.exists(args.model):
-        config = preset(args.model)
+    if is_preset(args.model):
+        config = resolve_config(args.model)
         info = {"path": f"preset {args.model!r} (not saved)", "config": config, "params": config.num_params(),
                 "non_embedding_params": config.num_params(non_embedding=True), "files": {}}
     else:
@@ -41,13 +42,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from .checkpoint import atomic_dir, save_model
-    from .config import preset
-    from .model import GPT
     import torch
 
+    from .checkpoint import save_model
+    from .config import preset
+    from .fsio import atomic_dir
+    from .model import GPT
+
     if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)) and not args.force:
-        raise ValueError(f"{args.out} already exists and is not empty; choose another --out, or add --force to replace it")
+        raise RunFolderError(f"{args.out} already exists and is not empty; choose another --out, or add --force to replace it")
     overrides = {k: getattr(args, k) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
                  if getattr(args, k) is not None}
     config = preset(args.preset, **overrides)  # validated before anything is allocated or written
@@ -61,77 +64,39 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 # --- train ------------------------------------------------------------------------------------------
 
-TRAIN_HELP = {
-    "out_dir": "run folder: checkpoints, metrics, samples and the final model folder",
-    "max_steps": "optimizer steps to take",
-    "epochs": "passes over the training tokens (may be fractional)",
-    "max_time": "wall-clock budget, e.g. 90s, 10m, 1.5h; the schedule ends fully decayed at the deadline",
-    "batch_size": "sequences per micro-step (per process)",
-    "grad_accum": "micro-steps accumulated per optimizer step",
-    "block_size": "tokens per sequence (default: the model's context length)",
-    "batch_mode": "random windows, or sequential passes over the data",
-    "stride": "sequential mode: tokens between window starts (default: block size; half a block overlaps)",
-    "learning_rate": "peak learning rate (default 1e-3 from scratch, 5e-5 fine-tuning)",
-    "min_lr_ratio": "the schedule decays to learning_rate x this",
-    "schedule": "cosine, linear or constant after warmup",
-    "warmup_steps": "linear warmup steps (default 100 from scratch, 50 fine-tuning)",
-    "weight_decay": "AdamW weight decay on matrices and embeddings (default 0.1 from scratch, 0.01 fine-tuning)",
-    "beta1": "AdamW beta1",
-    "beta2": "AdamW beta2 (default 0.95 from scratch, 0.999 fine-tuning)",
-    "grad_clip": "clip the gradient norm to this (0 turns clipping off)",
-    "device": "auto, cpu, cuda, cuda:1, ...",
-    "precision": "auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16 (with a gradient scaler)",
-    "compile": "torch.compile the model",
-    "gradient_checkpointing": "recompute activations in the backward pass to save memory",
-    "log_interval": "steps between log lines (the only host syncs of the step loop)",
-    "eval_interval": "steps between validation evaluations",
-    "eval_tokens": "validation tokens per periodic evaluation (the final one uses all)",
-    "sample_interval": "steps between text samples (default: eval interval)",
-    "sample_prompt": "prompt for the samples (default: start of a document)",
-    "sample_tokens": "tokens per sample",
-    "early_stopping": "stop after this many evaluations without a better validation loss",
-    "tensorboard": "also log to TensorBoard (needs tensorboard installed)",
-    "plot": "draw loss.png at each evaluation",
-    "progress": "show a progress bar",
-    "save_steps": "steps between checkpoints",
-    "save_minutes": "minutes between checkpoints",
-    "keep_checkpoints": "how many recent checkpoints to keep",
-    "resume": "continue the run in --out from its latest checkpoint",
-    "overwrite": "replace a previous run in --out",
-    "freeze": "transfer learning: embeddings, blocks:N (first N blocks), all-but:N, comma-joined",
-    "seed": "random seed (weights, batches, dropout)",
-    "fsdp": "shard parameters, gradients and optimizer state across the torchrun processes (big models)",
-}
-
-
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls, helps: dict[str, str], rename: dict[str, str]) -> None:
-    """One --option per dataclass field, so the CLI and the Python API share their defaults."""
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
+    """One --option per field of an options dataclass (help, choices and flag name from the field), so the
+    CLI and the Python API share their names and defaults."""
     import dataclasses
 
+    from .options import parse_duration
+
     for f in dataclasses.fields(cls):
-        flag = "--" + rename.get(f.name, f.name).replace("_", "-")
-        help_text = helps.get(f.name, "")
+        meta = f.metadata
+        flag = "--" + (meta.get("flag") or f.name).replace("_", "-")
+        help_text = meta.get("help", "")
         if f.type in ("bool", bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
             continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
         if f.name == "max_time":
-            from .train import parse_duration
-
             kind = parse_duration
-        default = f.default
-        parser.add_argument(flag, dest=f.name, type=kind, default=default,
-                            help=f"{help_text} (default: {default})" if default is not None else help_text)
+        parser.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=meta.get("choices"), help=help_text)
+
+
+def _fields(args: argparse.Namespace, cls) -> dict:
+    import dataclasses
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(args.nproc)
-    import dataclasses
+    from .options import TrainConfig
+    from .train.pipeline import run_training
 
-    from .train import TrainConfig, run_training
-
-    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    options = _fields(args, TrainConfig)
     inputs = list(args.inputs) + ([args.train_file] if args.train_file else [])
     overrides = {k: getattr(args, k) for k in ("n_layer", "n_embd", "n_head", "n_positions", "dropout") if getattr(args, k) is not None}
     if "dropout" in overrides:
@@ -178,23 +143,8 @@ def _launch_torchrun(nproc: int) -> int:
 
 # --- generate / eval ------------------------------------------------------------------------------------
 
-GENERATE_HELP = {
-    "max_new_tokens": "tokens to generate per sample",
-    "min_new_tokens": "suppress <|endoftext|> until this many tokens are generated",
-    "do_sample": "sample (default) or decode greedily (--no-do-sample, same as --greedy or --temperature 0)",
-    "temperature": "divide the logits by this before sampling; 0 means greedy",
-    "top_k": "sample among the k most likely tokens (0: all)",
-    "top_p": "sample among the most likely tokens whose probability reaches p (1: all)",
-    "repetition_penalty": "> 1 discourages tokens already in the prompt or output (transformers' meaning)",
-    "no_repeat_ngram_size": "never repeat an n-gram of this size (0: off)",
-    "num_samples": "samples per prompt",
-    "batch_size": "rows generated together (prompts of different lengths are left-padded)",
-    "seed": "random seed; the same seed and options give the same text (default: a random seed, printed)",
-}
-
-
 def _gather_prompts(args: argparse.Namespace) -> list[str]:
-    from .evaluate import read_text_file
+    from .data.reading import read_text_file
 
     sources = []
     for p in args.prompt + args.prompt_option:
@@ -208,26 +158,15 @@ def _gather_prompts(args: argparse.Namespace) -> list[str]:
     return sources or [""]
 
 
-def _output_path(folder: str, seed: int):
-    import datetime
-    from pathlib import Path
-
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path, n = Path(folder) / f"gptforge-{stamp}-seed{seed}.txt", 1
-    while path.exists():  # never overwrite an earlier file
-        n += 1
-        path = Path(folder) / f"gptforge-{stamp}-seed{seed}-{n}.txt"
-    return path
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
-    import dataclasses
     import random
 
-    from .checkpoint import atomic_write
-    from .generate import SamplingOptions, generate, load_model_and_tokenizer
+    from .checkpoint import load_model_and_tokenizer
+    from .fsio import dated_path, write_text
+    from .generate import generate
+    from .options import SamplingOptions
 
-    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingOptions)}
+    options = _fields(args, SamplingOptions)
     SamplingOptions(**options).validate()  # bad options fail before the model loads
     if options["seed"] is None:
         options["seed"] = random.randrange(2**31)
@@ -265,9 +204,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     live = not args.no_stream and not args.out_dir and (len(prompts) * args.num_samples == 1 or args.batch_size == 1)
     texts = run(prompts, live)
     if args.out_dir:
-        path = _output_path(args.out_dir, options["seed"])
+        path = dated_path(args.out_dir, options["seed"])
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda p: p.write_text(args.delimiter.join(texts) + "\n", encoding="utf-8"))
+        write_text(path, args.delimiter.join(texts) + "\n")
         print(f"wrote {len(texts)} sample(s) to {path}", file=sys.stderr)
     elif not live:
         print(args.delimiter.join(texts))
@@ -275,48 +214,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
-    import math
     from pathlib import Path
 
     import torch
 
-    from .evaluate import EvalResult, evaluate_prepared, evaluate_text
-    from .generate import load_model_and_tokenizer
-    from .train import pick_precision
+    from .checkpoint import load_model, load_model_and_tokenizer
+    from .evaluate import combine, evaluate_prepared, evaluate_text
+    from .options import EvalOptions
+    from .runtime import pick_precision, resolve_device
 
-    model, tokenizer = None, None
+    opts = EvalOptions(**_fields(args, EvalOptions))
     for f in args.files:
         if not Path(f).exists():
-            raise FileNotFoundError(f"{f}: no such file or prepared dataset folder")
-    if all((Path(f) / "meta.json").is_file() for f in args.files):
-        from .checkpoint import load_model
-        from .train import resolve_device
-
-        model = load_model(args.model, device=resolve_device(args.device))  # token shards need no tokenizer
+            raise NotFoundError(f"{f}: no such file or prepared dataset folder")
+    prepared = [(Path(f) / "meta.json").is_file() for f in args.files]
+    if all(prepared):
+        model, tokenizer = load_model(args.model, device=resolve_device(args.device)), None  # token shards need no tokenizer
     else:
         model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device, dtype=torch.float32)
-    device = model.transformer.wte.weight.device
-    precision = pick_precision(args.precision, device)
-    kw = dict(block_size=args.block_size, stride=args.stride, batch_size=args.batch_size, max_tokens=args.max_tokens,
-              autocast_dtype=None if precision == torch.float32 else precision)
+    precision = pick_precision(args.precision, model.transformer.wte.weight.device)
+    kw = dict(autocast_dtype=None if precision == torch.float32 else precision)
     results = {}
-    for f in args.files:
-        if (Path(f) / "meta.json").is_file():
-            results[f] = evaluate_prepared(model, f, split=args.split, **kw)
+    for f, is_prepared in zip(args.files, prepared):
+        if is_prepared:
+            results[f] = evaluate_prepared(model, f, split=args.split, options=opts, **kw)
         else:
-            results[f] = evaluate_text(model, tokenizer, [Path(f)], **kw)
+            results[f] = evaluate_text(model, tokenizer, [Path(f)], opts, **kw)
     if len(results) > 1:
-        nats = sum(r.loss * r.tokens for r in results.values())
-        tokens = sum(r.tokens for r in results.values())
-        bpb = None
-        if all(r.bits_per_byte for r in results.values()):
-            nbytes = sum(r.loss * r.tokens / math.log(2) / r.bits_per_byte for r in results.values())
-            bpb = nats / math.log(2) / nbytes
-        results["total"] = EvalResult(nats / tokens, math.exp(nats / tokens), bpb, tokens)
+        results["total"] = combine(list(results.values()))
     if args.json:
-        import dataclasses
-
         print(json.dumps({k: dataclasses.asdict(r) for k, r in results.items()}, indent=2))
     else:
         width = max(map(len, results))
@@ -348,7 +276,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     existing = [f for f in TOKENIZER_FILES if (out / f).exists()]
     if existing and not args.force:
-        raise ValueError(f"{out}: already holds {', '.join(existing)}; pass --force to replace them or choose another --out")
+        raise RunFolderError(f"{out}: already holds {', '.join(existing)}; pass --force to replace them or choose another --out")
     tok = train_tokenizer(args.files, vocab_size=args.vocab_size, min_frequency=args.min_frequency, kind=args.kind,
                           out_dir=out, **_read_options(args))
     print(f"trained a {tok.kind} tokenizer with {tok.vocab_size} tokens (eos id {tok.eos_id}, fingerprint {tok.fingerprint}) "
@@ -357,7 +285,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .data import prepare
+    from .data.shards import prepare
 
     meta = prepare(args.inputs, args.tokenizer, args.out, line_by_line=args.line_by_line, val_fraction=args.val_fraction,
                    val_inputs=args.val_file, seed=args.seed, workers=args.workers, shard_tokens=args.shard_tokens,
@@ -458,9 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-kind", choices=("bpe", "char"), default="bpe", help="byte-level BPE or characters")
     p.add_argument("--line-by-line", action="store_true", help="each line is one short sample (tweets, titles, jokes)")
     p.add_argument("--nproc", type=int, help="launch this many processes with torchrun (data parallel)")
-    from .train import TrainConfig
+    from .options import EvalOptions, SamplingOptions, TrainConfig
 
-    _add_dataclass_options(p, TrainConfig, TRAIN_HELP, {"out_dir": "out", "learning_rate": "lr"})
+    _add_dataclass_options(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="the whole journey on a built-in corpus (the Python standard library's source)")
@@ -472,8 +400,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo run in --out")
     p.set_defaults(func=cmd_demo)
     # -- generate / eval (generate.py, evaluate.py) --
-    from .generate import SamplingOptions
-
     p = sub.add_parser("generate", help="generate text from a model folder",
                        description="Sample text with transformers' generation options. Prompts come from arguments, "
                                    "--prompt-file, or stdin ('-' or a pipe); an empty prompt starts from <|endoftext|>.")
@@ -484,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-file", action="append", help="a file whose text is one prompt (repeatable)")
     p.add_argument("--lines", action="store_true", help="every non-empty line of the prompts is a prompt of its own")
     p.add_argument("--interactive", action="store_true", help="read prompts line by line from stdin, stream each answer")
-    _add_dataclass_options(p, SamplingOptions, GENERATE_HELP, {})
+    _add_dataclass_options(p, SamplingOptions)
     p.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy decoding (same as --no-do-sample)")
     p.add_argument("--stop", action="append", default=[], help="stop a sample at this string, not included (repeatable)")
     p.add_argument("--no-prompt", action="store_true", help="print only the generated text, not the prompt")
@@ -501,11 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "each scoring only tokens not scored before.")
     p.add_argument("model", help="model folder or hub id")
     p.add_argument("files", nargs="+", help="UTF-8 text files, or dataset folders written by `gptforge prepare`")
-    p.add_argument("--block-size", type=int, help="tokens per window (default: the model's context)")
-    p.add_argument("--stride", type=int, help="tokens between windows (default: block size, no overlap); "
-                                              "smaller gives each token more context")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
-    p.add_argument("--max-tokens", type=int, help="score only the first tokens of each input")
+    _add_dataclass_options(p, EvalOptions)
     p.add_argument("--split", default="val", help="split of a prepared dataset (default: val)")
     p.add_argument("--tokenizer", help="tokenizer folder or tokenizer.json (default: the model folder's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
@@ -522,13 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .train import TrainingError
-
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError, FileNotFoundError, ValueError, TrainingError) as e:
+    except GPTForgeError as e:  # a problem with the user's input: one line; anything else is a bug with its traceback
         print(f"gptforge {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -7,9 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import ConfigError, NotFoundError
 
-class ConfigError(ValueError):
-    """A model configuration that cannot describe a GPT-2 network."""
 
 
 @dataclass
@@ -105,11 +104,13 @@ class GPTConfig:
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no config.json here; a model folder needs one (GPT2Config format)")
+            raise NotFoundError(f"{path}: no config.json here; a model folder needs one (GPT2Config format)")
         try:
             d = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: holds a JSON {type(d).__name__}, not an object of GPT2Config fields")
         try:
             return cls.from_dict(d)
         except TypeError as e:
@@ -190,3 +191,18 @@ def build_gpt2_config(
         eos_token_id=kwargs.pop("eos_token_id", 0),
         **kwargs,
     )
+
+
+def is_preset(name) -> bool:
+    """Whether `name` means a preset: a preset's name, and no file or folder of that name here."""
+    return isinstance(name, str) and name.removeprefix("openai-community/") in PRESETS and not os.path.exists(name)
+
+
+def resolve_config(spec: "GPTConfig | str | os.PathLike") -> GPTConfig:
+    """A GPTConfig from itself, a preset name (`mini`, unless a file or folder of that name exists) or a
+    config.json / model folder."""
+    if isinstance(spec, GPTConfig):
+        return spec
+    if is_preset(spec):
+        return preset(spec)
+    return GPTConfig.load(spec)

@@ -9,7 +9,9 @@ import hashlib
 import sysconfig
 from pathlib import Path
 
-from .train import TrainResult, run_training
+from .errors import NotFoundError
+from .train.loop import TrainResult
+from .train.pipeline import run_training
 
 
 def stdlib_files(max_bytes: int = 6_000_000) -> list[Path]:
@@ -28,7 +30,7 @@ def stdlib_files(max_bytes: int = 6_000_000) -> list[Path]:
         files.append(path)
         total += size
     if not files:
-        raise FileNotFoundError(f"{root}: no standard-library .py files found; pass your own text to `gptforge demo`")
+        raise NotFoundError(f"{root}: no standard-library .py files found; pass your own text to `gptforge demo`")
     return sorted(files)
 
 

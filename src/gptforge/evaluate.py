@@ -13,6 +13,7 @@ with different vocabularies, which perplexity per token cannot.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -23,7 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data.reading import read_text_file
+from .errors import DataError, OptionError
 from .model import GPT
+from .options import EvalOptions
 
 
 @dataclass
@@ -40,10 +44,24 @@ class EvalResult:
         return f"loss {self.loss:.4f}  perplexity {self.perplexity:.3f}  bits/byte {bpb}  tokens {self.tokens:,}"
 
 
+def bits_per_byte(loss: float, bytes_per_token: float | None) -> float | None:
+    """Bits per UTF-8 byte from a mean loss in nats per token (None when the bytes are unknown)."""
+    return loss / math.log(2) / bytes_per_token if bytes_per_token else None
+
+
 def _result(nats: float, count: int, bytes_count: int | None) -> EvalResult:
     loss = nats / count
-    bpb = nats / math.log(2) / bytes_count if bytes_count else None
-    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)), bits_per_byte=bpb, tokens=count)
+    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)),
+                      bits_per_byte=bits_per_byte(loss, bytes_count / count if bytes_count else None), tokens=count)
+
+
+def combine(results: Sequence[EvalResult]) -> EvalResult:
+    """One result for several inputs: tokens and nats summed (bits per byte when every input has it)."""
+    nats = sum(r.loss * r.tokens for r in results)
+    count = sum(r.tokens for r in results)
+    known = all(r.bits_per_byte for r in results)
+    nbytes = sum(r.loss * r.tokens / math.log(2) / r.bits_per_byte for r in results) if known else None
+    return _result(nats, count, nbytes)
 
 
 def sliding_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
@@ -63,25 +81,23 @@ def _as_tensor(tokens, start: int, end: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(tokens[start:end], dtype=np.int64))
 
 
-def _score(model: GPT, tokens, block_size: int | None, stride: int | None, batch_size: int,
-           max_tokens: int | None, device, autocast_dtype) -> tuple[float, int]:
+def _score(model: GPT, tokens, opts: EvalOptions, max_tokens: int | None, device, autocast_dtype) -> tuple[float, int]:
     """Total nats and number of predictions scored over one token stream."""
     n_ctx = model.config.n_positions
-    block_size = n_ctx if block_size is None else block_size
-    stride = block_size if stride is None else stride
+    block_size = n_ctx if opts.block_size is None else opts.block_size
+    stride = block_size if opts.stride is None else opts.stride
+    batch_size = opts.batch_size
     if not 0 < block_size <= n_ctx:
-        raise ValueError(f"block_size={block_size} must be between 1 and the model's context n_positions={n_ctx}")
+        raise OptionError(f"block_size={block_size} must be between 1 and the model's context n_positions={n_ctx}")
     if not 0 < stride <= block_size:
-        raise ValueError(f"stride={stride} must be between 1 and block_size={block_size}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+        raise OptionError(f"stride={stride} must be between 1 and block_size={block_size}")
     if isinstance(tokens, (list, tuple)):
         tokens = np.asarray(tokens, dtype=np.int64)
     if getattr(tokens, "ndim", 1) != 1:
-        raise ValueError(f"tokens must be a 1-D array of token ids, got shape {tuple(tokens.shape)}")
+        raise OptionError(f"tokens must be a 1-D array of token ids, got shape {tuple(tokens.shape)}")
     n = min(len(tokens), max_tokens) if max_tokens else len(tokens)
     if n < 2:
-        raise ValueError(f"need at least 2 tokens to score a prediction, got {n}")
+        raise DataError(f"need at least 2 tokens to score a prediction, got {n}")
     device = torch.device(device) if device is not None else model.transformer.wte.weight.device
     windows = sliding_windows(n, block_size, stride)
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -101,7 +117,7 @@ def _score(model: GPT, tokens, block_size: int | None, stride: int | None, batch
         y = torch.stack([_as_tensor(tokens, s + 1, e + 1) for s, e, _ in group])[:, -keep:].clone()
         lo, hi = min(x.min(), y.min()).item(), max(x.max(), y.max()).item()  # on the host: no device sync
         if lo < 0 or hi >= model.config.vocab_size:
-            raise ValueError(f"token ids {lo}..{hi} fall outside the model's vocab_size={model.config.vocab_size}; "
+            raise DataError(f"token ids {lo}..{hi} fall outside the model's vocab_size={model.config.vocab_size}; "
                              "were these tokens made with another tokenizer?")
         x = x.to(device, non_blocking=True)
         for row, (_, _, scored) in enumerate(group):
@@ -125,44 +141,35 @@ def _eval_mode(model: GPT) -> Iterator[None]:
         model.train(was)
 
 
+def _options(options: EvalOptions | None, overrides: dict) -> EvalOptions:
+    names = {f.name for f in dataclasses.fields(EvalOptions)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise OptionError(f"unknown evaluation option(s) {', '.join(unknown)}; choose from {', '.join(sorted(names))}")
+    return dataclasses.replace(options or EvalOptions(), **overrides)
+
+
 def evaluate_tokens(
     model: GPT,
     tokens,
+    options: EvalOptions | None = None,
     *,
-    block_size: int | None = None,
-    stride: int | None = None,
-    batch_size: int = 8,
     bytes_count: int | None = None,
-    max_tokens: int | None = None,
     device=None,
     autocast_dtype: torch.dtype | None = None,
+    **eval_options,
 ) -> EvalResult:
     """Sliding-window loss over a 1-D token array (list, numpy array or memmap, tensor).
 
-    `block_size` defaults to the model's context, `stride` to `block_size` (non-overlapping windows, what
-    training reports). `bytes_count` (the UTF-8 size of the text the tokens encode) gives bits per byte.
-    `max_tokens` scores only the first tokens of a long stream. The model's train/eval mode is restored.
+    Options are an `EvalOptions` and/or its fields as keywords: `block_size` defaults to the model's
+    context, `stride` to `block_size` (non-overlapping windows, what training reports), `max_tokens`
+    scores only the first tokens of a long stream. `bytes_count` (the UTF-8 size of the text the tokens
+    encode) gives bits per byte. The model's train/eval mode is restored.
     """
+    opts = _options(options, eval_options)
     with _eval_mode(model), torch.no_grad():
-        nats, count = _score(model, tokens, block_size, stride, batch_size, max_tokens, device, autocast_dtype)
+        nats, count = _score(model, tokens, opts, opts.max_tokens, device, autocast_dtype)
     return _result(nats, count, bytes_count)
-
-
-def read_text_file(path: str | os.PathLike) -> str:
-    """A UTF-8 text file's contents, or an error that names the file and what is wrong with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    data = path.read_bytes()
-    if b"\x00" in data[:8192]:
-        raise ValueError(f"{path}: looks like a binary file (NUL bytes); give a UTF-8 text file")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 (byte {e.start}); convert it, e.g. `iconv -f latin1 -t utf-8`") from None
-    if not text.strip():
-        raise ValueError(f"{path}: the file is empty; there is nothing to evaluate")
-    return text
 
 
 def _is_file_name(item) -> bool:
@@ -175,13 +182,11 @@ def evaluate_text(
     model: GPT,
     tokenizer,
     texts_or_files: str | os.PathLike | Sequence[str | os.PathLike],
+    options: EvalOptions | None = None,
     *,
-    block_size: int | None = None,
-    stride: int | None = None,
-    batch_size: int = 8,
-    max_tokens: int | None = None,
     device=None,
     autocast_dtype: torch.dtype | None = None,
+    **eval_options,
 ) -> EvalResult:
     """Loss, perplexity and bits per byte of texts, or of the UTF-8 files they name.
 
@@ -189,25 +194,32 @@ def evaluate_text(
     predicted too and every byte is accounted for; totals are summed over the texts. Path objects, and
     strings that name an existing file, are read as files; other strings are the text itself.
     """
+    opts = _options(options, eval_options)
+    max_tokens = opts.max_tokens
     items = [texts_or_files] if isinstance(texts_or_files, (str, os.PathLike)) else list(texts_or_files)
     if not items:
-        raise ValueError("no texts or files to evaluate")
+        raise OptionError("no texts or files to evaluate")
     nats, count, nbytes = 0.0, 0, 0
     with _eval_mode(model), torch.no_grad():
         for item in items:
-            text = read_text_file(item) if _is_file_name(item) else item
-            if not text:
-                continue
-            ids = [tokenizer.eos_id] + list(tokenizer.encode(text))
             left = max_tokens - count if max_tokens else None
             if left is not None and left < 2:
                 break
-            n, c = _score(model, ids, block_size, stride, batch_size, left, device, autocast_dtype)
+            text = read_text_file(item) if _is_file_name(item) else item
+            if not text:
+                continue
+            ids = None
+            if left is not None and len(text) > 64 * left:  # encode only the start of a long text (64 chars a token is plenty)
+                ids = [tokenizer.eos_id] + list(tokenizer.encode(text[: 64 * left]))
+                text = text[: 64 * left] if len(ids) > left + 1 else text  # the last token may end mid-word
+            if ids is None or len(ids) <= left + 1:
+                ids = [tokenizer.eos_id] + list(tokenizer.encode(text))
+            n, c = _score(model, ids, opts, left, device, autocast_dtype)
             nats, count = nats + n, count + c
             # Bytes of the text actually scored (all of it unless max_tokens cut it short).
             nbytes += len(text.encode("utf-8")) if c == len(ids) - 1 else len(tokenizer.decode(ids[1:c + 1]).encode("utf-8"))
     if count == 0:
-        raise ValueError("the texts are empty; there is nothing to evaluate")
+        raise DataError("the texts are empty; there is nothing to evaluate")
     return _result(nats, count, nbytes)
 
 
@@ -217,15 +229,15 @@ def evaluate_prepared(model: GPT, folder: str | os.PathLike, split: str = "val",
     Bits per byte uses the split's bytes per token from meta.json, the same figure training reports.
     `options` are those of `evaluate_tokens`.
     """
-    from .data import load_meta, load_split
+    from .data.shards import load_meta, load_split
 
     info = load_meta(folder).get(split) or {}
     if not info.get("tokens"):
-        raise ValueError(f"{folder}: the prepared dataset has no {split!r} tokens; prepare it with a validation split")
+        raise DataError(f"{folder}: the prepared dataset has no {split!r} tokens; prepare it with a validation split")
     r = evaluate_tokens(model, load_split(folder, split), **options)
-    if info.get("bytes"):
-        r.bits_per_byte = r.loss / math.log(2) / (info["bytes"] / info["tokens"])
+    r.bits_per_byte = bits_per_byte(r.loss, info["bytes"] / info["tokens"] if info.get("bytes") else None)
     return r
 
 
-__all__ = ["EvalResult", "evaluate_prepared", "evaluate_text", "evaluate_tokens", "read_text_file", "sliding_windows"]
+__all__ = ["EvalOptions", "EvalResult", "bits_per_byte", "combine", "evaluate_prepared", "evaluate_text", "evaluate_tokens",
+           "read_text_file", "sliding_windows"]

@@ -12,61 +12,16 @@ recomputed from scratch, so the model always sees positions it was trained on.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 import warnings
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
-from .model import GPT, cpu_inference_weights
-
-
-@dataclass
-class SamplingOptions:
-    """Generation options and their defaults (the CLI reads its defaults from here).
-
-    `temperature=0` or `do_sample=False` means greedy decoding; `top_k=0` and `top_p=1` switch those
-    filters off; `repetition_penalty=1` and `no_repeat_ngram_size=0` too.
-    """
-
-    max_new_tokens: int = 100
-    min_new_tokens: int = 0
-    do_sample: bool = True
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    num_samples: int = 1
-    batch_size: int = 8
-    seed: int | None = None
-
-    def validate(self) -> None:
-        def bad(name: str, value, why: str):
-            raise ValueError(f"{name}={value!r}: {why}")
-
-        for name in ("max_new_tokens", "min_new_tokens", "top_k", "no_repeat_ngram_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                bad(name, value, "must be an integer >= 0")
-        for name in ("num_samples", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                bad(name, value, "must be an integer >= 1")
-        if self.min_new_tokens > self.max_new_tokens:
-            bad("min_new_tokens", self.min_new_tokens, f"is above max_new_tokens={self.max_new_tokens}; lower it or raise max_new_tokens")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            bad("temperature", self.temperature, "must be >= 0 (0 means greedy decoding)")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", self.top_p, "must be in (0, 1]; 1 switches top-p filtering off")
-        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
-            bad("repetition_penalty", self.repetition_penalty, "must be > 0 (1 means no penalty, > 1 discourages repeats)")
-
-    @property
-    def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0
+from .checkpoint import load_model_and_tokenizer  # noqa: F401  (re-exported: generation's usual first step)
+from .errors import OptionError
+from .kernels import cpu_inference_weights
+from .model import GPT
+from .options import SamplingOptions
 
 
 # --- logits processors (each the counterpart of one transformers LogitsProcessor) ------------------
@@ -167,7 +122,6 @@ def _pick(scores: torch.Tensor, greedy: bool, generator: torch.Generator | None)
 
 
 Callback = Callable[[int, list[int]], bool | None]
-_D = SamplingOptions()  # the defaults, written once
 
 
 def _as_prompts(input_ids) -> list[list[int]]:
@@ -182,48 +136,37 @@ def _as_prompts(input_ids) -> list[list[int]]:
 def generate_ids(
     model: GPT,
     input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+    options: SamplingOptions | None = None,
     *,
-    max_new_tokens: int = _D.max_new_tokens,
-    min_new_tokens: int = _D.min_new_tokens,
-    do_sample: bool = _D.do_sample,
-    temperature: float = _D.temperature,
-    top_k: int = _D.top_k,
-    top_p: float = _D.top_p,
-    repetition_penalty: float = _D.repetition_penalty,
-    no_repeat_ngram_size: int = _D.no_repeat_ngram_size,
-    num_samples: int = _D.num_samples,
-    batch_size: int = _D.batch_size,
-    seed: int | None = _D.seed,
     eos_id: int | None = -1,
     context_keep: int | None = None,
     callback: Callback | None = None,
+    **sampling,
 ) -> list[list[int]]:
     """Generate from token-id prompts; returns the new tokens of each sample (without eos).
 
     `input_ids` is one prompt (list of ids or 1-D tensor) or several (list of lists or a 2-D tensor).
-    The sampling options are those of `SamplingOptions` (see there and transformers' `generate`). Each
-    prompt gives `num_samples` samples, in order: prompt 0's samples first. Sampling stops at
+    The sampling options are a `SamplingOptions` and/or its fields as keywords (`max_new_tokens=`,
+    `temperature=`, `top_k=`, ...; see there and transformers' `generate`). Each prompt gives `num_samples` samples, in order: prompt 0's samples first. Sampling stops at
     `eos_id` (default: the model's eos_token_id; None to never stop early). An empty prompt starts
     from eos. A prompt longer than the context keeps its last n_positions tokens, with a warning.
     `callback(row, new_ids)` is called after every new token of an unfinished row (for streaming and
     stop strings); returning True ends that row.
     """
-    opts = SamplingOptions(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
-                           no_repeat_ngram_size, num_samples, batch_size, seed)
-    opts.validate()
+    opts = SamplingOptions.make(options, **sampling)
     n_ctx = model.config.n_positions
     if eos_id == -1:
         eos_id = model.config.eos_token_id
     keep = max(1, n_ctx * 3 // 4) if context_keep is None else context_keep
     if not 0 < keep < n_ctx:
-        raise ValueError(f"context_keep={context_keep} must be between 1 and n_positions-1={n_ctx - 1}")
+        raise OptionError(f"context_keep={context_keep} must be between 1 and n_positions-1={n_ctx - 1}")
     prompts = []
     vocab = model.config.vocab_size
     for p in _as_prompts(input_ids):
         if not p:
             p = [eos_id if eos_id is not None else model.config.eos_token_id]
         if min(p) < 0 or max(p) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab}) (the model's vocab_size); got {min(p)}..{max(p)}")
+            raise OptionError(f"prompt token ids must be in [0, {vocab}) (the model's vocab_size); got {min(p)}..{max(p)}")
         if len(p) > n_ctx:
             warnings.warn(f"prompt of {len(p)} tokens is longer than the model's context ({n_ctx}); keeping its last {n_ctx} tokens")
             p = p[-n_ctx:]
@@ -376,36 +319,25 @@ def generate(
     model: GPT,
     tokenizer,
     prompt: str | list[str] = "",
+    options: SamplingOptions | None = None,
     *,
-    max_new_tokens: int = _D.max_new_tokens,
-    min_new_tokens: int = _D.min_new_tokens,
-    do_sample: bool = _D.do_sample,
-    temperature: float = _D.temperature,
-    top_k: int = _D.top_k,
-    top_p: float = _D.top_p,
-    repetition_penalty: float = _D.repetition_penalty,
-    no_repeat_ngram_size: int = _D.no_repeat_ngram_size,
-    num_samples: int = _D.num_samples,
-    batch_size: int = _D.batch_size,
-    seed: int | None = _D.seed,
     stop: str | Sequence[str] | None = None,
     include_prompt: bool = True,
     stream: Callable[[int, str], None] | None = None,
     context_keep: int | None = None,
+    **sampling,
 ) -> list[str]:
     """Generate text: one string per sample, prompt 0's `num_samples` samples first.
 
-    The sampling options are those of `SamplingOptions` and `generate_ids`.
+    The sampling options are a `SamplingOptions` and/or its fields as keywords, as in `generate_ids`.
     Generation stops at the tokenizer's end-of-text token and at the first of the `stop` strings (which
     is not included). `stream(sample, text)` receives each piece of final text as soon as it is known.
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
-        raise ValueError("no prompt given; pass a string (\"\" starts from <|endoftext|>) or a list of strings")
+        raise OptionError("no prompt given; pass a string (\"\" starts from <|endoftext|>) or a list of strings")
     stop = [stop] if isinstance(stop, str) else list(stop or [])
-    opts = SamplingOptions(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
-                           no_repeat_ngram_size, num_samples, batch_size, seed)
-    opts.validate()
+    opts = SamplingOptions.make(options, **sampling)
     n = opts.num_samples
     texts = [_StopText(tokenizer, stop) for _ in range(len(prompts) * n)]
     started = [False] * len(texts)
@@ -426,8 +358,7 @@ def generate(
 
     eos = tokenizer.eos_id
     ids = generate_ids(model, [tokenizer.encode(p) if p else [] for p in prompts], eos_id=eos,
-                       context_keep=context_keep, callback=on_token if (stop or stream) else None,
-                       **dataclasses.asdict(opts))
+                       context_keep=context_keep, callback=on_token if (stop or stream) else None, options=opts)
     out = []
     for row, new in enumerate(ids):
         t = texts[row]
@@ -437,45 +368,12 @@ def generate(
     return out
 
 
-def load_model_and_tokenizer(model_path, tokenizer_path=None, device: str = "auto", dtype: torch.dtype | None = None):
-    """A model folder (or hub id) and its tokenizer, ready to generate: eval mode, on `device`.
-
-    The tokenizer comes from the model folder unless `tokenizer_path` names another one. `dtype=None`
-    keeps fp32 on CPU and uses bf16 weights on a CUDA GPU that supports it (decoding is memory-bound).
-    """
-    from .checkpoint import load_model, resolve_model_path
-    from .tokenizer import load_tokenizer
-    from .train import resolve_device
-
-    dev = resolve_device(device)
-    if dtype is None and dev.type == "cuda" and torch.cuda.is_bf16_supported():
-        dtype = torch.bfloat16
-    path = resolve_model_path(model_path)
-    folder = path if path.is_dir() else path.parent
-    model = load_model(path, device=dev, dtype=dtype)
-    try:
-        tokenizer = load_tokenizer(tokenizer_path or folder)
-    except FileNotFoundError:
-        if tokenizer_path is not None:
-            raise
-        raise FileNotFoundError(
-            f"{folder}: the model folder has no tokenizer (tokenizer.json, or vocab.json + merges.txt); pass "
-            "--tokenizer PATH, or attach one for good by saving it into the folder: "
-            f"`gptforge.load_tokenizer(PATH).save({str(folder)!r})`"
-        ) from None
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{tokenizer.source}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
-                         f"{folder} only {model.config.vocab_size}; use the tokenizer the model was trained with")
-    return model, tokenizer
-
-
 __all__ = [
     "SamplingOptions",
     "apply_repetition_penalty",
     "apply_temperature",
     "generate",
     "generate_ids",
-    "load_model_and_tokenizer",
     "process_logits",
     "top_k_filter",
     "top_p_filter",

@@ -3,14 +3,12 @@
 Module and parameter names follow transformers' GPT2LMHeadModel (`transformer.h.0.attn.c_attn.weight`, ...)
 so that a state dict maps one to one; the only difference is that our projections are `nn.Linear`
 (weight stored (out, in)) where transformers uses Conv1D (weight stored (in, out)). `checkpoint.py`
-transposes those on the way in and out.
+transposes those on the way in and out. The products and the loss head go through `kernels.py`, which
+holds the CPU fast paths; this file is the network alone.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import platform
-import weakref
 
 import torch
 import torch.nn as nn
@@ -18,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import GPTConfig
+from .kernels import Linear, linear_cross_entropy
 
 
 def _activation(name: str):
@@ -59,175 +58,6 @@ class KVCache:
         """Keep only the batch rows in `index` (e.g. dropping finished sequences)."""
         self.k = [t.index_select(0, index) for t in self.k]
         self.v = [t.index_select(0, index) for t in self.v]
-
-
-# On x86 CPUs, fp32 matrix products go through oneDNN rather than the BLAS that torch.mm calls: on the 2-core
-# AMD EPYC we measure on, oneDNN ran them at 2.0-2.4x the BLAS rate (docs/benchmarks.md), same fp32 math.
-def _has_onednn_ops() -> bool:
-    """Whether this torch build has the (internal) oneDNN linear ops we call; a build without them keeps F.linear."""
-    try:
-        torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
-_ONEDNN = (torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
-           and _has_onednn_ops())
-
-
-def _onednn_ok(x: torch.Tensor) -> bool:
-    return (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias) through oneDNN (fp32 CPU tensors; no autograd)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for 2-D fp32 CPU tensors, through oneDNN where it is used. `b.t()` is passed as a strided view:
-    oneDNN reads it in place, where a contiguous copy of the (vocab x width) head weight for every chunk of
-    the loss cost more than the product (gpt2 head with its gradients: 1.97 s with the copy, 1.50 s without)."""
-    return _linear(a.contiguous(), b.t()) if _onednn_ok(a) else a @ b
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    """`F.linear` with its three products (forward, input gradient, weight gradient) done by oneDNN."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        g = grad.reshape(-1, grad.size(-1))
-        grad_x = _matmul(g, weight).view(x.shape) if ctx.needs_input_grad[0] else None
-        grad_w = _matmul(g.t(), x.reshape(-1, x.size(-1))) if ctx.needs_input_grad[1] else None
-        grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, through oneDNN for fp32 on x86 CPUs (see _ONEDNN), the plain call elsewhere."""
-    if _onednn_ok(x) and weight.dtype == torch.float32:
-        return _OneDNNLinear.apply(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, same state dict) whose products go through `linear`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of `x @ weight.T` against `targets`, a few hundred rows at a time.
-
-    The (tokens, vocab) logits are never held whole: each chunk's logits live in cache just long enough
-    for their log-sum-exp and, when gradients are wanted, their softmax - one-hot, whose products with
-    `weight` and `x` are the gradients. So the gradients are computed in the forward pass and only scaled
-    in the backward. Same products as the plain path, without the three (tokens, vocab) passes through
-    memory; for `gpt2` at 8 x 1024 tokens that is 1.6 GB of fp32 logits not allocated.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        rows = max(256, 2**21 // weight.size(0))
-        valid = targets != -100
-        safe = targets.clamp(min=0)
-        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        total = x.new_zeros((), dtype=torch.float32)
-        for s in range(0, x.size(0), rows):
-            xs, ts, vs = x[s : s + rows], safe[s : s + rows], valid[s : s + rows]
-            z = _matmul(xs, weight.t()).float()
-            target = z.gather(1, ts[:, None]).squeeze(1)
-            top = z.amax(dim=1, keepdim=True)
-            e = z.sub_(top).exp_()  # exp(z - max), in place: one exp pass serves the loss and the softmax
-            total_e = e.sum(dim=1)
-            total += ((top.squeeze(1) + total_e.log() - target) * vs).sum()  # log-sum-exp - target logit
-            if grad_x is None and grad_w is None:
-                continue
-            p = e.mul_((vs / total_e)[:, None])  # softmax, zero on ignored rows
-            p[torch.arange(p.size(0), device=p.device), ts] -= vs.to(p.dtype)
-            p = p.to(x.dtype)
-            if grad_x is not None:
-                grad_x[s : s + rows] = _matmul(p, weight)
-            if grad_w is not None:
-                grad_w += _matmul(p.t(), xs)
-        scale = 1.0 / valid.sum().clamp(min=1)
-        ctx.save_for_backward(grad_x, grad_w, scale)
-        return total * scale
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad_x, grad_w, scale = ctx.saved_tensors
-        g = grad * scale
-        return (grad_x * g if grad_x is not None else None), (grad_w * g if grad_w is not None else None), None
-
-
-def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """`F.cross_entropy(x @ weight.T, targets, ignore_index=-100)` for x (N, C), weight (V, C), targets (N,).
-
-    On the CPU in fp32 it runs chunk by chunk (`_LinearCrossEntropy`: less memory, faster); elsewhere
-    (CUDA, autocast), where torch.compile fuses the plain form and mixed precision needs its casts, it is
-    the plain form.
-    """
-    if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
-        return _LinearCrossEntropy.apply(x, weight, targets)
-    return F.cross_entropy((x @ weight.t()).float(), targets, ignore_index=-100)
-
-
-_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # nn.Linear -> (weight key, packed weight)
-
-
-def _packed_weight(linear: nn.Linear) -> torch.Tensor:
-    """`linear.weight` reordered for oneDNN, made once and reused until the weight changes (in-place
-    updates bump the tensor's version, a new tensor changes its address); freed with the layer."""
-    w = linear.weight
-    key = (w.data_ptr(), w._version)
-    cached = _PACKED.get(linear)
-    if cached is None or cached[0] != key:
-        cached = _PACKED[linear] = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1))
-    return cached[1]
-
-
-@contextlib.contextmanager
-def cpu_inference_weights(model: nn.Module, keep: bool = True):
-    """For the duration, the model's `nn.Linear` layers multiply with oneDNN-packed copies of their fp32 CPU
-    weights (gradients off). Same products, same results up to float rounding; for decoding, where each step
-    multiplies a few rows by every weight, about twice as fast as the plain BLAS call on a 2-core x86 CPU
-    (docs/benchmarks.md). The copies cost as much memory as the weights and are made on first use (~0.15 s
-    for `gpt2`); with `keep` they are reused by later calls while the weights stay unchanged, without it
-    (a model in training, whose weights change anyway) they are dropped on exit. Elsewhere (CUDA, bf16,
-    no oneDNN) it does nothing.
-    """
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.device.type == "cpu"
-               and m.weight.dtype == torch.float32]
-    if not linears or not _ONEDNN:
-        yield model
-        return
-    def packed_forward(linear: nn.Linear):
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            if torch.is_grad_enabled() or not _onednn_ok(x):
-                return type(linear).forward(linear, x)  # the layer's own path
-            return _linear(x, _packed_weight(linear), linear.bias)
-        return forward
-    try:
-        for m in linears:
-            m.forward = packed_forward(m)
-        yield model
-    finally:
-        for m in linears:
-            m.__dict__.pop("forward", None)
-            if not keep:
-                _PACKED.pop(m, None)
 
 
 class CausalSelfAttention(nn.Module):

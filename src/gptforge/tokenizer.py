@@ -28,15 +28,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .errors import NotFoundError, TokenizerError
+
 EOS = "<|endoftext|>"
 UNK = "<|unk|>"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 # GPT-2's pre-tokenizer split pattern, as the tokenizers library's ByteLevel pre-tokenizer applies it.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file that cannot be used, or options that cannot build one."""
 
 
 @lru_cache(maxsize=1)
@@ -200,7 +198,7 @@ class Tokenizer:
 
         transformers' AutoTokenizer opens the folder and gives the same ids; each file is replaced atomically.
         """
-        from .checkpoint import atomic_write
+        from .fsio import atomic_write
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -326,7 +324,7 @@ def _bpe_from_vocab_merges(vocab_file: Path, merges_file: Path):
 
     for f in (vocab_file, merges_file):
         if not f.is_file():
-            raise FileNotFoundError(f"{f}: no such file; a GPT-2 tokenizer needs vocab.json and merges.txt side by side")
+            raise NotFoundError(f"{f}: no such file; a GPT-2 tokenizer needs vocab.json and merges.txt side by side")
     try:
         vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -358,14 +356,14 @@ def load_tokenizer(path: str | os.PathLike, merges_file: str | os.PathLike | Non
 
     path = Path(path)
     if isinstance(path, Path) and not path.exists():
-        raise FileNotFoundError(f"{path}: no such tokenizer folder or file")
+        raise NotFoundError(f"{path}: no such tokenizer folder or file")
     if path.is_dir():
         if (path / "tokenizer.json").is_file() and merges_file is None:
             path = path / "tokenizer.json"
         elif (path / "vocab.json").is_file():
             path = path / "vocab.json"
         else:
-            raise FileNotFoundError(f"{path}: no tokenizer here (looked for tokenizer.json, vocab.json + merges.txt); "
+            raise NotFoundError(f"{path}: no tokenizer here (looked for tokenizer.json, vocab.json + merges.txt); "
                                     "train one with `gptforge tokenizer train`")
     if path.name.endswith(".json") and merges_file is None and path.name != "vocab.json":
         try:
@@ -403,7 +401,7 @@ def train_tokenizer(
                              f"use at least {258 if kind == 'bpe' else 3} (e.g. --vocab-size 5000)")
     if min_frequency < 1:
         raise TokenizerError(f"min_frequency={min_frequency} must be at least 1")
-    from .data import iter_texts
+    from .data.reading import iter_texts
 
     paths = [files] if isinstance(files, (str, os.PathLike)) else list(files or [])
     stream = iter_texts(paths, **read_options) if paths else iter(())

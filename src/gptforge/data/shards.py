@@ -1,0 +1,388 @@
+"""`prepare`: documents in, token shards out (streaming, parallel, bounded memory), and reading them back.
+
+  main process: read files in blocks -> decode -> split into documents -> jobs of ~1 MB of text
+  worker processes: clean (NFC, control characters, regex removals) -> encode (Tokenizer.encode_array,
+                tiktoken when exact) -> token arrays + per-document byte counts and hashes
+  main process: drop exact duplicates, route each document to train or val (seeded, by document),
+                append tokens to `uint16`/`uint32` shards in a temporary folder that becomes `out_dir` in one rename
+
+Only a bounded window of jobs is in flight, so peak memory depends on the job size and the number of
+workers, not on the corpus. Each split's stream starts with `<|endoftext|>` and every document (or
+line-by-line sample) is followed by one, so every sample is wrapped in `<|endoftext|>` on both sides.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError, NotFoundError
+from ..fsio import atomic_dir
+from ..tokenizer import EOS, Tokenizer, load_tokenizer
+from .reading import JOB_CHARS, ReadOptions, clean, fingerprint_file, iter_pieces, resolve_inputs
+
+FORMAT = "gptforge-tokens-1"
+SHARD_TOKENS = 100_000_000
+
+
+# --- encoding jobs (run in worker processes) -------------------------------------------------------------
+
+
+_worker: dict = {}
+
+
+def _init_worker(tokenizer: Tokenizer, opts: ReadOptions, dtype: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no nested thread pools
+    _worker.update(tokenizer=tokenizer, opts=opts, dtype=np.dtype(dtype))
+
+
+def _encode_job(texts: list[str], ends: list[bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Clean and encode one job: (tokens with <|endoftext|> after each finished document, tokens per text
+    including that separator, UTF-8 bytes per text, 64-bit hash per text or None)."""
+    tok: Tokenizer = _worker["tokenizer"]
+    opts: ReadOptions = _worker["opts"]
+    if opts.nfc or opts.drop_control or opts.remove:
+        texts = [clean(t, opts) for t in texts]
+    finished = np.asarray(ends, dtype=bool)
+    if any(EOS in t for t in texts):  # a literal <|endoftext|> in the text: encode texts one by one
+        arrays = [np.append(tok.encode_array(t), [tok.eos_id] * e) for t, e in zip(texts, ends)]
+        ids = np.concatenate(arrays)
+        counts = np.array([len(a) for a in arrays], dtype=np.int64)
+    else:  # one call for the whole job; the separators tell the texts apart again
+        ids = tok.encode_array(EOS.join(texts) + EOS)
+        cuts = np.flatnonzero(ids == tok.eos_id)
+        counts = np.diff(cuts, prepend=-1)
+        ids = np.delete(ids, cuts[~finished])  # a piece that the next text continues gets no separator
+        counts[~finished] -= 1
+    nbytes = np.array([len(t.encode("utf-8", "surrogatepass")) for t in texts], dtype=np.int64)
+    hashes = None
+    if opts.dedupe:
+        hashes = np.array([int.from_bytes(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+                           for t in texts], dtype=np.uint64)
+    return ids.astype(_worker["dtype"]), counts, nbytes, hashes
+
+
+def _run_jobs(jobs, tokenizer: Tokenizer, opts: ReadOptions, dtype: str, workers: int):
+    """(job, result of `_encode_job`) in input order, with at most 2 jobs per worker in flight (bounded memory)."""
+    if workers <= 1:
+        _init_worker(tokenizer, opts, dtype)
+        for job in jobs:
+            yield job, _encode_job(job[0], job[1])
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork: workers start in milliseconds and a user's script needs no `if __name__ == "__main__"` guard
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_init_worker,
+                             initargs=(tokenizer, opts, dtype)) as pool:
+        window: deque = deque()
+        try:
+            for job in jobs:
+                window.append((job, pool.submit(_encode_job, job[0], job[1])))
+                if len(window) >= 2 * workers:
+                    job, fut = window.popleft()
+                    yield job, fut.result()
+            while window:
+                job, fut = window.popleft()
+                yield job, fut.result()
+        finally:
+            for _, fut in window:
+                fut.cancel()
+
+
+# --- writing shards ------------------------------------------------------------------------------------
+
+
+class _ShardWriter:
+    """Appends one split's tokens to numbered shard files; the stream starts with <|endoftext|>."""
+
+    def __init__(self, folder: Path, split: str, dtype: np.dtype, eos_id: int, shard_tokens: int):
+        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+        self.eos = np.array([eos_id], dtype=dtype)
+        self.tokens = self.bytes = self.documents = 0
+        self.shards: list[dict] = []
+        self._file = None
+        self._in_shard = 0
+
+    def write(self, ids: np.ndarray) -> None:
+        if self.tokens == 0 and len(ids):
+            ids = np.concatenate([self.eos, ids])
+        while len(ids):
+            if self._file is None or self._in_shard >= self.shard_tokens:
+                self._open()
+            take = ids[: self.shard_tokens - self._in_shard]
+            self._file.write(take.tobytes())
+            self._in_shard += len(take)
+            self.shards[-1]["tokens"] += len(take)
+            self.tokens += len(take)
+            ids = ids[len(take):]
+
+    def _open(self) -> None:
+        if self._file:
+            self._file.close()
+        name = f"{self.split}_{len(self.shards):04d}.bin"
+        self._file = open(self.folder / name, "wb")
+        self.shards.append({"file": name, "tokens": 0})
+        self._in_shard = 0
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None
+
+    def summary(self) -> dict:
+        return {"tokens": self.tokens, "bytes": self.bytes, "documents": self.documents, "shards": self.shards}
+
+
+def _carve_tail(folder: Path, train: dict, val: dict, fraction: float, dtype: np.dtype, byte_lengths: np.ndarray) -> None:
+    """Move the last `fraction` of the train tokens into val (for corpora with too few documents to split)."""
+    k = int(train["tokens"] * fraction)
+    if k < 2:
+        return
+    tail = load_split_from(folder, train, dtype)
+    tail = np.asarray(tail[len(tail) - k:]).copy()
+    name = "val_0000.bin"
+    tail.tofile(folder / name)
+    val.update(tokens=k, documents=1, shards=[{"file": name, "tokens": k}], bytes=int(byte_lengths[tail].sum()))
+    train["bytes"] -= val["bytes"]
+    remove = k
+    for shard in reversed(train["shards"]):
+        cut = min(remove, shard["tokens"])
+        shard["tokens"] -= cut
+        os.truncate(folder / shard["file"], shard["tokens"] * dtype.itemsize)
+        remove -= cut
+    for shard in [s for s in train["shards"] if s["tokens"] == 0]:
+        (folder / shard["file"]).unlink()
+    train["shards"] = [s for s in train["shards"] if s["tokens"]]
+    train["tokens"] -= k
+
+
+# --- prepare ------------------------------------------------------------------------------------------
+
+
+def _jobs(files: list[Path], val_files: list[Path], opts: ReadOptions):
+    """(texts, ends, source split) of ~JOB_CHARS each; a job never mixes train and val inputs."""
+    for split, group in (("train", files), ("val", val_files)):
+        texts, ends = [], []
+        for t, e in iter_pieces(group, opts):
+            texts += t
+            ends += e
+            if sum(map(len, texts)) >= JOB_CHARS:
+                yield texts, ends, split
+                texts, ends = [], []
+        if texts:
+            yield texts, ends, split
+
+
+def _route(results, writers: dict, val_fraction: float, rng: np.random.Generator, bar) -> None:
+    """Write each encoded document to its split: a val input's to val, otherwise val with probability
+    `val_fraction`; empty documents and (with dedupe) repeats are dropped. A document cut into several
+    texts keeps one label across jobs."""
+    seen: set[int] = set()
+    carried = -1  # split (0 train, 1 val) of a document that continues into the next job, else -1
+    for (_, ends, source), (ids, counts, nbytes, hashes) in results:
+        ends = np.asarray(ends, dtype=bool)
+        k = len(ends)
+        starts = np.concatenate([[carried < 0], ends[:-1]])  # texts that begin a document
+        whole = starts & ends
+        keep = ~(whole & (counts <= 1))  # documents with no text left after cleaning
+        if hashes is not None:
+            for i in np.flatnonzero(whole & keep):
+                h = int(hashes[i])
+                keep[i] = h not in seen
+                seen.add(h)
+        label = np.zeros(k, dtype=np.int64)
+        if source == "val":
+            label[:] = 1
+        elif val_fraction > 0:
+            new = starts & keep
+            label[new] = rng.random(int(new.sum())) < val_fraction
+            # continuation texts take the label of the document they continue
+            first = np.maximum.accumulate(np.where(starts, np.arange(k), -1))
+            label = np.where(first >= 0, label[np.maximum(first, 0)], carried)
+        carried = -1 if ends[-1] else int(label[-1])
+        per_token = np.repeat(np.where(keep, label, -1), counts)
+        for s, name in enumerate(("train", "val")):
+            w = writers[name]
+            w.write(ids[per_token == s])
+            mine = keep & (label == s)
+            w.bytes += int(nbytes[mine].sum())
+            w.documents += int((mine & ends).sum())
+        if bar is not None:
+            bar.update(int(nbytes.sum()))
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 65535 else "uint32"
+
+
+def prepare(
+    inputs,
+    tokenizer: Tokenizer | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    line_by_line: bool = False,
+    val_fraction: float = 0.1,
+    val_inputs=None,
+    seed: int = 0,
+    workers: int | None = None,
+    shard_tokens: int = SHARD_TOKENS,
+    force: bool = False,
+    progress: bool = False,
+    **read_options,
+) -> dict:
+    """Tokenize `inputs` into train/val token shards in `out_dir` and return its meta.json contents.
+
+    `inputs`: files, folders (recursive, by `extensions`), glob patterns, .csv/.tsv (`column`, `header`) and
+    .jsonl (`field`). Documents are blank-line blocks of text files, or rows; with `line_by_line` each line
+    is a sample. Each document goes to val with probability `val_fraction` (seeded); `val_inputs` instead
+    names the validation text. When the corpus has too few documents for that (one book without blank
+    lines), the last `val_fraction` of the tokens becomes val (meta "val_split": "tail").
+    Running it again with the same inputs, options and tokenizer reuses the shards (meta "reused": True).
+    Other keywords are `ReadOptions` (cleaning, encoding errors, ...).
+    """
+    opts = ReadOptions(line_by_line=line_by_line, **read_options)
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val-fraction {val_fraction} must be in [0, 1)")
+    if not (isinstance(shard_tokens, int) and shard_tokens > 0):
+        raise DataError(f"--shard-tokens {shard_tokens!r}: must be a positive number of tokens (default {SHARD_TOKENS:,})")
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+    out_dir = Path(out_dir)
+    files = resolve_inputs(inputs, opts.extensions)
+    val_files = resolve_inputs(val_inputs, opts.extensions) if val_inputs else []
+    dtype = token_dtype(tok.vocab_size)
+    # what decides the tokens; `extensions` only chose the files, which are fingerprinted themselves
+    options = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(opts).items() if k != "extensions"}
+    options.update(val_fraction=0.0 if val_files else val_fraction, seed=seed, shard_tokens=shard_tokens)
+    inputs_fp = [fingerprint_file(p) for p in files]
+    val_fp = [fingerprint_file(p) for p in val_files]
+    key = json.dumps([FORMAT, tok.fingerprint, [f["blake2b"] for f in inputs_fp], [f["blake2b"] for f in val_fp], options], sort_keys=True)
+    fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    if out_dir.exists() and any(out_dir.iterdir()):
+        old = _read_meta(out_dir) if (out_dir / "meta.json").is_file() else None
+        if old is None:
+            raise DataError(f"{out_dir}: folder exists and is not a prepared dataset (no meta.json); "
+                            "choose a new or empty --out folder so nothing of yours is overwritten")
+        if old.get("fingerprint") == fingerprint and not force and _complete(out_dir, old):
+            return {**old, "reused": True}
+
+    started = time.time()
+    total = sum(f["bytes"] for f in inputs_fp + val_fp)
+    # starting processes costs more than it saves on small inputs
+    workers = 1 if total < 4 * JOB_CHARS else min(os.cpu_count() or 1, 8) if workers is None else workers
+    bar = _progress_bar(total) if progress else None
+    with atomic_dir(out_dir) as tmp:
+        writers = {s: _ShardWriter(tmp, s, np.dtype(dtype), tok.eos_id, shard_tokens) for s in ("train", "val")}
+        try:
+            results = _run_jobs(_jobs(files, val_files, opts), tok, opts, dtype, workers)
+            _route(results, writers, 0.0 if val_files else val_fraction, np.random.default_rng(seed), bar)
+        finally:
+            for w in writers.values():
+                w.close()
+            if bar is not None:
+                bar.close()
+        train, val = writers["train"].summary(), writers["val"].summary()
+        if train["tokens"] == 0:
+            raise DataError(f"no text left in {', '.join(map(str, files))} after cleaning; check --remove and the inputs")
+        val_split = "file" if val_files else "documents"
+        if not val_files and val_fraction > 0 and val["tokens"] == 0:
+            _carve_tail(tmp, train, val, val_fraction, np.dtype(dtype), tok.token_byte_lengths())
+            val_split = "tail"
+        meta = dict(format=FORMAT, fingerprint=fingerprint, dtype=dtype, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
+                    tokenizer={"fingerprint": tok.fingerprint, "kind": tok.kind, "source": tok.source},
+                    inputs=inputs_fp, val_inputs=val_fp, options=options, val_split=val_split, workers=workers,
+                    train=train, val=val, seconds=round(time.time() - started, 3))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        tok.save(tmp / "tokenizer")  # the exact tokenizer the ids belong to
+    return {**meta, "reused": False}
+
+
+def _progress_bar(total_bytes: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", file=sys.stderr)
+
+
+def _read_meta(data_dir: Path) -> dict:
+    try:
+        return json.loads((data_dir / "meta.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{data_dir / 'meta.json'}: damaged ({e}); run `gptforge prepare` again") from None
+
+
+def _complete(data_dir: Path, meta: dict) -> bool:
+    size = np.dtype(meta["dtype"]).itemsize
+    return all((data_dir / s["file"]).is_file() and (data_dir / s["file"]).stat().st_size == s["tokens"] * size
+               for split in ("train", "val") for s in meta[split]["shards"])
+
+
+# --- reading shards back ------------------------------------------------------------------------------
+
+
+class ShardedTokens:
+    """Several shard memmaps seen as one 1-D token array (slicing may cross shard edges)."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = arrays
+        self.starts = np.cumsum([0] + [len(a) for a in arrays])
+        self.dtype = arrays[0].dtype
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            key = int(key) + (len(self) if key < 0 else 0)
+            i = int(np.searchsorted(self.starts, key, side="right")) - 1
+            return self.arrays[i][key - self.starts[i]]
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise IndexError("ShardedTokens supports contiguous slices only")
+        parts = []
+        while start < stop:
+            i = int(np.searchsorted(self.starts, start, side="right")) - 1
+            end = min(stop, int(self.starts[i + 1]))
+            parts.append(self.arrays[i][start - self.starts[i]:end - self.starts[i]])
+            start = end
+        return np.concatenate(parts) if len(parts) != 1 else parts[0]
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.concatenate(self.arrays)
+        return out.astype(dtype) if dtype is not None else out
+
+
+def load_split_from(data_dir: Path, split_meta: dict, dtype) -> np.ndarray | ShardedTokens:
+    arrays = [np.memmap(data_dir / s["file"], dtype=dtype, mode="r", shape=(s["tokens"],)) for s in split_meta["shards"] if s["tokens"]]
+    if not arrays:
+        return np.zeros(0, dtype=dtype)
+    return arrays[0] if len(arrays) == 1 else ShardedTokens(arrays)
+
+
+def load_meta(data_dir: str | os.PathLike) -> dict:
+    data_dir = Path(data_dir)
+    if not (data_dir / "meta.json").is_file():
+        raise NotFoundError(f"{data_dir}: not a prepared dataset (no meta.json); create it with `gptforge prepare`")
+    meta = _read_meta(data_dir)
+    if not _complete(data_dir, meta):
+        raise DataError(f"{data_dir}: shard files are missing or truncated; run `gptforge prepare` again")
+    return meta
+
+
+def load_split(data_dir: str | os.PathLike, split: str) -> np.ndarray | ShardedTokens:
+    """All tokens of "train" or "val" as a read-only memmap (a ShardedTokens view when there are several shards)."""
+    if split not in ("train", "val"):
+        raise DataError(f"split {split!r}: choose 'train' or 'val'")
+    meta = load_meta(data_dir)
+    return load_split_from(Path(data_dir), meta[split], np.dtype(meta["dtype"]))
+
+
+__all__ = ["FORMAT", "ShardedTokens", "load_meta", "load_split", "prepare", "token_dtype"]

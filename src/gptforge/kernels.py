@@ -1,0 +1,233 @@
+"""CPU fast paths the network calls: oneDNN fp32 products, chunked linear + cross-entropy, packed weights.
+
+On x86 CPUs, fp32 matrix products go through oneDNN rather than the BLAS that torch.mm calls: on the 2-core
+AMD EPYC we measure on, oneDNN ran them at 2.0-2.4x the BLAS rate (docs/benchmarks.md), with the same fp32
+math. The ops are torch's internal `torch.ops.mkldnn.*`, so they are used only when this torch build has
+them, when they agree with `F.linear` on a small check the first time they are needed, and when the
+environment does not say `GPTFORGE_KERNELS=0` (which turns every fast path here off). Elsewhere (CUDA,
+ARM, autocast, torch.compile) each function is the plain torch call.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import platform
+import warnings
+import weakref
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SWITCH = "GPTFORGE_KERNELS"  # "0" turns the fast paths off
+
+
+def enabled() -> bool:
+    """Whether the fast paths may be used at all (the environment switch)."""
+    return os.environ.get(SWITCH, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+@functools.lru_cache(maxsize=1)
+def _onednn_checked() -> bool:
+    """The oneDNN ops exist on this build and machine and give F.linear's numbers (checked once)."""
+    if not (torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")):
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        x, w, b = torch.randn(5, 24, generator=g), torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
+        ours = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        packed = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 1), b, "none", [], "")
+        strided = torch.ops.mkldnn._linear_pointwise(x, w.t().contiguous().t(), None, "none", [], "")
+    except (AttributeError, RuntimeError):
+        return False  # this torch build has no such ops
+    ref = F.linear(x, w, b)
+    ok = all(torch.allclose(a, r, atol=1e-4, rtol=1e-4) for a, r in ((ours, ref), (packed, ref), (strided, ref - b)))
+    if not ok:
+        warnings.warn("oneDNN linear products disagree with torch's on this machine; using the plain products")
+    return ok
+
+
+def onednn() -> bool:
+    """Whether fp32 CPU products go through oneDNN in this process."""
+    return enabled() and _onednn_checked()
+
+
+def _onednn_ok(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling() and onednn())
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) through oneDNN (fp32 CPU tensors; no autograd)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for 2-D tensors, through oneDNN for fp32 on x86 CPUs. `b.t()` is passed as a strided view:
+    oneDNN reads it in place, where a contiguous copy of the (vocab x width) head weight for every chunk of
+    the loss cost more than the product (gpt2 head with its gradients: 1.97 s with the copy, 1.50 s without)."""
+    return _linear(a.contiguous(), b.t()) if _onednn_ok(a) else a @ b
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """`F.linear` with its three products (forward, input gradient, weight gradient) done by oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.size(-1))
+        grad_x = matmul(g, weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_w = matmul(g.t(), x.reshape(-1, x.size(-1))) if ctx.needs_input_grad[1] else None
+        grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, through oneDNN for fp32 on x86 CPUs, the plain call elsewhere."""
+    if weight.dtype == torch.float32 and _onednn_ok(x):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters, same state dict) whose products go through `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+# --- the loss head -------------------------------------------------------------------------------------
+
+
+def _chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, want_x: bool, want_w: bool):
+    """Summed cross-entropy of `x @ weight.T`, a few hundred rows at a time, and (only when wanted) the
+    gradients of the mean, computed from each chunk's softmax while it is in cache."""
+    rows = max(256, 2**21 // weight.size(0))
+    valid = targets != -100
+    safe = targets.clamp(min=0)
+    count = valid.sum().clamp(min=1)
+    grad_x = torch.empty_like(x) if want_x else None
+    grad_w = torch.zeros_like(weight) if want_w else None
+    total = x.new_zeros((), dtype=torch.float32)
+    for s in range(0, x.size(0), rows):
+        xs, ts, vs = x[s : s + rows], safe[s : s + rows], valid[s : s + rows]
+        z = matmul(xs, weight.t()).float()
+        target = z.gather(1, ts[:, None]).squeeze(1)
+        top = z.amax(dim=1, keepdim=True)
+        e = z.sub_(top).exp_()  # exp(z - max), in place: one exp pass serves the loss and the softmax
+        total_e = e.sum(dim=1)
+        total += ((top.squeeze(1) + total_e.log() - target) * vs).sum()  # log-sum-exp - target logit
+        if not (want_x or want_w):
+            continue
+        p = e.mul_((vs / total_e)[:, None])  # softmax, zero on ignored rows
+        p[torch.arange(p.size(0), device=p.device), ts] -= vs.to(p.dtype)
+        p = p.to(x.dtype)
+        if want_x:
+            grad_x[s : s + rows] = matmul(p, weight)
+        if want_w:
+            grad_w += matmul(p.t(), xs)
+    return total, count, grad_x, grad_w
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `x @ weight.T` against `targets`, with the gradients computed in the forward pass.
+
+    The (tokens, vocab) logits are never held whole: each chunk's logits live in cache just long enough for
+    their log-sum-exp and their softmax - one-hot, whose products with `weight` and `x` are the gradients;
+    the backward only scales them. For `gpt2` at 8 x 1024 tokens that is 1.6 GB of fp32 logits not allocated.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        total, count, grad_x, grad_w = _chunked_cross_entropy(x, weight, targets, *ctx.needs_input_grad[:2])
+        scale = 1.0 / count
+        ctx.save_for_backward(grad_x, grad_w, scale)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_x, grad_w, scale = ctx.saved_tensors
+        g = grad * scale
+        return (grad_x * g if grad_x is not None else None), (grad_w * g if grad_w is not None else None), None
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`F.cross_entropy(x @ weight.T, targets, ignore_index=-100)` for x (N, C), weight (V, C), targets (N,).
+
+    On the CPU in fp32 it runs chunk by chunk (less memory, faster), and computes gradients only when
+    autograd will want them; elsewhere (CUDA, autocast), where torch.compile fuses the plain form and mixed
+    precision needs its casts, it is the plain form.
+    """
+    if not (enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
+        return F.cross_entropy((x @ weight.t()).float(), targets, ignore_index=-100)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(x, weight, targets)
+    total, count, _, _ = _chunked_cross_entropy(x, weight, targets, False, False)
+    return total / count
+
+
+# --- packed weights for generation ---------------------------------------------------------------------
+
+
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # nn.Linear -> (weight key, packed weight)
+
+
+def _packed_weight(layer: nn.Linear) -> torch.Tensor:
+    """`layer.weight` reordered for oneDNN, made once and reused until the weight changes (in-place
+    updates bump the tensor's version, a new tensor changes its address); freed with the layer."""
+    w = layer.weight
+    key = (w.data_ptr(), w._version)
+    cached = _PACKED.get(layer)
+    if cached is None or cached[0] != key:
+        cached = _PACKED[layer] = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1))
+    return cached[1]
+
+
+def is_packed(layer: nn.Linear) -> bool:
+    """Whether a packed copy of this layer's weight is held."""
+    return layer in _PACKED
+
+
+@contextlib.contextmanager
+def cpu_inference_weights(model: nn.Module, keep: bool = True):
+    """For the duration, the model's `nn.Linear` layers multiply with oneDNN-packed copies of their fp32 CPU
+    weights (gradients off). Same products, same results up to float rounding; for decoding, where each step
+    multiplies a few rows by every weight, about twice as fast as the plain BLAS call on a 2-core x86 CPU
+    (docs/benchmarks.md). The copies cost as much memory as the weights and are made on first use (~0.15 s
+    for `gpt2`); with `keep` they are reused by later calls while the weights stay unchanged, without it
+    (a model in training, whose weights change anyway) they are dropped on exit. Elsewhere (CUDA, bf16,
+    no oneDNN) it does nothing.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.device.type == "cpu"
+              and m.weight.dtype == torch.float32]
+    if not layers or not onednn():
+        yield model
+        return
+
+    def packed_forward(layer: nn.Linear):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled() or not _onednn_ok(x):
+                return type(layer).forward(layer, x)  # the layer's own path
+            return _linear(x, _packed_weight(layer), layer.bias)
+        return forward
+
+    try:
+        for m in layers:
+            m.forward = packed_forward(m)
+        yield model
+    finally:
+        for m in layers:
+            m.__dict__.pop("forward", None)
+            if not keep:
+                _PACKED.pop(m, None)
+
+
+__all__ = ["Linear", "SWITCH", "cpu_inference_weights", "enabled", "is_packed", "linear", "linear_cross_entropy",
+           "matmul", "onednn"]

@@ -1,0 +1,230 @@
+"""The options of each operation, written once: training, sampling and evaluation.
+
+Each is a dataclass whose fields carry their help text; the `gptforge` command makes its flags from
+them, the Python API takes them as keywords, and every default lives here. Nothing here imports torch,
+so `gptforge --help` stays fast. (Reading and cleaning options are `data.reading.ReadOptions`.)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+
+from .errors import OptionError
+
+
+def opt(default, help: str, flag: str | None = None, choices: tuple | None = None, **kw):
+    """A dataclass field with its help text (and the flag name, where it differs from the field's)."""
+    meta = {"help": help, "flag": flag, "choices": choices}
+    if callable(default) and not isinstance(default, (int, float, str, bool)):
+        return field(default_factory=default, metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def flag_of(cls, name: str) -> str:
+    """The command-line flag of a field, e.g. `--lr` for TrainConfig.learning_rate."""
+    meta = next(f.metadata for f in dataclasses.fields(cls) if f.name == name)
+    return "--" + (meta.get("flag") or name).replace("_", "-")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_fields(obj, rules: dict[str, tuple]) -> None:
+    """Check numeric fields against (low, high, low_inclusive, kind): `kind` is int or float, a None value
+    passes (it means "the default"). The error names the flag and the accepted range."""
+    cls = type(obj)
+    for name, (low, high, inclusive, kind) in rules.items():
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        ok = _number(value) and (kind is float or float(value).is_integer()) and math.isfinite(value)
+        ok = ok and (value >= low if inclusive else value > low) and (high is None or value <= high)
+        if not ok:
+            where = f"{'at least' if inclusive else 'above'} {low}" + (f" and at most {high}" if high is not None else "")
+            what = "an integer" if kind is int else "a number"
+            raise OptionError(f"{flag_of(cls, name)} {value!r}: must be {what} {where}")
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds from '90', '90s', '45sec', '10m', '90min', '1.5h', '1h30m'."""
+    if _number(text):
+        seconds = float(text)
+    else:
+        units = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", str(text).strip().lower())
+        joined = "".join(f"{n}{u}" for n, u in parts)
+        if not parts or joined != re.sub(r"\s+", "", str(text).lower()) or any(u not in units for _, u in parts):
+            raise OptionError(f"--max-time {text!r}: expected a duration such as 90, 90s, 10m, 90min, 1.5h or 1h30m")
+        seconds = sum(float(n) * units[u] for n, u in parts)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise OptionError(f"--max-time {text!r}: must be a positive duration such as 90s, 10m or 1.5h")
+    return seconds
+
+
+# --- training -----------------------------------------------------------------------------------------
+
+# Defaults that differ between training from scratch and fine-tuning a pretrained model. A pretrained
+# model needs a small step size or it forgets what it knows; a fresh small model learns fastest with a large one.
+SCRATCH_DEFAULTS = dict(learning_rate=1e-3, warmup_steps=100, weight_decay=0.1, beta2=0.95)
+FINETUNE_DEFAULTS = dict(learning_rate=5e-5, warmup_steps=50, weight_decay=0.01, beta2=0.999)
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a run except the model and the data. `None` means "the default for this kind of run"
+    (SCRATCH_DEFAULTS or FINETUNE_DEFAULTS)."""
+
+    out_dir: str = opt("run", "run folder: checkpoints, metrics, samples and the final model folder", flag="out")
+    # how long: the first of these to be reached ends the run
+    max_steps: int | None = opt(None, "optimizer steps to take")
+    epochs: float | None = opt(None, "passes over the training tokens (may be fractional)")
+    max_time: float | None = opt(None, "wall-clock budget, e.g. 90s, 10m, 1.5h; the schedule ends fully decayed at the deadline")
+    # batch
+    batch_size: int = opt(16, "sequences per micro-step (per process)")
+    grad_accum: int = opt(1, "micro-steps accumulated per optimizer step")
+    block_size: int | None = opt(None, "tokens per sequence (default: the model's context length)")
+    batch_mode: str = opt("random", "random windows, or sequential passes over the data", choices=("random", "sequential"))
+    stride: int | None = opt(None, "sequential mode: tokens between window starts (default: block size; half a block overlaps)")
+    # optimizer and schedule
+    learning_rate: float | None = opt(None, "peak learning rate (default 1e-3 from scratch, 5e-5 fine-tuning)", flag="lr")
+    min_lr_ratio: float = opt(0.1, "the schedule decays to learning_rate x this")
+    schedule: str = opt("cosine", "cosine, linear or constant after warmup", choices=("cosine", "linear", "constant"))
+    warmup_steps: int | None = opt(None, "linear warmup steps (default 100 from scratch, 50 fine-tuning)")
+    weight_decay: float | None = opt(None, "AdamW weight decay on matrices and embeddings (default 0.1 from scratch, 0.01 fine-tuning)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float | None = opt(None, "AdamW beta2 (default 0.95 from scratch, 0.999 fine-tuning)")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0 turns clipping off)")
+    # speed
+    device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
+    precision: str = opt("auto", "auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16 (with a gradient scaler)",
+                         choices=("auto", "fp32", "bf16", "fp16"))
+    compile: bool = opt(False, "torch.compile the model")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
+    fsdp: bool = opt(False, "shard parameters, gradients and optimizer state across the torchrun processes (big models)")
+    # watching
+    log_interval: int = opt(10, "steps between log lines (the only host syncs of the step loop)")
+    eval_interval: int | None = opt(200, "steps between validation evaluations")
+    eval_tokens: int | None = opt(1 << 17, "validation tokens per periodic evaluation (the final one uses all)")
+    sample_interval: int | None = opt(None, "steps between text samples (default: eval interval)")
+    sample_prompt: str = opt("", "prompt for the samples (default: start of a document)")
+    sample_tokens: int = opt(80, "tokens per sample")
+    early_stopping: int | None = opt(None, "stop after this many evaluations without a better validation loss")
+    tensorboard: bool = opt(False, "also log to TensorBoard (needs tensorboard installed)")
+    plot: bool = opt(True, "draw loss.png at each evaluation")
+    progress: bool = opt(True, "show a progress bar")
+    # checkpoints
+    save_steps: int | None = opt(None, "steps between checkpoints")
+    save_minutes: float | None = opt(15.0, "minutes between checkpoints")
+    keep_checkpoints: int = opt(3, "how many recent checkpoints to keep")
+    resume: bool = opt(False, "continue the run in --out from its latest checkpoint")
+    overwrite: bool = opt(False, "replace a previous run in --out")
+    # transfer learning
+    freeze: str | None = opt(None, "transfer learning: embeddings, blocks:N (first N blocks), all-but:N, comma-joined")
+    seed: int = opt(1337, "random seed (weights, batches, dropout)")
+
+    def __post_init__(self) -> None:
+        check_fields(self, {
+            "batch_size": (1, None, True, int), "grad_accum": (1, None, True, int), "log_interval": (1, None, True, int),
+            "keep_checkpoints": (1, None, True, int), "max_steps": (0, None, False, int), "epochs": (0, None, False, float),
+            "max_time": (0, None, False, float), "eval_interval": (0, None, True, int), "save_steps": (0, None, False, int),
+            "block_size": (0, None, False, int), "stride": (0, None, False, int), "learning_rate": (0, None, False, float),
+            "min_lr_ratio": (0, 1, True, float), "warmup_steps": (0, None, True, int), "weight_decay": (0, None, True, float),
+            "beta1": (0, 1, True, float), "beta2": (0, 1, True, float), "grad_clip": (0, None, True, float),
+            "eval_tokens": (0, None, False, int), "sample_tokens": (0, None, True, int), "sample_interval": (0, None, True, int),
+            "early_stopping": (0, None, False, int), "save_minutes": (0, None, False, float), "seed": (0, 2**63 - 1, True, int),
+        })
+        for name in ("schedule", "precision", "batch_mode"):
+            choices = next(f.metadata["choices"] for f in dataclasses.fields(self) if f.name == name)
+            if getattr(self, name) not in choices:
+                raise OptionError(f"{flag_of(TrainConfig, name)} {getattr(self, name)!r}: choose {', '.join(choices)}")
+
+
+# --- sampling -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingOptions:
+    """Generation options, with the meaning they have in transformers' `generate`.
+
+    `temperature=0` or `do_sample=False` means greedy decoding; `top_k=0` and `top_p=1` switch those
+    filters off; `repetition_penalty=1` and `no_repeat_ngram_size=0` too.
+    """
+
+    max_new_tokens: int = opt(100, "tokens to generate per sample")
+    min_new_tokens: int = opt(0, "suppress <|endoftext|> until this many tokens are generated")
+    do_sample: bool = opt(True, "sample (default) or decode greedily (--no-do-sample, same as --greedy or --temperature 0)")
+    temperature: float = opt(1.0, "divide the logits by this before sampling; 0 means greedy")
+    top_k: int = opt(50, "sample among the k most likely tokens (0: all)")
+    top_p: float = opt(1.0, "sample among the most likely tokens whose probability reaches p (1: all)")
+    repetition_penalty: float = opt(1.0, "> 1 discourages tokens already in the prompt or output (transformers' meaning)")
+    no_repeat_ngram_size: int = opt(0, "never repeat an n-gram of this size (0: off)")
+    num_samples: int = opt(1, "samples per prompt")
+    batch_size: int = opt(8, "rows generated together (prompts of different lengths are left-padded)")
+    seed: int | None = opt(None, "random seed; the same seed and options give the same text (default: a random seed, printed)")
+
+    MAX_NEW_TOKENS = 1 << 20  # a million tokens is far beyond any context; more is a typo
+
+    @classmethod
+    def make(cls, options: "SamplingOptions | None" = None, **overrides) -> "SamplingOptions":
+        """`options` (or the defaults) with keywords replaced, checked; unknown keywords are refused by name."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise OptionError(f"unknown sampling option(s) {', '.join(unknown)}; choose from {', '.join(sorted(names))}")
+        opts = dataclasses.replace(options, **overrides) if options is not None else cls(**overrides)
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        def bad(name: str, value, why: str):
+            raise OptionError(f"{name}={value!r}: {why}")
+
+        for name in ("max_new_tokens", "min_new_tokens", "top_k", "no_repeat_ngram_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                bad(name, value, "must be an integer >= 0")
+        if self.max_new_tokens > self.MAX_NEW_TOKENS:
+            bad("max_new_tokens", self.max_new_tokens, f"is more than {self.MAX_NEW_TOKENS:,}; ask for fewer tokens")
+        for name in ("num_samples", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                bad(name, value, "must be an integer >= 1")
+        if self.min_new_tokens > self.max_new_tokens:
+            bad("min_new_tokens", self.min_new_tokens, f"is above max_new_tokens={self.max_new_tokens}; lower it or raise max_new_tokens")
+        if not (_number(self.temperature) and self.temperature >= 0 and math.isfinite(self.temperature)):
+            bad("temperature", self.temperature, "must be >= 0 (0 means greedy decoding)")
+        if not (_number(self.top_p) and 0 < self.top_p <= 1):
+            bad("top_p", self.top_p, "must be in (0, 1]; 1 switches top-p filtering off")
+        if not (_number(self.repetition_penalty) and self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            bad("repetition_penalty", self.repetition_penalty, "must be > 0 (1 means no penalty, > 1 discourages repeats)")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            bad("seed", self.seed, "must be an integer >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+
+# --- evaluation ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalOptions:
+    """Sliding-window evaluation: windows of `block_size` tokens every `stride` tokens, each scoring only
+    predictions no earlier window scored."""
+
+    block_size: int | None = opt(None, "tokens per window (default: the model's context)")
+    stride: int | None = opt(None, "tokens between windows (default: block size, no overlap); smaller gives each token more context")
+    batch_size: int = opt(8, "windows per forward pass")
+    max_tokens: int | None = opt(None, "score only the first tokens of each input")
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"block_size": (0, None, False, int), "stride": (0, None, False, int),
+                            "batch_size": (1, None, True, int), "max_tokens": (1, None, False, int)})
+
+
+__all__ = ["EvalOptions", "FINETUNE_DEFAULTS", "SCRATCH_DEFAULTS", "SamplingOptions", "TrainConfig", "check_fields",
+           "flag_of", "opt", "parse_duration"]

@@ -1,0 +1,131 @@
+"""Where and how the numbers are computed: device, precision, TF32, and the distributed set-up (DDP, FSDP)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import OptionError
+
+TORCH_FLOOR = (2, 6)  # fully_shard is public from 2.6; fused AdamW on the CPU from 2.4 (pyproject says the same)
+
+
+def torch_version(version: str | None = None) -> tuple[int, int]:
+    major, minor = (version or torch.__version__).split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def require_torch(floor: tuple[int, int], feature: str, version: str | None = None) -> None:
+    """Raise a clear error when the installed torch is older than `floor` for `feature`."""
+    if torch_version(version) < floor:
+        raise OptionError(f"{feature} needs torch>={floor[0]}.{floor[1]} (installed: {version or torch.__version__}); "
+                          "upgrade torch or leave the option out")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` is CUDA when there is a GPU, else the CPU; anything else as torch names it. An asked-for
+    device that this machine does not have is refused with what it has."""
+    if name == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device("cuda" if name == "gpu" else name)
+        except RuntimeError:
+            raise OptionError(f"--device {name!r}: not a device name; use auto, cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise OptionError(f"--device {name}: this machine has no CUDA GPU that torch can use; use --device cpu")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise OptionError(f"--device {name}: there are only {torch.cuda.device_count()} GPU(s)")
+    configure(device)
+    return device
+
+
+def configure(device: torch.device) -> None:
+    """Per-device math settings: TF32 for fp32 matrix products and convolutions on CUDA (Ampere and newer
+    run them several times faster, at the precision training needs)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def pick_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype for a run (float32 means no autocast).
+
+    CPUs without AMX run bf16 matrix products far slower than fp32, so `auto` keeps CPUs at fp32.
+    On CUDA, bf16 where the GPU has it; fp16 (with a gradient scaler) only where it does not.
+    """
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        fast_bf16 = "AMX" in torch.backends.cpu.get_cpu_capability()
+        return torch.bfloat16 if fast_bf16 else torch.float32
+    choices = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in choices:
+        raise OptionError(f"--precision {precision!r}: choose auto, fp32, bf16 or fp16")
+    return choices[precision]
+
+
+# --- distributed ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 for a plain process)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # this run started the process group, so it ends it
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        """Wait for every rank, then end the process group this run started. A rank that exits while
+        another still writes, with gloo's threads alive, can abort with 'terminate called without an
+        active exception'."""
+        self.barrier()
+        if self.owns_group:
+            torch.distributed.destroy_process_group()
+            self.owns_group = False
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
+    """Join the process group torchrun set up (WORLD_SIZE > 1); a plain process is rank 0 of 1."""
+    if world_size() == 1:
+        return Dist(), device
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), local, owns), device
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP (PyTorch's fully_shard): each block is one unit of all-gather / reduce-scatter; the root holds
+    the embeddings, the tied head and the final LayerNorm."""
+    require_torch((2, 6), "--fsdp (torch.distributed.fsdp.fully_shard)")
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+
+
+__all__ = ["Dist", "TORCH_FLOOR", "configure", "init_distributed", "pick_precision", "require_torch",
+           "resolve_device", "shard_model", "torch_version", "world_size"]

@@ -1,0 +1,433 @@
+"""The training loop: steps, accumulation, evaluation cadence, checkpoints, signals.
+
+A run folder (`out_dir`) ends up as a model folder transformers can open, plus:
+
+    checkpoints/step-0000100/   complete model folder + trainer_state.pt (optimizer, step, RNG, clock)
+    best/                       model folder with the lowest validation loss so far
+    metrics.jsonl               one JSON object per log line and per evaluation
+    loss.png                    train / validation loss curves (when matplotlib is installed)
+    samples.txt                 text sampled from the model during training
+
+The order of batches is a pure function of (seed, micro-step, rank, world size) (`data.batches.Batches`),
+and the checkpoint holds every other piece of state, so a run stopped at step N and resumed reaches the
+same parameters as a run that never stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .. import checkpoint as ckpt
+from ..config import GPTConfig
+from ..data.batches import Batches, Prefetcher
+from ..data.dataset import RunData
+from ..errors import OptionError, RunFolderError, TrainingError
+from ..evaluate import bits_per_byte, evaluate_tokens
+from ..fsio import atomic_dir
+from ..model import GPT
+from ..options import FINETUNE_DEFAULTS, SCRATCH_DEFAULTS, TrainConfig
+from ..runtime import init_distributed, pick_precision, resolve_device, shard_model
+from .logging import RunLog
+from .optim import apply_freeze, configure_optimizer, lr_at, warmup_share
+
+
+def refuse_previous_run(out: Path, cfg: TrainConfig) -> list[str]:
+    """The files of an earlier run in `out`; an error unless this run resumes or overwrites it."""
+    previous = [n for n in ("metrics.jsonl", ckpt.CHECKPOINTS) if (out / n).exists()]
+    if previous and not cfg.resume and not cfg.overwrite:
+        raise RunFolderError(
+            f"{out}: holds another run ({', '.join(previous)}); pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --out"
+        )
+    return previous
+
+
+@dataclass
+class TrainResult:
+    step: int
+    out_dir: Path
+    train_loss: float | None
+    val_loss: float | None = None
+    val_perplexity: float | None = None
+    val_bits_per_byte: float | None = None
+    best_val_loss: float | None = None
+    interrupted: bool = False
+    history: list = field(default_factory=list, repr=False)
+
+
+class Trainer:
+    """One training run. `run()` trains; `request_stop()` (also wired to Ctrl-C / SIGTERM) makes it save and return."""
+
+    def __init__(self, model: GPT, data: RunData, cfg: TrainConfig, tokenizer=None, finetune: bool = False,
+                 on_step: Callable[["Trainer"], None] | None = None):
+        defaults = FINETUNE_DEFAULTS if finetune else SCRATCH_DEFAULTS
+        unset = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
+        self.cfg = cfg = dataclasses.replace(cfg, **unset)
+        self.out = Path(cfg.out_dir)
+        self.data, self.tokenizer, self.on_step = data, tokenizer, on_step
+        self.dist, self.device = init_distributed(resolve_device(cfg.device))
+        self.dtype = pick_precision(cfg.precision, self.device)
+        config = model.config
+        self.block_size = cfg.block_size or config.n_positions
+        if self.block_size > config.n_positions:
+            raise OptionError(f"--block-size {self.block_size} is larger than the model's context n_positions={config.n_positions}")
+        if tokenizer is not None:
+            from ..tokenizer import check_vocab_fits
+
+            check_vocab_fits(tokenizer, config.vocab_size)
+        self.log = RunLog(self.out, self.dist.main, cfg.tensorboard, cfg.plot)
+        self._check_out_dir()
+
+        torch.manual_seed(cfg.seed)
+        config.gradient_checkpointing = cfg.gradient_checkpointing
+        self.model = model.to(self.device)
+        self.frozen = apply_freeze(model, cfg.freeze)
+        self._resume_from = self._latest_checkpoint() if cfg.resume else None
+        if self._resume_from is not None:  # weights first: sharding and the optimizer start from them
+            model.load_state_dict(ckpt.load_model(self._resume_from).state_dict())
+        self.fsdp = cfg.fsdp and self.dist.world_size > 1
+        if self.fsdp:
+            shard_model(model)
+        self.optimizer = configure_optimizer(model, cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.forward_model: nn.Module = torch.compile(model) if cfg.compile else model
+        if self.dist.world_size > 1 and not self.fsdp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.forward_model = DDP(self.forward_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+        self.batches = Batches(data.train, self.block_size, cfg.batch_size, mode=cfg.batch_mode, stride=cfg.stride,
+                               seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size)
+        self.tokens_per_step = cfg.batch_size * self.block_size * cfg.grad_accum * self.dist.world_size
+        self.max_steps = self._total_steps()
+        # A short run should not spend itself warming up: by default warm up over at most a tenth of the steps.
+        if "warmup_steps" in unset and self.max_steps:
+            self.cfg = cfg = dataclasses.replace(cfg, warmup_steps=min(cfg.warmup_steps, self.max_steps // 10))
+        self.warmup_share = warmup_share(cfg, self.max_steps, "warmup_steps" in unset)
+
+        self.step, self.elapsed = 0, 0.0  # optimizer steps; training seconds, carried across resumes
+        self.best_val, self.evals_since_best = math.inf, 0
+        self._stop = False
+        self._last_ckpt: Path | None = None
+        if self._resume_from is not None:
+            self._load_training_state(self._resume_from)
+
+    @property
+    def history(self) -> list[dict]:
+        return self.log.history
+
+    # -- set-up helpers
+
+    def _total_steps(self) -> int | None:
+        cfg, steps = self.cfg, []
+        if cfg.max_steps:
+            steps.append(cfg.max_steps)
+        if cfg.epochs:
+            steps.append(max(1, math.ceil(cfg.epochs * self.batches.steps_per_epoch / cfg.grad_accum)))
+        if not steps and not cfg.max_time:
+            raise OptionError("say how long to train: --max-steps, --epochs or --max-time")
+        return min(steps) if steps else None
+
+    def _check_out_dir(self) -> None:
+        previous = refuse_previous_run(self.out, self.cfg)
+        if previous and not self.cfg.resume and self.dist.main:
+            for name in (ckpt.CHECKPOINTS, "best", "metrics.jsonl", "samples.txt", "loss.png"):
+                path = self.out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+    def _progress(self) -> float:
+        parts = [self.step / self.max_steps] if self.max_steps else []
+        if self.cfg.max_time:
+            parts.append(self.elapsed / self.cfg.max_time)
+        return max(parts)
+
+    # -- checkpoints
+
+    def _latest_checkpoint(self) -> Path:
+        found = ckpt.list_checkpoints(self.out)
+        if not found:
+            raise RunFolderError(f"{self.out}: no checkpoint to resume from (looked in {self.out / ckpt.CHECKPOINTS})")
+        path = found[-1]
+        theirs, mine = GPTConfig.load(path).to_dict(), self.model.config.to_dict()
+        differ = [f"{k}: checkpoint {theirs[k]} vs now {mine[k]}" for k in mine if k in theirs and mine[k] != theirs[k]]
+        if differ:
+            raise RunFolderError(f"{path}: was trained with a different model config ({'; '.join(differ)})")
+        return path
+
+    def _full_state(self) -> tuple[dict, dict]:
+        """Whole model and optimizer state dicts, keyed by parameter name, gathered from every rank when the
+        model is sharded (so all ranks must call this). The same format for 1, N or sharded ranks is what lets
+        a checkpoint resume on any number of processes."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(self.model, options=full) if self.fsdp else self.model.state_dict()
+        return model_state, get_optimizer_state_dict(self.model, self.optimizer, options=full)
+
+    def save_model_folder(self, folder: Path, model_state: dict | None = None) -> None:
+        """Write a model folder atomically (rank 0 writes; with FSDP every rank helps gather)."""
+        if model_state is None and self.fsdp:
+            model_state = self._full_state()[0]
+        if self.dist.main:
+            with atomic_dir(folder) as tmp:
+                ckpt.save_model(self.model, tmp, self.tokenizer, state_dict=model_state)
+
+    def save_checkpoint(self) -> Path:
+        """A complete model folder plus the training state, written under a temporary name and renamed."""
+        model_state, optim_state = self._full_state()
+        target = self.out / ckpt.CHECKPOINTS / f"step-{self.step:07d}"
+        if self.dist.main:
+            state = {
+                "step": self.step, "elapsed": self.elapsed, "best_val": self.best_val,
+                "evals_since_best": self.evals_since_best, "optimizer": optim_state, "scaler": self.scaler.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "train_config": dataclasses.asdict(self.cfg), "data": self.data.fingerprint,
+                "world_size": self.dist.world_size,
+            }
+            write = lambda folder: ckpt.save_model(self.model, folder, self.tokenizer, state_dict=model_state)  # noqa: E731
+            ckpt.save_checkpoint(self.out, self.step, write, state, self.cfg.keep_checkpoints)
+        self.dist.barrier()
+        self._last_ckpt = target
+        return target
+
+    def _load_training_state(self, path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        state = ckpt.load_training_state(path)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.step, self.elapsed = state["step"], state["elapsed"]
+        self.best_val, self.evals_since_best = state["best_val"], state["evals_since_best"]
+        self._last_ckpt = path
+        ranks = state.get("world_size", 1)
+        self.log.message(f"resumed from {path} at step {self.step}"
+                         + (f" (saved by {ranks} processes, now {self.dist.world_size})" if ranks != self.dist.world_size else ""))
+
+    # -- evaluation and samples
+
+    def evaluate(self, full: bool = False) -> dict | None:
+        # a sharded model needs every rank in each forward pass; otherwise rank 0 evaluates alone
+        if self.data.val is None or not (self.dist.main or self.fsdp):
+            return None
+        res = evaluate_tokens(self.model, self.data.val, block_size=self.block_size, batch_size=self.cfg.batch_size,
+                              max_tokens=None if full else self.cfg.eval_tokens, device=self.device,
+                              autocast_dtype=self.dtype if self.dtype != torch.float32 else None)
+        bpb = bits_per_byte(res.loss, self.data.bytes_per_token)
+        row = {"step": self.step, "val_loss": res.loss, "val_perplexity": res.perplexity, "val_bits_per_byte": bpb,
+               "val_tokens": res.tokens, "elapsed": round(self.elapsed, 2)}
+        self.log.record(row)
+        msg = f"step {self.step}: val loss {res.loss:.4f}, perplexity {res.perplexity:.2f}"
+        self.log.message(msg + (f", {bpb:.4f} bits/byte" if bpb is not None else ""))
+        if res.loss < self.best_val:
+            self.best_val, self.evals_since_best = res.loss, 0
+            self.save_model_folder(self.out / "best")
+        else:
+            self.evals_since_best += 1
+        self.log.plot()
+        return row
+
+    def sample(self) -> None:
+        if self.tokenizer is None or not (self.dist.main or self.fsdp):
+            return
+        from ..generate import generate
+
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            text = generate(self.model, self.tokenizer, self.cfg.sample_prompt, max_new_tokens=self.cfg.sample_tokens,
+                            temperature=0.8, top_k=40, seed=self.step)[0]
+        self.log.sample(self.step, text)
+
+    # -- the loop
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def _micro_step(self, x: torch.Tensor, y: torch.Tensor, sync: bool) -> torch.Tensor:
+        model = self.forward_model
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(sync)  # reduce-scatter only on the last micro-step
+        no_sync = model.no_sync() if self.dist.world_size > 1 and not self.fsdp and not sync else contextlib.nullcontext()
+        with no_sync:
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                _, loss = model(x, y)
+            self.scaler.scale(loss / self.cfg.grad_accum).backward()
+        return loss.detach()
+
+    def _optimizer_step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _done(self) -> bool:
+        if self.max_steps and self.step >= self.max_steps:
+            return True
+        return bool(self.cfg.max_time and self.elapsed >= self.cfg.max_time)
+
+    def _describe(self) -> None:
+        cfg, c = self.cfg, self.model.config
+        length = " and ".join(s for s in (f"{self.max_steps} steps" if self.max_steps else "",
+                                          f"{cfg.max_time:.0f}s" if cfg.max_time else "") if s)
+        warmup = f"{self.warmup_share:.0%} of the run" if self.warmup_share else f"{cfg.warmup_steps} steps"
+        ranks = f" x {self.dist.world_size} ranks" if self.dist.world_size > 1 else ""
+        self.log.message(
+            f"model: {self.model.num_params() / 1e6:.2f}M parameters (n_layer={c.n_layer}, n_embd={c.n_embd}, "
+            f"n_head={c.n_head}, vocab={c.vocab_size}){f', {self.frozen:,} frozen' if self.frozen else ''}\n"
+            f"device: {self.device}, precision: {str(self.dtype).removeprefix('torch.')}, world size {self.dist.world_size}\n"
+            f"batch: {cfg.batch_size} x {self.block_size} tokens x {cfg.grad_accum} accumulation{ranks} = "
+            f"{self.tokens_per_step:,} tokens per step\n"
+            f"optimizer: AdamW lr {cfg.learning_rate:g} ({cfg.schedule}, warmup {warmup}, floor x{cfg.min_lr_ratio}), "
+            f"weight decay {cfg.weight_decay}, betas ({cfg.beta1}, {cfg.beta2}), clip {cfg.grad_clip}\n"
+            f"length: {length}; training tokens: {len(self.data.train):,}; output: {self.out}"
+        )
+
+    def run(self) -> TrainResult:
+        from tqdm import tqdm
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._describe()
+        handlers = self._install_signal_handlers()
+        bar = tqdm(total=self.max_steps, initial=self.step, disable=not (self.cfg.progress and self.dist.main),
+                   unit="step", dynamic_ncols=True)
+        feed = Prefetcher(self.batches, self.step * self.cfg.grad_accum, self.device)
+        try:
+            train_loss = self._steps(iter(feed), bar)
+        except torch.OutOfMemoryError:
+            raise TrainingError(
+                f"out of memory at step {self.step} (batch {self.cfg.batch_size} x {self.block_size}). Lower --batch-size and "
+                "raise --grad-accum to keep the tokens per step, lower --block-size, add --gradient-checkpointing, or pick a smaller model"
+            ) from None
+        finally:
+            feed.close()
+            bar.close()
+            self._restore_signal_handlers(handlers)
+        return self._finish(train_loss)
+
+    def _steps(self, batches, bar) -> float | None:
+        """Optimizer steps until a limit, early stopping or a stop request; the last logged training loss."""
+        cfg = self.cfg
+        loss_sum = torch.zeros((), device=self.device)
+        window = {"micro": 0, "tokens": 0, "start": time.perf_counter()}  # the current logging window
+        started = time.perf_counter() - self.elapsed  # evaluations and saves count too: a deadline is a deadline
+        last_save, train_loss = time.perf_counter(), None
+        self.model.train()
+        while not self._done() and not self._stop:
+            lr = lr_at(cfg, self.step, self._progress(), self.warmup_share)
+            for micro in range(cfg.grad_accum):
+                x, y = next(batches)
+                loss_sum += self._micro_step(x, y, sync=micro == cfg.grad_accum - 1)
+            self._optimizer_step(lr)
+            self.step += 1
+            window["micro"] += cfg.grad_accum
+            window["tokens"] += self.tokens_per_step
+            self.elapsed = time.perf_counter() - started
+            bar.update(1)
+            if self.step % cfg.log_interval == 0 or self._done():
+                train_loss = self._log_window(loss_sum, window, lr, bar)
+            paused = time.perf_counter()  # callbacks, evaluations, samples and saves are not training steps
+            if self.on_step is not None:
+                self.on_step(self)
+            if not self._done():
+                if self._between_steps():
+                    break
+                if (cfg.save_steps and self.step % cfg.save_steps == 0) or (
+                        cfg.save_minutes and time.perf_counter() - last_save >= cfg.save_minutes * 60):
+                    self.save_checkpoint()
+                    last_save = time.perf_counter()
+            window["start"] += time.perf_counter() - paused  # so tokens/s counts training time only
+        return train_loss
+
+    def _log_window(self, loss_sum: torch.Tensor, window: dict, lr: float, bar) -> float:
+        train_loss = (loss_sum / window["micro"]).item()  # the only host sync, once per log interval
+        if not math.isfinite(train_loss):
+            raise TrainingError(
+                f"loss became {train_loss} at step {self.step}; the last good checkpoint is "
+                f"{self._last_ckpt or 'none (none was saved yet)'}. Lower --lr, keep --grad-clip, "
+                "or use --precision bf16/fp32 instead of fp16"
+            )
+        now = time.perf_counter()
+        tps = window["tokens"] / max(now - window["start"], 1e-9)
+        self.log.record({"step": self.step, "loss": train_loss, "lr": lr, "tokens_per_s": round(tps, 1),
+                         "elapsed": round(self.elapsed, 2)})
+        left = {"left": f"{max(self.cfg.max_time - self.elapsed, 0):.0f}s"} if self.cfg.max_time else {}
+        bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", **left)
+        loss_sum.zero_()
+        window.update(micro=0, tokens=0, start=now)
+        return train_loss
+
+    def _between_steps(self) -> bool:
+        """Periodic evaluation and samples; True when early stopping ends the run."""
+        cfg = self.cfg
+        eval_every, sample_every = cfg.eval_interval, cfg.sample_interval or cfg.eval_interval
+        if eval_every and self.step % eval_every == 0:
+            self.evaluate()
+            self.model.train()
+            if cfg.early_stopping and self.evals_since_best >= cfg.early_stopping:
+                self.log.message(f"early stopping: no improvement in {cfg.early_stopping} evaluations")
+                return True
+        if sample_every and self.step % sample_every == 0:
+            self.sample()
+            self.model.train()
+        return False
+
+    def _finish(self, train_loss: float | None) -> TrainResult:
+        """The last checkpoint; for a finished run also the full evaluation, a sample and the final model folder."""
+        interrupted = self._stop and not self._done()
+        self.save_checkpoint()
+        result = TrainResult(self.step, self.out, train_loss, interrupted=interrupted, history=self.history)
+        if interrupted:
+            self.log.message(f"stopped at step {self.step}; checkpoint saved to {self._last_ckpt}; continue with --resume")
+        else:
+            row = self.evaluate(full=True)
+            if row:
+                result.val_loss, result.val_perplexity = row["val_loss"], row["val_perplexity"]
+                result.val_bits_per_byte = row["val_bits_per_byte"]
+            self.sample()
+            model_state = self._full_state()[0] if self.fsdp else None
+            if self.dist.main:
+                ckpt.save_model(self.model, self.out, self.tokenizer, state_dict=model_state)
+                self.log.message(f"saved the final model to {self.out}")
+        result.best_val_loss = self.best_val if math.isfinite(self.best_val) else None
+        self.log.close()
+        self.dist.close()
+        return result
+
+    def _install_signal_handlers(self):
+        """Ctrl-C and SIGTERM finish the current step, save a checkpoint and return."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # signal handlers can only be set from the main thread
+
+        def handler(signum, frame):
+            if self._stop:  # a second Ctrl-C: give up at once
+                raise KeyboardInterrupt
+            self.log.message("interrupt received: saving a checkpoint after this step (press Ctrl-C again to abort)")
+            self._stop = True
+
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict) -> None:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+__all__ = ["TrainResult", "Trainer", "refuse_previous_run"]

@@ -1,0 +1,193 @@
+"""From raw text (or a prepared dataset) to a trained model folder in one call, and the choice of model size."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..checkpoint import load_model, resolve_model_path
+from ..config import GPTConfig, preset
+from ..data.dataset import load_run_data
+from ..errors import DataError, TokenizerError
+from ..fsio import folder_of
+from ..kernels import matmul
+from ..model import GPT
+from ..options import TrainConfig
+from ..runtime import pick_precision, resolve_device, world_size
+from .loop import Trainer, TrainResult, refuse_previous_run
+
+
+def build_model(init: str | None = None, size: str | GPTConfig = "mini", **overrides) -> tuple[GPT, bool]:
+    """The model to train and whether it is a fine-tune: pretrained weights from `init` (a model folder,
+    weights file or hub id), or fresh GPT-2 weights for `size` (a preset name or a GPTConfig) with
+    config fields overridden."""
+    if init is not None:
+        return load_model(init), True
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    config = dataclasses.replace(size, **overrides) if isinstance(size, GPTConfig) else preset(size, **overrides)
+    return GPT(config), False
+
+
+def train(model: GPT, data, config: TrainConfig | None = None, *, tokenizer=None, finetune: bool = False,
+          on_step: Callable[[Trainer], None] | None = None, **options) -> TrainResult:
+    """Train `model` on `data` (a prepared dataset folder or TokenDataset). Options are TrainConfig fields."""
+    cfg = dataclasses.replace(config, **options) if config else TrainConfig(**options)
+    if tokenizer is None:
+        tokenizer = getattr(data, "tokenizer", None)
+    trainer = Trainer(model, load_run_data(data), cfg, tokenizer=tokenizer, finetune=finetune, on_step=on_step)
+    return trainer.run()
+
+
+# --- model size -----------------------------------------------------------------------------------------
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
+    """The best FLOP/s of `repeats` n x n matrix products on `device`, by the kernel the model's layers use
+    (`kernels.matmul`: oneDNN on x86 CPUs): what the hardware gives right now."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        matmul(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / min(times[1:])
+
+
+SCRATCH_SIZES = ("tiny", "mini", "small", "gpt2")  # the presets `choose_size` picks from, smallest first
+TOKENS_PER_PARAM = 2.0  # a size is picked only if the run shows it at least this many tokens per parameter
+MAX_EPOCHS_COUNTED = 10  # passes over the data beyond this many teach a model little more
+STEP_EFFICIENCY = 0.4  # share of the matmul rate a training step achieves (2-core CPU, oneDNN: tiny 40%, mini 55%)
+
+
+def choose_size(train_tokens: int, cfg: TrainConfig, vocab_size: int, *, flops_per_s: float | None = None) -> tuple[str, str]:
+    """The preset for a from-scratch run where the user named none, and the reason, in words.
+
+    The largest of SCRATCH_SIZES that the run can feed: one that will see at least TOKENS_PER_PARAM
+    training tokens per parameter, repeats of the data beyond MAX_EPOCHS_COUNTED passes not counted.
+    What a run will see follows from --max-steps or --epochs; for --max-time it is estimated from the
+    device's matrix-product rate (`flops_per_s`, measured when not given) and each size's FLOPs per token.
+    A short CPU budget thus gets a small model that takes many steps rather than a big one that takes few:
+    in ten minutes on a 2-core CPU, `tiny` reached 2.12 bits per byte on fortunes_en.txt where `mini`
+    reached 2.44 (docs/benchmarks.md).
+    """
+    world = world_size()
+    if cfg.max_time is not None and flops_per_s is None:
+        device = resolve_device(cfg.device)
+        flops_per_s = matmul_flops(device, pick_precision(cfg.precision, device)) * world
+    chosen, why = SCRATCH_SIZES[0], ""
+    for name in SCRATCH_SIZES:
+        config = preset(name, vocab_size=vocab_size)
+        block = min(cfg.block_size or config.n_positions, config.n_positions)
+        if cfg.max_time is not None:
+            tokens, how = cfg.max_time * flops_per_s * STEP_EFFICIENCY / config.flops_per_token(block), "in the time"
+        elif cfg.max_steps is not None:
+            tokens, how = cfg.max_steps * cfg.batch_size * cfg.grad_accum * world * block, "in the steps"
+        else:
+            tokens, how = (cfg.epochs or 1.0) * train_tokens, "in the epochs"
+        seen = min(tokens, MAX_EPOCHS_COUNTED * train_tokens)
+        per_param = seen / config.num_params()
+        line = f"about {seen / 1e6:,.1f}M tokens {how}, {per_param:.2g} per parameter"
+        if name != SCRATCH_SIZES[0] and per_param < TOKENS_PER_PARAM:
+            return chosen, f"{why}; {name!r} would see only {per_param:.2g} per parameter"
+        chosen, why = name, line
+    return chosen, why
+
+
+# --- text to model --------------------------------------------------------------------------------------
+
+
+def load_model_folder(name_or_path: str) -> Path:
+    """The local folder of a model (downloaded first when it is a hub id)."""
+    return folder_of(resolve_model_path(name_or_path))
+
+
+def _run_tokenizer(inputs, out: Path, init, tokenizer, data, vocab_size, kind, names: str, log):
+    """The tokenizer of a run: the model's (fine-tuning), the one named, the dataset's, or one trained on the inputs."""
+    from ..tokenizer import load_tokenizer, train_tokenizer
+
+    if init is not None:
+        try:
+            tok = load_tokenizer(tokenizer or load_model_folder(init))
+        except (FileNotFoundError, ValueError) as e:
+            raise TokenizerError(f"{init}: no usable tokenizer in the model folder ({e}); pass --tokenizer") from None
+        log(f"fine-tuning {init} with its own tokenizer ({tok.vocab_size:,} tokens)")
+    elif tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+        log(f"tokenizer: {tokenizer} ({tok.vocab_size:,} tokens)")
+    elif data is not None:
+        tok = load_tokenizer(Path(data) / "tokenizer")
+        log(f"tokenizer: the one the dataset {data} was prepared with ({tok.vocab_size:,} tokens)")
+    else:
+        tok_dir = out / "tokenizer"
+        log(f"training a {kind} tokenizer on {names} -> {tok_dir}")
+        tok = train_tokenizer(inputs, vocab_size=vocab_size or 5000, kind=kind, out_dir=tok_dir)
+        log(f"tokenizer: {tok.vocab_size:,} tokens")
+    return tok
+
+
+def run_training(
+    inputs: list[str] | None = None,
+    *,
+    data: str | None = None,
+    eval_inputs: list[str] | None = None,
+    init: str | None = None,
+    size: str | None = None,
+    tokenizer: str | None = None,
+    vocab_size: int | None = None,
+    tokenizer_kind: str = "bpe",
+    line_by_line: bool = False,
+    model_overrides: dict | None = None,
+    log: Callable[[str], None] = print,
+    **options,
+) -> TrainResult:
+    """From raw text (or a prepared dataset) to a trained model folder, choosing what the user did not say.
+
+    Fine-tuning (`init` names a pretrained model) uses that model's tokenizer; training from scratch
+    trains a tokenizer on the inputs (or uses `tokenizer`), prepares the data under `out_dir/data`, and
+    picks a model size for the data unless `size` is given. Every choice is printed.
+    """
+    from ..data.shards import prepare
+
+    cfg = TrainConfig(**options)
+    out = Path(cfg.out_dir)
+    refuse_previous_run(out, cfg)  # now, not after minutes of tokenizer training and preparation
+    if world_size() > 1 and int(__import__("os").environ.get("RANK", "0")) != 0:
+        log = lambda message: None  # noqa: E731 - only rank 0 talks
+    if not inputs and not data:
+        raise DataError("nothing to train on: give text files or folders, or --data with a prepared dataset")
+    names = ", ".join(map(str, inputs or [])) if len(inputs or []) <= 3 else f"{len(inputs)} inputs ({inputs[0]}, ...)"
+    model = build_model(str(load_model_folder(init)))[0] if init is not None else None
+    tok = _run_tokenizer(inputs, out, init, tokenizer, data, vocab_size, tokenizer_kind, names, log)
+    if data is None:
+        data = out / "data"
+        log(f"preparing {names} -> {data}")
+        meta = prepare(inputs, tok, data, line_by_line=line_by_line, val_inputs=eval_inputs, seed=cfg.seed)
+        log(f"data: {meta['train']['tokens']:,} training tokens, {meta['val']['tokens']:,} validation tokens")
+    run_data = load_run_data(data)
+    if model is None:
+        overrides = dict(model_overrides or {})
+        overrides.setdefault("vocab_size", tok.vocab_size)
+        overrides.setdefault("bos_token_id", tok.eos_id)
+        overrides.setdefault("eos_token_id", tok.eos_id)
+        if cfg.block_size:
+            overrides.setdefault("n_positions", cfg.block_size)
+        if size is None:
+            size, why = choose_size(len(run_data.train), cfg, overrides["vocab_size"])
+            log(f"model size: {size!r}: {why} (choose another with --size)")
+        torch.manual_seed(cfg.seed)  # the same fresh weights on every rank and every rerun
+        model, _ = build_model(size=size, **overrides)
+    if cfg.max_steps is None and cfg.epochs is None and cfg.max_time is None:
+        cfg = dataclasses.replace(cfg, epochs=1.0)
+        log("length: 1 epoch (set --max-steps, --epochs or --max-time)")
+    return Trainer(model, run_data, cfg, tokenizer=tok, finetune=init is not None).run()
+
+
+__all__ = ["MAX_EPOCHS_COUNTED", "SCRATCH_SIZES", "STEP_EFFICIENCY", "TOKENS_PER_PARAM", "build_model", "choose_size",
+           "load_model_folder", "matmul_flops", "run_training", "train"]

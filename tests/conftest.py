@@ -77,3 +77,11 @@ def sample_text() -> str:
         if i % 37 == 0:
             lines.append("床前明月光，疑是地上霜。举头望明月，低头思故乡。 🙂🚀  tabs\tand   spaces")
     return "\n".join(lines) + "\n"
+
+
+class LazyTransformers:
+    """`transformers`, imported by the first test that touches it: without the package those tests skip one
+    by one and the rest of their module still runs."""
+
+    def __getattr__(self, name):
+        return getattr(pytest.importorskip("transformers"), name)

@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+from conftest import LazyTransformers
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -13,7 +14,7 @@ from gptforge import GPT, CheckpointError, ConfigError, GPTConfig, load_model, s
 from gptforge import checkpoint
 from gptforge.checkpoint import from_hf_state_dict, read_state_dict
 
-transformers = pytest.importorskip("transformers")
+transformers = LazyTransformers()  # tests that use it skip one by one without it
 
 # Three shapes: even heads; an odd number of heads; n_inner set (with a different activation).
 SHAPES = {

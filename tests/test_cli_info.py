@@ -116,6 +116,7 @@ def test_info_on_a_folder_without_config(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and str(tmp_path) in err and "config.json" in err
 
 
+@pytest.mark.slow
 def test_console_script(tmp_path):
     """The installed `gptforge` entry point runs and reports errors with exit code 2."""
     exe = Path(sys.executable).with_name("gptforge")

@@ -12,7 +12,7 @@ from gptforge import load_model, load_tokenizer
 from gptforge.cli import main
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def test_stdlib_files_are_the_interpreters_own_source():

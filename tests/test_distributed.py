@@ -13,7 +13,7 @@ import torch
 
 from gptforge.checkpoint import load_model
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")]
 
 WORKER = textwrap.dedent('''
     import json, sys, torch

@@ -5,12 +5,13 @@ import math
 
 import numpy as np
 import pytest
+from conftest import LazyTransformers
 import torch
 import torch.nn.functional as F
 
 from gptforge.evaluate import evaluate_text, evaluate_tokens, sliding_windows
 
-transformers = pytest.importorskip("transformers")
+transformers = LazyTransformers()  # tests that use it skip one by one without it
 
 
 def hf_sliding_nll(hf, ids: torch.Tensor, block: int, stride: int) -> tuple[float, int]:

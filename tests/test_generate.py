@@ -291,7 +291,7 @@ def _cli(argv, capsys, stdin: str | None = None, monkeypatch=None):
 
 
 def test_cli_greedy_equals_the_api(model_dir, capsys):
-    from gptforge.generate import load_model_and_tokenizer
+    from gptforge.checkpoint import load_model_and_tokenizer
 
     m, tok = load_model_and_tokenizer(model_dir, device="cpu")
     ref = generate(m, tok, "the quick", do_sample=False, max_new_tokens=15)[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import LazyTransformers
 import torch
 import torch.nn.functional as F
 
@@ -12,7 +13,7 @@ import gptforge.model as model_module
 from gptforge import GPT, GPTConfig, preset
 from gptforge.checkpoint import to_hf_state_dict
 
-transformers = pytest.importorskip("transformers")
+transformers = LazyTransformers()  # tests that use it skip one by one without it
 
 SMALL = dict(vocab_size=200, n_positions=48, n_embd=48, n_layer=2, n_head=3,
              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -162,6 +163,25 @@ def test_chunked_linear_cross_entropy_equals_the_plain_form(vocab):
     torch.testing.assert_close(gw, w.grad, atol=1e-6, rtol=1e-4)
     with torch.no_grad():  # evaluation: the loss alone
         torch.testing.assert_close(linear_cross_entropy(x, w, t), ref.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_loss_head_under_no_grad_computes_no_gradients(monkeypatch):
+    """Evaluation (`torch.no_grad()`) with inputs that require grad: one product per chunk, not three."""
+    if not kernels.enabled():
+        pytest.skip(f"{kernels.SWITCH}=0: the chunked loss head is off")
+    calls = []
+    real = kernels.matmul
+    monkeypatch.setattr(kernels, "matmul", lambda a, b: calls.append(1) or real(a, b))
+    x = torch.randn(300, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (300,))
+    chunks = -(-300 // max(256, 2**21 // 50))
+    with torch.no_grad():
+        loss = kernels.linear_cross_entropy(x, w, t)
+    assert len(calls) == chunks and not loss.requires_grad
+    calls.clear()
+    kernels.linear_cross_entropy(x, w, t).backward()
+    assert len(calls) == 3 * chunks and x.grad is not None
 
 
 def test_loss_and_gradients_match_transformers():

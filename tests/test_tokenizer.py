@@ -55,7 +55,7 @@ def test_train_bpe_writes_gpt2_files(bpe):
     merges = (out / "merges.txt").read_text().splitlines()
     assert merges[0].startswith("#version") and len(merges) - 1 == tok.vocab_size - 257
     special = json.loads((out / "special_tokens_map.json").read_text())
-    assert special == {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS}
+    assert special == {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
 
 
 def test_bpe_roundtrip_and_eos_inside_text(bpe):

@@ -15,6 +15,7 @@ from gptforge.model import GPT
 from gptforge.train import (
     RunFolderError,
     TrainConfig,
+    Trainer,
     TrainingError,
     apply_freeze,
     lr_at,
@@ -137,17 +138,57 @@ def test_training_lowers_the_loss(tmp_path, dataset):
     assert result.val_loss < math.log(300)
 
 
-def test_tokens_per_second_leave_out_callbacks(tmp_path, dataset):
-    """Time spent outside the steps (here a callback that sleeps; evaluations, samples and saves alike)
-    is not charged to the next logging window's tokens/s."""
-    import time
+def _fake_clock(monkeypatch, tick: float = 0.01) -> list[float]:
+    """The training loop's clock, advancing `tick` seconds per reading; returns the mutable time."""
+    import types
 
+    import gptforge.train.loop as loop
+
+    now = [0.0]
+
+    def perf_counter() -> float:
+        now[0] += tick
+        return now[0]
+
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    return now
+
+
+def test_tokens_per_second_leave_out_callbacks(tmp_path, dataset, monkeypatch):
+    """Time spent outside the steps (here a callback that takes 100 s of a fake clock; evaluations, samples and
+    saves alike) is not charged to the next logging window's tokens/s."""
+    now = _fake_clock(monkeypatch)
     data, tok = dataset
-    result = train(tiny_model(), data, tokenizer=tok, on_step=lambda trainer: time.sleep(0.5),
+
+    def slow_callback(trainer) -> None:
+        now[0] += 100.0
+
+    result = train(tiny_model(), data, tokenizer=tok, on_step=slow_callback,
                    **quick(tmp_path, max_steps=4, log_interval=1, eval_interval=None))
     rows = [r for r in result.history if "tokens_per_s" in r]
     step_seconds = [4 * 16 / r["tokens_per_s"] for r in rows]  # batch 4 x block 16 per step
-    assert len(rows) == 4 and max(step_seconds) < 0.5, step_seconds
+    assert len(rows) == 4 and max(step_seconds) < 1.0, step_seconds
+
+
+def test_schedule_follows_whichever_limit_ends_the_run(tmp_path, dataset, monkeypatch):
+    """Steps and a time budget together: the deadline comes long before step 5000, and the warmup must not
+    be laid over 100 steps the run never takes (it peaked at a fraction of the learning rate)."""
+    _fake_clock(monkeypatch)
+    data, tok = dataset
+    result = train(tiny_model(), data, tokenizer=tok,
+                   **quick(tmp_path, max_steps=5000, max_time=1.0, learning_rate=1e-3, log_interval=1, eval_interval=None))
+    lrs = [r["lr"] for r in result.history if "lr" in r]
+    assert result.step < 100 and max(lrs) > 0.9e-3, (result.step, max(lrs))
+    assert lrs[-1] < 0.2e-3  # and it still ends decayed at the deadline
+
+
+def test_evaluate_before_run(tmp_path, dataset):
+    from gptforge.data.dataset import load_run_data
+
+    data, tok = dataset
+    trainer = Trainer(tiny_model(), load_run_data(data), TrainConfig(**quick(tmp_path, max_steps=2)), tokenizer=tok)
+    row = trainer.evaluate()
+    assert row["step"] == 0 and row["val_loss"] > 0 and (tmp_path / "run" / "metrics.jsonl").is_file()
 
 
 def test_refuses_to_overwrite_another_run(tmp_path, dataset):
@@ -221,12 +262,7 @@ def test_freeze_keeps_frozen_weights(tmp_path, dataset):
 
 def test_max_time_ends_decayed_at_the_deadline(tmp_path, dataset, monkeypatch):
     """The schedule runs over the clock: a fake clock that advances 0.01 s per reading makes it exact."""
-    import types
-
-    import gptforge.train.loop as loop
-
-    ticks = iter(range(10**9))
-    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks) * 0.01))
+    _fake_clock(monkeypatch)
     data, tok = dataset
     result = train(tiny_model(), data, tokenizer=tok,
                    **quick(tmp_path, max_time=2.0, learning_rate=1e-3, warmup_steps=0, log_interval=1, eval_interval=None))

@@ -47,6 +47,7 @@ print(json.dumps([first.generate(**kw), second.generate(**kw)]))
 """
 
 
+@pytest.mark.slow
 def test_workflow_scratch_train_reload_in_new_process(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _write_corpus(tmp_path / "input.txt", 300)

@@ -24,7 +24,8 @@ _EXPORTS = {
     "generate": ["generate_ids"],
     "evaluate": ["EvalResult", "evaluate_prepared", "evaluate_text", "evaluate_tokens"],
     "train": ["Trainer", "TrainResult", "run_training"],
-    "api": ["GPTForge"],
+    "api": ["GPTForge", "GPTForgeClassifier"],
+    "classify": ["GPTClassifier", "load_classifier", "save_classifier"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_model, load_model_and_tokenizer, resolve_model_path, save_model
+from .checkpoint import load_model, resolve_model_path
 from .config import GPTConfig, resolve_config
 from .errors import GPTForgeError, OptionError  # GPTForgeError: re-exported for `from gptforge.api import ...`
 from .fsio import atomic_write, dated_path, folder_of
@@ -57,7 +57,8 @@ class GPTForge:
       config="trained_model/config.json", vocab_file=..., merges_file=...)` as older guides write it.
       The tokenizer comes from the model folder unless you name one.
 
-    `device="auto"` uses CUDA when there is a GPU.
+    `device="auto"` uses CUDA when there is a GPU. `quantize="int8"` gives the model int8 weights for faster
+    generation on CPUs (gptforge.quantize; an int8 model generates, evaluates and saves, but does not train).
     """
 
     def __init__(
@@ -71,7 +72,11 @@ class GPTForge:
         tokenizer: Tokenizer | str | os.PathLike | None = None,
         model_folder: str | os.PathLike | None = None,
         device: str = "auto",
+        quantize: str | None = None,
     ):
+        from .quantize import check_method, quantize_model
+
+        check_method(quantize, "quantize")
         model = model if model is not None else model_folder
         self.device = resolve_device(device)
         if isinstance(tokenizer, (str, os.PathLike)):
@@ -105,8 +110,9 @@ class GPTForge:
             self.model, self.pretrained = model.to(self.device), True
         elif tokenizer is None and config is None:
             # The folder's own tokenizer; fp32 weights, since this model may be trained further.
-            self.model, tokenizer = load_model_and_tokenizer(_weights_path(model), device=str(self.device),
-                                                             dtype=torch.float32)
+            from .adapters import load_with_adapter  # a LoRA run's adapter folder opens merged into its base
+
+            self.model, tokenizer = load_with_adapter(_weights_path(model), device=str(self.device), dtype=torch.float32)
             self.pretrained = True
         else:
             path = resolve_model_path(_weights_path(model))
@@ -116,7 +122,10 @@ class GPTForge:
                 tokenizer = load_tokenizer(folder_of(path))
         if self.pretrained:
             check_vocab_fits(tokenizer, self.model.config.vocab_size)
+        if quantize:
+            quantize_model(self.model, quantize)
         self.tokenizer: Tokenizer = tokenizer
+        self.source = str(model) if isinstance(model, (str, os.PathLike)) else None  # what a LoRA adapter names as its base
 
     @property
     def config(self) -> GPTConfig:
@@ -164,18 +173,26 @@ class GPTForge:
         tokenizer) into `output_dir`. `options` are TrainConfig fields (learning_rate, grad_accum, max_time,
         save_steps, sample_interval, overwrite, resume, ...) or older tools' names for them
         (gradient_accumulation_steps, max_grad_norm, save_every, generate_every). A previous run in
-        `output_dir` is not replaced unless `overwrite=True`. Returns the TrainResult.
+        `output_dir` is not replaced unless `overwrite=True`. `lora_r=8` (with lora_alpha, lora_dropout,
+        lora_targets: LoRAOptions) trains a LoRA adapter and saves it alone, in peft's format. Returns the TrainResult.
         """
+        from .options import LoRAOptions
+        from .quantize import is_quantized
+        from .train.finetune import check_lora, start_lora
         from .train.pipeline import train
 
+        if is_quantized(self.model):
+            raise OptionError("this model has int8 weights, which are for generation; train the fp32 model "
+                              "(GPTForge without quantize=) and quantize it afterwards")
         for old, new in TRAIN_ALIASES.items():
             if old in options:
                 options[new] = options.pop(old)
-        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        fields = {f.name for f in dataclasses.fields(TrainConfig)} | {f.name for f in dataclasses.fields(LoRAOptions)}
         unknown = sorted(set(options) - fields)
         if unknown:
             raise OptionError(f"train(): unknown option(s) {', '.join(unknown)}; "
                                 f"choose from {', '.join(sorted(fields | set(TRAIN_ALIASES)))}")
+        lora = LoRAOptions(**{k: options.pop(k) for k in [f.name for f in dataclasses.fields(LoRAOptions)] if k in options})
         if fp16:
             options["precision"] = "fp16"
         block_size = getattr(data, "block_size", None) or options.get("block_size") or self.config.n_positions
@@ -191,6 +208,10 @@ class GPTForge:
         options.update(out_dir=str(output_dir), batch_size=batch_size, block_size=block_size)
         if num_steps is not None:
             options["max_steps"] = num_steps
+        if lora.enabled:
+            cfg = TrainConfig(**options)
+            check_lora(lora, cfg, "model" if self.pretrained else None)
+            options["learning_rate"] = start_lora(self.model, lora, cfg, self.source).learning_rate
         return train(self.model, data, tokenizer=self.tokenizer, finetune=self.pretrained, **options)
 
     # -- generation
@@ -275,7 +296,91 @@ class GPTForge:
         folder = Path(folder)
         if (folder / "config.json").exists() and not overwrite:
             raise OptionError(f"{folder}: already holds a model; pass overwrite=True to replace it or choose another folder")
-        return save_model(self.model, folder, self.tokenizer)
+        from .adapters import save_trained  # a model with LoRA layers saves its adapter alone
+
+        return save_trained(self.model, folder, self.tokenizer)
 
 
-__all__ = ["GPTForge", "GPTForgeError"]
+class GPTForgeClassifier:
+    """A GPT-2 text classifier (transformers' GPT2ForSequenceClassification) and its tokenizer.
+
+        clf = GPTForgeClassifier.train("train.jsonl", init="my_lm", output_dir="topic_clf", max_time="10m")
+        clf = GPTForgeClassifier("topic_clf")            # a folder written by gptforge or by transformers
+        clf.predict(["Some text"])                       # [{"label": ..., "score": ..., "probs": {...}}]
+        clf.evaluate("test.jsonl")                       # accuracy, macro_f1, per_class, confusion, loss
+
+    The same operations as `gptforge classify train|eval|predict`, with the same options and defaults."""
+
+    def __init__(self, model: str | os.PathLike, device: str = "auto", tokenizer: str | os.PathLike | None = None):
+        from .classify import load_classifier
+
+        self.device = resolve_device(device)
+        self.model = load_classifier(model, device=self.device)
+        self.tokenizer = load_tokenizer(tokenizer or folder_of(resolve_model_path(model)))
+        check_vocab_fits(self.tokenizer, self.model.config.vocab_size)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.model.labels)
+
+    def __repr__(self) -> str:
+        return f"GPTForgeClassifier({self.model.num_params() / 1e6:.2f}M parameters, labels {self.labels}, {self.device})"
+
+    @classmethod
+    def train(cls, data, init: str, output_dir: str | os.PathLike = "classifier", eval_data=None,
+              **options) -> "GPTForgeClassifier":
+        """Train on labelled files (.csv/.tsv, .jsonl/.json, or a folder with a sub-folder per label) and open the
+        result. `init`: a language-model folder or hub id, a classifier folder, or a preset (from scratch).
+        `options` are ClassifyOptions fields (text_field, label_field, truncate, val_fraction, balance, ...),
+        TrainConfig fields (max_time, epochs, learning_rate, freeze, resume, ...) and tokenizer/vocab_size."""
+        from .options import ClassifyOptions
+        from .train.classification import train_classifier
+
+        names = {f.name for f in dataclasses.fields(ClassifyOptions)}
+        known = names | {f.name for f in dataclasses.fields(TrainConfig)} | {"tokenizer", "vocab_size", "encoding_errors"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise OptionError(f"train(): unknown option(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+        clf_opts = ClassifyOptions(**{k: options.pop(k) for k in list(options) if k in names})
+        if isinstance(options.get("max_time"), str):
+            from .options import parse_duration
+
+            options["max_time"] = parse_duration(options["max_time"])
+        result = train_classifier(data, init=init, eval_inputs=eval_data, options=clf_opts, out_dir=str(output_dir), **options)
+        clf = cls(output_dir, device=options.get("device", "auto"))
+        clf.result = result
+        return clf
+
+    def predict(self, texts: str | list[str], batch_size: int = 32, truncate: str = "right") -> list[dict]:
+        """For each text: `{"label", "score", "probs": {label: probability}}`."""
+        from .classify import predict
+
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return predict(self.model, self.tokenizer, texts, batch_size=batch_size, truncate=truncate)
+
+    def evaluate(self, data, labels: list[str] | None = None, batch_size: int = 32, truncate: str = "right",
+                 text_field: str = "text", label_field: str = "label", header: bool = True) -> dict:
+        """Accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix and the loss, on labelled files
+        (`data`), or on texts `data` with their `labels`."""
+        from .classify import evaluate_classifier
+        from .data.labelled import read_labelled
+
+        if labels is None:
+            d = read_labelled(data, text_field, label_field, header=header)
+            texts, labels, where = d.texts, d.labels, d.where
+        else:
+            texts, where = ([data] if isinstance(data, str) else list(data)), None
+        return evaluate_classifier(self.model, self.tokenizer, texts, list(labels), where=where, batch_size=batch_size,
+                                   truncate=truncate)
+
+    def save(self, folder: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the classifier folder (transformers' GPT2ForSequenceClassification format, tokenizer included)."""
+        from .classify import save_classifier
+
+        folder = Path(folder)
+        if (folder / "config.json").exists() and not overwrite:
+            raise OptionError(f"{folder}: already holds a model; pass overwrite=True to replace it or choose another folder")
+        return save_classifier(self.model, folder, self.tokenizer)
+
+
+__all__ = ["GPTForge", "GPTForgeClassifier", "GPTForgeError"]

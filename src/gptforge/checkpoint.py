@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import GPTConfig
-from .errors import CheckpointError, ConfigError, NotFoundError
+from .errors import CheckpointError, GPTForgeError, NotFoundError
 from .fsio import atomic_dir, atomic_write, folder_of
 from .model import GPT
 
@@ -181,12 +181,14 @@ def load_model(
     config: GPTConfig | str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    quantize: str | None = None,
 ) -> GPT:
     """Load a GPT-2 model from a folder, a weights file (+ `config`), or a hub id.
 
     `name_or_path` may be a folder written by gptforge or transformers, a single `.safetensors` /
-    `pytorch_model.bin` file (its folder's config.json is used unless `config` is given), or a hub id
-    such as `gpt2` (downloaded with huggingface_hub).
+    `pytorch_model.bin` file (its folder's config.json is used unless `config` is given), a hub id
+    such as `gpt2` (downloaded with huggingface_hub), or an int8 folder written by `gptforge quantize`.
+    `quantize="int8"` gives int8 weights for generation (gptforge.quantize), made on load.
     """
     path = resolve_model_path(name_or_path)
     folder = folder_of(path)
@@ -194,12 +196,22 @@ def load_model(
         config = GPTConfig.load(folder)
     elif not isinstance(config, GPTConfig):
         config = GPTConfig.load(config)
-    sd = from_hf_state_dict(read_state_dict(path), config, source=str(path))
-    model = GPT.empty(config)
-    model.load_state_dict(sd, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied tensor
+    if "quantization_config" in config.extra:  # an int8 folder of `gptforge quantize` (quantize.py reads it)
+        from .quantize import load_quantized
+
+        model = load_quantized(folder, config)
+    else:
+        sd = from_hf_state_dict(read_state_dict(path), config, source=str(path))
+        model = GPT.empty(config)
+        model.load_state_dict(sd, assign=True)
+        model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied tensor
+    model.generation_config = read_generation_config(folder)  # kept when the model is saved again
     model.to(device=device, dtype=dtype)
     model.eval()
+    if quantize:
+        from .quantize import quantize_model
+
+        quantize_model(model, quantize)
     return model
 
 
@@ -208,18 +220,58 @@ def save_model(model: GPT, folder: str | os.PathLike, tokenizer=None, *, state_d
 
     `state_dict` replaces `model.state_dict()`, e.g. the full weights gathered from a sharded (FSDP) model.
     """
+    if "quantization_config" in model.config.extra:  # int8 weights: an int8 folder, written by quantize.py
+        from .quantize import save_quantized
+
+        return save_quantized(model, folder, tokenizer)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
     weights = to_hf_state_dict(state_dict if state_dict is not None else model.state_dict())
     atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
     atomic_write(folder / "config.json", config.save)
-    gen = {"_from_model_config": True, "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    gen = generation_config(model, tokenizer)
     atomic_write(folder / "generation_config.json", lambda p: p.write_text(json.dumps(gen, indent=2) + "\n"))
     if tokenizer is not None:
-        tokenizer.save(folder)
+        tokenizer.save(folder, model_max_length=config.n_positions)
     # A stale legacy file would shadow nothing (safetensors wins) but confuses people; leave theirs alone.
     return folder
+
+
+# generation_config.json entries that are gptforge sampling options of the same name and meaning
+GENERATION_KEYS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+                   "repetition_penalty", "no_repeat_ngram_size")
+
+
+def read_generation_config(folder: str | os.PathLike) -> dict:
+    """The entries of a folder's generation_config.json ({} when there is none or it is unreadable)."""
+    try:
+        gen = json.loads((Path(folder) / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in gen.items() if k not in ("transformers_version", "_from_model_config")} if isinstance(gen, dict) else {}
+
+
+def generation_config(model: GPT, tokenizer=None) -> dict:
+    """generation_config.json of a model folder: gptforge's sampling defaults, so transformers' `generate`
+    samples as `gptforge generate` does, under what the folder the model came from already said; the
+    model's bos/eos, and the pad token (the tokenizer's, else end of text)."""
+    from .options import SamplingOptions
+
+    defaults = SamplingOptions()
+    gen = {k: getattr(defaults, k) for k in GENERATION_KEYS}
+    gen.update(getattr(model, "generation_config", None) or {})
+    gen.update(bos_token_id=model.config.bos_token_id, eos_token_id=model.config.eos_token_id)
+    if tokenizer is not None and hasattr(tokenizer, "pad_id"):
+        gen["pad_token_id"] = tokenizer.pad_id
+    gen.setdefault("pad_token_id", model.config.eos_token_id)
+    return gen
+
+
+def sampling_defaults(model: GPT) -> dict:
+    """The sampling options the generation_config.json of a loaded model's folder sets, by SamplingOptions name."""
+    gen = getattr(model, "generation_config", None) or {}
+    return {k: gen[k] for k in GENERATION_KEYS if gen.get(k) is not None}
 
 
 def model_info(name_or_path: str | os.PathLike) -> dict:
@@ -236,11 +288,13 @@ def model_info(name_or_path: str | os.PathLike) -> dict:
     }
 
 
-def load_model_and_tokenizer(model_path, tokenizer_path=None, device: str = "auto", dtype: torch.dtype | None = None):
+def load_model_and_tokenizer(model_path, tokenizer_path=None, device: str = "auto", dtype: torch.dtype | None = None,
+                             quantize: str | None = None):
     """A model folder (or hub id) and its tokenizer, ready to generate: eval mode, on `device`.
 
     The tokenizer comes from the model folder unless `tokenizer_path` names another one. `dtype=None`
     keeps fp32 on CPU and uses bf16 weights on a CUDA GPU that supports it (decoding is memory-bound).
+    `quantize="int8"`: int8 weights, made on load (see gptforge.quantize).
     """
     from .runtime import resolve_device
     from .tokenizer import check_vocab_fits, load_tokenizer
@@ -250,7 +304,7 @@ def load_model_and_tokenizer(model_path, tokenizer_path=None, device: str = "aut
         dtype = torch.bfloat16
     path = resolve_model_path(model_path)
     folder = folder_of(path)
-    model = load_model(path, device=dev, dtype=dtype)
+    model = load_model(path, device=dev, dtype=dtype, quantize=quantize)
     try:
         tokenizer = load_tokenizer(tokenizer_path or folder)
     except FileNotFoundError:
@@ -290,6 +344,32 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, write_model: Callable
     return target
 
 
+def newest_intact_checkpoint(run_dir: str | os.PathLike, log: Callable[[str], None] = print) -> tuple[Path, dict]:
+    """The newest checkpoint of a run whose config, weights and training state read back, with that state.
+
+    Newer damaged ones (a truncated file, a disk error) are named and skipped; none at all is an error."""
+    from safetensors import safe_open
+
+    found = list_checkpoints(run_dir)
+    for path in reversed(found):
+        try:
+            GPTConfig.load(path)
+            adapter = path / "adapter_model.safetensors"  # a LoRA run's checkpoints hold the adapter only
+            for f in [adapter] if (path / "adapter_config.json").is_file() else _weights_in(path):  # truncation shows
+                with safe_open(str(f), "pt") as weights:
+                    weights.keys()
+            state = load_training_state(path)
+        except (GPTForgeError, SafetensorError, OSError, ValueError) as e:
+            log(f"skipping damaged checkpoint {path} ({str(e).splitlines()[0][:200]}); trying an older one")
+            continue
+        if path != found[-1]:
+            log(f"resuming from {path.name}, the newest checkpoint that is intact")
+        return path, state
+    where = Path(run_dir) / CHECKPOINTS
+    raise CheckpointError(f"{where}: no intact checkpoint to resume from" if found else
+                          f"{Path(run_dir)}: no checkpoint to resume from (looked in {where})")
+
+
 def load_training_state(path: str | os.PathLike) -> dict:
     """The training state saved with a checkpoint (tensors and plain data only; nothing is executed)."""
     file = Path(path) / STATE_NAME
@@ -308,8 +388,12 @@ __all__ = [
     "load_model",
     "load_model_and_tokenizer",
     "load_training_state",
+    "generation_config",
     "model_info",
+    "newest_intact_checkpoint",
+    "read_generation_config",
     "read_state_dict",
+    "sampling_defaults",
     "save_checkpoint",
     "save_model",
 ]

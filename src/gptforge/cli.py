@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from . import __version__
+from .cli_args import TRAIN_EXAMPLES, add_train_arguments, read_flags
+from .cli_args import add_dataclass_options as _add_dataclass_options
+from .cli_args import inputs_of as _inputs
+from .cli_args import read_options as _read_options
 from .errors import GPTForgeError, NotFoundError, RunFolderError
 
 
@@ -62,27 +67,16 @@ def cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_model
+
+    out = export_model(args.run, args.out, license=args.license, force=args.force)
+    print(f"exported the model of {args.run} to {out} (model files and README.md; no data, checkpoints or trainer state)")
+    print(f"upload it with the Hugging Face CLI: hf upload USER/NAME {out} .")
+    return 0
+
+
 # --- train ------------------------------------------------------------------------------------------
-
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
-    """One --option per field of an options dataclass (help, choices and flag name from the field), so the
-    CLI and the Python API share their names and defaults."""
-    import dataclasses
-
-    from .options import parse_duration
-
-    for f in dataclasses.fields(cls):
-        meta = f.metadata
-        flag = "--" + (meta.get("flag") or f.name).replace("_", "-")
-        help_text = meta.get("help", "")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-            continue
-        kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
-        if f.name == "max_time":
-            kind = parse_duration
-        parser.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=meta.get("choices"), help=help_text)
-
 
 def _fields(args: argparse.Namespace, cls) -> dict:
     import dataclasses
@@ -93,11 +87,12 @@ def _fields(args: argparse.Namespace, cls) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(args.nproc)
-    from .options import TrainConfig
+    from .options import InstructOptions, LoRAOptions, TrainConfig
     from .train.pipeline import run_training
 
     options = _fields(args, TrainConfig)
-    inputs = list(args.inputs) + ([args.train_file] if args.train_file else [])
+    extra = dict(lora=LoRAOptions(**_fields(args, LoRAOptions)), instruct=InstructOptions(**_fields(args, InstructOptions)))
+    inputs = _inputs(args, list(args.inputs) + ([args.train_file] if args.train_file else []))
     overrides = {k: getattr(args, k) for k in ("n_layer", "n_embd", "n_head", "n_positions", "dropout") if getattr(args, k) is not None}
     if "dropout" in overrides:
         p = overrides.pop("dropout")
@@ -105,7 +100,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = run_training(
         inputs or None, data=args.data, eval_inputs=[args.eval_file] if args.eval_file else None, init=args.init,
         size=args.size, tokenizer=args.tokenizer, vocab_size=args.vocab_size, tokenizer_kind=args.tokenizer_kind,
-        line_by_line=args.line_by_line, model_overrides=overrides, **options,
+        line_by_line=args.line_by_line, model_overrides=overrides, read_options=_read_options(args),
+        record={k: v for k, v in vars(args).items() if k not in ("func", "parser", "argv", "command", "config")}, **extra, **options,
     )
     if result.val_loss is not None:
         bpb = f", {result.val_bits_per_byte:.4f} bits/byte" if result.val_bits_per_byte is not None else ""
@@ -161,19 +157,30 @@ def _gather_prompts(args: argparse.Namespace) -> list[str]:
 def cmd_generate(args: argparse.Namespace) -> int:
     import random
 
-    from .checkpoint import load_model_and_tokenizer
+    from .adapters import load_with_adapter
+    from .chat import Conversation
+    from .checkpoint import sampling_defaults
+    from .configfile import given_on_command_line
     from .fsio import dated_path, write_text
     from .generate import generate
     from .options import SamplingOptions
 
+    from .quantize import check_method
+
     options = _fields(args, SamplingOptions)
     SamplingOptions(**options).validate()  # bad options fail before the model loads
+    check_method(args.quantize)
     if options["seed"] is None:
         options["seed"] = random.randrange(2**31)
         print(f"seed {options['seed']} (pass --seed {options['seed']} to get this text again)", file=sys.stderr)
     prompts = [] if args.interactive else _gather_prompts(args)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device)
-    common = dict(stop=args.stop, include_prompt=not args.no_prompt, context_keep=args.context_keep, **options)
+    model, tokenizer = load_with_adapter(args.model, args.adapter, args.tokenizer, device=args.device, quantize=args.quantize)
+    chat = Conversation(tokenizer, keep_history=args.interactive) if args.chat else None
+    prompts = [chat.ask(p) for p in prompts] if chat else prompts
+    given = given_on_command_line(args.parser, args.argv)  # the folder's generation_config.json sets the defaults
+    options.update({k: v for k, v in sampling_defaults(model).items() if k not in given})
+    SamplingOptions(**options).validate()
+    common = dict(stop=args.stop, include_prompt=not (args.no_prompt or chat), context_keep=args.context_keep, **options)
 
     def run(batch: list[str], live: bool) -> list[str]:
         current = [None]
@@ -185,7 +192,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        texts = generate(model, tokenizer, batch, stream=show if live else None, **common)
+        texts = generate(model, tokenizer, batch, stream=show if live else None,
+                         progress=not live and len(batch) * options["num_samples"] > 1, **common)
         if live:
             sys.stdout.write("\n")
         return texts
@@ -197,7 +205,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             line = sys.stdin.readline()
             if not line or line.strip() in ("exit", "quit"):
                 return 0
-            run([line.rstrip("\n")], live=True)
+            reply = run([chat.ask(line.rstrip("\n")) if chat else line.rstrip("\n")], live=True)
+            if chat:
+                chat.answer(reply[0])
             if args.num_samples > 1:
                 sys.stdout.write(args.delimiter)
     # Stream when rows come one at a time; a batch of rows is printed when it is done.
@@ -213,6 +223,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+ADAPTER_HELP = "a LoRA adapter folder (gptforge's or peft's) to apply to the model, merged on load; see docs/adapters.md"
+QUANTIZE_HELP = "int8: int8 weights made on load (faster on CPUs, slightly different numbers); see docs/guide.md"
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantize import quantize_folder
+
+    out = quantize_folder(args.model, args.out, args.method, force=args.force)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"wrote the int8 model folder {out} ({size / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .adapters import merge_to_folder
+
+    out = merge_to_folder(args.base, args.adapter, args.out, force=args.force)
+    print(f"wrote {out}: {args.base} with the adapter {args.adapter} merged in (a plain model folder, no adapter code needed)")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
     import json
@@ -220,22 +251,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .checkpoint import load_model, load_model_and_tokenizer
+    from .adapters import is_adapter, load_with_adapter
+    from .checkpoint import load_model
     from .evaluate import combine, evaluate_prepared, evaluate_text
     from .options import EvalOptions
     from .runtime import pick_precision, resolve_device
 
+    from .quantize import check_method
+
     opts = EvalOptions(**_fields(args, EvalOptions))
+    check_method(args.quantize)
     for f in args.files:
         if not Path(f).exists():
             raise NotFoundError(f"{f}: no such file or prepared dataset folder")
     prepared = [(Path(f) / "meta.json").is_file() for f in args.files]
-    if all(prepared):
-        model, tokenizer = load_model(args.model, device=resolve_device(args.device)), None  # token shards need no tokenizer
+    if all(prepared) and not (args.adapter or is_adapter(args.model)):
+        model = load_model(args.model, device=resolve_device(args.device), quantize=args.quantize)
+        tokenizer = None  # token shards need no tokenizer
     else:
-        model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device, dtype=torch.float32)
+        model, tokenizer = load_with_adapter(args.model, args.adapter, args.tokenizer, device=args.device, dtype=torch.float32,
+                                             quantize=args.quantize)
     precision = pick_precision(args.precision, model.transformer.wte.weight.device)
-    kw = dict(autocast_dtype=None if precision == torch.float32 else precision)
+    kw = dict(autocast_dtype=None if precision == torch.float32 else precision, progress=True)
     results = {}
     for f, is_prepared in zip(args.files, prepared):
         if is_prepared:
@@ -256,18 +293,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # --- tokenizer / prepare -------------------------------------------------------------------------------
 
 
-def _read_options(args: argparse.Namespace) -> dict:
-    """ReadOptions keywords from the shared reading/cleaning flags."""
-    column = args.column
-    if column is not None and column.isdigit():
-        column = int(column)
-    opts = dict(column=column, header=not args.no_header, field=args.field, encoding_errors=args.encoding_errors,
-                nfc=args.nfc, drop_control=args.drop_control, remove=tuple(args.remove or ()), dedupe=args.dedupe)
-    if args.ext:
-        opts["extensions"] = tuple(e.strip() for e in args.ext.split(",") if e.strip())
-    return opts
-
-
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -277,8 +302,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     existing = [f for f in TOKENIZER_FILES if (out / f).exists()]
     if existing and not args.force:
         raise RunFolderError(f"{out}: already holds {', '.join(existing)}; pass --force to replace them or choose another --out")
-    tok = train_tokenizer(args.files, vocab_size=args.vocab_size, min_frequency=args.min_frequency, kind=args.kind,
-                          out_dir=out, **_read_options(args))
+    tok = train_tokenizer(_inputs(args, args.files), vocab_size=args.vocab_size, min_frequency=args.min_frequency,
+                          kind=args.kind, out_dir=out, progress=True, **_read_options(args))
     print(f"trained a {tok.kind} tokenizer with {tok.vocab_size} tokens (eos id {tok.eos_id}, fingerprint {tok.fingerprint}) "
           f"into {out}")
     return 0
@@ -287,7 +312,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .data.shards import prepare
 
-    meta = prepare(args.inputs, args.tokenizer, args.out, line_by_line=args.line_by_line, val_fraction=args.val_fraction,
+    meta = prepare(_inputs(args, args.inputs), args.tokenizer, args.out, line_by_line=args.line_by_line, val_fraction=args.val_fraction,
                    val_inputs=args.val_file, seed=args.seed, workers=args.workers, shard_tokens=args.shard_tokens,
                    force=args.force, progress=not args.quiet, **_read_options(args))
     if meta["reused"]:
@@ -311,7 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptforge", description="Train GPT-2 language models on your own text.")
     parser.add_argument("--version", action="version", version=f"gptforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Each stage adds its own commands, in the order of the pipeline.
+    from .cli_classify import add_classify_commands
 
+    for add in (_add_model_commands, _add_data_commands, _add_train_commands, add_classify_commands, _add_generate_commands,
+                _add_serve_command):
+        add(sub)
+    return parser
+
+
+def _add_model_commands(sub) -> None:
     p = sub.add_parser("info", help="show a model's config, parameter count and files")
     p.add_argument("model", help="model folder, weights file, preset name or hub id")
     p.set_defaults(func=cmd_info)
@@ -325,26 +359,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None, help=f"override {name}")
     p.set_defaults(func=cmd_create)
 
-    # Each stage adds its own commands below, in the order of the pipeline.
-    # -- tokenizer / prepare (tokenizer.py, data.py) --
-    def read_flags(p: argparse.ArgumentParser) -> None:
-        g = p.add_argument_group("reading and cleaning")
-        g.add_argument("--column", help="CSV/TSV: text column, by header name or 0-based index")
-        g.add_argument("--no-header", action="store_true", help="CSV/TSV: the first row is data, not column names")
-        g.add_argument("--field", default="text", help="JSON Lines: field holding the text (default: text)")
-        g.add_argument("--ext", help="file types taken from folders, comma-separated (default: .txt,.md,.text,.csv,.tsv,.jsonl,.ndjson)")
-        g.add_argument("--encoding-errors", choices=("strict", "replace"), default="strict",
-                       help="invalid UTF-8: stop with the file and byte offset (strict), or replace it with U+FFFD")
-        g.add_argument("--nfc", action="store_true", help="Unicode NFC normalisation")
-        g.add_argument("--drop-control", action="store_true", help="remove control characters (keeps tabs and newlines)")
-        g.add_argument("--remove", action="append", metavar="REGEX", help="delete matches of this regex (repeatable), "
-                       "e.g. --remove '^[ \\t]*\\d+[ \\t]*(\\n|$)' for page-number lines")
-        g.add_argument("--dedupe", action="store_true", help="drop exact duplicate documents / lines")
+    p = sub.add_parser("export", help="copy a run's model, without its data and checkpoints, with a model card",
+                       description="Write the model files of a run (config, weights, generation config, tokenizer) and "
+                                   "a README.md model card into a new folder, ready for `hf upload`. The run's data/, "
+                                   "checkpoints/ and trainer state are left out: they hold the training text.")
+    p.add_argument("run", help="run folder (or RUN/best, RUN/checkpoints/step-N)")
+    p.add_argument("out", help="folder to write")
+    p.add_argument("--license", default="other", help="license in the model card (e.g. mit, apache-2.0, cc-by-4.0; default: other)")
+    p.add_argument("--force", action="store_true", help="replace the folder if it already holds files")
+    p.set_defaults(func=cmd_export)
 
+
+def _add_data_commands(sub) -> None:
     p = sub.add_parser("tokenizer", help="train a tokenizer")
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
     t = tsub.add_parser("train", help="train a byte-level BPE or a character vocabulary on your text")
-    t.add_argument("files", nargs="+", help="text files, folders, globs, .csv or .jsonl")
+    t.add_argument("files", nargs="*", help="text files, folders, globs, .csv/.tsv, .jsonl, .json or .parquet")
     t.add_argument("--out", required=True, help="folder to write the tokenizer files into")
     t.add_argument("--vocab-size", type=int, default=5000, help="number of tokens, <|endoftext|> included (default 5000)")
     t.add_argument("--min-frequency", type=int, default=2, help="ignore merges / characters seen fewer times (default 2)")
@@ -355,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_tokenizer_train)
 
     p = sub.add_parser("prepare", help="tokenize text into train/val token shards")
-    p.add_argument("inputs", nargs="+", help="text files, folders (recursive), globs, .csv/.tsv or .jsonl")
+    p.add_argument("inputs", nargs="*", help="text files, folders (recursive), globs, .csv/.tsv, .jsonl, .json or .parquet")
     p.add_argument("--tokenizer", required=True, help="tokenizer folder, tokenizer.json, vocab.json or model folder")
     p.add_argument("--out", required=True, help="dataset folder to write (train_*.bin, val_*.bin, meta.json)")
     p.add_argument("--line-by-line", action="store_true", help="each line / row is one sample wrapped in <|endoftext|>")
@@ -368,28 +398,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     read_flags(p)
     p.set_defaults(func=cmd_prepare)
-    # -- train / demo (train.py) --
-    p = sub.add_parser("train", help="train a GPT-2 from scratch or fine-tune one",
-                       description="Train from raw text (a tokenizer is trained and the data prepared on the way), "
-                                   "from a prepared dataset (--data), or fine-tune a pretrained model (--init).")
-    p.add_argument("inputs", nargs="*", help="text files, folders, globs, .csv or .jsonl")
-    p.add_argument("--train-file", help="a training file (same as a positional input)")
-    p.add_argument("--eval-file", help="validation file (default: a seeded 90/10 split of the inputs)")
-    p.add_argument("--data", help="a dataset folder written by `gptforge prepare`")
-    p.add_argument("--init", help="fine-tune this model folder, weights file or hub id (gpt2, gpt2-medium, ...)")
-    p.add_argument("--size", help="from scratch: preset (tiny, mini, small, gpt2, ...; default: chosen for the data)")
-    for name in ("n_layer", "n_embd", "n_head", "n_positions"):
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, help=f"from scratch: override the preset's {name}")
-    p.add_argument("--dropout", type=float, help="from scratch: residual, embedding and attention dropout (default: the preset's; 0 for tiny/mini/small, 0.1 for gpt2 sizes)")
-    p.add_argument("--tokenizer", help="use this tokenizer (folder or tokenizer.json) instead of training one")
-    p.add_argument("--vocab-size", type=int, help="vocabulary of the tokenizer trained for the run (default 5000)")
-    p.add_argument("--tokenizer-kind", choices=("bpe", "char"), default="bpe", help="byte-level BPE or characters")
-    p.add_argument("--line-by-line", action="store_true", help="each line is one short sample (tweets, titles, jokes)")
-    p.add_argument("--nproc", type=int, help="launch this many processes with torchrun (data parallel)")
-    from .options import EvalOptions, SamplingOptions, TrainConfig
 
-    _add_dataclass_options(p, TrainConfig)
-    p.set_defaults(func=cmd_train)
+
+def _add_train_commands(sub) -> None:
+    p = sub.add_parser("train", help="train a GPT-2 from scratch or fine-tune one", epilog=TRAIN_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train from raw text (a tokenizer is trained and the data prepared on the way),\n"
+                                   "from a prepared dataset (--data), or fine-tune a pretrained model (--init).")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train, parser=p)
 
     p = sub.add_parser("demo", help="the whole journey on a built-in corpus (the Python standard library's source)")
     p.add_argument("inputs", nargs="*", help="your own text files or folders instead of the built-in corpus")
@@ -399,7 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo run in --out")
     p.set_defaults(func=cmd_demo)
-    # -- generate / eval (generate.py, evaluate.py) --
+
+
+def _add_generate_commands(sub) -> None:
+    from .options import EvalOptions, SamplingOptions
+
     p = sub.add_parser("generate", help="generate text from a model folder",
                        description="Sample text with transformers' generation options. Prompts come from arguments, "
                                    "--prompt-file, or stdin ('-' or a pipe); an empty prompt starts from <|endoftext|>.")
@@ -420,7 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
     p.add_argument("--tokenizer", help="tokenizer folder or tokenizer.json (default: the model folder's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.set_defaults(func=cmd_generate)
+    p.add_argument("--quantize", metavar="int8", help=QUANTIZE_HELP)
+    p.add_argument("--adapter", metavar="DIR", help=ADAPTER_HELP)
+    p.add_argument("--chat", action="store_true", help="each prompt is a user message put through the model's chat template "
+                   "(gptforge's GPT-2 template if it has none); only the answer is printed; --interactive keeps the conversation")
+    p.set_defaults(func=cmd_generate, parser=p)
 
     p = sub.add_parser("eval", help="perplexity, loss and bits per byte of text files or prepared datasets",
                        description="Sliding-window evaluation: windows of --block-size tokens every --stride tokens, "
@@ -434,17 +459,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="autocast dtype (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--quantize", metavar="int8", help=QUANTIZE_HELP)
+    p.add_argument("--adapter", metavar="DIR", help=ADAPTER_HELP)
     p.set_defaults(func=cmd_eval)
-    return parser
+
+    p = sub.add_parser("merge", help="merge a LoRA adapter into its base model: a plain model folder",
+                       description="Fold the adapter's low-rank updates into the base model's weights and write a model "
+                                   "folder that gptforge and transformers open without any adapter code.")
+    p.add_argument("base", help="the base model folder or hub id the adapter was trained on")
+    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors, from gptforge or peft)")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--force", action="store_true", help="replace --out if it already holds files")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("quantize", help="write an int8 copy of a model folder, for faster generation on CPUs",
+                       description="Store the linear layers and the output head with int8 weights (one scale per "
+                                   "output channel). The folder opens in gptforge (generate, eval, serve, GPTForge) "
+                                   "but not in transformers: keep the fp32 folder to share.")
+    p.add_argument("model", help="fp32 model folder or hub id")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--method", default="int8", help="quantization (default and only choice: int8)")
+    p.add_argument("--force", action="store_true", help="replace --out if it already holds files")
+    p.set_defaults(func=cmd_quantize)
+
+
+def _add_serve_command(sub) -> None:
+    from .serve import add_serve_arguments, run_from_args
+
+    p = sub.add_parser("serve", help="serve a model over HTTP: an OpenAI-compatible API and a web playground",
+                       description="An OpenAI-compatible API (/v1/completions, /v1/chat/completions, streaming) with "
+                                   "continuous batching, and a playground page at /. Needs `pip install 'gptforge[serve]'`.")
+    add_serve_arguments(p)
+    p.set_defaults(func=run_from_args)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    args.argv = argv[argv.index(args.command) + 1:]  # the command's own arguments
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # `kill` stops every stage as Ctrl-C does, cleaning up
+        signal.signal(signal.SIGTERM, _terminate)
     try:
+        if getattr(args, "config", None):
+            from .configfile import apply_config_file
+
+            apply_config_file(args, args.parser, args.argv, args.config)
         return args.func(args)
     except GPTForgeError as e:  # a problem with the user's input: one line; anything else is a bug with its traceback
         print(f"gptforge {args.command}: error: {e}", file=sys.stderr)
@@ -452,3 +515,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a fault of the machine the user can fix: permissions, disk full, read-only
+        from .fsio import describe_os_error
+
+        if describe_os_error(e) is None:
+            raise
+        print(f"gptforge {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except (RuntimeError, MemoryError) as e:
+        if "torch" not in sys.modules:  # no tensor was ever allocated
+            raise
+        from .runtime import out_of_memory
+
+        if not out_of_memory(e):
+            raise
+        print(f"gptforge {args.command}: error: out of memory ({str(e).splitlines()[0][:160]}); lower --batch-size "
+              "(raise --grad-accum to keep the tokens per step), lower --block-size, or pick a smaller model", file=sys.stderr)
+        return 2
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt

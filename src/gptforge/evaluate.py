@@ -17,7 +17,6 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -28,6 +27,7 @@ from .data.reading import read_text_file
 from .errors import DataError, OptionError
 from .model import GPT
 from .options import EvalOptions
+from .progress import progress_bar
 
 
 @dataclass
@@ -81,7 +81,8 @@ def _as_tensor(tokens, start: int, end: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(tokens[start:end], dtype=np.int64))
 
 
-def _score(model: GPT, tokens, opts: EvalOptions, max_tokens: int | None, device, autocast_dtype) -> tuple[float, int]:
+def _score(model: GPT, tokens, opts: EvalOptions, max_tokens: int | None, device, autocast_dtype,
+           progress: bool = False) -> tuple[float, int]:
     """Total nats and number of predictions scored over one token stream."""
     n_ctx = model.config.n_positions
     block_size = n_ctx if opts.block_size is None else opts.block_size
@@ -101,6 +102,7 @@ def _score(model: GPT, tokens, opts: EvalOptions, max_tokens: int | None, device
     device = torch.device(device) if device is not None else model.transformer.wte.weight.device
     windows = sliding_windows(n, block_size, stride)
     total = torch.zeros((), dtype=torch.float64, device=device)
+    bar = progress_bar(len(windows), desc="eval", unit="window", enabled=progress)
     i = 0
     while i < len(windows):
         # Stack consecutive windows of the same length; only the last, shorter one stands alone.
@@ -112,6 +114,7 @@ def _score(model: GPT, tokens, opts: EvalOptions, max_tokens: int | None, device
                 break
             group.append(w)
         i += len(group)
+        bar.update(len(group))
         keep = max(w[2] for w in group)
         x = torch.stack([_as_tensor(tokens, s, e) for s, e, _ in group])
         y = torch.stack([_as_tensor(tokens, s + 1, e + 1) for s, e, _ in group])[:, -keep:].clone()
@@ -127,6 +130,7 @@ def _score(model: GPT, tokens, opts: EvalOptions, max_tokens: int | None, device
             logits, _ = model(x, logits_to_keep=keep)
         for row in range(len(group)):  # one row at a time: the float copy of (B, T, vocab) logits can be GBs
             total += F.cross_entropy(logits[row].float(), y[row], ignore_index=-100, reduction="sum")
+    bar.close()
     return total.item(), n - 1
 
 
@@ -157,6 +161,7 @@ def evaluate_tokens(
     bytes_count: int | None = None,
     device=None,
     autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
     **eval_options,
 ) -> EvalResult:
     """Sliding-window loss over a 1-D token array (list, numpy array or memmap, tensor).
@@ -164,11 +169,11 @@ def evaluate_tokens(
     Options are an `EvalOptions` and/or its fields as keywords: `block_size` defaults to the model's
     context, `stride` to `block_size` (non-overlapping windows, what training reports), `max_tokens`
     scores only the first tokens of a long stream. `bytes_count` (the UTF-8 size of the text the tokens
-    encode) gives bits per byte. The model's train/eval mode is restored.
+    encode) gives bits per byte. The model's train/eval mode is restored. `progress` shows a bar over the windows.
     """
     opts = _options(options, eval_options)
     with _eval_mode(model), torch.no_grad():
-        nats, count = _score(model, tokens, opts, opts.max_tokens, device, autocast_dtype)
+        nats, count = _score(model, tokens, opts, opts.max_tokens, device, autocast_dtype, progress)
     return _result(nats, count, bytes_count)
 
 
@@ -186,6 +191,7 @@ def evaluate_text(
     *,
     device=None,
     autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
     **eval_options,
 ) -> EvalResult:
     """Loss, perplexity and bits per byte of texts, or of the UTF-8 files they name.
@@ -214,7 +220,7 @@ def evaluate_text(
                 text = text[: 64 * left] if len(ids) > left + 1 else text  # the last token may end mid-word
             if ids is None or len(ids) <= left + 1:
                 ids = [tokenizer.eos_id] + list(tokenizer.encode(text))
-            n, c = _score(model, ids, opts, left, device, autocast_dtype)
+            n, c = _score(model, ids, opts, left, device, autocast_dtype, progress)
             nats, count = nats + n, count + c
             # Bytes of the text actually scored (all of it unless max_tokens cut it short).
             nbytes += len(text.encode("utf-8")) if c == len(ids) - 1 else len(tokenizer.decode(ids[1:c + 1]).encode("utf-8"))

@@ -8,11 +8,70 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
+
+# Writes that fail because the disk (or quota, or file size limit) is full, as the OS and the libraries
+# that write in native code (safetensors, torch.save) word it.
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_FULL_WORDS = ("No space left on device", "StorageFull", "Disk quota exceeded", "File too large", "file write failed",
+               "unexpected pos")  # the last two: torch.save's writer after a short write
+
+
+def umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: Path) -> None:
+    """Give `path` the permissions a plain `open` / `mkdir` would: tempfile and safetensors make 0600 files
+    and 0700 folders, which another user or a web server cannot read."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask())
+
+
+def disk_full(e: BaseException, path: str | os.PathLike) -> OSError | None:
+    """An OSError(ENOSPC) naming `path` when `e` is a write that failed for lack of space, else None."""
+    if isinstance(e, OSError) and e.errno is not None:
+        full = e.errno in _FULL
+    else:
+        full = isinstance(e, Exception) and any(w in str(e) for w in _FULL_WORDS)
+    if not full and isinstance(e, RuntimeError):  # torch.save does not always say why a write failed
+        with contextlib.suppress(OSError):
+            full = shutil.disk_usage(folder_of(Path(path).parent)).free < 1 << 20
+    if not full:
+        return None
+    return OSError(errno.ENOSPC, "No space left on device (disk full)", str(path))
+
+
+def describe_os_error(e: OSError) -> str | None:
+    """One line for a file-system fault the user can fix (permissions, disk full, read-only, a file where a
+    folder should be), naming the path; None for anything else."""
+    where = e.filename or "a file"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"{where}: permission denied; give yourself access to it, or use a path you can read (and write, for --out)"
+    if e.errno in _FULL:
+        return (f"{where}: disk full (no space left on the device); free some space or write elsewhere. "
+                "Nothing was half-written: files saved before are intact")
+    if e.errno == errno.EROFS:
+        return f"{where}: the file system is read-only; write somewhere else"
+    if e.errno == errno.ENOTDIR:
+        return f"{where}: part of this path is a file, not a folder"
+    if e.errno == errno.EISDIR:
+        return f"{where}: is a folder, where a file is needed"
+    return None
 
 
 @contextlib.contextmanager
@@ -25,6 +84,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        honour_umask(tmp)
         yield tmp
         old = None
         if target.exists():
@@ -33,8 +93,11 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full(e, target)
+        if full is not None:
+            raise full from e
         raise
 
 
@@ -44,9 +107,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        honour_umask(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        full = disk_full(e, path)
+        if full is not None:
+            raise full from e
         raise
 
 
@@ -71,4 +138,83 @@ def dated_path(folder: str | os.PathLike, seed: int) -> Path:
     return path
 
 
-__all__ = ["atomic_dir", "atomic_write", "dated_path", "folder_of", "write_text"]
+# --- run folders: leftovers of killed writes, and one process at a time -----------------------------------
+
+LOCK_NAME = ".gptforge.lock"
+
+
+def clean_leftovers(folder: str | os.PathLike) -> list[str]:
+    """Remove the temporary files and folders that killed atomic writes left in `folder`, and put back a
+    target that a kill caught between its two renames (`.NAME.old-*` present, `NAME` gone). Only safe while
+    no other process writes there (hold `exclusive_lock`). Returns the names handled."""
+    folder, done = Path(folder), []
+    if not folder.is_dir():
+        return done
+    for entry in sorted(folder.iterdir()):
+        name = entry.name
+        if not name.startswith(".") or (".tmp-" not in name and ".old-" not in name):
+            continue
+        original = folder / name[1:].rsplit(".old-", 1)[0] if ".old-" in name else None
+        if original is not None and not original.exists():
+            os.replace(entry, original)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        done.append(name)
+    return done
+
+
+@contextlib.contextmanager
+def exclusive_lock(folder: str | os.PathLike, what: str = "run", log: Callable[[str], None] = print) -> Iterator[Path]:
+    """Hold an exclusive lock on `folder` (the file `.gptforge.lock` in it) until the block exits.
+
+    Another process holding it gets an error naming its process id. The operating system drops the lock
+    when its holder dies (even by kill -9), so a lock left by a crash is taken over, with a message.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    fd, held = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), False
+    try:
+        if not _try_lock(fd):
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            from .errors import RunFolderError
+
+            raise RunFolderError(f"{folder}: another gptforge {what} is using this folder ({holder}); wait for it "
+                                 "to finish or choose another --out")
+        stale = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        if stale:
+            log(f"{folder}: taking over the lock of an earlier {what} that did not finish ({stale})")
+        me = f"pid {os.getpid()} on {socket.gethostname()}".encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me, 0)
+        held = True
+        yield path
+    finally:
+        if held:  # any exit Python sees leaves an empty lock file: nothing to take over
+            os.ftruncate(fd, 0)
+        os.close(fd)  # closing releases the lock
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+__all__ = ["LOCK_NAME", "atomic_dir", "atomic_write", "clean_leftovers", "dated_path", "describe_os_error", "disk_full",
+           "exclusive_lock",
+           "folder_of", "honour_umask", "umask", "write_text"]

@@ -17,11 +17,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from .checkpoint import load_model_and_tokenizer  # noqa: F401  (re-exported: generation's usual first step)
 from .errors import OptionError
 from .kernels import cpu_inference_weights
 from .model import GPT
 from .options import SamplingOptions
+from .progress import progress_bar
 
 
 # --- logits processors (each the counterpart of one transformers LogitsProcessor) ------------------
@@ -141,6 +141,7 @@ def generate_ids(
     eos_id: int | None = -1,
     context_keep: int | None = None,
     callback: Callback | None = None,
+    progress: bool = False,
     **sampling,
 ) -> list[list[int]]:
     """Generate from token-id prompts; returns the new tokens of each sample (without eos).
@@ -151,7 +152,7 @@ def generate_ids(
     `eos_id` (default: the model's eos_token_id; None to never stop early). An empty prompt starts
     from eos. A prompt longer than the context keeps its last n_positions tokens, with a warning.
     `callback(row, new_ids)` is called after every new token of an unfinished row (for streaming and
-    stop strings); returning True ends that row.
+    stop strings); returning True ends that row. `progress` shows a bar over the samples.
     """
     opts = SamplingOptions.make(options, **sampling)
     n_ctx = model.config.n_positions
@@ -179,6 +180,7 @@ def generate_ids(
     model.eval()
     try:
         out: list[list[int]] = []
+        bar = progress_bar(len(prompts), desc="generate", unit="sample", enabled=progress)
         with cpu_inference_weights(model, keep=not was_training):  # a model in training keeps no copies
             for start in range(0, len(prompts), opts.batch_size):
                 batch = prompts[start:start + opts.batch_size]
@@ -186,6 +188,8 @@ def generate_ids(
                 if callback is not None:
                     row_callback = lambda row, ids, _s=start: callback(_s + row, ids)  # noqa: E731
                 out += _generate_batch(model, batch, opts, eos_id, keep, generator, row_callback)
+                bar.update(len(batch))
+        bar.close()
         return out
     finally:
         model.train(was_training)
@@ -325,6 +329,7 @@ def generate(
     include_prompt: bool = True,
     stream: Callable[[int, str], None] | None = None,
     context_keep: int | None = None,
+    progress: bool = False,
     **sampling,
 ) -> list[str]:
     """Generate text: one string per sample, prompt 0's `num_samples` samples first.
@@ -358,7 +363,8 @@ def generate(
 
     eos = tokenizer.eos_id
     ids = generate_ids(model, [tokenizer.encode(p) if p else [] for p in prompts], eos_id=eos,
-                       context_keep=context_keep, callback=on_token if (stop or stream) else None, options=opts)
+                       context_keep=context_keep, callback=on_token if (stop or stream) else None, options=opts,
+                       progress=progress)
     out = []
     for row, new in enumerate(ids):
         t = texts[row]

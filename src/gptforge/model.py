@@ -191,6 +191,23 @@ class GPT(nn.Module):
         `attention_mask` (B, past + T; 1 = real token, 0 = padding) supports left-padded batches.
         `logits_to_keep=k` computes logits for the last k positions only (generation needs one).
         """
+        x = self.hidden(input_ids, cache=cache, position_ids=position_ids, attention_mask=attention_mask)
+        if targets is not None:
+            return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self.lm_head(x), None
+
+    def hidden(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The body's output (B, T, n_embd) after the final LayerNorm (transformers' GPT2Model): what the
+        LM head and the classification head (`classify.py`) read. Arguments as in `forward`."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if past + T > self.config.n_positions:
@@ -209,12 +226,7 @@ class GPT(nn.Module):
                 x = block(x, cache, mask)
         if cache is not None:
             cache.length += T
-        x = tr.ln_f(x)
-        if targets is not None:
-            return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        return self.lm_head(x), None
+        return tr.ln_f(x)
 
     @staticmethod
     def _attention_mask(T: int, past: int, attention_mask: torch.Tensor | None, device) -> torch.Tensor | None:

@@ -112,7 +112,8 @@ class TrainConfig:
     sample_prompt: str = opt("", "prompt for the samples (default: start of a document)")
     sample_tokens: int = opt(80, "tokens per sample")
     early_stopping: int | None = opt(None, "stop after this many evaluations without a better validation loss")
-    tensorboard: bool = opt(False, "also log to TensorBoard (needs tensorboard installed)")
+    report_to: str | None = opt(None, "also log to these, comma-separated: tensorboard, wandb, mlflow (each needs its package)")
+    tensorboard: bool = opt(False, "also log to TensorBoard (same as --report-to tensorboard)")
     plot: bool = opt(True, "draw loss.png at each evaluation")
     progress: bool = opt(True, "show a progress bar")
     # checkpoints
@@ -126,6 +127,8 @@ class TrainConfig:
     seed: int = opt(1337, "random seed (weights, batches, dropout)")
 
     def __post_init__(self) -> None:
+        if isinstance(self.max_time, str):  # "1h30m" from Python, as from the command line
+            self.max_time = parse_duration(self.max_time)
         check_fields(self, {
             "batch_size": (1, None, True, int), "grad_accum": (1, None, True, int), "log_interval": (1, None, True, int),
             "keep_checkpoints": (1, None, True, int), "max_steps": (0, None, False, int), "epochs": (0, None, False, float),
@@ -136,10 +139,41 @@ class TrainConfig:
             "eval_tokens": (0, None, False, int), "sample_tokens": (0, None, True, int), "sample_interval": (0, None, True, int),
             "early_stopping": (0, None, False, int), "save_minutes": (0, None, False, float), "seed": (0, 2**63 - 1, True, int),
         })
+        unknown = [r for r in self.reporters if r not in REPORTERS]
+        if unknown:
+            raise OptionError(f"--report-to {self.report_to!r}: {', '.join(unknown)} unknown; choose from {', '.join(REPORTERS)}")
         for name in ("schedule", "precision", "batch_mode"):
             choices = next(f.metadata["choices"] for f in dataclasses.fields(self) if f.name == name)
             if getattr(self, name) not in choices:
                 raise OptionError(f"{flag_of(TrainConfig, name)} {getattr(self, name)!r}: choose {', '.join(choices)}")
+        if self.resume and self.overwrite:
+            raise OptionError("--resume continues the run in --out and --overwrite replaces it; give one of them")
+
+
+    @property
+    def reporters(self) -> list[str]:
+        """The external loggers asked for (--report-to, and --tensorboard)."""
+        names = self.report_to.split(",") if isinstance(self.report_to, str) else list(self.report_to or [])
+        names = [n.strip().lower() for n in names if n.strip()]
+        return list(dict.fromkeys(names + (["tensorboard"] if self.tensorboard else [])))
+
+
+REPORTERS = ("tensorboard", "wandb", "mlflow")
+# How `gptforge train --help` groups the TrainConfig options (the command adds its own flags to these groups).
+TRAIN_GROUPS = {
+    "data": (),
+    "reading and cleaning": (),
+    "model": ("freeze", "seed"),
+    "length": ("max_steps", "epochs", "max_time"),
+    "batch and optimizer": ("batch_size", "grad_accum", "block_size", "batch_mode", "stride", "learning_rate", "min_lr_ratio",
+                            "schedule", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip"),
+    "precision and speed": ("device", "precision", "compile", "gradient_checkpointing", "fsdp"),
+    "evaluation and samples": ("eval_interval", "eval_tokens", "sample_interval", "sample_prompt", "sample_tokens", "early_stopping"),
+    "checkpoints and output": ("out_dir", "save_steps", "save_minutes", "keep_checkpoints", "resume", "overwrite"),
+    "logging": ("log_interval", "report_to", "tensorboard", "plot", "progress"),
+    "LoRA adapters": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
+    "instruction data": ("chat_template", "train_on_prompt"),
+}
 
 
 # --- sampling -----------------------------------------------------------------------------------------
@@ -226,5 +260,73 @@ class EvalOptions:
                             "batch_size": (1, None, True, int), "max_tokens": (1, None, False, int)})
 
 
-__all__ = ["EvalOptions", "FINETUNE_DEFAULTS", "SCRATCH_DEFAULTS", "SamplingOptions", "TrainConfig", "check_fields",
+# --- adapters and instruction tuning --------------------------------------------------------------------
+
+LORA_LAYERS = ("c_attn", "c_proj", "c_fc")  # GPT-2's linear layers (transformers' Conv1D names)
+
+
+@dataclass
+class LoRAOptions:
+    """LoRA (low-rank adapters, peft's LoRA): train r x (in + out) numbers per targeted layer instead of its
+    weights; the base model is frozen and only the adapter is saved. `lora_r=None` means full fine-tuning."""
+
+    lora_r: int | None = opt(None, "train a LoRA adapter of this rank instead of the whole model (e.g. 8)")
+    lora_alpha: float = opt(16.0, "LoRA scale: the update is multiplied by lora_alpha / lora_r")
+    lora_dropout: float = opt(0.05, "dropout on the adapter's input while training")
+    lora_targets: str = opt(",".join(LORA_LAYERS), "layers that get an adapter, comma-separated: names or suffixes "
+                            "such as c_attn, attn.c_proj, mlp.c_proj, c_fc")
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"lora_r": (0, None, False, int), "lora_alpha": (0, None, False, float),
+                            "lora_dropout": (0, 1, True, float)})
+        if self.lora_dropout == 1:
+            raise OptionError("--lora-dropout 1: must be below 1 (1 drops every input)")
+        if not self.targets:
+            raise OptionError(f"--lora-targets {self.lora_targets!r}: name at least one layer, e.g. {','.join(LORA_LAYERS)}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.lora_r is not None
+
+    @property
+    def targets(self) -> list[str]:
+        items = self.lora_targets.split(",") if isinstance(self.lora_targets, str) else list(self.lora_targets or [])
+        return [t.strip() for t in items if t.strip()]
+
+
+@dataclass
+class InstructOptions:
+    """Instruction and chat data (JSON Lines of prompt/completion or messages): whole examples, padded, with the
+    loss on the answers only."""
+
+    chat_template: str | None = opt(None, "a Jinja chat template file for `messages` data (default: the tokenizer's, "
+                                    "else gptforge's GPT-2 template); stored in the model's tokenizer_config.json")
+    train_on_prompt: bool = opt(False, "also train on the prompt / user tokens (default: the loss is on the answers only)")
+
+
+# --- classification -------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClassifyOptions:
+    """Labelled data for `classify train` / `classify eval`, and how texts become inputs of the classifier."""
+
+    text_field: str = opt("text", "CSV/TSV column (header name or 0-based index) or JSON field holding the text")
+    label_field: str = opt("label", "CSV/TSV column (header name or 0-based index) or JSON field holding the label")
+    header: bool = opt(True, "CSV/TSV: the first row names the columns (--no-header: it is data; use indices)")
+    truncate: str = opt("right", "texts longer than the context: right cuts the end (keeps the start), left keeps the end",
+                        choices=("right", "left"))
+    val_fraction: float = opt(0.1, "share of each label's examples held out for validation (stratified; 0: none)")
+    balance: str = opt("none", "imbalanced labels: none, weights (loss weighted by inverse class frequency) or sampling "
+                       "(every class drawn equally often)", choices=("none", "weights", "sampling"))
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"val_fraction": (0, 0.9, True, float)})
+        for name in ("truncate", "balance"):
+            choices = next(f.metadata["choices"] for f in dataclasses.fields(self) if f.name == name)
+            if getattr(self, name) not in choices:
+                raise OptionError(f"{flag_of(ClassifyOptions, name)} {getattr(self, name)!r}: choose {', '.join(choices)}")
+
+
+__all__ = ["ClassifyOptions", "EvalOptions", "InstructOptions", "LORA_LAYERS", "LoRAOptions", "FINETUNE_DEFAULTS", "REPORTERS", "SCRATCH_DEFAULTS", "SamplingOptions", "TRAIN_GROUPS", "TrainConfig", "check_fields",
            "flag_of", "opt", "parse_duration"]

@@ -96,6 +96,12 @@ class Dist:
             self.owns_group = False
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is a failed allocation: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "not enough memory" in str(e)))
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -127,5 +133,5 @@ def shard_model(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
-__all__ = ["Dist", "TORCH_FLOOR", "configure", "init_distributed", "pick_precision", "require_torch",
+__all__ = ["Dist", "TORCH_FLOOR", "configure", "init_distributed", "out_of_memory", "pick_precision", "require_torch",
            "resolve_device", "shard_model", "torch_version", "world_size"]

@@ -91,6 +91,8 @@ class Tokenizer:
         self.vocab_size: int = hf_tokenizer.get_vocab_size(with_added_tokens=True)
         self._spec = spec
         self.fingerprint: str = _fingerprint(spec)
+        # tokenizer_config.json entries of the folder it came from that saving keeps (pad token, chat template, ...)
+        self.meta: dict = {}
         self._fast = None  # built lazily: tiktoken Encoding, char lookup table, or False (use tokenizers)
 
     # --- pickling: workers rebuild from JSON ---
@@ -181,6 +183,17 @@ class Tokenizer:
             ids = ids.tolist()
         return self._hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    @property
+    def pad_token(self) -> str:
+        """The padding token: the one the folder declared, else the end-of-text token (as GPT-2 pads)."""
+        pad = self.meta.get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        return pad if isinstance(pad, str) and self._hf.token_to_id(pad) is not None else EOS
+
+    @property
+    def pad_id(self) -> int:
+        return self._hf.token_to_id(self.pad_token)
+
     def token_byte_lengths(self) -> np.ndarray:
         """UTF-8 length of each token id's text (0 for special tokens): bytes of a token array without decoding."""
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
@@ -205,16 +218,20 @@ class Tokenizer:
         model = self._spec["model"]
         vocab = dict(sorted(self._hf.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1]))
         unk = UNK if self.kind == "char" else EOS
-        specials = {"bos_token": EOS, "eos_token": EOS, "unk_token": unk}
+        specials = {"bos_token": EOS, "eos_token": EOS, "unk_token": unk, "pad_token": self.pad_token}
+        # the model's context, or a smaller limit the folder it came from declared
+        limits = [n for n in (model_max_length, self.meta.get("model_max_length")) if isinstance(n, int) and n > 0]
         config = {
             # GPT2Tokenizer rebuilds the exact byte-level BPE; a char vocabulary loads as a generic fast tokenizer.
             "tokenizer_class": "GPT2Tokenizer" if self.kind == "bpe" else "PreTrainedTokenizerFast",
             **specials,
             "add_prefix_space": False,
             "add_bos_token": False,
-            "model_max_length": model_max_length or 1024,
+            "model_max_length": min(limits, default=1024),
             "clean_up_tokenization_spaces": False,
         }
+        if self.meta.get("chat_template"):
+            config["chat_template"] = self.meta["chat_template"]
 
         def text(s: str):
             return lambda p: Path(p).write_text(s, encoding="utf-8")
@@ -370,9 +387,28 @@ def load_tokenizer(path: str | os.PathLike, merges_file: str | os.PathLike | Non
             hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for malformed files
             raise TokenizerError(f"{path}: not a tokenizers tokenizer.json ({str(e).splitlines()[0][:200]})") from None
-        return Tokenizer(hf, str(path))
-    merges = Path(merges_file) if merges_file is not None else path.with_name("merges.txt")
-    return Tokenizer(_bpe_from_vocab_merges(path, merges), str(path))
+        tok = Tokenizer(hf, str(path))
+    else:
+        merges = Path(merges_file) if merges_file is not None else path.with_name("merges.txt")
+        tok = Tokenizer(_bpe_from_vocab_merges(path, merges), str(path))
+    tok.meta = _folder_meta(path.parent)
+    return tok
+
+
+def _folder_meta(folder: Path) -> dict:
+    """What a tokenizer folder declares beyond the vocabulary and that saving keeps: pad token, chat template,
+    model_max_length (from tokenizer_config.json, or chat_template.jinja)."""
+    from .chat import read_chat_template
+
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    meta = {k: config[k] for k in ("pad_token", "model_max_length") if config.get(k) is not None} if isinstance(config, dict) else {}
+    template = read_chat_template(folder)
+    if template:
+        meta["chat_template"] = template
+    return meta
 
 
 def train_tokenizer(
@@ -384,13 +420,15 @@ def train_tokenizer(
     *,
     texts: Iterable[str] | None = None,
     model_max_length: int | None = None,
+    progress: bool = False,
     **read_options,
 ) -> Tokenizer:
     """Train a byte-level BPE (`kind="bpe"`) or a character vocabulary (`kind="char"`) and save it in `out_dir`.
 
     `files` takes what `prepare` takes (files, folders, globs, .csv/.jsonl with `column=`/`field=`), read
     through the same streaming reader, so the tokenizer sees exactly the text the model will. `texts` adds
-    in-memory strings. `<|endoftext|>` gets id 0. Pass `out_dir=None` to keep it in memory only.
+    in-memory strings. `<|endoftext|>` gets id 0. Pass `out_dir=None` to keep it in memory only; `progress`
+    shows a bar while the text is read.
     """
     from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -401,15 +439,22 @@ def train_tokenizer(
                              f"use at least {258 if kind == 'bpe' else 3} (e.g. --vocab-size 5000)")
     if min_frequency < 1:
         raise TokenizerError(f"min_frequency={min_frequency} must be at least 1")
-    from .data.reading import iter_texts
+    import itertools
+    import threading
+
+    from .data.reading import iter_texts, split_long
+    from .interrupt import run_interruptibly
 
     paths = [files] if isinstance(files, (str, os.PathLike)) else list(files or [])
-    stream = iter_texts(paths, **read_options) if paths else iter(())
+    stream = iter_texts(paths, progress=progress, **read_options) if paths else iter(())
     extra = list(texts or [])
+    stop = threading.Event()
 
     def everything():
-        yield from stream
-        yield from extra
+        for text in itertools.chain(stream, extra):
+            if stop.is_set():
+                return
+            yield from split_long(text)  # bounded memory: no single string of many megabytes reaches the trainer
 
     if kind == "bpe":
         hf = HFTokenizer(models.BPE())
@@ -417,7 +462,7 @@ def train_tokenizer(
         hf.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS],
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-        hf.train_from_iterator(everything(), trainer)
+        run_interruptibly(lambda: hf.train_from_iterator(everything(), trainer), stop)
     else:
         from collections import Counter
 

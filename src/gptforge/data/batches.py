@@ -99,12 +99,12 @@ class Prefetcher:
         step = self.step
         try:
             while not self._stop.is_set() and (self.stop_step is None or step < self.stop_step):
-                x, y = self.batches.batch(step)
+                batch = self.batches.batch(step)  # a tuple of tensors: (x, y) for language modelling
                 if self.device.type == "cuda":
-                    x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+                    batch = tuple(t.pin_memory().to(self.device, non_blocking=True) for t in batch)
                 elif self.device.type != "cpu":
-                    x, y = x.to(self.device), y.to(self.device)
-                self._put((x, y))
+                    batch = tuple(t.to(self.device) for t in batch)
+                self._put(batch)
                 step += 1
             self._put(self._DONE)
         except BaseException as e:  # handed to the consumer

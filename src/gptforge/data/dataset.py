@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError, NotFoundError
+from ..errors import DataError
 from ..tokenizer import Tokenizer, load_tokenizer
 from .batches import Batches
 from .reading import resolve_inputs

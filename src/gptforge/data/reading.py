@@ -1,8 +1,9 @@
-"""Reading inputs: files, folders, globs, CSV/TSV and JSON Lines in, documents out, cleaned on request.
+"""Reading inputs: files, folders, globs, CSV/TSV, JSON Lines, JSON arrays, Parquet and `datasets` datasets in,
+documents out, cleaned on request.
 
 Files are read in blocks of whole lines, so memory stays bounded whatever their size; invalid UTF-8 is
 reported with its exact byte offset, binary and empty files by name. A document is a blank-line block
-of a text file (a line with `line_by_line`), a CSV row's column or a JSON Lines row's field.
+of a text file (a line with `line_by_line`), a CSV row's column, or a row's field (JSON, Parquet, datasets).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Iterator, Sequence
 
 from ..errors import DataError, NotFoundError
 
-TEXT_EXTENSIONS = (".txt", ".md", ".text", ".csv", ".tsv", ".jsonl", ".ndjson")
+TEXT_EXTENSIONS = (".txt", ".md", ".text", ".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
 BLOCK_BYTES = 1 << 20  # bytes read at a time
 JOB_CHARS = 1 << 20  # characters of text per batch of documents handed on
 MAX_PIECE_CHARS = 16 << 20  # a document longer than this is passed on in pieces (cut where the ids cannot change)
@@ -66,12 +67,15 @@ class ReadOptions:
 
 def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], extensions: Sequence[str] = TEXT_EXTENSIONS) -> list[Path]:
     """Files named by `inputs`: files as given, folders searched recursively by extension, glob patterns."""
-    if isinstance(inputs, (str, os.PathLike)):
+    if isinstance(inputs, (str, os.PathLike, HFDataset)):
         inputs = [inputs]
     if not inputs:
         raise DataError("no inputs given; name text files, folders or glob patterns")
     files: list[Path] = []
     for item in inputs:
+        if isinstance(item, HFDataset):
+            files.append(item)
+            continue
         path = Path(item)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions
@@ -89,11 +93,25 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], exte
             files += found
         else:
             raise NotFoundError(f"{path}: no such file or folder")
-    return files
+    return _each_once(files)
+
+
+def _each_once(files: list) -> list:
+    """Each real file once, at its first place: a `**` glob through a symlink loop, or a file named twice,
+    would otherwise be read again and again (and land in both train and validation)."""
+    seen, unique = set(), []
+    for f in files:
+        key = f.resolve() if isinstance(f, Path) else id(f)
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
 
 
 def fingerprint_file(path: Path) -> dict:
     """Content hash (not timestamps), so a copied file reuses shards and an edited one rebuilds them."""
+    if isinstance(path, HFDataset):
+        return path.fingerprint()
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         while block := f.read(BLOCK_BYTES):
@@ -106,7 +124,8 @@ def fingerprint_file(path: Path) -> dict:
 
 def _format_of(path: Path) -> str:
     suffix = path.suffix.lower()
-    return {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(suffix, "text")
+    return {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
+            ".parquet": "parquet"}.get(suffix, "text")
 
 
 def _decoded_blocks(path: Path, errors: str, split_long_lines: bool = False) -> Iterator[str]:
@@ -222,12 +241,125 @@ def _jsonl_rows(path: Path, opts: ReadOptions) -> Iterator[str]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); each line of a .jsonl file must be one JSON value") from None
-            text = row if isinstance(row, str) else row.get(opts.field) if isinstance(row, dict) else None
-            if not isinstance(text, str):
-                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise DataError(f"{path}:{n}: no text field {opts.field!r} (found {keys}); choose it with --field NAME")
+            text = _row_text(row, opts.field, f"{path}:{n}")
             if text.strip():
                 yield text
+
+
+def _row_text(row, field: str, where: str) -> str:
+    """The text of one row: a string, or an object's `field`; an error that says what to do otherwise."""
+    if isinstance(row, str):
+        return row
+    if not isinstance(row, dict) or field not in row:
+        found = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise DataError(f"{where}: no text field {field!r} (found {found}); choose it with --field NAME")
+    return _text_value(row[field], field, where)
+
+
+def _text_value(value, field: str, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
+        raise DataError(f"{where}: the field {field!r} holds a list of chat messages, not text; gptforge trains on "
+                        "plain text: write each conversation as one string (e.g. 'role: content' lines, or its chat "
+                        "template applied) into a field of its own and pass --field NAME")
+    raise DataError(f"{where}: the field {field!r} holds {type(value).__name__}, not text; choose a text field with --field NAME")
+
+
+def _json_rows(path: Path, opts: ReadOptions) -> Iterator[str]:
+    """A .json file: an array of strings or of objects (a JSON Lines file named .json is read as one)."""
+    try:
+        data = json.loads("".join(_decoded_blocks(path, opts.encoding_errors)))
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":
+            yield from _jsonl_rows(path, opts)
+            return
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); a .json input holds an array of "
+                        "strings or objects") from None
+    if not isinstance(data, list):
+        found = f"an object with keys {sorted(data)[:8]}" if isinstance(data, dict) else type(data).__name__
+        raise DataError(f"{path}: holds {found}, not an array; gptforge reads an array of strings or of objects "
+                        "(with --field NAME), or JSON Lines")
+    for i, row in enumerate(data):
+        text = _row_text(row, opts.field, f"{path}[{i}]")
+        if text.strip():
+            yield text
+
+
+def _text_column(names: list[str], opts: ReadOptions, where: str) -> str:
+    name = opts.column if isinstance(opts.column, str) else opts.field
+    if name not in names:
+        raise DataError(f"{where}: no column {name!r}; it has {names}; choose it with --field NAME")
+    return name
+
+
+def _parquet_rows(path: Path, opts: ReadOptions) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install 'gptforge[data]'") from None
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own ArrowInvalid and OSError for damaged files
+        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:200]})") from None
+    name = _text_column(table.schema_arrow.names, opts, str(path))
+    for batch in table.iter_batches(columns=[name], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            text = _text_value(value, name, str(path))
+            if text.strip():
+                yield text
+
+
+@dataclass(frozen=True)
+class HFDataset:
+    """A split of a `datasets` library dataset: a local folder (written by `save_to_disk`, or of data files),
+    or a hub name, which is downloaded only because it was named."""
+
+    name: str
+    split: str = "train"
+
+    def __str__(self) -> str:
+        return f"{self.name}[{self.split}]"
+
+    def load(self):
+        try:
+            import datasets
+        except ImportError:
+            raise DataError(f"--hf-dataset {self.name}: needs the datasets package: pip install 'gptforge[data]'") from None
+        try:
+            if (Path(self.name) / "dataset_info.json").is_file() or (Path(self.name) / "dataset_dict.json").is_file():
+                ds = datasets.load_from_disk(self.name)
+            else:
+                ds = datasets.load_dataset(self.name, split=self.split)
+        except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
+            raise DataError(f"--hf-dataset {self.name}: cannot load it ({str(e).splitlines()[0][:200]}); without network "
+                            "access, save it elsewhere with `Dataset.save_to_disk(DIR)` and pass the local folder") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if self.split not in ds:
+                raise DataError(f"--hf-dataset {self.name}: no split {self.split!r}; it has {list(ds)}; choose one with --split")
+            ds = ds[self.split]
+        return ds
+
+    def fingerprint(self) -> dict:
+        ds = self.load()
+        h = hashlib.blake2b(str(self).encode(), digest_size=16)
+        files = [Path(f["filename"]) for f in ds.cache_files]
+        for f in files:
+            h.update(fingerprint_file(f)["blake2b"].encode())
+        if not files:  # an in-memory dataset: hash its table
+            h.update(str(ds.data.to_pydict()).encode())
+        return {"path": str(self), "bytes": int(ds.data.nbytes), "blake2b": h.hexdigest()}
+
+    def rows(self, opts: ReadOptions) -> Iterator[str]:
+        ds = self.load()
+        name = _text_column(ds.column_names, opts, f"--hf-dataset {self}")
+        for batch in ds.select_columns([name]).iter(batch_size=1024):
+            for value in batch[name]:
+                text = _text_value(value, name, f"--hf-dataset {self}")
+                if text.strip():
+                    yield text
 
 
 def iter_pieces(files: Sequence[Path], opts: ReadOptions) -> Iterator[tuple[list[str], list[bool]]]:
@@ -237,13 +369,15 @@ def iter_pieces(files: Sequence[Path], opts: ReadOptions) -> Iterator[tuple[list
     the next text continues). Memory stays bounded by the block size.
     """
     for path in files:
-        fmt = _format_of(path)
-        if fmt == "text":
+        fmt = "hf" if isinstance(path, HFDataset) else _format_of(path)
+        if fmt == "hf":
+            batches = _batched(path.rows(opts))
+        elif fmt == "text":
             batches = _text_pieces(path, opts)
         elif fmt in ("csv", "tsv"):
             batches = _batched(_csv_rows(path, opts, "," if fmt == "csv" else "\t"))
         else:
-            batches = _batched(_jsonl_rows(path, opts))
+            batches = _batched({"jsonl": _jsonl_rows, "json": _json_rows, "parquet": _parquet_rows}[fmt](path, opts))
         empty = True
         for texts, ends in batches:
             if texts:
@@ -251,6 +385,19 @@ def iter_pieces(files: Sequence[Path], opts: ReadOptions) -> Iterator[tuple[list
                 yield texts, ends
         if empty:
             raise DataError(f"{path}: no text in this file (only blank lines or empty rows); remove it from the inputs")
+
+
+def split_long(text: str, limit: int = JOB_CHARS) -> Iterator[str]:
+    """`text` in pieces of about `limit` characters, cut only where GPT-2's pre-tokenizer always starts a new
+    pre-token, so a BPE trainer counts the same words with bounded memory (a text with no such place stays whole)."""
+    start = 0
+    while len(text) - start > limit:
+        m = _SAFE_CUT.search(text, start + limit // 2, start + limit) or _SAFE_CUT.search(text, start + limit)
+        if m is None:
+            break
+        yield text[start:m.end()]
+        start = m.end()
+    yield text[start:]
 
 
 def clean(text: str, opts: ReadOptions, _compiled: dict = {}) -> str:
@@ -265,11 +412,18 @@ def clean(text: str, opts: ReadOptions, _compiled: dict = {}) -> str:
     return text
 
 
-def iter_texts(inputs, **options) -> Iterator[str]:
-    """Cleaned documents (whole) of `inputs`, as `prepare` sees them; used to train tokenizers on the same text."""
+def iter_texts(inputs, progress: bool = False, **options) -> Iterator[str]:
+    """Cleaned documents (whole) of `inputs`, as `prepare` sees them; used to train tokenizers on the same text.
+    `progress` shows a bar over the inputs' bytes."""
+    from ..progress import finish, progress_bar
+
     opts = options.pop("options", None) or ReadOptions(**options)
     pending, seen = [], set()
-    for texts, ends in iter_pieces(resolve_inputs(inputs, opts.extensions), opts):
+    files = resolve_inputs(inputs, opts.extensions)
+    total = sum(f.stat().st_size for f in files if isinstance(f, Path))
+    bar = progress_bar(total or None, desc="reading", unit="B", unit_scale=True, enabled=progress)
+    for texts, ends in iter_pieces(files, opts):
+        bar.update(sum(map(len, texts)))  # characters: bytes for ASCII, an estimate otherwise
         for text, end in zip(texts, ends):
             pending.append(clean(text, opts))
             if end:
@@ -280,6 +434,7 @@ def iter_texts(inputs, **options) -> Iterator[str]:
                         continue
                     seen.add(h)
                 yield doc
+    finish(bar)
 
 
 def read_text_file(path: str | os.PathLike, errors: str = "strict") -> str:
@@ -294,5 +449,15 @@ def read_text_file(path: str | os.PathLike, errors: str = "strict") -> str:
     return text
 
 
-__all__ = ["JOB_CHARS", "ReadOptions", "TEXT_EXTENSIONS", "clean", "fingerprint_file", "iter_pieces", "iter_texts",
-           "read_text_file", "resolve_inputs"]
+def read_lines(path: str | os.PathLike, errors: str = "strict") -> Iterator[str]:
+    """The lines of a UTF-8 file (line ends kept), read in blocks with the checks every reader makes (missing,
+    empty, binary, bad UTF-8 with its byte offset); for readers of their own formats (data/labelled.py)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NotFoundError(f"{path}: no such file")
+    for block in _decoded_blocks(path, errors):
+        yield from block.splitlines(keepends=True)
+
+
+__all__ = ["HFDataset", "JOB_CHARS", "ReadOptions", "TEXT_EXTENSIONS", "clean", "fingerprint_file", "iter_pieces", "iter_texts",
+           "read_lines", "read_text_file", "resolve_inputs", "split_long"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from collections import deque
 from dataclasses import asdict
@@ -25,6 +24,7 @@ import numpy as np
 
 from ..errors import DataError, NotFoundError
 from ..fsio import atomic_dir
+from ..progress import finish, progress_bar
 from ..tokenizer import EOS, Tokenizer, load_tokenizer
 from .reading import JOB_CHARS, ReadOptions, clean, fingerprint_file, iter_pieces, resolve_inputs
 
@@ -237,6 +237,7 @@ def prepare(
     shard_tokens: int = SHARD_TOKENS,
     force: bool = False,
     progress: bool = False,
+    expect_same: bool = False,
     **read_options,
 ) -> dict:
     """Tokenize `inputs` into train/val token shards in `out_dir` and return its meta.json contents.
@@ -246,7 +247,8 @@ def prepare(
     is a sample. Each document goes to val with probability `val_fraction` (seeded); `val_inputs` instead
     names the validation text. When the corpus has too few documents for that (one book without blank
     lines), the last `val_fraction` of the tokens becomes val (meta "val_split": "tail").
-    Running it again with the same inputs, options and tokenizer reuses the shards (meta "reused": True).
+    Running it again with the same inputs, options and tokenizer reuses the shards (meta "reused": True);
+    with `expect_same` (a resumed run), a dataset in `out_dir` made otherwise is refused, saying what changed.
     Other keywords are `ReadOptions` (cleaning, encoding errors, ...).
     """
     opts = ReadOptions(line_by_line=line_by_line, **read_options)
@@ -258,6 +260,10 @@ def prepare(
     out_dir = Path(out_dir)
     files = resolve_inputs(inputs, opts.extensions)
     val_files = resolve_inputs(val_inputs, opts.extensions) if val_inputs else []
+    both = {p.resolve() for p in files if isinstance(p, Path)} & {p.resolve() for p in val_files if isinstance(p, Path)}
+    if both:
+        raise DataError(f"{sorted(both)[0]}: is both a training and a validation input; a model is never validated on "
+                        "what it trained on, so remove it from one of them")
     dtype = token_dtype(tok.vocab_size)
     # what decides the tokens; `extensions` only chose the files, which are fingerprinted themselves
     options = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(opts).items() if k != "extensions"}
@@ -274,6 +280,9 @@ def prepare(
                             "choose a new or empty --out folder so nothing of yours is overwritten")
         if old.get("fingerprint") == fingerprint and not force and _complete(out_dir, old):
             return {**old, "reused": True}
+        if expect_same and old.get("fingerprint") != fingerprint:
+            raise DataError(f"{out_dir}: {_what_changed(old, tok, inputs_fp + val_fp, options)} since the run started; "
+                            "resume with the same inputs, options and tokenizer, or start a new run (--overwrite or another --out)")
 
     started = time.time()
     total = sum(f["bytes"] for f in inputs_fp + val_fp)
@@ -285,6 +294,8 @@ def prepare(
         try:
             results = _run_jobs(_jobs(files, val_files, opts), tok, opts, dtype, workers)
             _route(results, writers, 0.0 if val_files else val_fraction, np.random.default_rng(seed), bar)
+            if bar is not None:
+                finish(bar)  # the bar counted the text's bytes; the files also hold blank lines and markup
         finally:
             for w in writers.values():
                 w.close()
@@ -306,10 +317,25 @@ def prepare(
     return {**meta, "reused": False}
 
 
-def _progress_bar(total_bytes: int):
-    from tqdm import tqdm
+def _what_changed(old: dict, tok: Tokenizer, inputs_fp: list[dict], options: dict) -> str:
+    """What differs between a prepared dataset's meta and the inputs, tokenizer and options given now, in words."""
+    said = [] if (old.get("tokenizer") or {}).get("fingerprint") == tok.fingerprint else ["the tokenizer changed"]
+    before = {f["path"]: f["blake2b"] for f in old.get("inputs", []) + old.get("val_inputs", [])}
+    now = {f["path"]: f["blake2b"] for f in inputs_fp}
+    for words, paths in (("changed", [p for p in now if p in before and before[p] != now[p]]),
+                         ("new inputs", [p for p in now if p not in before]),
+                         ("inputs no longer given", [p for p in before if p not in now])):
+        if paths:
+            said.append(f"{words}: {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}")
+    then = old.get("options") or {}
+    differ = sorted(k for k in set(options) | set(then) if options.get(k) != then.get(k))
+    if differ:
+        said.append(f"options changed: {', '.join(differ)}")
+    return "; ".join(said) or "the inputs changed"
 
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", file=sys.stderr)
+
+def _progress_bar(total_bytes: int):
+    return progress_bar(total_bytes, desc="prepare", unit="B", unit_scale=True)
 
 
 def _read_meta(data_dir: Path) -> dict:

@@ -1,25 +1,47 @@
-"""Where a run reports: plain messages, metrics.jsonl rows, TensorBoard scalars, samples.txt and loss.png."""
+"""Where a run reports: plain messages, progress, metrics.jsonl rows, external loggers (TensorBoard, Weights &
+Biases, MLflow), samples.txt and loss.png."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
+import os
+import sys
+import time
 from pathlib import Path
 
 from ..errors import OptionError
+from ..options import REPORTERS
+from ..progress import LINE_SECONDS, clock, display, progress_bar
+
+_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_reporters(names) -> list[str]:
+    """The external loggers asked for, each checked to be installed (before any work starts)."""
+    names = [names] if isinstance(names, str) else list(names or [])
+    for name in names:
+        if name not in REPORTERS:
+            raise OptionError(f"--report-to {name!r}: choose from {', '.join(REPORTERS)}")
+        if importlib.util.find_spec(_PACKAGES[name]) is None:
+            raise OptionError(f"--report-to {name} needs the {_PACKAGES[name]} package: pip install 'gptforge[{name}]'")
+    return names
 
 
 class RunLog:
-    """The reporting of one run. Only the main process writes; every process keeps the history rows."""
+    """The reporting of one run. Only the main process writes; every process keeps the history rows.
 
-    def __init__(self, out: Path, main: bool = True, tensorboard: bool = False, plot: bool = True):
+    `report_to` names external loggers ("tensorboard", "wandb", "mlflow"; `True` means TensorBoard);
+    `config` (the run's options) is sent to those that record parameters.
+    """
+
+    def __init__(self, out: Path, main: bool = True, report_to=(), plot: bool = True, config: dict | None = None):
         self.out, self.main, self.plot_enabled = Path(out), main, plot
         self.history: list[dict] = []
-        self._tb = None
-        self._tensorboard = tensorboard and main
-        if self._tensorboard:
-            try:
-                import torch.utils.tensorboard  # noqa: F401  (checked now, before any work)
-            except ImportError:
-                raise OptionError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        self.config = config or {}
+        self.reporters = check_reporters(["tensorboard"] if report_to is True else report_to or []) if main else []
+        self._open: dict = {}  # reporter name -> its writer or run, made at the first row
+        self._said_no_plot = False
 
     def message(self, text: str) -> None:
         if self.main:
@@ -28,21 +50,40 @@ class RunLog:
             tqdm.write(text)
 
     def record(self, row: dict) -> None:
-        """One metrics row: kept in `history`, appended to metrics.jsonl, sent to TensorBoard."""
+        """One metrics row: kept in `history`, appended to metrics.jsonl, sent to the external loggers."""
         self.history.append(row)
         if not self.main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self._tensorboard:
-            if self._tb is None:
-                from torch.utils.tensorboard import SummaryWriter
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
+        for name in self.reporters:
+            getattr(self, f"_to_{name}")(scalars, row["step"])
 
-                self._tb = SummaryWriter(str(self.out / "tensorboard"))
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, row["step"])
+    def _to_tensorboard(self, scalars: dict, step: int) -> None:
+        if "tensorboard" not in self._open:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._open["tensorboard"] = SummaryWriter(str(self.out / "tensorboard"))
+        for k, v in scalars.items():
+            self._open["tensorboard"].add_scalar(k, v, step)
+
+    def _to_wandb(self, scalars: dict, step: int) -> None:
+        import wandb
+
+        if "wandb" not in self._open:  # WANDB_MODE=offline keeps the run on disk, under the run folder
+            self._open["wandb"] = wandb.init(project=os.environ.get("WANDB_PROJECT", "gptforge"), name=self.out.name,
+                                             dir=str(self.out), config=self.config)
+        self._open["wandb"].log(scalars, step=step)
+
+    def _to_mlflow(self, scalars: dict, step: int) -> None:
+        import mlflow
+
+        if "mlflow" not in self._open:  # the tracking store is MLFLOW_TRACKING_URI's, as everywhere in MLflow
+            self._open["mlflow"] = mlflow.start_run(run_name=self.out.name, nested=mlflow.active_run() is not None)
+            mlflow.log_params({k: str(v)[:500] for k, v in self.config.items()})
+        mlflow.log_metrics(scalars, step=step)
 
     def sample(self, step: int, text: str) -> None:
         self.message(f"--- sample at step {step} ---\n{text}\n---")
@@ -51,34 +92,128 @@ class RunLog:
                 f.write(f"=== step {step} ===\n{text}\n\n")
 
     def plot(self) -> None:
-        """Draw loss.png from the history (when matplotlib is installed)."""
+        """Draw loss.png from the history (when matplotlib is installed; said once when it is not)."""
         if not (self.plot_enabled and self.main):
             return
         try:
             import matplotlib
 
             matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
         except ImportError:
+            if not self._said_no_plot:
+                self.message("loss.png is not drawn: matplotlib is not installed (pip install 'gptforge[plot]')")
+                self._said_no_plot = True
             return
-        train = [(r["step"], r["loss"]) for r in self.history if "loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in self.history if "val_loss" in r]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for points, label in ((train, "train"), (val, "validation")):
-            if points:
-                ax.plot(*zip(*points), label=label, marker="o" if label == "validation" else None)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/token)")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(self.out / "loss.png", dpi=100)
-        plt.close(fig)
+        draw_loss(self.history, self.out / "loss.png", title=f"{self.out.resolve().name}: loss per token")
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        for name, handle in self._open.items():
+            if name == "mlflow":
+                import mlflow
+
+                mlflow.end_run()
+            else:
+                (handle.finish if name == "wandb" else handle.close)()
+        self._open.clear()
 
 
-__all__ = ["RunLog"]
+def draw_loss(history: list[dict], path: Path, title: str = "loss") -> None:
+    """Training and validation loss (nats per token) with validation bits per byte on the right-hand axis,
+    the learning rate below, and a note where the final evaluation on all validation tokens differs from
+    the periodic ones on a part of them."""
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    vals = [r for r in history if "val_loss" in r]
+    lrs = [(r["step"], r["lr"]) for r in history if "lr" in r]
+    final = vals[-1] if len(vals) > 1 and vals[-1].get("val_tokens", 0) > max(r.get("val_tokens", 0) for r in vals[:-1]) else None
+    periodic = [r for r in vals if r is not final]
+    fig, (ax, ax_lr) = plt.subplots(2, 1, sharex=True, figsize=(8, 6), gridspec_kw={"height_ratios": [3, 1]})
+    if train:
+        ax.plot(*zip(*train), label="train", alpha=0.8)
+    if periodic:
+        ax.plot([r["step"] for r in periodic], [r["val_loss"] for r in periodic], "o-", label="validation")
+    if final is not None:
+        ax.plot([final["step"]], [final["val_loss"]], "*", markersize=12, label="final validation (all tokens)")
+        ax.annotate(f"final: {final['val_loss']:.3f} on {final['val_tokens']:,} tokens\n"
+                    f"(periodic: {periodic[-1]['val_loss']:.3f} on {periodic[-1]['val_tokens']:,})",
+                    (final["step"], final["val_loss"]), textcoords="offset points", xytext=(-10, 15), ha="right", fontsize=8)
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    scale = next((r["val_bits_per_byte"] / r["val_loss"] for r in vals if r.get("val_bits_per_byte") and r["val_loss"]), None)
+    if scale:  # bits per byte is loss x a constant: a second scale on the same axis
+        right = ax.twinx()
+        low, high = ax.get_ylim()
+        right.set_ylim(low * scale, high * scale)
+        right.set_ylabel("validation bits/byte")
+    if lrs:
+        ax_lr.plot(*zip(*lrs), color="tab:gray")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class StepProgress:
+    """Training progress: a bar on a terminal or in a notebook (steps; seconds of the budget under
+    --max-time), and plain lines on stderr when it is neither or the bar is off."""
+
+    def __init__(self, max_steps: int | None, max_time: float | None, step: int = 0, main: bool = True, bar: bool = True):
+        self.max_steps, self.max_time, self.main = max_steps, max_time, main
+        self.lines = main and (not bar or display() == "lines")
+        self.timed = max_time is not None
+        self.bar = None
+        if main and bar and not self.lines:
+            total, unit = (max_time, "s") if self.timed else (max_steps, "step")
+            self.bar = progress_bar(total, unit=unit, initial=0 if self.timed else step,
+                                    bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}" if self.timed else None)
+        self._printed, self._pending = -math.inf, ""
+
+    def left(self, step: int, elapsed: float) -> float | None:
+        """Seconds left: to the deadline, or at this pace to the last step, whichever comes first."""
+        options = []
+        if self.max_time:
+            options.append(self.max_time - elapsed)
+        if self.max_steps and step:
+            options.append(elapsed / step * (self.max_steps - step))
+        return max(min(options), 0.0) if options else None
+
+    def advance(self, step: int, elapsed: float) -> None:
+        if self.bar is None:
+            return
+        if self.timed:
+            fraction = max(elapsed / self.max_time, step / self.max_steps if self.max_steps else 0.0)
+            self.bar.update(min(fraction, 1.0) * self.max_time - self.bar.n)  # tqdm redraws at its own pace
+        else:
+            self.bar.update(1)
+
+    def show(self, step: int, loss: float, lr: float, tokens_per_s: float, elapsed: float) -> None:
+        """The latest training numbers (at each log interval)."""
+        left = self.left(step, elapsed)
+        if self.bar is not None:
+            post = dict(step=step) if self.timed else {}
+            post.update(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            self.bar.set_postfix(**post, **({"left": clock(left)} if left is not None else {}))
+        if self.lines:
+            of = f"/{self.max_steps:,}" if self.max_steps else ""
+            self._pending = (f"step {step:,}{of} | loss {loss:.2f} | lr {lr:.1e} | {tokens_per_s:,.0f} tok/s | "
+                             f"{clock(elapsed)} elapsed" + (f" | {clock(left)} left" if left is not None else ""))
+            if time.monotonic() - self._printed >= LINE_SECONDS:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            print(self._pending, file=sys.stderr, flush=True)
+            self._printed, self._pending = time.monotonic(), ""
+
+    def close(self) -> None:
+        self._flush()  # the last numbers are always printed
+        if self.bar is not None:
+            self.bar.close()
+
+
+__all__ = ["RunLog", "StepProgress", "check_reporters", "draw_loss"]

@@ -8,7 +8,8 @@ A run folder (`out_dir`) ends up as a model folder transformers can open, plus:
     loss.png                    train / validation loss curves (when matplotlib is installed)
     samples.txt                 text sampled from the model during training
 
-The order of batches is a pure function of (seed, micro-step, rank, world size) (`data.batches.Batches`),
+What is trained is a task (`tasks.py`: language modelling by default). The order of batches is a pure
+function of (seed, micro-step, rank, world size) (`data.batches.Batches` for language modelling),
 and the checkpoint holds every other piece of state, so a run stopped at step N and resumed reaches the
 same parameters as a run that never stopped.
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import shutil
 import signal
 import threading
 import time
@@ -30,27 +30,18 @@ import torch.nn as nn
 
 from .. import checkpoint as ckpt
 from ..config import GPTConfig
-from ..data.batches import Batches, Prefetcher
+from ..data.batches import Prefetcher
 from ..data.dataset import RunData
 from ..errors import OptionError, RunFolderError, TrainingError
-from ..evaluate import bits_per_byte, evaluate_tokens
 from ..fsio import atomic_dir
 from ..model import GPT
 from ..options import FINETUNE_DEFAULTS, SCRATCH_DEFAULTS, TrainConfig
-from ..runtime import init_distributed, pick_precision, resolve_device, shard_model
-from .logging import RunLog
+from ..runtime import init_distributed, out_of_memory, pick_precision, resolve_device, shard_model
+from .logging import RunLog, StepProgress
 from .optim import apply_freeze, configure_optimizer, lr_at, warmup_share
-
-
-def refuse_previous_run(out: Path, cfg: TrainConfig) -> list[str]:
-    """The files of an earlier run in `out`; an error unless this run resumes or overwrites it."""
-    previous = [n for n in ("metrics.jsonl", ckpt.CHECKPOINTS) if (out / n).exists()]
-    if previous and not cfg.resume and not cfg.overwrite:
-        raise RunFolderError(
-            f"{out}: holds another run ({', '.join(previous)}); pass --resume to continue it, "
-            "--overwrite to replace it, or choose another --out"
-        )
-    return previous
+from .tasks import LanguageModelling, Task
+from .runfolder import (check_block_size, check_fits_memory, check_same_run, check_tokenizer_of_data, clear_previous_run,
+                        refuse_previous_run)
 
 
 @dataclass
@@ -64,38 +55,41 @@ class TrainResult:
     best_val_loss: float | None = None
     interrupted: bool = False
     history: list = field(default_factory=list, repr=False)
+    validation: dict | None = field(default=None, repr=False)  # the final evaluation row, whatever the task
 
 
 class Trainer:
     """One training run. `run()` trains; `request_stop()` (also wired to Ctrl-C / SIGTERM) makes it save and return."""
 
     def __init__(self, model: GPT, data: RunData, cfg: TrainConfig, tokenizer=None, finetune: bool = False,
-                 on_step: Callable[["Trainer"], None] | None = None):
+                 on_step: Callable[["Trainer"], None] | None = None, task: Task | None = None):
         defaults = FINETUNE_DEFAULTS if finetune else SCRATCH_DEFAULTS
         unset = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
         self.cfg = cfg = dataclasses.replace(cfg, **unset)
         self.out = Path(cfg.out_dir)
         self.data, self.tokenizer, self.on_step = data, tokenizer, on_step
+        self.task = task if task is not None else LanguageModelling(data)  # what is trained: batches, loss, evaluation
         self.dist, self.device = init_distributed(resolve_device(cfg.device))
         self.dtype = pick_precision(cfg.precision, self.device)
         config = model.config
         self.block_size = cfg.block_size or config.n_positions
-        if self.block_size > config.n_positions:
-            raise OptionError(f"--block-size {self.block_size} is larger than the model's context n_positions={config.n_positions}")
+        check_block_size(self.block_size, config)
         if tokenizer is not None:
             from ..tokenizer import check_vocab_fits
 
             check_vocab_fits(tokenizer, config.vocab_size)
-        self.log = RunLog(self.out, self.dist.main, cfg.tensorboard, cfg.plot)
+            check_tokenizer_of_data(tokenizer, data)
+        check_fits_memory(config, cfg, self.block_size, self.device)
+        self.log = RunLog(self.out, self.dist.main, cfg.reporters, cfg.plot, config=dataclasses.asdict(cfg))
         self._check_out_dir()
 
         torch.manual_seed(cfg.seed)
         config.gradient_checkpointing = cfg.gradient_checkpointing
         self.model = model.to(self.device)
         self.frozen = apply_freeze(model, cfg.freeze)
-        self._resume_from = self._latest_checkpoint() if cfg.resume else None
+        self._resume_from, self._resume_state = self._latest_checkpoint() if cfg.resume else (None, None)
         if self._resume_from is not None:  # weights first: sharding and the optimizer start from them
-            model.load_state_dict(ckpt.load_model(self._resume_from).state_dict())
+            self.task.load(model, self._resume_from)
         self.fsdp = cfg.fsdp and self.dist.world_size > 1
         if self.fsdp:
             shard_model(model)
@@ -107,9 +101,8 @@ class Trainer:
 
             self.forward_model = DDP(self.forward_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-        self.batches = Batches(data.train, self.block_size, cfg.batch_size, mode=cfg.batch_mode, stride=cfg.stride,
-                               seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size)
-        self.tokens_per_step = cfg.batch_size * self.block_size * cfg.grad_accum * self.dist.world_size
+        self.batches = self.task.make_batches(cfg, self.block_size, self.dist.rank, self.dist.world_size)
+        self.tokens_per_step = self.task.tokens_per_batch(cfg, self.block_size) * cfg.grad_accum * self.dist.world_size
         self.max_steps = self._total_steps()
         # A short run should not spend itself warming up: by default warm up over at most a tenth of the steps.
         if "warmup_steps" in unset and self.max_steps:
@@ -117,11 +110,12 @@ class Trainer:
         self.warmup_share = warmup_share(cfg, self.max_steps, "warmup_steps" in unset)
 
         self.step, self.elapsed = 0, 0.0  # optimizer steps; training seconds, carried across resumes
-        self.best_val, self.evals_since_best = math.inf, 0
+        self.best_val, self.evals_since_best = (-math.inf if self.task.higher_is_better else math.inf), 0
         self._stop = False
         self._last_ckpt: Path | None = None
         if self._resume_from is not None:
-            self._load_training_state(self._resume_from)
+            self._load_training_state(self._resume_from, self._resume_state)
+            self._resume_state = None  # the optimizer holds it now
 
     @property
     def history(self) -> list[dict]:
@@ -142,9 +136,7 @@ class Trainer:
     def _check_out_dir(self) -> None:
         previous = refuse_previous_run(self.out, self.cfg)
         if previous and not self.cfg.resume and self.dist.main:
-            for name in (ckpt.CHECKPOINTS, "best", "metrics.jsonl", "samples.txt", "loss.png"):
-                path = self.out / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            clear_previous_run(self.out)
 
     def _progress(self) -> float:
         parts = [self.step / self.max_steps] if self.max_steps else []
@@ -154,16 +146,15 @@ class Trainer:
 
     # -- checkpoints
 
-    def _latest_checkpoint(self) -> Path:
-        found = ckpt.list_checkpoints(self.out)
-        if not found:
-            raise RunFolderError(f"{self.out}: no checkpoint to resume from (looked in {self.out / ckpt.CHECKPOINTS})")
-        path = found[-1]
+    def _latest_checkpoint(self) -> tuple[Path, dict]:
+        """The newest intact checkpoint of this run and its training state, checked to belong to this run."""
+        path, state = ckpt.newest_intact_checkpoint(self.out, self.log.message)
+        check_same_run(path, state, self.data, self.tokenizer)
         theirs, mine = GPTConfig.load(path).to_dict(), self.model.config.to_dict()
         differ = [f"{k}: checkpoint {theirs[k]} vs now {mine[k]}" for k in mine if k in theirs and mine[k] != theirs[k]]
         if differ:
             raise RunFolderError(f"{path}: was trained with a different model config ({'; '.join(differ)})")
-        return path
+        return path, state
 
     def _full_state(self) -> tuple[dict, dict]:
         """Whole model and optimizer state dicts, keyed by parameter name, gathered from every rank when the
@@ -182,7 +173,7 @@ class Trainer:
             model_state = self._full_state()[0]
         if self.dist.main:
             with atomic_dir(folder) as tmp:
-                ckpt.save_model(self.model, tmp, self.tokenizer, state_dict=model_state)
+                self.task.save(self.model, tmp, self.tokenizer, state_dict=model_state)
 
     def save_checkpoint(self) -> Path:
         """A complete model folder plus the training state, written under a temporary name and renamed."""
@@ -195,18 +186,19 @@ class Trainer:
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "train_config": dataclasses.asdict(self.cfg), "data": self.data.fingerprint,
+                "tokenizer": getattr(self.tokenizer, "fingerprint", None) or self.data.tokenizer_fingerprint,
                 "world_size": self.dist.world_size,
             }
-            write = lambda folder: ckpt.save_model(self.model, folder, self.tokenizer, state_dict=model_state)  # noqa: E731
+            write = lambda folder: self.task.save(self.model, folder, self.tokenizer, state_dict=model_state)  # noqa: E731
             ckpt.save_checkpoint(self.out, self.step, write, state, self.cfg.keep_checkpoints)
         self.dist.barrier()
         self._last_ckpt = target
         return target
 
-    def _load_training_state(self, path: Path) -> None:
+    def _load_training_state(self, path: Path, state: dict | None = None) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        state = ckpt.load_training_state(path)
+        state = state if state is not None else ckpt.load_training_state(path)
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
@@ -223,19 +215,14 @@ class Trainer:
 
     def evaluate(self, full: bool = False) -> dict | None:
         # a sharded model needs every rank in each forward pass; otherwise rank 0 evaluates alone
-        if self.data.val is None or not (self.dist.main or self.fsdp):
+        if not self.task.has_validation or not (self.dist.main or self.fsdp):
             return None
-        res = evaluate_tokens(self.model, self.data.val, block_size=self.block_size, batch_size=self.cfg.batch_size,
-                              max_tokens=None if full else self.cfg.eval_tokens, device=self.device,
-                              autocast_dtype=self.dtype if self.dtype != torch.float32 else None)
-        bpb = bits_per_byte(res.loss, self.data.bytes_per_token)
-        row = {"step": self.step, "val_loss": res.loss, "val_perplexity": res.perplexity, "val_bits_per_byte": bpb,
-               "val_tokens": res.tokens, "elapsed": round(self.elapsed, 2)}
+        row = {"step": self.step, **self.task.evaluate(self.model, full=full, trainer=self), "elapsed": round(self.elapsed, 2)}
         self.log.record(row)
-        msg = f"step {self.step}: val loss {res.loss:.4f}, perplexity {res.perplexity:.2f}"
-        self.log.message(msg + (f", {bpb:.4f} bits/byte" if bpb is not None else ""))
-        if res.loss < self.best_val:
-            self.best_val, self.evals_since_best = res.loss, 0
+        self.log.message(f"step {self.step}: {self.task.describe(row)}")
+        score = row[self.task.metric]
+        if score > self.best_val if self.task.higher_is_better else score < self.best_val:
+            self.best_val, self.evals_since_best = score, 0
             self.save_model_folder(self.out / "best")
         else:
             self.evals_since_best += 1
@@ -243,7 +230,7 @@ class Trainer:
         return row
 
     def sample(self) -> None:
-        if self.tokenizer is None or not (self.dist.main or self.fsdp):
+        if self.tokenizer is None or not self.task.can_sample or not (self.dist.main or self.fsdp):
             return
         from ..generate import generate
 
@@ -257,14 +244,14 @@ class Trainer:
     def request_stop(self) -> None:
         self._stop = True
 
-    def _micro_step(self, x: torch.Tensor, y: torch.Tensor, sync: bool) -> torch.Tensor:
+    def _micro_step(self, batch: tuple, sync: bool) -> torch.Tensor:
         model = self.forward_model
         if self.fsdp:
             self.model.set_requires_gradient_sync(sync)  # reduce-scatter only on the last micro-step
         no_sync = model.no_sync() if self.dist.world_size > 1 and not self.fsdp and not sync else contextlib.nullcontext()
         with no_sync:
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-                _, loss = model(x, y)
+                loss = self.task.loss(model, batch)
             self.scaler.scale(loss / self.cfg.grad_accum).backward()
         return loss.detach()
 
@@ -297,21 +284,20 @@ class Trainer:
             f"{self.tokens_per_step:,} tokens per step\n"
             f"optimizer: AdamW lr {cfg.learning_rate:g} ({cfg.schedule}, warmup {warmup}, floor x{cfg.min_lr_ratio}), "
             f"weight decay {cfg.weight_decay}, betas ({cfg.beta1}, {cfg.beta2}), clip {cfg.grad_clip}\n"
-            f"length: {length}; training tokens: {len(self.data.train):,}; output: {self.out}"
+            f"length: {length}; {self.task.size()}; output: {self.out}"
         )
 
     def run(self) -> TrainResult:
-        from tqdm import tqdm
-
         self.out.mkdir(parents=True, exist_ok=True)
         self._describe()
         handlers = self._install_signal_handlers()
-        bar = tqdm(total=self.max_steps, initial=self.step, disable=not (self.cfg.progress and self.dist.main),
-                   unit="step", dynamic_ncols=True)
+        bar = StepProgress(self.max_steps, self.cfg.max_time, self.step, main=self.dist.main, bar=self.cfg.progress)
         feed = Prefetcher(self.batches, self.step * self.cfg.grad_accum, self.device)
         try:
             train_loss = self._steps(iter(feed), bar)
-        except torch.OutOfMemoryError:
+        except (RuntimeError, MemoryError) as e:  # CUDA's OutOfMemoryError is a RuntimeError too
+            if not out_of_memory(e):
+                raise
             raise TrainingError(
                 f"out of memory at step {self.step} (batch {self.cfg.batch_size} x {self.block_size}). Lower --batch-size and "
                 "raise --grad-accum to keep the tokens per step, lower --block-size, add --gradient-checkpointing, or pick a smaller model"
@@ -333,14 +319,13 @@ class Trainer:
         while not self._done() and not self._stop:
             lr = lr_at(cfg, self.step, self._progress(), self.warmup_share)
             for micro in range(cfg.grad_accum):
-                x, y = next(batches)
-                loss_sum += self._micro_step(x, y, sync=micro == cfg.grad_accum - 1)
+                loss_sum += self._micro_step(next(batches), sync=micro == cfg.grad_accum - 1)
             self._optimizer_step(lr)
             self.step += 1
             window["micro"] += cfg.grad_accum
             window["tokens"] += self.tokens_per_step
             self.elapsed = time.perf_counter() - started
-            bar.update(1)
+            bar.advance(self.step, self.elapsed)
             if self.step % cfg.log_interval == 0 or self._done():
                 train_loss = self._log_window(loss_sum, window, lr, bar)
             paused = time.perf_counter()  # callbacks, evaluations, samples and saves are not training steps
@@ -368,8 +353,7 @@ class Trainer:
         tps = window["tokens"] / max(now - window["start"], 1e-9)
         self.log.record({"step": self.step, "loss": train_loss, "lr": lr, "tokens_per_s": round(tps, 1),
                          "elapsed": round(self.elapsed, 2)})
-        left = {"left": f"{max(self.cfg.max_time - self.elapsed, 0):.0f}s"} if self.cfg.max_time else {}
-        bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", **left)
+        bar.show(self.step, train_loss, lr, tps, self.elapsed)
         loss_sum.zero_()
         window.update(micro=0, tokens=0, start=now)
         return train_loss
@@ -399,12 +383,12 @@ class Trainer:
         else:
             row = self.evaluate(full=True)
             if row:
-                result.val_loss, result.val_perplexity = row["val_loss"], row["val_perplexity"]
-                result.val_bits_per_byte = row["val_bits_per_byte"]
+                result.val_loss, result.val_perplexity = row.get("val_loss"), row.get("val_perplexity")
+                result.val_bits_per_byte, result.validation = row.get("val_bits_per_byte"), row
             self.sample()
             model_state = self._full_state()[0] if self.fsdp else None
             if self.dist.main:
-                ckpt.save_model(self.model, self.out, self.tokenizer, state_dict=model_state)
+                self.task.save(self.model, self.out, self.tokenizer, state_dict=model_state)
                 self.log.message(f"saved the final model to {self.out}")
         result.best_val_loss = self.best_val if math.isfinite(self.best_val) else None
         self.log.close()

@@ -1,23 +1,29 @@
 """From raw text (or a prepared dataset) to a trained model folder in one call, and the choice of model size."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..checkpoint import load_model, resolve_model_path
+from ..checkpoint import list_checkpoints, load_model, resolve_model_path
 from ..config import GPTConfig, preset
 from ..data.dataset import load_run_data
-from ..errors import DataError, TokenizerError
-from ..fsio import folder_of
+from ..errors import ConfigError, DataError, TokenizerError
+from ..fsio import folder_of, write_text
 from ..kernels import matmul
 from ..model import GPT
-from ..options import TrainConfig
+from ..options import InstructOptions, LoRAOptions, TrainConfig
 from ..runtime import pick_precision, resolve_device, world_size
-from .loop import Trainer, TrainResult, refuse_previous_run
+from .logging import check_reporters
+from .finetune import add_lora, check_lora, example_inputs, instruction_task
+from .loop import Trainer, TrainResult
+from .runfolder import (check_block_size, check_fits_memory, claim_run_folder, refuse_conflicts, refuse_previous_run,
+                        resume_tokenizer)
 
 
 def build_model(init: str | None = None, size: str | GPTConfig = "mini", **overrides) -> tuple[GPT, bool]:
@@ -37,8 +43,10 @@ def train(model: GPT, data, config: TrainConfig | None = None, *, tokenizer=None
     cfg = dataclasses.replace(config, **options) if config else TrainConfig(**options)
     if tokenizer is None:
         tokenizer = getattr(data, "tokenizer", None)
-    trainer = Trainer(model, load_run_data(data), cfg, tokenizer=tokenizer, finetune=finetune, on_step=on_step)
-    return trainer.run()
+    refuse_previous_run(Path(cfg.out_dir), cfg)
+    with claim_run_folder(Path(cfg.out_dir)):
+        trainer = Trainer(model, load_run_data(data), cfg, tokenizer=tokenizer, finetune=finetune, on_step=on_step)
+        return trainer.run()
 
 
 # --- model size -----------------------------------------------------------------------------------------
@@ -108,7 +116,7 @@ def load_model_folder(name_or_path: str) -> Path:
     return folder_of(resolve_model_path(name_or_path))
 
 
-def _run_tokenizer(inputs, out: Path, init, tokenizer, data, vocab_size, kind, names: str, log):
+def _run_tokenizer(inputs, out: Path, init, tokenizer, data, vocab_size, kind, names: str, log, progress: bool, read: dict):
     """The tokenizer of a run: the model's (fine-tuning), the one named, the dataset's, or one trained on the inputs."""
     from ..tokenizer import load_tokenizer, train_tokenizer
 
@@ -127,9 +135,50 @@ def _run_tokenizer(inputs, out: Path, init, tokenizer, data, vocab_size, kind, n
     else:
         tok_dir = out / "tokenizer"
         log(f"training a {kind} tokenizer on {names} -> {tok_dir}")
-        tok = train_tokenizer(inputs, vocab_size=vocab_size or 5000, kind=kind, out_dir=tok_dir)
+        tok = train_tokenizer(inputs, vocab_size=vocab_size or 5000, kind=kind, out_dir=tok_dir, progress=progress, **read)
         log(f"tokenizer: {tok.vocab_size:,} tokens")
     return tok
+
+
+def _check_model_fits(cfg: TrainConfig, init, size, overrides: dict | None, vocab_size) -> None:
+    """What can be checked of the model before any tokenizer or data work: its config, the context, the memory
+    (for a size still to be chosen, the smallest one: a lower bound)."""
+    device = resolve_device(cfg.device)
+    if init is not None:
+        config = GPTConfig.load(load_model_folder(init))
+    else:
+        over = {k: v for k, v in (overrides or {}).items() if v is not None}
+        if cfg.block_size:
+            over.setdefault("n_positions", cfg.block_size)
+        try:
+            config = preset(size or SCRATCH_SIZES[0], **{"vocab_size": vocab_size or 5000, **over})
+        except ConfigError:
+            if size is not None:
+                raise
+            return  # the overrides may fit the size chosen later; it is checked then
+    block = cfg.block_size or config.n_positions
+    check_block_size(block, config)
+    check_fits_memory(config, cfg, block, device)
+
+
+@contextlib.contextmanager
+def _restart_hint(out: Path, log: Callable[[str], None]):
+    """A run stopped by Ctrl-C before its first checkpoint says how to start again."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not list_checkpoints(out):
+            again = " with --overwrite" if (out / "metrics.jsonl").exists() else ""
+            log(f"interrupted before the first checkpoint, so there is nothing to resume: run the same command again{again}")
+        raise
+
+
+def _write_run_config(out: Path, given: dict, trainer: Trainer, size: str | None, tok, lora) -> None:
+    """run_config.json: the options as given (usable as `--config`) and as resolved."""
+    resolved = {"train": dataclasses.asdict(trainer.cfg), "model": trainer.model.config.to_dict(), "size": size,
+                "lora": dataclasses.asdict(lora) if lora and lora.enabled else None,
+                "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "source": tok.source}}
+    write_text(out / "run_config.json", json.dumps({"options": given, "resolved": resolved}, indent=2, default=str) + "\n")
 
 
 def run_training(
@@ -144,49 +193,78 @@ def run_training(
     tokenizer_kind: str = "bpe",
     line_by_line: bool = False,
     model_overrides: dict | None = None,
+    read_options: dict | None = None,
     log: Callable[[str], None] = print,
+    record: dict | None = None,
+    lora: LoRAOptions | None = None,
+    instruct: InstructOptions | None = None,
     **options,
 ) -> TrainResult:
     """From raw text (or a prepared dataset) to a trained model folder, choosing what the user did not say.
 
     Fine-tuning (`init` names a pretrained model) uses that model's tokenizer; training from scratch
     trains a tokenizer on the inputs (or uses `tokenizer`), prepares the data under `out_dir/data`, and
-    picks a model size for the data unless `size` is given. Every choice is printed.
+    picks a model size for the data unless `size` is given. Every choice is printed. `read_options` are
+    `data.reading.ReadOptions` fields for reading the inputs. The run folder gets `run_config.json`: the
+    options as given (`record`, e.g. the command's; by default this call's) and as resolved. `lora` trains a
+    LoRA adapter instead of the whole model; inputs that are instruction examples (JSON Lines of prompt/completion
+    or messages) train on their answers, read as `instruct` says (train/finetune.py).
     """
     from ..data.shards import prepare
 
     cfg = TrainConfig(**options)
     out = Path(cfg.out_dir)
-    refuse_previous_run(out, cfg)  # now, not after minutes of tokenizer training and preparation
+    # now, not after minutes of tokenizer training and preparation
+    refuse_conflicts(inputs, data, eval_inputs, init, size, model_overrides, tokenizer, vocab_size, line_by_line)
+    refuse_previous_run(out, cfg, init)
+    _check_model_fits(cfg, init, size, model_overrides, vocab_size)
+    check_reporters(cfg.reporters)  # likewise a logger that is not installed
+    examples = example_inputs(inputs, eval_inputs, data, instruct)
+    check_lora(lora, cfg, init, examples)
+    given = record if record is not None else dict(inputs=inputs, data=data, eval_inputs=eval_inputs, init=init, size=size,
+                                                   tokenizer=tokenizer, vocab_size=vocab_size, tokenizer_kind=tokenizer_kind,
+                                                   line_by_line=line_by_line, **(model_overrides or {}), **(read_options or {}), **options)
+    read = dict(read_options or {})
+    main = world_size() == 1 or int(__import__("os").environ.get("RANK", "0")) == 0
     if world_size() > 1 and int(__import__("os").environ.get("RANK", "0")) != 0:
         log = lambda message: None  # noqa: E731 - only rank 0 talks
     if not inputs and not data:
         raise DataError("nothing to train on: give text files or folders, or --data with a prepared dataset")
-    names = ", ".join(map(str, inputs or [])) if len(inputs or []) <= 3 else f"{len(inputs)} inputs ({inputs[0]}, ...)"
-    model = build_model(str(load_model_folder(init)))[0] if init is not None else None
-    tok = _run_tokenizer(inputs, out, init, tokenizer, data, vocab_size, tokenizer_kind, names, log)
-    if data is None:
-        data = out / "data"
-        log(f"preparing {names} -> {data}")
-        meta = prepare(inputs, tok, data, line_by_line=line_by_line, val_inputs=eval_inputs, seed=cfg.seed)
-        log(f"data: {meta['train']['tokens']:,} training tokens, {meta['val']['tokens']:,} validation tokens")
-    run_data = load_run_data(data)
-    if model is None:
-        overrides = dict(model_overrides or {})
-        overrides.setdefault("vocab_size", tok.vocab_size)
-        overrides.setdefault("bos_token_id", tok.eos_id)
-        overrides.setdefault("eos_token_id", tok.eos_id)
-        if cfg.block_size:
-            overrides.setdefault("n_positions", cfg.block_size)
-        if size is None:
-            size, why = choose_size(len(run_data.train), cfg, overrides["vocab_size"])
-            log(f"model size: {size!r}: {why} (choose another with --size)")
-        torch.manual_seed(cfg.seed)  # the same fresh weights on every rank and every rerun
-        model, _ = build_model(size=size, **overrides)
-    if cfg.max_steps is None and cfg.epochs is None and cfg.max_time is None:
-        cfg = dataclasses.replace(cfg, epochs=1.0)
-        log("length: 1 epoch (set --max-steps, --epochs or --max-time)")
-    return Trainer(model, run_data, cfg, tokenizer=tok, finetune=init is not None).run()
+    with claim_run_folder(out, log), _restart_hint(out, log):
+        names = ", ".join(map(str, inputs or [])) if len(inputs or []) <= 3 else f"{len(inputs)} inputs ({inputs[0]}, ...)"
+        model = build_model(str(load_model_folder(init)))[0] if init is not None else None
+        if cfg.resume and init is None and tokenizer is None and data is None:
+            tokenizer = resume_tokenizer(out)  # the run's own: never train a new one over it
+        tok = _run_tokenizer(inputs, out, init, tokenizer, data, vocab_size, tokenizer_kind, names, log, cfg.progress and main, read)
+        task = instruction_task(inputs, eval_inputs, tok, cfg.block_size or model.config.n_positions, cfg, instruct,
+                                log) if examples else None
+        if data is None and task is None:
+            data = out / "data"
+            log(f"preparing {names} -> {data}")
+            meta = prepare(inputs, tok, data, line_by_line=line_by_line, val_inputs=eval_inputs, seed=cfg.seed,
+                           progress=cfg.progress and main, expect_same=cfg.resume, **read)
+            log(f"data: {meta['train']['tokens']:,} training tokens, {meta['val']['tokens']:,} validation tokens")
+        run_data = task.data if task is not None else load_run_data(data)
+        if model is None:
+            overrides = dict(model_overrides or {})
+            overrides.setdefault("vocab_size", tok.vocab_size)
+            overrides.setdefault("bos_token_id", tok.eos_id)
+            overrides.setdefault("eos_token_id", tok.eos_id)
+            if cfg.block_size:
+                overrides.setdefault("n_positions", cfg.block_size)
+            if size is None:
+                size, why = choose_size(len(run_data.train), cfg, overrides["vocab_size"])
+                log(f"model size: {size!r}: {why} (choose another with --size)")
+            torch.manual_seed(cfg.seed)  # the same fresh weights on every rank and every rerun
+            model, _ = build_model(size=size, **overrides)
+        if cfg.max_steps is None and cfg.epochs is None and cfg.max_time is None:
+            cfg = dataclasses.replace(cfg, epochs=1.0)
+            log("length: 1 epoch (set --max-steps, --epochs or --max-time)")
+        cfg = add_lora(model, lora, cfg, init, log)
+        trainer = Trainer(model, run_data, cfg, tokenizer=tok, finetune=init is not None, task=task)
+        if main:
+            _write_run_config(out, given, trainer, size, tok, lora)
+        return trainer.run()
 
 
 __all__ = ["MAX_EPOCHS_COUNTED", "SCRATCH_SIZES", "STEP_EFFICIENCY", "TOKENS_PER_PARAM", "build_model", "choose_size",

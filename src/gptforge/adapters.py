@@ -1,0 +1,396 @@
+"""LoRA adapters in peft's format: add them to a GPT, train them alone, save, load and merge them.
+
+A LoRA layer keeps its base weight W frozen and learns a low-rank update: y = x W^T + b + s * B(A(dropout(x)))
+with A (r, in), B (out, r) and s = lora_alpha / r (peft's LoRA; B starts at zero, so a new adapter changes
+nothing). An adapter folder is what peft writes for transformers' GPT2LMHeadModel:
+
+    adapter_config.json         peft_type LORA, r, lora_alpha, lora_dropout, target_modules, fan_in_fan_out=true
+                                (GPT-2's layers are Conv1D there), task_type CAUSAL_LM, base_model_name_or_path
+    adapter_model.safetensors   base_model.model.transformer.h.0.attn.c_attn.lora_A.weight, ...
+
+`peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), folder)` opens it, and an adapter
+peft trained opens here. A and B need no transposing: peft stores them as nn.Linear weights even for
+Conv1D layers, and gptforge's layers are nn.Linear. The safetensors metadata also records the base's
+vocabulary size and a fingerprint of its weights, so an adapter is never applied to another model unnoticed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import CheckpointError, NotFoundError, OptionError
+from .fsio import atomic_dir, atomic_write
+from .kernels import Linear
+from .model import GPT
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # peft's prefix of the wrapped model's parameter names
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+
+
+class LoRALinear(Linear):
+    """A Linear layer (same `weight` and `bias`, frozen) with a trainable low-rank update beside it."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = Linear(base.in_features, r, **kw)
+        self.lora_B = Linear(r, base.out_features, **kw)
+        self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # peft's initialisation: B = 0, no change yet
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    def merged(self) -> Linear:
+        """A plain Linear with the update folded into its weight (W + s * B A)."""
+        out = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        with torch.no_grad():
+            delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+            out.weight = nn.Parameter((self.weight.float() + delta).to(self.weight.dtype), requires_grad=False)
+        out.bias = self.bias
+        return out
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    """peft's rule: a target matches a module whose name is it or ends with '.' + it."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _linear_layers(model: GPT) -> dict[str, nn.Linear]:
+    """The blocks' linear layers by name (the output head is tied to the embedding and never adapted)."""
+    return {name: m for name, m in model.named_modules() if name.startswith("transformer.h.") and isinstance(m, nn.Linear)}
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def apply_lora(model: GPT, r: int, alpha: float = 16.0, dropout: float = 0.0, targets=("c_attn", "c_proj", "c_fc"),
+               rslora: bool = False, ranks: dict[str, int] | None = None, alphas: dict[str, float] | None = None,
+               base=None) -> list[str]:
+    """Give the targeted layers a LoRA adapter and freeze everything else; the names of the adapted layers.
+
+    `targets` are layer names or suffixes (c_attn, attn.c_proj, ...); `ranks` / `alphas` give single layers
+    another rank or alpha (by full name). `base` names the base model in the saved adapter_config.json. The
+    model keeps what saving needs (`model.lora`), so whatever saves it writes an adapter folder (`save_trained`)."""
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise OptionError(f"--lora-r {r!r}: must be an integer above 0 (e.g. 8)")
+    layers = _linear_layers(model)
+    chosen = [name for name in layers if _matches(name, list(targets))]
+    if not chosen:
+        suffixes = sorted({n.split(".", 3)[-1] for n in layers})
+        raise OptionError(f"--lora-targets {','.join(targets)!r} names no layer of the model; its layers are "
+                          f"{', '.join(suffixes)} (in each of transformer.h.0 ... h.{model.config.n_layer - 1})")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in chosen:
+        layer = layers[name]
+        if isinstance(layer, LoRALinear):
+            raise OptionError(f"{name} already has a LoRA adapter; merge it first (gptforge merge)")
+        rank = (ranks or {}).get(name, r)
+        _replace(model, name, LoRALinear(layer, rank, (alphas or {}).get(name, alpha), dropout, rslora).train(layer.training))
+    model.lora = {"r": r, "alpha": alpha, "dropout": dropout, "targets": list(targets), "rslora": rslora,
+                  "base": _base_name(base), "fingerprint": base_fingerprint(model)}
+    return chosen
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def lora_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under our (= transformers') parameter names, on the CPU."""
+    sd = state_dict if state_dict is not None else model.state_dict()
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items() if ".lora_A." in k or ".lora_B." in k}
+
+
+def merge_lora(model: GPT) -> GPT:
+    """Fold every adapter into its layer's weight: a plain GPT again, as fast as the base, that saves as usual."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            _replace(model, name, m.merged())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.__dict__.pop("lora", None)
+    return model
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """A hash of the base model's shapes and of a few thousand of its numbers per tensor (the adapters left out):
+    cheap even for gpt2-xl, and different for any other model or any fine-tune of this one."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            continue
+        t = p.detach().reshape(-1)
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(t[:: max(1, t.numel() // 4096)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+# --- adapter folders ---------------------------------------------------------------------------------------
+
+
+def _base_name(base) -> str | None:
+    """The base as peft's `base_model_name_or_path`: a hub id as given, a local folder as an absolute path."""
+    if base is None:
+        return None
+    return str(Path(base).resolve()) if Path(base).exists() else str(base)
+
+
+def save_adapter(model: GPT, folder: str | os.PathLike, tokenizer=None, *, state_dict: dict | None = None, base=None) -> Path:
+    """Write an adapter folder in peft's format, with the base's config.json (what the adapter fits) and the
+    tokenizer files when given (they carry the chat template). `base` overrides the base model recorded."""
+    from safetensors.torch import save_file
+
+    info = getattr(model, "lora", None)
+    tensors = lora_state_dict(model, state_dict)
+    if info is None or not tensors:
+        raise OptionError("the model has no LoRA adapter to save (apply_lora first)")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": _base_name(base) or info.get("base"),
+        "r": info["r"], "lora_alpha": info["alpha"], "lora_dropout": info["dropout"],
+        "target_modules": _target_modules(tensors, model.config.n_layer), "fan_in_fan_out": True, "bias": "none",
+        "use_rslora": info["rslora"], "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
+        "inference_mode": True, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    meta = {"format": "pt", "gptforge.base_fingerprint": info.get("fingerprint") or base_fingerprint(model),
+            "gptforge.vocab_size": str(model.config.vocab_size), "gptforge.n_positions": str(model.config.n_positions)}
+    weights = {PREFIX + k: v for k, v in tensors.items()}
+    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(weights, str(p), metadata=meta))
+    atomic_write(folder / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
+    atomic_write(folder / "config.json", model.config.save)
+    if tokenizer is not None:
+        tokenizer.save(folder, model_max_length=model.config.n_positions)
+    return folder
+
+
+def _target_modules(tensors: dict, n_layer: int) -> list[str]:
+    """peft's target_modules naming exactly the adapted layers: `attn.c_proj` where every block has that layer
+    adapted (a bare `c_proj` would also take mlp.c_proj), full names otherwise."""
+    modules = {_LORA_KEY.match(k)["module"] for k in tensors}
+    kinds = {m.split(".", 3)[3] for m in modules}  # transformer.h.N.<attn.c_attn>
+    out = []
+    for kind in sorted(kinds):
+        names = sorted(m for m in modules if m.endswith("." + kind))
+        out += [kind] if len(names) == n_layer else names
+    return out
+
+
+def is_adapter(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / CONFIG_NAME).is_file()
+
+
+def save_trained(model: GPT, folder: str | os.PathLike, tokenizer=None, *, state_dict: dict | None = None) -> Path:
+    """What a training run saves: the adapter alone for a model with LoRA layers, else the model folder."""
+    from .checkpoint import save_model
+
+    if has_lora(model):
+        return save_adapter(model, folder, tokenizer, state_dict=state_dict)
+    return save_model(model, folder, tokenizer, state_dict=state_dict)
+
+
+def load_trained(model: GPT, folder: str | os.PathLike) -> None:
+    """Put the weights a run saved in `folder` (an adapter folder, or a model folder) back into `model` (resume)."""
+    from .checkpoint import load_model
+
+    if not has_lora(model):
+        model.load_state_dict(load_model(folder).state_dict())
+        return
+    _, tensors, meta = read_adapter(folder)
+    check_adapter_fits(model, Path(folder), tensors, meta)
+    state = model.state_dict()
+    if set(tensors) != set(lora_state_dict(model, state)):
+        raise CheckpointError(f"{folder}: its adapter covers other layers than this run's --lora-targets; resume with the "
+                              "options the run started with")
+    _copy_in(model, tensors, folder)
+
+
+def read_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """An adapter folder's config, its tensors under our names, and the safetensors metadata; unsupported
+    peft features are refused by name."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotFoundError(f"{folder}: no such adapter folder")
+    if not is_adapter(folder):
+        raise CheckpointError(f"{folder}: not an adapter folder (no {CONFIG_NAME}); `gptforge train --lora-r 8` writes one")
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: cannot be read as JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{folder / CONFIG_NAME}: a {config.get('peft_type') if isinstance(config, dict) else '?'} "
+                              "adapter; gptforge opens LoRA adapters only")
+    unsupported = [k for k in ("use_dora", "lora_bias", "modules_to_save", "layer_replication", "trainable_token_indices")
+                   if config.get(k)] + ([f"bias={config['bias']!r}"] if config.get("bias", "none") != "none" else [])
+    if unsupported:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: uses {', '.join(unsupported)}, which gptforge does not support; "
+                              "it opens plain LoRA adapters of a GPT-2 language model")
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no {WEIGHTS_NAME} (adapters saved as adapter_model.bin: re-save with peft's "
+                              "save_pretrained(safe_serialization=True))")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta, raw = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read the adapter weights ({str(e).splitlines()[0]})") from None
+    tensors = {}
+    for key, t in raw.items():
+        name = key.removeprefix(PREFIX)
+        if not name.startswith("transformer."):
+            name = "transformer." + name  # an adapter of transformers' GPT2Model (no LM head wrapper)
+        name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+        if not _LORA_KEY.match(name):
+            raise CheckpointError(f"{path}: unexpected tensor {key!r}; gptforge opens LoRA adapters of GPT-2's layers only")
+        tensors[name] = t
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no LoRA tensors")
+    return config, tensors, meta
+
+
+def _pattern_value(name: str, patterns: dict, default):
+    """peft's rank_pattern / alpha_pattern: the value of the first key that matches the end of the layer name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def load_adapter(model: GPT, folder: str | os.PathLike, check_base: bool = True) -> list[str]:
+    """Add the adapter of `folder` to `model` (checked against it) and freeze the rest; the adapted layers."""
+    folder = Path(folder)
+    config, tensors, meta = read_adapter(folder)
+    check_adapter_fits(model, folder, tensors, meta, check_base)
+    modules = sorted({_LORA_KEY.match(k)["module"] for k in tensors})
+    ranks = {m: int(tensors[f"{m}.lora_A.weight"].shape[0]) for m in modules if f"{m}.lora_A.weight" in tensors}
+    missing = [m for m in modules if m not in ranks or f"{m}.lora_B.weight" not in tensors]
+    if missing:
+        raise CheckpointError(f"{folder / WEIGHTS_NAME}: {missing[0]} has only one of lora_A / lora_B; the file is incomplete")
+    alpha = config.get("lora_alpha", 8)
+    alphas = {m: _pattern_value(m, config.get("alpha_pattern"), alpha) for m in modules}
+    r = int(config.get("r", 8))
+    apply_lora(model, r, alpha, float(config.get("lora_dropout") or 0.0), modules, bool(config.get("use_rslora")),
+               ranks=ranks, alphas=alphas, base=config.get("base_model_name_or_path"))
+    _copy_in(model, tensors, folder)
+    model.lora["targets"] = config.get("target_modules") or modules
+    return modules
+
+
+def _copy_in(model: GPT, tensors: dict[str, torch.Tensor], folder) -> None:
+    state = model.state_dict()
+    for name, t in tensors.items():
+        if tuple(state[name].shape) != tuple(t.shape):
+            raise CheckpointError(f"{folder}: {name} has shape {tuple(t.shape)}, the model's adapter {tuple(state[name].shape)}; "
+                                  "resume with the --lora-r the run started with")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            state[name].copy_(t)
+
+
+def check_adapter_fits(model: GPT, folder: Path, tensors: dict, meta: dict, check_base: bool = True) -> None:
+    """The adapter was made for this model: its layers exist with these shapes, and (when the adapter says)
+    the same vocabulary and the same base weights."""
+    layers, c = _linear_layers(model), model.config
+    for name, t in tensors.items():
+        module, part = _LORA_KEY.match(name)["module"], _LORA_KEY.match(name)["part"]
+        layer = layers.get(module)
+        if layer is None:
+            raise CheckpointError(f"{folder}: the adapter has a layer {module} that the model (n_layer={c.n_layer}) lacks; "
+                                  "it was made for another base model")
+        need = layer.in_features if part == "A" else layer.out_features
+        if t.dim() != 2 or t.shape[1 if part == "A" else 0] != need:
+            raise CheckpointError(f"{folder}: {name} has shape {tuple(t.shape)}, which does not fit the model's {module} "
+                                  f"({layer.out_features} x {layer.in_features}; n_embd={c.n_embd}); it was made for another base model")
+    vocab = meta.get("gptforge.vocab_size")
+    if vocab is not None and int(vocab) != c.vocab_size:
+        raise CheckpointError(f"{folder}: the adapter was trained on a model with vocab_size={vocab}, this one has "
+                              f"{c.vocab_size}; give the base model it was trained on")
+    want = meta.get("gptforge.base_fingerprint")
+    if check_base and want and want != base_fingerprint(model):
+        raise CheckpointError(f"{folder}: the adapter was trained on other base weights than these (fingerprint {want}, "
+                              f"this model {base_fingerprint(model)}); give the base model it was trained on")
+
+
+def adapter_base(folder: str | os.PathLike) -> str | None:
+    """The base model an adapter folder names (peft's base_model_name_or_path), if any."""
+    config, _, _ = read_adapter(folder)
+    return config.get("base_model_name_or_path")
+
+
+def resolve_base(model_path, adapter) -> tuple[str, str | None]:
+    """(base, adapter) for `MODEL [--adapter DIR]`: MODEL may itself be an adapter folder (a LoRA run), whose
+    base is the one its adapter_config.json names."""
+    if adapter is None and model_path is not None and is_adapter(model_path):
+        adapter = model_path
+        model_path = adapter_base(adapter)
+        if not model_path:
+            raise OptionError(f"{adapter}: an adapter folder that names no base model; give the base and --adapter {adapter}")
+    return str(model_path), (str(adapter) if adapter is not None else None)
+
+
+def load_with_adapter(model_path, adapter=None, tokenizer_path=None, device: str = "auto", dtype: torch.dtype | None = None,
+                      quantize: str | None = None):
+    """A model and its tokenizer ready to generate or evaluate, as `checkpoint.load_model_and_tokenizer`, with the
+    adapter (given, or `model_path` being an adapter folder) merged into the base: as fast as the base alone.
+    The tokenizer is the adapter folder's when it has one (its chat template). The adapter is checked and merged
+    in fp32; `dtype` and `quantize` apply after."""
+    from .checkpoint import load_model_and_tokenizer
+    from .quantize import quantize_model
+
+    model_path, adapter = resolve_base(model_path, adapter)
+    if adapter is None:
+        return load_model_and_tokenizer(model_path, tokenizer_path, device=device, dtype=dtype, quantize=quantize)
+    read_adapter(adapter)  # a bad adapter fails before the base loads
+    if tokenizer_path is None and (Path(adapter) / "tokenizer.json").is_file():
+        tokenizer_path = adapter
+    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, device=device, dtype=torch.float32)
+    if "quantization_config" in model.config.extra:
+        raise OptionError(f"{model_path}: an int8 model folder cannot take an adapter; give the fp32 base model "
+                          "(and --quantize int8 to quantize after merging)")
+    load_adapter(model, adapter)
+    merge_lora(model)
+    if dtype is None and model.transformer.wte.weight.device.type == "cuda" and torch.cuda.is_bf16_supported():
+        dtype = torch.bfloat16
+    model.to(dtype=dtype).eval()
+    if quantize:
+        quantize_model(model, quantize)
+    return model, tokenizer
+
+
+def merge_to_folder(base, adapter, out, force: bool = False) -> Path:
+    """`gptforge merge`: the base with the adapter folded in, written as a plain model folder (with the tokenizer)."""
+    from .checkpoint import save_model
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise OptionError(f"--out {out}: already exists and is not empty; choose another folder or add --force")
+    model, tokenizer = load_with_adapter(base, adapter, device="cpu")
+    with atomic_dir(out) as tmp:
+        save_model(model, tmp, tokenizer)
+    return out
+
+
+__all__ = ["LoRALinear", "adapter_base", "apply_lora", "base_fingerprint", "check_adapter_fits", "has_lora", "is_adapter",
+           "load_adapter", "load_trained", "load_with_adapter", "lora_state_dict", "merge_lora", "merge_to_folder",
+           "read_adapter", "resolve_base", "save_adapter", "save_trained"]

@@ -1,0 +1,160 @@
+"""Chat templates: the Jinja `chat_template` of a tokenizer folder, rendered the way transformers'
+`apply_chat_template` renders it (a sandboxed environment, `raise_exception` available to templates)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import GPTForgeError
+
+
+def compile_template(source: str):
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise GPTForgeError("the model folder has a chat template, and rendering it needs jinja2: "
+                            "pip install jinja2 (or 'gptforge[serve]')") from None
+
+    def raise_exception(message: str):
+        raise ValueError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
+
+
+def read_chat_template(folder: Path) -> str | None:
+    """The `chat_template` of a model folder's tokenizer_config.json (or chat_template.jinja), if any."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template if isinstance(template, str) and template else None
+
+
+# gptforge's template for GPT-2, which has no chat tokens of its own: plain-text role headers, and the
+# end-of-text token after each answer, so that generation stops where an answer ends.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '### User:\n' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '### Assistant:\n' + message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('unknown role ' + message['role'] + '; use system, user or assistant') }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
+)
+ROLES = ("system", "user", "assistant")
+
+
+def load_template_file(path) -> str:
+    """The Jinja source of a `--chat-template FILE`, checked to compile."""
+    from .errors import NotFoundError
+
+    path = Path(path)
+    try:
+        source = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NotFoundError(f"--chat-template {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise GPTForgeError(f"--chat-template {path}: cannot be read ({e})") from None
+    if not source.strip():
+        raise GPTForgeError(f"--chat-template {path}: the file is empty")
+    try:
+        compile_template(source)
+    except GPTForgeError:
+        raise
+    except Exception as e:  # jinja2.TemplateSyntaxError and friends
+        raise GPTForgeError(f"--chat-template {path}: not a valid Jinja template ({e})") from None
+    return source
+
+
+def template_of(tokenizer) -> str:
+    """The tokenizer's chat template (from its folder's tokenizer_config.json), else gptforge's GPT-2 default."""
+    return (getattr(tokenizer, "meta", None) or {}).get("chat_template") or DEFAULT_CHAT_TEMPLATE
+
+
+def special_tokens(tokenizer) -> dict:
+    """The special-token strings transformers passes to a template (bos_token, eos_token, pad_token, unk_token)."""
+    eos = tokenizer.decode([tokenizer.eos_id]) if hasattr(tokenizer, "decode") else "<|endoftext|>"
+    return {"bos_token": eos, "eos_token": eos, "unk_token": eos, "pad_token": getattr(tokenizer, "pad_token", eos)}
+
+
+def check_messages(messages, where: str) -> list[dict]:
+    """A conversation as a list of {role, content} with known roles and string contents; else a DataError at `where`."""
+    from .errors import DataError
+
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\": ..., \"content\": ...}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"{where}: messages[{i}] needs a 'role' and a 'content'")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: messages[{i}] has the unknown role {m['role']!r}; use {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise DataError(f"{where}: messages[{i}].content must be a string")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+class ChatTemplate:
+    """A compiled chat template with the tokenizer's special tokens, rendering as transformers' apply_chat_template."""
+
+    def __init__(self, source: str, tokenizer, name: str = "the chat template"):
+        self.source, self.name = source, name
+        self.template = compile_template(source)
+        self.tokens = special_tokens(tokenizer)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, where: str = "") -> str:
+        from .errors import DataError
+
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.tokens)
+        except Exception as e:  # the template's raise_exception, or a bug in the template
+            raise DataError(f"{where + ': ' if where else ''}{self.name} failed to render ({type(e).__name__}: {e})") from None
+
+    def answer_spans(self, messages: list[dict], where: str = "") -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the character spans of the assistant answers in it: the text each
+        assistant message adds after the prompt that asks for it (add_generation_prompt)."""
+        from .errors import DataError
+
+        text = self.render(messages, where=where)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            asked = self.render(messages[:i], add_generation_prompt=True, where=where) if i else ""
+            upto = self.render(messages[:i + 1], where=where)
+            if not (text.startswith(upto) and upto.startswith(asked)):
+                raise DataError(f"{where}: {self.name} does not render a conversation as its turns one after another, "
+                                "so the answers cannot be found; use a template that does, or --train-on-prompt")
+            spans.append((len(asked), len(upto)))
+        return text, spans
+
+
+class Conversation:
+    """`gptforge generate --chat`: each prompt is a user message put through the model's chat template (gptforge's
+    GPT-2 default when it has none); an interactive chat keeps the turns so far."""
+
+    def __init__(self, tokenizer, keep_history: bool = False):
+        self.template = ChatTemplate(template_of(tokenizer), tokenizer)
+        self.keep, self.messages = keep_history, []
+
+    def ask(self, text: str) -> str:
+        """The model's input for the next user message."""
+        turns = (self.messages if self.keep else []) + [{"role": "user", "content": text}]
+        if self.keep:
+            self.messages = turns
+        return self.template.render(turns, add_generation_prompt=True, where="--chat")
+
+    def answer(self, text: str) -> None:
+        if self.keep:
+            self.messages.append({"role": "assistant", "content": text.strip()})
+
+
+__all__ = ["ChatTemplate", "Conversation", "DEFAULT_CHAT_TEMPLATE", "ROLES", "check_messages", "compile_template",
+           "load_template_file", "read_chat_template", "special_tokens", "template_of"]

@@ -1,0 +1,103 @@
+"""Options from a file: `gptforge train --config run.yaml` (or .json), with the flags' own names.
+
+Precedence, lowest first: the defaults, the file, the flags given on the command line. Which flags were
+given is found by parsing the command line again with every default suppressed, so a flag given with its
+default value still wins over the file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .errors import NotFoundError, OptionError
+
+
+def read_config_file(path: str) -> dict:
+    """The options of a YAML or JSON file: a mapping of flag names (`lr` or `--lr`, `max-time` or `max_time`)
+    to values. A `run_config.json` written by a run is read from its "options"."""
+    file = Path(path)
+    if not file.is_file():
+        raise NotFoundError(f"--config {path}: no such file")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix.lower() in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise OptionError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml), or write it as JSON") from None
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except (ValueError, ImportError) as e:
+        if isinstance(e, OptionError):
+            raise
+        raise OptionError(f"--config {path}: cannot be parsed ({str(e).splitlines()[0][:200]})") from None
+    if isinstance(data, dict) and isinstance(data.get("options"), dict):
+        data = data["options"]
+    if not isinstance(data, dict):
+        raise OptionError(f"--config {path}: must hold a mapping of option names to values, not {type(data).__name__}")
+    return data
+
+
+def given_on_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations that `argv` sets explicitly (not by default)."""
+    saved = [(a, a.default) for a in parser._actions]
+    for action, _ in saved:
+        action.default = argparse.SUPPRESS
+    try:
+        given, _ = parser.parse_known_args(argv, argparse.Namespace())
+    finally:
+        for action, default in saved:
+            action.default = default
+    return {k for k in vars(given) if k not in parser._defaults}
+
+
+def _value(action: argparse.Action, value, where: str):
+    """A value from the file as the flag would have made it (types, choices, lists)."""
+    flag = action.option_strings[-1] if action.option_strings else action.dest
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise OptionError(f"{where}: {flag} must be true or false, not {value!r}")
+        return value if not isinstance(action, argparse._StoreFalseAction) else not value
+    many = isinstance(action, argparse._AppendAction) or action.nargs in ("*", "+")
+    values = value if isinstance(value, list) else [value]
+    if not many and isinstance(value, list):
+        raise OptionError(f"{where}: {flag} takes one value, not a list")
+    out = []
+    for v in values:
+        if isinstance(v, str) and action.type is not None:
+            try:
+                v = action.type(v)
+            except (TypeError, ValueError):
+                raise OptionError(f"{where}: {flag} {v!r} is not a valid value") from None
+        if action.choices is not None and v not in action.choices:
+            raise OptionError(f"{where}: {flag} {v!r}: choose from {', '.join(map(str, action.choices))}")
+        out.append(v)
+    return out if many else out[0]
+
+
+def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str], path: str) -> dict:
+    """Fill `args` from the file at `path` wherever the command line did not set the option; returns the
+    values taken from the file. Unknown names are an error that names them."""
+    data = read_config_file(path)
+    by_name = {}
+    for action in parser._actions:
+        if action.dest in ("help", "config") or action.dest == argparse.SUPPRESS:
+            continue
+        by_name.setdefault(action.dest, action)
+        for s in action.option_strings:
+            by_name[s.lstrip("-").replace("-", "_")] = action
+    given = given_on_command_line(parser, argv)
+    taken = {}
+    for key, value in data.items():
+        action = by_name.get(str(key).lstrip("-").replace("-", "_"))
+        if action is None:
+            raise OptionError(f"--config {path}: unknown option {key!r}; use the names of `gptforge {parser.prog.split()[-1]} --help`")
+        if action.dest not in given and value is not None:  # null means "the default"
+            taken[action.dest] = _value(action, value, f"--config {path}")
+            setattr(args, action.dest, taken[action.dest])
+    return taken
+
+
+__all__ = ["apply_config_file", "given_on_command_line", "read_config_file"]

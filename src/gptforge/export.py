@@ -1,0 +1,162 @@
+"""`gptforge export RUN DIR`: the model of a run, and nothing else, with a model card.
+
+A run folder is a model folder, but it also holds `data/` (the tokenized training text, which decodes back
+to the corpus), `checkpoints/` and trainer state. Publishing it as it is would publish the corpus, so an
+export copies only the files transformers needs, plus `README.md` (a Hugging Face model card) and the
+loss picture it shows.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .config import GPTConfig
+from .errors import NotFoundError, RunFolderError
+from .fsio import atomic_dir, write_text
+from .tokenizer import TOKENIZER_FILES
+
+MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", *TOKENIZER_FILES, "chat_template.jinja")
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _rows(path: Path) -> list[dict]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by a crash
+    return rows
+
+
+def _last_sample(path: Path, limit: int = 600) -> str | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    last = text.rsplit("=== step ", 1)[-1].split("\n", 1)[-1].strip() if "=== step " in text else ""
+    return last[:limit] if last else None
+
+
+def run_facts(run: str | os.PathLike) -> dict:
+    """What a model card says about a run, read from its files: config, metrics, data, options, sample."""
+    run = Path(run)
+    config = GPTConfig.load(run)
+    rows = _rows(run / "metrics.jsonl")
+    given = _json(run / "run_config.json")
+    options, resolved = given.get("options", {}), given.get("resolved", {})
+    data_dir = run / "data" if (run / "data" / "meta.json").is_file() else Path(str(options.get("data") or run / "data"))
+    return {
+        "config": config,
+        "params": config.num_params(),
+        "val": next((r for r in reversed(rows) if "val_loss" in r), None),
+        "train": next((r for r in reversed(rows) if "loss" in r), None),
+        "data": _json(data_dir / "meta.json"),
+        "options": options,
+        "train_config": resolved.get("train", {}),
+        "sample": _last_sample(run / "samples.txt"),
+        "has_plot": (run / "loss.png").is_file(),
+    }
+
+
+def _data_lines(meta: dict, options: dict) -> list[str]:
+    if not meta:
+        sources = options.get("inputs") or options.get("data") or options.get("hf_dataset")
+        return [f"- Source: {sources}" if sources else "- Source: not recorded in the run folder"]
+    names = ", ".join(Path(f["path"]).name for f in meta.get("inputs", [])[:10])
+    more = f" and {len(meta['inputs']) - 10} more" if len(meta.get("inputs", [])) > 10 else ""
+    train, val = meta.get("train", {}), meta.get("val", {})
+    size = sum(f.get("bytes", 0) for f in meta.get("inputs", []) + meta.get("val_inputs", []))
+    tok = meta.get("tokenizer", {})
+    return [f"- Inputs: {names}{more} ({size / 1e6:,.1f} MB)" if size >= 1e5 else f"- Inputs: {names}{more} ({size:,} bytes)",
+            f"- Training split: {train.get('tokens', 0):,} tokens in {train.get('documents', 0):,} documents; "
+            f"validation: {val.get('tokens', 0):,} tokens (split by {meta.get('val_split', 'documents')})",
+            f"- Tokenizer: {tok.get('kind', 'bpe')}, {meta.get('vocab_size', 0):,} tokens"]
+
+
+def _training_lines(facts: dict) -> list[str]:
+    cfg, opts, train = facts["train_config"], facts["options"], facts["train"]
+    how = f"fine-tuned from `{opts['init']}`" if opts.get("init") else "trained from scratch"
+    lines = [f"- {how} with gptforge"]
+    if cfg:
+        lines.append(f"- Optimizer: AdamW, peak learning rate {cfg.get('learning_rate')}, {cfg.get('schedule')} schedule, "
+                     f"weight decay {cfg.get('weight_decay')}, gradient clipping {cfg.get('grad_clip')}")
+        lines.append(f"- Batch: {cfg.get('batch_size')} sequences x {cfg.get('block_size') or facts['config'].n_positions} "
+                     f"tokens x {cfg.get('grad_accum')} accumulation; precision {cfg.get('precision')}; seed {cfg.get('seed')}")
+    if train:
+        lines.append(f"- Steps: {train['step']:,} ({train.get('elapsed', 0) / 60:,.1f} minutes); last training loss {train['loss']:.4f}")
+    return lines
+
+
+def model_card(run: str | os.PathLike, license: str = "other", base_model: str | None = None) -> str:
+    """README.md for the exported model: front matter for the Hugging Face hub, then what the model is, what it
+    was trained on, how well it does and how it was trained."""
+    facts = run_facts(run)
+    c, val = facts["config"], facts["val"]
+    base_model = base_model or facts["options"].get("init")
+    front = ["---", "library_name: transformers", "pipeline_tag: text-generation", f"license: {license}",
+             "tags:", "- gpt2", "- gptforge", "- text-generation"]
+    if base_model and not Path(str(base_model)).exists():  # a hub id, not a local folder
+        front.append(f"base_model: {base_model}")
+    lines = front + ["---", "", f"# {Path(run).resolve().name}", "",
+                     f"A GPT-2 language model with {facts['params'] / 1e6:,.2f}M parameters ({c.n_layer} layers, "
+                     f"{c.n_embd} wide, {c.n_head} heads, a context of {c.n_positions} tokens, {c.vocab_size:,} tokens "
+                     "in its vocabulary), trained with [gptforge](https://pypi.org/project/gptforge/).", "",
+                     "## Training data", "", *_data_lines(facts["data"], facts["options"]), "", "## Evaluation", ""]
+    if val:
+        bpb = f", {val['val_bits_per_byte']:.4f} bits per byte" if val.get("val_bits_per_byte") is not None else ""
+        lines.append(f"On {val.get('val_tokens', 0):,} held-out validation tokens: loss {val['val_loss']:.4f} nats per token, "
+                     f"perplexity {val['val_perplexity']:.2f}{bpb}.")
+    else:
+        lines.append("No validation evaluation was recorded.")
+    if facts["has_plot"]:
+        lines += ["", "![training and validation loss](loss.png)"]
+    lines += ["", "## Training", "", *_training_lines(facts), "", "## Use", "", "```python",
+              "from transformers import pipeline", "", 'generate = pipeline("text-generation", model="PATH_OR_REPO_ID")',
+              'print(generate("Once upon a time")[0]["generated_text"])', "```", "",
+              "or `gptforge generate PATH_OR_REPO_ID \"Once upon a time\"`. The sampling defaults are in "
+              "`generation_config.json`."]
+    if facts["sample"]:
+        lines += ["", "## A sample", "", "```text", facts["sample"].replace("```", "'''"), "```"]
+    lines += ["", "## Limitations", "", "A small model trained on one corpus: it imitates that text and makes things up. "
+              "Check the training data's license before you publish the model."]
+    return "\n".join(lines) + "\n"
+
+
+def export_model(run: str | os.PathLike, out: str | os.PathLike, *, license: str = "other", force: bool = False) -> Path:
+    """Copy the model files of `run` (a finished run folder, `run/best` or a checkpoint) to `out`, with a model
+    card; never the data, checkpoints or trainer state."""
+    run, out = Path(run), Path(out)
+    if not (run / "config.json").is_file() or not (run / "model.safetensors").is_file():
+        raise NotFoundError(f"{run}: no model here (config.json and model.safetensors); a run folder holds its model once "
+                            "training finishes; for a stopped run export RUN/best or RUN/checkpoints/step-N")
+    if out.resolve() == run.resolve() or run.resolve() in out.resolve().parents:
+        raise RunFolderError(f"{out}: is inside the run {run}; export to a folder of its own")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise RunFolderError(f"{out}: already exists and is not empty; choose another folder or pass --force to replace it")
+    # the run's records sit beside its final model, or above run/best and run/checkpoints/step-N
+    records = next((d for d in (run, run.parent, run.parent.parent) if (d / "metrics.jsonl").is_file()), run)
+    with atomic_dir(out) as tmp:
+        for name in MODEL_FILES:
+            if (run / name).is_file():
+                shutil.copy2(run / name, tmp / name)
+        if (records / "loss.png").is_file():
+            shutil.copy2(records / "loss.png", tmp / "loss.png")
+        write_text(tmp / "README.md", model_card(records, license=license))
+    return out
+
+
+__all__ = ["MODEL_FILES", "export_model", "model_card", "run_facts"]

@@ -1,0 +1,74 @@
+"""The OpenAI API's shapes: error objects, and the checks on request fields (one 400 per problem)."""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(e.message, e.type, e.param, e.code), e.status, headers=e.headers)
+
+
+def get_field(body: dict, name: str, kinds: tuple, default: Any = None, what: str = "") -> Any:
+    """body[name] checked against `kinds` (JSON null counts as absent)."""
+    value = body.get(name, None)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise ApiError(400, f"'{name}' must be {what}; got {json.dumps(value)[:60]}", name, "invalid_type")
+    return value
+
+
+def number_field(body: dict, name: str, default: float, lo: float, hi: float, integer: bool = False) -> float:
+    what = "an integer" if integer else "a number"
+    value = get_field(body, name, (int,) if integer else (int, float), default, what)
+    if not (lo <= value <= hi) or not math.isfinite(value):
+        raise ApiError(400, f"'{name}' must be {what} between {lo} and {hi}; got {value}", name, "invalid_value")
+    return value
+
+
+def stop_field(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
+        raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", "stop", "invalid_type")
+    return [s for s in stop if s]
+
+
+# Fields OpenAI defines that this server cannot honour: refused when set to anything but their default.
+_UNSUPPORTED = {"logprobs": (False, 0), "top_logprobs": (0,), "suffix": ("",), "best_of": (1,), "logit_bias": ({},),
+                "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+                "response_format": ({"type": "text"},), "parallel_tool_calls": (False, True)}
+_IGNORED = {"model", "user", "metadata", "store", "service_tier", "stream_options"}
+_COMMON = {"max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed", "presence_penalty",
+           "frequency_penalty", "top_k", "repetition_penalty", "truncate_prompt"}
+COMPLETION_FIELDS = _COMMON | {"prompt", "echo"}
+CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens"}
+
+
+def check_fields(body: dict, allowed: set[str]) -> None:
+    for name, value in body.items():
+        if name in allowed or name in _IGNORED:
+            continue
+        if name in _UNSUPPORTED:
+            if value is None or value in _UNSUPPORTED[name]:
+                continue
+            raise ApiError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
+        raise ApiError(400, f"unrecognized request field '{name}'", name, "unknown_parameter")

@@ -1,0 +1,479 @@
+"""`gptforge serve`: the continuous-batching engine in-process, then the real server as a user meets it.
+
+The engine tests run in-process and fast. The server tests (marked slow) start `python -m gptforge.serve`
+on a free loopback port with a tiny model made here, and talk to it with the official `openai` client,
+with raw HTTP for the error cases, and with a headless Chromium for the playground.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from gptforge.checkpoint import save_model  # noqa: E402
+from gptforge.config import GPTConfig  # noqa: E402
+from gptforge.generate import SamplingOptions, generate_ids  # noqa: E402
+from gptforge.model import GPT  # noqa: E402
+from gptforge.serve.engine import Engine, Sequence  # noqa: E402
+from gptforge.tokenizer import train_tokenizer  # noqa: E402
+
+API_KEY = "test-key-123"
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def tiny(sample_text):
+    """(model, tokenizer): a random 2-layer GPT with a 300-token BPE trained on the sample text."""
+    tok = train_tokenizer([], vocab_size=300, texts=[sample_text], out_dir=None)
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=tok.vocab_size, n_positions=1024, n_embd=64, n_layer=2, n_head=4,
+                       bos_token_id=tok.eos_id, eos_token_id=tok.eos_id)
+    return GPT(config).eval(), tok
+
+
+def prompts_of(tok, n: int, seed: int = 0, longest: int = 40) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(1, longest, (1,), generator=g))
+        out.append(torch.randint(1, tok.vocab_size, (length,), generator=g).tolist())
+    return out
+
+
+class Collector:
+    """Sequences for an in-process engine, and what it sent back for each."""
+
+    def __init__(self):
+        self.events: dict[int, list] = {}
+        self.finished = threading.Semaphore(0)
+
+    def seq(self, i: int, prompt: list[int], max_tokens: int, **opts) -> Sequence:
+        self.events[i] = []
+        extra = {k: opts.pop(k) for k in ("stop", "presence_penalty", "frequency_penalty") if k in opts}
+
+        def emit(ev):
+            self.events[i].append(ev)
+            if ev.finish:
+                self.finished.release()
+        return Sequence(prompt, max_tokens, SamplingOptions(**opts), emit, choice=i, **extra)
+
+    def wait(self, n: int, timeout: float = 60) -> None:
+        for _ in range(n):
+            assert self.finished.acquire(timeout=timeout), "the engine did not finish in time"
+
+    def text(self, i: int) -> str:
+        return "".join(e.text for e in self.events[i])
+
+
+# --- the engine, in-process --------------------------------------------------------------------------
+
+
+def test_engine_greedy_equals_generate_ids_while_rows_join_and_leave(tiny, one_thread):
+    model, tok = tiny
+    small = GPT(GPTConfig(**{**model.config.__dict__, "n_positions": 64, "extra": {}}))  # a full context is reached
+    small.load_state_dict({k: v[:64] if k.endswith("wpe.weight") else v for k, v in model.state_dict().items()})
+    small.eval()
+    engine = Engine(small, tok, max_batch=4, max_queue=32).start()
+    try:
+        c = Collector()
+        prompts = prompts_of(tok, 12, longest=44)
+        lengths = [int(x) for x in torch.randint(1, 20, (12,), generator=torch.Generator().manual_seed(1))]
+        for i, (p, n) in enumerate(zip(prompts, lengths)):  # staggered: some join a running batch, some queue
+            assert engine.submit([c.seq(i, p, n, do_sample=False)])
+            time.sleep(0.002 * (i % 3))
+        c.wait(len(prompts))
+        for i, (p, n) in enumerate(zip(prompts, lengths)):
+            ref = generate_ids(small, p, max_new_tokens=n, do_sample=False, eos_id=tok.eos_id)[0]
+            assert c.text(i) == tok.decode(ref), f"sequence {i} differs from generate_ids"
+            assert c.events[i][-1].finish == ("length" if len(ref) == n else "stop")
+            assert c.events[i][-1].completion_tokens == len(ref)
+        stats = engine.stats()
+        assert stats["running"] == stats["waiting"] == 0
+        assert stats["peak_batch"] > 1  # they really were decoded together
+    finally:
+        engine.stop()
+
+
+def test_engine_sampling_is_reproducible_with_a_seed_and_honours_stop(tiny, one_thread):
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch=8).start()
+    try:
+        c = Collector()
+        p = tok.encode("The quick brown fox")
+        opts = dict(temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.3, seed=7)
+        engine.submit([c.seq(0, p, 25, **opts), c.seq(1, p, 25, **opts),
+                       c.seq(2, p, 25, presence_penalty=0.5, frequency_penalty=1.0, seed=1),
+                       c.seq(3, p, 25, seed=8)])
+        c.wait(4)
+        assert c.text(0) == c.text(1) and c.events[0][-1].completion_tokens > 0
+        full = c.text(0)
+        stop = full[3:5]
+        if stop.strip("\ufffd"):
+            engine.submit([c.seq(4, p, 25, stop=[stop], **opts)])
+            c.wait(1)
+            assert c.text(4) == full[:full.index(stop)]
+            assert c.events[4][-1].finish == "stop"
+    finally:
+        engine.stop()
+
+
+def test_engine_queue_limit_and_cancel(tiny, one_thread):
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch=1, max_queue=1).start()
+    try:
+        c = Collector()
+        p = tok.encode("the")
+        a, b = c.seq(0, p, 900, do_sample=False), c.seq(1, p, 900, do_sample=False)
+        assert engine.submit([a]) and engine.submit([b])
+        assert not engine.submit([c.seq(2, p, 5)])  # full: the server answers 429
+        assert engine.retry_after() >= 1
+        engine.cancel([a, b])
+        deadline = time.time() + 10
+        while engine.stats()["running"] + engine.stats()["waiting"] and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.stats()["running"] == engine.stats()["waiting"] == 0
+        assert engine.steps < 800  # freed long before it would have finished
+        assert engine.submit([c.seq(3, p, 3)])
+        c.wait(1)
+    finally:
+        engine.stop()
+
+
+def test_serve_face_needs_no_torch():
+    code = ("import sys, argparse, gptforge.serve as s; p = s.add_serve_arguments(argparse.ArgumentParser()); "
+            "a = p.parse_args(['m']); assert a.host == '127.0.0.1' and a.port == 8000; "
+            "assert 'torch' not in sys.modules and 'starlette' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_adapter_and_quantize_are_refused_clearly():
+    import argparse
+
+    from gptforge.serve import ServeError, add_serve_arguments, run_from_args
+
+    parser = add_serve_arguments(argparse.ArgumentParser())
+    for flags in (["--adapter", "lora"], ["--quantize", "int8"]):
+        with pytest.raises(ServeError, match="not available yet"):
+            run_from_args(parser.parse_args(["m", *flags]))
+
+
+# --- the real server ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def long_prompt(tiny) -> str:
+    """A prompt whose greedy continuation runs 1000 tokens without <|endoftext|> (to hold a slot for a while)."""
+    model, tok = tiny
+    n = 1000
+    for text in ("the", "the quick", "fox", "a lazy dog", "coffee", "seven", "old", "wizards"):
+        if tok.eos_id not in generate_ids(model, tok.encode(text), max_new_tokens=n, do_sample=False, eos_id=None)[0]:
+            return text
+    pytest.skip("no test prompt avoids end-of-text for long enough with this model")
+
+
+@pytest.fixture(scope="module")
+def folders(tiny, tmp_path_factory):
+    """A plain language-model folder and one with a chat template."""
+    model, tok = tiny
+    plain = save_model(model, tmp_path_factory.mktemp("serve") / "tiny-lm", tok)
+    chat = tmp_path_factory.mktemp("serve") / "tiny-chat"
+    shutil.copytree(plain, chat)
+    config = json.loads((chat / "tokenizer_config.json").read_text())
+    (chat / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
+    return plain, chat
+
+
+class RunningServer:
+    def __init__(self, folder: Path, *flags: str):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("GPTFORGE_API_KEY", None)
+        self.proc = subprocess.Popen([sys.executable, "-m", "gptforge.serve", str(folder), "--port", "0", *flags],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        line = self.proc.stdout.readline()
+        if "http://" not in line:
+            self.proc.kill()
+            raise RuntimeError(f"the server did not start: {line}{self.proc.stdout.read()}")
+        self.url = line.split("http://")[1].split()[0]
+        self.base = f"http://{self.url}"
+        self.host, self.port = self.url.rsplit(":", 1)
+        self.log: list[str] = []
+        threading.Thread(target=lambda: self.log.extend(self.proc.stdout), daemon=True).start()
+        deadline = time.time() + 60
+        while time.time() < deadline:  # uvicorn is up once /health answers
+            try:
+                if self.get("/health")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("the server never answered /health")
+
+    def raw(self, method: str, path: str, body: bytes = b"", headers: dict | None = None, timeout: float = 30):
+        """One HTTP request on a fresh socket, exactly as written: (status, headers, body bytes)."""
+        import http.client
+
+        conn = http.client.HTTPConnection(self.host, int(self.port), timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            r = conn.getresponse()
+            return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+        finally:
+            conn.close()
+
+    def get(self, path: str, key: str | None = None):
+        status, headers, body = self.raw("GET", path, headers={"Authorization": f"Bearer {key}"} if key else {})
+        return status, json.loads(body) if headers.get("content-type", "").startswith("application/json") else body
+
+    def post(self, path: str, payload, key: str | None = API_KEY, headers: dict | None = None):
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+        status, headers, data = self.raw("POST", path, body, h)
+        return status, headers, json.loads(data)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def chat_server(folders):
+    s = RunningServer(folders[1], "--api-key", API_KEY, "--max-batch", "8", "--max-body", "65536")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def small_server(folders):
+    """The plain model, one sequence at a time and no queue: for 429, disconnects and chat without a template."""
+    s = RunningServer(folders[0], "--max-batch", "1", "--max-queue", "0")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(chat_server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=chat_server.base + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.mark.slow
+def test_openai_client_completions_plain_and_streaming(client, tiny):
+    model, tok = tiny
+    assert [m.id for m in client.models.list().data] == ["tiny-chat"]
+    r = client.completions.create(model="tiny-chat", prompt="The quick brown", max_tokens=12, temperature=0)
+    ref = tok.decode(generate_ids(model, tok.encode("The quick brown"), max_new_tokens=12, do_sample=False,
+                                  eos_id=tok.eos_id)[0])
+    assert r.choices[0].text == ref
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens == len(tok.encode("The quick brown"))
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    stream = client.completions.create(model="tiny-chat", prompt="The quick brown", max_tokens=12, temperature=0,
+                                       stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == ref
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [r.choices[0].finish_reason]
+    many = client.completions.create(model="tiny-chat", prompt=["one", "two"], n=2, max_tokens=4, seed=3)
+    assert sorted(c.index for c in many.choices) == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_openai_client_chat_plain_and_streaming(client, tiny):
+    model, tok = tiny
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    r = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=10, temperature=0)
+    text = "system: Be brief.\nuser: Hello there\nassistant:"
+    ref = tok.decode(generate_ids(model, tok.encode(text), max_new_tokens=10, do_sample=False, eos_id=tok.eos_id)[0])
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == ref
+    assert r.usage.prompt_tokens == len(tok.encode(text))
+    chunks = list(client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ref
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.slow
+def test_concurrent_requests_batch_together_and_equal_generate_ids(client, chat_server, tiny):
+    model, tok = tiny
+    texts = ["the", "The quick brown fox jumps over", "coffee near old lighthouses", "42 recipes", "a", "seven wizards"]
+    results: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        r = client.completions.create(model="tiny-chat", prompt=texts[i], max_tokens=30 + 5 * i, temperature=0)
+        results[i] = r.choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i, text in enumerate(texts):
+        ref = generate_ids(model, tok.encode(text), max_new_tokens=30 + 5 * i, do_sample=False, eos_id=tok.eos_id)[0]
+        assert results[i] == tok.decode(ref), f"request {i} differs from generate_ids"
+    assert chat_server.get("/health")[1]["peak_batch"] > 1
+
+
+@pytest.mark.slow
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(chat_server):
+    s = chat_server
+    cases = [
+        (b"{not json", 400, "invalid_json"),
+        (b"[1, 2]", 400, "invalid_json"),
+        (b'{"prompt": "hi", "max_tokens": "ten"}', 400, "invalid_type"),
+        (b'{"prompt": "hi", "temperature": "hot"}', 400, "invalid_type"),
+        (b'{"prompt": 12}', 400, "invalid_type"),
+        (b'{"prompt": "hi", "max_tokens": 100000}', 400, "invalid_value"),
+        (b'{"prompt": "hi", "top_p": 0}', 400, "invalid_value"),
+        (b'{"prompt": "hi", "n": 0}', 400, "invalid_value"),
+        (b'{"prompt": "hi", "logprobs": 5}', 400, "unsupported_parameter"),
+        (b'{"prompt": "hi", "frobnicate": true}', 400, "unknown_parameter"),
+        (b'{"prompt": "hi", "model": "gpt-4"}', 404, "model_not_found"),
+        ('{"prompt": "caf\u00e9"}'.encode("latin-1"), 400, "invalid_encoding"),
+        (b"\xff\xfe{}", 400, "invalid_encoding"),
+    ]
+    for body, status, code in cases:
+        got, _, err = s.post("/v1/completions", body)
+        assert (got, err["error"]["code"]) == (status, code), body
+        assert err["error"]["message"] and "Traceback" not in err["error"]["message"]
+    status, _, err = s.post("/v1/completions", b'{"prompt": "' + b"a" * 70000 + b'"}')
+    assert status == 413 and err["error"]["code"] == "body_too_large"
+    status, _, err = s.post("/v1/chat/completions", {"messages": "hi"})
+    assert status == 400 and err["error"]["param"] == "messages"
+    status, _, err = s.post("/v1/nothing", {})
+    assert status == 404 and "error" in err
+    # Too long a prompt: cut from the left and counted, or refused when asked.
+    long = "the quick brown fox " * 600
+    status, _, r = s.post("/v1/completions", {"prompt": long, "max_tokens": 4})
+    assert status == 200 and r["usage"]["truncated_prompt_tokens"] > 0
+    assert r["usage"]["prompt_tokens"] == 1024 - 4
+    status, _, err = s.post("/v1/completions", {"prompt": long, "max_tokens": 4, "truncate_prompt": False})
+    assert status == 400 and err["error"]["code"] == "context_length_exceeded"
+    status, _, r = s.post("/v1/completions", {"prompt": "still here", "max_tokens": 3})
+    assert status == 200 and r["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.slow
+def test_api_key_is_required(chat_server):
+    s = chat_server
+    for key, code in ((None, "missing_api_key"), ("wrong", "invalid_api_key")):
+        status, _, err = s.post("/v1/completions", {"prompt": "hi"}, key=key)
+        assert status == 401 and err["error"]["code"] == code
+        assert s.get("/v1/models", key)[0] == 401
+    assert s.get("/v1/models", API_KEY)[0] == 200
+    assert s.get("/health")[0] == 200  # health and the page need no key
+    assert s.raw("GET", "/")[0] == 200
+
+
+@pytest.mark.slow
+def test_chat_without_a_template_is_a_clear_400(small_server):
+    status, _, err = small_server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+    assert status == 400 and err["error"]["code"] == "no_chat_template"
+    assert "chat template" in err["error"]["message"]
+
+
+def open_stream(server: RunningServer, prompt: str, max_tokens: int) -> socket.socket:
+    """Start a streaming completion on a raw socket and read until its first event; returns the socket."""
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
+    sock = socket.create_connection((server.host, int(server.port)), timeout=30)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    data = b""
+    while b"data:" not in data:
+        data += sock.recv(4096)
+    assert data.startswith(b"HTTP/1.1 200")
+    return sock
+
+
+def wait_idle(server: RunningServer, timeout: float = 10) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        health = server.get("/health")[1]
+        if health["running"] == health["waiting"] == 0:
+            return health
+        time.sleep(0.02)
+    raise AssertionError(f"the server still has work: {health}")
+
+
+@pytest.mark.slow
+def test_queue_full_is_429_and_a_disconnect_frees_the_slot(small_server, long_prompt):
+    s, prompt = small_server, long_prompt
+    before = s.get("/health")[1]["steps"]
+    sock = open_stream(s, prompt, 1000)  # holds the only slot for a while
+    status, headers, err = s.post("/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert status == 429 and err["error"]["type"] == "rate_limit_error"
+    assert int(headers["retry-after"]) >= 1
+    sock.close()  # the client goes away mid-stream
+    health = wait_idle(s)
+    assert health["steps"] - before < 900  # freed long before its 1000 tokens were done
+    status, _, r = s.post("/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert status == 200
+
+
+@pytest.mark.slow
+def test_a_slow_stream_reader_does_not_hold_others_back(chat_server, long_prompt):
+    s, prompt = chat_server, long_prompt
+    body = json.dumps({"prompt": prompt, "max_tokens": 1000, "temperature": 0, "stream": True}).encode()
+    lazy = socket.create_connection((s.host, int(s.port)), timeout=30)
+    lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    lazy.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: "
+                 b"Bearer " + API_KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    try:
+        t0 = time.time()
+        for _ in range(3):  # the lazy stream is never read; others still get answers at once
+            status, _, r = s.post("/v1/completions", {"prompt": "hello", "max_tokens": 8, "temperature": 0})
+            assert status == 200
+        assert time.time() - t0 < 20
+    finally:
+        lazy.close()
+    wait_idle(s)
+
+
+@pytest.mark.slow
+def test_playground_streams_in_headless_chromium(chat_server, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no browser at {CHROMIUM}: apt-get install -y chromium")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(chat_server.base + "/")
+            page.fill("#api_key", API_KEY)
+            page.dispatch_event("#api_key", "change")
+            page.wait_for_function("document.getElementById('model').textContent.includes('parameters')", timeout=15000)
+            assert "tiny-chat" in page.text_content("#model")
+            page.fill("#prompt", "The quick brown fox")
+            page.fill("#max_tokens", "40")
+            page.fill("#temperature", "0")
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('status').textContent.includes('tokens in')", timeout=30000)
+            assert page.text_content("#generated")
+            assert page.text_content("#output").startswith("The quick brown fox")
+            shot = tmp_path / "playground.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 1000
+            assert not errors
+        finally:
+            browser.close()

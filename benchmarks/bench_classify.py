@@ -3,9 +3,9 @@ same batches, same run.
 
 A training step is forward + cross-entropy + backward + AdamW (fused, the default of both gptforge's and
 transformers' Trainer; lr 1e-4, weight decay 0.1) on one right-padded batch of texts of varied length with its
-attention mask, dropout 0. Batched prediction is the forward pass (inference mode) over a list of such batches. Both models get exactly the same tensors; the script
-first checks they give the same logits. Trials of the two alternate (order flipped every trial); the median is
-reported.
+attention mask, dropout 0. Batched prediction is the forward pass (inference mode) over a list of such batches.
+Both models get exactly the same tensors; the script first checks they give the same logits. Trials of the two
+alternate (order flipped every trial); the median is reported.
 
     python benchmarks/bench_classify.py                 # both shapes
     python benchmarks/bench_classify.py --shapes small --trials 7
@@ -30,7 +30,8 @@ from gptforge.kernels import cpu_inference_weights
 NUM_LABELS = 8
 SHAPES = {
     # name: (config fields, training batch, prediction batch, prediction batches, longest text in tokens)
-    "small": (dict(vocab_size=5000, n_positions=256, n_embd=256, n_layer=8, n_head=8, bos_token_id=0, eos_token_id=0), 16, 64, 4, 128),
+    "small": (dict(vocab_size=5000, n_positions=256, n_embd=256, n_layer=8, n_head=8, bos_token_id=0, eos_token_id=0),
+              16, 64, 4, 128),
     "gpt2": (dict(), 8, 32, 2, 128),
 }
 

@@ -32,7 +32,7 @@ def baseline(train: list[dict], test: list[dict]) -> dict:
     from sklearn.metrics import accuracy_score, f1_score
 
     start = time.perf_counter()
-    vec = TfidfVectorizer(analyzer="char", ngram_range=(2, 5))
+    vec = TfidfVectorizer(analyzer="char", ngram_range=(2, 5), sublinear_tf=True)
     x = vec.fit_transform([r["text"] for r in train])
     clf = LogisticRegression(C=10, max_iter=2000).fit(x, [r["label"] for r in train])
     pred = clf.predict(vec.transform([r["text"] for r in test]))
@@ -62,7 +62,8 @@ def gptforge_recipe(args, out: Path) -> dict:
     clf = GPTForgeClassifier.train(str(train_file), init=str(out / "lm"), output_dir=out / "clf", max_time=max(60.0, left),
                                    batch_size=args.clf_batch, learning_rate=args.clf_lr, warmup_steps=args.clf_warmup,
                                    weight_decay=0.01, eval_interval=args.clf_eval_interval, progress=False, plot=False,
-                                   save_minutes=None, device="cpu")
+                                   save_minutes=None, device="cpu", lm_weight=args.lm_weight, dropout=args.clf_dropout,
+                                   balance=args.balance)
     best = GPTForgeClassifier(out / "clf" / "best", device="cpu")
     m = best.evaluate(str(CORPUS / "test.jsonl"), batch_size=64)
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "seconds": time.perf_counter() - start,
@@ -77,14 +78,17 @@ def main() -> None:
     p.add_argument("--reserve-seconds", type=float, default=45.0, help="kept for the final evaluations")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=256)
-    p.add_argument("--context", type=int, default=128)
-    p.add_argument("--lm-batch", type=int, default=16)
-    p.add_argument("--lm-lr", type=float, default=2e-3)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--context", type=int, default=64)
+    p.add_argument("--lm-batch", type=int, default=32)
+    p.add_argument("--lm-lr", type=float, default=3e-3)
     p.add_argument("--clf-batch", type=int, default=32)
-    p.add_argument("--clf-lr", type=float, default=3e-4)
+    p.add_argument("--clf-lr", type=float, default=5e-4)
     p.add_argument("--clf-warmup", type=int, default=30)
-    p.add_argument("--clf-eval-interval", type=int, default=60)
+    p.add_argument("--clf-eval-interval", type=int, default=100)
+    p.add_argument("--lm-weight", type=float, default=0.5, help="classify train --lm-weight (auxiliary LM loss)")
+    p.add_argument("--clf-dropout", type=float, default=0.1, help="classify train --dropout")
+    p.add_argument("--balance", default="weights", help="classify train --balance")
     args = p.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)

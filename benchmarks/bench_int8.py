@@ -69,6 +69,7 @@ class Engines:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
         torch.manual_seed(0)
         self.fp32 = GPT(preset("gpt2")).eval()
         folder = work / "gpt2"
@@ -125,7 +126,8 @@ def speed(args, engines: Engines) -> None:
                 start = time.perf_counter()
                 engines.run(name, prompt, new)
                 times.setdefault((key, name), []).append(time.perf_counter() - start)
-        print(f"trial {trial + 1}/{args.trials} done, load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+        last = ", ".join(f"{k[1]} b{k[0]} {v[-1]:.2f}s" for k, v in times.items())
+        print(f"trial {trial + 1}/{args.trials}, load average {os.getloadavg()[0]:.1f}: {last}", file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\n{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy, medians of {args.trials} "
           f"interleaved trials; TTFT: {args.ttft_tokens}-token prompt, batch 1\n")

@@ -2,7 +2,7 @@
 
 `memory`: `gpt2-medium` with random weights (355M parameters), one process per mode so that each peak RSS is its
 own: full fine-tuning (every weight trains, AdamW state for all of them) against LoRA r=8 on every linear layer
-(c_attn, c_proj, c_fc; the base frozen). Both run the same training step as the Trainer (gptforge's network and
+(c_attn, c_proj, c_fc; the base frozen), each without and with activation checkpointing. Both run the same training step as the Trainer (gptforge's network and
 kernels, `configure_optimizer`, fp32, gradient clipping) on batches of 2 x 256 tokens: 1 untimed step, then
 `--steps` timed ones. Reported: peak RSS (VmHWM), tokens/s, and the bytes of what each saves (the model folder's
 weights; the adapter folder's).
@@ -12,7 +12,7 @@ left to it), then fine-tuned for `--minutes` each on one topic of fortunes_topic
 topic; validation: test.jsonl's), fully and with LoRA r=8, each at its default learning rate and at one larger
 one; reported: validation loss on the topic's held-out fortunes, before and after.
 
-    python benchmarks/bench_lora.py memory                   # about 3 minutes
+    python benchmarks/bench_lora.py memory                   # about 8 minutes
     python benchmarks/bench_lora.py quality --base-minutes 5 --minutes 1.5   # about 12 minutes
 """
 from __future__ import annotations
@@ -36,8 +36,8 @@ def _peak_rss_mb() -> float:
     return float("nan")
 
 
-def one_mode(mode: str, steps: int, batch: int, block: int, out: Path) -> dict:
-    """Training steps of gpt2-medium in this process, fully or with LoRA r=8."""
+def one_mode(mode: str, steps: int, batch: int, block: int, out: Path, checkpointing: bool = False) -> dict:
+    """Training steps of gpt2-medium in this process, fully or with LoRA r=8 (with activation checkpointing or not)."""
     import torch
 
     from gptforge.adapters import apply_lora, save_adapter
@@ -48,7 +48,7 @@ def one_mode(mode: str, steps: int, batch: int, block: int, out: Path) -> dict:
     from gptforge.train.optim import configure_optimizer
 
     torch.manual_seed(0)
-    model = GPT(preset("gpt2-medium"))
+    model = GPT(preset("gpt2-medium", gradient_checkpointing=checkpointing))
     if mode == "lora":
         apply_lora(model, 8, 16.0, 0.05, "c_attn,c_proj,c_fc", base="gpt2-medium (random weights)")
     model.train()
@@ -70,19 +70,18 @@ def one_mode(mode: str, steps: int, batch: int, block: int, out: Path) -> dict:
     peak = _peak_rss_mb()
     (save_adapter if mode == "lora" else save_model)(model, out)
     saved = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
-    return {"mode": mode, "params": model.num_params(), "trainable": trainable, "peak_rss_mb": round(peak),
+    return {"mode": mode + (" + checkpointing" if checkpointing else ""), "params": model.num_params(), "trainable": trainable, "peak_rss_mb": round(peak),
             "tokens_per_s": round(batch * block * len(times) / sum(times), 1), "saved_bytes": saved}
 
 
 def memory(args) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("full", "lora"):
-            cmd = [sys.executable, __file__, "_one", mode, "--steps", str(args.steps), "--out", str(Path(tmp) / mode)]
-            result = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        for mode, ckpt in (("full", False), ("lora", False), ("full", True), ("lora", True)):
+            cmd = [sys.executable, __file__, "_one", mode, "--steps", str(args.steps), "--out", str(Path(tmp) / f"{mode}{ckpt}")]
+            result = subprocess.run(cmd + (["--checkpointing"] if ckpt else []), check=True, capture_output=True, text=True)
             rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
-    full, lora = rows
     print(f"\n`gpt2-medium` (random weights), batch 2 x 256 tokens, fp32, {args.steps} timed steps each; "
           f"load average at the end {os.getloadavg()[0]:.1f}\n")
     print("| fine-tuning | trainable parameters | peak RSS | tokens/s | saved |")
@@ -90,8 +89,9 @@ def memory(args) -> None:
     for r in rows:
         print(f"| {r['mode']} | {r['trainable']:,} ({r['trainable'] / r['params']:.2%}) | {r['peak_rss_mb'] / 1024:.2f} GiB | "
               f"{r['tokens_per_s']:.0f} | {r['saved_bytes'] / 1e6:,.1f} MB |")
-    print(f"\nLoRA / full: peak RSS {lora['peak_rss_mb'] / full['peak_rss_mb']:.2f}x, tokens/s "
-          f"{lora['tokens_per_s'] / full['tokens_per_s']:.2f}x, saved {lora['saved_bytes'] / full['saved_bytes']:.2%}")
+    for full, lora in (rows[0:2], rows[2:4]):
+        print(f"\n{lora['mode']} / {full['mode']}: peak RSS {lora['peak_rss_mb'] / full['peak_rss_mb']:.2f}x, tokens/s "
+              f"{lora['tokens_per_s'] / full['tokens_per_s']:.2f}x, saved {lora['saved_bytes'] / full['saved_bytes']:.2%}")
 
 
 def _topic_files(topic: str, root: Path) -> tuple[Path, Path]:
@@ -148,11 +148,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("memory")
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=2)
     p = sub.add_parser("_one")
     p.add_argument("mode", choices=("full", "lora"))
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--checkpointing", action="store_true")
     p = sub.add_parser("quality")
     p.add_argument("--base-minutes", type=float, default=10.0)
     p.add_argument("--minutes", type=float, default=2.0)
@@ -160,7 +161,7 @@ def main() -> None:
     p.add_argument("--work-dir", type=Path)
     args = parser.parse_args()
     if args.what == "_one":
-        print(json.dumps(one_mode(args.mode, args.steps, 2, 256, args.out)))
+        print(json.dumps(one_mode(args.mode, args.steps, 2, 256, args.out, args.checkpointing)))
     else:
         (memory if args.what == "memory" else quality)(args)
 

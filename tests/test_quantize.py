@@ -9,13 +9,19 @@ import pytest
 import torch
 
 from gptforge import kernels
-from gptforge.checkpoint import load_model, save_model
+from gptforge.checkpoint import load_model, quantize_folder, save_model
 from gptforge.config import GPTConfig
 from gptforge.errors import GPTForgeError, OptionError
 from gptforge.generate import generate, generate_ids
 from gptforge.model import GPT
-from gptforge.quantize import (QUANT_METHOD, WEIGHTS_NAME, check_method, is_quantized, quantize_folder,
-                               quantize_model)
+from gptforge.quantize import (
+    QUANT_METHOD,
+    WEIGHTS_NAME,
+    check_method,
+    is_quantized,
+
+    quantize_model,
+)
 
 # Tolerance of int8 logits: per-channel int8 weights (and, on fbgemm, 8-bit inputs) of a random 2-layer model
 # move each logit by at most this share of the largest fp32 logit.

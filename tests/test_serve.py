@@ -160,17 +160,6 @@ def test_serve_face_needs_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_adapter_and_quantize_are_refused_clearly():
-    import argparse
-
-    from gptforge.serve import ServeError, add_serve_arguments, run_from_args
-
-    parser = add_serve_arguments(argparse.ArgumentParser())
-    for flags in (["--adapter", "lora"], ["--quantize", "int8"]):
-        with pytest.raises(ServeError, match="not available yet"):
-            run_from_args(parser.parse_args(["m", *flags]))
-
-
 # --- the real server ----------------------------------------------------------------------------------
 
 
@@ -292,6 +281,21 @@ def test_openai_client_completions_plain_and_streaming(client, tiny):
     assert finals == [r.choices[0].finish_reason]
     many = client.completions.create(model="tiny-chat", prompt=["one", "two"], n=2, max_tokens=4, seed=3)
     assert sorted(c.index for c in many.choices) == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_int8_server_answers_as_the_int8_model_generates(folders, tiny):
+    from gptforge.quantize import quantize_model
+
+    model, tok = tiny
+    q = quantize_model(model, "int8", inplace=False)
+    server = RunningServer(folders[0], "--quantize", "int8")
+    try:
+        status, _, body = server.post("/v1/completions", {"prompt": "The quick brown", "max_tokens": 10, "temperature": 0})
+    finally:
+        server.stop()
+    ref = tok.decode(generate_ids(q, tok.encode("The quick brown"), max_new_tokens=10, do_sample=False, eos_id=tok.eos_id)[0])
+    assert status == 200 and body["choices"][0]["text"] == ref
 
 
 @pytest.mark.slow

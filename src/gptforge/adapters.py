@@ -97,12 +97,12 @@ def apply_lora(model: GPT, r: int, alpha: float = 16.0, dropout: float = 0.0, ta
         suffixes = sorted({n.split(".", 3)[-1] for n in layers})
         raise OptionError(f"--lora-targets {','.join(targets)!r} names no layer of the model; its layers are "
                           f"{', '.join(suffixes)} (in each of transformer.h.0 ... h.{model.config.n_layer - 1})")
+    if has_lora(model):
+        raise OptionError("the model already has LoRA adapters; merge them first (merge_lora, gptforge merge)")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:
         layer = layers[name]
-        if isinstance(layer, LoRALinear):
-            raise OptionError(f"{name} already has a LoRA adapter; merge it first (gptforge merge)")
         rank = (ranks or {}).get(name, r)
         _replace(model, name, LoRALinear(layer, rank, (alphas or {}).get(name, alpha), dropout, rslora).train(layer.training))
     model.lora = {"r": r, "alpha": alpha, "dropout": dropout, "targets": list(targets), "rslora": rslora,

@@ -331,22 +331,27 @@ class GPTForgeClassifier:
               **options) -> "GPTForgeClassifier":
         """Train on labelled files (.csv/.tsv, .jsonl/.json, or a folder with a sub-folder per label) and open the
         result. `init`: a language-model folder or hub id, a classifier folder, or a preset (from scratch).
-        `options` are ClassifyOptions fields (text_field, label_field, truncate, val_fraction, balance, ...),
-        TrainConfig fields (max_time, epochs, learning_rate, freeze, resume, ...) and tokenizer/vocab_size."""
-        from .options import ClassifyOptions
+        `options` are ClassifyOptions fields (text_field, label_field, truncate, val_fraction, balance, lm_weight),
+        TrainConfig fields (max_time, epochs, learning_rate, freeze, resume, ...), LoRAOptions fields (lora_r, ...)
+        and tokenizer/vocab_size."""
+        from .options import ClassifyOptions, LoRAOptions
         from .train.classification import train_classifier
 
         names = {f.name for f in dataclasses.fields(ClassifyOptions)}
-        known = names | {f.name for f in dataclasses.fields(TrainConfig)} | {"tokenizer", "vocab_size", "encoding_errors"}
+        lora_names = {f.name for f in dataclasses.fields(LoRAOptions)}
+        known = names | lora_names | {f.name for f in dataclasses.fields(TrainConfig)}
+        known |= {"tokenizer", "vocab_size", "encoding_errors"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise OptionError(f"train(): unknown option(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
         clf_opts = ClassifyOptions(**{k: options.pop(k) for k in list(options) if k in names})
+        lora = LoRAOptions(**{k: options.pop(k) for k in list(options) if k in lora_names})
         if isinstance(options.get("max_time"), str):
             from .options import parse_duration
 
             options["max_time"] = parse_duration(options["max_time"])
-        result = train_classifier(data, init=init, eval_inputs=eval_data, options=clf_opts, out_dir=str(output_dir), **options)
+        result = train_classifier(data, init=init, eval_inputs=eval_data, options=clf_opts, lora=lora, out_dir=str(output_dir),
+                                  **options)
         clf = cls(output_dir, device=options.get("device", "auto"))
         clf.result = result
         return clf

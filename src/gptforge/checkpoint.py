@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import GPTConfig
-from .errors import CheckpointError, GPTForgeError, NotFoundError
+from .errors import CheckpointError, GPTForgeError, NotFoundError, OptionError
 from .fsio import atomic_dir, atomic_write, folder_of
 from .model import GPT
 
@@ -220,20 +220,21 @@ def save_model(model: GPT, folder: str | os.PathLike, tokenizer=None, *, state_d
 
     `state_dict` replaces `model.state_dict()`, e.g. the full weights gathered from a sharded (FSDP) model.
     """
-    if "quantization_config" in model.config.extra:  # int8 weights: an int8 folder, written by quantize.py
-        from .quantize import save_quantized
-
-        return save_quantized(model, folder, tokenizer)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
-    weights = to_hf_state_dict(state_dict if state_dict is not None else model.state_dict())
-    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
-    atomic_write(folder / "config.json", config.save)
+    if "quantization_config" in config.extra:  # int8 weights (`gptforge quantize`): a folder only gptforge opens
+        from .quantize import save_quantized_weights
+
+        save_quantized_weights(model, folder)
+    else:
+        weights = to_hf_state_dict(state_dict if state_dict is not None else model.state_dict())
+        atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
     gen = generation_config(model, tokenizer)
     atomic_write(folder / "generation_config.json", lambda p: p.write_text(json.dumps(gen, indent=2) + "\n"))
     if tokenizer is not None:
         tokenizer.save(folder, model_max_length=config.n_positions)
+    atomic_write(folder / "config.json", config.save)  # last: it says what the weights are
     # A stale legacy file would shadow nothing (safetensors wins) but confuses people; leave theirs alone.
     return folder
 
@@ -319,6 +320,33 @@ def load_model_and_tokenizer(model_path, tokenizer_path=None, device: str = "aut
     return model, tokenizer
 
 
+def quantize_folder(model_path: str | os.PathLike, out: str | os.PathLike, method: str = "int8",
+                    force: bool = False) -> Path:
+    """`gptforge quantize`: read an fp32 model folder (or hub id) and write its int8 folder, with the
+    tokenizer and sampling defaults, to `out` (replaced whole, and only with `force`)."""
+    from .quantize import check_method, quantization_of, quantize_model
+    from .tokenizer import load_tokenizer
+
+    check_method(method, "--method")
+    out = Path(out)
+    source = folder_of(resolve_model_path(model_path))
+    if out.exists() and out.resolve() == source.resolve():
+        raise OptionError(f"--out {out}: is the model folder itself; write the int8 folder somewhere else")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise OptionError(f"--out {out}: already exists and is not empty; choose another folder or add --force")
+    if quantization_of(GPTConfig.load(source)) is not None:
+        raise OptionError(f"{model_path}: already holds int8 weights; quantize its fp32 folder instead")
+    try:
+        tokenizer = load_tokenizer(source)
+    except FileNotFoundError:
+        tokenizer = None  # a folder of weights alone gives an int8 folder of weights alone
+    model = quantize_model(load_model(source))
+    with atomic_dir(out) as tmp:
+        save_model(model, tmp, tokenizer)
+    return out
+
+
+
 # --- training checkpoints ------------------------------------------------------------------------------
 
 STATE_NAME = "trainer_state.pt"
@@ -395,5 +423,6 @@ __all__ = [
     "read_state_dict",
     "sampling_defaults",
     "save_checkpoint",
+    "quantize_folder",
     "save_model",
 ]

@@ -26,10 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import from_hf_state_dict, read_state_dict, resolve_model_path, save_model, to_hf_state_dict
+from .checkpoint import from_hf_state_dict, read_state_dict, resolve_model_path, save_model
 from .config import GPTConfig, is_preset, preset
 from .errors import CheckpointError, DataError, OptionError
 from .fsio import atomic_write, folder_of
+from .kernels import linear_cross_entropy
 from .model import GPT
 
 ARCHITECTURE = "GPT2ForSequenceClassification"
@@ -81,18 +82,34 @@ class GPTClassifier(GPT):
         self.score = nn.Linear(config.n_embd, len(labels), bias=False)
         nn.init.normal_(self.score.weight, mean=0.0, std=config.initializer_range)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, lm_loss: bool = False):
         """Logits (B, num_labels) of the last non-padding token of each row of `input_ids` (B, T).
 
         Without `attention_mask` every token is attended to, as in transformers; with one, padding is
-        skipped wherever it is (left, right or both)."""
+        skipped wherever it is (left, right or both). `lm_loss=True` (right-padded training batches) also
+        returns the language-model loss of the texts' own next tokens through the tied LM head, padding
+        ignored: GPT-1's auxiliary objective for fine-tuning."""
         if attention_mask is not None and not bool(attention_mask.all()):
             keep = attention_mask.bool()
             order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices  # real tokens first, in order
             input_ids = torch.where(keep.gather(1, order), input_ids.gather(1, order), self.pad_token_id)
             input_ids = input_ids[:, : max(1, int(keep.sum(1).max()))]
         hidden = self.hidden(input_ids)
-        return self.score(hidden[torch.arange(len(input_ids), device=hidden.device), last_token(input_ids, self.pad_token_id)])
+        logits = self.score(hidden[torch.arange(len(input_ids), device=hidden.device), last_token(input_ids, self.pad_token_id)])
+        if not lm_loss:
+            return logits
+        targets = input_ids[:, 1:].masked_fill(input_ids[:, 1:] == self.pad_token_id, -100)
+        return logits, linear_cross_entropy(hidden[:, :-1].flatten(0, 1), self.lm_head.weight, targets.flatten())
+
+
+def set_dropout(model: GPT, p: float) -> None:
+    """Residual, embedding and attention dropout `p` in the model and its config (which saving records)."""
+    model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = p
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        if hasattr(m, "attn_dropout"):
+            m.attn_dropout = p
 
 
 def last_token(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -210,7 +227,8 @@ def predict_proba(model: GPTClassifier, tokenizer, texts: Sequence[str], *, batc
     `truncate` policy."""
     if batch_size < 1:
         raise OptionError(f"--batch-size {batch_size}: must be at least 1")
-    return probabilities(model, encode_texts(tokenizer, texts, max_length or model.config.n_positions, truncate, where), batch_size)
+    seqs = encode_texts(tokenizer, texts, max_length or model.config.n_positions, truncate, where)
+    return probabilities(model, seqs, batch_size)
 
 
 @torch.inference_mode()
@@ -261,7 +279,8 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels:
     present = actual > 0  # classes absent from the data do not drag the macro average down
     per_class = {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
                         "support": int(actual[i])} for i, name in enumerate(labels)}
-    return {"accuracy": float(tp.sum() / max(1, confusion.sum())), "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+    return {"accuracy": float(tp.sum() / max(1, confusion.sum())),
+            "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
             "examples": int(confusion.sum()), "per_class": per_class, "labels": list(labels), "confusion": confusion.tolist()}
 
 
@@ -300,4 +319,5 @@ def format_metrics(m: dict) -> str:
 __all__ = ["ARCHITECTURE", "GPTClassifier", "TRUNCATE", "build_classifier", "classification_metrics", "classifier_config",
            "encode_texts", "evaluate_classifier", "format_metrics", "from_language_model", "is_classifier_folder",
            "labels_of", "last_token", "load_classifier", "metrics_of", "pad_batch", "predict", "predict_proba", "probabilities",
+           "set_dropout",
            "save_classifier"]

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
 from . import __version__
 from .cli_args import TRAIN_EXAMPLES, add_train_arguments, read_flags
-from .cli_args import add_dataclass_options as _add_dataclass_options
 from .cli_args import inputs_of as _inputs
+from .cli_args import option_values as _fields
 from .cli_args import read_options as _read_options
-from .errors import GPTForgeError, NotFoundError, RunFolderError
+from .errors import GPTForgeError, RunFolderError
+from .faults import describe_fault, leave, stop_on_sigterm
 
 
 def _human(n: int) -> str:
@@ -78,12 +78,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 # --- train ------------------------------------------------------------------------------------------
 
-def _fields(args: argparse.Namespace, cls) -> dict:
-    import dataclasses
-
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(args.nproc)
@@ -139,155 +133,7 @@ def _launch_torchrun(nproc: int) -> int:
 
 # --- generate / eval ------------------------------------------------------------------------------------
 
-def _gather_prompts(args: argparse.Namespace) -> list[str]:
-    from .data.reading import read_text_file
 
-    sources = []
-    for p in args.prompt + args.prompt_option:
-        sources.append(sys.stdin.read() if p == "-" else p)
-    for f in args.prompt_file or []:
-        sources.append(read_text_file(f))
-    if not sources and not sys.stdin.isatty() and not args.interactive:
-        sources.append(sys.stdin.read())
-    if args.lines:
-        return [line for s in sources for line in s.splitlines() if line.strip()]
-    return sources or [""]
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    import random
-
-    from .adapters import load_with_adapter
-    from .chat import Conversation
-    from .checkpoint import sampling_defaults
-    from .configfile import given_on_command_line
-    from .fsio import dated_path, write_text
-    from .generate import generate
-    from .options import SamplingOptions
-
-    from .quantize import check_method
-
-    options = _fields(args, SamplingOptions)
-    SamplingOptions(**options).validate()  # bad options fail before the model loads
-    check_method(args.quantize)
-    if options["seed"] is None:
-        options["seed"] = random.randrange(2**31)
-        print(f"seed {options['seed']} (pass --seed {options['seed']} to get this text again)", file=sys.stderr)
-    prompts = [] if args.interactive else _gather_prompts(args)
-    model, tokenizer = load_with_adapter(args.model, args.adapter, args.tokenizer, device=args.device, quantize=args.quantize)
-    chat = Conversation(tokenizer, keep_history=args.interactive) if args.chat else None
-    prompts = [chat.ask(p) for p in prompts] if chat else prompts
-    given = given_on_command_line(args.parser, args.argv)  # the folder's generation_config.json sets the defaults
-    options.update({k: v for k, v in sampling_defaults(model).items() if k not in given})
-    SamplingOptions(**options).validate()
-    common = dict(stop=args.stop, include_prompt=not (args.no_prompt or chat), context_keep=args.context_keep, **options)
-
-    def run(batch: list[str], live: bool) -> list[str]:
-        current = [None]
-
-        def show(row: int, piece: str) -> None:
-            if current[0] is not None and row != current[0]:
-                sys.stdout.write(args.delimiter)
-            current[0] = row
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-
-        texts = generate(model, tokenizer, batch, stream=show if live else None,
-                         progress=not live and len(batch) * options["num_samples"] > 1, **common)
-        if live:
-            sys.stdout.write("\n")
-        return texts
-
-    if args.interactive:
-        while True:
-            if sys.stdin.isatty():
-                print("prompt> ", end="", file=sys.stderr, flush=True)
-            line = sys.stdin.readline()
-            if not line or line.strip() in ("exit", "quit"):
-                return 0
-            reply = run([chat.ask(line.rstrip("\n")) if chat else line.rstrip("\n")], live=True)
-            if chat:
-                chat.answer(reply[0])
-            if args.num_samples > 1:
-                sys.stdout.write(args.delimiter)
-    # Stream when rows come one at a time; a batch of rows is printed when it is done.
-    live = not args.no_stream and not args.out_dir and (len(prompts) * args.num_samples == 1 or args.batch_size == 1)
-    texts = run(prompts, live)
-    if args.out_dir:
-        path = dated_path(args.out_dir, options["seed"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text(path, args.delimiter.join(texts) + "\n")
-        print(f"wrote {len(texts)} sample(s) to {path}", file=sys.stderr)
-    elif not live:
-        print(args.delimiter.join(texts))
-    return 0
-
-
-ADAPTER_HELP = "a LoRA adapter folder (gptforge's or peft's) to apply to the model, merged on load; see docs/adapters.md"
-QUANTIZE_HELP = "int8: int8 weights made on load (faster on CPUs, slightly different numbers); see docs/guide.md"
-
-
-def cmd_quantize(args: argparse.Namespace) -> int:
-    from .quantize import quantize_folder
-
-    out = quantize_folder(args.model, args.out, args.method, force=args.force)
-    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    print(f"wrote the int8 model folder {out} ({size / 1e6:.1f} MB)")
-    return 0
-
-
-def cmd_merge(args: argparse.Namespace) -> int:
-    from .adapters import merge_to_folder
-
-    out = merge_to_folder(args.base, args.adapter, args.out, force=args.force)
-    print(f"wrote {out}: {args.base} with the adapter {args.adapter} merged in (a plain model folder, no adapter code needed)")
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
-    from pathlib import Path
-
-    import torch
-
-    from .adapters import is_adapter, load_with_adapter
-    from .checkpoint import load_model
-    from .evaluate import combine, evaluate_prepared, evaluate_text
-    from .options import EvalOptions
-    from .runtime import pick_precision, resolve_device
-
-    from .quantize import check_method
-
-    opts = EvalOptions(**_fields(args, EvalOptions))
-    check_method(args.quantize)
-    for f in args.files:
-        if not Path(f).exists():
-            raise NotFoundError(f"{f}: no such file or prepared dataset folder")
-    prepared = [(Path(f) / "meta.json").is_file() for f in args.files]
-    if all(prepared) and not (args.adapter or is_adapter(args.model)):
-        model = load_model(args.model, device=resolve_device(args.device), quantize=args.quantize)
-        tokenizer = None  # token shards need no tokenizer
-    else:
-        model, tokenizer = load_with_adapter(args.model, args.adapter, args.tokenizer, device=args.device, dtype=torch.float32,
-                                             quantize=args.quantize)
-    precision = pick_precision(args.precision, model.transformer.wte.weight.device)
-    kw = dict(autocast_dtype=None if precision == torch.float32 else precision, progress=True)
-    results = {}
-    for f, is_prepared in zip(args.files, prepared):
-        if is_prepared:
-            results[f] = evaluate_prepared(model, f, split=args.split, options=opts, **kw)
-        else:
-            results[f] = evaluate_text(model, tokenizer, [Path(f)], opts, **kw)
-    if len(results) > 1:
-        results["total"] = combine(list(results.values()))
-    if args.json:
-        print(json.dumps({k: dataclasses.asdict(r) for k, r in results.items()}, indent=2))
-    else:
-        width = max(map(len, results))
-        for name, r in results.items():
-            print(f"{name:{width}s}  {r}")
-    return 0
 
 
 # --- tokenizer / prepare -------------------------------------------------------------------------------
@@ -338,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Each stage adds its own commands, in the order of the pipeline.
     from .cli_classify import add_classify_commands
+    from .cli_generate import add_generate_commands
 
-    for add in (_add_model_commands, _add_data_commands, _add_train_commands, add_classify_commands, _add_generate_commands,
+    for add in (_add_model_commands, _add_data_commands, _add_train_commands, add_classify_commands, add_generate_commands,
                 _add_serve_command):
         add(sub)
     return parser
@@ -418,71 +265,6 @@ def _add_train_commands(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-def _add_generate_commands(sub) -> None:
-    from .options import EvalOptions, SamplingOptions
-
-    p = sub.add_parser("generate", help="generate text from a model folder",
-                       description="Sample text with transformers' generation options. Prompts come from arguments, "
-                                   "--prompt-file, or stdin ('-' or a pipe); an empty prompt starts from <|endoftext|>.")
-    p.add_argument("model", help="model folder (with its tokenizer) or hub id")
-    p.add_argument("prompt", nargs="*", help="prompt text; several give several prompts; '-' reads stdin")
-    p.add_argument("-p", "--prompt", dest="prompt_option", action="append", default=[],
-                   help="a prompt, as an option (repeatable; may come after other options; '-' reads stdin)")
-    p.add_argument("--prompt-file", action="append", help="a file whose text is one prompt (repeatable)")
-    p.add_argument("--lines", action="store_true", help="every non-empty line of the prompts is a prompt of its own")
-    p.add_argument("--interactive", action="store_true", help="read prompts line by line from stdin, stream each answer")
-    _add_dataclass_options(p, SamplingOptions)
-    p.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy decoding (same as --no-do-sample)")
-    p.add_argument("--stop", action="append", default=[], help="stop a sample at this string, not included (repeatable)")
-    p.add_argument("--no-prompt", action="store_true", help="print only the generated text, not the prompt")
-    p.add_argument("--context-keep", type=int, help="tokens kept when the text outgrows the context (default: 3/4 of it)")
-    p.add_argument("--out-dir", help="write the samples to a file in this folder, named with the date and seed")
-    p.add_argument("--delimiter", default="\n" + "=" * 40 + "\n", help="printed between samples")
-    p.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
-    p.add_argument("--tokenizer", help="tokenizer folder or tokenizer.json (default: the model folder's)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--quantize", metavar="int8", help=QUANTIZE_HELP)
-    p.add_argument("--adapter", metavar="DIR", help=ADAPTER_HELP)
-    p.add_argument("--chat", action="store_true", help="each prompt is a user message put through the model's chat template "
-                   "(gptforge's GPT-2 template if it has none); only the answer is printed; --interactive keeps the conversation")
-    p.set_defaults(func=cmd_generate, parser=p)
-
-    p = sub.add_parser("eval", help="perplexity, loss and bits per byte of text files or prepared datasets",
-                       description="Sliding-window evaluation: windows of --block-size tokens every --stride tokens, "
-                                   "each scoring only tokens not scored before.")
-    p.add_argument("model", help="model folder or hub id")
-    p.add_argument("files", nargs="+", help="UTF-8 text files, or dataset folders written by `gptforge prepare`")
-    _add_dataclass_options(p, EvalOptions)
-    p.add_argument("--split", default="val", help="split of a prepared dataset (default: val)")
-    p.add_argument("--tokenizer", help="tokenizer folder or tokenizer.json (default: the model folder's)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="autocast dtype (default: fp32 on CPU, bf16 on CUDA)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--quantize", metavar="int8", help=QUANTIZE_HELP)
-    p.add_argument("--adapter", metavar="DIR", help=ADAPTER_HELP)
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("merge", help="merge a LoRA adapter into its base model: a plain model folder",
-                       description="Fold the adapter's low-rank updates into the base model's weights and write a model "
-                                   "folder that gptforge and transformers open without any adapter code.")
-    p.add_argument("base", help="the base model folder or hub id the adapter was trained on")
-    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors, from gptforge or peft)")
-    p.add_argument("--out", required=True, help="folder to write")
-    p.add_argument("--force", action="store_true", help="replace --out if it already holds files")
-    p.set_defaults(func=cmd_merge)
-
-    p = sub.add_parser("quantize", help="write an int8 copy of a model folder, for faster generation on CPUs",
-                       description="Store the linear layers and the output head with int8 weights (one scale per "
-                                   "output channel). The folder opens in gptforge (generate, eval, serve, GPTForge) "
-                                   "but not in transformers: keep the fp32 folder to share.")
-    p.add_argument("model", help="fp32 model folder or hub id")
-    p.add_argument("--out", required=True, help="folder to write")
-    p.add_argument("--method", default="int8", help="quantization (default and only choice: int8)")
-    p.add_argument("--force", action="store_true", help="replace --out if it already holds files")
-    p.set_defaults(func=cmd_quantize)
-
-
 def _add_serve_command(sub) -> None:
     from .serve import add_serve_arguments, run_from_args
 
@@ -501,8 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     args.argv = argv[argv.index(args.command) + 1:]  # the command's own arguments
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # `kill` stops every stage as Ctrl-C does, cleaning up
-        signal.signal(signal.SIGTERM, _terminate)
+    stop_on_sigterm()
     try:
         if getattr(args, "config", None):
             from .configfile import apply_config_file
@@ -514,25 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
-    except OSError as e:  # a fault of the machine the user can fix: permissions, disk full, read-only
-        from .fsio import describe_os_error
-
-        if describe_os_error(e) is None:
+        return leave(130)
+    except (OSError, RuntimeError, MemoryError) as e:  # permission denied, disk full, out of memory: one line too
+        if describe_fault(e) is None:
             raise
-        print(f"gptforge {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        print(f"gptforge {args.command}: error: {describe_fault(e)}", file=sys.stderr)
         return 2
-    except (RuntimeError, MemoryError) as e:
-        if "torch" not in sys.modules:  # no tensor was ever allocated
-            raise
-        from .runtime import out_of_memory
-
-        if not out_of_memory(e):
-            raise
-        print(f"gptforge {args.command}: error: out of memory ({str(e).splitlines()[0][:160]}); lower --batch-size "
-              "(raise --grad-accum to keep the tokens per step), lower --block-size, or pick a smaller model", file=sys.stderr)
-        return 2
-
-
-def _terminate(signum, frame) -> None:
-    raise KeyboardInterrupt

@@ -45,6 +45,13 @@ def _argparse_type(parse):
     return kind
 
 
+def option_values(args: argparse.Namespace, cls) -> dict:
+    """The fields of an options dataclass as the parsed arguments give them."""
+    import dataclasses
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+
+
 def inputs_of(args: argparse.Namespace, items: list) -> list:
     """The inputs named on the command line, and the --hf-dataset one."""
     from .data.reading import HFDataset

@@ -11,19 +11,21 @@ CLASSIFY_EXAMPLES = """examples:
   gptforge classify train train.jsonl --init my_lm --out topic_clf --max-time 10m
   gptforge classify train reviews.csv --text-field 1 --label-field 0 --no-header --init gpt2 --freeze all-but:2 --out clf
   gptforge classify train folder_per_label/ --init tiny --balance weights --epochs 5 --out clf   # from scratch
+  gptforge classify train train.jsonl --init gpt2 --lora-r 8 --out clf    # LoRA; saves the merged classifier
   gptforge classify eval topic_clf test.jsonl --json
   gptforge classify predict topic_clf "Some text" - --file notes.txt --json
 """
 
 
 def cmd_classify_train(args: argparse.Namespace) -> int:
-    from .options import ClassifyOptions, TrainConfig
+    from .options import ClassifyOptions, LoRAOptions, TrainConfig
     from .train.classification import train_classifier
 
-    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    clf = ClassifyOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ClassifyOptions)})
+    fields = lambda cls: {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}  # noqa: E731
     result = train_classifier(args.inputs, init=args.init, eval_inputs=args.eval_file, tokenizer=args.tokenizer,
-                              vocab_size=args.vocab_size, options=clf, encoding_errors=args.encoding_errors, **options)
+                              vocab_size=args.vocab_size, options=ClassifyOptions(**fields(ClassifyOptions)),
+                              lora=LoRAOptions(**fields(LoRAOptions)), encoding_errors=args.encoding_errors,
+                              **fields(TrainConfig))
     return 130 if result.interrupted else 0
 
 
@@ -109,7 +111,7 @@ def _fields(p: argparse.ArgumentParser) -> None:
 def add_classify_commands(sub) -> None:
     """`classify` and its three actions."""
     from .cli_args import add_dataclass_options
-    from .options import TRAIN_GROUPS, ClassifyOptions, TrainConfig
+    from .options import TRAIN_GROUPS, ClassifyOptions, LoRAOptions, TrainConfig
 
     p = sub.add_parser("classify", help="text classification: train, evaluate and use a GPT-2 classifier",
                        description="A GPT-2 body with a linear head on the last real token (transformers' "
@@ -133,6 +135,7 @@ def add_classify_commands(sub) -> None:
     g.add_argument("--tokenizer", help="from scratch: use this tokenizer instead of training one on the inputs")
     g.add_argument("--vocab-size", type=int, help="from scratch: vocabulary of the tokenizer trained (default: 5000)")
     add_dataclass_options(t, TrainConfig, groups)
+    add_dataclass_options(t, LoRAOptions, groups)
     t.set_defaults(func=cmd_classify_train, parser=t)
 
     e = csub.add_parser("eval", help="accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix")

@@ -210,13 +210,7 @@ def _generate_batch(model: GPT, prompts: list[list[int]], opts: SamplingOptions,
         tokens[i, T0 - len(p):T0] = torch.tensor(p, device=device)
         real[i, T0 - len(p):T0] = True
     real[:, T0:] = True
-    seen = None
-    if opts.repetition_penalty != 1.0:
-        seen = torch.zeros((B, model.config.vocab_size), dtype=torch.bool, device=device)
-        seen.scatter_(1, tokens[:, :T0], real[:, :T0])
-        if padded:  # the scatter above may have cleared a pad id that is also a real token elsewhere
-            for i, p in enumerate(prompts):
-                seen[i, p] = True
+    seen = _seen_tokens(prompts, model.config.vocab_size, device) if opts.repetition_penalty != 1.0 else None
     ngrams = [_NGramBan(opts.no_repeat_ngram_size, p) for p in prompts] if opts.no_repeat_ngram_size else None
 
     cache = model.new_cache(B, min(n_ctx, total))
@@ -249,18 +243,7 @@ def _generate_batch(model: GPT, prompts: list[list[int]], opts: SamplingOptions,
         if step % host_every == host_every - 1 or step == opts.max_new_tokens - 1:
             fin = finished.tolist()
             if ngrams or callback is not None:
-                new = nxt.tolist()
-                for i in range(B):
-                    if done_host[i]:
-                        continue
-                    if fin[i]:
-                        done_host[i], lengths[i] = True, step
-                        continue
-                    if ngrams:
-                        ngrams[i].add(new[i])
-                    if callback is not None and callback(i, tokens[i, T0:col + 1].tolist()):
-                        done_host[i], lengths[i] = True, step + 1
-                        finished[i] = True
+                _host_step(step, nxt.tolist(), fin, tokens[:, T0:col + 1], finished, done_host, lengths, ngrams, callback)
             if all(fin) or all(done_host):
                 break
         if step == opts.max_new_tokens - 1:
@@ -282,6 +265,31 @@ def _generate_batch(model: GPT, prompts: list[list[int]], opts: SamplingOptions,
             row = row[:row.index(eos_id)]
         out.append(row)
     return out
+
+
+def _seen_tokens(prompts: list[list[int]], vocab_size: int, device) -> torch.Tensor:
+    """(B, V) mask of the tokens each prompt holds, for the repetition penalty."""
+    seen = torch.zeros((len(prompts), vocab_size), dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        seen[i, p] = True
+    return seen
+
+
+def _host_step(step: int, new: list[int], fin: list[bool], generated: torch.Tensor, finished: torch.Tensor,
+               done_host: list[bool], lengths: list[int], ngrams, callback) -> None:
+    """The per-row work on the host after a token: finished rows, no-repeat n-grams, and the callback (which may
+    end a row: streaming and stop strings)."""
+    for i in range(len(new)):
+        if done_host[i]:
+            continue
+        if fin[i]:
+            done_host[i], lengths[i] = True, step
+            continue
+        if ngrams:
+            ngrams[i].add(new[i])
+        if callback is not None and callback(i, generated[i].tolist()):
+            done_host[i], lengths[i] = True, step + 1
+            finished[i] = True
 
 
 # --- the text layer --------------------------------------------------------------------------------

@@ -76,15 +76,16 @@ class _OneDNNLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        # x is kept only for the weight's gradient: a frozen layer (LoRA's base, --freeze) lets it go
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         return _linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         g = grad.reshape(-1, grad.size(-1))
-        grad_x = matmul(g, weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_x = matmul(g, weight).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         grad_w = matmul(g.t(), x.reshape(-1, x.size(-1))) if ctx.needs_input_grad[1] else None
         grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
@@ -296,7 +297,7 @@ class Int8Linear(nn.Module):
         self._packed = None  # (key, fbgemm packed weight), made on first use
 
     @classmethod
-    def from_linear(cls, layer: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, layer: nn.Linear) -> Int8Linear:
         q, scale = quantize_rows(layer.weight)
         return cls(q, scale, None if layer.bias is None else layer.bias.detach().clone())
 

@@ -319,9 +319,13 @@ class ClassifyOptions:
     val_fraction: float = opt(0.1, "share of each label's examples held out for validation (stratified; 0: none)")
     balance: str = opt("none", "imbalanced labels: none, weights (loss weighted by inverse class frequency) or sampling "
                        "(every class drawn equally often)", choices=("none", "weights", "sampling"))
+    lm_weight: float = opt(0.0, "also train the language-model loss on the training texts, times this (GPT-1's auxiliary "
+                           "objective, e.g. 0.5); helps when examples are few")
+    dropout: float | None = opt(None, "residual, embedding and attention dropout while training (default: the --init model's)")
 
     def __post_init__(self) -> None:
-        check_fields(self, {"val_fraction": (0, 0.9, True, float)})
+        check_fields(self, {"val_fraction": (0, 0.9, True, float), "lm_weight": (0, None, True, float),
+                            "dropout": (0, 0.9, True, float)})
         for name in ("truncate", "balance"):
             choices = next(f.metadata["choices"] for f in dataclasses.fields(self) if f.name == name)
             if getattr(self, name) not in choices:

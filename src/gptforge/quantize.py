@@ -5,7 +5,7 @@ channel (`kernels.Int8Linear`); embeddings, LayerNorms and biases stay fp32. Dec
 every weight once, so it is bound by memory bandwidth, and int8 weights are a quarter of the bytes.
 
     model = quantize_model(load_model("run"))              # on load: a second or two for gpt2
-    save_quantized(model, "run-int8", tokenizer)           # or: gptforge quantize run --out run-int8
+    save_model(model, "run-int8", tokenizer)               # or: gptforge quantize run --out run-int8
 
 An int8 folder holds `model-int8.safetensors` (our module names, weights (out, in) as nn.Linear keeps
 them, `<layer>.scale` beside each int8 `<layer>.weight`) and a `config.json` whose `quantization_config`
@@ -16,21 +16,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import generation_config, load_model, resolve_model_path
 from .config import GPTConfig
 from .errors import CheckpointError, OptionError
-from .fsio import atomic_dir, atomic_write, folder_of
+from .fsio import atomic_write
 from .kernels import Int8Linear
 from .model import GPT
-from .tokenizer import load_tokenizer
 
 METHODS = ("int8",)
 QUANT_METHOD = "gptforge-int8"
@@ -90,33 +88,24 @@ def quantize_model(model: GPT, method: str = "int8", inplace: bool = True) -> GP
     return model.eval()
 
 
-def save_quantized(model: GPT, folder: str | os.PathLike, tokenizer=None) -> Path:
-    """Write an int8 model folder, each file replaced atomically: the int8 weights, config.json (which
-    declares them), generation_config.json and the tokenizer files, as `save_model` writes them."""
+def save_quantized_weights(model: GPT, folder: str | os.PathLike) -> None:
+    """Write the int8 weights file of a model folder atomically (`checkpoint.save_model` writes the rest)."""
     if not is_quantized(model):
-        raise OptionError("save_quantized: the model has fp32 weights; quantize_model(model) first")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+        raise OptionError("the model has fp32 weights; quantize_model(model) first")
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": "pt", "quantization": QUANT_METHOD}
-    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(sd, str(p), metadata=meta))
-    gen = generation_config(model, tokenizer)
-    atomic_write(folder / "generation_config.json", lambda p: p.write_text(json.dumps(gen, indent=2) + "\n"))
-    if tokenizer is not None:
-        tokenizer.save(folder, model_max_length=model.config.n_positions)
-    atomic_write(folder / "config.json", model.config.save)  # last: it is what makes the folder an int8 model
-    return folder
+    atomic_write(Path(folder) / WEIGHTS_NAME, lambda p: save_file(sd, str(p), metadata=meta))
 
 
 def load_quantized(folder: str | os.PathLike, config: GPTConfig) -> GPT:
-    """The int8 model of a folder written by `save_quantized` (on the CPU, eval mode)."""
+    """The int8 model of a folder that `checkpoint.save_model` wrote for an int8 model (on the CPU, eval mode)."""
     quantization_of(config)  # another tool's quantization is refused by name
     path = Path(folder) / WEIGHTS_NAME
     if not path.is_file():
         raise CheckpointError(f"{folder}: config.json declares {QUANT_METHOD} weights but {WEIGHTS_NAME} is missing")
     try:
         sd = load_file(str(path))
-    except Exception as e:  # damaged file: safetensors raises several kinds
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read int8 weights ({type(e).__name__}); the file is damaged") from None
     model = GPT.empty(config)
     for parent, name, layer in _linear_layers(model):
@@ -132,28 +121,5 @@ def load_quantized(folder: str | os.PathLike, config: GPTConfig) -> GPT:
     return model.eval()
 
 
-def quantize_folder(model_path: str | os.PathLike, out: str | os.PathLike, method: str = "int8",
-                    force: bool = False) -> Path:
-    """`gptforge quantize`: read an fp32 model folder (or hub id) and write its int8 folder, with the
-    tokenizer and sampling defaults, to `out` (replaced whole, and only with `force`)."""
-    check_method(method, "--method")
-    out = Path(out)
-    source = folder_of(resolve_model_path(model_path))
-    if out.exists() and out.resolve() == source.resolve():
-        raise OptionError(f"--out {out}: is the model folder itself; write the int8 folder somewhere else")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise OptionError(f"--out {out}: already exists and is not empty; choose another folder or add --force")
-    if quantization_of(GPTConfig.load(source)) is not None:
-        raise OptionError(f"{model_path}: already holds int8 weights; quantize its fp32 folder instead")
-    try:
-        tokenizer = load_tokenizer(source)
-    except FileNotFoundError:
-        tokenizer = None  # a folder of weights alone gives an int8 folder of weights alone
-    model = quantize_model(load_model(source))
-    with atomic_dir(out) as tmp:
-        save_quantized(model, tmp, tokenizer)
-    return out
-
-
 __all__ = ["METHODS", "QUANT_METHOD", "WEIGHTS_NAME", "check_method", "is_quantized", "load_quantized",
-           "quantization_of", "quantize_folder", "quantize_model", "save_quantized"]
+           "quantization_of", "quantize_model", "save_quantized_weights"]

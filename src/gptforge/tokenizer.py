@@ -443,7 +443,7 @@ def train_tokenizer(
     import threading
 
     from .data.reading import iter_texts, split_long
-    from .interrupt import run_interruptibly
+    from .faults import run_interruptibly
 
     paths = [files] if isinstance(files, (str, os.PathLike)) else list(files or [])
     stream = iter_texts(paths, progress=progress, **read_options) if paths else iter(())

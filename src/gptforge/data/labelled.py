@@ -70,7 +70,8 @@ def _csv_rows(path: Path, delimiter: str, text_key, label_key, header: bool, err
         if isinstance(key, int):
             index.append(key)
         elif not header:
-            raise DataError(f"{path}: {option} {key!r} is a name but --no-header says the file has no header; pass a 0-based index")
+            raise DataError(f"{path}: {option} {key!r} is a name but --no-header says the file has no header; "
+                            "pass a 0-based index")
         elif key not in names:
             raise DataError(f"{path}: no column {key!r}; the header has {names}; choose it with {option} NAME or a 0-based index")
         else:
@@ -102,14 +103,16 @@ def _json_rows(path: Path, fmt: str, text_key, label_key, errors: str) -> Iterat
             try:
                 row = json.loads(row)
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg}); each line of a .jsonl file must be one JSON object") from None
+                raise DataError(f"{where}: not valid JSON ({e.msg}); each line of a .jsonl file must be one JSON "
+                                "object") from None
         if not isinstance(row, dict):
             raise DataError(f"{where}: holds a JSON {type(row).__name__}, not an object with a text and a label field")
         if str(text_key) not in row:
             raise DataError(f"{where}: no text field {text_key!r} (found {sorted(row)}); choose it with --text-field NAME")
         text = row[str(text_key)]
         if not isinstance(text, str):
-            raise DataError(f"{where}: the field {text_key!r} holds {type(text).__name__}, not text; choose it with --text-field NAME")
+            raise DataError(f"{where}: the field {text_key!r} holds {type(text).__name__}, not text; "
+                            "choose it with --text-field NAME")
         yield text, row.get(str(label_key)), where
 
 

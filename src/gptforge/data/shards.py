@@ -247,9 +247,8 @@ def prepare(
     is a sample. Each document goes to val with probability `val_fraction` (seeded); `val_inputs` instead
     names the validation text. When the corpus has too few documents for that (one book without blank
     lines), the last `val_fraction` of the tokens becomes val (meta "val_split": "tail").
-    Running it again with the same inputs, options and tokenizer reuses the shards (meta "reused": True);
-    with `expect_same` (a resumed run), a dataset in `out_dir` made otherwise is refused, saying what changed.
-    Other keywords are `ReadOptions` (cleaning, encoding errors, ...).
+    The same inputs, options and tokenizer again reuse the shards (meta "reused": True); with `expect_same` (a
+    resumed run) a dataset made otherwise is refused, saying what changed. Other keywords are `ReadOptions`.
     """
     opts = ReadOptions(line_by_line=line_by_line, **read_options)
     if not 0.0 <= val_fraction < 1.0:
@@ -260,10 +259,7 @@ def prepare(
     out_dir = Path(out_dir)
     files = resolve_inputs(inputs, opts.extensions)
     val_files = resolve_inputs(val_inputs, opts.extensions) if val_inputs else []
-    both = {p.resolve() for p in files if isinstance(p, Path)} & {p.resolve() for p in val_files if isinstance(p, Path)}
-    if both:
-        raise DataError(f"{sorted(both)[0]}: is both a training and a validation input; a model is never validated on "
-                        "what it trained on, so remove it from one of them")
+    _refuse_overlap(files, val_files)
     dtype = token_dtype(tok.vocab_size)
     # what decides the tokens; `extensions` only chose the files, which are fingerprinted themselves
     options = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(opts).items() if k != "extensions"}
@@ -273,16 +269,9 @@ def prepare(
     key = json.dumps([FORMAT, tok.fingerprint, [f["blake2b"] for f in inputs_fp], [f["blake2b"] for f in val_fp], options], sort_keys=True)
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
 
-    if out_dir.exists() and any(out_dir.iterdir()):
-        old = _read_meta(out_dir) if (out_dir / "meta.json").is_file() else None
-        if old is None:
-            raise DataError(f"{out_dir}: folder exists and is not a prepared dataset (no meta.json); "
-                            "choose a new or empty --out folder so nothing of yours is overwritten")
-        if old.get("fingerprint") == fingerprint and not force and _complete(out_dir, old):
-            return {**old, "reused": True}
-        if expect_same and old.get("fingerprint") != fingerprint:
-            raise DataError(f"{out_dir}: {_what_changed(old, tok, inputs_fp + val_fp, options)} since the run started; "
-                            "resume with the same inputs, options and tokenizer, or start a new run (--overwrite or another --out)")
+    old = _previous(out_dir, fingerprint, force, expect_same, lambda m: _what_changed(m, tok, inputs_fp + val_fp, options))
+    if old is not None:
+        return {**old, "reused": True}
 
     started = time.time()
     total = sum(f["bytes"] for f in inputs_fp + val_fp)
@@ -315,6 +304,30 @@ def prepare(
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         tok.save(tmp / "tokenizer")  # the exact tokenizer the ids belong to
     return {**meta, "reused": False}
+
+
+def _refuse_overlap(files: list, val_files: list) -> None:
+    both = {p.resolve() for p in files if isinstance(p, Path)} & {p.resolve() for p in val_files if isinstance(p, Path)}
+    if both:
+        raise DataError(f"{sorted(both)[0]}: is both a training and a validation input; a model is never validated on "
+                        "what it trained on, so remove it from one of them")
+
+
+def _previous(out_dir: Path, fingerprint: str, force: bool, expect_same: bool, what_changed) -> dict | None:
+    """The meta of an up-to-date dataset already in `out_dir` (to reuse), else None; refuses a folder that
+    is not a dataset, and (`expect_same`, a resumed run) a dataset made from other inputs."""
+    if not (out_dir.exists() and any(out_dir.iterdir())):
+        return None
+    old = _read_meta(out_dir) if (out_dir / "meta.json").is_file() else None
+    if old is None:
+        raise DataError(f"{out_dir}: folder exists and is not a prepared dataset (no meta.json); "
+                        "choose a new or empty --out folder so nothing of yours is overwritten")
+    if old.get("fingerprint") == fingerprint and not force and _complete(out_dir, old):
+        return old
+    if expect_same and old.get("fingerprint") != fingerprint:
+        raise DataError(f"{out_dir}: {what_changed(old)} since the run started; resume with the same inputs, "
+                        "options and tokenizer, or start a new run (--overwrite or another --out)")
+    return None
 
 
 def _what_changed(old: dict, tok: Tokenizer, inputs_fp: list[dict], options: dict) -> str:

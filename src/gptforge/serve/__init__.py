@@ -42,7 +42,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--max-body", type=int, default=1 << 20, help="request body limit in bytes (default: 1 MiB)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
     parser.add_argument("--adapter", help="LoRA adapter folder (gptforge's or peft's), merged into the model on load")
-    parser.add_argument("--quantize", choices=("int8",), help="int8 weights (not available yet)")
+    parser.add_argument("--quantize", choices=("int8",), help="int8 weights for the linear layers and the head, made on load")
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
                         help="uvicorn's log level; info shows each request (default: warning)")
     return parser
@@ -50,8 +50,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Load the model named in `args` and serve it until interrupted; returns an exit code."""
-    if args.quantize:
-        raise ServeError("--quantize is not available yet: int8 inference weights are a separate feature still being built")
     for name, low in (("max_batch", 1), ("max_queue", 0), ("max_body", 1024), ("port", 0)):
         if getattr(args, name) < low:
             raise ServeError(f"--{name.replace('_', '-')} must be at least {low}")
@@ -74,7 +72,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         sock = socket.create_server((args.host, args.port))
     except OSError as e:
         raise ServeError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    model, tokenizer = load_with_adapter(base, adapter, device=args.device)
+    model, tokenizer = load_with_adapter(base, adapter, device=args.device, quantize=args.quantize)
     folder = Path(adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base)
     folder = folder if folder.is_dir() else folder.parent
     options = ServeOptions(api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,

@@ -2,35 +2,40 @@
 classifier folder in one call (`train_classifier`, behind `gptforge classify train`)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..adapters import has_lora, lora_state_dict, merge_lora
 
 from ..classify import (build_classifier, encode_texts, format_metrics, load_classifier, metrics_of, pad_batch, probabilities,
-                        save_classifier)
+                        save_classifier, set_dropout)
 from ..config import is_preset
 from ..data.dataset import RunData
 from ..data.labelled import Labelled, check_classes, check_known, read_labelled, stratified_split
-from ..errors import OptionError
+from ..errors import OptionError, RunFolderError
 from ..fsio import write_text
-from ..options import ClassifyOptions, TrainConfig, flag_of
+from ..options import ClassifyOptions, LoRAOptions, TrainConfig, flag_of
+from .finetune import add_lora
 from .loop import Trainer, TrainResult
 from .runfolder import claim_run_folder, refuse_previous_run, resume_tokenizer
 from .tasks import Task
 
 # TrainConfig fields that mean nothing for classification: refused when set, never silently ignored
 LANGUAGE_MODELLING_ONLY = ("batch_mode", "stride", "eval_tokens", "sample_interval", "sample_prompt", "sample_tokens")
+LORA_STATE = "classifier_lora.safetensors"  # LoRA runs: the adapters and the head, for --resume
 BUCKET = 32  # batches whose examples are drawn together and sorted by length, so a batch holds similar lengths
 
 
-class ExampleBatches:
+class LabelledBatches:
     """Batches of (input_ids right-padded to the batch's longest, label ids), a pure function of the step.
 
     Each epoch visits every example once in a seeded order; `balanced` draws every class equally often
@@ -80,8 +85,11 @@ class ClassificationTask(Task):
     higher_is_better = True
 
     def __init__(self, train: tuple[list, np.ndarray], val: tuple[list, np.ndarray] | None, labels: list[str],
-                 pad_token_id: int, balance: str = "none", fingerprint: str = "", tokenizer_fingerprint: str = ""):
+                 pad_token_id: int, balance: str = "none", fingerprint: str = "", tokenizer_fingerprint: str = "",
+                 lm_weight: float = 0.0):
         self.train, self.val, self.labels, self.pad, self.balance = train, val, labels, pad_token_id, balance
+        self.lm_weight = lm_weight
+        self.report: dict | None = None  # the latest evaluation in full: per class, confusion matrix
         counts = np.bincount(train[1], minlength=len(labels)).astype(float)
         self.class_weights = (torch.tensor(counts.sum() / (len(labels) * np.maximum(counts, 1)), dtype=torch.float32)
                               if balance == "weights" else None)
@@ -89,8 +97,8 @@ class ClassificationTask(Task):
         self.data = RunData(None, None, None, fingerprint, tokenizer_fingerprint)
         self.mean_tokens = float(np.mean([len(s) for s in train[0]]))
 
-    def make_batches(self, cfg, block_size: int, rank: int, world_size: int) -> ExampleBatches:
-        return ExampleBatches(self.train[0], self.train[1], cfg.batch_size, self.pad, seed=cfg.seed, rank=rank,
+    def make_batches(self, cfg, block_size: int, rank: int, world_size: int) -> LabelledBatches:
+        return LabelledBatches(self.train[0], self.train[1], cfg.batch_size, self.pad, seed=cfg.seed, rank=rank,
                               world_size=world_size, balanced=self.balance == "sampling")
 
     def tokens_per_batch(self, cfg, block_size: int) -> int:
@@ -99,24 +107,44 @@ class ClassificationTask(Task):
     def loss(self, model: torch.nn.Module, batch: tuple) -> torch.Tensor:
         ids, y = batch
         weight = self.class_weights.to(ids.device) if self.class_weights is not None else None
-        return F.cross_entropy(model(ids).float(), y, weight=weight)
+        if not self.lm_weight:
+            return F.cross_entropy(model(ids).float(), y, weight=weight)
+        logits, lm_loss = model(ids, lm_loss=True)
+        return F.cross_entropy(logits.float(), y, weight=weight) + self.lm_weight * lm_loss
 
     @property
     def has_validation(self) -> bool:
         return self.val is not None and len(self.val[0]) > 0
 
     def evaluate(self, model: torch.nn.Module, *, full: bool, trainer) -> dict:
-        m = metrics_of(probabilities(model, self.val[0], trainer.cfg.batch_size), self.val[1].tolist(), self.labels)
-        return {"val_loss": m["loss"], "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"], "val_examples": m["examples"]}
+        probs = probabilities(model, self.val[0], trainer.cfg.batch_size)
+        m = self.report = metrics_of(probs, self.val[1].tolist(), self.labels)
+        return {"val_loss": m["loss"], "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"],
+                "val_examples": m["examples"]}
 
     def describe(self, row: dict) -> str:
         return f"val macro-F1 {row['val_macro_f1']:.4f}, accuracy {row['val_accuracy']:.4f}, loss {row['val_loss']:.4f}"
 
     def save(self, model: torch.nn.Module, folder: Path, tokenizer=None, state_dict: dict | None = None) -> None:
+        """The classifier folder. With LoRA, the adapters are merged into a copy (an adapter folder cannot hold the new
+        head), and the adapters and the head are also kept in LORA_STATE, from which --resume continues exactly."""
+        if has_lora(model):
+            tensors = {**lora_state_dict(model), "score.weight": model.score.weight.detach().cpu().contiguous()}
+            save_file(tensors, str(folder / LORA_STATE))
+            model, state_dict = merge_lora(copy.deepcopy(model)), None
         save_classifier(model, folder, tokenizer, state_dict=state_dict)
 
     def load(self, model: torch.nn.Module, folder: Path) -> None:
-        model.load_state_dict(load_classifier(folder).state_dict())
+        if not has_lora(model):
+            model.load_state_dict(load_classifier(folder).state_dict())
+            return
+        if not (folder / LORA_STATE).is_file():
+            raise RunFolderError(f"{folder}: no {LORA_STATE}; this checkpoint was not trained with --lora-r, resume without it")
+        tensors = load_file(str(folder / LORA_STATE))
+        missing = set(lora_state_dict(model)) - set(tensors)
+        if missing:
+            raise RunFolderError(f"{folder}: its adapters cover other layers than --lora-targets; resume with the run's options")
+        model.load_state_dict(tensors, strict=False)
 
     def size(self) -> str:
         return f"training examples: {len(self.train[0]):,} in {len(self.labels)} classes"
@@ -142,8 +170,9 @@ def _tokenizer_for(init: str, out: Path, tokenizer, texts: list[str], vocab_size
         return load_tokenizer(tokenizer)
     if not is_preset(init):
         return load_tokenizer(load_model_folder(init))
-    if resume:
-        return resume_tokenizer(out)
+    saved = resume_tokenizer(out) if resume else None  # a resumed run keeps its own
+    if saved is not None:
+        return load_tokenizer(saved)
     log(f"training a BPE tokenizer on the {len(texts):,} training texts -> {out / 'tokenizer'}")
     return train_tokenizer([], vocab_size=vocab_size or 5000, texts=texts, out_dir=out / "tokenizer")
 
@@ -159,7 +188,8 @@ def _split(train: Labelled, eval_inputs, opts: ClassifyOptions, seed: int, read)
 
 def train_classifier(inputs, *, init: str | None = None, eval_inputs=None, tokenizer: str | None = None,
                      vocab_size: int | None = None, options: ClassifyOptions | None = None, encoding_errors: str = "strict",
-                     log: Callable[[str], None] = print, on_step: Callable[[Trainer], None] | None = None,
+                     lora: LoRAOptions | None = None, log: Callable[[str], None] = print,
+                     on_step: Callable[[Trainer], None] | None = None,
                      **train_options) -> TrainResult:
     """Train a classifier on labelled files (see data.labelled.read_labelled) and save its folder in `out_dir`.
 
@@ -168,7 +198,8 @@ def train_classifier(inputs, *, init: str | None = None, eval_inputs=None, token
     `tokenizer` names one). The validation examples are `eval_inputs`, else a stratified share of the
     inputs. `train_options` are TrainConfig fields (`block_size` is the longest input kept; default: the
     context). The result's `validation` row holds the final accuracy and macro-F1; the full report (per
-    class, confusion matrix) is written to `out_dir/val_metrics.json` and printed. `on_step(trainer)` is called
+    class, confusion matrix) is written to `out_dir/val_metrics.json` and printed. `lora` trains LoRA adapters on
+    the frozen body and the head in full; the folders hold the merged classifier. `on_step(trainer)` is called
     after every optimizer step."""
     opts = options or ClassifyOptions()
     cfg = TrainConfig(**train_options)
@@ -191,12 +222,18 @@ def train_classifier(inputs, *, init: str | None = None, eval_inputs=None, token
         tok = _tokenizer_for(init, out, tokenizer, train_data.texts, vocab_size, cfg.resume, log)
         model = build_classifier(init, labels, tok.pad_id, tok.vocab_size)
         labels = model.labels  # a classifier trained further keeps its label ids
+        if opts.dropout is not None:
+            set_dropout(model, opts.dropout)
         if val_data is not None:
             check_known(val_data, labels, "the validation examples must use the training labels")
+        if lora is not None and lora.enabled:
+            cfg = add_lora(model, lora, cfg, None if is_preset(init) else init, log)
+            model.score.requires_grad_(True)  # the new head trains in full
         max_length = cfg.block_size or model.config.n_positions
         encode = lambda d: _encode(tok, d, labels, max_length, opts.truncate)  # noqa: E731
-        task = ClassificationTask(encode(train_data), encode(val_data) if val_data is not None else None, labels, model.pad_token_id,
-                                  opts.balance, _fingerprint(train_data), getattr(tok, "fingerprint", ""))
+        task = ClassificationTask(encode(train_data), encode(val_data) if val_data is not None else None, labels,
+                                  model.pad_token_id, opts.balance, _fingerprint(train_data), getattr(tok, "fingerprint", ""),
+                                  opts.lm_weight)
         counts = ", ".join(f"{k} {v}" for k, v in sorted(train_data.counts().items()))
         log(f"classes: {counts}" + (f"; validation: {len(val_data):,} examples" if val_data is not None else "; no validation"))
         if cfg.max_steps is None and cfg.epochs is None and cfg.max_time is None:
@@ -204,10 +241,9 @@ def train_classifier(inputs, *, init: str | None = None, eval_inputs=None, token
             log("length: 3 epochs (set --max-steps, --epochs or --max-time)")
         trainer = Trainer(model, task.data, cfg, tokenizer=tok, finetune=not is_preset(init), task=task, on_step=on_step)
         result = trainer.run()
-    if val_data is not None and not result.interrupted:
-        m = metrics_of(probabilities(trainer.model, task.val[0], cfg.batch_size), task.val[1].tolist(), labels)
-        write_text(out / "val_metrics.json", json.dumps(m, indent=2) + "\n")
-        log(format_metrics(m))
+    if task.report is not None and not result.interrupted:  # the final evaluation's, in full
+        write_text(out / "val_metrics.json", json.dumps(task.report, indent=2) + "\n")
+        log(format_metrics(task.report))
     return result
 
 
@@ -216,4 +252,4 @@ def _encode(tok, data: Labelled, labels: list[str], max_length: int, truncate: s
     return encode_texts(tok, data.texts, max_length, truncate, data.where), np.array([index[y] for y in data.labels])
 
 
-__all__ = ["ClassificationTask", "ExampleBatches", "train_classifier"]
+__all__ = ["ClassificationTask", "LabelledBatches", "train_classifier"]

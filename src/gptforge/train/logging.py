@@ -216,4 +216,24 @@ class StepProgress:
             self.bar.close()
 
 
-__all__ = ["RunLog", "StepProgress", "check_reporters", "draw_loss"]
+def describe_run(trainer) -> str:
+    """What a run is about to do, in a few lines: model, device, batch, optimizer, length, data, output."""
+    cfg, c = trainer.cfg, trainer.model.config
+    length = " and ".join(s for s in (f"{trainer.max_steps} steps" if trainer.max_steps else "",
+                                      f"{cfg.max_time:.0f}s" if cfg.max_time else "") if s)
+    warmup = f"{trainer.warmup_share:.0%} of the run" if trainer.warmup_share else f"{cfg.warmup_steps} steps"
+    world = trainer.dist.world_size
+    frozen = f", {trainer.frozen:,} frozen" if trainer.frozen else ""
+    return (
+        f"model: {trainer.model.num_params() / 1e6:.2f}M parameters (n_layer={c.n_layer}, n_embd={c.n_embd}, "
+        f"n_head={c.n_head}, vocab={c.vocab_size}){frozen}\n"
+        f"device: {trainer.device}, precision: {str(trainer.dtype).removeprefix('torch.')}, world size {world}\n"
+        f"batch: {cfg.batch_size} x {trainer.block_size} tokens x {cfg.grad_accum} accumulation"
+        f"{f' x {world} ranks' if world > 1 else ''} = {trainer.tokens_per_step:,} tokens per step\n"
+        f"optimizer: AdamW lr {cfg.learning_rate:g} ({cfg.schedule}, warmup {warmup}, floor x{cfg.min_lr_ratio}), "
+        f"weight decay {cfg.weight_decay}, betas ({cfg.beta1}, {cfg.beta2}), clip {cfg.grad_clip}\n"
+        f"length: {length}; {trainer.task.size()}; output: {trainer.out}"
+    )
+
+
+__all__ = ["describe_run", "RunLog", "StepProgress", "check_reporters", "draw_loss"]

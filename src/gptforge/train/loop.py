@@ -37,7 +37,8 @@ from ..fsio import atomic_dir
 from ..model import GPT
 from ..options import FINETUNE_DEFAULTS, SCRATCH_DEFAULTS, TrainConfig
 from ..runtime import init_distributed, out_of_memory, pick_precision, resolve_device, shard_model
-from .logging import RunLog, StepProgress
+from . import state
+from .logging import RunLog, StepProgress, describe_run
 from .optim import apply_freeze, configure_optimizer, lr_at, warmup_share
 from .tasks import LanguageModelling, Task
 from .runfolder import (check_block_size, check_fits_memory, check_same_run, check_tokenizer_of_data, clear_previous_run,
@@ -148,24 +149,16 @@ class Trainer:
 
     def _latest_checkpoint(self) -> tuple[Path, dict]:
         """The newest intact checkpoint of this run and its training state, checked to belong to this run."""
-        path, state = ckpt.newest_intact_checkpoint(self.out, self.log.message)
-        check_same_run(path, state, self.data, self.tokenizer)
+        path, saved = ckpt.newest_intact_checkpoint(self.out, self.log.message)
+        check_same_run(path, saved, self.data, self.tokenizer)
         theirs, mine = GPTConfig.load(path).to_dict(), self.model.config.to_dict()
         differ = [f"{k}: checkpoint {theirs[k]} vs now {mine[k]}" for k in mine if k in theirs and mine[k] != theirs[k]]
         if differ:
             raise RunFolderError(f"{path}: was trained with a different model config ({'; '.join(differ)})")
-        return path, state
+        return path, saved
 
     def _full_state(self) -> tuple[dict, dict]:
-        """Whole model and optimizer state dicts, keyed by parameter name, gathered from every rank when the
-        model is sharded (so all ranks must call this). The same format for 1, N or sharded ranks is what lets
-        a checkpoint resume on any number of processes."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = get_model_state_dict(self.model, options=full) if self.fsdp else self.model.state_dict()
-        return model_state, get_optimizer_state_dict(self.model, self.optimizer, options=full)
+        return state.gather(self.model, self.optimizer, self.fsdp)  # every rank takes part when sharded
 
     def save_model_folder(self, folder: Path, model_state: dict | None = None) -> None:
         """Write a model folder atomically (rank 0 writes; with FSDP every rank helps gather)."""
@@ -180,34 +173,18 @@ class Trainer:
         model_state, optim_state = self._full_state()
         target = self.out / ckpt.CHECKPOINTS / f"step-{self.step:07d}"
         if self.dist.main:
-            state = {
-                "step": self.step, "elapsed": self.elapsed, "best_val": self.best_val,
-                "evals_since_best": self.evals_since_best, "optimizer": optim_state, "scaler": self.scaler.state_dict(),
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "train_config": dataclasses.asdict(self.cfg), "data": self.data.fingerprint,
-                "tokenizer": getattr(self.tokenizer, "fingerprint", None) or self.data.tokenizer_fingerprint,
-                "world_size": self.dist.world_size,
-            }
+            packed = state.pack(self, optim_state)
             write = lambda folder: self.task.save(self.model, folder, self.tokenizer, state_dict=model_state)  # noqa: E731
-            ckpt.save_checkpoint(self.out, self.step, write, state, self.cfg.keep_checkpoints)
+            ckpt.save_checkpoint(self.out, self.step, write, packed, self.cfg.keep_checkpoints)
         self.dist.barrier()
         self._last_ckpt = target
         return target
 
-    def _load_training_state(self, path: Path, state: dict | None = None) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        state = state if state is not None else ckpt.load_training_state(path)
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-        self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if state["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-        self.step, self.elapsed = state["step"], state["elapsed"]
-        self.best_val, self.evals_since_best = state["best_val"], state["evals_since_best"]
+    def _load_training_state(self, path: Path, saved: dict | None = None) -> None:
+        saved = saved if saved is not None else ckpt.load_training_state(path)
+        state.restore(self, saved)
         self._last_ckpt = path
-        ranks = state.get("world_size", 1)
+        ranks = saved.get("world_size", 1)
         self.log.message(f"resumed from {path} at step {self.step}"
                          + (f" (saved by {ranks} processes, now {self.dist.world_size})" if ranks != self.dist.world_size else ""))
 
@@ -270,26 +247,9 @@ class Trainer:
             return True
         return bool(self.cfg.max_time and self.elapsed >= self.cfg.max_time)
 
-    def _describe(self) -> None:
-        cfg, c = self.cfg, self.model.config
-        length = " and ".join(s for s in (f"{self.max_steps} steps" if self.max_steps else "",
-                                          f"{cfg.max_time:.0f}s" if cfg.max_time else "") if s)
-        warmup = f"{self.warmup_share:.0%} of the run" if self.warmup_share else f"{cfg.warmup_steps} steps"
-        ranks = f" x {self.dist.world_size} ranks" if self.dist.world_size > 1 else ""
-        self.log.message(
-            f"model: {self.model.num_params() / 1e6:.2f}M parameters (n_layer={c.n_layer}, n_embd={c.n_embd}, "
-            f"n_head={c.n_head}, vocab={c.vocab_size}){f', {self.frozen:,} frozen' if self.frozen else ''}\n"
-            f"device: {self.device}, precision: {str(self.dtype).removeprefix('torch.')}, world size {self.dist.world_size}\n"
-            f"batch: {cfg.batch_size} x {self.block_size} tokens x {cfg.grad_accum} accumulation{ranks} = "
-            f"{self.tokens_per_step:,} tokens per step\n"
-            f"optimizer: AdamW lr {cfg.learning_rate:g} ({cfg.schedule}, warmup {warmup}, floor x{cfg.min_lr_ratio}), "
-            f"weight decay {cfg.weight_decay}, betas ({cfg.beta1}, {cfg.beta2}), clip {cfg.grad_clip}\n"
-            f"length: {length}; {self.task.size()}; output: {self.out}"
-        )
-
     def run(self) -> TrainResult:
         self.out.mkdir(parents=True, exist_ok=True)
-        self._describe()
+        self.log.message(describe_run(self))
         handlers = self._install_signal_handlers()
         bar = StepProgress(self.max_steps, self.cfg.max_time, self.step, main=self.dist.main, bar=self.cfg.progress)
         feed = Prefetcher(self.batches, self.step * self.cfg.grad_accum, self.device)

@@ -140,6 +140,16 @@ def _run_tokenizer(inputs, out: Path, init, tokenizer, data, vocab_size, kind, n
     return tok
 
 
+def _check_before_work(cfg: TrainConfig, inputs, data, eval_inputs, init, size, overrides, tokenizer, vocab_size,
+                       line_by_line) -> None:
+    """Everything that can be refused now rather than after minutes of tokenizer training and preparation."""
+    if not inputs and not data:
+        raise DataError("nothing to train on: give text files or folders, or --data with a prepared dataset")
+    refuse_conflicts(inputs, data, eval_inputs, init, size, overrides, tokenizer, vocab_size, line_by_line)
+    refuse_previous_run(Path(cfg.out_dir), cfg, init)
+    _check_model_fits(cfg, init, size, overrides, vocab_size)
+
+
 def _check_model_fits(cfg: TrainConfig, init, size, overrides: dict | None, vocab_size) -> None:
     """What can be checked of the model before any tokenizer or data work: its config, the context, the memory
     (for a size still to be chosen, the smallest one: a lower bound)."""
@@ -214,10 +224,7 @@ def run_training(
 
     cfg = TrainConfig(**options)
     out = Path(cfg.out_dir)
-    # now, not after minutes of tokenizer training and preparation
-    refuse_conflicts(inputs, data, eval_inputs, init, size, model_overrides, tokenizer, vocab_size, line_by_line)
-    refuse_previous_run(out, cfg, init)
-    _check_model_fits(cfg, init, size, model_overrides, vocab_size)
+    _check_before_work(cfg, inputs, data, eval_inputs, init, size, model_overrides, tokenizer, vocab_size, line_by_line)
     check_reporters(cfg.reporters)  # likewise a logger that is not installed
     examples = example_inputs(inputs, eval_inputs, data, instruct)
     check_lora(lora, cfg, init, examples)
@@ -228,8 +235,6 @@ def run_training(
     main = world_size() == 1 or int(__import__("os").environ.get("RANK", "0")) == 0
     if world_size() > 1 and int(__import__("os").environ.get("RANK", "0")) != 0:
         log = lambda message: None  # noqa: E731 - only rank 0 talks
-    if not inputs and not data:
-        raise DataError("nothing to train on: give text files or folders, or --data with a prepared dataset")
     with claim_run_folder(out, log), _restart_hint(out, log):
         names = ", ".join(map(str, inputs or [])) if len(inputs or []) <= 3 else f"{len(inputs)} inputs ({inputs[0]}, ...)"
         model = build_model(str(load_model_folder(init)))[0] if init is not None else None

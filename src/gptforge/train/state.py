@@ -1,0 +1,51 @@
+"""The training state a checkpoint holds beside the model folder, gathered and put back.
+
+Model and optimizer state are whole and keyed by parameter name, gathered from every rank when the model
+is sharded (so all ranks call `gather`): the same format for 1, N or sharded ranks is what lets a
+checkpoint resume on any number of processes.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+def gather(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> tuple[dict, dict]:
+    """Whole model and optimizer state dicts (on the CPU when sharded)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=full) if sharded else model.state_dict()
+    return model_state, get_optimizer_state_dict(model, optimizer, options=full)
+
+
+def pack(trainer, optim_state: dict) -> dict:
+    """Everything but the weights that a resumed run needs to continue exactly: step, clock, best score,
+    optimizer and scaler, random generators, options, and what the data and tokenizer were."""
+    return {
+        "step": trainer.step, "elapsed": trainer.elapsed, "best_val": trainer.best_val,
+        "evals_since_best": trainer.evals_since_best, "optimizer": optim_state, "scaler": trainer.scaler.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "train_config": dataclasses.asdict(trainer.cfg), "data": trainer.data.fingerprint,
+        "tokenizer": getattr(trainer.tokenizer, "fingerprint", None) or getattr(trainer.data, "tokenizer_fingerprint", ""),
+        "world_size": trainer.dist.world_size,
+    }
+
+
+def restore(trainer, state: dict) -> None:
+    """Put a packed state back into the trainer (its model already holds the checkpoint's weights)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(trainer.model, trainer.optimizer, state["optimizer"],
+                             options=StateDictOptions(full_state_dict=True))
+    trainer.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    trainer.step, trainer.elapsed = state["step"], state["elapsed"]
+    trainer.best_val, trainer.evals_since_best = state["best_val"], state["evals_since_best"]
+
+
+__all__ = ["gather", "pack", "restore"]

@@ -6,10 +6,7 @@ import os
 import sys
 
 from . import __version__
-from .cli_args import TRAIN_EXAMPLES, add_train_arguments, read_flags
-from .cli_args import inputs_of as _inputs
-from .cli_args import option_values as _fields
-from .cli_args import read_options as _read_options
+from .cli_args import TRAIN_EXAMPLES, add_train_arguments, inputs_of, option_values, read_flags, read_options
 from .errors import GPTForgeError, RunFolderError
 from .faults import describe_fault, leave, stop_on_sigterm
 
@@ -84,9 +81,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .options import InstructOptions, LoRAOptions, TrainConfig
     from .train.pipeline import run_training
 
-    options = _fields(args, TrainConfig)
-    extra = dict(lora=LoRAOptions(**_fields(args, LoRAOptions)), instruct=InstructOptions(**_fields(args, InstructOptions)))
-    inputs = _inputs(args, list(args.inputs) + ([args.train_file] if args.train_file else []))
+    options = option_values(args, TrainConfig)
+    extra = dict(lora=LoRAOptions(**option_values(args, LoRAOptions)), instruct=InstructOptions(**option_values(args, InstructOptions)))
+    inputs = inputs_of(args, list(args.inputs) + ([args.train_file] if args.train_file else []))
     overrides = {k: getattr(args, k) for k in ("n_layer", "n_embd", "n_head", "n_positions", "dropout") if getattr(args, k) is not None}
     if "dropout" in overrides:
         p = overrides.pop("dropout")
@@ -94,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = run_training(
         inputs or None, data=args.data, eval_inputs=[args.eval_file] if args.eval_file else None, init=args.init,
         size=args.size, tokenizer=args.tokenizer, vocab_size=args.vocab_size, tokenizer_kind=args.tokenizer_kind,
-        line_by_line=args.line_by_line, model_overrides=overrides, read_options=_read_options(args),
+        line_by_line=args.line_by_line, model_overrides=overrides, read_options=read_options(args),
         record={k: v for k, v in vars(args).items() if k not in ("func", "parser", "argv", "command", "config")}, **extra, **options,
     )
     if result.val_loss is not None:
@@ -148,8 +145,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     existing = [f for f in TOKENIZER_FILES if (out / f).exists()]
     if existing and not args.force:
         raise RunFolderError(f"{out}: already holds {', '.join(existing)}; pass --force to replace them or choose another --out")
-    tok = train_tokenizer(_inputs(args, args.files), vocab_size=args.vocab_size, min_frequency=args.min_frequency,
-                          kind=args.kind, out_dir=out, progress=True, **_read_options(args))
+    tok = train_tokenizer(inputs_of(args, args.files), vocab_size=args.vocab_size, min_frequency=args.min_frequency,
+                          kind=args.kind, out_dir=out, progress=True, **read_options(args))
     print(f"trained a {tok.kind} tokenizer with {tok.vocab_size} tokens (eos id {tok.eos_id}, fingerprint {tok.fingerprint}) "
           f"into {out}")
     return 0
@@ -158,9 +155,9 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .data.shards import prepare
 
-    meta = prepare(_inputs(args, args.inputs), args.tokenizer, args.out, line_by_line=args.line_by_line, val_fraction=args.val_fraction,
+    meta = prepare(inputs_of(args, args.inputs), args.tokenizer, args.out, line_by_line=args.line_by_line, val_fraction=args.val_fraction,
                    val_inputs=args.val_file, seed=args.seed, workers=args.workers, shard_tokens=args.shard_tokens,
-                   force=args.force, progress=not args.quiet, **_read_options(args))
+                   force=args.force, progress=not args.quiet, **read_options(args))
     if meta["reused"]:
         print(f"{args.out}: up to date with the inputs and tokenizer; reused (pass --force to rebuild)")
     for split in ("train", "val"):

@@ -4,8 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_args import add_dataclass_options as _add_dataclass_options
-from .cli_args import option_values as _fields
+from .cli_args import add_dataclass_options, option_values
 from .errors import NotFoundError
 
 ADAPTER_HELP = "a LoRA adapter folder (gptforge's or peft's) to apply to the model, merged on load; see docs/adapters.md"
@@ -40,7 +39,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .quantize import check_method
 
-    options = _fields(args, SamplingOptions)
+    options = option_values(args, SamplingOptions)
     SamplingOptions(**options).validate()  # bad options fail before the model loads
     check_method(args.quantize)
     if options["seed"] is None:
@@ -128,7 +127,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .quantize import check_method
 
-    opts = EvalOptions(**_fields(args, EvalOptions))
+    opts = EvalOptions(**option_values(args, EvalOptions))
     check_method(args.quantize)
     for f in args.files:
         if not Path(f).exists():
@@ -172,7 +171,7 @@ def add_generate_commands(sub) -> None:
     p.add_argument("--prompt-file", action="append", help="a file whose text is one prompt (repeatable)")
     p.add_argument("--lines", action="store_true", help="every non-empty line of the prompts is a prompt of its own")
     p.add_argument("--interactive", action="store_true", help="read prompts line by line from stdin, stream each answer")
-    _add_dataclass_options(p, SamplingOptions)
+    add_dataclass_options(p, SamplingOptions)
     p.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy decoding (same as --no-do-sample)")
     p.add_argument("--stop", action="append", default=[], help="stop a sample at this string, not included (repeatable)")
     p.add_argument("--no-prompt", action="store_true", help="print only the generated text, not the prompt")
@@ -193,7 +192,7 @@ def add_generate_commands(sub) -> None:
                                    "each scoring only tokens not scored before.")
     p.add_argument("model", help="model folder or hub id")
     p.add_argument("files", nargs="+", help="UTF-8 text files, or dataset folders written by `gptforge prepare`")
-    _add_dataclass_options(p, EvalOptions)
+    add_dataclass_options(p, EvalOptions)
     p.add_argument("--split", default="val", help="split of a prepared dataset (default: val)")
     p.add_argument("--tokenizer", help="tokenizer folder or tokenizer.json (default: the model folder's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")

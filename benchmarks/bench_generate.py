@@ -24,16 +24,7 @@ import torch
 
 from gptforge import GPT, preset, save_model
 from gptforge.generate import generate_ids
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from machine import cpu_name  # noqa: E402
 
 
 def run_ours(model, prompt: torch.Tensor, new: int, sample: bool) -> list[list[int]]:
@@ -69,7 +60,7 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"transformers {transformers.__version__}, python {platform.python_version()}", file=sys.stderr)
     rows = []
     for name in args.models.split(","):

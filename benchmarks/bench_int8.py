@@ -35,15 +35,9 @@ import torch
 from gptforge import GPT, preset, save_model
 from gptforge.generate import generate_ids
 from gptforge.quantize import quantize_model
+from machine import cpu_name  # noqa: E402
 
 ENGINES = ("gptforge fp32", "gptforge int8", "transformers", "CTranslate2 fp32", "CTranslate2 int8")
-
-
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def write_stand_in_vocab(folder: Path, size: int) -> None:

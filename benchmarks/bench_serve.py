@@ -28,16 +28,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from machine import cpu_name  # noqa: E402
 
 
 def make_model(folder: Path) -> None:

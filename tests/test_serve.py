@@ -299,6 +299,30 @@ def test_int8_server_answers_as_the_int8_model_generates(folders, tiny):
 
 
 @pytest.mark.slow
+def test_classifier_folder_answers_labels_and_probabilities(tiny, tmp_path):
+    from gptforge.classify import from_language_model, predict, save_classifier
+
+    model, tok = tiny
+    torch.manual_seed(0)
+    clf = from_language_model(model, ["ham", "spam"], tok.eos_id).eval()
+    folder = save_classifier(clf, tmp_path / "clf", tok)
+    texts = ["free money now", "see you at lunch"]
+    server = RunningServer(folder)
+    try:
+        status, _, body = server.post("/v1/classifications", {"input": texts}, key=None)
+        bad, _, error = server.post("/v1/classifications", {"input": 3}, key=None)
+        chat, _, _ = server.post("/v1/completions", {"prompt": "hi"}, key=None)
+    finally:
+        server.stop()
+    want = predict(clf, tok, texts)
+    assert status == 200 and [d["label"] for d in body["data"]] == [w["label"] for w in want]
+    for got, ref in zip(body["data"], want):
+        assert got["probs"] == pytest.approx(ref["probs"], abs=1e-5)
+    assert bad == 400 and error["error"]["param"] == "input"
+    assert chat == 404  # a classifier has no generation routes
+
+
+@pytest.mark.slow
 def test_openai_client_chat_plain_and_streaming(client, tiny):
     model, tok = tiny
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]

@@ -63,6 +63,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ServeError(f"serving needs the web extra ({e.name} is missing): pip install 'gptforge[serve]'") from None
     from ..adapters import load_with_adapter, read_adapter, resolve_base
+    from ..classify import is_classifier_folder
 
     base, adapter = resolve_base(args.model, args.adapter)  # MODEL may be an adapter folder naming its base
     if adapter:
@@ -72,23 +73,42 @@ def run_from_args(args: argparse.Namespace) -> int:
         sock = socket.create_server((args.host, args.port))
     except OSError as e:
         raise ServeError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    model, tokenizer = load_with_adapter(base, adapter, device=args.device, quantize=args.quantize)
-    folder = Path(adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base)
-    folder = folder if folder.is_dir() else folder.parent
     options = ServeOptions(api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                            max_tokens=args.max_tokens, max_body=args.max_body, model_name=args.model_name)
-    server = Server(model, tokenizer, options, read_chat_template(folder) if folder.is_dir() else None,
-                    model_name=Path(str(args.model).rstrip("/\\")).name or "model")
+    name = Path(str(args.model).rstrip("/\\")).name or "model"
+    if is_classifier_folder(base):  # labels and probabilities on /v1/classifications
+        server, app = _classifier_app(base, adapter, args, options, name)
+    else:
+        model, tokenizer = load_with_adapter(base, adapter, device=args.device, quantize=args.quantize)
+        folder = Path(adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base)
+        folder = folder if folder.is_dir() else folder.parent
+        server = Server(model, tokenizer, options, read_chat_template(folder) if folder.is_dir() else None, model_name=name)
+        app = create_app(server)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"gptforge serve: {server.name} ({server.n_params / 1e6:.1f}M parameters) on http://{shown}:{port}  "
-          f"(playground: /, API: /v1, auth: {'API key' if api_key else 'none'})", flush=True)
+          f"({'playground: /, API: /v1' if hasattr(server, 'engine') else 'API: /v1/classifications'}, "
+          f"auth: {'API key' if api_key else 'none'})", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print("gptforge serve: warning: listening beyond this machine without --api-key", file=sys.stderr, flush=True)
-    config = uvicorn.Config(create_app(server), log_level=args.log_level, access_log=args.log_level in ("debug", "info"),
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level in ("debug", "info"),
                             timeout_graceful_shutdown=3)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _classifier_app(base, adapter, args, options, name: str):
+    """The server and app of a classification folder (no generation routes, no playground)."""
+    from ..classify import load_classifier
+    from ..runtime import resolve_device
+    from ..tokenizer import load_tokenizer
+    from .classify import ClassifierServer, create_classifier_app
+
+    if adapter or args.quantize:
+        raise ServeError(f"{base}: a classifier is served as it is; --adapter and --quantize are for language models")
+    server = ClassifierServer(load_classifier(base, device=resolve_device(args.device)), load_tokenizer(base), options,
+                              model_name=name)
+    return server, create_classifier_app(server)
 
 
 def main(argv: list[str] | None = None) -> int:

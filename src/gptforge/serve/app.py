@@ -333,17 +333,18 @@ class Routes:
         return JSONResponse(error_body("internal server error", "server_error"), 500)
 
 
+def build_app(r: Routes, routes: list[Route], lifespan=None) -> Starlette:
+    """A Starlette app with the routes every model answers (/health, /v1/models) and `routes`, its errors
+    answered as OpenAI error objects."""
+    common = [Route("/health", r.health, methods=["GET"]), Route("/v1/models", r.models, methods=["GET"]),
+              Route("/v1/models/{name:path}", r.model, methods=["GET"])]
+    return Starlette(routes=common + routes, lifespan=lifespan,
+                     exception_handlers={ApiError: r.error, HTTPException: r.error, Exception: r.error})
+
+
 def create_app(server: Server) -> Starlette:
     """The Starlette app for a `Server`; the engine thread starts and stops with the app."""
     r = Routes(server)
-    routes = [
-        Route("/", r.playground, methods=["GET"]),
-        Route("/health", r.health, methods=["GET"]),
-        Route("/v1/models", r.models, methods=["GET"]),
-        Route("/v1/models/{name:path}", r.model, methods=["GET"]),
-        Route("/v1/completions", r.completions, methods=["POST"]),
-        Route("/v1/chat/completions", r.chat, methods=["POST"]),
-    ]
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -351,8 +352,9 @@ def create_app(server: Server) -> Starlette:
         yield
         server.engine.stop()
 
-    return Starlette(routes=routes, lifespan=lifespan,
-                     exception_handlers={ApiError: r.error, HTTPException: r.error, Exception: r.error})
+    return build_app(r, [Route("/", r.playground, methods=["GET"]),
+                         Route("/v1/completions", r.completions, methods=["POST"]),
+                         Route("/v1/chat/completions", r.chat, methods=["POST"])], lifespan)
 
 
 async def _wait_disconnect(request: Request) -> None:

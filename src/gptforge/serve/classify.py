@@ -7,18 +7,16 @@ generation routes, and one route that classifies a text or a list of texts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..classify import GPTClassifier, encode_texts, probabilities
-from .app import Routes, ServeOptions
+from .app import Routes, ServeOptions, build_app
 from .protocol import ApiError, check_fields
 
 MAX_INPUTS = 256  # texts per request
@@ -71,19 +69,7 @@ class ClassifierRoutes(Routes):
 
 def create_classifier_app(server: ClassifierServer) -> Starlette:
     r = ClassifierRoutes(server)
-    routes = [
-        Route("/health", r.health, methods=["GET"]),
-        Route("/v1/models", r.models, methods=["GET"]),
-        Route("/v1/models/{name:path}", r.model, methods=["GET"]),
-        Route("/v1/classifications", r.classifications, methods=["POST"]),
-    ]
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        yield
-
-    return Starlette(routes=routes, lifespan=lifespan,
-                     exception_handlers={ApiError: r.error, HTTPException: r.error, Exception: r.error})
+    return build_app(r, [Route("/v1/classifications", r.classifications, methods=["POST"])])
 
 
 __all__ = ["ClassifierServer", "create_classifier_app"]

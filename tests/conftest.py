@@ -85,3 +85,22 @@ class LazyTransformers:
 
     def __getattr__(self, name):
         return getattr(pytest.importorskip("transformers"), name)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, sample_text):
+    path = tmp_path_factory.mktemp("corpus") / "input.txt"
+    path.write_text(sample_text * 3, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, corpus):
+    """A prepared dataset (vocabulary 300) and its tokenizer, made the way users make them."""
+    from gptforge.data import prepare
+    from gptforge.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("dataset")
+    tok = train_tokenizer([str(corpus)], vocab_size=300, out_dir=root / "tok")
+    prepare([str(corpus)], tok, root / "data")
+    return root / "data", tok

@@ -22,7 +22,6 @@ from gptforge import PRESETS, ConfigError, GPTConfig, build_gpt2_config, preset
     (dict(resid_pdrop=1.5), ["resid_pdrop", "1.5"]),
     (dict(attn_pdrop=-0.1), ["attn_pdrop", "-0.1"]),
     (dict(activation_function="swish"), ["swish", "gelu_new"]),
-    (dict(tie_word_embeddings=False), ["tie_word_embeddings"]),
 ])
 def test_invalid_configs_name_the_values(kwargs, words):
     with pytest.raises(ConfigError) as e:

@@ -219,7 +219,7 @@ def test_train_help_is_grouped_with_choices_and_examples(capsys):
     for group in ("data:", "reading and cleaning:", "model:", "length:", "batch and optimizer:", "precision and speed:",
                   "evaluation and samples:", "checkpoints and output:", "logging:", "examples:"):
         assert f"\n{group}" in out, group
-    assert "--size {gpt2," in out and "--schedule {cosine,linear,constant}" in out and "--field FIELD" in out
+    assert "--size {gpt2," in out and "--schedule {cosine,linear,constant,wsd}" in out and "--field FIELD" in out
     flat = " ".join(out.split())
     assert "sequences per micro-step (per process) (default: 16)" in flat and "torch.compile the model (default: off)" in flat
     assert "(default: None)" not in flat and "(default: )" not in flat

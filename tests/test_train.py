@@ -24,25 +24,6 @@ from gptforge.train import (
 )
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, sample_text):
-    path = tmp_path_factory.mktemp("corpus") / "input.txt"
-    path.write_text(sample_text * 3, encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, corpus):
-    """A prepared dataset and its tokenizer, made the way users make them."""
-    from gptforge.data import prepare
-    from gptforge.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("dataset")
-    tok = train_tokenizer([str(corpus)], vocab_size=300, out_dir=root / "tok")
-    prepare([str(corpus)], tok, root / "data")
-    return root / "data", tok
-
-
 def tiny_model(vocab: int = 300, dropout: float = 0.1) -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
@@ -63,7 +44,7 @@ def test_parse_duration():
 
 
 def test_schedule_warms_up_and_decays_to_floor():
-    cfg = TrainConfig(max_steps=100, learning_rate=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    cfg = TrainConfig(max_steps=100, learning_rate=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
     assert lr_at(cfg, 0, 0.0) < lr_at(cfg, 5, 0.05) < lr_at(cfg, 9, 0.09) <= 1.0
     assert lr_at(cfg, 50, 0.5) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_at(cfg, 100, 1.0) == pytest.approx(0.1)
@@ -290,7 +271,7 @@ def test_cli_trains_from_raw_text(tmp_path, corpus):
 
 
 def test_time_budget_warms_up_over_a_share_of_the_time():
-    cfg = TrainConfig(max_time=100, learning_rate=1.0, min_lr_ratio=0.1)
+    cfg = TrainConfig(max_time=100, learning_rate=1.0, min_lr_ratio=0.1, schedule="cosine")
     assert lr_at(cfg, 0, 0.0, warmup_share=0.02) == 0.0
     assert lr_at(cfg, 5, 0.01, warmup_share=0.02) == pytest.approx(0.5, rel=1e-3)
     assert lr_at(cfg, 9, 0.5, warmup_share=0.02) == pytest.approx(0.55)
@@ -300,10 +281,25 @@ def test_choose_size_follows_the_budget_and_the_data():
     from gptforge.train import SCRATCH_SIZES, TOKENS_PER_PARAM, choose_size
 
     cpu = 3.7e11  # FLOP/s of matrix products (oneDNN), as measured on a 2-core CPU
-    order = [choose_size(10**9, TrainConfig(max_time=t), 5000, flops_per_s=cpu)[0] for t in (60, 3 * 3600, 30 * 24 * 3600)]
+    probed = []
+
+    def rate(config, block):  # a step at 40% of the matrix-product rate, without training anything
+        probed.append(config.n_embd)
+        return 0.4 * cpu / config.flops_per_token(block)
+
+    order = [choose_size(10**9, TrainConfig(max_time=t), 5000, flops_per_s=cpu, rate=rate)[0]
+             for t in (60, 3 * 3600, 30 * 24 * 3600)]
     assert order[0] == "tiny" and SCRATCH_SIZES.index(order[1]) > 0 and order[2] == "gpt2"
     # More time cannot buy a bigger model for data that a small one already sees many times over.
-    assert choose_size(100_000, TrainConfig(max_time=30 * 24 * 3600), 5000, flops_per_s=cpu)[0] == "tiny"
+    assert choose_size(100_000, TrainConfig(max_time=30 * 24 * 3600), 5000, flops_per_s=cpu, rate=rate)[0] == "tiny"
+    # A size that could not be fed even at the full matrix-product rate is ruled out without a probe.
+    probed.clear()
+    size, why = choose_size(10**9, TrainConfig(max_time=60), 5000, flops_per_s=cpu, rate=rate)
+    assert size == "tiny" and probed == [128] and "'mini' would see at most" in why
+    # The measured rate decides: a machine twice as slow as its matrix products suggest gets a smaller model.
+    slow = lambda config, block: rate(config, block) / 8  # noqa: E731
+    assert SCRATCH_SIZES.index(choose_size(10**9, TrainConfig(max_time=3 * 3600), 5000, flops_per_s=cpu, rate=slow)[0]) \
+        < SCRATCH_SIZES.index(order[1])
     # Without a time budget the count of tokens is exact: steps x batch x block, or epochs x data.
     # 1,000 steps x 16 x 128 = 2.0M tokens for tiny (1.45M parameters: 1.4 each, the smallest is always
     # allowed); mini would see 1,000 x 16 x 256 = 4.1M for 7.7M parameters: 0.53 each, below TOKENS_PER_PARAM.
@@ -312,3 +308,11 @@ def test_choose_size_follows_the_budget_and_the_data():
     # 10,000 steps: small sees 81.9M tokens (6.4 each); gpt2 would see 164M for its 89.7M parameters: 1.8.
     assert choose_size(10**9, TrainConfig(max_steps=10_000, batch_size=16), 5000)[0] == "small"
     assert choose_size(10**8, TrainConfig(epochs=1), 5000)[0] == "small"  # 100M tokens; gpt2 1.1 each
+
+
+def test_training_rate_is_measured_on_the_runs_batch_shape():
+    from gptforge.train import training_rate
+
+    config = GPTConfig(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=2)
+    fast = training_rate(config, 16, TrainConfig(batch_size=2, device="cpu"))
+    assert 0 < fast < float("inf")

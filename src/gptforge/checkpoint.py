@@ -38,11 +38,11 @@ _BUFFERS = re.compile(r"\.attn\.(bias|masked_bias)$")
 # --- state dict conversion ---------------------------------------------------------------
 
 
-def to_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our parameters under GPT2LMHeadModel names and layouts, without the tied `lm_head.weight`."""
+def to_hf_state_dict(state_dict: dict[str, torch.Tensor], tied: bool = True) -> dict[str, torch.Tensor]:
+    """Our parameters under GPT2LMHeadModel names and layouts, without `lm_head.weight` when it is tied."""
     out = {}
     for name, t in state_dict.items():
-        if name == "lm_head.weight":
+        if name == "lm_head.weight" and tied:
             continue
         t = t.detach()
         out[name] = (t.t() if _CONV1D.search(name) else t).contiguous().cpu()
@@ -72,12 +72,13 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig, source: s
             )
         out[key] = t.t() if _CONV1D.search(key) else t
     head, wte = out.get("lm_head.weight"), out.get("transformer.wte.weight")
-    if head is not None and wte is not None and head.data_ptr() != wte.data_ptr() and not torch.equal(head, wte):
-        raise CheckpointError(
-            f"{source}: lm_head.weight differs from transformer.wte.weight; gptforge ties the output head "
-            "to the token embedding (tie_word_embeddings=True) and cannot load an untied head"
-        )
-    out["lm_head.weight"] = wte
+    if config.tie_word_embeddings:
+        if head is not None and wte is not None and head.data_ptr() != wte.data_ptr() and not torch.equal(head, wte):
+            raise CheckpointError(
+                f"{source}: lm_head.weight differs from transformer.wte.weight, but the config ties them "
+                "(tie_word_embeddings is true); set it to false in config.json if the head is its own matrix"
+            )
+        out["lm_head.weight"] = wte
     missing = sorted(k for k in expected if k not in out or out[k] is None)
     if missing:
         raise CheckpointError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -204,7 +205,7 @@ def load_model(
         sd = from_hf_state_dict(read_state_dict(path), config, source=str(path))
         model = GPT.empty(config)
         model.load_state_dict(sd, assign=True)
-        model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied tensor
+        model.tie_weights()  # assign=True replaced the tied tensor
     model.generation_config = read_generation_config(folder)  # kept when the model is saved again
     model.to(device=device, dtype=dtype)
     model.eval()
@@ -228,7 +229,8 @@ def save_model(model: GPT, folder: str | os.PathLike, tokenizer=None, *, state_d
 
         save_quantized_weights(model, folder)
     else:
-        weights = to_hf_state_dict(state_dict if state_dict is not None else model.state_dict())
+        weights = to_hf_state_dict(state_dict if state_dict is not None else model.state_dict(),
+                                   tied=model.config.tie_word_embeddings)
         atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
     gen = generation_config(model, tokenizer)
     atomic_write(folder / "generation_config.json", lambda p: p.write_text(json.dumps(gen, indent=2) + "\n"))

@@ -165,11 +165,15 @@ def load_classifier(name_or_path: str | os.PathLike, device: str | torch.device 
         found = "no score.weight" if score is None else f"score.weight of shape {tuple(score.shape)}"
         raise CheckpointError(f"{folder}: {found}; a classifier of {len(labels_of(config))} labels and n_embd={config.n_embd} "
                               f"needs score.weight of shape ({len(labels_of(config))}, {config.n_embd})")
+    if not config.tie_word_embeddings and "lm_head.weight" not in sd:  # transformers' classifiers keep no LM head
+        wte = sd.get("transformer.wte.weight", sd.get("wte.weight"))
+        if wte is not None:
+            sd["lm_head.weight"] = wte.clone()
     sd = from_hf_state_dict(sd, config, source=str(path))
     sd["score.weight"] = score
     model = GPTClassifier.empty(config)
     model.load_state_dict(sd, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight
+    model.tie_weights()
     return model.to(device).eval()
 
 

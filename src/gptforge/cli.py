@@ -84,7 +84,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     options = option_values(args, TrainConfig)
     extra = dict(lora=LoRAOptions(**option_values(args, LoRAOptions)), instruct=InstructOptions(**option_values(args, InstructOptions)))
     inputs = inputs_of(args, list(args.inputs) + ([args.train_file] if args.train_file else []))
-    overrides = {k: getattr(args, k) for k in ("n_layer", "n_embd", "n_head", "n_positions", "dropout") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("n_layer", "n_embd", "n_head", "n_positions", "dropout", "activation_function",
+                                               "tie_word_embeddings") if getattr(args, k) is not None}
     if "dropout" in overrides:
         p = overrides.pop("dropout")
         overrides.update(resid_pdrop=p, embd_pdrop=p, attn_pdrop=p)

@@ -18,10 +18,10 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, groups: dict | N
         meta = f.metadata
         flag = "--" + (meta.get("flag") or f.name).replace("_", "-")
         where = (groups or {}).get(group_of.get(f.name), parser)
-        if f.type in ("bool", bool):
+        if f.type in ("bool", bool, "bool | None"):
             action = where.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                         help=meta.get("help", ""))
-            shown = "on" if f.default else "off"
+            shown = None if f.default is None else "on" if f.default else "off"
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
             if f.name == "max_time":
@@ -107,7 +107,7 @@ TRAIN_EXAMPLES = """examples:
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """`gptforge train`'s options, in groups (options.TRAIN_GROUPS), the reading group shared with prepare."""
-    from .config import PRESETS
+    from .config import ACTIVATIONS, PRESETS
     from .options import TRAIN_GROUPS, InstructOptions, LoRAOptions, TrainConfig
 
     p.add_argument("--config", metavar="FILE", help="read options from a YAML or JSON file with the flags' names "
@@ -129,6 +129,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     for name in ("n_layer", "n_embd", "n_head", "n_positions"):
         g.add_argument("--" + name.replace("_", "-"), dest=name, type=int, help=f"from scratch: override the preset's {name}")
     g.add_argument("--dropout", type=float, help="from scratch: residual, embedding and attention dropout (default: the preset's; 0 for tiny/mini/small, 0.1 for gpt2 sizes)")
+    g.add_argument("--activation", dest="activation_function", choices=ACTIVATIONS,
+                   help="from scratch: the MLP's activation_function (default: the preset's)")
+    g.add_argument("--tie-embeddings", dest="tie_word_embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="from scratch: the output head shares the token embedding's matrix (default: the preset's)")
     groups["precision and speed"].add_argument("--nproc", type=int, help="launch this many processes with torchrun (data parallel)")
     add_dataclass_options(p, TrainConfig, groups)
     add_dataclass_options(p, LoRAOptions, groups)

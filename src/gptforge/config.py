@@ -68,8 +68,6 @@ class GPTConfig:
                 f"activation_function={self.activation_function!r} is not supported; "
                 f"choose one of {sorted(ACTIVATIONS)}"
             )
-        if not self.tie_word_embeddings:
-            raise ConfigError("tie_word_embeddings=False is not supported: GPT-2 ties its output head to wte")
         if self.scale_attn_by_inverse_layer_idx or self.reorder_and_upcast_attn or not self.scale_attn_weights:
             raise ConfigError(
                 "only standard GPT-2 attention is supported "
@@ -138,7 +136,7 @@ _HF_DEFAULTS = dict(summary_type="cls_index", summary_use_proj=True, summary_act
                     summary_proj_to_labels=True, summary_first_dropout=0.1, use_cache=True)
 _MISSING = object()
 
-ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "gelu_fast", "quick_gelu")
+ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "relu2", "gelu_fast", "quick_gelu")
 
 # Named sizes. The first four are OpenAI's GPT-2 releases; the small ones train usefully on a laptop CPU.
 # The laptop presets train from scratch without dropout: a model that sees its data a few times is short

@@ -26,6 +26,8 @@ def _activation(name: str):
         return F.gelu
     if name == "relu":
         return F.relu
+    if name == "relu2":
+        return lambda x: F.relu(x).square()  # squared ReLU (transformers' "relu2")
     if name == "quick_gelu":
         return lambda x: x * torch.sigmoid(1.702 * x)
     raise ValueError(f"unsupported activation_function {name!r}")
@@ -123,14 +125,15 @@ class Transformer(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2 language model (transformers' GPT2LMHeadModel), output head tied to the token embedding."""
+    """GPT-2 language model (transformers' GPT2LMHeadModel), output head tied to the token embedding
+    (or not, with `tie_word_embeddings=False`)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
         self.transformer = Transformer(config)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight
+        self.tie_weights()
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): each block adds two of them.
         for name, p in self.named_parameters():
@@ -154,6 +157,12 @@ class GPT(nn.Module):
         finally:
             for name, fn in saved.items():
                 setattr(nn.init, name, fn)
+
+    def tie_weights(self) -> None:
+        """The output head shares wte's tensor (GPT-2's choice; again after loading with assign=True, which
+        replaces it), unless the config unties them (`tie_word_embeddings=False`: a matrix of its own)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

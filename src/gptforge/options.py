@@ -68,8 +68,10 @@ def parse_duration(text: str | float | int) -> float:
 
 # Defaults that differ between training from scratch and fine-tuning a pretrained model. A pretrained
 # model needs a small step size or it forgets what it knows; a fresh small model learns fastest with a large one.
-SCRATCH_DEFAULTS = dict(learning_rate=1e-3, warmup_steps=100, weight_decay=0.1, beta2=0.95)
-FINETUNE_DEFAULTS = dict(learning_rate=5e-5, warmup_steps=50, weight_decay=0.01, beta2=0.999)
+SCRATCH_DEFAULTS = dict(learning_rate=1e-3, warmup_steps=100, weight_decay=0.1, beta2=0.95, optimizer="adamw",
+                        schedule="cosine", min_lr_ratio=0.1, zero_init=False)
+FINETUNE_DEFAULTS = dict(learning_rate=5e-5, warmup_steps=50, weight_decay=0.01, beta2=0.999, optimizer="adamw",
+                         schedule="cosine", min_lr_ratio=0.1, zero_init=False)
 
 
 @dataclass
@@ -89,14 +91,21 @@ class TrainConfig:
     batch_mode: str = opt("random", "random windows, or sequential passes over the data", choices=("random", "sequential"))
     stride: int | None = opt(None, "sequential mode: tokens between window starts (default: block size; half a block overlaps)")
     # optimizer and schedule
-    learning_rate: float | None = opt(None, "peak learning rate (default 1e-3 from scratch, 5e-5 fine-tuning)", flag="lr")
-    min_lr_ratio: float = opt(0.1, "the schedule decays to learning_rate x this")
-    schedule: str = opt("cosine", "cosine, linear or constant after warmup", choices=("cosine", "linear", "constant"))
+    learning_rate: float | None = opt(None, "peak learning rate of AdamW (default 1e-3 from scratch, 5e-5 fine-tuning)", flag="lr")
+    min_lr_ratio: float | None = opt(None, "the schedule decays to learning_rate x this (default 0.1)")
+    schedule: str | None = opt(None, "after warmup: cosine, linear, constant, or wsd (constant, then a linear cooldown; "
+                               "default cosine)", choices=("cosine", "linear", "constant", "wsd"))
+    cooldown: float = opt(0.4, "wsd schedule: the share of the run at its end spent decaying")
     warmup_steps: int | None = opt(None, "linear warmup steps (default 100 from scratch, 50 fine-tuning)")
     weight_decay: float | None = opt(None, "AdamW weight decay on matrices and embeddings (default 0.1 from scratch, 0.01 fine-tuning)")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float | None = opt(None, "AdamW beta2 (default 0.95 from scratch, 0.999 fine-tuning)")
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0 turns clipping off)")
+    optimizer: str | None = opt(None, "adamw, or muon (Muon for the matrices inside the blocks, AdamW for the rest; "
+                                "default adamw)", choices=("adamw", "muon"))
+    muon_lr: float = opt(0.02, "Muon's peak learning rate (the schedule scales it as it scales --lr)")
+    zero_init: bool | None = opt(None, "from scratch: start the blocks' output projections (attn and MLP c_proj) at zero "
+                                 "(default off)")
     # speed
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
     precision: str = opt("auto", "auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16 (with a gradient scaler)",
@@ -106,7 +115,7 @@ class TrainConfig:
     fsdp: bool = opt(False, "shard parameters, gradients and optimizer state across the torchrun processes (big models)")
     # watching
     log_interval: int = opt(10, "steps between log lines (the only host syncs of the step loop)")
-    eval_interval: int | None = opt(200, "steps between validation evaluations")
+    eval_interval: int | None = opt(1000, "steps between validation evaluations (each costs time a timed run does not train)")
     eval_tokens: int | None = opt(1 << 17, "validation tokens per periodic evaluation (the final one uses all)")
     sample_interval: int | None = opt(None, "steps between text samples (default: eval interval)")
     sample_prompt: str = opt("", "prompt for the samples (default: start of a document)")
@@ -134,7 +143,8 @@ class TrainConfig:
             "keep_checkpoints": (1, None, True, int), "max_steps": (0, None, False, int), "epochs": (0, None, False, float),
             "max_time": (0, None, False, float), "eval_interval": (0, None, True, int), "save_steps": (0, None, False, int),
             "block_size": (0, None, False, int), "stride": (0, None, False, int), "learning_rate": (0, None, False, float),
-            "min_lr_ratio": (0, 1, True, float), "warmup_steps": (0, None, True, int), "weight_decay": (0, None, True, float),
+            "min_lr_ratio": (0, 1, True, float), "cooldown": (0, 1, True, float), "muon_lr": (0, None, False, float),
+            "warmup_steps": (0, None, True, int), "weight_decay": (0, None, True, float),
             "beta1": (0, 1, True, float), "beta2": (0, 1, True, float), "grad_clip": (0, None, True, float),
             "eval_tokens": (0, None, False, int), "sample_tokens": (0, None, True, int), "sample_interval": (0, None, True, int),
             "early_stopping": (0, None, False, int), "save_minutes": (0, None, False, float), "seed": (0, 2**63 - 1, True, int),
@@ -142,12 +152,14 @@ class TrainConfig:
         unknown = [r for r in self.reporters if r not in REPORTERS]
         if unknown:
             raise OptionError(f"--report-to {self.report_to!r}: {', '.join(unknown)} unknown; choose from {', '.join(REPORTERS)}")
-        for name in ("schedule", "precision", "batch_mode"):
+        for name in ("schedule", "precision", "batch_mode", "optimizer"):
             choices = next(f.metadata["choices"] for f in dataclasses.fields(self) if f.name == name)
-            if getattr(self, name) not in choices:
+            if getattr(self, name) not in (*choices, None):
                 raise OptionError(f"{flag_of(TrainConfig, name)} {getattr(self, name)!r}: choose {', '.join(choices)}")
         if self.resume and self.overwrite:
             raise OptionError("--resume continues the run in --out and --overwrite replaces it; give one of them")
+        if self.optimizer == "muon" and self.fsdp:
+            raise OptionError("--optimizer muon orthogonalises whole matrices, which --fsdp shards; use DDP (no --fsdp) or adamw")
 
 
     @property
@@ -166,7 +178,8 @@ TRAIN_GROUPS = {
     "model": ("freeze", "seed"),
     "length": ("max_steps", "epochs", "max_time"),
     "batch and optimizer": ("batch_size", "grad_accum", "block_size", "batch_mode", "stride", "learning_rate", "min_lr_ratio",
-                            "schedule", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip"),
+                            "schedule", "cooldown", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip",
+                            "optimizer", "muon_lr", "zero_init"),
     "precision and speed": ("device", "precision", "compile", "gradient_checkpointing", "fsdp"),
     "evaluation and samples": ("eval_interval", "eval_tokens", "sample_interval", "sample_prompt", "sample_tokens", "early_stopping"),
     "checkpoints and output": ("out_dir", "save_steps", "save_minutes", "keep_checkpoints", "resume", "overwrite"),

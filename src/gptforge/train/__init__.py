@@ -10,8 +10,8 @@ _EXPORTS = {
     ".optim": ["apply_freeze", "configure_optimizer", "lr_at"],
     ".logging": ["RunLog"],
     ".loop": ["TrainResult", "Trainer", "refuse_previous_run"],
-    ".pipeline": ["MAX_EPOCHS_COUNTED", "SCRATCH_SIZES", "STEP_EFFICIENCY", "TOKENS_PER_PARAM", "build_model",
-                  "choose_size", "load_model_folder", "matmul_flops", "run_training", "train"],
+    ".pipeline": ["MAX_EPOCHS_COUNTED", "SCRATCH_SIZES", "TOKENS_PER_PARAM", "build_model", "choose_size",
+                  "load_model_folder", "matmul_flops", "run_training", "train", "training_rate"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -224,13 +224,15 @@ def describe_run(trainer) -> str:
     warmup = f"{trainer.warmup_share:.0%} of the run" if trainer.warmup_share else f"{cfg.warmup_steps} steps"
     world = trainer.dist.world_size
     frozen = f", {trainer.frozen:,} frozen" if trainer.frozen else ""
+    muon = f"Muon lr {cfg.muon_lr:g} for the block matrices, " if cfg.optimizer == "muon" else ""
+    schedule = f"wsd, cooldown {cfg.cooldown:.0%}" if cfg.schedule == "wsd" else cfg.schedule
     return (
         f"model: {trainer.model.num_params() / 1e6:.2f}M parameters (n_layer={c.n_layer}, n_embd={c.n_embd}, "
         f"n_head={c.n_head}, vocab={c.vocab_size}){frozen}\n"
         f"device: {trainer.device}, precision: {str(trainer.dtype).removeprefix('torch.')}, world size {world}\n"
         f"batch: {cfg.batch_size} x {trainer.block_size} tokens x {cfg.grad_accum} accumulation"
         f"{f' x {world} ranks' if world > 1 else ''} = {trainer.tokens_per_step:,} tokens per step\n"
-        f"optimizer: AdamW lr {cfg.learning_rate:g} ({cfg.schedule}, warmup {warmup}, floor x{cfg.min_lr_ratio}), "
+        f"optimizer: {muon}AdamW lr {cfg.learning_rate:g} ({schedule}, warmup {warmup}, floor x{cfg.min_lr_ratio}), "
         f"weight decay {cfg.weight_decay}, betas ({cfg.beta1}, {cfg.beta2}), clip {cfg.grad_clip}\n"
         f"length: {length}; {trainer.task.size()}; output: {trainer.out}"
     )

@@ -66,6 +66,8 @@ class Trainer:
                  on_step: Callable[["Trainer"], None] | None = None, task: Task | None = None):
         defaults = FINETUNE_DEFAULTS if finetune else SCRATCH_DEFAULTS
         unset = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
+        if cfg.fsdp and unset.get("optimizer") == "muon":
+            unset["optimizer"] = "adamw"  # Muon needs whole matrices
         self.cfg = cfg = dataclasses.replace(cfg, **unset)
         self.out = Path(cfg.out_dir)
         self.data, self.tokenizer, self.on_step = data, tokenizer, on_step
@@ -91,6 +93,9 @@ class Trainer:
         self._resume_from, self._resume_state = self._latest_checkpoint() if cfg.resume else (None, None)
         if self._resume_from is not None:  # weights first: sharding and the optimizer start from them
             self.task.load(model, self._resume_from)
+            # the defaults a run started with stay its defaults (a run begun by an older version resumes as it began)
+            saved = self._resume_state.get("train_config", {}) if self._resume_state else {}
+            self.cfg = cfg = dataclasses.replace(cfg, **{k: saved[k] for k in unset if saved.get(k) is not None})
         self.fsdp = cfg.fsdp and self.dist.world_size > 1
         if self.fsdp:
             shard_model(model)
@@ -234,7 +239,7 @@ class Trainer:
 
     def _optimizer_step(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_ratio", 1.0)
         if self.cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip)

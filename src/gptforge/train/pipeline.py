@@ -17,7 +17,7 @@ from ..errors import ConfigError, DataError, TokenizerError
 from ..fsio import folder_of, write_text
 from ..kernels import matmul
 from ..model import GPT
-from ..options import InstructOptions, LoRAOptions, TrainConfig
+from ..options import SCRATCH_DEFAULTS, InstructOptions, LoRAOptions, TrainConfig
 from ..runtime import pick_precision, resolve_device, world_size
 from .logging import check_reporters
 from .finetune import add_lora, check_lora, example_inputs, instruction_task
@@ -35,6 +35,16 @@ def build_model(init: str | None = None, size: str | GPTConfig = "mini", **overr
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config = dataclasses.replace(size, **overrides) if isinstance(size, GPTConfig) else preset(size, **overrides)
     return GPT(config), False
+
+
+@torch.no_grad()
+def zero_output_projections(model: GPT) -> None:
+    """Each block's attention and MLP output projections start at zero: every block begins as the identity
+    and the residual stream as the embeddings, and the first steps shape the blocks' outputs rather than undo
+    random ones (as the fast small-GPT training recipes do)."""
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            p.zero_()
 
 
 def train(model: GPT, data, config: TrainConfig | None = None, *, tokenizer=None, finetune: bool = False,
@@ -68,38 +78,67 @@ def matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: in
     return 2 * n**3 / min(times[1:])
 
 
+def training_rate(config: GPTConfig, block: int, cfg: TrainConfig, repeats: int = 2) -> float:
+    """Training tokens per second of a fresh model of `config` on the run's device, precision and batch
+    shape, measured: the best of `repeats` forward and backward passes after a warm-up (the optimizer step
+    adds little at these sizes). What a size would really train at on this machine, now."""
+    device = resolve_device(cfg.device)
+    dtype = pick_precision(cfg.precision, device)
+    model = GPT(config).to(device).train()
+    x = torch.randint(0, config.vocab_size, (cfg.batch_size, block + 1), device=device)
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return cfg.batch_size * block / min(times[1:])
+
+
 SCRATCH_SIZES = ("tiny", "mini", "small", "gpt2")  # the presets `choose_size` picks from, smallest first
 TOKENS_PER_PARAM = 2.0  # a size is picked only if the run shows it at least this many tokens per parameter
 MAX_EPOCHS_COUNTED = 10  # passes over the data beyond this many teach a model little more
-STEP_EFFICIENCY = 0.4  # share of the matmul rate a training step achieves (2-core CPU, oneDNN: tiny 40%, mini 55%)
 
 
-def choose_size(train_tokens: int, cfg: TrainConfig, vocab_size: int, *, flops_per_s: float | None = None) -> tuple[str, str]:
+def choose_size(train_tokens: int, cfg: TrainConfig, vocab_size: int, *, flops_per_s: float | None = None,
+                rate: Callable[[GPTConfig, int], float] | None = None) -> tuple[str, str]:
     """The preset for a from-scratch run where the user named none, and the reason, in words.
 
     The largest of SCRATCH_SIZES that the run can feed: one that will see at least TOKENS_PER_PARAM
     training tokens per parameter, repeats of the data beyond MAX_EPOCHS_COUNTED passes not counted.
-    What a run will see follows from --max-steps or --epochs; for --max-time it is estimated from the
-    device's matrix-product rate (`flops_per_s`, measured when not given) and each size's FLOPs per token.
-    A short CPU budget thus gets a small model that takes many steps rather than a big one that takes few:
-    in ten minutes on a 2-core CPU, `tiny` reached 2.12 bits per byte on fortunes_en.txt where `mini`
-    reached 2.44 (docs/benchmarks.md).
+    What a run will see follows from --max-steps or --epochs; for --max-time it is measured: a size that
+    could not see enough even at the device's full matrix-product rate (`flops_per_s`, measured when not
+    given) is ruled out at once, and the others train a few steps on the run's device and batch shape
+    (`rate(config, block)` gives tokens per second; `training_rate` when not given), so the estimate holds
+    on any machine without a constant measured on one. A short CPU budget thus gets a small model that
+    takes many steps rather than a big one that takes few (docs/training.md).
     """
     world = world_size()
     if cfg.max_time is not None and flops_per_s is None:
         device = resolve_device(cfg.device)
         flops_per_s = matmul_flops(device, pick_precision(cfg.precision, device)) * world
+    rate = rate or (lambda config, block: training_rate(config, block, cfg))
     chosen, why = SCRATCH_SIZES[0], ""
     for name in SCRATCH_SIZES:
         config = preset(name, vocab_size=vocab_size)
         block = min(cfg.block_size or config.n_positions, config.n_positions)
+        cap = MAX_EPOCHS_COUNTED * train_tokens
         if cfg.max_time is not None:
-            tokens, how = cfg.max_time * flops_per_s * STEP_EFFICIENCY / config.flops_per_token(block), "in the time"
+            peak = cfg.max_time * flops_per_s / config.flops_per_token(block)
+            if name != SCRATCH_SIZES[0] and min(peak, cap) / config.num_params() < TOKENS_PER_PARAM:
+                per_param = min(peak, cap) / config.num_params()
+                return chosen, f"{why}; {name!r} would see at most {per_param:.2g} per parameter"
+            tokens, how = cfg.max_time * rate(config, block) * world, "in the time (measured rate)"
         elif cfg.max_steps is not None:
             tokens, how = cfg.max_steps * cfg.batch_size * cfg.grad_accum * world * block, "in the steps"
         else:
             tokens, how = (cfg.epochs or 1.0) * train_tokens, "in the epochs"
-        seen = min(tokens, MAX_EPOCHS_COUNTED * train_tokens)
+        seen = min(tokens, cap)
         per_param = seen / config.num_params()
         line = f"about {seen / 1e6:,.1f}M tokens {how}, {per_param:.2g} per parameter"
         if name != SCRATCH_SIZES[0] and per_param < TOKENS_PER_PARAM:
@@ -262,6 +301,8 @@ def run_training(
                 log(f"model size: {size!r}: {why} (choose another with --size)")
             torch.manual_seed(cfg.seed)  # the same fresh weights on every rank and every rerun
             model, _ = build_model(size=size, **overrides)
+            if SCRATCH_DEFAULTS["zero_init"] if cfg.zero_init is None else cfg.zero_init:
+                zero_output_projections(model)
         if cfg.max_steps is None and cfg.epochs is None and cfg.max_time is None:
             cfg = dataclasses.replace(cfg, epochs=1.0)
             log("length: 1 epoch (set --max-steps, --epochs or --max-time)")
@@ -272,5 +313,5 @@ def run_training(
         return trainer.run()
 
 
-__all__ = ["MAX_EPOCHS_COUNTED", "SCRATCH_SIZES", "STEP_EFFICIENCY", "TOKENS_PER_PARAM", "build_model", "choose_size",
-           "load_model_folder", "matmul_flops", "run_training", "train"]
+__all__ = ["MAX_EPOCHS_COUNTED", "SCRATCH_SIZES", "TOKENS_PER_PARAM", "build_model", "choose_size", "load_model_folder",
+           "matmul_flops", "run_training", "train", "training_rate", "zero_output_projections"]

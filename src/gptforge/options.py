@@ -115,7 +115,7 @@ class TrainConfig:
     fsdp: bool = opt(False, "shard parameters, gradients and optimizer state across the torchrun processes (big models)")
     # watching
     log_interval: int = opt(10, "steps between log lines (the only host syncs of the step loop)")
-    eval_interval: int | None = opt(1000, "steps between validation evaluations (each costs time a timed run does not train)")
+    eval_interval: int | None = opt(200, "steps between validation evaluations (each costs time a timed run does not train)")
     eval_tokens: int | None = opt(1 << 17, "validation tokens per periodic evaluation (the final one uses all)")
     sample_interval: int | None = opt(None, "steps between text samples (default: eval interval)")
     sample_prompt: str = opt("", "prompt for the samples (default: start of a document)")

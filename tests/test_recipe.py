@@ -165,3 +165,25 @@ def test_a_head_that_differs_from_wte_in_a_tied_config_is_an_error(tmp_path):
     config.write_text(config.read_text().replace('"tie_word_embeddings": false', '"tie_word_embeddings": true'))
     with pytest.raises(CheckpointError, match="tie_word_embeddings"):
         load_model(tmp_path / "m")
+
+
+def test_classifier_from_an_untied_language_model_round_trips_through_transformers(tmp_path):
+    from gptforge.classify import from_language_model, load_classifier, save_classifier
+
+    lm = _model(tie_word_embeddings=False)
+    with torch.no_grad():
+        lm.lm_head.weight.add_(0.01)
+    clf = from_language_model(lm, ["a", "b", "c"], pad_token_id=0).eval()
+    save_classifier(clf, tmp_path / "ours")
+    ids = torch.randint(1, 300, (2, 10))
+    with torch.no_grad():
+        ours = clf(ids)
+        back = load_classifier(tmp_path / "ours")  # our folder keeps the LM head (the auxiliary loss reads it)
+        torch.testing.assert_close(back(ids), ours)
+        assert torch.equal(back.lm_head.weight, lm.lm_head.weight)
+        hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "ours").eval()
+        torch.testing.assert_close(hf(ids).logits, ours, atol=1e-5, rtol=1e-4)
+        hf.save_pretrained(tmp_path / "theirs")  # transformers keeps no LM head: wte stands in for it
+        theirs = load_classifier(tmp_path / "theirs")
+        torch.testing.assert_close(theirs(ids), ours, atol=1e-5, rtol=1e-4)
+        assert torch.equal(theirs.lm_head.weight, theirs.transformer.wte.weight)

@@ -32,13 +32,6 @@ def random_texts(n: int, seed: int = 0) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, sample_text):
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(sample_text * 3, encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
 def bpe(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("bpe")
     return train_tokenizer([corpus], vocab_size=600, out_dir=out), out

@@ -62,20 +62,25 @@ def train(model: GPT, data, config: TrainConfig | None = None, *, tokenizer=None
 # --- model size -----------------------------------------------------------------------------------------
 
 
+def best_seconds(step: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """The shortest of `repeats` timed calls of `step` on `device`, after one untimed warm-up call."""
+    times = []
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
 def matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
     """The best FLOP/s of `repeats` n x n matrix products on `device`, by the kernel the model's layers use
     (`kernels.matmul`: oneDNN on x86 CPUs): what the hardware gives right now."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for _ in range(repeats + 1):  # the first is a warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        matmul(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / min(times[1:])
+    return 2 * n**3 / best_seconds(lambda: matmul(a, b), device, repeats)
 
 
 def training_rate(config: GPTConfig, block: int, cfg: TrainConfig, repeats: int = 2) -> float:
@@ -86,18 +91,13 @@ def training_rate(config: GPTConfig, block: int, cfg: TrainConfig, repeats: int 
     dtype = pick_precision(cfg.precision, device)
     model = GPT(config).to(device).train()
     x = torch.randint(0, config.vocab_size, (cfg.batch_size, block + 1), device=device)
-    times = []
-    for _ in range(repeats + 1):  # the first is a warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+
+    def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             _, loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return cfg.batch_size * block / min(times[1:])
+
+    return cfg.batch_size * block / best_seconds(step, device, repeats)
 
 
 SCRATCH_SIZES = ("tiny", "mini", "small", "gpt2")  # the presets `choose_size` picks from, smallest first
@@ -129,10 +129,9 @@ def choose_size(train_tokens: int, cfg: TrainConfig, vocab_size: int, *, flops_p
         block = min(cfg.block_size or config.n_positions, config.n_positions)
         cap = MAX_EPOCHS_COUNTED * train_tokens
         if cfg.max_time is not None:
-            peak = cfg.max_time * flops_per_s / config.flops_per_token(block)
-            if name != SCRATCH_SIZES[0] and min(peak, cap) / config.num_params() < TOKENS_PER_PARAM:
-                per_param = min(peak, cap) / config.num_params()
-                return chosen, f"{why}; {name!r} would see at most {per_param:.2g} per parameter"
+            at_most = min(cfg.max_time * flops_per_s / config.flops_per_token(block), cap) / config.num_params()
+            if name != SCRATCH_SIZES[0] and at_most < TOKENS_PER_PARAM:
+                return chosen, f"{why}; {name!r} would see at most {at_most:.2g} per parameter"
             tokens, how = cfg.max_time * rate(config, block) * world, "in the time (measured rate)"
         elif cfg.max_steps is not None:
             tokens, how = cfg.max_steps * cfg.batch_size * cfg.grad_accum * world * block, "in the steps"

@@ -315,6 +315,72 @@ def test_dropout_is_active_in_training_and_off_in_eval():
         torch.testing.assert_close(plain(ids)[0], c, atol=1e-6, rtol=0)
 
 
+def _cpu_kernels_or_skip():
+    if not kernels.enabled():
+        pytest.skip(f"{kernels.SWITCH}=0: the CPU dropout and attention kernels are off")
+
+
+def test_dropout_keeps_no_mask_and_its_gradient_is_the_mask():
+    _cpu_kernels_or_skip()
+    x = (torch.rand(64, 256) + 0.5).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = kernels.dropout(x, 0.25)
+    assert not saved  # torch's CPU dropout would keep a float mask as large as x
+    mask = (y / x).detach()
+    assert ((mask == 0) | ((mask - 1 / 0.75).abs() < 1e-5)).all()
+    assert abs((mask == 0).float().mean().item() - 0.25) < 0.02
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, mask)
+
+
+def _reference_attention(q, k, v, allowed, keep):
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    return (scores.masked_fill(~allowed, float("-inf")).softmax(-1) * keep) @ v
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_attention_with_dropout_matches_the_plain_formula_with_the_same_mask(padded):
+    """Output and gradients equal autograd through softmax(q k^T / sqrt(d)) * mask @ v with the mask of the
+    same seed, while only q, k, v and the boolean mask are kept for the backward pass."""
+    _cpu_kernels_or_skip()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, generator=g).requires_grad_() for _ in range(3))
+    mask = None
+    allowed = torch.ones(10, 10, dtype=torch.bool).tril()
+    if padded:
+        mask = GPT._attention_mask(10, 0, torch.tensor([[1] * 10, [0] * 3 + [1] * 7]), "cpu")
+        allowed = mask
+    torch.manual_seed(5)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = kernels.attention(q, k, v, mask, dropout_p=0.3, is_causal=mask is None)
+    assert all(t.numel() <= q.numel() for t in saved if t.dtype != torch.bool)  # nothing of (B, H, T, T) floats
+    gy = torch.randn(y.shape, generator=g)
+    ours = torch.autograd.grad(y, (q, k, v), gy)
+
+    torch.manual_seed(5)
+    keep = kernels._keep_scaled(torch.empty(2, 3, 10, 10), 0.3, kernels._draw_seed())
+    assert 0.15 < (keep == 0).float().mean() < 0.45
+    ref = _reference_attention(q, k, v, allowed, keep)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(ours, torch.autograd.grad(ref, (q, k, v), gy)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_without_dropout_is_torchs():
+    """With p = 0 the kernel's formula is SDPA's: the same output and gradients."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 12, 8, generator=g).requires_grad_() for _ in range(3))
+    allowed = torch.ones(12, 12, dtype=torch.bool).tril()
+    ours = kernels._DropoutAttention.apply(q, k, v, allowed, 0.0)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    gy = torch.randn(ref.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(ours, (q, k, v), gy), torch.autograd.grad(ref, (q, k, v), gy)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.skipif(not kernels.onednn(), reason="no oneDNN fast path in this torch build or on this CPU")
 def test_cpu_inference_weights_give_the_same_logits_and_follow_weight_updates():
     torch.manual_seed(0)

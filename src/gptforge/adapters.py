@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from .errors import CheckpointError, NotFoundError, OptionError
 from .fsio import atomic_dir, atomic_write
-from .kernels import Linear
+from .kernels import Dropout, Linear
 from .model import GPT
 
 CONFIG_NAME = "adapter_config.json"
@@ -46,7 +46,7 @@ class LoRALinear(Linear):
         kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = Linear(base.in_features, r, **kw)
         self.lora_B = Linear(r, base.out_features, **kw)
-        self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.lora_dropout = Dropout(dropout) if dropout else nn.Identity()
         self.scaling = alpha / (math.sqrt(r) if rslora else r)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # peft's initialisation: B = 0, no change yet
         nn.init.zeros_(self.lora_B.weight)

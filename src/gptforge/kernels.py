@@ -175,6 +175,98 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return total / count
 
 
+# --- dropout that keeps no mask ------------------------------------------------------------------------
+
+
+def _cpu_path(x: torch.Tensor) -> bool:
+    return enabled() and x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _draw_seed() -> int:
+    """A seed from torch's global generator: runs seeded with `torch.manual_seed` repeat, and activation
+    checkpointing (which restores the generator before recomputing) draws the same one again."""
+    return int(torch.randint(2**62, (), dtype=torch.long))
+
+
+def _keep_scaled(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """The dropout mask of `seed`: 1/(1-p) where kept, 0 where dropped; the same tensor every time."""
+    g = torch.Generator(device=like.device).manual_seed(seed)
+    uniform = torch.rand(like.shape, generator=g, dtype=like.dtype, device=like.device)
+    return uniform.lt_(1 - p).div_(1 - p)  # torch.rand is twice as fast as bernoulli_ on the CPU
+
+
+class _Dropout(torch.autograd.Function):
+    """x * mask, whose backward draws the mask again from its seed instead of keeping it: torch's CPU dropout
+    keeps a float mask as large as x for every dropout layer."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        ctx.p, ctx.seed = p, _draw_seed()
+        return x * _keep_scaled(x, p, ctx.seed)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * _keep_scaled(grad, ctx.p, ctx.seed), None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """`F.dropout`; on the CPU without keeping the mask for the backward pass (`_Dropout`)."""
+    if not training or p == 0:
+        return x
+    if _cpu_path(x) and torch.is_grad_enabled() and x.requires_grad and 0 < p < 1:
+        return _Dropout.apply(x, p)
+    return F.dropout(x, p, training)
+
+
+class Dropout(nn.Dropout):
+    """`nn.Dropout` through `dropout`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def _attention_probs(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    scores = (q @ k.transpose(-2, -1)).mul_(q.size(-1) ** -0.5)
+    return scores.masked_fill_(~allowed, float("-inf")).softmax(-1)
+
+
+class _DropoutAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d) where allowed) with dropout, times v, keeping only q, k, v and a seed: the
+    backward computes the probabilities and the mask again. torch's CPU attention with dropout falls back
+    to its plain path, which keeps three (batch, heads, T, T) tensors per layer for the backward: a third of
+    gpt2-medium's saved activations at 256 tokens."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, allowed, p):
+        ctx.p, ctx.seed = p, _draw_seed()
+        probs = _attention_probs(q, k, allowed)
+        ctx.save_for_backward(q, k, v, allowed)
+        return probs.mul_(_keep_scaled(probs, p, ctx.seed)) @ v
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, allowed = ctx.saved_tensors
+        probs = _attention_probs(q, k, allowed)
+        keep = _keep_scaled(probs, ctx.p, ctx.seed)
+        grad_v = (probs * keep).transpose(-2, -1) @ grad
+        grad_probs = (grad @ v.transpose(-2, -1)).mul_(keep)
+        grad_scores = probs.mul_(grad_probs - (grad_probs * probs).sum(-1, keepdim=True))  # softmax backward
+        scale = q.size(-1) ** -0.5
+        return (grad_scores @ k).mul_(scale), (grad_scores.transpose(-2, -1) @ q).mul_(scale), grad_v, None, None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              dropout_p: float = 0.0, is_causal: bool = False) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` (boolean or no mask); in CPU training with dropout, `_DropoutAttention`."""
+    if dropout_p > 0 and _cpu_path(q) and torch.is_grad_enabled() and q.requires_grad and (mask is None or mask.dtype == torch.bool):
+        if mask is None:
+            T, S = q.size(-2), k.size(-2)
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril() if is_causal else \
+                torch.ones(1, 1, dtype=torch.bool, device=q.device)
+        return _DropoutAttention.apply(q, k, v, mask, dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+
+
 # --- packed weights for generation ---------------------------------------------------------------------
 
 

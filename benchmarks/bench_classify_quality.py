@@ -54,7 +54,8 @@ def gptforge_recipe(args, out: Path) -> dict:
     size = dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_embd // 64, n_positions=args.context)
     lm = run_training([str(train_file)], tokenizer=str(out / "tokenizer"), size="tiny", model_overrides=size,
                       read_options={"field": "text"}, out_dir=str(out / "lm"), max_time=args.lm_minutes * 60,
-                      batch_size=args.lm_batch, learning_rate=args.lm_lr, eval_interval=10**9, progress=False, plot=False,
+                      batch_size=args.lm_batch, learning_rate=args.lm_lr, optimizer=args.lm_optimizer,
+                      schedule=args.lm_schedule, eval_interval=10**9, progress=False, plot=False,
                       save_minutes=None, log=log)
     log(f"language model: {lm.step} steps, validation loss {lm.val_loss:.3f}")
     lm_seconds = time.perf_counter() - start
@@ -82,6 +83,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=64)
     p.add_argument("--lm-batch", type=int, default=32)
     p.add_argument("--lm-lr", type=float, default=3e-3)
+    p.add_argument("--lm-optimizer", default="adamw", help="gptforge train --optimizer (adamw, muon)")
+    p.add_argument("--lm-schedule", default="cosine", help="gptforge train --schedule (cosine, wsd)")
     p.add_argument("--clf-batch", type=int, default=32)
     p.add_argument("--clf-lr", type=float, default=5e-4)
     p.add_argument("--clf-warmup", type=int, default=30)

@@ -320,13 +320,13 @@ def _cpu_kernels_or_skip():
         pytest.skip(f"{kernels.SWITCH}=0: the CPU dropout and attention kernels are off")
 
 
-def test_dropout_keeps_no_mask_and_its_gradient_is_the_mask():
+def test_dropout_keeps_a_byte_mask_and_its_gradient_is_the_mask():
     _cpu_kernels_or_skip()
     x = (torch.rand(64, 256) + 0.5).requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = kernels.dropout(x, 0.25)
-    assert not saved  # torch's CPU dropout would keep a float mask as large as x
+    assert [t.dtype for t in saved] == [torch.bool]  # torch's CPU dropout keeps a float mask as large as x
     mask = (y / x).detach()
     assert ((mask == 0) | ((mask - 1 / 0.75).abs() < 1e-5)).all()
     assert abs((mask == 0).float().mean().item() - 0.25) < 0.02
@@ -341,8 +341,8 @@ def _reference_attention(q, k, v, allowed, keep):
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_attention_with_dropout_matches_the_plain_formula_with_the_same_mask(padded):
-    """Output and gradients equal autograd through softmax(q k^T / sqrt(d)) * mask @ v with the mask of the
-    same seed, while only q, k, v and the boolean mask are kept for the backward pass."""
+    """Output and gradients equal autograd through softmax(q k^T / sqrt(d)) * mask @ v with the same dropout
+    mask, while only q, k, v and boolean masks are kept for the backward pass."""
     _cpu_kernels_or_skip()
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 10, 8, generator=g).requires_grad_() for _ in range(3))
@@ -360,7 +360,7 @@ def test_attention_with_dropout_matches_the_plain_formula_with_the_same_mask(pad
     ours = torch.autograd.grad(y, (q, k, v), gy)
 
     torch.manual_seed(5)
-    keep = kernels._keep_scaled(torch.empty(2, 3, 10, 10), 0.3, kernels._draw_seed())
+    keep = kernels._keep(torch.empty(2, 3, 10, 10), 0.3) / 0.7  # the same draw from the same generator state
     assert 0.15 < (keep == 0).float().mean() < 0.45
     ref = _reference_attention(q, k, v, allowed, keep)
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)

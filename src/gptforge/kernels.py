@@ -175,42 +175,38 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return total / count
 
 
-# --- dropout that keeps no mask ------------------------------------------------------------------------
+# --- dropout with one-byte masks ---------------------------------------------------------------------
 
 
 def _cpu_path(x: torch.Tensor) -> bool:
     return enabled() and x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def _draw_seed() -> int:
-    """A seed from torch's global generator: runs seeded with `torch.manual_seed` repeat, and activation
-    checkpointing (which restores the generator before recomputing) draws the same one again."""
-    return int(torch.randint(2**62, (), dtype=torch.long))
-
-
-def _keep_scaled(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """The dropout mask of `seed`: 1/(1-p) where kept, 0 where dropped; the same tensor every time."""
-    g = torch.Generator(device=like.device).manual_seed(seed)
-    uniform = torch.rand(like.shape, generator=g, dtype=like.dtype, device=like.device)
-    return uniform.lt_(1 - p).div_(1 - p)  # torch.rand is twice as fast as bernoulli_ on the CPU
+def _keep(like: torch.Tensor, p: float) -> torch.Tensor:
+    """Boolean dropout mask, True where kept (probability 1-p), from torch's global generator: seeded runs
+    repeat, and activation checkpointing, which restores the generator before recomputing, draws it again.
+    (torch.rand is twice as fast as bernoulli_ on the CPU.)"""
+    return torch.rand(like.shape, dtype=like.dtype, device=like.device) >= p
 
 
 class _Dropout(torch.autograd.Function):
-    """x * mask, whose backward draws the mask again from its seed instead of keeping it: torch's CPU dropout
-    keeps a float mask as large as x for every dropout layer."""
+    """x * mask / (1-p), keeping the mask for the backward pass as bytes: torch's CPU dropout keeps it as floats."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        ctx.p, ctx.seed = p, _draw_seed()
-        return x * _keep_scaled(x, p, ctx.seed)
+        keep = _keep(x, p)
+        ctx.save_for_backward(keep)
+        ctx.scale = 1 / (1 - p)
+        return x.mul(keep).mul_(ctx.scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad * _keep_scaled(grad, ctx.p, ctx.seed), None
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep).mul_(ctx.scale), None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """`F.dropout`; on the CPU without keeping the mask for the backward pass (`_Dropout`)."""
+    """`F.dropout`; on the CPU keeping a one-byte mask for the backward pass (`_Dropout`)."""
     if not training or p == 0:
         return x
     if _cpu_path(x) and torch.is_grad_enabled() and x.requires_grad and 0 < p < 1:
@@ -231,25 +227,25 @@ def _attention_probs(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor) ->
 
 
 class _DropoutAttention(torch.autograd.Function):
-    """softmax(q k^T / sqrt(d) where allowed) with dropout, times v, keeping only q, k, v and a seed: the
-    backward computes the probabilities and the mask again. torch's CPU attention with dropout falls back
-    to its plain path, which keeps three (batch, heads, T, T) tensors per layer for the backward: a third of
-    gpt2-medium's saved activations at 256 tokens."""
+    """softmax(q k^T / sqrt(d) where allowed) with dropout, times v, keeping q, k, v and the one-byte dropout
+    mask: the backward computes the probabilities again. torch's CPU attention with dropout falls back to
+    its plain path, which keeps three float (batch, heads, T, T) tensors per layer for the backward: a third
+    of gpt2-medium's saved activations at 256 tokens."""
 
     @staticmethod
     def forward(ctx, q, k, v, allowed, p):
-        ctx.p, ctx.seed = p, _draw_seed()
         probs = _attention_probs(q, k, allowed)
-        ctx.save_for_backward(q, k, v, allowed)
-        return probs.mul_(_keep_scaled(probs, p, ctx.seed)) @ v
+        keep = _keep(probs, p)
+        ctx.save_for_backward(q, k, v, allowed, keep)
+        ctx.scale = 1 / (1 - p)
+        return probs.mul_(keep).mul_(ctx.scale) @ v
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, allowed = ctx.saved_tensors
+        q, k, v, allowed, keep = ctx.saved_tensors
         probs = _attention_probs(q, k, allowed)
-        keep = _keep_scaled(probs, ctx.p, ctx.seed)
-        grad_v = (probs * keep).transpose(-2, -1) @ grad
-        grad_probs = (grad @ v.transpose(-2, -1)).mul_(keep)
+        grad_v = probs.mul(keep).mul_(ctx.scale).transpose(-2, -1) @ grad
+        grad_probs = (grad @ v.transpose(-2, -1)).mul_(keep).mul_(ctx.scale)
         grad_scores = probs.mul_(grad_probs - (grad_probs * probs).sum(-1, keepdim=True))  # softmax backward
         scale = q.size(-1) ** -0.5
         return (grad_scores @ k).mul_(scale), (grad_scores.transpose(-2, -1) @ q).mul_(scale), grad_v, None, None

@@ -1,5 +1,6 @@
-"""CPU fast paths the network calls: oneDNN fp32 products, chunked linear + cross-entropy, packed weights,
-and the int8 linear layer (fbgemm's int8 products, the plain product elsewhere).
+"""CPU fast paths the network calls: oneDNN fp32 products, chunked linear + cross-entropy, dropout and
+attention-with-dropout that keep less for the backward pass, packed weights, and the int8 linear layer
+(fbgemm's int8 products, the plain product elsewhere).
 
 On x86 CPUs, fp32 matrix products go through oneDNN rather than the BLAS that torch.mm calls: on the 2-core
 AMD EPYC we measure on, oneDNN ran them at 2.0-2.4x the BLAS rate (docs/benchmarks.md), with the same fp32
@@ -254,7 +255,8 @@ class _DropoutAttention(torch.autograd.Function):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               dropout_p: float = 0.0, is_causal: bool = False) -> torch.Tensor:
     """`F.scaled_dot_product_attention` (boolean or no mask); in CPU training with dropout, `_DropoutAttention`."""
-    if dropout_p > 0 and _cpu_path(q) and torch.is_grad_enabled() and q.requires_grad and (mask is None or mask.dtype == torch.bool):
+    if (dropout_p > 0 and _cpu_path(q) and q.dtype == torch.float32 and torch.is_grad_enabled() and q.requires_grad
+            and (mask is None or mask.dtype == torch.bool)):
         if mask is None:
             T, S = q.size(-2), k.size(-2)
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril() if is_causal else \

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 
 import numpy as np
@@ -200,8 +201,16 @@ def test_train_resume_eval_and_predict(small_lm, tmp_path):
 def test_class_weights_lm_loss_and_left_truncation(small_lm, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", texts_and_labels(30))
     options = ClassifyOptions(balance="weights", truncate="left", lm_weight=0.5, dropout=0.2)
-    result = train_classifier(data, init=str(small_lm), options=options, **quick(tmp_path, max_steps=2, block_size=4))
+    said = []
+    result = train_classifier(data, init=str(small_lm), options=options,
+                              **{**quick(tmp_path, max_steps=2, block_size=4), "log": said.append})
     assert result.step == 2
+    tok = load_tokenizer(small_lm)
+    lengths = {t: len(tok.encode(t)) for t, _ in texts_and_labels(30)}
+    (line,) = [m for m in said if "longer than the context (4 tokens)" in m]  # the training texts, told once
+    cut, total = map(int, re.match(r"(\d+) of (\d+) training texts", line).groups())
+    assert 0 < cut <= total < 30 and cut >= sum(n > 4 for n in lengths.values()) - (30 - total)
+    assert "cut to their end" in line
     assert json.loads((tmp_path / "run" / "config.json").read_text())["resid_pdrop"] == 0.2
     model = from_language_model(load_model(small_lm), LABELS, 0)
     ids = torch.tensor([[5, 6, 7, 0, 0], [8, 9, 0, 0, 0]])

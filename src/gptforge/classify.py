@@ -199,10 +199,14 @@ def build_classifier(init: str, labels: Sequence[str], pad_token_id: int | None,
 # --- texts to batches --------------------------------------------------------------------------------------
 
 
-def encode_texts(tokenizer, texts: Sequence[str], max_length: int, truncate: str = "right",
+def cut(ids, max_length: int, truncate: str = "right"):
+    """`ids` cut to `max_length`: `truncate="right"` keeps the start, "left" the end."""
+    return ids[:max_length] if truncate == "right" else ids[-max_length:]
+
+
+def encode_texts(tokenizer, texts: Sequence[str], max_length: int | None, truncate: str = "right",
                  where: Sequence[str] | None = None) -> list[np.ndarray]:
-    """Token ids of each text, cut to `max_length` (`truncate="right"` keeps the start, "left" the end).
-    A text with no tokens is an error naming it."""
+    """Token ids of each text, `cut` to `max_length` (None: whole). A text with no tokens is an error naming it."""
     if truncate not in TRUNCATE:
         raise OptionError(f"--truncate {truncate!r}: choose right (keep the start of a long text) or left (keep its end)")
     out = []
@@ -210,8 +214,7 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: int, truncate: str
         if not ids:
             at = where[i] if where is not None else f"text {i + 1}"
             raise DataError(f"{at}: the text is empty after tokenization; give it some text or drop the row")
-        ids = ids[:max_length] if truncate == "right" else ids[-max_length:]
-        out.append(np.asarray(ids, dtype=np.int64))
+        out.append(np.asarray(ids if max_length is None else cut(ids, max_length, truncate), dtype=np.int64))
     return out
 
 
@@ -320,7 +323,7 @@ def format_metrics(m: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ARCHITECTURE", "GPTClassifier", "TRUNCATE", "build_classifier", "classification_metrics", "classifier_config",
+__all__ = ["ARCHITECTURE", "GPTClassifier", "TRUNCATE", "build_classifier", "classification_metrics", "classifier_config", "cut",
            "encode_texts", "evaluate_classifier", "format_metrics", "from_language_model", "is_classifier_folder",
            "labels_of", "last_token", "load_classifier", "metrics_of", "pad_batch", "predict", "predict_proba", "probabilities",
            "set_dropout",

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from ..adapters import has_lora, lora_state_dict, merge_lora
 
-from ..classify import (build_classifier, encode_texts, format_metrics, load_classifier, metrics_of, pad_batch, probabilities,
+from ..classify import (build_classifier, cut, encode_texts, format_metrics, load_classifier, metrics_of, pad_batch, probabilities,
                         save_classifier, set_dropout)
 from ..config import is_preset
 from ..data.dataset import RunData
@@ -230,8 +230,8 @@ def train_classifier(inputs, *, init: str | None = None, eval_inputs=None, token
             cfg = add_lora(model, lora, cfg, None if is_preset(init) else init, log)
             model.score.requires_grad_(True)  # the new head trains in full
         max_length = cfg.block_size or model.config.n_positions
-        encode = lambda d: _encode(tok, d, labels, max_length, opts.truncate)  # noqa: E731
-        task = ClassificationTask(encode(train_data), encode(val_data) if val_data is not None else None, labels,
+        encode = lambda d, say=None: _encode(tok, d, labels, max_length, opts.truncate, say)  # noqa: E731
+        task = ClassificationTask(encode(train_data, log), encode(val_data) if val_data is not None else None, labels,
                                   model.pad_token_id, opts.balance, _fingerprint(train_data), getattr(tok, "fingerprint", ""),
                                   opts.lm_weight)
         counts = ", ".join(f"{k} {v}" for k, v in sorted(train_data.counts().items()))
@@ -247,9 +247,17 @@ def train_classifier(inputs, *, init: str | None = None, eval_inputs=None, token
     return result
 
 
-def _encode(tok, data: Labelled, labels: list[str], max_length: int, truncate: str) -> tuple[list, np.ndarray]:
+def _encode(tok, data: Labelled, labels: list[str], max_length: int, truncate: str, log=None) -> tuple[list, np.ndarray]:
+    """Token ids cut to the context, and label ids; `log` hears how many texts were cut (a classifier reads only
+    what fits: on fortunes_topics a 64-token context cut 28% of the texts, and 256 scored better)."""
     index = {name: i for i, name in enumerate(labels)}
-    return encode_texts(tok, data.texts, max_length, truncate, data.where), np.array([index[y] for y in data.labels])
+    seqs = encode_texts(tok, data.texts, None, truncate, data.where)
+    longer = sum(len(s) > max_length for s in seqs)
+    if longer and log is not None:
+        kept = "start" if truncate == "right" else "end"
+        log(f"{longer:,} of {len(seqs):,} training texts are longer than the context ({max_length} tokens) and are cut "
+            f"to their {kept} (--truncate); a longer --block-size, or a model with a longer context, reads them whole")
+    return [cut(s, max_length, truncate) for s in seqs], np.array([index[y] for y in data.labels])
 
 
 __all__ = ["ClassificationTask", "LabelledBatches", "train_classifier"]

@@ -373,7 +373,7 @@ def test_attention_without_dropout_is_torchs():
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 3, 12, 8, generator=g).requires_grad_() for _ in range(3))
     allowed = torch.ones(12, 12, dtype=torch.bool).tril()
-    ours = kernels._DropoutAttention.apply(q, k, v, allowed, 0.0)
+    ours = kernels._DropoutAttention.apply(q, k, v, ~allowed, 0.0)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     gy = torch.randn(ref.shape, generator=g)

@@ -222,29 +222,29 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
-def _attention_probs(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+def _attention_probs(q: torch.Tensor, k: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
     scores = (q @ k.transpose(-2, -1)).mul_(q.size(-1) ** -0.5)
-    return scores.masked_fill_(~allowed, float("-inf")).softmax(-1)
+    return scores.masked_fill_(blocked, float("-inf")).softmax(-1)
 
 
 class _DropoutAttention(torch.autograd.Function):
-    """softmax(q k^T / sqrt(d) where allowed) with dropout, times v, keeping q, k, v and the one-byte dropout
+    """softmax(q k^T / sqrt(d), -inf where blocked) with dropout, times v, keeping q, k, v and the one-byte dropout
     mask: the backward computes the probabilities again. torch's CPU attention with dropout falls back to
     its plain path, which keeps three float (batch, heads, T, T) tensors per layer for the backward: a third
     of gpt2-medium's saved activations at 256 tokens."""
 
     @staticmethod
-    def forward(ctx, q, k, v, allowed, p):
-        probs = _attention_probs(q, k, allowed)
+    def forward(ctx, q, k, v, blocked, p):
+        probs = _attention_probs(q, k, blocked)
         keep = _keep(probs, p)
-        ctx.save_for_backward(q, k, v, allowed, keep)
+        ctx.save_for_backward(q, k, v, blocked, keep)
         ctx.scale = 1 / (1 - p)
         return probs.mul_(keep).mul_(ctx.scale) @ v
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, allowed, keep = ctx.saved_tensors
-        probs = _attention_probs(q, k, allowed)
+        q, k, v, blocked, keep = ctx.saved_tensors
+        probs = _attention_probs(q, k, blocked)
         grad_v = probs.mul(keep).mul_(ctx.scale).transpose(-2, -1) @ grad
         grad_probs = (grad @ v.transpose(-2, -1)).mul_(keep).mul_(ctx.scale)
         grad_scores = probs.mul_(grad_probs - (grad_probs * probs).sum(-1, keepdim=True))  # softmax backward
@@ -257,11 +257,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """`F.scaled_dot_product_attention` (boolean or no mask); in CPU training with dropout, `_DropoutAttention`."""
     if (dropout_p > 0 and _cpu_path(q) and q.dtype == torch.float32 and torch.is_grad_enabled() and q.requires_grad
             and (mask is None or mask.dtype == torch.bool)):
-        if mask is None:
-            T, S = q.size(-2), k.size(-2)
-            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril() if is_causal else \
-                torch.ones(1, 1, dtype=torch.bool, device=q.device)
-        return _DropoutAttention.apply(q, k, v, mask, dropout_p)
+        if mask is not None:
+            blocked = ~mask
+        elif is_causal:  # SDPA's is_causal: query i sees keys 0..i
+            blocked = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).triu(1)
+        else:
+            blocked = torch.zeros(1, 1, dtype=torch.bool, device=q.device)
+        return _DropoutAttention.apply(q, k, v, blocked, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
 
 

@@ -51,7 +51,8 @@ def gptforge_recipe(args, out: Path) -> dict:
     texts = [json.loads(line)["text"] for line in train_file.read_text().splitlines()]
     tok = train_tokenizer([], vocab_size=args.vocab_size, texts=texts, out_dir=out / "tokenizer")
     log(f"tokenizer: {tok.vocab_size} tokens")
-    size = dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_embd // 64, n_positions=args.context)
+    size = dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_embd // 64, n_positions=args.context,
+                resid_pdrop=args.lm_dropout, embd_pdrop=args.lm_dropout, attn_pdrop=args.lm_dropout)
     lm = run_training([str(train_file)], tokenizer=str(out / "tokenizer"), size="tiny", model_overrides=size,
                       read_options={"field": "text"}, out_dir=str(out / "lm"), max_time=args.lm_minutes * 60,
                       batch_size=args.lm_batch, learning_rate=args.lm_lr, optimizer=args.lm_optimizer,
@@ -64,7 +65,7 @@ def gptforge_recipe(args, out: Path) -> dict:
                                    batch_size=args.clf_batch, learning_rate=args.clf_lr, warmup_steps=args.clf_warmup,
                                    weight_decay=0.01, eval_interval=args.clf_eval_interval, progress=False, plot=False,
                                    save_minutes=None, device="cpu", lm_weight=args.lm_weight, dropout=args.clf_dropout,
-                                   balance=args.balance)
+                                   balance=args.balance, ema=args.clf_ema)
     best = GPTForgeClassifier(out / "clf" / "best", device="cpu")
     m = best.evaluate(str(CORPUS / "test.jsonl"), batch_size=64)
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "seconds": time.perf_counter() - start,
@@ -92,6 +93,8 @@ def main() -> None:
     p.add_argument("--lm-weight", type=float, default=0.5, help="classify train --lm-weight (auxiliary LM loss)")
     p.add_argument("--clf-dropout", type=float, default=0.1, help="classify train --dropout")
     p.add_argument("--balance", default="weights", help="classify train --balance")
+    p.add_argument("--clf-ema", type=float, default=None, help="classify train --ema (a weight average)")
+    p.add_argument("--lm-dropout", type=float, default=0.0, help="the language model's dropout")
     args = p.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)

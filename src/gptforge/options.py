@@ -106,6 +106,8 @@ class TrainConfig:
     muon_lr: float = opt(0.02, "Muon's peak learning rate (the schedule scales it as it scales --lr)")
     zero_init: bool | None = opt(None, "from scratch: start the blocks' output projections (attn and MLP c_proj) at zero "
                                  "(default off)")
+    ema: float | None = opt(None, "keep an exponential moving average of the weights with this decay (e.g. 0.99); "
+                            "evaluations, best/ and the final model use it (default off)")
     # speed
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
     precision: str = opt("auto", "auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16 (with a gradient scaler)",
@@ -148,7 +150,12 @@ class TrainConfig:
             "beta1": (0, 1, True, float), "beta2": (0, 1, True, float), "grad_clip": (0, None, True, float),
             "eval_tokens": (0, None, False, int), "sample_tokens": (0, None, True, int), "sample_interval": (0, None, True, int),
             "early_stopping": (0, None, False, int), "save_minutes": (0, None, False, float), "seed": (0, 2**63 - 1, True, int),
+            "ema": (0, 1, True, float),
         })
+        if self.ema is not None and self.ema >= 1:
+            raise OptionError(f"--ema {self.ema!r}: a decay below 1 (0.99 averages about the last 100 steps)")
+        if self.ema and self.fsdp:
+            raise OptionError("--ema keeps whole weights, which --fsdp shards; use DDP (no --fsdp) or leave --ema off")
         unknown = [r for r in self.reporters if r not in REPORTERS]
         if unknown:
             raise OptionError(f"--report-to {self.report_to!r}: {', '.join(unknown)} unknown; choose from {', '.join(REPORTERS)}")
@@ -179,7 +186,7 @@ TRAIN_GROUPS = {
     "length": ("max_steps", "epochs", "max_time"),
     "batch and optimizer": ("batch_size", "grad_accum", "block_size", "batch_mode", "stride", "learning_rate", "min_lr_ratio",
                             "schedule", "cooldown", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip",
-                            "optimizer", "muon_lr", "zero_init"),
+                            "optimizer", "muon_lr", "zero_init", "ema"),
     "precision and speed": ("device", "precision", "compile", "gradient_checkpointing", "fsdp"),
     "evaluation and samples": ("eval_interval", "eval_tokens", "sample_interval", "sample_prompt", "sample_tokens", "early_stopping"),
     "checkpoints and output": ("out_dir", "save_steps", "save_minutes", "keep_checkpoints", "resume", "overwrite"),

@@ -39,6 +39,7 @@ from ..options import FINETUNE_DEFAULTS, SCRATCH_DEFAULTS, TrainConfig
 from ..runtime import init_distributed, out_of_memory, pick_precision, resolve_device, shard_model
 from . import state
 from .logging import RunLog, StepProgress, describe_run
+from .average import WeightAverage
 from .optim import apply_freeze, configure_optimizer, lr_at, warmup_share
 from .tasks import LanguageModelling, Task
 from .runfolder import (check_block_size, check_fits_memory, check_same_run, check_tokenizer_of_data, clear_previous_run,
@@ -100,6 +101,7 @@ class Trainer:
         if self.fsdp:
             shard_model(model)
         self.optimizer = configure_optimizer(model, cfg, self.device)
+        self.average = WeightAverage(model, cfg.ema) if cfg.ema else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.forward_model: nn.Module = torch.compile(model) if cfg.compile else model
         if self.dist.world_size > 1 and not self.fsdp:
@@ -199,6 +201,14 @@ class Trainer:
         # a sharded model needs every rank in each forward pass; otherwise rank 0 evaluates alone
         if not self.task.has_validation or not (self.dist.main or self.fsdp):
             return None
+        with self._averaged():
+            return self._evaluate(full)
+
+    def _averaged(self):
+        """The weight average in the model for the duration, when --ema keeps one."""
+        return self.average.applied() if self.average is not None else contextlib.nullcontext()
+
+    def _evaluate(self, full: bool) -> dict:
         row = {"step": self.step, **self.task.evaluate(self.model, full=full, trainer=self), "elapsed": round(self.elapsed, 2)}
         self.log.record(row)
         self.log.message(f"step {self.step}: {self.task.describe(row)}")
@@ -246,6 +256,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.average is not None:
+            self.average.update()
 
     def _done(self) -> bool:
         if self.max_steps and self.step >= self.max_steps:
@@ -350,11 +362,13 @@ class Trainer:
             if row:
                 result.val_loss, result.val_perplexity = row.get("val_loss"), row.get("val_perplexity")
                 result.val_bits_per_byte, result.validation = row.get("val_bits_per_byte"), row
-            self.sample()
-            model_state = self._full_state()[0] if self.fsdp else None
-            if self.dist.main:
-                self.task.save(self.model, self.out, self.tokenizer, state_dict=model_state)
-                self.log.message(f"saved the final model to {self.out}")
+            with self._averaged():
+                self.sample()
+                model_state = self._full_state()[0] if self.fsdp else None
+                if self.dist.main:
+                    self.task.save(self.model, self.out, self.tokenizer, state_dict=model_state)
+                    self.log.message(f"saved the final model to {self.out}"
+                                     + (f" (the average of its weights, --ema {self.cfg.ema:g})" if self.average else ""))
         result.best_val_loss = self.best_val if math.isfinite(self.best_val) else None
         self.log.close()
         self.dist.close()

@@ -31,6 +31,7 @@ def pack(trainer, optim_state: dict) -> dict:
         "train_config": dataclasses.asdict(trainer.cfg), "data": trainer.data.fingerprint,
         "tokenizer": getattr(trainer.tokenizer, "fingerprint", None) or getattr(trainer.data, "tokenizer_fingerprint", ""),
         "world_size": trainer.dist.world_size,
+        "average": trainer.average.state_dict() if trainer.average is not None else None,
     }
 
 
@@ -46,6 +47,8 @@ def restore(trainer, state: dict) -> None:
         torch.cuda.set_rng_state_all(state["rng_cuda"])
     trainer.step, trainer.elapsed = state["step"], state["elapsed"]
     trainer.best_val, trainer.evals_since_best = state["best_val"], state["evals_since_best"]
+    if trainer.average is not None and state.get("average"):
+        trainer.average.load_state_dict(state["average"])
 
 
 __all__ = ["gather", "pack", "restore"]

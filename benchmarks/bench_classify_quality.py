@@ -56,7 +56,7 @@ def gptforge_recipe(args, out: Path) -> dict:
     lm = run_training([str(train_file)], tokenizer=str(out / "tokenizer"), size="tiny", model_overrides=size,
                       read_options={"field": "text"}, out_dir=str(out / "lm"), max_time=args.lm_minutes * 60,
                       batch_size=args.lm_batch, learning_rate=args.lm_lr, optimizer=args.lm_optimizer,
-                      schedule=args.lm_schedule, eval_interval=10**9, progress=False, plot=False,
+                      schedule=args.lm_schedule, eval_interval=args.lm_eval_interval or 10**9, progress=False, plot=False,
                       save_minutes=None, log=log)
     log(f"language model: {lm.step} steps, validation loss {lm.val_loss:.3f}")
     lm_seconds = time.perf_counter() - start
@@ -94,6 +94,7 @@ def main() -> None:
     p.add_argument("--clf-dropout", type=float, default=0.1, help="classify train --dropout")
     p.add_argument("--balance", default="weights", help="classify train --balance")
     p.add_argument("--clf-ema", type=float, default=None, help="classify train --ema (a weight average)")
+    p.add_argument("--lm-eval-interval", type=int, default=0, help="evaluate the LM every N steps (0: only at the end)")
     p.add_argument("--lm-dropout", type=float, default=0.0, help="the language model's dropout")
     args = p.parse_args()
     out = Path(args.out)

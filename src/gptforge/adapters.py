@@ -52,7 +52,8 @@ class LoRALinear(Linear):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        # the scaling on the r-wide middle: one output-sized temporary fewer
+        return super().forward(x) + self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)
 
     def merged(self) -> Linear:
         """A plain Linear with the update folded into its weight (W + s * B A)."""

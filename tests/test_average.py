@@ -7,7 +7,7 @@ import torch
 
 from gptforge import GPT, GPTConfig
 from gptforge.checkpoint import load_model
-from gptforge.errors import OptionError
+from gptforge.errors import CheckpointError, OptionError
 from gptforge.train import TrainConfig, train
 from gptforge.train.average import WeightAverage
 
@@ -36,6 +36,9 @@ def test_the_average_follows_the_formula_and_leaves_frozen_weights_out():
         d = min(0.9, (1 + n) / (10 + n))
         expected = d * expected + (1 - d) * w.detach()
     own = w.detach().clone()
+    other = WeightAverage(_model(), 0.9)  # every weight trains: wpe too, which this average lacks
+    with pytest.raises(CheckpointError, match="--ema.*transformer.wpe.weight"):
+        other.load_state_dict(avg.state_dict())
     with avg.applied():
         torch.testing.assert_close(w.detach(), expected)
     assert torch.equal(w.detach(), own)  # the model's own weights come back

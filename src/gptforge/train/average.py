@@ -12,6 +12,8 @@ import contextlib
 
 import torch
 
+from ..errors import CheckpointError
+
 
 class WeightAverage:
     def __init__(self, model: torch.nn.Module, decay: float):
@@ -40,13 +42,13 @@ class WeightAverage:
                     p.copy_(w)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "updates": self.updates,
-                "average": {n: a.detach().cpu().clone() for (n, _), a in zip(self.named, self.average)}}
+        return {"updates": self.updates, "average": {n: a.detach().cpu().clone() for (n, _), a in zip(self.named, self.average)}}
 
     def load_state_dict(self, state: dict) -> None:
         missing = [n for n, _ in self.named if n not in state["average"]]
         if missing:
-            raise KeyError(f"the checkpoint's weight average lacks {', '.join(missing[:3])}")
+            raise CheckpointError(f"the checkpoint's weight average (--ema) lacks {', '.join(missing[:3])}: resume with the "
+                                  "--freeze and --lora-* options the run began with")
         self.updates = state["updates"]
         with torch.no_grad():
             for (n, _), a in zip(self.named, self.average):

@@ -274,3 +274,43 @@ def test_python_api_trains_and_reopens_an_adapter(base, tmp_path, sample_text, o
     x = torch.randint(0, 200, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(again.model(x)[0], ai.model(x)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_on_the_mlp_projection_keeps_only_the_activations_input(dropout):
+    """A LoRA c_proj in the MLP computes GELU's output again in the backward pass instead of keeping it (or its
+    dropped copy): the same loss and gradients as the plain composition with the same dropout masks, and of the
+    (batch, T, 4 x width) activations only GELU's input is kept."""
+    import copy
+
+    from gptforge import kernels
+
+    if not kernels.enabled():
+        pytest.skip(f"{kernels.SWITCH}=0: the CPU kernels are off")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2))
+    apply_lora(model, 4, 8.0, dropout, "c_proj,c_fc")
+    _randomise_b(model)
+    model.train()
+    x = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def run(fused: bool):
+        m = copy.deepcopy(model)
+        if not fused:
+            for block in m.transformer.h:
+                block.mlp.c_proj.after_activation = None  # the MLP then calls c_proj(act(u))
+        saved = []
+        torch.manual_seed(5)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            _, loss = m(x[:, :-1], x[:, 1:])
+        loss.backward()
+        wide = [t for t in saved if t.is_floating_point() and t.shape == (2, 8, 64)]
+        return loss, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}, len(wide)
+
+    loss, grads, wide = run(True)
+    plain_loss, plain_grads, plain_wide = run(False)
+    torch.testing.assert_close(loss, plain_loss)
+    assert grads.keys() == plain_grads.keys() and any(".mlp.c_proj.lora_A" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert (wide, plain_wide) == (2, 4)  # per block: u alone, against u and act(u) (or its dropped copy)

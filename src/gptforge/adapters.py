@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from .errors import CheckpointError, NotFoundError, OptionError
 from .fsio import atomic_dir, atomic_write
-from .kernels import Dropout, Linear
+from .kernels import Dropout, Linear, activation_down
 from .model import GPT
 
 CONFIG_NAME = "adapter_config.json"
@@ -54,6 +54,13 @@ class LoRALinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the scaling on the r-wide middle: one output-sized temporary fewer
         return super().forward(x) + self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)
+
+    def after_activation(self, u: torch.Tensor, act) -> torch.Tensor:
+        """self(act(u)), keeping only u for the backward pass (`kernels.activation_down`): the MLP's c_proj calls
+        this, whose input act(u), the block's widest tensor, the adapter would otherwise keep once more."""
+        p = self.lora_dropout.p if isinstance(self.lora_dropout, Dropout) and self.lora_dropout.training else 0.0
+        h, down = activation_down(u, act, self.lora_A.weight, p)
+        return super().forward(h) + self.lora_B(down * self.scaling)
 
     def merged(self) -> Linear:
         """A plain Linear with the update folded into its weight (W + s * B A)."""

@@ -1,5 +1,5 @@
-"""CPU fast paths the network calls: oneDNN fp32 products, chunked linear + cross-entropy, dropout and
-attention-with-dropout that keep less for the backward pass, packed weights, and the int8 linear layer
+"""CPU fast paths the network calls: oneDNN fp32 products, chunked linear + cross-entropy, dropout,
+attention-with-dropout and a LoRA adapter's activated input that keep less for the backward pass, packed weights, and the int8 linear layer
 (fbgemm's int8 products, the plain product elsewhere).
 
 On x86 CPUs, fp32 matrix products go through oneDNN rather than the BLAS that torch.mm calls: on the 2-core
@@ -271,6 +271,49 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             blocked = torch.zeros(1, 1, dtype=torch.bool, device=q.device)
         return _DropoutAttention.apply(q, k, v, blocked, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+
+
+class _ActivationDown(torch.autograd.Function):
+    """h = act(u) and z = dropout(h) @ weight^T, keeping u and the one-byte mask: h is computed again in the
+    backward pass. A LoRA adapter on the MLP's c_proj would otherwise keep its input, the block's widest
+    tensor (4 x n_embd), besides the u that the activation keeps."""
+
+    @staticmethod
+    def forward(ctx, u, weight, act, p):
+        h = act(u)
+        keep = _keep(h, p) if p else None
+        ctx.save_for_backward(u, weight, keep)
+        ctx.act, ctx.scale = act, 1 / (1 - p)
+        return h, linear(h.mul(keep).mul_(ctx.scale) if p else h, weight)
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_z):
+        u, weight, keep = ctx.saved_tensors
+        with torch.enable_grad():
+            u_ = u.detach().requires_grad_()
+            h = ctx.act(u_)
+        g = grad_z.reshape(-1, grad_z.size(-1))
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            hd = h.detach().mul(keep).mul_(ctx.scale) if keep is not None else h.detach()
+            grad_w = matmul(g.t(), hd.reshape(-1, hd.size(-1)))
+            del hd
+        grad_hd = matmul(g, weight).view(u.shape)
+        if keep is not None:
+            grad_hd.mul_(keep).mul_(ctx.scale)
+        if grad_h is not None:
+            grad_hd += grad_h
+        (grad_u,) = torch.autograd.grad(h, u_, grad_hd)
+        return grad_u, grad_w, None, None
+
+
+def activation_down(u: torch.Tensor, act, weight: torch.Tensor, p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act(u), dropout(act(u), p) @ weight^T): the activation and a LoRA down-projection of it; in fp32 CPU
+    training, `_ActivationDown` (u and a one-byte mask kept, not act(u) and its dropped copy)."""
+    if _cpu_path(u) and u.dtype == weight.dtype == torch.float32 and torch.is_grad_enabled():
+        return _ActivationDown.apply(u, weight, act, p)
+    h = act(u)
+    return h, linear(dropout(h, p), weight)
 
 
 # --- packed weights for generation ---------------------------------------------------------------------

@@ -94,7 +94,9 @@ class MLP(nn.Module):
         self.dropout = Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        u = self.c_fc(x)
+        fused = getattr(self.c_proj, "after_activation", None)  # a LoRA c_proj: recomputes act(u), not keeps it
+        return self.dropout(fused(u, self.act) if fused else self.c_proj(self.act(u)))
 
 
 class Block(nn.Module):

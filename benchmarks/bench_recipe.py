@@ -55,6 +55,10 @@ CHANGES = {
     "AdamW lr 4e-3": ["--lr", "4e-3"],
     "Muon lr 0.03": ["--muon-lr", "0.03"],
     "60% cooldown": ["--cooldown", "0.6"],
+    # third round: on top of Muon + wsd alone, against the overfitting of ten minutes (7-11 passes)
+    "dropout 0.1": ["--dropout", "0.1"],
+    "context 256": ["--n-positions", "256"],
+    "weight decay 0.3": ["--weight-decay", "0.3"],
 }
 
 # What the ablation kept (docs/benchmarks.md): the recipe that `compare` measures against the defaults.

@@ -67,6 +67,31 @@ def test_ema_run_saves_the_average_and_resumes_exactly(tmp_path, dataset):
         assert torch.equal(saved[k], resumed[k]), k
 
 
+def test_resuming_with_ema_changed_says_what_happens_to_the_average(tmp_path, dataset, capsys):
+    """A checkpoint without an average resumed with --ema averages from the resumed weights; one with an
+    average resumed without --ema drops it and saves the weights; both say so when they resume."""
+    data, tok = dataset
+
+    def stop_at_5(trainer):
+        if trainer.step == 5:
+            trainer.request_stop()
+
+    plain = train(_model(), data, tokenizer=tok, out_dir=str(tmp_path / "plain"), **OPTS)
+    for first, then in ((None, 0.8), (0.8, None)):
+        out = str(tmp_path / f"from-{first}")
+        train(_model(), data, tokenizer=tok, out_dir=out, ema=first, on_step=stop_at_5, **OPTS)
+        capsys.readouterr()
+        result = train(GPT(_model().config), data, tokenizer=tok, out_dir=out, ema=then, resume=True, **OPTS)
+        said = capsys.readouterr()
+        if then:
+            assert "--ema: the checkpoint holds no weight average, so it starts from the resumed weights" in said.out + said.err
+            assert result.val_loss != plain.val_loss  # evaluated on an average of steps 6-8 only
+        else:
+            assert "weight average (--ema) is dropped" in said.out + said.err
+            saved = load_model(out).state_dict()
+            assert torch.equal(saved["lm_head.weight"], load_model(tmp_path / "plain").state_dict()["lm_head.weight"])
+
+
 def test_bad_decay_is_refused():
     for bad in (1.0, 1.5, -0.1):
         with pytest.raises(OptionError, match="--ema"):

@@ -22,6 +22,12 @@ class WeightAverage:
         self.average = [p.detach().clone() for _, p in self.named]
 
     @torch.no_grad()
+    def restart(self) -> None:
+        """Average from the model's weights as they are now (a resumed run whose checkpoint holds no average)."""
+        self.updates = 0
+        torch._foreach_copy_(self.average, [p.detach() for _, p in self.named])
+
+    @torch.no_grad()
     def update(self) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))

@@ -193,7 +193,8 @@ class Trainer:
         self._last_ckpt = path
         ranks = saved.get("world_size", 1)
         self.log.message(f"resumed from {path} at step {self.step}"
-                         + (f" (saved by {ranks} processes, now {self.dist.world_size})" if ranks != self.dist.world_size else ""))
+                         + (f" (saved by {ranks} processes, now {self.dist.world_size})" if ranks != self.dist.world_size else "")
+                         + state.average_note(self, saved))
 
     # -- evaluation and samples
 

@@ -47,8 +47,20 @@ def restore(trainer, state: dict) -> None:
         torch.cuda.set_rng_state_all(state["rng_cuda"])
     trainer.step, trainer.elapsed = state["step"], state["elapsed"]
     trainer.best_val, trainer.evals_since_best = state["best_val"], state["evals_since_best"]
-    if trainer.average is not None and state.get("average"):
-        trainer.average.load_state_dict(state["average"])
+    if trainer.average is not None:
+        if state.get("average"):
+            trainer.average.load_state_dict(state["average"])
+        else:
+            trainer.average.restart()
 
 
-__all__ = ["gather", "pack", "restore"]
+def average_note(trainer, state: dict) -> str:
+    """What a resumed run does about a weight average that only one of it and its checkpoint has (--ema)."""
+    if trainer.average is not None and not state.get("average"):
+        return "; --ema: the checkpoint holds no weight average, so it starts from the resumed weights"
+    if trainer.average is None and state.get("average"):
+        return "; the checkpoint's weight average (--ema) is dropped: this run has no --ema, so it uses the weights"
+    return ""
+
+
+__all__ = ["average_note", "gather", "pack", "restore"]

@@ -69,9 +69,12 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     x = g / (g.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     wide = x.size(-2) <= x.size(-1)
     x = x if wide else x.mT
-    for _ in range(steps):
-        a = x @ x.mT
-        x = 3.4445 * x + (-4.7750 * a + 2.0315 * (a @ a)) @ x
+    if x.dim() == 2:
+        x = x.unsqueeze(0)  # baddbmm wants batches
+    for _ in range(steps):  # x <- a x + (b A + c A A) x with A = x x^T; baddbmm folds the scalings into the products
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=-4.7750, alpha=2.0315), x, beta=3.4445)
+    x = x.squeeze(0) if g.dim() == 2 else x
     return x if wide else x.mT
 
 

@@ -1,6 +1,6 @@
 """CPU fast paths the network calls: oneDNN fp32 products, chunked linear + cross-entropy, dropout,
-attention-with-dropout and a LoRA adapter's activated input that keep less for the backward pass, packed weights, and the int8 linear layer
-(fbgemm's int8 products, the plain product elsewhere).
+attention-with-dropout and a LoRA adapter's activated input that keep less for the backward pass, packed
+weights, and the int8 linear layer (fbgemm's int8 products, the plain product elsewhere).
 
 On x86 CPUs, fp32 matrix products go through oneDNN rather than the BLAS that torch.mm calls: on the 2-core
 AMD EPYC we measure on, oneDNN ran them at 2.0-2.4x the BLAS rate (docs/benchmarks.md), with the same fp32

@@ -189,12 +189,12 @@ class Trainer:
 
     def _load_training_state(self, path: Path, saved: dict | None = None) -> None:
         saved = saved if saved is not None else ckpt.load_training_state(path)
-        state.restore(self, saved)
+        average = state.restore(self, saved)
         self._last_ckpt = path
         ranks = saved.get("world_size", 1)
         self.log.message(f"resumed from {path} at step {self.step}"
                          + (f" (saved by {ranks} processes, now {self.dist.world_size})" if ranks != self.dist.world_size else "")
-                         + state.average_note(self, saved))
+                         + average)
 
     # -- evaluation and samples
 

@@ -35,8 +35,9 @@ def pack(trainer, optim_state: dict) -> dict:
     }
 
 
-def restore(trainer, state: dict) -> None:
-    """Put a packed state back into the trainer (its model already holds the checkpoint's weights)."""
+def restore(trainer, state: dict) -> str:
+    """Put a packed state back into the trainer (its model already holds the checkpoint's weights); what it did
+    about a weight average (--ema) that only one of the run and its checkpoint has, for the resume line."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(trainer.model, trainer.optimizer, state["optimizer"],
@@ -47,20 +48,14 @@ def restore(trainer, state: dict) -> None:
         torch.cuda.set_rng_state_all(state["rng_cuda"])
     trainer.step, trainer.elapsed = state["step"], state["elapsed"]
     trainer.best_val, trainer.evals_since_best = state["best_val"], state["evals_since_best"]
-    if trainer.average is not None:
-        if state.get("average"):
-            trainer.average.load_state_dict(state["average"])
-        else:
-            trainer.average.restart()
-
-
-def average_note(trainer, state: dict) -> str:
-    """What a resumed run does about a weight average that only one of it and its checkpoint has (--ema)."""
-    if trainer.average is not None and not state.get("average"):
+    if trainer.average is not None and state.get("average"):
+        trainer.average.load_state_dict(state["average"])
+    elif trainer.average is not None:
+        trainer.average.restart()
         return "; --ema: the checkpoint holds no weight average, so it starts from the resumed weights"
-    if trainer.average is None and state.get("average"):
+    elif state.get("average"):
         return "; the checkpoint's weight average (--ema) is dropped: this run has no --ema, so it uses the weights"
     return ""
 
 
-__all__ = ["average_note", "gather", "pack", "restore"]
+__all__ = ["gather", "pack", "restore"]

@@ -21,7 +21,7 @@ from gptforge.errors import CheckpointError, DataError, OptionError
 from gptforge.model import GPT
 from gptforge.options import ClassifyOptions
 from gptforge.tokenizer import load_tokenizer
-from gptforge.train.classification import LabelledBatches, train_classifier
+from gptforge.train.classification import LabelledBatches, random_span, train_classifier
 
 transformers = LazyTransformers()
 LABELS = ["sport", "food", "tech"]
@@ -169,6 +169,25 @@ def test_balanced_sampling_draws_classes_equally():
     assert torch.equal(ids, plain.batch(3)[0]) and ids.shape[0] == 10  # a pure function of the step
 
 
+def test_crop_gives_spans_of_at_least_half_and_repeats_by_step():
+    rng = np.random.default_rng(0)
+    seq = np.arange(100, 140)
+    spans = [random_span(seq, rng) for _ in range(200)]
+    assert all(len(s) >= 20 and np.array_equal(s, np.arange(s[0], s[0] + len(s))) for s in spans)  # contiguous
+    assert len({(s[0], len(s)) for s in spans}) > 50 and any(len(s) == 40 for s in spans)
+    assert np.array_equal(random_span(seq[:8], rng), seq[:8])  # short texts stay whole
+    seqs = [np.arange(1, 30 + i % 7) for i in range(64)]
+    labels = np.arange(64) % 4
+    whole = LabelledBatches(seqs, labels, 16, 0, seed=0)
+    cropped = LabelledBatches(seqs, labels, 16, 0, seed=0, crop=0.5)
+    ids, y = cropped.batch(1)
+    assert torch.equal(y, whole.batch(1)[1])  # the same examples and labels, fewer of their tokens
+    assert (ids != 0).sum() < (whole.batch(1)[0] != 0).sum()
+    assert torch.equal(ids, cropped.batch(1)[0])  # a pure function of the step: resume repeats it
+    with pytest.raises(OptionError, match="--crop"):
+        ClassifyOptions(crop=1.5)
+
+
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
     return path
@@ -200,11 +219,11 @@ def test_train_resume_eval_and_predict(small_lm, tmp_path):
 
 def test_class_weights_lm_loss_and_left_truncation(small_lm, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", texts_and_labels(30))
-    options = ClassifyOptions(balance="weights", truncate="left", lm_weight=0.5, dropout=0.2)
-    said = []
-    result = train_classifier(data, init=str(small_lm), options=options,
+    options = ClassifyOptions(balance="weights", truncate="left", lm_weight=0.5, dropout=0.2, crop=0.5)
+    said, crops = [], []
+    result = train_classifier(data, init=str(small_lm), options=options, on_step=lambda t: crops.append(t.batches.crop),
                               **{**quick(tmp_path, max_steps=2, block_size=4), "log": said.append})
-    assert result.step == 2
+    assert result.step == 2 and crops == [0.5, 0.5]
     tok = load_tokenizer(small_lm)
     lengths = {t: len(tok.encode(t)) for t, _ in texts_and_labels(30)}
     (line,) = [m for m in said if "longer than the context (4 tokens)" in m]  # the training texts, told once

@@ -331,8 +331,8 @@ class GPTForgeClassifier:
               **options) -> "GPTForgeClassifier":
         """Train on labelled files (.csv/.tsv, .jsonl/.json, or a folder with a sub-folder per label) and open the
         result. `init`: a language-model folder or hub id, a classifier folder, or a preset (from scratch).
-        `options` are ClassifyOptions fields (text_field, label_field, truncate, val_fraction, balance, lm_weight),
-        TrainConfig fields (max_time, epochs, learning_rate, freeze, resume, ...), LoRAOptions fields (lora_r, ...)
+        `options` are ClassifyOptions fields (text_field, label_field, truncate, val_fraction, balance, lm_weight,
+        crop), TrainConfig fields (max_time, epochs, learning_rate, freeze, resume, ...), LoRAOptions fields (lora_r, ...)
         and tokenizer/vocab_size."""
         from .options import ClassifyOptions, LoRAOptions
         from .train.classification import train_classifier

@@ -342,10 +342,12 @@ class ClassifyOptions:
     lm_weight: float = opt(0.0, "also train the language-model loss on the training texts, times this (GPT-1's auxiliary "
                            "objective, e.g. 0.5); helps when examples are few")
     dropout: float | None = opt(None, "residual, embedding and attention dropout while training (default: the --init model's)")
+    crop: float = opt(0.0, "augmentation: the share of training texts that a batch gives as a random span of at least "
+                      "half their tokens (e.g. 0.5), so the label is learnt from any part of a text; 0: whole texts")
 
     def __post_init__(self) -> None:
         check_fields(self, {"val_fraction": (0, 0.9, True, float), "lm_weight": (0, None, True, float),
-                            "dropout": (0, 0.9, True, float)})
+                            "dropout": (0, 0.9, True, float), "crop": (0, 1, True, float)})
         for name in ("truncate", "balance"):
             choices = next(f.metadata["choices"] for f in dataclasses.fields(self) if f.name == name)
             if getattr(self, name) not in choices:

@@ -40,11 +40,12 @@ class LabelledBatches:
 
     Each epoch visits every example once in a seeded order; `balanced` draws every class equally often
     instead (with replacement). Examples are drawn BUCKET batches at a time and sorted by length within the
-    draw, so that a batch wastes little on padding; the batches of a draw come in a seeded order."""
+    draw, so that a batch wastes little on padding; the batches of a draw come in a seeded order. `crop` is
+    the share of rows given as a random contiguous span of at least half their tokens (augmentation)."""
 
     def __init__(self, seqs: Sequence[np.ndarray], labels: np.ndarray, batch_size: int, pad_token_id: int, *,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, balanced: bool = False):
-        self.seqs, self.labels, self.pad = seqs, labels, pad_token_id
+                 seed: int = 0, rank: int = 0, world_size: int = 1, balanced: bool = False, crop: float = 0.0):
+        self.seqs, self.labels, self.pad, self.crop = seqs, labels, pad_token_id, crop
         self.batch_size, self.seed, self.rank, self.world_size, self.balanced = batch_size, seed, rank, world_size, balanced
         self.global_batch = batch_size * world_size
         self.steps_per_epoch = max(1, len(seqs) // self.global_batch)
@@ -73,8 +74,22 @@ class LabelledBatches:
         which = np.random.default_rng([self.seed, epoch, bucket, 1]).permutation(max(1, len(idx) // self.global_batch))
         rows = idx[which[j % len(which)] * self.global_batch:][: self.global_batch]  # full batches only
         rows = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        ids, _ = pad_batch([self.seqs[r] for r in rows], self.pad)
+        seqs = [self.seqs[r] for r in rows]
+        if self.crop:
+            rng = np.random.default_rng([self.seed, step, self.rank, 2])
+            seqs = [random_span(s, rng) if rng.random() < self.crop else s for s in seqs]
+        ids, _ = pad_batch(seqs, self.pad)
         return ids, torch.from_numpy(self.labels[rows].astype(np.int64))
+
+
+def random_span(seq: np.ndarray, rng: np.random.Generator, shortest: int = 8) -> np.ndarray:
+    """A contiguous span of `seq` of at least half its tokens, uniformly placed (sequences of `shortest` tokens
+    or fewer come back whole)."""
+    if len(seq) <= shortest:
+        return seq
+    n = int(rng.integers(len(seq) // 2, len(seq) + 1))
+    start = int(rng.integers(0, len(seq) - n + 1))
+    return seq[start:start + n]
 
 
 class ClassificationTask(Task):
@@ -86,9 +101,9 @@ class ClassificationTask(Task):
 
     def __init__(self, train: tuple[list, np.ndarray], val: tuple[list, np.ndarray] | None, labels: list[str],
                  pad_token_id: int, balance: str = "none", fingerprint: str = "", tokenizer_fingerprint: str = "",
-                 lm_weight: float = 0.0):
+                 lm_weight: float = 0.0, crop: float = 0.0):
         self.train, self.val, self.labels, self.pad, self.balance = train, val, labels, pad_token_id, balance
-        self.lm_weight = lm_weight
+        self.lm_weight, self.crop = lm_weight, crop
         self.report: dict | None = None  # the latest evaluation in full: per class, confusion matrix
         counts = np.bincount(train[1], minlength=len(labels)).astype(float)
         self.class_weights = (torch.tensor(counts.sum() / (len(labels) * np.maximum(counts, 1)), dtype=torch.float32)
@@ -99,7 +114,7 @@ class ClassificationTask(Task):
 
     def make_batches(self, cfg, block_size: int, rank: int, world_size: int) -> LabelledBatches:
         return LabelledBatches(self.train[0], self.train[1], cfg.batch_size, self.pad, seed=cfg.seed, rank=rank,
-                              world_size=world_size, balanced=self.balance == "sampling")
+                              world_size=world_size, balanced=self.balance == "sampling", crop=self.crop)
 
     def tokens_per_batch(self, cfg, block_size: int) -> int:
         return max(1, round(cfg.batch_size * self.mean_tokens))
@@ -233,7 +248,7 @@ def train_classifier(inputs, *, init: str | None = None, eval_inputs=None, token
         encode = lambda d, say=None: _encode(tok, d, labels, max_length, opts.truncate, say)  # noqa: E731
         task = ClassificationTask(encode(train_data, log), encode(val_data) if val_data is not None else None, labels,
                                   model.pad_token_id, opts.balance, _fingerprint(train_data), getattr(tok, "fingerprint", ""),
-                                  opts.lm_weight)
+                                  opts.lm_weight, opts.crop)
         counts = ", ".join(f"{k} {v}" for k, v in sorted(train_data.counts().items()))
         log(f"classes: {counts}" + (f"; validation: {len(val_data):,} examples" if val_data is not None else "; no validation"))
         if cfg.max_steps is None and cfg.epochs is None and cfg.max_time is None:
@@ -260,4 +275,4 @@ def _encode(tok, data: Labelled, labels: list[str], max_length: int, truncate: s
     return [cut(s, max_length, truncate) for s in seqs], np.array([index[y] for y in data.labels])
 
 
-__all__ = ["ClassificationTask", "LabelledBatches", "train_classifier"]
+__all__ = ["ClassificationTask", "LabelledBatches", "random_span", "train_classifier"]

@@ -17,7 +17,7 @@ from gptforge.classify import (classification_metrics, evaluate_classifier, from
 from gptforge.cli import main
 from gptforge.config import GPTConfig
 from gptforge.data.labelled import read_labelled, stratified_split
-from gptforge.errors import CheckpointError, DataError, OptionError
+from gptforge.errors import CheckpointError, DataError, OptionError, RunFolderError
 from gptforge.model import GPT
 from gptforge.options import ClassifyOptions
 from gptforge.tokenizer import load_tokenizer
@@ -215,6 +215,17 @@ def test_train_resume_eval_and_predict(small_lm, tmp_path):
     test = write_jsonl(tmp_path / "test.jsonl", texts_and_labels(12, seed=1))
     assert main(["classify", "eval", str(run), str(test), "--json"]) == 0
     assert main(["classify", "predict", str(run), "ball goal", "cheese", "--json"]) == 0
+
+
+def test_resume_refuses_other_classification_options(small_lm, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", texts_and_labels(40))
+    began = ClassifyOptions(balance="weights", crop=0.5)
+    stop = lambda trainer: trainer.step == 2 and os.kill(os.getpid(), signal.SIGINT)  # noqa: E731 - Ctrl-C at step 2
+    assert train_classifier(data, init=str(small_lm), options=began, on_step=stop, **quick(tmp_path, max_steps=6)).interrupted
+    with pytest.raises(RunFolderError, match=r"--balance weights then, none now; --crop 0.5 then, 0.0 now"):
+        train_classifier(data, init=str(small_lm), **quick(tmp_path, max_steps=6, resume=True))
+    result = train_classifier(data, init=str(small_lm), options=began, **quick(tmp_path, max_steps=6, resume=True))
+    assert result.step == 6 and not result.interrupted
 
 
 def test_class_weights_lm_loss_and_left_truncation(small_lm, tmp_path):

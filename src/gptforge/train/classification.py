@@ -104,6 +104,8 @@ class ClassificationTask(Task):
                  lm_weight: float = 0.0, crop: float = 0.0):
         self.train, self.val, self.labels, self.pad, self.balance = train, val, labels, pad_token_id, balance
         self.lm_weight, self.crop = lm_weight, crop
+        self.options = {flag_of(ClassifyOptions, k): v for k, v in
+                        dict(balance=balance, lm_weight=lm_weight, crop=crop).items()}
         self.report: dict | None = None  # the latest evaluation in full: per class, confusion matrix
         counts = np.bincount(train[1], minlength=len(labels)).astype(float)
         self.class_weights = (torch.tensor(counts.sum() / (len(labels) * np.maximum(counts, 1)), dtype=torch.float32)

@@ -162,6 +162,11 @@ class Trainer:
         differ = [f"{k}: checkpoint {theirs[k]} vs now {mine[k]}" for k in mine if k in theirs and mine[k] != theirs[k]]
         if differ:
             raise RunFolderError(f"{path}: was trained with a different model config ({'; '.join(differ)})")
+        theirs, mine = saved.get("task_options") or {}, self.task.options
+        differ = [f"{k} {theirs[k]} then, {mine[k]} now" for k in mine if k in theirs and mine[k] != theirs[k]]
+        if differ:
+            raise RunFolderError(f"{path}: this run was begun with other options ({'; '.join(differ)}); resume with "
+                                 "the options it began with")
         return path, saved
 
     def _full_state(self) -> tuple[dict, dict]:

@@ -24,6 +24,7 @@ class Task:
     metric = "val_loss"
     higher_is_better = False
     can_sample = False  # whether text samples during training make sense
+    options: dict = {}  # flag -> value of the task's own training options; a resumed run must give the same
 
     def make_batches(self, cfg, block_size: int, rank: int, world_size: int):
         """An object with `batch(step) -> tuple of tensors` and `steps_per_epoch`."""

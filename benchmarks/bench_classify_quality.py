@@ -7,8 +7,8 @@ preparation, language-model pretraining, classifier training, test evaluation):
 1. a byte-level BPE tokenizer trained on the training texts;
 2. a small GPT-2 language model pretrained from scratch on the training texts only (`gptforge train`);
 3. a classifier with that body and a new head (`gptforge classify train --init LM`), its best checkpoint
-   chosen by macro-F1 on a stratified 10% of the training examples (`--clf-crop 0.5` adds random spans of the
-   texts, docs/classify.md; not yet measured in this full recipe);
+   chosen by macro-F1 on a stratified 10% of the training examples, trained with random spans of the texts
+   (`classify train --crop 0.5`, docs/classify.md; `--clf-crop 0` turns them off);
 4. that best classifier scored on test.jsonl.
 
 The baseline is TF-IDF of character 2-5-grams + logistic regression (C=10), as in the corpus README.
@@ -95,7 +95,7 @@ def main() -> None:
     p.add_argument("--clf-dropout", type=float, default=0.1, help="classify train --dropout")
     p.add_argument("--balance", default="weights", help="classify train --balance")
     p.add_argument("--clf-ema", type=float, default=None, help="classify train --ema (a weight average)")
-    p.add_argument("--clf-crop", type=float, default=0.0, help="classify train --crop (random spans of the texts)")
+    p.add_argument("--clf-crop", type=float, default=0.5, help="classify train --crop (random spans of the texts)")
     p.add_argument("--lm-eval-interval", type=int, default=0, help="evaluate the LM every N steps (0: only at the end)")
     p.add_argument("--lm-dropout", type=float, default=0.0, help="the language model's dropout")
     args = p.parse_args()

@@ -4,8 +4,9 @@ Speed: `gpt2`-shaped random weights (124M) saved by gptforge, opened by transfor
 converted by CTranslate2's `ct2-transformers-converter` (float32 and int8), with a stand-in 50,257-token
 vocabulary (CTranslate2 wants token strings; every engine here is fed token ids). Five engines: gptforge
 fp32, gptforge int8 (`quantize_model`, made on load), transformers (fp32, KV cache), CTranslate2 float32
-and int8. Each trial runs every engine once, in a rotated order, so load from other jobs falls on all
-alike; the table gives medians. Greedy decoding with no early stop: a `--prompt-tokens` prompt and
+and int8. Each trial runs every engine once, each in a fresh process of its own (CTranslate2 brings its
+own OpenMP runtime, which slows torch's threads when both share a process), in a rotated order, so load
+from other jobs falls on all alike; the table gives medians. Greedy decoding with no early stop: a `--prompt-tokens` prompt and
 `--new-tokens` new tokens per row at batch 1 and 8 (tokens/s = all new tokens / the whole call), and time
 to first token for a `--ttft-tokens` prompt at batch 1 (a call that makes one token). Before timing, the
 script checks that gptforge fp32 gives transformers' greedy tokens and reports how far int8 agrees.
@@ -55,28 +56,44 @@ def convert(folder: Path, out: Path, quantization: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True)
 
 
+def prepare(work: Path) -> None:
+    """The `gpt2`-shaped random model saved by gptforge, and its two CTranslate2 conversions."""
+    torch.manual_seed(0)
+    folder = work / "gpt2"
+    save_model(GPT(preset("gpt2")).eval(), folder)
+    write_stand_in_vocab(folder, preset("gpt2").vocab_size)
+    for kind, quant in (("fp32", "float32"), ("int8", "int8")):
+        convert(folder, work / f"ct2-{kind}", quant)
+
+
 class Engines:
-    """The five generators behind one call: `run(name, prompt ids (B, T), new tokens) -> new ids (B, new)`."""
+    """The generators named (default: all five) behind one call: `run(name, prompt ids (B, T), new tokens) ->
+    new ids (B, new)`, loaded from the folders `prepare` wrote."""
 
-    def __init__(self, work: Path, threads: int):
-        import ctranslate2
-        import transformers
+    def __init__(self, work: Path, threads: int, names=ENGINES):
+        from gptforge.checkpoint import load_model
 
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-        torch.manual_seed(0)
-        self.fp32 = GPT(preset("gpt2")).eval()
         folder = work / "gpt2"
-        save_model(self.fp32, folder)
-        write_stand_in_vocab(folder, self.fp32.config.vocab_size)
-        self.int8 = quantize_model(self.fp32, inplace=False)
-        self.hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+        if any(n.startswith("gptforge") for n in names):
+            self.fp32 = load_model(folder).eval()
+            self.int8 = quantize_model(self.fp32, inplace=False)
+        self.versions = ""
+        if "transformers" in names:
+            import transformers
+
+            transformers.logging.set_verbosity_error()
+            transformers.utils.logging.disable_progress_bar()
+            self.hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+            self.versions += f"transformers {transformers.__version__}"
         self.ct2 = {}
-        for kind, quant in (("fp32", "float32"), ("int8", "int8")):
-            convert(folder, work / f"ct2-{kind}", quant)
-            self.ct2[kind] = ctranslate2.Generator(str(work / f"ct2-{kind}"), device="cpu", compute_type=quant,
-                                                   inter_threads=1, intra_threads=threads)
-        self.versions = f"transformers {transformers.__version__}, CTranslate2 {ctranslate2.__version__}"
+        if any(n.startswith("CTranslate2") for n in names):
+            import ctranslate2
+
+            for kind, quant in (("fp32", "float32"), ("int8", "int8")):
+                if f"CTranslate2 {kind}" in names:
+                    self.ct2[kind] = ctranslate2.Generator(str(work / f"ct2-{kind}"), device="cpu", compute_type=quant,
+                                                           inter_threads=1, intra_threads=threads)
+            self.versions += f", CTranslate2 {ctranslate2.__version__}"
 
     @torch.inference_mode()
     def run(self, name: str, prompt: torch.Tensor, new: int) -> list[list[int]]:
@@ -100,26 +117,48 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return same / sum(map(len, a))
 
 
-def speed(args, engines: Engines) -> None:
-    vocab = engines.fp32.config.vocab_size
-    prompts = {b: torch.randint(1, vocab - 1, (b, args.prompt_tokens), generator=torch.Generator().manual_seed(b))
-               for b in (1, 8)}
+def prompts_of(args, vocab: int) -> dict:
+    """The timed prompts, the same in every process: batch 1 and 8 of --prompt-tokens, and the TTFT prompt."""
+    rand = lambda shape, seed: torch.randint(1, vocab - 1, shape, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    return {1: rand((1, args.prompt_tokens), 1), 8: rand((8, args.prompt_tokens), 8), "ttft": rand((1, args.ttft_tokens), 99)}
+
+
+def time_one(args, work: Path, name: str, threads: int) -> dict:
+    """One trial of one engine, alone in this process: a warm-up call (packs weights, allocates), then the
+    batch-1, batch-8 and TTFT calls; seconds per call."""
+    engines = Engines(work, threads, [name])
+    prompts = prompts_of(args, preset("gpt2").vocab_size)
+    engines.run(name, prompts[1], 4)
+    times = {}
+    for key, new in ((1, args.new_tokens), (8, args.new_tokens), ("ttft", 1)):
+        start = time.perf_counter()
+        engines.run(name, prompts[key], new)
+        times[str(key)] = time.perf_counter() - start
+    return times
+
+
+def speed(args, work: Path, threads: int) -> None:
+    engines = Engines(work, threads)
+    print(engines.versions, flush=True)
+    prompts = prompts_of(args, engines.fp32.config.vocab_size)
     ref = engines.run("transformers", prompts[8], 20)
     assert engines.run("gptforge fp32", prompts[8], 20) == ref, "gptforge fp32 greedy tokens differ from transformers"
     checks = {name: agreement(ref, engines.run(name, prompts[8], 20)) for name in ENGINES[1:] if name != "transformers"}
     print("greedy agreement with transformers over 20 tokens, 8 rows: gptforge fp32 100% (identical), "
           + ", ".join(f"{k} {v:.0%}" for k, v in checks.items()), flush=True)
-    long = torch.randint(1, vocab - 1, (1, args.ttft_tokens), generator=torch.Generator().manual_seed(99))
+    del engines
+    # Timing: each engine in a process of its own, so that no engine's OpenMP runtime (CTranslate2 brings its
+    # own) slows another's; the trials rotate the order so that drifting load falls on all alike.
     times: dict[tuple, list[float]] = {}
-    for name in ENGINES:  # warm-up: first calls pack weights and allocate
-        engines.run(name, prompts[1], 4)
     for trial in range(args.trials):
         order = ENGINES[trial % len(ENGINES):] + ENGINES[:trial % len(ENGINES)]
-        for key, prompt, new in [(1, prompts[1], args.new_tokens), (8, prompts[8], args.new_tokens), ("ttft", long, 1)]:
-            for name in order:
-                start = time.perf_counter()
-                engines.run(name, prompt, new)
-                times.setdefault((key, name), []).append(time.perf_counter() - start)
+        for name in order:
+            cmd = [sys.executable, __file__, "--worker", name, "--work", str(work), "--threads", str(threads),
+                   "--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens),
+                   "--ttft-tokens", str(args.ttft_tokens)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            for key, seconds in json.loads(out.strip().splitlines()[-1]).items():
+                times.setdefault((int(key) if key.isdigit() else key, name), []).append(seconds)
         last = ", ".join(f"{k[1]} b{k[0]} {v[-1]:.2f}s" for k, v in times.items())
         print(f"trial {trial + 1}/{args.trials}, load average {os.getloadavg()[0]:.1f}: {last}", file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -170,19 +209,23 @@ def main() -> None:
     ap.add_argument("--ttft-tokens", type=int, default=512)
     ap.add_argument("--threads", type=int, help="threads for every engine (default: torch's choice)")
     ap.add_argument("--quality", type=Path, help="a trained run folder: int8 quality instead of speed")
+    ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)  # time one engine alone (internal)
+    ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
+    if args.worker:
+        print(json.dumps(time_one(args, args.work, args.worker, threads)))
+        return
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({threads} threads), "
           f"python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}", flush=True)
     if args.quality:
         quality(args.quality)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        engines = Engines(Path(tmp), threads)
-        print(engines.versions, flush=True)
-        speed(args, engines)
+        prepare(Path(tmp))
+        speed(args, Path(tmp), threads)
 
 
 if __name__ == "__main__":

@@ -386,20 +386,21 @@ def test_cpu_inference_weights_give_the_same_logits_and_follow_weight_updates():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=4)).eval()
     x = torch.randint(0, 97, (3, 10))
+    step = x[:, :1]  # three rows: what a decoding step multiplies (the decoding kernel where it is built)
     with torch.no_grad():
-        plain = model(x)[0]
+        plain, plain_step = model(x)[0], model(step)[0]
         with kernels.cpu_inference_weights(model):
             assert all("forward" in m.__dict__ for m in model.modules() if isinstance(m, torch.nn.Linear))
-            packed = model(x)[0]
-            torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(model(x)[0], plain, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(model(step)[0], plain_step, atol=1e-5, rtol=1e-5)
             model.transformer.h[0].mlp.c_fc.weight.mul_(2.0)  # an in-place update: the packed copy is remade
-            changed = model(x)[0]
+            changed = model(step)[0]
         assert not any("forward" in m.__dict__ for m in model.modules())  # plain modules again
-        torch.testing.assert_close(changed, model(x)[0], atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(changed, plain, atol=1e-3)
+        torch.testing.assert_close(changed, model(step)[0], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(changed, plain_step, atol=1e-3)
     assert model.transformer.h[0].mlp.c_fc in kernels._PACKED  # kept for the next call
     with torch.no_grad(), kernels.cpu_inference_weights(model, keep=False):
-        model(x)
+        model(step)
     assert model.transformer.h[0].mlp.c_fc not in kernels._PACKED
     with kernels.cpu_inference_weights(model):  # with gradients on, the layer's own path: gradients flow
         model(x, targets=x)[1].backward()

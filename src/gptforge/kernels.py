@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import native
+
 SWITCH = "GPTFORGE_KERNELS"  # "0" turns the fast paths off
 
 
@@ -322,14 +324,16 @@ def activation_down(u: torch.Tensor, act, weight: torch.Tensor, p: float = 0.0) 
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # nn.Linear -> (weight key, packed weight)
 
 
-def _packed_weight(layer: nn.Linear) -> torch.Tensor:
-    """`layer.weight` reordered for oneDNN, made once and reused until the weight changes (in-place
-    updates bump the tensor's version, a new tensor changes its address); freed with the layer."""
+def _packed_weight(layer: nn.Linear, kind: str = "onednn"):
+    """`layer.weight` reordered for oneDNN (`kind="onednn"`) or for the decoding kernel (`"native"`), made once
+    and reused until the weight changes (in-place updates bump the tensor's version, a new tensor changes
+    its address); freed with the layer. One copy per layer."""
     w = layer.weight
-    key = (w.data_ptr(), w._version)
+    key = (w.data_ptr(), w._version, kind)
     cached = _PACKED.get(layer)
     if cached is None or cached[0] != key:
-        cached = _PACKED[layer] = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1))
+        packed = native.pack(w) if kind == "native" else torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+        cached = _PACKED[layer] = (key, packed)
     return cached[1]
 
 
@@ -340,13 +344,14 @@ def is_packed(layer: nn.Linear) -> bool:
 
 @contextlib.contextmanager
 def cpu_inference_weights(model: nn.Module, keep: bool = True):
-    """For the duration, the model's `nn.Linear` layers multiply with oneDNN-packed copies of their fp32 CPU
-    weights (gradients off). Same products, same results up to float rounding; for decoding, where each step
-    multiplies a few rows by every weight, about twice as fast as the plain BLAS call on a 2-core x86 CPU
-    (docs/benchmarks.md). The copies cost as much memory as the weights and are made on first use (~0.15 s
-    for `gpt2`); with `keep` they are reused by later calls while the weights stay unchanged, without it
-    (a model in training, whose weights change anyway) they are dropped on exit. Elsewhere (CUDA, bf16,
-    no oneDNN) it does nothing.
+    """For the duration, the model's fp32 CPU `nn.Linear` layers multiply faster (gradients off), with the same
+    products up to float rounding. A decoding step's few rows (at most native.MAX_ROWS) go through the
+    decoding kernel (native.py) on a copy of the weight packed for it; longer inputs (prompts) through
+    oneDNN. Where the kernel cannot be built, every product uses a oneDNN-packed copy, as before it existed:
+    about twice the plain BLAS call's speed for decoding on a 2-core x86 CPU (docs/benchmarks.md). The
+    copies cost as much memory as the weights and are made on first use (~0.15 s for `gpt2`); with `keep`
+    they are reused by later calls while the weights stay unchanged, without it (a model in training, whose
+    weights change anyway) they are dropped on exit. Elsewhere (CUDA, bf16, no oneDNN) it does nothing.
     """
     layers = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.device.type == "cpu"
               and m.weight.dtype == torch.float32]
@@ -358,7 +363,11 @@ def cpu_inference_weights(model: nn.Module, keep: bool = True):
         def forward(x: torch.Tensor) -> torch.Tensor:
             if torch.is_grad_enabled() or not _onednn_ok(x):
                 return type(layer).forward(layer, x)  # the layer's own path
-            return _linear(x, _packed_weight(layer), layer.bias)
+            if not native.available():
+                return _linear(x, _packed_weight(layer), layer.bias)
+            if native.fits(x, layer.weight):  # a decoding step's few rows: bound by reading the weight
+                return native.gemv(x, _packed_weight(layer, "native"), layer.bias)
+            return _linear(x, layer.weight, layer.bias)  # a prompt: oneDNN's GEMM on the weight as it is
         return forward
 
     try:

@@ -1,0 +1,66 @@
+"""The products of one decoding step of `gpt2` (124M): gptforge's decoding kernel against torch's products.
+
+The 49 fp32 products of a step (4 per block x 12, and the 50,257-row head), each with its own random weight
+(497 MB in all, more than the caches), at 1 and 8 input rows: oneDNN's product on its packed weight (what
+gptforge used before the kernel, and uses where the kernel cannot be built), oneDNN on the weight as it is
+(what gptforge uses for prompts), F.linear (what transformers calls), and the kernel on its packed copy
+(native.py). `torch.sum` over the same weights shows what reading them costs. Rounds alternate the ways;
+the table gives the best and the median round.
+
+    python benchmarks/bench_gemv.py [--rounds 7]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from gptforge import kernels, native
+from machine import cpu_name  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=7)
+    args = ap.parse_args()
+    if not (kernels.onednn() and native.available()):
+        raise SystemExit("needs an x86-64 Linux machine with oneDNN in torch and a C compiler")
+    torch.manual_seed(0)
+    shapes = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12 + [(50257, 768)]
+    weights = [torch.randn(o, i) for o, i in shapes]
+    biases = [torch.randn(o) if o != 50257 else None for o, _ in shapes]
+    onednn = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
+    packed = [native.pack(w) for w in weights]
+    megabytes = sum(w.numel() * 4 for w in weights) / 1e6
+    ways = {
+        "oneDNN, packed weight": lambda x, i: kernels._linear(x, onednn[i], biases[i]),
+        "oneDNN, weight as it is": lambda x, i: kernels._linear(x, weights[i], biases[i]),
+        "F.linear": lambda x, i: F.linear(x, weights[i], biases[i]),
+        "gptforge decoding kernel": lambda x, i: native.gemv(x, packed[i], biases[i]),
+        "torch.sum of the weights (reading alone)": lambda x, i: weights[i].sum(),
+    }
+    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"load average {os.getloadavg()[0]:.1f}; {megabytes:.0f} MB of weights, {args.rounds} rounds")
+    times: dict[tuple, list[float]] = {}
+    with torch.inference_mode():
+        for rows in (1, 8):
+            inputs = {i: torch.randn(rows, i) for i in (768, 3072)}
+            for _ in range(args.rounds):
+                for name, way in ways.items():
+                    for i, w in enumerate(weights):  # warm: the pages are touched, the threads awake
+                        way(inputs[w.shape[1]], i)
+                    start = time.perf_counter()
+                    for i, w in enumerate(weights):
+                        way(inputs[w.shape[1]], i)
+                    times.setdefault((rows, name), []).append(time.perf_counter() - start)
+    print("\n| rows | products | best, ms | median, ms | GB/s (best) |\n| --- | --- | ---: | ---: | ---: |")
+    for (rows, name), t in times.items():
+        print(f"| {rows} | {name} | {min(t) * 1e3:.1f} | {statistics.median(t) * 1e3:.1f} | {megabytes / 1e3 / min(t):.1f} |")
+
+
+if __name__ == "__main__":
+    main()

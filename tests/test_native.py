@@ -1,0 +1,71 @@
+"""The decoding kernel (native.gemv): F.linear's numbers, used for a decoding step's few rows, and torch's
+products wherever it cannot be built."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptforge import GPT, kernels, native, preset
+from gptforge.generate import generate_ids
+
+needs_kernel = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")) or not native.available(),
+                                  reason="the decoding kernel needs a C compiler and an x86-64 Linux machine")
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_gemv_gives_linears_numbers(rows):
+    g = torch.Generator().manual_seed(rows)
+    for out, inp in ((1, 5), (7, 33), (64, 768), (1027, 96)):  # widths not a multiple of 4 or 16
+        x, w, b = torch.randn(rows, inp, generator=g), torch.randn(out, inp, generator=g), torch.randn(out, generator=g)
+        for bias in (b, None):
+            torch.testing.assert_close(native.gemv(x, native.pack(w), bias), F.linear(x, w, bias), atol=1e-4, rtol=1e-5)
+    wide = torch.randn(2, rows, 2 * 16, generator=g)[..., ::2]  # a strided input, batch dims kept
+    w = torch.randn(9, 16, generator=g)
+    torch.testing.assert_close(native.gemv(wide, native.pack(w)), F.linear(wide, w), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_fits_only_few_fp32_rows_without_gradients():
+    w = torch.randn(8, 16)
+    with torch.no_grad():
+        assert native.fits(torch.randn(1, 1, 16), w) and native.fits(torch.randn(8, 16), w)
+        assert not native.fits(torch.randn(9, 16), w)  # a prompt: torch's GEMM
+        assert not native.fits(torch.randn(1, 16, dtype=torch.float64), w.double())
+    assert not native.fits(torch.randn(1, 16), w)  # gradients wanted
+
+
+@needs_kernel
+def test_decoding_steps_use_the_kernel_and_keep_the_tokens(monkeypatch):
+    if not kernels.onednn():
+        pytest.skip("the inference weights path needs oneDNN (x86 torch)")
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=300)).eval()
+    prompt = torch.randint(0, 300, (2, 12))
+    monkeypatch.setenv(kernels.SWITCH, "0")
+    plain = generate_ids(model, prompt, max_new_tokens=10, do_sample=False, eos_id=None)
+    monkeypatch.delenv(kernels.SWITCH)
+    rows = []
+    real = native.gemv
+    monkeypatch.setattr(native, "gemv", lambda x, *a: rows.append(x.numel() // x.shape[-1]) or real(x, *a))
+    fast = generate_ids(model, prompt, max_new_tokens=10, do_sample=False, eos_id=None)
+    assert fast == plain and len(fast[0]) == 10
+    # every linear layer of the 9 decoding steps after the prompt (4 per block, and the head), and the prompt's
+    # head (its last position only), one row per sequence
+    assert rows == [2] * (1 + 9 * (4 * 4 + 1))
+
+
+@pytest.mark.skipif(not native.on_x86_linux(), reason="the kernel is built only on x86-64 Linux")
+def test_without_a_compiler_torch_products_remain(monkeypatch, tmp_path):
+    native._library.cache_clear()
+    try:
+        monkeypatch.setattr(native.shutil, "which", lambda name: None)
+        monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path))
+        with pytest.warns(UserWarning, match="could not be built"):
+            assert not native.available()
+        assert not native.fits(torch.randn(1, 4), torch.randn(3, 4))
+    finally:
+        native._library.cache_clear()

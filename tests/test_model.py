@@ -381,8 +381,31 @@ def test_attention_without_dropout_is_torchs():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not kernels.onednn(), reason="no oneDNN fast path in this torch build or on this CPU")
-def test_cpu_inference_weights_give_the_same_logits_and_follow_weight_updates():
+@pytest.mark.skipif(not kernels._onednn_checked(), reason="no oneDNN ops in this torch build or on this CPU")
+def test_onednn_products_give_the_plain_gradients(monkeypatch):
+    """The oneDNN paths (used by default on x86 processors other than Intel's) against torch's products."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=4)).eval()  # no dropout
+    x = torch.randint(0, 97, (3, 10))
+
+    def grads(faster: bool):
+        monkeypatch.setattr(kernels, "_onednn_faster", lambda: faster)
+        assert kernels.onednn() == faster
+        model.zero_grad()
+        loss = model(x, targets=x)[1]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    (fast_loss, fast), (plain_loss, plain) = grads(True), grads(False)
+    torch.testing.assert_close(fast_loss, plain_loss, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not kernels._onednn_checked(), reason="no oneDNN ops in this torch build or on this CPU")
+@pytest.mark.parametrize("faster", [True, False])
+def test_cpu_inference_weights_give_the_same_logits_and_follow_weight_updates(monkeypatch, faster):
+    monkeypatch.setattr(kernels, "_onednn_faster", lambda: faster)  # oneDNN for prompts, or torch's products
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=4)).eval()
     x = torch.randint(0, 97, (3, 10))

@@ -40,8 +40,6 @@ def test_fits_only_few_fp32_rows_without_gradients():
 
 @needs_kernel
 def test_decoding_steps_use_the_kernel_and_keep_the_tokens(monkeypatch):
-    if not kernels.onednn():
-        pytest.skip("the inference weights path needs oneDNN (x86 torch)")
     torch.manual_seed(0)
     model = GPT(preset("tiny", vocab_size=300)).eval()
     prompt = torch.randint(0, 300, (2, 12))

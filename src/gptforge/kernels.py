@@ -2,12 +2,14 @@
 attention-with-dropout and a LoRA adapter's activated input that keep less for the backward pass, packed
 weights, and the int8 linear layer (fbgemm's int8 products, the plain product elsewhere).
 
-On x86 CPUs, fp32 matrix products go through oneDNN rather than the BLAS that torch.mm calls: on the 2-core
-AMD EPYC we measure on, oneDNN ran them at 2.0-2.4x the BLAS rate (docs/benchmarks.md), with the same fp32
-math. The ops are torch's internal `torch.ops.mkldnn.*`, so they are used only when this torch build has
-them, when they agree with `F.linear` on a small check the first time they are needed, and when the
-environment does not say `GPTFORGE_KERNELS=0` (which turns every fast path here off). Elsewhere (CUDA,
-ARM, autocast, torch.compile) each function is the plain torch call.
+On x86 CPUs other than Intel's, fp32 matrix products go through oneDNN rather than the BLAS that torch.mm
+calls (MKL in torch's wheels, which takes a slow path on other vendors' processors): on the 2-core AMD
+EPYC we measure on, oneDNN ran them at 2.0-2.4x the BLAS rate, with the same fp32 math; on an Intel Xeon,
+where MKL is at home, a training step was a fifth slower with them than without (docs/benchmarks.md), so
+Intel processors keep torch's products. The ops are torch's internal `torch.ops.mkldnn.*`, so they are used
+only when this torch build has them, when they agree with `F.linear` on a small check the first time they
+are needed, and when the environment does not say `GPTFORGE_KERNELS=0` (which turns every fast path here
+off). Elsewhere (CUDA, ARM, autocast, torch.compile) each function is the plain torch call.
 """
 from __future__ import annotations
 
@@ -52,14 +54,29 @@ def _onednn_checked() -> bool:
     return ok
 
 
+@functools.lru_cache(maxsize=1)
+def _onednn_faster() -> bool:
+    """Whether oneDNN's products beat torch's BLAS on this processor: not on Intel's (see the module notes)."""
+    try:
+        info = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read(4096)
+    except OSError:
+        return True
+    return "GenuineIntel" not in info
+
+
 def onednn() -> bool:
     """Whether fp32 CPU products go through oneDNN in this process."""
-    return enabled() and _onednn_checked()
+    return enabled() and _onednn_faster() and _onednn_checked()
+
+
+def _fp32_cpu(x: torch.Tensor) -> bool:
+    """An fp32 CPU input that the fast paths may take (not under autocast or torch.compile)."""
+    return (enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling())
 
 
 def _onednn_ok(x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling() and onednn())
+    return _fp32_cpu(x) and onednn()
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -347,7 +364,8 @@ def cpu_inference_weights(model: nn.Module, keep: bool = True):
     """For the duration, the model's fp32 CPU `nn.Linear` layers multiply faster (gradients off), with the same
     products up to float rounding. A decoding step's few rows (at most native.MAX_ROWS) go through the
     decoding kernel (native.py) on a copy of the weight packed for it; longer inputs (prompts) through
-    oneDNN. Where the kernel cannot be built, every product uses a oneDNN-packed copy, as before it existed:
+    oneDNN where it is used (`onednn()`), else torch's product. Where the kernel cannot be built, every
+    product uses a oneDNN-packed copy, as before it existed:
     about twice the plain BLAS call's speed for decoding on a 2-core x86 CPU (docs/benchmarks.md). The
     copies cost as much memory as the weights and are made on first use (~0.15 s for `gpt2`); with `keep`
     they are reused by later calls while the weights stay unchanged, without it (a model in training, whose
@@ -355,19 +373,20 @@ def cpu_inference_weights(model: nn.Module, keep: bool = True):
     """
     layers = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.device.type == "cpu"
               and m.weight.dtype == torch.float32]
-    if not layers or not onednn():
+    if not layers or not (onednn() or (enabled() and native.available())):
         yield model
         return
 
     def packed_forward(layer: nn.Linear):
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if torch.is_grad_enabled() or not _onednn_ok(x):
+            if torch.is_grad_enabled() or not _fp32_cpu(x):
                 return type(layer).forward(layer, x)  # the layer's own path
-            if not native.available():
-                return _linear(x, _packed_weight(layer), layer.bias)
             if native.fits(x, layer.weight):  # a decoding step's few rows: bound by reading the weight
                 return native.gemv(x, _packed_weight(layer, "native"), layer.bias)
-            return _linear(x, layer.weight, layer.bias)  # a prompt: oneDNN's GEMM on the weight as it is
+            if not onednn():
+                return type(layer).forward(layer, x)  # a prompt: torch's product
+            # a prompt: oneDNN's GEMM, on its packed copy only where there is no kernel's copy to keep instead
+            return _linear(x, layer.weight if native.available() else _packed_weight(layer), layer.bias)
         return forward
 
     try:

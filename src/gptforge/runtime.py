@@ -52,14 +52,14 @@ def configure(device: torch.device) -> None:
 def pick_precision(precision: str, device: torch.device) -> torch.dtype:
     """The autocast dtype for a run (float32 means no autocast).
 
-    CPUs without AMX run bf16 matrix products far slower than fp32, so `auto` keeps CPUs at fp32.
+    `auto` keeps CPUs at fp32: bf16 autocast turns off the fp32 fast paths of kernels.py, and on the two
+    processors we measured it did not pay for that at the small sizes a CPU run trains (docs/training.md).
     On CUDA, bf16 where the GPU has it; fp16 (with a gradient scaler) only where it does not.
     """
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        fast_bf16 = "AMX" in torch.backends.cpu.get_cpu_capability()
-        return torch.bfloat16 if fast_bf16 else torch.float32
+        return torch.float32
     choices = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if precision not in choices:
         raise OptionError(f"--precision {precision!r}: choose auto, fp32, bf16 or fp16")

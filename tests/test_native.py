@@ -67,3 +67,12 @@ def test_without_a_compiler_torch_products_remain(monkeypatch, tmp_path):
         assert not native.fits(torch.randn(1, 4), torch.randn(3, 4))
     finally:
         native._library.cache_clear()
+
+
+def test_onednn_is_kept_off_intel_processors(monkeypatch):
+    """oneDNN's products only where torch's MKL is not at home (docs/benchmarks.md, the Intel section)."""
+    for vendor, faster in (("GenuineIntel", False), ("AuthenticAMD", True), (None, True)):
+        monkeypatch.setattr(native, "cpu_info", lambda field, v=vendor: v if field == "vendor_id" else None)
+        kernels._onednn_faster.cache_clear()
+        assert kernels._onednn_faster() is faster
+    kernels._onednn_faster.cache_clear()

@@ -57,11 +57,7 @@ def _onednn_checked() -> bool:
 @functools.lru_cache(maxsize=1)
 def _onednn_faster() -> bool:
     """Whether oneDNN's products beat torch's BLAS on this processor: not on Intel's (see the module notes)."""
-    try:
-        info = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read(4096)
-    except OSError:
-        return True
-    return "GenuineIntel" not in info
+    return native.cpu_info("vendor_id") != "GenuineIntel"
 
 
 def onednn() -> bool:

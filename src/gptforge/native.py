@@ -43,13 +43,19 @@ def _torch_openmp() -> Path | None:
     return lib if lib.is_file() else None
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_info(field: str) -> str | None:
+    """The first processor's `field` in /proc/cpuinfo (e.g. "vendor_id", "flags"); None where there is none."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == field), None)
+
+
 def _cpu_key() -> str:
     """What -march=native depends on: the processor's feature flags."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = platform.processor()
-    return flags
+    return cpu_info("flags") or platform.processor()
 
 
 def _build() -> Path:
@@ -154,4 +160,4 @@ def gemv(x: torch.Tensor, weight: Packed, bias: torch.Tensor | None = None) -> t
     return _call(_library(), x, weight, bias if bias is None else bias.contiguous())
 
 
-__all__ = ["MAX_ROWS", "Packed", "available", "cache_dir", "fits", "gemv", "pack"]
+__all__ = ["MAX_ROWS", "Packed", "available", "cache_dir", "cpu_info", "fits", "gemv", "pack"]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gptforge import GPT, kernels, native, preset
+from gptforge import generate as generate_module
 from gptforge.generate import generate_ids
 
 needs_kernel = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")) or not native.available(),
@@ -49,10 +50,15 @@ def test_decoding_steps_use_the_kernel_and_keep_the_tokens(monkeypatch):
     rows = []
     real = native.gemv
     monkeypatch.setattr(native, "gemv", lambda x, *a: rows.append(x.numel() // x.shape[-1]) or real(x, *a))
+    in_c = generate_ids(model, prompt, max_new_tokens=10, do_sample=False, eos_id=None)
+    assert in_c == plain and len(in_c[0]) == 10
+    assert rows == [2]  # the prompt's head (its last position only); the steps ran in C (test_fastdecode.py)
+    rows.clear()
+    monkeypatch.setattr(generate_module, "decoder", lambda model, rows: None)  # the step through torch
     fast = generate_ids(model, prompt, max_new_tokens=10, do_sample=False, eos_id=None)
-    assert fast == plain and len(fast[0]) == 10
+    assert fast == plain
     # every linear layer of the 9 decoding steps after the prompt (4 per block, and the head), and the prompt's
-    # head (its last position only), one row per sequence
+    # head, one row per sequence
     assert rows == [2] * (1 + 9 * (4 * 4 + 1))
 
 

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import OptionError
+from .fastdecode import decoder
 from .kernels import cpu_inference_weights
 from .model import GPT
 from .options import SamplingOptions
@@ -214,6 +215,7 @@ def _generate_batch(model: GPT, prompts: list[list[int]], opts: SamplingOptions,
     ngrams = [_NGramBan(opts.no_repeat_ngram_size, p) for p in prompts] if opts.no_repeat_ngram_size else None
 
     cache = model.new_cache(B, min(n_ctx, total))
+    step_in_c = decoder(model, B)  # the whole decoding step in one C call where it applies (fastdecode.py)
     window_start = 0  # column of `tokens` where the cached window begins
 
     def prefill(end: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,8 +255,11 @@ def _generate_batch(model: GPT, prompts: list[list[int]], opts: SamplingOptions,
             logits, next_pos = prefill(col + 1)
             continue
         mask = real[:, window_start:col + 1] if padded else None
-        logits, _ = model(nxt[:, None], cache=cache, position_ids=next_pos, attention_mask=mask, logits_to_keep=1)
-        logits = logits[:, -1]
+        if step_in_c is not None:
+            logits = step_in_c(nxt, next_pos, cache, mask)
+        else:
+            logits, _ = model(nxt[:, None], cache=cache, position_ids=next_pos, attention_mask=mask, logits_to_keep=1)
+            logits = logits[:, -1]
         next_pos = next_pos + 1
 
     rows = tokens[:, T0:].tolist()

@@ -337,17 +337,26 @@ def activation_down(u: torch.Tensor, act, weight: torch.Tensor, p: float = 0.0) 
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # nn.Linear -> (weight key, packed weight)
 
 
-def _packed_weight(layer: nn.Linear, kind: str = "onednn"):
-    """`layer.weight` reordered for oneDNN (`kind="onednn"`) or for the decoding kernel (`"native"`), made once
-    and reused until the weight changes (in-place updates bump the tensor's version, a new tensor changes
-    its address); freed with the layer. One copy per layer."""
-    w = layer.weight
-    key = (w.data_ptr(), w._version, kind)
+def _packed_weight(layer: nn.Linear | Int8Linear, kind: str = "onednn"):
+    """`layer.weight` reordered for oneDNN (`kind="onednn"`) or for the decoding kernel (`"native"`; an
+    Int8Linear's int8 weight and scales too), made once and reused until the weight changes (in-place updates
+    bump the tensor's version, a new tensor changes its address); freed with the layer. One copy per layer."""
+    w, scale = layer.weight, getattr(layer, "scale", None)
+    key = (w.data_ptr(), w._version, kind, None if scale is None else (scale.data_ptr(), scale._version))
     cached = _PACKED.get(layer)
     if cached is None or cached[0] != key:
-        packed = native.pack(w) if kind == "native" else torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+        if kind == "native":
+            packed = native.pack(w) if scale is None else native.pack_int8(w, scale)
+        else:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
         cached = _PACKED[layer] = (key, packed)
     return cached[1]
+
+
+def decoding_weight(layer: nn.Linear | Int8Linear) -> native.Packed:
+    """The layer's weight packed for the decoding kernel (native.py), kept with the layer as `_packed_weight`
+    keeps it."""
+    return _packed_weight(layer, "native")
 
 
 def is_packed(layer: nn.Linear) -> bool:
@@ -484,5 +493,5 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-__all__ = ["Int8Linear", "Linear", "SWITCH", "cpu_inference_weights", "enabled", "is_packed", "linear",
+__all__ = ["Int8Linear", "Linear", "SWITCH", "cpu_inference_weights", "decoding_weight", "enabled", "is_packed", "linear",
            "linear_cross_entropy", "matmul", "onednn", "quantize_rows"]

@@ -1,14 +1,15 @@
-"""A small C kernel for decoding on x86-64 Linux, built on first use with the system's C compiler.
+"""Small C kernels for decoding on x86-64 Linux, built on first use with the system's C compiler.
 
-`gemv(x, pack(weight), bias)` is F.linear for 1 to 8 input rows with an fp32 (out, in) weight: the product a
-decoding step runs for every layer, bound by reading the weights from memory. The packed copy lets the
-kernel read them as one sequential stream, four output rows against up to four input rows at a time
-(csrc/gemv.c); on the 2-core VMs we measure on it reads as fast as a plain sum of the same memory, a few
-percent to a sixth faster than oneDNN's packed product at one row and a quarter faster at eight
-(docs/benchmarks.md). It is compiled once per processor into the cache folder (`$GPTFORGE_CACHE`, else
-`~/.cache/gptforge`) with `-march=native`, linked against the OpenMP runtime torch has loaded so that both
-share one thread pool, and checked against F.linear before use. Without a C compiler, or on other systems,
-`available()` is False and callers keep torch's products.
+`gemv(x, pack(weight), bias)` is F.linear for 1 to 8 input rows with an (out, in) weight, fp32 or int8 with
+one scale per output row (`pack_int8`): the product a decoding step runs for every layer, bound by reading
+the weights from memory. The packed copy lets the kernel read them as one sequential stream, four output
+rows against up to four input rows at a time (csrc/decode.c); on the 2-core VMs we measure on it reads as
+fast as a plain sum of the same memory, a few percent to a sixth faster than oneDNN's packed product at one
+row and a quarter faster at eight (docs/benchmarks.md). `step` runs a whole decoding step of a GPT-2 in one
+call on such weights (fastdecode.py builds its arguments). The library is compiled once per processor into
+the cache folder (`$GPTFORGE_CACHE`, else `~/.cache/gptforge`) with `-march=native`, linked against the
+OpenMP runtime torch has loaded so that both share one thread pool, and checked against F.linear before
+use. Without a C compiler, or on other systems, `available()` is False and callers keep torch's products.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
+SOURCE = Path(__file__).with_name("csrc") / "decode.c"
 MAX_ROWS = 8  # a decoding batch's rows (measured at 1 and 8 by bench_gemv); longer inputs are prompts, for a GEMM
 # reassociating the sums (not -ffast-math, which can change the whole process's float modes) lets the compiler
 # vectorise them with several accumulators
@@ -64,7 +65,7 @@ def _build() -> Path:
     if gomp is None:
         raise OSError("torch ships no libgomp.so.1")
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, str(gomp), _cpu_key()]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"gemv-{key}.so"
+    target = cache_dir() / f"decode-{key}.so"
     if target.is_file():
         return target
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
@@ -72,7 +73,7 @@ def _build() -> Path:
         raise OSError("no C compiler (cc or gcc) found")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        obj, lib = Path(tmp) / "gemv.o", Path(tmp) / "gemv.so"
+        obj, lib = Path(tmp) / "decode.o", Path(tmp) / "decode.so"
         subprocess.run([compiler, *FLAGS, "-c", str(SOURCE), "-o", str(obj)], check=True, capture_output=True)
         subprocess.run([compiler, "-shared", str(obj), str(gomp), "-o", str(lib)], check=True, capture_output=True)
         os.replace(lib, target)  # atomic: another process building at the same time writes the same file
@@ -81,6 +82,33 @@ def _build() -> Path:
 
 def on_x86_linux() -> bool:
     return platform.system() == "Linux" and platform.machine().lower() in ("x86_64", "amd64")
+
+
+class Weight(ctypes.Structure):
+    """csrc/decode.c's Weight: a packed weight as the C code sees it."""
+    _fields_ = [("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("out", ctypes.c_long), ("in_", ctypes.c_long)]
+
+
+class Layer(ctypes.Structure):
+    """csrc/decode.c's Layer: one block's parameters and its KV cache."""
+    _fields_ = [("ln1_w", ctypes.c_void_p), ("ln1_b", ctypes.c_void_p), ("attn", Weight), ("attn_proj", Weight),
+                ("ln2_w", ctypes.c_void_p), ("ln2_b", ctypes.c_void_p), ("fc", Weight), ("mlp_proj", Weight),
+                ("k", ctypes.c_void_p), ("v", ctypes.c_void_p)]
+
+
+class Model(ctypes.Structure):
+    """csrc/decode.c's Model: the whole network for `step`."""
+    _fields_ = [("n_layer", ctypes.c_long), ("n_head", ctypes.c_long), ("n_embd", ctypes.c_long),
+                ("mlp_width", ctypes.c_long), ("max_len", ctypes.c_long), ("eps", ctypes.c_float),
+                ("act", ctypes.c_long), ("wte", ctypes.c_void_p), ("wpe", ctypes.c_void_p),
+                ("lnf_w", ctypes.c_void_p), ("lnf_b", ctypes.c_void_p), ("head", Weight),
+                ("layers", ctypes.POINTER(Layer))]
+
+
+# model.py's activation names, as csrc/decode.c numbers them
+ACTIVATIONS = {"gelu_new": 0, "gelu_pytorch_tanh": 0, "gelu_fast": 0, "gelu": 1, "relu": 2, "relu2": 3,
+               "quick_gelu": 4}
 
 
 @functools.lru_cache(maxsize=1)
@@ -93,53 +121,73 @@ def _library():
         detail = e.stderr.decode(errors="replace").strip()[-300:] if isinstance(e, subprocess.CalledProcessError) else e
         warnings.warn(f"gptforge's decoding kernel could not be built ({detail}); using torch's products")
         return None
-    fn = lib.gptforge_gemv
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
-    fn.restype = None
-    if not _agrees(fn):
+    lib.gptforge_gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3
+    lib.gptforge_gemv.restype = None
+    lib.gptforge_step.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
+                                  ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    lib.gptforge_step.restype = ctypes.c_int
+    if not _agrees(lib):
         warnings.warn("gptforge's decoding kernel disagrees with F.linear on this machine; using torch's products")
         return None
-    return fn
+    return lib
 
 
-VECTOR = 16  # floats per vector in the packed layout (W in csrc/gemv.c)
+VECTOR = 16  # values per vector in the packed layout (W in csrc/decode.c)
 
 
 class Packed:
-    """A weight in the kernel's layout (see csrc/gemv.c): tiles of four rows interleaved by VECTOR floats,
-    zero-padded to whole tiles and vectors. `out` and `in_features` are the weight's own sizes."""
+    """A weight in the kernel's layout (see csrc/decode.c): tiles of four rows interleaved by VECTOR values,
+    zero-padded to whole tiles and vectors; fp32, or int8 with `scale` (fp32, one per output row).
+    `out` and `in_features` are the weight's own sizes, `width` the padded input size."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None):
         out, inp = weight.shape
         self.out, self.in_features, self.width = out, inp, -(-inp // VECTOR) * VECTOR
-        padded = torch.zeros(-(-out // 4) * 4, self.width)
+        padded = torch.zeros(-(-out // 4) * 4, self.width, dtype=weight.dtype)
         padded[:out, :inp] = weight.detach()
         self.data = padded.view(-1, 4, self.width // VECTOR, VECTOR).transpose(1, 2).contiguous()
+        self.scale = None if scale is None else scale.detach().float().contiguous()
+
+    def struct(self, bias: torch.Tensor | None) -> Weight:
+        """The C view of this weight with `bias` (contiguous fp32, or None); the tensors must outlive it."""
+        return Weight(self.data.data_ptr(), None if self.scale is None else self.scale.data_ptr(),
+                      None if bias is None else bias.data_ptr(), self.out, self.width)
 
 
 def pack(weight: torch.Tensor) -> Packed:
     """`weight` (out, in), fp32 on the CPU, in the kernel's layout: as much memory again as the weight."""
-    return Packed(weight)
+    return Packed(weight.float())
 
 
-def _call(fn, x: torch.Tensor, w: Packed, bias: torch.Tensor | None) -> torch.Tensor:
+def pack_int8(weight: torch.Tensor, scale: torch.Tensor) -> Packed:
+    """An int8 `weight` (out, in) that stands for `weight * scale[:, None]`, in the kernel's layout."""
+    if weight.dtype != torch.int8:
+        raise TypeError(f"pack_int8 takes an int8 weight, not {weight.dtype}")
+    return Packed(weight, scale)
+
+
+def _call(lib, x: torch.Tensor, w: Packed, bias: torch.Tensor | None) -> torch.Tensor:
     lead = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])
     if w.width != w.in_features:  # the kernel reads whole vectors
         x = F.pad(x, (0, w.width - w.in_features))
     x = x.contiguous()
     y = torch.empty(*lead, w.out)
-    fn(w.data.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
-       w.out, w.width, x.shape[0])
+    lib.gptforge_gemv(w.data.data_ptr(), None if w.scale is None else w.scale.data_ptr(), x.data_ptr(),
+                      None if bias is None else bias.data_ptr(), y.data_ptr(), w.out, w.width, x.shape[0])
     return y
 
 
-def _agrees(fn) -> bool:
+def _agrees(lib) -> bool:
     g = torch.Generator().manual_seed(0)
     for rows, out, inp in ((1, 37, 45), (3, 64, 128), (8, 130, 96), (5, 3, 16)):
         x, w, b = torch.randn(rows, inp, generator=g), torch.randn(out, inp, generator=g), torch.randn(out, generator=g)
+        q = torch.randint(-127, 128, (out, inp), generator=g, dtype=torch.int8)
+        scale = torch.rand(out, generator=g) / 64
         for bias in (b, None):
-            if not torch.allclose(_call(fn, x, pack(w), bias), F.linear(x, w, bias), atol=1e-4, rtol=1e-4):
+            if not (torch.allclose(_call(lib, x, pack(w), bias), F.linear(x, w, bias), atol=1e-4, rtol=1e-4)
+                    and torch.allclose(_call(lib, x, pack_int8(q, scale), bias),
+                                       F.linear(x, q.float() * scale[:, None], bias), atol=1e-4, rtol=1e-4)):
                 return False
     return True
 
@@ -156,8 +204,20 @@ def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def gemv(x: torch.Tensor, weight: Packed, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, w, bias) for a few fp32 rows (see `fits`), where `weight = pack(w)`; no autograd."""
+    """F.linear(x, w, bias) for a few fp32 rows (see `fits`), where `weight = pack(w)` (or `pack_int8`); no
+    autograd."""
     return _call(_library(), x, weight, bias if bias is None else bias.contiguous())
 
 
-__all__ = ["MAX_ROWS", "Packed", "available", "cache_dir", "cpu_info", "fits", "gemv", "pack"]
+def step(model: Model, ids: torch.Tensor, pos: torch.Tensor, past: int, visible: torch.Tensor | None,
+         logits: torch.Tensor) -> None:
+    """csrc/decode.c's gptforge_step: one token for each of ids' rows (int64, contiguous; `pos` likewise), the
+    cache holding `past` positions; `visible` (rows x past+1 bool, contiguous) or None; logits (rows x
+    vocab fp32) are written."""
+    if _library().gptforge_step(ctypes.byref(model), ids.data_ptr(), pos.data_ptr(), ids.numel(), past,
+                                None if visible is None else visible.data_ptr(), logits.data_ptr()):
+        raise MemoryError("gptforge's decoding step could not allocate its buffers")
+
+
+__all__ = ["ACTIVATIONS", "MAX_ROWS", "Layer", "Model", "Packed", "Weight", "available", "cache_dir", "cpu_info",
+           "fits", "gemv", "pack", "pack_int8", "step"]

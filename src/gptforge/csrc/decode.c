@@ -1,0 +1,266 @@
+/* Decoding on the CPU: few-row products, and a GPT-2 decoding step for up to eight sequences in one call.
+
+   A decoding step multiplies one row per sequence by every weight of the model, so it is bound by how fast
+   the weights stream from memory, not by arithmetic. Each weight is packed once (gptforge.native.pack) into
+   tiles of four output rows interleaved by vectors of W values, [w0[0:W], w1[0:W], w2[0:W], w3[0:W],
+   w0[W:2W], ...], rows padded with zeros to a multiple of W and to a multiple of four rows, so that a
+   product reads one sequential stream, prefetched ahead. A tile's four weight rows are summed against up to
+   four input rows at once (sixteen sums in registers: the weights are read once for four rows). Weights are
+   fp32, or int8 with one fp32 scale per output row (widened to fp32 in registers: a quarter of the bytes
+   to read, and the input rows stay fp32). The tiles are shared among the threads of torch's own OpenMP
+   runtime (this file is linked against the libgomp torch has loaded, so no second thread pool competes).
+
+   gptforge_step runs everything else of a step too (embeddings, layer norms, attention over the KV cache,
+   activation, residual adds, the head), so that a token costs one call from Python rather than some 150
+   small torch operations. Written with GCC/Clang vector extensions, which compile to the widest vectors
+   the processor has (-march=native). */
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define W 16             /* values per vector */
+#define AHEAD_BYTES 8192 /* prefetch distance in the weight stream */
+typedef float vf __attribute__((vector_size(W * sizeof(float)), aligned(sizeof(float))));
+
+typedef struct {
+    const void *data;   /* packed tiles of `out` (padded to 4) rows of `in` values, fp32 or int8 */
+    const float *scale; /* int8: one per output row; NULL: the weight is fp32 */
+    const float *bias;  /* NULL: none */
+    long out, in;       /* in: a multiple of W (input rows are that wide, zero-padded) */
+} Weight;
+
+enum { STORE, ADD, ACTIVATE };                                     /* what a product does with y */
+enum { GELU_TANH, GELU_ERF, RELU, RELU_SQUARED, QUICK_GELU };      /* activations (model.py's _activation) */
+
+static inline vf load(const float *p) {
+    vf v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* W int8 values widened to floats (compilers do not vectorise __builtin_convertvector from bytes well) */
+static inline vf load8(const signed char *p) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#elif defined(__AVX2__)
+    __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+    __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))));
+    vf v;
+    __builtin_memcpy(&v, &lo, sizeof lo);
+    __builtin_memcpy((char *)&v + sizeof lo, &hi, sizeof hi);
+    return v;
+#else
+    vf v;
+    for (int k = 0; k < W; k++)
+        v[k] = p[k];
+    return v;
+#endif
+}
+
+static inline float hsum(vf v) {
+    float s = 0.f;
+    for (int k = 0; k < W; k++)
+        s += v[k];
+    return s;
+}
+
+/* s[j][r] = dot(row j of the packed tile at t, x row r) for j < 4, r < R; R and q8 are constants where this
+   is inlined, so the sums stay in registers. */
+static inline __attribute__((always_inline)) void tile(const void *t, const int q8, const float *restrict x,
+                                                         long in, const int R, float s[4][4]) {
+    vf acc[4][4] = {{{0}}};
+    for (long i = 0; i < in; i += W) {
+        vf w[4];
+        if (q8) {
+            const signed char *p = (const signed char *)t + 4 * i;
+            __builtin_prefetch(p + AHEAD_BYTES);
+            for (int q = 0; q < 4; q++)
+                w[q] = load8(p + q * W);
+        } else {
+            const float *p = (const float *)t + 4 * i;
+            for (int q = 0; q < 4; q++) {
+                __builtin_prefetch((const char *)(p + q * W) + AHEAD_BYTES);
+                w[q] = load(p + q * W);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            vf xv = load(x + r * in + i);
+            for (int q = 0; q < 4; q++)
+                acc[q][r] += w[q] * xv;
+        }
+    }
+    for (int j = 0; j < 4; j++)
+        for (int r = 0; r < R; r++)
+            s[j][r] = hsum(acc[j][r]);
+}
+
+static void tile_rows(const void *t, int q8, const float *x, long in, long rows, float s[4][4]) {
+    if (q8) {
+        switch (rows) {
+        case 1: tile(t, 1, x, in, 1, s); break;
+        case 2: tile(t, 1, x, in, 2, s); break;
+        case 3: tile(t, 1, x, in, 3, s); break;
+        default: tile(t, 1, x, in, 4, s); break;
+        }
+    } else {
+        switch (rows) {
+        case 1: tile(t, 0, x, in, 1, s); break;
+        case 2: tile(t, 0, x, in, 2, s); break;
+        case 3: tile(t, 0, x, in, 3, s); break;
+        default: tile(t, 0, x, in, 4, s); break;
+        }
+    }
+}
+
+static inline float activate(float u, int act) {
+    switch (act) {
+    case GELU_TANH: return 0.5f * u * (1.f + tanhf(0.7978845608028654f * (u + 0.044715f * u * u * u)));
+    case GELU_ERF: return 0.5f * u * (1.f + erff(u * 0.7071067811865476f));
+    case RELU: return u > 0.f ? u : 0.f;
+    case RELU_SQUARED: return u > 0.f ? u * u : 0.f;
+    default: return u / (1.f + expf(-1.702f * u));
+    }
+}
+
+/* y[m * ys + o] (=, +=, = act of) (x[m] . w[o]) * scale[o] + bias[o] for m < rows; x is rows x w->in. */
+static void product(const Weight *w, const float *x, long rows, float *y, long ys, int mode, int act) {
+    long tiles = (w->out + 3) / 4, in = w->in;
+    int q8 = w->scale != NULL;
+#pragma omp parallel for schedule(static)
+    for (long k = 0; k < tiles; k++) {
+        long o = 4 * k, live = w->out - o < 4 ? w->out - o : 4;
+        const void *t = q8 ? (const void *)((const signed char *)w->data + o * in)
+                           : (const void *)((const float *)w->data + o * in);
+        for (long m = 0; m < rows; m += 4) {
+            long n = rows - m < 4 ? rows - m : 4;
+            float s[4][4];
+            tile_rows(t, q8, x + m * in, in, n, s);
+            for (long r = 0; r < n; r++)
+                for (long j = 0; j < live; j++) {
+                    float v = s[j][r] * (q8 ? w->scale[o + j] : 1.f) + (w->bias ? w->bias[o + j] : 0.f);
+                    float *out = y + (m + r) * ys + o + j;
+                    *out = mode == ADD ? *out + v : mode == ACTIVATE ? activate(v, act) : v;
+                }
+        }
+    }
+}
+
+/* One product, for native.gemv: y (rows x out) = x (rows x in) . w^T + b, w fp32 (scale NULL) or int8. */
+void gptforge_gemv(const void *wp, const float *scale, const float *x, const float *b, float *y, long out,
+                   long in, long rows) {
+    Weight w = {wp, scale, b, out, in};
+    product(&w, x, rows, y, out, STORE, 0);
+}
+
+typedef struct {
+    const float *ln1_w, *ln1_b;
+    Weight attn, attn_proj;
+    const float *ln2_w, *ln2_b;
+    Weight fc, mlp_proj;
+    float *k, *v; /* the KV cache of this layer: (batch, heads, max_len, head_dim), contiguous */
+} Layer;
+
+typedef struct {
+    long n_layer, n_head, n_embd, mlp_width, max_len;
+    float eps;
+    long act;
+    const float *wte, *wpe, *lnf_w, *lnf_b;
+    Weight head;
+    const Layer *layers;
+} Model;
+
+/* y[r] = layer_norm(x[r]) for r < rows, rows `stride` apart, n live values each. */
+static void layer_norm(const float *x, float *y, long rows, long n, long stride, const float *g, const float *b,
+                       float eps) {
+    for (long r = 0; r < rows; r++) {
+        const float *xr = x + r * stride;
+        float *yr = y + r * stride;
+        float mean = 0.f, var = 0.f;
+        for (long i = 0; i < n; i++)
+            mean += xr[i];
+        mean /= n;
+        for (long i = 0; i < n; i++)
+            var += (xr[i] - mean) * (xr[i] - mean);
+        float inv = 1.f / sqrtf(var / n + eps);
+        for (long i = 0; i < n; i++)
+            yr[i] = (xr[i] - mean) * inv * g[i] + b[i];
+    }
+}
+
+/* One query per row against the cache's positions 0..past (the new key and value are written at `past`
+   first). visible (rows x (past + 1), or NULL for all): which cached positions a row may see (padding
+   not); its own new position is always seen. qkv: rows x 3C; y: rows x ys. */
+static void attend(const Model *m, const Layer *L, const float *qkv, long rows, long past, const unsigned char *visible,
+                   float *y, long ys) {
+    long H = m->n_head, C = m->n_embd, D = C / H, S = past + 1;
+    float scale = 1.f / sqrtf((float)D);
+#pragma omp parallel for schedule(static)
+    for (long bh = 0; bh < rows * H; bh++) {
+        long b = bh / H, h = bh % H;
+        const float *q = qkv + b * 3 * C + h * D;
+        float *K = L->k + (bh * m->max_len) * D, *V = L->v + (bh * m->max_len) * D;
+        memcpy(K + past * D, q + C, D * sizeof(float));
+        memcpy(V + past * D, q + 2 * C, D * sizeof(float));
+        float *p = malloc(S * sizeof(float)), top = -INFINITY, sum = 0.f;
+        for (long j = 0; j < S; j++) {
+            if (visible && !visible[b * S + j] && j != past) {
+                p[j] = -INFINITY;
+                continue;
+            }
+            float s = 0.f;
+            for (long d = 0; d < D; d++)
+                s += q[d] * K[j * D + d];
+            p[j] = s * scale;
+            top = p[j] > top ? p[j] : top;
+        }
+        for (long j = 0; j < S; j++)
+            sum += p[j] = p[j] == -INFINITY ? 0.f : expf(p[j] - top);
+        float *out = y + b * ys + h * D;
+        for (long d = 0; d < D; d++)
+            out[d] = 0.f;
+        for (long j = 0; j < S; j++) {
+            float pj = p[j] / sum;
+            if (pj != 0.f)
+                for (long d = 0; d < D; d++)
+                    out[d] += pj * V[j * D + d];
+        }
+        free(p);
+    }
+}
+
+static long padded(long n) { return (n + W - 1) / W * W; }
+
+/* One decoding step: token ids[r] at position pos[r] for each of `rows` sequences, `past` positions already
+   cached; writes the new keys and values into the cache at `past` and the logits (rows x vocab). Returns 0,
+   or -1 when out of memory. */
+int gptforge_step(const Model *m, const long *ids, const long *pos, long rows, long past,
+                  const unsigned char *visible, float *logits) {
+    long C = m->n_embd, Cp = padded(C), Fp = padded(m->mlp_width);
+    float *x = calloc(rows * Cp, sizeof(float)), *h = calloc(rows * Cp, sizeof(float));
+    float *qkv = calloc(rows * 3 * C, sizeof(float)), *u = calloc(rows * Fp, sizeof(float));
+    int status = 0;
+    if (!x || !h || !qkv || !u) {
+        status = -1;
+        goto done;
+    }
+    for (long r = 0; r < rows; r++)
+        for (long i = 0; i < C; i++)
+            x[r * Cp + i] = m->wte[ids[r] * C + i] + m->wpe[pos[r] * C + i];
+    for (long l = 0; l < m->n_layer; l++) {
+        const Layer *L = m->layers + l;
+        layer_norm(x, h, rows, C, Cp, L->ln1_w, L->ln1_b, m->eps);
+        product(&L->attn, h, rows, qkv, 3 * C, STORE, 0);
+        attend(m, L, qkv, rows, past, visible, h, Cp);
+        product(&L->attn_proj, h, rows, x, Cp, ADD, 0);
+        layer_norm(x, h, rows, C, Cp, L->ln2_w, L->ln2_b, m->eps);
+        product(&L->fc, h, rows, u, Fp, ACTIVATE, (int)m->act);
+        product(&L->mlp_proj, u, rows, x, Cp, ADD, 0);
+    }
+    layer_norm(x, h, rows, C, Cp, m->lnf_w, m->lnf_b, m->eps);
+    product(&m->head, h, rows, logits, m->head.out, STORE, 0);
+done:
+    free(x), free(h), free(qkv), free(u);
+    return status;
+}

@@ -114,20 +114,20 @@ def test_int8_model_uses_its_int8_weights(monkeypatch):
 
 def test_torch_path_where_the_step_does_not_apply(monkeypatch):
     model = _model()
-    assert fastdecode.supported(model, native.MAX_ROWS)
-    assert not fastdecode.supported(model, native.MAX_ROWS + 1)  # a big batch: torch's GEMMs
+    assert fastdecode.decoder(model, native.MAX_ROWS) is not None
+    assert fastdecode.decoder(model, native.MAX_ROWS + 1) is None  # a big batch: torch's GEMMs
     model.train()
-    assert not fastdecode.supported(model, 1)
+    assert not fastdecode.applies(model)
     model.eval()
     monkeypatch.setenv(kernels.SWITCH, "0")
-    assert not fastdecode.supported(model, 1)
+    assert not fastdecode.applies(model)
     monkeypatch.delenv(kernels.SWITCH)
     lora = _model()
     apply_lora(lora, r=2)
-    assert not fastdecode.supported(lora, 1)  # adapters: their own forward
-    assert not fastdecode.supported(_model().double(), 1)
-    int8 = quantize_model(_model())
-    assert fastdecode.supported(int8, fastdecode.INT8_ROWS) and not fastdecode.supported(int8, fastdecode.INT8_ROWS + 1)
+    assert not fastdecode.applies(lora)  # adapters: their own forward
+    assert not fastdecode.applies(_model().double())
+    int8 = fastdecode.Decoder(quantize_model(_model()))
+    assert int8.takes(fastdecode.INT8_ROWS) and not int8.takes(fastdecode.INT8_ROWS + 1)
 
 
 def test_bad_positions_and_ids_are_refused():
@@ -138,6 +138,10 @@ def test_bad_positions_and_ids_are_refused():
         step(torch.tensor([1]), torch.tensor([[48]]), cache)
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 300\)"):
         step(torch.tensor([300]), torch.tensor([[3]]), cache)
+    with pytest.raises(ValueError, match="takes 1 to 8 rows, not 9"):
+        step(torch.ones(9, dtype=torch.long), torch.full((9, 1), 3), cache)
+    with pytest.raises(ValueError, match="a row per sequence"):
+        step(torch.tensor([1, 2]), torch.tensor([[3], [3]]), cache)  # a cache of one row
     with pytest.raises(ValueError, match="visible must be"):
         step(torch.tensor([1]), torch.tensor([[3]]), cache, torch.ones(1, 9, dtype=torch.bool))
     assert cache.length == 3  # nothing was written

@@ -20,7 +20,8 @@ needs_kernel = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_gemv_gives_linears_numbers(rows):
     g = torch.Generator().manual_seed(rows)
-    for out, inp in ((1, 5), (7, 33), (64, 768), (1027, 96)):  # widths not a multiple of 4 or 16
+    # widths not a multiple of 4 or 16; the last weight is big enough for memory of its own (huge pages)
+    for out, inp in ((1, 5), (7, 33), (64, 768), (1027, 96), (1501, 1000)):
         x, w, b = torch.randn(rows, inp, generator=g), torch.randn(out, inp, generator=g), torch.randn(out, generator=g)
         for bias in (b, None):
             torch.testing.assert_close(native.gemv(x, native.pack(w), bias), F.linear(x, w, bias), atol=1e-4, rtol=1e-5)
@@ -37,6 +38,20 @@ def test_fits_only_few_fp32_rows_without_gradients():
         assert not native.fits(torch.randn(9, 16), w)  # a prompt: torch's GEMM
         assert not native.fits(torch.randn(1, 16, dtype=torch.float64), w.double())
     assert not native.fits(torch.randn(1, 16), w)  # gradients wanted
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 4, 5])
+def test_int8_gemv_gives_the_products_of_its_scaled_weights(rows):
+    g = torch.Generator().manual_seed(rows)
+    for out, inp in ((3, 7), (130, 96), (1501, 3000)):
+        x, b = torch.randn(rows, inp, generator=g), torch.randn(out, generator=g)
+        q, scale = torch.randint(-127, 128, (out, inp), generator=g, dtype=torch.int8), torch.rand(out, generator=g) / 50
+        for bias in (b, None):
+            torch.testing.assert_close(native.gemv(x, native.pack_int8(q, scale), bias),
+                                       F.linear(x, q.float() * scale[:, None], bias), atol=1e-4, rtol=1e-4)
+    with pytest.raises(TypeError, match="int8 weight"):
+        native.pack_int8(torch.randn(3, 4), torch.ones(3))
 
 
 @needs_kernel

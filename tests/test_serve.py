@@ -22,6 +22,7 @@ import torch
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
+from gptforge import fastdecode, native  # noqa: E402
 from gptforge.checkpoint import save_model  # noqa: E402
 from gptforge.config import GPTConfig  # noqa: E402
 from gptforge.generate import SamplingOptions, generate_ids  # noqa: E402
@@ -82,8 +83,14 @@ class Collector:
 # --- the engine, in-process --------------------------------------------------------------------------
 
 
-def test_engine_greedy_equals_generate_ids_while_rows_join_and_leave(tiny, one_thread):
+@pytest.mark.parametrize("c_step", [True, False])
+def test_engine_greedy_equals_generate_ids_while_rows_join_and_leave(tiny, one_thread, monkeypatch, c_step):
     model, tok = tiny
+    steps = []  # decoding steps in one C call (fastdecode.py); without it, every step through the model
+    real = native.step
+    monkeypatch.setattr(native, "step", lambda *a: steps.append(1) or real(*a))
+    if not c_step:
+        monkeypatch.setattr(fastdecode, "applies", lambda model: False)
     small = GPT(GPTConfig(**{**model.config.__dict__, "n_positions": 64, "extra": {}}))  # a full context is reached
     small.load_state_dict({k: v[:64] if k.endswith("wpe.weight") else v for k, v in model.state_dict().items()})
     small.eval()
@@ -96,6 +103,7 @@ def test_engine_greedy_equals_generate_ids_while_rows_join_and_leave(tiny, one_t
             assert engine.submit([c.seq(i, p, n, do_sample=False)])
             time.sleep(0.002 * (i % 3))
         c.wait(len(prompts))
+        in_c = len(steps)
         for i, (p, n) in enumerate(zip(prompts, lengths)):
             ref = generate_ids(small, p, max_new_tokens=n, do_sample=False, eos_id=tok.eos_id)[0]
             assert c.text(i) == tok.decode(ref), f"sequence {i} differs from generate_ids"
@@ -104,6 +112,8 @@ def test_engine_greedy_equals_generate_ids_while_rows_join_and_leave(tiny, one_t
         stats = engine.stats()
         assert stats["running"] == stats["waiting"] == 0
         assert stats["peak_batch"] > 1  # they really were decoded together
+        # the engine's steps ran in C (all but those of more rows than the C step takes), or none did
+        assert (in_c > stats["steps"] // 2) if c_step and native.available() else not steps
     finally:
         engine.stop()
 

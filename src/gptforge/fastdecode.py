@@ -7,8 +7,8 @@ which at batch 1 weigh as much as a fifth of the step. `Decoder` hands the whole
 with per-row scales for a model from quantize.py, its input rows staying fp32), writing the new keys and
 values into the model's own `KVCache`, so prompts still run through torch and the two mix freely.
 
-    step = decoder(model, rows)             # None where it does not apply: use model(...) instead
-    logits = step(ids, pos, cache, visible) # (rows, vocab) for one new token per row
+    step = decoder(model, rows)              # None where it does not apply: use model(...) instead
+    logits = step(ids, pos, cache, visible)  # (rows, vocab) for one new token per row
 
 It applies to a model in eval mode on the CPU with fp32 embeddings, blocks of plain linear layers
 (`nn.Linear` or `Int8Linear`: no adapters) and LayerNorms, an activation the C code knows, at most
@@ -41,13 +41,12 @@ def _plain_norm(norm: nn.Module) -> bool:
     return type(norm) is nn.LayerNorm and norm.weight is not None and norm.bias is not None
 
 
-def supported(model: GPT, rows: int) -> bool:
-    """Whether `decoder(model, rows)` gives a step (see the module's docstring)."""
+def applies(model: GPT) -> bool:
+    """Whether the C step can run this model (see the module's docstring); `Decoder.takes` says for how many
+    rows."""
     wte = model.transformer.wte.weight
-    if (model.training or rows > native.MAX_ROWS or wte.device.type != "cpu" or wte.dtype != torch.float32
+    if (model.training or wte.device.type != "cpu" or wte.dtype != torch.float32
             or model.config.activation_function not in native.ACTIVATIONS or not kernels.enabled()):
-        return False
-    if rows > INT8_ROWS and any(isinstance(m, Int8Linear) for m in model.modules()):
         return False
     blocks = model.transformer.h
     if not all(_plain_norm(b.ln_1) and _plain_norm(b.ln_2) and _plain_linear(b.attn.c_attn)
@@ -84,24 +83,34 @@ class Decoder:
                                   native.ACTIVATIONS[cfg.activation_function], ptr(tr.wte.weight), ptr(tr.wpe.weight),
                                   ptr(tr.ln_f.weight), ptr(tr.ln_f.bias), weight(model.lm_head), self.layers)
         self.n_positions, self.vocab = cfg.n_positions, model.lm_head.out_features
+        self.max_rows = INT8_ROWS if any(isinstance(m, Int8Linear) for m in model.modules()) else native.MAX_ROWS
+
+    def takes(self, rows: int) -> bool:
+        """Whether a step of `rows` sequences is for the C step (at most MAX_ROWS, INT8_ROWS int8) rather than
+        for torch's products."""
+        return 0 < rows <= self.max_rows
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache,
                  visible: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (rows, vocab) for token ids (rows,) at positions pos (rows or rows x 1), continuing `cache`
-        (whose length grows by one). `visible` (rows, cache.length + 1; bool): which positions each row
-        attends to (False: padding), None for all."""
+        (whose length grows by one): a `KVCache`, or any object with its `k`, `v` (lists of contiguous fp32
+        (at least rows, heads, positions, head_dim) buffers, sequence r in row r) and `length`. `visible`
+        (rows, cache.length + 1; bool): which positions each row attends to (False: padding), None for all."""
         rows, past = ids.numel(), cache.length
-        if past + 1 > cache.max_len or not 0 <= int(pos.min()) <= int(pos.max()) < self.n_positions:
+        max_len = cache.k[0].size(2)
+        if not self.takes(rows):
+            raise ValueError(f"the C step takes 1 to {self.max_rows} rows, not {rows}")
+        if past + 1 > max_len or not 0 <= int(pos.min()) <= int(pos.max()) < self.n_positions:
             raise ValueError(f"position {int(pos.max())} or cache length {past + 1} beyond the context "
-                             f"({self.n_positions}) or the cache ({cache.max_len})")
+                             f"({self.n_positions}) or the cache ({max_len})")
         if not 0 <= int(ids.min()) <= int(ids.max()) < self.vocab:
             raise ValueError(f"token ids must be in [0, {self.vocab})")
-        for layer, k, v in zip(self.layers, cache.k, cache.v):
+        for layer, k, v in zip(self.layers, cache.k, cache.v, strict=True):
             if not (k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype == torch.float32
-                    and k.size(0) == rows):
-                raise ValueError("the KV cache must be contiguous fp32 with one row per sequence")
+                    and k.size(0) >= rows and k.shape == v.shape and k.size(2) == max_len):
+                raise ValueError("the KV cache must be contiguous fp32 buffers with a row per sequence")
             layer.k, layer.v = k.data_ptr(), v.data_ptr()
-        self.model.max_len = cache.max_len
+        self.model.max_len = max_len
         ids, pos = ids.reshape(-1).long().contiguous(), pos.reshape(-1).long().contiguous()
         if visible is not None:
             visible = visible.to(torch.bool).contiguous()
@@ -115,7 +124,8 @@ class Decoder:
 
 def decoder(model: GPT, rows: int) -> Decoder | None:
     """A Decoder for `rows` sequences of this model, or None where the C step does not apply."""
-    return Decoder(model) if supported(model, rows) else None
+    step = Decoder(model) if applies(model) else None
+    return step if step is not None and step.takes(rows) else None
 
 
-__all__ = ["Decoder", "decoder", "supported"]
+__all__ = ["Decoder", "INT8_ROWS", "applies", "decoder"]

@@ -22,8 +22,9 @@ from typing import Callable
 
 import torch
 
+from .. import fastdecode
 from ..generate import process_logits
-from ..kernels import cpu_inference_weights  # oneDNN-packed fp32 weights: about twice the decoding speed on x86
+from ..kernels import cpu_inference_weights  # packed fp32 weights for the CPU's decoding products
 from ..model import GPT
 from ..options import SamplingOptions
 
@@ -143,6 +144,7 @@ class Engine:
         self.device = model.transformer.wte.weight.device
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.cache = RowCache(model, min(max_batch, 4), min(self.n_ctx, 128))
+        self._c_step: fastdecode.Decoder | None = None  # made in the model thread
         self.running: list[Sequence] = []
         self.waiting: list[Sequence] = []
         self.logits: torch.Tensor | None = None  # (running, vocab): the next-token logits of each row
@@ -200,6 +202,8 @@ class Engine:
     def _run(self) -> None:
         weights = cpu_inference_weights(self.model)
         with torch.inference_mode(), weights:
+            # steps of up to 8 rows run in one C call (fastdecode.py); bigger batches through the model
+            self._c_step = fastdecode.Decoder(self.model) if fastdecode.applies(self.model) else None
             while not self._stopping:
                 self._intake(block=not self.running and not self.waiting)
                 try:
@@ -341,9 +345,13 @@ class Engine:
         c.real[:B, L] = True
         full = all(n == L for n in self.lens)  # no padding anywhere: plain attention, no mask
         pos = torch.tensor(self.lens, dtype=torch.long, device=self.device)[:, None]
-        logits, _ = self.model(tokens[:, None], cache=c.window(0, B, 0, L), position_ids=pos,
-                               attention_mask=None if full else c.real[:B, :L + 1], logits_to_keep=1)
-        self.logits = logits[:, -1].float()
+        visible = None if full else c.real[:B, :L + 1]
+        if self._c_step is not None and self._c_step.takes(B):
+            self.logits = self._c_step(tokens, pos, c.window(0, B, 0, L), visible)
+        else:
+            logits, _ = self.model(tokens[:, None], cache=c.window(0, B, 0, L), position_ids=pos,
+                                   attention_mask=visible, logits_to_keep=1)
+            self.logits = logits[:, -1].float()
         self.lens = [n + 1 for n in self.lens]
         self.steps += 1
         self.rows_decoded += B

@@ -4,8 +4,9 @@ The 49 fp32 products of a step (4 per block x 12, and the 50,257-row head), each
 (497 MB in all, more than the caches), at 1 and 8 input rows: oneDNN's product on its packed weight (what
 gptforge used before the kernel, and uses where the kernel cannot be built), oneDNN on the weight as it is
 (what gptforge uses for prompts), F.linear (what transformers calls), and the kernel on its packed copy
-(native.py). `torch.sum` over the same weights shows what reading them costs. Rounds alternate the ways;
-the table gives the best and the median round.
+(native.py), in memory advised to 2 MB pages as gptforge makes it, and in torch's own allocation (4 KB
+pages). `torch.sum` over the same weights shows what reading them costs. Rounds alternate the ways; the
+table gives the best and the median round.
 
     python benchmarks/bench_gemv.py [--rounds 7]
 """
@@ -34,12 +35,17 @@ def main() -> None:
     weights = [torch.randn(o, i) for o, i in shapes]
     biases = [torch.randn(o) if o != 50257 else None for o, _ in shapes]
     onednn = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
-    packed = [native.pack(w) for w in weights]
+    packed = [native.pack(w) for w in weights]  # in memory advised to 2 MB pages (native._huge_pages_empty)
+    huge = native._huge_pages_empty
+    native._huge_pages_empty = lambda shape, dtype: torch.empty(shape, dtype=dtype)
+    small_pages = [native.pack(w) for w in weights]  # the same, in torch's own allocation (4 KB pages)
+    native._huge_pages_empty = huge
     megabytes = sum(w.numel() * 4 for w in weights) / 1e6
     ways = {
         "oneDNN, packed weight": lambda x, i: kernels._linear(x, onednn[i], biases[i]),
         "oneDNN, weight as it is": lambda x, i: kernels._linear(x, weights[i], biases[i]),
         "F.linear": lambda x, i: F.linear(x, weights[i], biases[i]),
+        "gptforge decoding kernel, 4 KB pages": lambda x, i: native.gemv(x, small_pages[i], biases[i]),
         "gptforge decoding kernel": lambda x, i: native.gemv(x, packed[i], biases[i]),
         "torch.sum of the weights (reading alone)": lambda x, i: weights[i].sum(),
     }

@@ -27,10 +27,10 @@ from .model import GPT, KVCache
 
 _PLAIN = (nn.Linear, Linear, Int8Linear)
 # An int8 model's rows go through the C step up to this many: the step widens int8 weights to fp32 and so
-# multiplies at fp32 speed, which four rows already saturate, while fbgemm's int8 products (the torch path)
-# multiply four bytes per instruction. gpt2 shape, AMD EPYC, 2026-12-01: C step against fbgemm 1.8x at one
-# row, 1.5x at two, 1.2x at three, 1.0x at four, 0.65x at six (docs/benchmarks.md).
-INT8_ROWS = 4
+# multiplies at fp32 speed, which a few rows saturate, while fbgemm's int8 products (the torch path) multiply
+# four bytes per instruction. bench_decode_step, gpt2 shape, AMD EPYC, 2026-12-01: the C step against fbgemm
+# 1.78x at one row, 1.35x at two, 1.18x at three, 0.87x at four, 0.74x at eight (docs/benchmarks.md).
+INT8_ROWS = 3
 
 
 def _plain_linear(layer: nn.Module) -> bool:

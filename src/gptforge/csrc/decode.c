@@ -21,7 +21,15 @@
 #include <string.h>
 
 #define W 16             /* values per vector */
+#ifndef AHEAD_BYTES
 #define AHEAD_BYTES 8192 /* prefetch distance in the weight stream */
+#endif
+#ifndef PREFETCH_ROWS
+#define PREFETCH_ROWS 4 /* software prefetch in tiles of this many input rows (fewer: the hardware keeps up) */
+#endif
+#ifndef LOCALITY
+#define LOCALITY 3 /* __builtin_prefetch's: 3 keeps the line in every cache level, 0 streams past them */
+#endif
 typedef float vf __attribute__((vector_size(W * sizeof(float)), aligned(sizeof(float))));
 
 typedef struct {
@@ -75,13 +83,15 @@ static inline __attribute__((always_inline)) void tile(const void *t, const int 
         vf w[4];
         if (q8) {
             const signed char *p = (const signed char *)t + 4 * i;
-            __builtin_prefetch(p + AHEAD_BYTES);
+            if (R >= PREFETCH_ROWS)
+                __builtin_prefetch(p + AHEAD_BYTES, 0, LOCALITY);
             for (int q = 0; q < 4; q++)
                 w[q] = load8(p + q * W);
         } else {
             const float *p = (const float *)t + 4 * i;
             for (int q = 0; q < 4; q++) {
-                __builtin_prefetch((const char *)(p + q * W) + AHEAD_BYTES);
+                if (R >= PREFETCH_ROWS)
+                    __builtin_prefetch((const char *)(p + q * W) + AHEAD_BYTES, 0, LOCALITY);
                 w[q] = load(p + q * W);
             }
         }

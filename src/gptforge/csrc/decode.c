@@ -201,9 +201,9 @@ static void layer_norm(const float *x, float *y, long rows, long n, long stride,
 
 /* One query per row against the cache's positions 0..past (the new key and value are written at `past`
    first). visible (rows x (past + 1), or NULL for all): which cached positions a row may see (padding
-   not); its own new position is always seen. qkv: rows x 3C; y: rows x ys. */
+   not); its own new position is always seen. qkv: rows x 3C; scores: rows x heads x (past + 1); y: rows x ys. */
 static void attend(const Model *m, const Layer *L, const float *qkv, long rows, long past, const unsigned char *visible,
-                   float *y, long ys) {
+                   float *scores, float *y, long ys) {
     long H = m->n_head, C = m->n_embd, D = C / H, S = past + 1;
     float scale = 1.f / sqrtf((float)D);
 #pragma omp parallel for schedule(static)
@@ -213,7 +213,7 @@ static void attend(const Model *m, const Layer *L, const float *qkv, long rows, 
         float *K = L->k + (bh * m->max_len) * D, *V = L->v + (bh * m->max_len) * D;
         memcpy(K + past * D, q + C, D * sizeof(float));
         memcpy(V + past * D, q + 2 * C, D * sizeof(float));
-        float *p = malloc(S * sizeof(float)), top = -INFINITY, sum = 0.f;
+        float *p = scores + bh * S, top = -INFINITY, sum = 0.f;
         for (long j = 0; j < S; j++) {
             if (visible && !visible[b * S + j] && j != past) {
                 p[j] = -INFINITY;
@@ -236,7 +236,6 @@ static void attend(const Model *m, const Layer *L, const float *qkv, long rows, 
                 for (long d = 0; d < D; d++)
                     out[d] += pj * V[j * D + d];
         }
-        free(p);
     }
 }
 
@@ -250,8 +249,9 @@ int gptforge_step(const Model *m, const long *ids, const long *pos, long rows, l
     long C = m->n_embd, Cp = padded(C), Fp = padded(m->mlp_width);
     float *x = calloc(rows * Cp, sizeof(float)), *h = calloc(rows * Cp, sizeof(float));
     float *qkv = calloc(rows * 3 * C, sizeof(float)), *u = calloc(rows * Fp, sizeof(float));
+    float *scores = malloc(rows * m->n_head * (past + 1) * sizeof(float));
     int status = 0;
-    if (!x || !h || !qkv || !u) {
+    if (!x || !h || !qkv || !u || !scores) {
         status = -1;
         goto done;
     }
@@ -262,7 +262,7 @@ int gptforge_step(const Model *m, const long *ids, const long *pos, long rows, l
         const Layer *L = m->layers + l;
         layer_norm(x, h, rows, C, Cp, L->ln1_w, L->ln1_b, m->eps);
         product(&L->attn, h, rows, qkv, 3 * C, STORE, 0);
-        attend(m, L, qkv, rows, past, visible, h, Cp);
+        attend(m, L, qkv, rows, past, visible, scores, h, Cp);
         product(&L->attn_proj, h, rows, x, Cp, ADD, 0);
         layer_norm(x, h, rows, C, Cp, L->ln2_w, L->ln2_b, m->eps);
         product(&L->fc, h, rows, u, Fp, ACTIVATE, (int)m->act);
@@ -271,6 +271,6 @@ int gptforge_step(const Model *m, const long *ids, const long *pos, long rows, l
     layer_norm(x, h, rows, C, Cp, m->lnf_w, m->lnf_b, m->eps);
     product(&m->head, h, rows, logits, m->head.out, STORE, 0);
 done:
-    free(x), free(h), free(qkv), free(u);
+    free(x), free(h), free(qkv), free(u), free(scores);
     return status;
 }

@@ -142,6 +142,10 @@ def test_bad_positions_and_ids_are_refused():
         step(torch.ones(9, dtype=torch.long), torch.full((9, 1), 3), cache)
     with pytest.raises(ValueError, match="a row per sequence"):
         step(torch.tensor([1, 2]), torch.tensor([[3], [3]]), cache)  # a cache of one row
+    with pytest.raises(ValueError, match="a row per sequence"):
+        step(torch.tensor([1]), torch.tensor([[3]]), _prefilled(_model(n_embd=64), torch.tensor([[1, 2, 3]])))
+    with pytest.raises(ValueError, match="2 positions for 1 token ids"):
+        step(torch.tensor([1]), torch.tensor([[3], [4]]), cache)
     with pytest.raises(ValueError, match="visible must be"):
         step(torch.tensor([1]), torch.tensor([[3]]), cache, torch.ones(1, 9, dtype=torch.bool))
     assert cache.length == 3  # nothing was written

@@ -83,6 +83,7 @@ class Decoder:
                                   native.ACTIVATIONS[cfg.activation_function], ptr(tr.wte.weight), ptr(tr.wpe.weight),
                                   ptr(tr.ln_f.weight), ptr(tr.ln_f.bias), weight(model.lm_head), self.layers)
         self.n_positions, self.vocab = cfg.n_positions, model.lm_head.out_features
+        self.heads, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
         self.max_rows = INT8_ROWS if any(isinstance(m, Int8Linear) for m in model.modules()) else native.MAX_ROWS
 
     def takes(self, rows: int) -> bool:
@@ -100,6 +101,8 @@ class Decoder:
         max_len = cache.k[0].size(2)
         if not self.takes(rows):
             raise ValueError(f"the C step takes 1 to {self.max_rows} rows, not {rows}")
+        if pos.numel() != rows:
+            raise ValueError(f"{pos.numel()} positions for {rows} token ids")
         if past + 1 > max_len or not 0 <= int(pos.min()) <= int(pos.max()) < self.n_positions:
             raise ValueError(f"position {int(pos.max())} or cache length {past + 1} beyond the context "
                              f"({self.n_positions}) or the cache ({max_len})")
@@ -107,7 +110,7 @@ class Decoder:
             raise ValueError(f"token ids must be in [0, {self.vocab})")
         for layer, k, v in zip(self.layers, cache.k, cache.v, strict=True):
             if not (k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype == torch.float32
-                    and k.size(0) >= rows and k.shape == v.shape and k.size(2) == max_len):
+                    and k.shape == v.shape and k.size(0) >= rows and k.shape[1:] == (self.heads, max_len, self.head_dim)):
                 raise ValueError("the KV cache must be contiguous fp32 buffers with a row per sequence")
             layer.k, layer.v = k.data_ptr(), v.data_ptr()
         self.model.max_len = max_len

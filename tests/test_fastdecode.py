@@ -114,8 +114,9 @@ def test_int8_model_uses_its_int8_weights(monkeypatch):
 
 def test_torch_path_where_the_step_does_not_apply(monkeypatch):
     model = _model()
-    assert fastdecode.decoder(model, native.MAX_ROWS) is not None
     assert fastdecode.decoder(model, native.MAX_ROWS + 1) is None  # a big batch: torch's GEMMs
+    assert not any(kernels.is_packed(m) for m in model.modules() if isinstance(m, nn.Linear))  # nothing packed for it
+    assert fastdecode.decoder(model, native.MAX_ROWS) is not None
     model.train()
     assert not fastdecode.applies(model)
     model.eval()

@@ -56,6 +56,11 @@ def applies(model: GPT) -> bool:
     return _plain_norm(model.transformer.ln_f) and _plain_linear(model.lm_head) and native.available()
 
 
+def max_rows(model: GPT) -> int:
+    """How many sequences a step of this model may have to go through C: native.MAX_ROWS, INT8_ROWS int8."""
+    return INT8_ROWS if any(isinstance(m, Int8Linear) for m in model.modules()) else native.MAX_ROWS
+
+
 class Decoder:
     """The C view of a model's weights (packed once, kept with the layers as the decoding kernel keeps them);
     calling it runs one decoding step. Made for one generation: the weights must not change meanwhile."""
@@ -84,7 +89,7 @@ class Decoder:
                                   ptr(tr.ln_f.weight), ptr(tr.ln_f.bias), weight(model.lm_head), self.layers)
         self.n_positions, self.vocab = cfg.n_positions, model.lm_head.out_features
         self.heads, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
-        self.max_rows = INT8_ROWS if any(isinstance(m, Int8Linear) for m in model.modules()) else native.MAX_ROWS
+        self.max_rows = max_rows(model)
 
     def takes(self, rows: int) -> bool:
         """Whether a step of `rows` sequences is for the C step (at most MAX_ROWS, INT8_ROWS int8) rather than
@@ -126,9 +131,9 @@ class Decoder:
 
 
 def decoder(model: GPT, rows: int) -> Decoder | None:
-    """A Decoder for `rows` sequences of this model, or None where the C step does not apply."""
-    step = Decoder(model) if applies(model) else None
-    return step if step is not None and step.takes(rows) else None
+    """A Decoder for `rows` sequences of this model, or None where the C step does not apply (checked before
+    anything is packed for it)."""
+    return Decoder(model) if applies(model) and 0 < rows <= max_rows(model) else None
 
 
-__all__ = ["Decoder", "INT8_ROWS", "applies", "decoder"]
+__all__ = ["Decoder", "INT8_ROWS", "applies", "decoder", "max_rows"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import mmap
 import os
 import platform
@@ -140,9 +141,7 @@ def _huge_pages_empty(shape, dtype: torch.dtype) -> torch.Tensor:
     """An empty contiguous tensor in fresh memory that Linux is asked to back with 2 MB pages (transparent huge
     pages, where the system leaves them to madvise): a product streaming it then misses the TLB once per
     2 MB rather than once per 4 KB page. Small tensors, and other systems, get torch's own allocation."""
-    size = dtype.itemsize
-    for n in shape:
-        size *= n
+    size = math.prod(shape) * dtype.itemsize
     if size < 2 * HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE") or not hasattr(mmap, "MAP_ANONYMOUS"):
         return torch.empty(shape, dtype=dtype)
     # private, anonymous and untouched: the advice applies as the pages arrive

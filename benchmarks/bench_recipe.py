@@ -61,6 +61,8 @@ CHANGES = {
     "weight decay 0.3": ["--weight-decay", "0.3"],
     # fourth round: a larger model, which sees the data fewer times in the same minutes
     "6 layers x 192": ["--n-layer", "6", "--n-embd", "192", "--n-head", "6"],
+    # fifth round: a moving average of the weights, for the evaluations and the saved model
+    "EMA 0.995": ["--ema", "0.995"],
 }
 
 # What `compare` measures against the defaults (docs/benchmarks.md). "first": what the first two ablation
@@ -72,6 +74,7 @@ RECIPES = {
     "muon-wsd": ["--optimizer", "muon", "--muon-lr", "0.02", "--schedule", "wsd", "--cooldown", "0.4", "--min-lr-ratio",
                  "0", "--lr", "2e-3"],
 }
+RECIPES["muon-wsd-ema"] = [*RECIPES["muon-wsd"], *CHANGES["EMA 0.995"]]
 
 
 def corpus_inputs(name: str, work: Path) -> list[str]:
@@ -105,26 +108,33 @@ def score(model_dir: Path, data_dir: Path) -> float:
 
 
 def compare(args, work: Path) -> None:
+    """Per corpus: each recipe of `args.recipe`, then the defaults with the first recipe's tokenizer and data."""
     rows = []
     for name in args.corpus:
         inputs = corpus_inputs(name, work)
-        new, old = work / name / "new", work / name / "previous"
-        print(f"== {name}: the recipe", flush=True)
-        r_new = train(new, args.minutes, inputs, RECIPES[args.recipe])
+        first, old = work / name / args.recipe[0], work / name / "previous"
+        runs = []
+        for recipe in args.recipe:
+            print(f"== {name}: {recipe}", flush=True)
+            out = work / name / recipe
+            given = inputs if out == first else ["--tokenizer", str(first / "tokenizer"), *inputs]
+            runs.append((recipe, out, train(out, args.minutes, given, RECIPES[recipe])))
         print(f"== {name}: the defaults", flush=True)
-        r_old = train(old, args.minutes, inputs, ["--tokenizer", str(new / "tokenizer"), *PREVIOUS])
-        data = new / "data"
-        b_new, b_old = score(new, data), score(old, data)
-        rows.append((name, r_old, b_old, r_new, b_new))
-        print(f"{name}: defaults {b_old:.4f}, recipe {b_new:.4f} ({b_new / b_old - 1:+.1%})", flush=True)
+        r_old = train(old, args.minutes, inputs, ["--tokenizer", str(first / "tokenizer"), *PREVIOUS])
+        data = first / "data"
+        b_old = score(old, data)
+        rows.append((name, "defaults", r_old, b_old, b_old))
+        for recipe, out, r in runs:
+            b = score(out, data)
+            rows.append((name, recipe, r, b, b_old))
+            print(f"{name}: defaults {b_old:.4f}, {recipe} {b:.4f} ({b / b_old - 1:+.1%})", flush=True)
     print(f"\n{args.minutes:g} minutes each; torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}\n")
-    print("| corpus | defaults | model | steps | tokens/s (median) | val bits/byte | change | load (5 min) |")
+    print("| corpus | run | model | steps | tokens/s (median) | val bits/byte | change | load (5 min) |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, r_old, b_old, r_new, b_new in rows:
-        for label, r, b in (("defaults", r_old, b_old), ("recipe", r_new, b_new)):
-            change = f"{b / b_old - 1:+.1%}" if label == "recipe" else ""
-            print(f"| {name} | {label} | {r['shape']} | {r['steps']:,} | {r['tokens_per_s']:,.0f} | {b:.4f} | {change} "
-                  f"| {r['load']:.1f} |")
+    for name, label, r, b, b_old in rows:
+        change = f"{b / b_old - 1:+.1%}" if label != "defaults" else ""
+        print(f"| {name} | {label} | {r['shape']} | {r['steps']:,} | {r['tokens_per_s']:,.0f} | {b:.4f} | {change} "
+              f"| {r['load']:.1f} |")
 
 
 def ablate(args, work: Path) -> None:
@@ -164,7 +174,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=("compare", "ablate"))
     parser.add_argument("--minutes", type=float, default=10.0, help="training time of each run (default 10)")
-    parser.add_argument("--recipe", choices=tuple(RECIPES), default="muon-wsd", help="compare: the flags measured")
+    parser.add_argument("--recipe", nargs="+", choices=tuple(RECIPES), default=["muon-wsd"],
+                        help="compare: the flag sets measured, one run each (the first one's tokenizer serves all)")
     parser.add_argument("--corpus", nargs="+", default=None,
                         help="en, zh, stdlib or a file (default: all three for compare, en for ablate)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the runs here (default: a temporary folder)")

@@ -57,7 +57,7 @@ def gptforge_recipe(args, out: Path) -> dict:
     lm = run_training([str(train_file)], tokenizer=str(out / "tokenizer"), size="tiny", model_overrides=size,
                       read_options={"field": "text"}, out_dir=str(out / "lm"), max_time=args.lm_minutes * 60,
                       batch_size=args.lm_batch, learning_rate=args.lm_lr, optimizer=args.lm_optimizer,
-                      schedule=args.lm_schedule, eval_interval=args.lm_eval_interval or 10**9, progress=False, plot=False,
+                      schedule=args.lm_schedule, min_lr_ratio=0.1, eval_interval=args.lm_eval_interval or 10**9, progress=False, plot=False,
                       save_minutes=None, log=log)
     log(f"language model: {lm.step} steps, validation loss {lm.val_loss:.3f}")
     lm_seconds = time.perf_counter() - start

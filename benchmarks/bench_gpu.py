@@ -30,7 +30,7 @@ def bench_gptforge(model: GPT, tokens: np.ndarray, block: int, batch: int, steps
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(out_dir=out, max_steps=steps, batch_size=batch, block_size=block, device=device,
                           compile=compile, gradient_checkpointing=checkpointing, log_interval=5, eval_interval=None, save_minutes=None, progress=False,
-                          plot=False, learning_rate=6e-4, warmup_steps=5)
+                          plot=False, learning_rate=6e-4, warmup_steps=5, optimizer="adamw")  # the reference's AdamW step
         trainer = Trainer(model, RunData(tokens, None, None), cfg)
         result = trainer.run()
     rows = [r for r in result.history if "tokens_per_s" in r][2:]  # the first rows include compilation

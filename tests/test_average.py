@@ -47,7 +47,7 @@ def test_the_average_follows_the_formula_and_leaves_frozen_weights_out():
 def test_ema_run_saves_the_average_and_resumes_exactly(tmp_path, dataset):
     data, tok = dataset
     full = train(_model(), data, tokenizer=tok, out_dir=str(tmp_path / "full"), ema=0.8, **OPTS)
-    plain = train(_model(), data, tokenizer=tok, out_dir=str(tmp_path / "plain"), **OPTS)
+    plain = train(_model(), data, tokenizer=tok, out_dir=str(tmp_path / "plain"), ema=0, **OPTS)  # no average
     # the final folder holds the average, the last checkpoint the weights the steps reached
     saved = load_model(tmp_path / "full").state_dict()
     last = load_model(next((tmp_path / "full" / "checkpoints").iterdir())).state_dict()
@@ -69,15 +69,15 @@ def test_ema_run_saves_the_average_and_resumes_exactly(tmp_path, dataset):
 
 def test_resuming_with_ema_changed_says_what_happens_to_the_average(tmp_path, dataset, capsys):
     """A checkpoint without an average resumed with --ema averages from the resumed weights; one with an
-    average resumed without --ema drops it and saves the weights; both say so when they resume."""
+    average resumed with --ema 0 drops it and saves the weights; both say so when they resume."""
     data, tok = dataset
 
     def stop_at_5(trainer):
         if trainer.step == 5:
             trainer.request_stop()
 
-    plain = train(_model(), data, tokenizer=tok, out_dir=str(tmp_path / "plain"), **OPTS)
-    for first, then in ((None, 0.8), (0.8, None)):
+    plain = train(_model(), data, tokenizer=tok, out_dir=str(tmp_path / "plain"), ema=0, **OPTS)  # no average
+    for first, then in ((0, 0.8), (0.8, 0)):
         out = str(tmp_path / f"from-{first}")
         train(_model(), data, tokenizer=tok, out_dir=out, ema=first, on_step=stop_at_5, **OPTS)
         capsys.readouterr()

@@ -9,7 +9,8 @@ import torch
 from gptforge import GPT, GPTConfig
 from gptforge.checkpoint import load_model, save_model
 from gptforge.errors import OptionError
-from gptforge.train import TrainConfig, lr_at, train
+from gptforge.options import SCRATCH_DEFAULTS
+from gptforge.train import Trainer, TrainConfig, load_run_data, loop, lr_at, train
 from gptforge.train.optim import Muon, configure_optimizer, orthogonalize
 from gptforge.train.pipeline import zero_output_projections
 
@@ -187,3 +188,37 @@ def test_classifier_from_an_untied_language_model_round_trips_through_transforme
         theirs = load_classifier(tmp_path / "theirs")
         torch.testing.assert_close(theirs(ids), ours, atol=1e-5, rtol=1e-4)
         assert torch.equal(theirs.lm_head.weight, theirs.transformer.wte.weight)
+
+
+def test_from_scratch_defaults_are_muon_wsd_and_fine_tuning_keeps_adamw(tmp_path, dataset, monkeypatch):
+    data, tok = dataset
+    quick = dict(max_steps=4, batch_size=2, block_size=16, eval_interval=0, sample_interval=0, progress=False, plot=False,
+                 save_minutes=None)
+
+    def resolved(name, finetune=False, **given):
+        trainer = Trainer(_model(), load_run_data(data), TrainConfig(out_dir=str(tmp_path / name), **quick, **given),
+                          tokenizer=tok, finetune=finetune)
+        c = trainer.cfg
+        return (c.optimizer, c.schedule, c.min_lr_ratio, c.learning_rate, c.ema), trainer
+
+    scratch, trainer = resolved("scratch")
+    assert scratch == ("muon", "wsd", 0.0, 2e-3, 0.995)
+    assert isinstance(trainer.optimizer, Muon) and trainer.average is not None
+    tuned, trainer = resolved("tuned", finetune=True)
+    assert tuned == ("adamw", "cosine", 0.1, 5e-5, 0.0)
+    assert not isinstance(trainer.optimizer, Muon) and trainer.average is None
+    given = resolved("own", optimizer="adamw", schedule="cosine", ema=0)  # given ones win; ema 0 is no average
+    assert given[0] == ("adamw", "cosine", 0.0, 2e-3, 0) and given[1].average is None
+    assert resolved("sharded", fsdp=True)[0] == ("adamw", "wsd", 0.0, 2e-3, 0.0)  # --fsdp: whole matrices
+
+    # a run begun by the version before (defaults AdamW 1e-3, cosine to 0.1, and no ema: None) resumes as it began
+    former = dict(optimizer="adamw", schedule="cosine", min_lr_ratio=0.1, learning_rate=1e-3)
+    with monkeypatch.context() as m:
+        m.setattr(loop, "SCRATCH_DEFAULTS", {**{k: v for k, v in SCRATCH_DEFAULTS.items() if k != "ema"}, **former})
+        train(_model(), data, tokenizer=tok, out_dir=str(tmp_path / "old"), on_step=lambda t: t.step == 2 and t.request_stop(),
+              **quick)
+    former["ema"] = None
+    again = Trainer(_model(), load_run_data(data), TrainConfig(out_dir=str(tmp_path / "old"), resume=True, **quick), tokenizer=tok)
+    c = again.cfg
+    assert (c.optimizer, c.schedule, c.min_lr_ratio, c.learning_rate, c.ema) == tuple(former.values())
+    assert not isinstance(again.optimizer, Muon) and again.average is None

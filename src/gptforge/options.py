@@ -67,11 +67,13 @@ def parse_duration(text: str | float | int) -> float:
 # --- training -----------------------------------------------------------------------------------------
 
 # Defaults that differ between training from scratch and fine-tuning a pretrained model. A pretrained
-# model needs a small step size or it forgets what it knows; a fresh small model learns fastest with a large one.
-SCRATCH_DEFAULTS = dict(learning_rate=1e-3, warmup_steps=100, weight_decay=0.1, beta2=0.95, optimizer="adamw",
-                        schedule="cosine", min_lr_ratio=0.1, zero_init=False)
+# model needs a small step size or it forgets what it knows; a fresh small model learns fastest with a large one,
+# Muon for the block matrices, a flat rate with a cooldown to zero and an average of its weights
+# (docs/benchmarks.md, "More model per CPU minute"). An `ema` of 0 is no average.
+SCRATCH_DEFAULTS = dict(learning_rate=2e-3, warmup_steps=100, weight_decay=0.1, beta2=0.95, optimizer="muon",
+                        schedule="wsd", min_lr_ratio=0.0, zero_init=False, ema=0.995)
 FINETUNE_DEFAULTS = dict(learning_rate=5e-5, warmup_steps=50, weight_decay=0.01, beta2=0.999, optimizer="adamw",
-                         schedule="cosine", min_lr_ratio=0.1, zero_init=False)
+                         schedule="cosine", min_lr_ratio=0.1, zero_init=False, ema=0.0)
 
 
 @dataclass
@@ -91,10 +93,10 @@ class TrainConfig:
     batch_mode: str = opt("random", "random windows, or sequential passes over the data", choices=("random", "sequential"))
     stride: int | None = opt(None, "sequential mode: tokens between window starts (default: block size; half a block overlaps)")
     # optimizer and schedule
-    learning_rate: float | None = opt(None, "peak learning rate of AdamW (default 1e-3 from scratch, 5e-5 fine-tuning)", flag="lr")
-    min_lr_ratio: float | None = opt(None, "the schedule decays to learning_rate x this (default 0.1)")
+    learning_rate: float | None = opt(None, "peak learning rate of AdamW (default 2e-3 from scratch, 5e-5 fine-tuning)", flag="lr")
+    min_lr_ratio: float | None = opt(None, "the schedule decays to learning_rate x this (default 0 from scratch, 0.1 fine-tuning)")
     schedule: str | None = opt(None, "after warmup: cosine, linear, constant, or wsd (constant, then a linear cooldown; "
-                               "default cosine)", choices=("cosine", "linear", "constant", "wsd"))
+                               "default wsd from scratch, cosine fine-tuning)", choices=("cosine", "linear", "constant", "wsd"))
     cooldown: float = opt(0.4, "wsd schedule: the share of the run at its end spent decaying")
     warmup_steps: int | None = opt(None, "linear warmup steps (default 100 from scratch, 50 fine-tuning)")
     weight_decay: float | None = opt(None, "AdamW weight decay on matrices and embeddings (default 0.1 from scratch, 0.01 fine-tuning)")
@@ -102,12 +104,12 @@ class TrainConfig:
     beta2: float | None = opt(None, "AdamW beta2 (default 0.95 from scratch, 0.999 fine-tuning)")
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0 turns clipping off)")
     optimizer: str | None = opt(None, "adamw, or muon (Muon for the matrices inside the blocks, AdamW for the rest; "
-                                "default adamw)", choices=("adamw", "muon"))
+                                "default muon from scratch (adamw with --fsdp), adamw fine-tuning)", choices=("adamw", "muon"))
     muon_lr: float = opt(0.02, "Muon's peak learning rate (the schedule scales it as it scales --lr)")
     zero_init: bool | None = opt(None, "from scratch: start the blocks' output projections (attn and MLP c_proj) at zero "
                                  "(default off)")
-    ema: float | None = opt(None, "keep an exponential moving average of the weights with this decay (e.g. 0.99); "
-                            "evaluations, best/ and the final model use it (default off)")
+    ema: float | None = opt(None, "keep an exponential moving average of the weights with this decay; evaluations, best/ "
+                            "and the final model use it (default 0.995 from scratch, 0 = off fine-tuning)")
     # speed
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
     precision: str = opt("auto", "auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16 (with a gradient scaler)",

@@ -233,7 +233,8 @@ def describe_run(trainer) -> str:
         f"batch: {cfg.batch_size} x {trainer.block_size} tokens x {cfg.grad_accum} accumulation"
         f"{f' x {world} ranks' if world > 1 else ''} = {trainer.tokens_per_step:,} tokens per step\n"
         f"optimizer: {muon}AdamW lr {cfg.learning_rate:g} ({schedule}, warmup {warmup}, floor x{cfg.min_lr_ratio}), "
-        f"weight decay {cfg.weight_decay}, betas ({cfg.beta1}, {cfg.beta2}), clip {cfg.grad_clip}\n"
+        f"weight decay {cfg.weight_decay}, betas ({cfg.beta1}, {cfg.beta2}), clip {cfg.grad_clip}"
+        f"{f'; weight average (ema) {cfg.ema:g}' if cfg.ema else ''}\n"
         f"length: {length}; {trainer.task.size()}; output: {trainer.out}"
     )
 

@@ -67,8 +67,8 @@ class Trainer:
                  on_step: Callable[["Trainer"], None] | None = None, task: Task | None = None):
         defaults = FINETUNE_DEFAULTS if finetune else SCRATCH_DEFAULTS
         unset = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
-        if cfg.fsdp and unset.get("optimizer") == "muon":
-            unset["optimizer"] = "adamw"  # Muon needs whole matrices
+        if cfg.fsdp:  # sharded matrices: no Muon, no weight average
+            unset.update({k: v for k, v in (("optimizer", "adamw"), ("ema", 0.0)) if k in unset})
         self.cfg = cfg = dataclasses.replace(cfg, **unset)
         self.out = Path(cfg.out_dir)
         self.data, self.tokenizer, self.on_step = data, tokenizer, on_step
@@ -94,9 +94,10 @@ class Trainer:
         self._resume_from, self._resume_state = self._latest_checkpoint() if cfg.resume else (None, None)
         if self._resume_from is not None:  # weights first: sharding and the optimizer start from them
             self.task.load(model, self._resume_from)
-            # the defaults a run started with stay its defaults (a run begun by an older version resumes as it began)
+            # the defaults a run started with stay its defaults (a run begun by an older version resumes as it began;
+            # its saved ema of None was no average)
             saved = self._resume_state.get("train_config", {}) if self._resume_state else {}
-            self.cfg = cfg = dataclasses.replace(cfg, **{k: saved[k] for k in unset if saved.get(k) is not None})
+            self.cfg = cfg = dataclasses.replace(cfg, **{k: saved[k] for k in unset if k in saved})
         self.fsdp = cfg.fsdp and self.dist.world_size > 1
         if self.fsdp:
             shard_model(model)

@@ -54,7 +54,7 @@ def restore(trainer, state: dict) -> str:
         trainer.average.restart()
         return "; --ema: the checkpoint holds no weight average, so it starts from the resumed weights"
     elif state.get("average"):
-        return "; the checkpoint's weight average (--ema) is dropped: this run has no --ema, so it uses the weights"
+        return "; the checkpoint's weight average (--ema) is dropped: this run keeps none (--ema 0), so it uses the weights"
     return ""
 
 

@@ -1,14 +1,14 @@
 """More model per CPU minute: a faster from-scratch recipe against the defaults, and one row per change.
 
-`compare` runs, for each corpus, `gptforge train CORPUS --max-time Nm` twice, one after the other: with the
-recipe's flags (RECIPES below, `--recipe`), and with the defaults, spelled out as flags (PREVIOUS). Both train the same
-5,000-token BPE on the corpus (the second run reuses the first one's tokenizer, so both see the same tokens and
-the same 90/10 document split) and both are scored by one function on every validation token: bits per byte
+`compare` runs, for each corpus, `gptforge train CORPUS --max-time Nm` once per recipe (RECIPES below,
+`--recipe`; `defaults` is today's defaults, no flags), then with the former defaults spelled out as flags
+(PREVIOUS: AdamW, cosine), one after the other. All train the same 5,000-token BPE on the corpus (the later runs
+reuse the first one's tokenizer, so all see the same tokens and the same 90/10 document split) and both are scored by one function on every validation token: bits per byte
 = total nats / ln 2 / UTF-8 bytes of the validation text. Corpora: the English and Chinese fortunes of
 ../shared/corpora and 2.5 MB of the Python standard library's source (the demo's corpus, a text the defaults
 were not chosen on).
 
-`ablate` runs on one corpus: the defaults, then each change of CHANGES in turn, added to the changes
+`ablate` runs on one corpus: the former defaults, then each change of CHANGES in turn, added to the changes
 kept so far, N minutes each (the same prepared tokens for all): a change is kept only when the validation bits
 per byte fall. One row per change.
 
@@ -37,9 +37,9 @@ from gptforge.evaluate import evaluate_tokens
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 
-# The from-scratch defaults, as flags (so that a run of this script means the same after they change).
+# The former from-scratch defaults (until 2026-12-01), as flags: what every change is measured against.
 PREVIOUS = ["--optimizer", "adamw", "--schedule", "cosine", "--min-lr-ratio", "0.1", "--lr", "1e-3", "--no-zero-init",
-            "--tie-embeddings", "--activation", "gelu_new", "--batch-size", "16", "--eval-interval", "200"]
+            "--tie-embeddings", "--activation", "gelu_new", "--batch-size", "16", "--eval-interval", "200", "--ema", "0"]
 
 # One change each, in the order the ablation adds them: its name, and the flags that turn it on over PREVIOUS.
 CHANGES = {
@@ -65,10 +65,12 @@ CHANGES = {
     "EMA 0.995": ["--ema", "0.995"],
 }
 
-# What `compare` measures against the defaults (docs/benchmarks.md). "first": what the first two ablation
+# What `compare` measures against the former defaults (docs/benchmarks.md). "first": what the first two ablation
 # rounds kept (2026-11-30 morning), which overfit the Chinese fortunes; "muon-wsd": the part of it that held
-# on both fortunes corpora, with the AdamW rate of the third round.
+# on both fortunes corpora, with the AdamW rate of the third round; "muon-wsd-ema": that with the weight average,
+# today's defaults ("defaults", no flags).
 RECIPES = {
+    "defaults": [],
     "first": ["--optimizer", "muon", "--muon-lr", "0.02", "--schedule", "wsd", "--cooldown", "0.4", "--min-lr-ratio", "0",
               "--lr", "4e-3", "--no-tie-embeddings", "--eval-interval", "1000"],
     "muon-wsd": ["--optimizer", "muon", "--muon-lr", "0.02", "--schedule", "wsd", "--cooldown", "0.4", "--min-lr-ratio",
@@ -119,20 +121,20 @@ def compare(args, work: Path) -> None:
             out = work / name / recipe
             given = inputs if out == first else ["--tokenizer", str(first / "tokenizer"), *inputs]
             runs.append((recipe, out, train(out, args.minutes, given, RECIPES[recipe])))
-        print(f"== {name}: the defaults", flush=True)
+        print(f"== {name}: the former defaults", flush=True)
         r_old = train(old, args.minutes, inputs, ["--tokenizer", str(first / "tokenizer"), *PREVIOUS])
         data = first / "data"
         b_old = score(old, data)
-        rows.append((name, "defaults", r_old, b_old, b_old))
+        rows.append((name, "former defaults", r_old, b_old, b_old))
         for recipe, out, r in runs:
             b = score(out, data)
             rows.append((name, recipe, r, b, b_old))
-            print(f"{name}: defaults {b_old:.4f}, {recipe} {b:.4f} ({b / b_old - 1:+.1%})", flush=True)
+            print(f"{name}: former defaults {b_old:.4f}, {recipe} {b:.4f} ({b / b_old - 1:+.1%})", flush=True)
     print(f"\n{args.minutes:g} minutes each; torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}\n")
     print("| corpus | run | model | steps | tokens/s (median) | val bits/byte | change | load (5 min) |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for name, label, r, b, b_old in rows:
-        change = f"{b / b_old - 1:+.1%}" if label != "defaults" else ""
+        change = f"{b / b_old - 1:+.1%}" if label != "former defaults" else ""
         print(f"| {name} | {label} | {r['shape']} | {r['steps']:,} | {r['tokens_per_s']:,.0f} | {b:.4f} | {change} "
               f"| {r['load']:.1f} |")
 
@@ -142,7 +144,7 @@ def ablate(args, work: Path) -> None:
     inputs = corpus_inputs(args.corpus[0], work)
     kept = list(args.kept or [])
     first = work / "previous"
-    label = "defaults" + "".join(f" + {k}" for k in kept)
+    label = "former defaults" + "".join(f" + {k}" for k in kept)
     print(f"== {label} (and the dataset every row uses)", flush=True)
     r = train(first, args.minutes, inputs, [*PREVIOUS, *[f for k in kept for f in CHANGES[k]]])
     data = first / "data"
@@ -174,7 +176,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=("compare", "ablate"))
     parser.add_argument("--minutes", type=float, default=10.0, help="training time of each run (default 10)")
-    parser.add_argument("--recipe", nargs="+", choices=tuple(RECIPES), default=["muon-wsd"],
+    parser.add_argument("--recipe", nargs="+", choices=tuple(RECIPES), default=["defaults"],
                         help="compare: the flag sets measured, one run each (the first one's tokenizer serves all)")
     parser.add_argument("--corpus", nargs="+", default=None,
                         help="en, zh, stdlib or a file (default: all three for compare, en for ablate)")

@@ -109,7 +109,7 @@ class TrainConfig:
     zero_init: bool | None = opt(None, "from scratch: start the blocks' output projections (attn and MLP c_proj) at zero "
                                  "(default off)")
     ema: float | None = opt(None, "keep an exponential moving average of the weights with this decay; evaluations, best/ "
-                            "and the final model use it (default 0.995 from scratch, 0 = off fine-tuning)")
+                            "and the final model use it (default 0.995 from scratch, 0: none, fine-tuning)")
     # speed
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
     precision: str = opt("auto", "auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16 (with a gradient scaler)",

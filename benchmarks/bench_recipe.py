@@ -2,17 +2,17 @@
 
 `compare` runs, for each corpus, `gptforge train CORPUS --max-time Nm` once per recipe (RECIPES below,
 `--recipe`; `defaults` is today's defaults, no flags), then with the former defaults spelled out as flags
-(PREVIOUS: AdamW, cosine), one after the other. All train the same 5,000-token BPE on the corpus (the later runs
-reuse the first one's tokenizer, so all see the same tokens and the same 90/10 document split) and both are scored by one function on every validation token: bits per byte
-= total nats / ln 2 / UTF-8 bytes of the validation text. Corpora: the English and Chinese fortunes of
-../shared/corpora and 2.5 MB of the Python standard library's source (the demo's corpus, a text the defaults
-were not chosen on).
+(PREVIOUS: AdamW, cosine), one after the other. All train the same 5,000-token BPE on the corpus (the later
+runs reuse the first one's tokenizer, so all see the same tokens and the same 90/10 document split) and all are
+scored by one function on every validation token: bits per byte = total nats / ln 2 / UTF-8 bytes of the
+validation text. Corpora: the English and Chinese fortunes of ../shared/corpora and 2.5 MB of the Python standard
+library's source (the demo's corpus, a text the defaults were not chosen on).
 
 `ablate` runs on one corpus: the former defaults, then each change of CHANGES in turn, added to the changes
 kept so far, N minutes each (the same prepared tokens for all): a change is kept only when the validation bits
 per byte fall. One row per change.
 
-    python benchmarks/bench_recipe.py compare --minutes 10             # 3 corpora x 2 runs: about 70 minutes
+    python benchmarks/bench_recipe.py compare --minutes 10             # today's defaults against the former, 3 corpora: about 70 minutes
     python benchmarks/bench_recipe.py compare --minutes 3 --corpus en   # one corpus
     python benchmarks/bench_recipe.py ablate --minutes 3                # fortunes_en, 3 minutes per row
 """
@@ -110,7 +110,7 @@ def score(model_dir: Path, data_dir: Path) -> float:
 
 
 def compare(args, work: Path) -> None:
-    """Per corpus: each recipe of `args.recipe`, then the defaults with the first recipe's tokenizer and data."""
+    """Per corpus: each recipe of `args.recipe`, then the former defaults, all on the first recipe's tokenizer and data."""
     rows = []
     for name in args.corpus:
         inputs = corpus_inputs(name, work)

@@ -6,11 +6,11 @@ import pytest
 from conftest import LazyTransformers
 import torch
 
-from gptforge import GPT, GPTConfig
+from gptforge import GPT, GPTConfig, options
 from gptforge.checkpoint import load_model, save_model
 from gptforge.errors import OptionError
 from gptforge.options import SCRATCH_DEFAULTS
-from gptforge.train import Trainer, TrainConfig, load_run_data, loop, lr_at, train
+from gptforge.train import Trainer, TrainConfig, load_run_data, lr_at, train
 from gptforge.train.optim import Muon, configure_optimizer, orthogonalize
 from gptforge.train.pipeline import zero_output_projections
 
@@ -214,7 +214,7 @@ def test_from_scratch_defaults_are_muon_wsd_and_fine_tuning_keeps_adamw(tmp_path
     # a run begun by the version before (defaults AdamW 1e-3, cosine to 0.1, and no ema: None) resumes as it began
     former = dict(optimizer="adamw", schedule="cosine", min_lr_ratio=0.1, learning_rate=1e-3)
     with monkeypatch.context() as m:
-        m.setattr(loop, "SCRATCH_DEFAULTS", {**{k: v for k, v in SCRATCH_DEFAULTS.items() if k != "ema"}, **former})
+        m.setattr(options, "SCRATCH_DEFAULTS", {**{k: v for k, v in SCRATCH_DEFAULTS.items() if k != "ema"}, **former})
         train(_model(), data, tokenizer=tok, out_dir=str(tmp_path / "old"), on_step=lambda t: t.step == 2 and t.request_stop(),
               **quick)
     former["ema"] = None

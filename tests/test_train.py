@@ -22,6 +22,7 @@ from gptforge.train import (
     parse_duration,
     train,
 )
+from gptforge.train.optim import configure_optimizer
 
 
 def tiny_model(vocab: int = 300, dropout: float = 0.1) -> GPT:
@@ -316,3 +317,23 @@ def test_training_rate_is_measured_on_the_runs_batch_shape():
     config = GPTConfig(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=2)
     fast = training_rate(config, 16, TrainConfig(batch_size=2, device="cpu"))
     assert 0 < fast < float("inf")
+
+
+@pytest.mark.parametrize("given, expected", [({}, "Muon"), ({"optimizer": "adamw"}, "AdamW")])
+def test_training_rate_times_the_optimizer_the_run_will_use(monkeypatch, given, expected):
+    """The size choice's rate includes the optimizer step (Muon's orthogonalisation is a tenth of a small
+    model's step), with the from-scratch defaults for what the user left unset."""
+    from gptforge.train import pipeline
+
+    stepped = []
+
+    def counting(model, cfg, device):
+        optimizer = configure_optimizer(model, cfg, device)
+        step = optimizer.step
+        optimizer.step = lambda *a, **k: (stepped.append(type(optimizer).__name__), step(*a, **k))[1]
+        return optimizer
+
+    monkeypatch.setattr(pipeline, "configure_optimizer", counting)
+    config = GPTConfig(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=2)
+    pipeline.training_rate(config, 16, TrainConfig(batch_size=2, device="cpu", **given), repeats=2)
+    assert stepped == [expected] * 3  # a warm-up and two timed steps

@@ -76,6 +76,15 @@ FINETUNE_DEFAULTS = dict(learning_rate=5e-5, warmup_steps=50, weight_decay=0.01,
                          schedule="cosine", min_lr_ratio=0.1, zero_init=False, ema=0.0)
 
 
+def unset_defaults(cfg: "TrainConfig", finetune: bool) -> dict:
+    """The defaults of this kind of run for the options `cfg` leaves unset (None). With `--fsdp` a run from
+    scratch takes AdamW and no average, which both need whole matrices (given by hand, they are refused)."""
+    unset = {k: v for k, v in (FINETUNE_DEFAULTS if finetune else SCRATCH_DEFAULTS).items() if getattr(cfg, k) is None}
+    if cfg.fsdp:
+        unset.update({k: v for k, v in (("optimizer", "adamw"), ("ema", 0.0)) if k in unset})
+    return unset
+
+
 @dataclass
 class TrainConfig:
     """Everything about a run except the model and the data. `None` means "the default for this kind of run"
@@ -356,5 +365,5 @@ class ClassifyOptions:
                 raise OptionError(f"{flag_of(ClassifyOptions, name)} {getattr(self, name)!r}: choose {', '.join(choices)}")
 
 
-__all__ = ["ClassifyOptions", "EvalOptions", "InstructOptions", "LORA_LAYERS", "LoRAOptions", "FINETUNE_DEFAULTS", "REPORTERS", "SCRATCH_DEFAULTS", "SamplingOptions", "TRAIN_GROUPS", "TrainConfig", "check_fields",
+__all__ = ["ClassifyOptions", "EvalOptions", "InstructOptions", "LORA_LAYERS", "LoRAOptions", "FINETUNE_DEFAULTS", "REPORTERS", "SCRATCH_DEFAULTS", "SamplingOptions", "TRAIN_GROUPS", "TrainConfig", "check_fields", "unset_defaults",
            "flag_of", "opt", "parse_duration"]

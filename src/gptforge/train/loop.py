@@ -35,7 +35,7 @@ from ..data.dataset import RunData
 from ..errors import OptionError, RunFolderError, TrainingError
 from ..fsio import atomic_dir
 from ..model import GPT
-from ..options import FINETUNE_DEFAULTS, SCRATCH_DEFAULTS, TrainConfig
+from ..options import TrainConfig, unset_defaults
 from ..runtime import init_distributed, out_of_memory, pick_precision, resolve_device, shard_model
 from . import state
 from .logging import RunLog, StepProgress, describe_run
@@ -65,10 +65,7 @@ class Trainer:
 
     def __init__(self, model: GPT, data: RunData, cfg: TrainConfig, tokenizer=None, finetune: bool = False,
                  on_step: Callable[["Trainer"], None] | None = None, task: Task | None = None):
-        defaults = FINETUNE_DEFAULTS if finetune else SCRATCH_DEFAULTS
-        unset = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
-        if cfg.fsdp:  # sharded matrices: no Muon, no weight average
-            unset.update({k: v for k, v in (("optimizer", "adamw"), ("ema", 0.0)) if k in unset})
+        unset = unset_defaults(cfg, finetune)
         self.cfg = cfg = dataclasses.replace(cfg, **unset)
         self.out = Path(cfg.out_dir)
         self.data, self.tokenizer, self.on_step = data, tokenizer, on_step

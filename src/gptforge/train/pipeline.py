@@ -17,11 +17,12 @@ from ..errors import ConfigError, DataError, TokenizerError
 from ..fsio import folder_of, write_text
 from ..kernels import matmul
 from ..model import GPT
-from ..options import SCRATCH_DEFAULTS, InstructOptions, LoRAOptions, TrainConfig
+from ..options import SCRATCH_DEFAULTS, InstructOptions, LoRAOptions, TrainConfig, unset_defaults
 from ..runtime import pick_precision, resolve_device, world_size
 from .logging import check_reporters
 from .finetune import add_lora, check_lora, example_inputs, instruction_task
 from .loop import Trainer, TrainResult
+from .optim import configure_optimizer
 from .runfolder import (check_block_size, check_fits_memory, claim_run_folder, refuse_conflicts, refuse_previous_run,
                         resume_tokenizer)
 
@@ -85,17 +86,21 @@ def matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: in
 
 def training_rate(config: GPTConfig, block: int, cfg: TrainConfig, repeats: int = 2) -> float:
     """Training tokens per second of a fresh model of `config` on the run's device, precision and batch
-    shape, measured: the best of `repeats` forward and backward passes after a warm-up (the optimizer step
-    adds little at these sizes). What a size would really train at on this machine, now."""
+    shape, measured: the best of `repeats` steps (forward, backward and the from-scratch run's optimizer,
+    whose Muon orthogonalisation is a tenth or more of a small model's step) after a warm-up. What a size would
+    really train at on this machine, now."""
     device = resolve_device(cfg.device)
     dtype = pick_precision(cfg.precision, device)
     model = GPT(config).to(device).train()
+    optimizer = configure_optimizer(model, dataclasses.replace(cfg, **unset_defaults(cfg, finetune=False)), device)
     x = torch.randint(0, config.vocab_size, (cfg.batch_size, block + 1), device=device)
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             _, loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     return cfg.batch_size * block / best_seconds(step, device, repeats)
 

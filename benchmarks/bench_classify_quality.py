@@ -57,7 +57,7 @@ def gptforge_recipe(args, out: Path) -> dict:
     lm = run_training([str(train_file)], tokenizer=str(out / "tokenizer"), size="tiny", model_overrides=size,
                       read_options={"field": "text"}, out_dir=str(out / "lm"), max_time=args.lm_minutes * 60,
                       batch_size=args.lm_batch, learning_rate=args.lm_lr, optimizer=args.lm_optimizer,
-                      schedule=args.lm_schedule, min_lr_ratio=0.1, eval_interval=args.lm_eval_interval or 10**9, progress=False, plot=False,
+                      schedule=args.lm_schedule, min_lr_ratio=args.lm_min_lr_ratio, ema=args.lm_ema, eval_interval=args.lm_eval_interval or 10**9, progress=False, plot=False,
                       save_minutes=None, log=log)
     log(f"language model: {lm.step} steps, validation loss {lm.val_loss:.3f}")
     lm_seconds = time.perf_counter() - start
@@ -84,9 +84,14 @@ def main() -> None:
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--lm-batch", type=int, default=16)
-    p.add_argument("--lm-lr", type=float, default=3e-3)
-    p.add_argument("--lm-optimizer", default="adamw", help="gptforge train --optimizer (adamw, muon)")
-    p.add_argument("--lm-schedule", default="cosine", help="gptforge train --schedule (cosine, wsd)")
+    # the language model's optimizer: gptforge train's from-scratch defaults unless given; the recipe of the
+    # 2026-11-30 and early 2026-12-01 runs was --lm-lr 3e-3 --lm-optimizer adamw --lm-schedule cosine
+    # --lm-min-lr-ratio 0.1 --lm-ema 0
+    p.add_argument("--lm-lr", type=float, default=None, help="gptforge train --lr")
+    p.add_argument("--lm-optimizer", default=None, help="gptforge train --optimizer (adamw, muon)")
+    p.add_argument("--lm-schedule", default=None, help="gptforge train --schedule (cosine, wsd, ...)")
+    p.add_argument("--lm-min-lr-ratio", type=float, default=None, help="gptforge train --min-lr-ratio")
+    p.add_argument("--lm-ema", type=float, default=None, help="gptforge train --ema (0: no weight average)")
     p.add_argument("--clf-batch", type=int, default=32)
     p.add_argument("--clf-lr", type=float, default=5e-4)
     p.add_argument("--clf-warmup", type=int, default=30)

@@ -120,6 +120,34 @@ def test_training_lowers_the_loss(tmp_path, dataset):
     assert result.val_loss < math.log(300)
 
 
+def test_a_run_past_its_best_says_which_folder_is_better(tmp_path, dataset, monkeypatch, capsys):
+    """When an evaluation beat the final model by more than 2% (a small text learnt by heart), the run says which
+    step best/ holds; when the final model is the best, or within 2% of it, it says nothing."""
+    from gptforge.train.tasks import LanguageModelling
+
+    data, tok = dataset
+    # the last case: periodic evaluations on a part of the validation tokens, the final one on all (not comparable)
+    for name, losses, said in (("overfit", [5.0, 4.0, 4.3], True), ("close", [5.0, 4.0, 4.05], False),
+                               ("still_learning", [5.0, 4.5, 4.0], False), ("part", [5.0, 4.0, 4.3], False)):
+        scripted = iter(losses)  # the evaluations at steps 4 and 8, then the final one at step 10
+        monkeypatch.setattr(LanguageModelling, "evaluate", lambda self, model, *, full, trainer: {
+            "val_loss": (v := next(scripted)), "val_perplexity": math.exp(v),
+            "val_tokens": 4096 if full and name == "part" else 512})
+        result = train(tiny_model(), data, tokenizer=tok, **quick(tmp_path, name, max_steps=10))
+        out = capsys.readouterr().out
+        assert result.best_val_loss == min(losses)
+        assert result.best_step == (10 if losses[-1] == min(losses) else 8)
+        assert ("note: the model of step 8 (val_loss 4.0000) is better on validation" in out) is said, (name, out)
+        if said:
+            assert str(tmp_path / name / "best") in out
+    # the step of best/ is in the checkpoint: a run resumed past it still names it
+    name, scripted = "resumed", iter([4.0, 4.5, 4.3])  # step 4, the final evaluation at 8; resumed, the final at 10
+    train(tiny_model(), data, tokenizer=tok, **quick(tmp_path, "resumed", max_steps=8))
+    capsys.readouterr()
+    result = train(tiny_model(), data, tokenizer=tok, **quick(tmp_path, "resumed", max_steps=10, resume=True))
+    assert result.best_step == 4 and "note: the model of step 4 (val_loss 4.0000)" in capsys.readouterr().out
+
+
 def _fake_clock(monkeypatch, tick: float = 0.01) -> list[float]:
     """The training loop's clock, advancing `tick` seconds per reading; returns the mutable time."""
     import types

@@ -55,6 +55,7 @@ class TrainResult:
     val_perplexity: float | None = None
     val_bits_per_byte: float | None = None
     best_val_loss: float | None = None
+    best_step: int | None = None  # the step of best/, the evaluation with the best validation score
     interrupted: bool = False
     history: list = field(default_factory=list, repr=False)
     validation: dict | None = field(default=None, repr=False)  # the final evaluation row, whatever the task
@@ -117,6 +118,7 @@ class Trainer:
 
         self.step, self.elapsed = 0, 0.0  # optimizer steps; training seconds, carried across resumes
         self.best_val, self.evals_since_best = (-math.inf if self.task.higher_is_better else math.inf), 0
+        self.best_step: int | None = 0  # the step of best/ (None: resumed from a checkpoint that did not record it)
         self._stop = False
         self._last_ckpt: Path | None = None
         if self._resume_from is not None:
@@ -218,7 +220,7 @@ class Trainer:
         self.log.message(f"step {self.step}: {self.task.describe(row)}")
         score = row[self.task.metric]
         if score > self.best_val if self.task.higher_is_better else score < self.best_val:
-            self.best_val, self.evals_since_best = score, 0
+            self.best_val, self.best_step, self.evals_since_best = score, self.step, 0
             self.save_model_folder(self.out / "best")
         else:
             self.evals_since_best += 1
@@ -366,6 +368,7 @@ class Trainer:
             if row:
                 result.val_loss, result.val_perplexity = row.get("val_loss"), row.get("val_perplexity")
                 result.val_bits_per_byte, result.validation = row.get("val_bits_per_byte"), row
+                self._say_if_best_was_better(row)
             with self._averaged():
                 self.sample()
                 model_state = self._full_state()[0] if self.fsdp else None
@@ -373,10 +376,24 @@ class Trainer:
                     self.task.save(self.model, self.out, self.tokenizer, state_dict=model_state)
                     self.log.message(f"saved the final model to {self.out}"
                                      + (f" (the average of its weights, --ema {self.cfg.ema:g})" if self.average else ""))
-        result.best_val_loss = self.best_val if math.isfinite(self.best_val) else None
+        if math.isfinite(self.best_val):
+            result.best_val_loss, result.best_step = self.best_val, self.best_step
         self.log.close()
         self.dist.close()
         return result
+
+    def _say_if_best_was_better(self, row: dict) -> None:
+        """Tell the user when an earlier evaluation was more than 2% better than the final model: the run went
+        on past its best, as a small model does that sees its training text many times and learns it by
+        heart (the from-scratch defaults' Muon fits it sooner than AdamW did); best/ holds that model. Only
+        where the periodic evaluations read every validation token, as the final one does."""
+        best, final, higher = self.best_val, row[self.task.metric], self.task.higher_is_better
+        whole = not self.cfg.eval_tokens or row.get("val_tokens", 0) <= self.cfg.eval_tokens
+        if whole and self.best_step != self.step and (final < best * 0.98 if higher else final > best * 1.02):
+            metric, which = self.task.metric, "an earlier evaluation" if self.best_step is None else f"step {self.best_step}"
+            self.log.message(f"note: the model of {which} ({metric} {best:.4f}) is better on validation than "
+                             f"the final one ({metric} {final:.4f}); it is in {self.out / 'best'}. The run went on past "
+                             "its best: use that folder, or train for less time or with --dropout")
 
     def _install_signal_handlers(self):
         """Ctrl-C and SIGTERM finish the current step, save a checkpoint and return."""

@@ -24,7 +24,7 @@ def pack(trainer, optim_state: dict) -> dict:
     """Everything but the weights that a resumed run needs to continue exactly: step, clock, best score,
     optimizer and scaler, random generators, options, and what the data and tokenizer were."""
     return {
-        "step": trainer.step, "elapsed": trainer.elapsed, "best_val": trainer.best_val,
+        "step": trainer.step, "elapsed": trainer.elapsed, "best_val": trainer.best_val, "best_step": trainer.best_step,
         "evals_since_best": trainer.evals_since_best, "optimizer": optim_state, "scaler": trainer.scaler.state_dict(),
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -48,6 +48,7 @@ def restore(trainer, state: dict) -> str:
         torch.cuda.set_rng_state_all(state["rng_cuda"])
     trainer.step, trainer.elapsed = state["step"], state["elapsed"]
     trainer.best_val, trainer.evals_since_best = state["best_val"], state["evals_since_best"]
+    trainer.best_step = state.get("best_step")  # None: a checkpoint written before 2026-12-01 did not record it
     if trainer.average is not None and state.get("average"):
         trainer.average.load_state_dict(state["average"])
     elif trainer.average is not None:

@@ -146,6 +146,16 @@ def test_a_run_past_its_best_says_which_folder_is_better(tmp_path, dataset, monk
     capsys.readouterr()
     result = train(tiny_model(), data, tokenizer=tok, **quick(tmp_path, "resumed", max_steps=10, resume=True))
     assert result.best_step == 4 and "note: the model of step 4 (val_loss 4.0000)" in capsys.readouterr().out
+    # the final evaluation comes after the last checkpoint: best/ records what it won, so a run resumed to train
+    # further does not overwrite the better model it holds with a worse one
+    name, scripted = "further", iter([5.0, 4.0, 4.5])  # step 4, the final evaluation at 8; resumed, the final at 12
+    train(tiny_model(), data, tokenizer=tok, **quick(tmp_path, "further", max_steps=8))
+    saved = (tmp_path / "further" / "best" / "model.safetensors").read_bytes()
+    result = train(tiny_model(), data, tokenizer=tok, **quick(tmp_path, "further", max_steps=12, resume=True))
+    assert result.best_step == 8 and "note: the model of step 8 (val_loss 4.0000)" in capsys.readouterr().out
+    assert (tmp_path / "further" / "best" / "model.safetensors").read_bytes() == saved
+    assert json.loads((tmp_path / "further" / "best" / "best_validation.json").read_text()) == {
+        "step": 8, "metric": "val_loss", "score": 4.0}
 
 
 def _fake_clock(monkeypatch, tick: float = 0.01) -> list[float]:

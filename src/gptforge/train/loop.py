@@ -3,7 +3,7 @@
 A run folder (`out_dir`) ends up as a model folder transformers can open, plus:
 
     checkpoints/step-0000100/   complete model folder + trainer_state.pt (optimizer, step, RNG, clock)
-    best/                       model folder with the lowest validation loss so far
+    best/                       model folder with the lowest validation loss so far (best_validation.json: its step, score)
     metrics.jsonl               one JSON object per log line and per evaluation
     loss.png                    train / validation loss curves (when matplotlib is installed)
     samples.txt                 text sampled from the model during training
@@ -172,13 +172,16 @@ class Trainer:
     def _full_state(self) -> tuple[dict, dict]:
         return state.gather(self.model, self.optimizer, self.fsdp)  # every rank takes part when sharded
 
-    def save_model_folder(self, folder: Path, model_state: dict | None = None) -> None:
-        """Write a model folder atomically (rank 0 writes; with FSDP every rank helps gather)."""
+    def save_model_folder(self, folder: Path, model_state: dict | None = None, record: tuple[str, float] | None = None) -> None:
+        """Write a model folder atomically (rank 0 writes; with FSDP every rank helps gather); `record`
+        (metric, score): the evaluation a best/ folder's model won, written inside it."""
         if model_state is None and self.fsdp:
             model_state = self._full_state()[0]
         if self.dist.main:
             with atomic_dir(folder) as tmp:
                 self.task.save(self.model, tmp, self.tokenizer, state_dict=model_state)
+                if record:
+                    state.record_best(tmp, self.step, *record)
 
     def save_checkpoint(self) -> Path:
         """A complete model folder plus the training state, written under a temporary name and renamed."""
@@ -221,7 +224,7 @@ class Trainer:
         score = row[self.task.metric]
         if score > self.best_val if self.task.higher_is_better else score < self.best_val:
             self.best_val, self.best_step, self.evals_since_best = score, self.step, 0
-            self.save_model_folder(self.out / "best")
+            self.save_model_folder(self.out / "best", record=(self.task.metric, score))
         else:
             self.evals_since_best += 1
         self.log.plot()

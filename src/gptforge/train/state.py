@@ -7,8 +7,27 @@ checkpoint resume on any number of processes.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+from pathlib import Path
 
 import torch
+
+BEST_RECORD = "best_validation.json"  # in best/: the step and score of the model it holds
+
+
+def record_best(folder: Path, step: int, metric: str, score: float) -> None:
+    """Write into a best/ folder (before it is renamed into place) which evaluation its model won."""
+    (folder / BEST_RECORD).write_text(json.dumps({"step": step, "metric": metric, "score": score}) + "\n")
+
+
+def best_on_disk(folder: Path, metric: str) -> tuple[float, int] | None:
+    """(score, step) of the model in a run's best/ folder, or None when it holds no readable record of `metric`."""
+    try:
+        rec = json.loads((folder / BEST_RECORD).read_text())
+        return (float(rec["score"]), int(rec["step"])) if rec.get("metric") == metric else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def gather(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> tuple[dict, dict]:
@@ -49,6 +68,12 @@ def restore(trainer, state: dict) -> str:
     trainer.step, trainer.elapsed = state["step"], state["elapsed"]
     trainer.best_val, trainer.evals_since_best = state["best_val"], state["evals_since_best"]
     trainer.best_step = state.get("best_step")  # None: a checkpoint written before 2026-12-01 did not record it
+    # best/ may hold a better model than the checkpoint knows of (the final evaluation comes after the last
+    # checkpoint; a run can stop between a checkpoint and the next evaluation): keep it from being overwritten
+    disk = best_on_disk(trainer.out / "best", trainer.task.metric)
+    higher = trainer.task.higher_is_better
+    if disk and math.isfinite(disk[0]) and (disk[0] > trainer.best_val if higher else disk[0] < trainer.best_val):
+        trainer.best_val, trainer.best_step = disk
     if trainer.average is not None and state.get("average"):
         trainer.average.load_state_dict(state["average"])
     elif trainer.average is not None:

@@ -5,7 +5,8 @@ gptforge's recipe, all inside one wall-clock budget (default 15 minutes, everyth
 preparation, language-model pretraining, classifier training, test evaluation):
 
 1. a byte-level BPE tokenizer trained on the training texts;
-2. a small GPT-2 language model pretrained from scratch on the training texts only (`gptforge train`);
+2. a small GPT-2 language model pretrained from scratch on the training texts only (`gptforge train`, AdamW:
+   the from-scratch defaults' Muon learns these few texts by heart sooner, docs/benchmarks.md);
 3. a classifier with that body and a new head (`gptforge classify train --init LM`), its best checkpoint
    chosen by macro-F1 on a stratified 10% of the training examples, trained with random spans of the texts
    (`classify train --crop 0.5`, docs/classify.md; `--clf-crop 0` turns them off);

@@ -222,7 +222,7 @@ class Trainer:
         self.log.record(row)
         self.log.message(f"step {self.step}: {self.task.describe(row)}")
         score = row[self.task.metric]
-        if score > self.best_val if self.task.higher_is_better else score < self.best_val:
+        if self.task.better(score, self.best_val):
             self.best_val, self.best_step, self.evals_since_best = score, self.step, 0
             self.save_model_folder(self.out / "best", record=(self.task.metric, score))
         else:

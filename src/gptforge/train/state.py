@@ -71,8 +71,7 @@ def restore(trainer, state: dict) -> str:
     # best/ may hold a better model than the checkpoint knows of (the final evaluation comes after the last
     # checkpoint; a run can stop between a checkpoint and the next evaluation): keep it from being overwritten
     disk = best_on_disk(trainer.out / "best", trainer.task.metric)
-    higher = trainer.task.higher_is_better
-    if disk and math.isfinite(disk[0]) and (disk[0] > trainer.best_val if higher else disk[0] < trainer.best_val):
+    if disk and math.isfinite(disk[0]) and trainer.task.better(disk[0], trainer.best_val):
         trainer.best_val, trainer.best_step = disk
     if trainer.average is not None and state.get("average"):
         trainer.average.load_state_dict(state["average"])

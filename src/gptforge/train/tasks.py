@@ -47,6 +47,10 @@ class Task:
     def describe(self, row: dict) -> str:
         return f"{self.metric} {row[self.metric]:.4f}"
 
+    def better(self, score: float, than: float) -> bool:
+        """Whether validation `score` beats `than` (which way follows `higher_is_better`)."""
+        return score > than if self.higher_is_better else score < than
+
     def save(self, model: torch.nn.Module, folder: Path, tokenizer=None, state_dict: dict | None = None) -> None:
         """Write the model folder (into `folder`, which exists); for a model with LoRA layers, the adapter alone."""
         save_trained(model, folder, tokenizer, state_dict=state_dict)

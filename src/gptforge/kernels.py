@@ -87,6 +87,13 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _linear(a.contiguous(), b.t()) if _onednn_ok(a) else a @ b
 
 
+def weight_gradient(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """g^T x, the weight gradient of a linear layer from its output gradient g (N, out) and input x (N, in).
+    `matmul` makes its first factor contiguous, so the narrower of the two is the one transposed: for a layer
+    that widens (GPT-2's c_attn and c_fc) x^T g and a transpose of the small (in, out) result."""
+    return matmul(g.t(), x) if g.size(1) <= x.size(1) else matmul(x.t(), g).t().contiguous()
+
+
 class _OneDNNLinear(torch.autograd.Function):
     """`F.linear` with its three products (forward, input gradient, weight gradient) done by oneDNN."""
 
@@ -102,7 +109,7 @@ class _OneDNNLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         g = grad.reshape(-1, grad.size(-1))
         grad_x = matmul(g, weight).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        grad_w = matmul(g.t(), x.reshape(-1, x.size(-1))) if ctx.needs_input_grad[1] else None
+        grad_w = weight_gradient(g, x.reshape(-1, x.size(-1))) if ctx.needs_input_grad[1] else None
         grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
@@ -132,11 +139,12 @@ def _chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch
     safe = targets.clamp(min=0)
     count = valid.sum().clamp(min=1)
     grad_x = torch.empty_like(x) if want_x else None
-    grad_w = torch.zeros_like(weight) if want_w else None
+    grad_wt = weight.new_zeros(weight.size(1), weight.size(0)) if want_w else None  # (width, vocab): see below
     total = x.new_zeros((), dtype=torch.float32)
+    wt = weight.t().contiguous()  # (width, vocab): oneDNN's products with it beat those with the weight as it is
     for s in range(0, x.size(0), rows):
         xs, ts, vs = x[s : s + rows], safe[s : s + rows], valid[s : s + rows]
-        z = matmul(xs, weight.t()).float()
+        z = matmul(xs, wt).float()
         target = z.gather(1, ts[:, None]).squeeze(1)
         top = z.amax(dim=1, keepdim=True)
         e = z.sub_(top).exp_()  # exp(z - max), in place: one exp pass serves the loss and the softmax
@@ -148,10 +156,10 @@ def _chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch
         p[torch.arange(p.size(0), device=p.device), ts] -= vs.to(p.dtype)
         p = p.to(x.dtype)
         if want_x:
-            grad_x[s : s + rows] = matmul(p, weight)
-        if want_w:
-            grad_w += matmul(p.t(), xs)
-    return total, count, grad_x, grad_w
+            grad_x[s : s + rows] = matmul(p, wt.t())
+        if want_w:  # xs^T p, not p^T xs: the copy made contiguous is the chunk's (width x rows), not (vocab x rows)
+            grad_wt += matmul(xs.t(), p)
+    return total, count, grad_x, (grad_wt.t().contiguous() if want_w else None)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -29,6 +29,8 @@ from gptforge.train import matmul_flops
 
 SHAPES = {
     # name: (config fields, batch, block, steps per trial)
+    "tiny": (dict(vocab_size=5000, n_positions=128, n_embd=128, n_layer=4, n_head=4,  # the CPU default size
+                  bos_token_id=0, eos_token_id=0), 16, 128, 6),
     "small": (dict(vocab_size=5000, n_positions=128, n_embd=256, n_layer=8, n_head=8,
                    bos_token_id=0, eos_token_id=0), 16, 128, 3),
     "gpt2": (dict(), 1, 1024, 1),

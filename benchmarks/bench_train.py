@@ -164,7 +164,7 @@ def run_shape(name: str, data_dir: Path, warmup: int, steps: int | None) -> dict
     with tempfile.TemporaryDirectory() as out:
         result = train(ours, data_dir, out_dir=out, max_steps=warmup + steps, batch_size=batch, block_size=block,
                        learning_rate=LR, beta1=BETAS[0], beta2=BETAS[1], weight_decay=WD, grad_clip=CLIP, seed=SEED,
-                       optimizer="adamw", schedule="cosine", min_lr_ratio=0.1,  # the references' AdamW step
+                       optimizer="adamw", schedule="cosine", min_lr_ratio=0.1, ema=0.0,  # the references' step
                        device="cpu", log_interval=1, eval_interval=None, save_minutes=None, plot=False, progress=False,
                        on_step=on_step)
     trainer.close()

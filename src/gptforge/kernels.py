@@ -141,10 +141,9 @@ def _chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch
     grad_x = torch.empty_like(x) if want_x else None
     grad_wt = weight.new_zeros(weight.size(1), weight.size(0)) if want_w else None  # (width, vocab): see below
     total = x.new_zeros((), dtype=torch.float32)
-    wt = weight.t().contiguous()  # (width, vocab): oneDNN's products with it beat those with the weight as it is
     for s in range(0, x.size(0), rows):
         xs, ts, vs = x[s : s + rows], safe[s : s + rows], valid[s : s + rows]
-        z = matmul(xs, wt).float()
+        z = matmul(xs, weight.t()).float()
         target = z.gather(1, ts[:, None]).squeeze(1)
         top = z.amax(dim=1, keepdim=True)
         e = z.sub_(top).exp_()  # exp(z - max), in place: one exp pass serves the loss and the softmax
@@ -156,7 +155,7 @@ def _chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch
         p[torch.arange(p.size(0), device=p.device), ts] -= vs.to(p.dtype)
         p = p.to(x.dtype)
         if want_x:
-            grad_x[s : s + rows] = matmul(p, wt.t())
+            grad_x[s : s + rows] = matmul(p, weight)
         if want_w:  # xs^T p, not p^T xs: the copy made contiguous is the chunk's (width x rows), not (vocab x rows)
             grad_wt += matmul(xs.t(), p)
     return total, count, grad_x, (grad_wt.t().contiguous() if want_w else None)

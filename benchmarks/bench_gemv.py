@@ -35,15 +35,12 @@ def main() -> None:
     weights = [torch.randn(o, i) for o, i in shapes]
     biases = [torch.randn(o) if o != 50257 else None for o, _ in shapes]
     onednn = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
-    packed = [native.pack(w) for w in weights]  # in memory advised to 2 MB pages (native._huge_pages_empty)
-    huge = native._huge_pages_empty
-    native._huge_pages_empty = lambda shape, dtype: torch.empty(shape, dtype=dtype)
-    small_pages = [native.pack(w) for w in weights]  # the same, in torch's own allocation (4 KB pages)
-    native._huge_pages_empty = huge
+    packed = [native.pack(w) for w in weights]  # in memory advised to 2 MB pages (native.pack's default)
+    small_pages = [native.pack(w, huge_pages=False) for w in weights]  # the same, in torch's own allocation (4 KB pages)
     megabytes = sum(w.numel() * 4 for w in weights) / 1e6
     ways = {
-        "oneDNN, packed weight": lambda x, i: kernels._linear(x, onednn[i], biases[i]),
-        "oneDNN, weight as it is": lambda x, i: kernels._linear(x, weights[i], biases[i]),
+        "oneDNN, packed weight": lambda x, i: kernels.onednn_linear(x, onednn[i], biases[i]),
+        "oneDNN, weight as it is": lambda x, i: kernels.onednn_linear(x, weights[i], biases[i]),
         "F.linear": lambda x, i: F.linear(x, weights[i], biases[i]),
         "gptforge decoding kernel, 4 KB pages": lambda x, i: native.gemv(x, small_pages[i], biases[i]),
         "gptforge decoding kernel": lambda x, i: native.gemv(x, packed[i], biases[i]),

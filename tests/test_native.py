@@ -23,8 +23,9 @@ def test_gemv_gives_linears_numbers(rows):
     # widths not a multiple of 4 or 16; the last weight is big enough for memory of its own (huge pages)
     for out, inp in ((1, 5), (7, 33), (64, 768), (1027, 96), (1501, 1000)):
         x, w, b = torch.randn(rows, inp, generator=g), torch.randn(out, inp, generator=g), torch.randn(out, generator=g)
-        for bias in (b, None):
-            torch.testing.assert_close(native.gemv(x, native.pack(w), bias), F.linear(x, w, bias), atol=1e-4, rtol=1e-5)
+        for bias, huge_pages in ((b, True), (None, True), (b, False)):  # 2 MB pages or torch's allocation
+            packed = native.pack(w, huge_pages=huge_pages)
+            torch.testing.assert_close(native.gemv(x, packed, bias), F.linear(x, w, bias), atol=1e-4, rtol=1e-5)
     wide = torch.randn(2, rows, 2 * 16, generator=g)[..., ::2]  # a strided input, batch dims kept
     w = torch.randn(9, 16, generator=g)
     torch.testing.assert_close(native.gemv(wide, native.pack(w)), F.linear(wide, w), atol=1e-5, rtol=1e-5)

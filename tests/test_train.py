@@ -300,11 +300,11 @@ def test_cli_trains_from_raw_text(tmp_path, corpus):
     out = tmp_path / "cli_run"
     rc = main(["train", str(corpus), "--out", str(out), "--size", "tiny", "--n-layer", "1", "--vocab-size", "300",
                "--max-steps", "4", "--batch-size", "2", "--block-size", "32", "--no-progress", "--no-plot",
-               "--sample-tokens", "4", "--dropout", "0.2"])
+               "--sample-tokens", "4", "--dropout", "0.2", "--attn-dropout", "0.05"])
     assert rc == 0
     model = load_model(out)
     assert model.config.n_layer == 1 and model.config.n_positions == 32
-    assert model.config.resid_pdrop == model.config.embd_pdrop == model.config.attn_pdrop == 0.2
+    assert model.config.resid_pdrop == model.config.embd_pdrop == 0.2 and model.config.attn_pdrop == 0.05
     assert model.config.vocab_size == json.loads((out / "tokenizer.json").read_text())["model"]["vocab"].__len__()
     assert (out / "samples.txt").read_text().count("=== step") >= 1
     assert main(["train", str(corpus), "--out", str(out), "--max-steps", "1"]) == 2  # refuses to overwrite

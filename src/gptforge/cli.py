@@ -7,7 +7,7 @@ import sys
 
 from . import __version__
 from .cli_args import TRAIN_EXAMPLES, add_train_arguments, inputs_of, option_values, read_flags, read_options
-from .errors import GPTForgeError, RunFolderError
+from .errors import GPTForgeError, OptionError, RunFolderError
 from .faults import describe_fault, leave, stop_on_sigterm
 
 
@@ -84,11 +84,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     options = option_values(args, TrainConfig)
     extra = dict(lora=LoRAOptions(**option_values(args, LoRAOptions)), instruct=InstructOptions(**option_values(args, InstructOptions)))
     inputs = inputs_of(args, list(args.inputs) + ([args.train_file] if args.train_file else []))
-    overrides = {k: getattr(args, k) for k in ("n_layer", "n_embd", "n_head", "n_positions", "dropout", "activation_function",
-                                               "tie_word_embeddings") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("n_layer", "n_embd", "n_head", "n_positions", "dropout", "attn_dropout",
+                                               "activation_function", "tie_word_embeddings") if getattr(args, k) is not None}
+    for flag, p in (("--dropout", args.dropout), ("--attn-dropout", args.attn_dropout)):
+        if p is not None and not 0 <= p < 1:
+            raise OptionError(f"{flag} {p}: must be at least 0 and below 1 (1 would drop everything)")
     if "dropout" in overrides:
         p = overrides.pop("dropout")
         overrides.update(resid_pdrop=p, embd_pdrop=p, attn_pdrop=p)
+    if "attn_dropout" in overrides:
+        overrides["attn_pdrop"] = overrides.pop("attn_dropout")
     result = run_training(
         inputs or None, data=args.data, eval_inputs=[args.eval_file] if args.eval_file else None, init=args.init,
         size=args.size, tokenizer=args.tokenizer, vocab_size=args.vocab_size, tokenizer_kind=args.tokenizer_kind,

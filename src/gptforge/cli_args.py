@@ -129,6 +129,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     for name in ("n_layer", "n_embd", "n_head", "n_positions"):
         g.add_argument("--" + name.replace("_", "-"), dest=name, type=int, help=f"from scratch: override the preset's {name}")
     g.add_argument("--dropout", type=float, help="from scratch: residual, embedding and attention dropout (default: the preset's; 0 for tiny/mini/small, 0.1 for gpt2 sizes)")
+    g.add_argument("--attn-dropout", type=float, help="from scratch: dropout on the attention probabilities alone (default: --dropout's "
+                   "value, else the preset's); 0 with --dropout keeps the cheaper residual and embedding dropout only")
     g.add_argument("--activation", dest="activation_function", choices=ACTIVATIONS,
                    help="from scratch: the MLP's activation_function (default: the preset's)")
     g.add_argument("--tie-embeddings", dest="tie_word_embeddings", action=argparse.BooleanOptionalAction, default=None,

@@ -75,7 +75,7 @@ def _onednn_ok(x: torch.Tensor) -> bool:
     return _fp32_cpu(x) and onednn()
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias) through oneDNN (fp32 CPU tensors; no autograd)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
@@ -84,7 +84,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for 2-D tensors, through oneDNN for fp32 on x86 CPUs. `b.t()` is passed as a strided view:
     oneDNN reads it in place, where a contiguous copy of the (vocab x width) head weight for every chunk of
     the loss cost more than the product (gpt2 head with its gradients: 1.97 s with the copy, 1.50 s without)."""
-    return _linear(a.contiguous(), b.t()) if _onednn_ok(a) else a @ b
+    return onednn_linear(a.contiguous(), b.t()) if _onednn_ok(a) else a @ b
 
 
 def weight_gradient(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +102,7 @@ class _OneDNNLinear(torch.autograd.Function):
         # x is kept only for the weight's gradient: a frozen layer (LoRA's base, --freeze) lets it go
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
-        return _linear(x, weight, bias)
+        return onednn_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -398,7 +398,7 @@ def cpu_inference_weights(model: nn.Module, keep: bool = True):
             if not onednn():
                 return type(layer).forward(layer, x)  # a prompt: torch's product
             # a prompt: oneDNN's GEMM, on its packed copy only where there is no kernel's copy to keep instead
-            return _linear(x, layer.weight if native.available() else _packed_weight(layer), layer.bias)
+            return onednn_linear(x, layer.weight if native.available() else _packed_weight(layer), layer.bias)
         return forward
 
     try:
@@ -501,4 +501,4 @@ class Int8Linear(nn.Module):
 
 
 __all__ = ["Int8Linear", "Linear", "SWITCH", "cpu_inference_weights", "decoding_weight", "enabled", "is_packed", "linear",
-           "linear_cross_entropy", "matmul", "onednn", "quantize_rows"]
+           "linear_cross_entropy", "matmul", "onednn", "onednn_linear", "quantize_rows"]

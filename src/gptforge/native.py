@@ -160,15 +160,16 @@ VECTOR = 16  # values per vector in the packed layout (W in csrc/decode.c)
 class Packed:
     """A weight in the kernel's layout (see csrc/decode.c): tiles of four rows interleaved by VECTOR values,
     zero-padded to whole tiles and vectors; fp32, or int8 with `scale` (fp32, one per output row).
-    `out` and `in_features` are the weight's own sizes, `width` the padded input size."""
+    `out` and `in_features` are the weight's own sizes, `width` the padded input size. `huge_pages=False` keeps
+    it in torch's own allocation (for measuring what the 2 MB pages are worth)."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None, huge_pages: bool = True):
         out, inp = weight.shape
         self.out, self.in_features, self.width = out, inp, -(-inp // VECTOR) * VECTOR
         padded = torch.zeros(-(-out // 4) * 4, self.width, dtype=weight.dtype)
         padded[:out, :inp] = weight.detach()
         tiles = padded.view(-1, 4, self.width // VECTOR, VECTOR).transpose(1, 2)
-        self.data = _huge_pages_empty(tiles.shape, tiles.dtype).copy_(tiles)
+        self.data = (_huge_pages_empty if huge_pages else torch.empty)(tiles.shape, dtype=tiles.dtype).copy_(tiles)
         self.scale = None if scale is None else scale.detach().float().contiguous()
 
     def struct(self, bias: torch.Tensor | None) -> Weight:
@@ -177,9 +178,9 @@ class Packed:
                       None if bias is None else bias.data_ptr(), self.out, self.width)
 
 
-def pack(weight: torch.Tensor) -> Packed:
+def pack(weight: torch.Tensor, huge_pages: bool = True) -> Packed:
     """`weight` (out, in), fp32 on the CPU, in the kernel's layout: as much memory again as the weight."""
-    return Packed(weight.float())
+    return Packed(weight.float(), huge_pages=huge_pages)
 
 
 def pack_int8(weight: torch.Tensor, scale: torch.Tensor) -> Packed:

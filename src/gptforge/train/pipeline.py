@@ -17,7 +17,7 @@ from ..errors import ConfigError, DataError, TokenizerError
 from ..fsio import folder_of, write_text
 from ..kernels import matmul
 from ..model import GPT
-from ..options import SCRATCH_DEFAULTS, InstructOptions, LoRAOptions, TrainConfig, unset_defaults
+from ..options import InstructOptions, LoRAOptions, TrainConfig, unset_defaults
 from ..runtime import pick_precision, resolve_device, world_size
 from .logging import check_reporters
 from .finetune import add_lora, check_lora, example_inputs, instruction_task
@@ -305,7 +305,7 @@ def run_training(
                 log(f"model size: {size!r}: {why} (choose another with --size)")
             torch.manual_seed(cfg.seed)  # the same fresh weights on every rank and every rerun
             model, _ = build_model(size=size, **overrides)
-            if SCRATCH_DEFAULTS["zero_init"] if cfg.zero_init is None else cfg.zero_init:
+            if unset_defaults(cfg, finetune=False).get("zero_init", cfg.zero_init):  # the default, or as given
                 zero_output_projections(model)
         if cfg.max_steps is None and cfg.epochs is None and cfg.max_time is None:
             cfg = dataclasses.replace(cfg, epochs=1.0)

@@ -132,14 +132,17 @@ def check_tokenizer_of_data(tokenizer, data) -> None:
 # --- options -------------------------------------------------------------------------------------------
 
 
-def _flag(key: str) -> str:
+def _flag(key: str, overrides: dict) -> str:
+    """The flag that set a model override: --dropout sets the three dropouts, --attn-dropout the attention's alone."""
+    if key == "attn_pdrop" and "resid_pdrop" not in overrides:
+        return "--attn-dropout"
     return "--dropout" if key.endswith("_pdrop") else "--" + key.replace("_", "-")
 
 
 def refuse_conflicts(inputs, data, eval_inputs, init, size, overrides: dict, tokenizer, vocab_size, line_by_line) -> None:
     """Options that contradict each other are refused, never silently ignored."""
     if init is not None:
-        scratch = (["--size"] if size else []) + sorted({_flag(k) for k in overrides or {}})
+        scratch = (["--size"] if size else []) + sorted({_flag(k, overrides) for k in overrides or {}})
         if scratch:
             raise OptionError(f"--init {init} fine-tunes that model as it is; {', '.join(scratch)} only apply when "
                               "training from scratch (drop them, or drop --init)")

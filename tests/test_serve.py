@@ -474,11 +474,11 @@ def test_a_slow_stream_reader_does_not_hold_others_back(chat_server, long_prompt
     lazy.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: "
                  b"Bearer " + API_KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     try:
-        t0 = time.time()
-        for _ in range(3):  # the lazy stream is never read; others still get answers at once
+        # The lazy stream is never read. A server whose loop waited on it would never answer these: the
+        # client's socket timeout (30 s, RunningServer.raw) turns that into a failure, no clock needed.
+        for _ in range(3):
             status, _, r = s.post("/v1/completions", {"prompt": "hello", "max_tokens": 8, "temperature": 0})
-            assert status == 200
-        assert time.time() - t0 < 20
+            assert status == 200 and r["choices"][0]["finish_reason"] in ("stop", "length")
     finally:
         lazy.close()
     wait_idle(s)

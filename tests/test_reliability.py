@@ -620,3 +620,143 @@ def test_eval_max_tokens_reads_only_the_start(tmp_path, hf_gpt2_dir, byte_tokeni
     (tmp_path / "long.txt").write_text("abcdefgh " * 200_000)
     result = evaluate_text(model, byte_tokenizer, [tmp_path / "long.txt"], EvalOptions(max_tokens=100, block_size=32))
     assert result.tokens <= 100 and sum(seen) < 100_000
+
+
+# --- inputs of a second hostile sweep (2026-12-02) -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_tok(tmp_path_factory, corpus) -> Path:
+    """The folder of a 280-token tokenizer of `corpus`."""
+    folder = tmp_path_factory.mktemp("tok")
+    assert train_tokenizer([str(corpus)], vocab_size=280, out_dir=folder).vocab_size == 280
+    return folder
+
+
+def test_a_folder_input_never_reads_the_run_or_data_folder_inside_it(tmp_path, corpus, small_tok):
+    import json
+
+    from gptforge.data import prepare
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    shutil.copy(corpus, texts / "a.txt")
+    out = texts / "run"  # `gptforge train .` in the folder of the texts: the default --out is ./run
+    run_training([str(texts)], **TINY, log=lambda m: None, **quick(out))
+    meta = json.loads((out / "data" / "meta.json").read_text())
+    assert [Path(i["path"]).name for i in meta["inputs"]] == ["a.txt"]  # not run/tokenizer/merges.txt
+    run_training([str(texts)], **TINY, log=lambda m: None, **quick(out, max_steps=3, resume=True))  # nothing "new"
+    assert list_checkpoints(out)[-1].name == "step-0000003"
+    first = prepare([str(texts)], small_tok, texts / "data")
+    again = prepare([str(texts)], small_tok, texts / "data")  # its own shards and tokenizer are not inputs
+    assert again["reused"] and [Path(i["path"]).name for i in first["inputs"]] == ["a.txt"]
+
+
+def test_one_document_gets_the_tail_split_whatever_the_seed(tmp_path, sample_text, small_tok):
+    from gptforge.data import prepare
+
+    book = tmp_path / "book.txt"
+    book.write_text(" ".join(sample_text.split()))  # one document: no blank lines
+    for seed in range(10):  # with seed 3 the draw sent the only document to validation: "no text left"
+        meta = prepare([str(book)], small_tok, tmp_path / f"d{seed}", seed=seed)
+        assert meta["val_split"] == "tail" and meta["train"]["tokens"] > 8 * meta["val"]["tokens"] > 0
+
+
+def test_line_separators_inside_json_and_csv_rows_stay_text(tmp_path):
+    import json
+
+    from gptforge.data.reading import iter_texts
+
+    (tmp_path / "r.jsonl").write_text(json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n" + '{"text": "c"}\n', encoding="utf-8")
+    assert list(iter_texts([str(tmp_path / "r.jsonl")])) == ["a\u2028b", "c"]
+    (tmp_path / "r.csv").write_text("id,text\n1,hello\u2028world\n2,plain\n", encoding="utf-8")
+    assert list(iter_texts([str(tmp_path / "r.csv")], column="text")) == ["hello\u2028world", "plain"]
+    (tmp_path / "n.csv").write_text("one\x85row\r\nmac\rlast", encoding="utf-8")
+    assert list(iter_texts([str(tmp_path / "n.csv")], header=False)) == ["one\x85row", "mac", "last"]
+
+
+def test_a_lone_surrogate_escape_names_the_row_or_becomes_a_replacement(tmp_path, capsys):
+    from gptforge.data.reading import iter_texts
+
+    rows = tmp_path / "tweets.jsonl"
+    rows.write_text('{"text": "fine"}\n{"text": "half \\ud83d an emoji"}\n')
+    code, err = cli(capsys, "tokenizer", "train", rows, "--out", tmp_path / "tok", "--vocab-size", 300)
+    assert code == 2 and f"{rows}:2: a lone surrogate escape (\\ud83d)" in err and "--encoding-errors replace" in err
+    assert list(iter_texts([str(rows)], encoding_errors="replace")) == ["fine", "half \ufffd an emoji"]
+
+
+def test_a_model_smaller_than_the_datasets_vocabulary_is_refused_before_training(tmp_path, corpus, small_tok):
+    from gptforge.data import prepare
+    from gptforge.train import train
+
+    prepare([str(corpus)], small_tok, tmp_path / "data")
+    model = GPT(GPTConfig(vocab_size=200, n_positions=32, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(TokenizerError, match=r"data: prepared with a tokenizer of 280 tokens but the model has vocab_size=200"):
+        train(model, str(tmp_path / "data"), out_dir=str(tmp_path / "run"), max_steps=2, batch_size=2, block_size=16, progress=False)
+    assert not list((tmp_path / "run").glob("[!.]*"))  # nothing written (the lock file is all there is)
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_recorded(tmp_path, sample_text, small_tok):
+    import json
+
+    from gptforge.data import prepare
+
+    (tmp_path / "in").mkdir()
+    try:
+        (tmp_path / "in" / os.fsdecode(b"caf\xe9.txt")).write_text(sample_text)
+    except (OSError, UnicodeError) as e:  # some filesystems (macOS APFS) refuse such names outright
+        pytest.skip(f"this filesystem takes no file name that is not UTF-8 ({e})")
+    meta = prepare([str(tmp_path / "in")], small_tok, tmp_path / "data")
+    assert meta["train"]["tokens"] > 0
+    assert json.loads((tmp_path / "data" / "meta.json").read_text(encoding="utf-8"))["inputs"][0]["path"] == meta["inputs"][0]["path"]
+
+
+def test_out_that_is_a_file_or_the_working_folder(tmp_path, corpus, small_tok, capsys, monkeypatch):
+    (tmp_path / "notes.txt").write_text("mine")
+    code, err = cli(capsys, "tokenizer", "train", corpus, "--out", tmp_path / "notes.txt", "--vocab-size", 300)
+    assert code == 2 and "notes.txt: is a file, not a folder" in err and (tmp_path / "notes.txt").read_text() == "mine"
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # replacing the folder you are in would leave the shell in a deleted one
+    code, err = cli(capsys, "prepare", corpus, "--tokenizer", small_tok, "--out", ".")
+    assert code == 2 and ".: is the folder you are working in" in err and work.is_dir()
+
+
+def test_small_inputs_and_other_encodings_get_true_messages(tmp_path, sample_text, capsys):
+    from gptforge.data.reading import ReadOptions, resolve_inputs
+    from gptforge.options import parse_duration
+
+    (tmp_path / "upper").mkdir()
+    (tmp_path / "upper" / "A.TXT").write_text(sample_text)
+    assert resolve_inputs([str(tmp_path / "upper")], extensions=ReadOptions(extensions=(".TXT",)).extensions) == [tmp_path / "upper" / "A.TXT"]
+    (tmp_path / "hi.txt").write_text("Hello world\n")
+    code, err = cli(capsys, "tokenizer", "train", tmp_path / "hi.txt", "--out", tmp_path / "t1")
+    assert code == 2 and "too little text (11 characters)" in err and "--min-frequency" in err
+    (tmp_path / "notepad.txt").write_bytes("hello there".encode("utf-16"))
+    code, err = cli(capsys, "tokenizer", "train", tmp_path / "notepad.txt", "--out", tmp_path / "t2")
+    assert code == 2 and "UTF-16 text" in err and "NUL byte" not in err
+    assert parse_duration("1h30") == parse_duration("1h30m") == 5400 and parse_duration("10m30") == 630
+    with pytest.raises(OptionError):
+        parse_duration("10s30")
+
+
+class _NoRun:
+    val_loss, interrupted = None, False
+
+
+def test_config_file_switches_and_numbers_mean_what_the_flags_do(tmp_path, monkeypatch):
+    import gptforge.train.pipeline as pipeline
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "run_training", lambda inputs, **kw: seen.update(kw, inputs=inputs) or _NoRun())
+    # `no-overwrite: true` is overwrite off (it used to turn overwrite on, and replaced the run in --out)
+    (tmp_path / "run.yaml").write_text("inputs: [a.csv]\nno-overwrite: true\nno-tie-embeddings: true\n"
+                                       "column: 1\nsample-prompt: 1984\nsize: tiny\n")
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "r")]) == 0
+    assert seen["overwrite"] is False and seen["model_overrides"]["tie_word_embeddings"] is False
+    assert seen["read_options"]["column"] == 1 and seen["sample_prompt"] == "1984"
+    (tmp_path / "on.yaml").write_text("inputs: [a.txt]\noverwrite: true\ntie-embeddings: true\n")
+    assert main(["train", "--config", str(tmp_path / "on.yaml"), "--out", str(tmp_path / "r")]) == 0
+    assert seen["overwrite"] is True and seen["model_overrides"]["tie_word_embeddings"] is True
+    (tmp_path / "bad.yaml").write_text("inputs: [a.txt]\nsample-prompt: {a: 1}\n")
+    assert main(["train", "--config", str(tmp_path / "bad.yaml")]) == 2

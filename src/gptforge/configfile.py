@@ -53,20 +53,26 @@ def given_on_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> s
     return {k for k in vars(given) if k not in parser._defaults}
 
 
-def _value(action: argparse.Action, value, where: str):
-    """A value from the file as the flag would have made it (types, choices, lists)."""
+def _value(action: argparse.Action, value, where: str, negated: bool = False):
+    """A value from the file as the flag would have made it (types, choices, lists). `negated`: the file
+    named a switch by a flag that turns it off (`no-overwrite: true` means overwrite off, as does
+    `overwrite: false`)."""
     flag = action.option_strings[-1] if action.option_strings else action.dest
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
             raise OptionError(f"{where}: {flag} must be true or false, not {value!r}")
-        return value if not isinstance(action, argparse._StoreFalseAction) else not value
+        return value != negated
     many = isinstance(action, argparse._AppendAction) or action.nargs in ("*", "+")
     values = value if isinstance(value, list) else [value]
     if not many and isinstance(value, list):
         raise OptionError(f"{where}: {flag} takes one value, not a list")
     out = []
     for v in values:
-        if isinstance(v, str) and action.type is not None:
+        if isinstance(v, (dict, list)) or (isinstance(v, bool) and action.type is None):
+            raise OptionError(f"{where}: {flag} {v!r} is not a valid value")
+        if not isinstance(v, str):  # YAML's 1984 or 0.1 for a flag that reads text: as typed on the command line
+            v = str(v)
+        if action.type is not None:
             try:
                 v = action.type(v)
             except (TypeError, ValueError):
@@ -85,17 +91,19 @@ def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser,
     for action in parser._actions:
         if action.dest in ("help", "config") or action.dest == argparse.SUPPRESS:
             continue
-        by_name.setdefault(action.dest, action)
-        for s in action.option_strings:
-            by_name[s.lstrip("-").replace("-", "_")] = action
+        by_name.setdefault(action.dest, (action, False))
+        for s in action.option_strings:  # --no-x of a switch, and store_false flags (--greedy), say "off"
+            off = isinstance(action, argparse._StoreFalseAction) or (
+                isinstance(action, argparse.BooleanOptionalAction) and s.startswith("--no-"))
+            by_name[s.lstrip("-").replace("-", "_")] = (action, off)
     given = given_on_command_line(parser, argv)
     taken = {}
     for key, value in data.items():
-        action = by_name.get(str(key).lstrip("-").replace("-", "_"))
+        action, negated = by_name.get(str(key).lstrip("-").replace("-", "_"), (None, False))
         if action is None:
             raise OptionError(f"--config {path}: unknown option {key!r}; use the names of `gptforge {parser.prog.split()[-1]} --help`")
         if action.dest not in given and value is not None:  # null means "the default"
-            taken[action.dest] = _value(action, value, f"--config {path}")
+            taken[action.dest] = _value(action, value, f"--config {path}", negated)
             setattr(args, action.dest, taken[action.dest])
     return taken
 

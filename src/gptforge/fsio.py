@@ -80,7 +80,13 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
 
     A crash or a full disk leaves the previous `target` untouched (and at worst a `.tmp-*` folder).
     """
-    target = Path(target)
+    given, target = target, Path(os.path.abspath(target))  # links are not followed
+    here = Path.cwd()
+    if target == here or target in here.parents:  # replacing it would leave the shell in a deleted folder
+        from .errors import OptionError
+
+        raise OptionError(f"{given}: is the folder you are working in (or holds it), and an output folder is replaced "
+                          "as a whole; name a new folder for it (e.g. ./out)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

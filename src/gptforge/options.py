@@ -49,16 +49,19 @@ def check_fields(obj, rules: dict[str, tuple]) -> None:
 
 
 def parse_duration(text: str | float | int) -> float:
-    """Seconds from '90', '90s', '45sec', '10m', '90min', '1.5h', '1h30m'."""
+    """Seconds from '90', '90s', '45sec', '10m', '90min', '1.5h', '1h30m'; a number without a unit after one
+    takes the next smaller unit, as on a clock ('1h30' is 1h30m, '10m30' 10m30s)."""
     if _number(text):
         seconds = float(text)
     else:
         units = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}
         parts = re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", str(text).strip().lower())
         joined = "".join(f"{n}{u}" for n, u in parts)
-        if not parts or joined != re.sub(r"\s+", "", str(text).lower()) or any(u not in units for _, u in parts):
+        if not parts or joined != re.sub(r"\s+", "", str(text).lower()) or any(u not in units for _, u in parts) or (
+                len(parts) > 1 and parts[-1][1] == "" and units[parts[-2][1]] == 1):
             raise OptionError(f"--max-time {text!r}: expected a duration such as 90, 90s, 10m, 90min, 1.5h or 1h30m")
-        seconds = sum(float(n) * units[u] for n, u in parts)
+        scale = [units[u] if u or i == 0 else units[parts[i - 1][1]] // 60 for i, (_, u) in enumerate(parts)]
+        seconds = sum(float(n) * k for (n, _), k in zip(parts, scale))
     if not (math.isfinite(seconds) and seconds > 0):
         raise OptionError(f"--max-time {text!r}: must be a positive duration such as 90s, 10m or 1.5h")
     return seconds

@@ -421,6 +421,7 @@ def train_tokenizer(
     texts: Iterable[str] | None = None,
     model_max_length: int | None = None,
     progress: bool = False,
+    exclude=(),
     **read_options,
 ) -> Tokenizer:
     """Train a byte-level BPE (`kind="bpe"`) or a character vocabulary (`kind="char"`) and save it in `out_dir`.
@@ -428,7 +429,7 @@ def train_tokenizer(
     `files` takes what `prepare` takes (files, folders, globs, .csv/.jsonl with `column=`/`field=`), read
     through the same streaming reader, so the tokenizer sees exactly the text the model will. `texts` adds
     in-memory strings. `<|endoftext|>` gets id 0. Pass `out_dir=None` to keep it in memory only; `progress`
-    shows a bar while the text is read.
+    shows a bar while the text is read. Folders and patterns never yield files under `out_dir` or `exclude`.
     """
     from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -439,6 +440,8 @@ def train_tokenizer(
                              f"use at least {258 if kind == 'bpe' else 3} (e.g. --vocab-size 5000)")
     if min_frequency < 1:
         raise TokenizerError(f"min_frequency={min_frequency} must be at least 1")
+    if out_dir is not None and Path(out_dir).is_file():
+        raise TokenizerError(f"{out_dir}: is a file, not a folder; choose a folder to save the tokenizer in")
     import itertools
     import threading
 
@@ -446,14 +449,16 @@ def train_tokenizer(
     from .faults import run_interruptibly
 
     paths = [files] if isinstance(files, (str, os.PathLike)) else list(files or [])
-    stream = iter_texts(paths, progress=progress, **read_options) if paths else iter(())
+    stream = iter_texts(paths, progress=progress, exclude=[out_dir, *exclude], **read_options) if paths else iter(())
     extra = list(texts or [])
     stop = threading.Event()
+    seen = [0]  # characters read, to tell no text from too little
 
     def everything():
         for text in itertools.chain(stream, extra):
             if stop.is_set():
                 return
+            seen[0] += len(text)
             yield from split_long(text)  # bounded memory: no single string of many megabytes reaches the trainer
 
     if kind == "bpe":
@@ -478,7 +483,12 @@ def train_tokenizer(
         hf.add_special_tokens([AddedToken(EOS, special=True, normalized=False), AddedToken(UNK, special=True, normalized=False)])
     tok = Tokenizer(hf, source=f"trained {kind}")
     if tok.vocab_size <= 2 + (kind == "bpe") * 256:
-        raise TokenizerError(f"no text to train on in {', '.join(map(str, paths)) or 'texts'}; give files with text")
+        where = ", ".join(map(str, paths)) or "texts"
+        if not seen[0]:
+            raise TokenizerError(f"no text to train on in {where}; give files with text")
+        what = "pair of symbols" if kind == "bpe" else "character"
+        raise TokenizerError(f"{where}: too little text ({seen[0]:,} characters) for a {kind} tokenizer: no {what} occurs "
+                             f"{min_frequency} times (--min-frequency); give more text, or lower --min-frequency")
     if out_dir is not None:
         tok.save(out_dir, model_max_length=model_max_length)
         tok.source = str(out_dir)

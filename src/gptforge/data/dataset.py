@@ -91,6 +91,8 @@ class RunData:
     bytes_per_token: float | None  # validation UTF-8 bytes per token
     fingerprint: str = ""
     tokenizer_fingerprint: str = ""
+    vocab_size: int | None = None  # of the tokenizer the tokens were made with
+    source: str = ""  # the folder, for messages
 
 
 def load_run_data(data) -> RunData:
@@ -101,7 +103,8 @@ def load_run_data(data) -> RunData:
     val = load_split(folder, "val") if val_meta.get("tokens") else None
     bpt = val_meta["bytes"] / val_meta["tokens"] if val_meta.get("tokens") else None
     fingerprint = json.dumps(meta.get("fingerprint") or meta.get("inputs") or "", sort_keys=True)
-    return RunData(load_split(folder, "train"), val, bpt, fingerprint, (meta.get("tokenizer") or {}).get("fingerprint", ""))
+    return RunData(load_split(folder, "train"), val, bpt, fingerprint, (meta.get("tokenizer") or {}).get("fingerprint", ""),
+                   meta.get("vocab_size"), str(folder))
 
 
 __all__ = ["RunData", "TokenDataset", "default_cache_dir", "load_run_data"]

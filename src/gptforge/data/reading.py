@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 from ..errors import DataError, NotFoundError
 
 TEXT_EXTENSIONS = (".txt", ".md", ".text", ".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
+WRITTEN_MARKERS = ("tokenizer.json", "run_config.json")  # a folder holding one is a model, tokenizer or run: not text
 BLOCK_BYTES = 1 << 20  # bytes read at a time
 JOB_CHARS = 1 << 20  # characters of text per batch of documents handed on
 MAX_PIECE_CHARS = 16 << 20  # a document longer than this is passed on in pieces (cut where the ids cannot change)
@@ -53,7 +54,7 @@ class ReadOptions:
     def __post_init__(self) -> None:
         if self.encoding_errors not in ("strict", "replace"):
             raise DataError(f"--encoding-errors {self.encoding_errors!r}: choose 'strict' or 'replace'")
-        self.extensions = tuple(e if e.startswith(".") else "." + e for e in self.extensions)
+        self.extensions = tuple((e if e.startswith(".") else "." + e).lower() for e in self.extensions)  # as the files' suffixes
         self.remove = tuple(self.remove)
         for pattern in self.remove:
             try:
@@ -65,12 +66,34 @@ class ReadOptions:
 # --- finding and fingerprinting inputs -------------------------------------------------------------------
 
 
-def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], extensions: Sequence[str] = TEXT_EXTENSIONS) -> list[Path]:
-    """Files named by `inputs`: files as given, folders searched recursively by extension, glob patterns."""
+def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], extensions: Sequence[str] = TEXT_EXTENSIONS,
+                   exclude: Sequence[str | os.PathLike] = ()) -> list[Path]:
+    """Files named by `inputs`: files as given, folders searched recursively by extension, glob patterns.
+    A folder or pattern never yields files under `exclude` (the folders a command writes: `gptforge train .`
+    must not read its own run folder's tokenizer and checkpoints as text), and a folder search skips the
+    folders gptforge and transformers write (a `tokenizer.json` or `run_config.json` in them: runs, models,
+    tokenizers, prepared data), whose merges.txt and metrics.jsonl are not the user's text."""
     if isinstance(inputs, (str, os.PathLike, HFDataset)):
         inputs = [inputs]
     if not inputs:
         raise DataError("no inputs given; name text files, folders or glob patterns")
+    outs = [Path(e).resolve() for e in exclude if e is not None]
+
+    def ours(p: Path) -> bool:
+        real = p.resolve()
+        return any(real == o or o in real.parents for o in outs)
+
+    written: dict[Path, bool] = {}
+
+    def in_written(p: Path, top: Path) -> bool:
+        for d in list(p.relative_to(top).parents)[:-1]:  # the folders between `top` (named by the user) and the file
+            d = top / d
+            if d not in written:
+                written[d] = any((d / marker).is_file() for marker in WRITTEN_MARKERS)
+            if written[d]:
+                return True
+        return False
+
     files: list[Path] = []
     for item in inputs:
         if isinstance(item, HFDataset):
@@ -79,7 +102,8 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], exte
         path = Path(item)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts) and not ours(p)
+                           and not in_written(p, path))
             if not found:
                 raise NotFoundError(f"{path}: folder has no files ending in {', '.join(extensions)}; "
                                         "add --ext for other extensions")
@@ -87,7 +111,7 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], exte
         elif path.is_file():
             files.append(path)
         elif any(c in str(item) for c in "*?["):
-            found = sorted(Path(p) for p in globlib.glob(str(item), recursive=True) if os.path.isfile(p))
+            found = sorted(Path(p) for p in globlib.glob(str(item), recursive=True) if os.path.isfile(p) and not ours(Path(p)))
             if not found:
                 raise NotFoundError(f"{item}: the pattern matches no files")
             files += found
@@ -141,6 +165,9 @@ def _decoded_blocks(path: Path, errors: str, split_long_lines: bool = False) -> 
     with open(path, "rb") as f:
         while True:
             block = f.read(BLOCK_BYTES)
+            if offset == 0 and block[:2] in (b"\xff\xfe", b"\xfe\xff"):
+                raise DataError(f"{path}: UTF-16 text (it starts with a UTF-16 byte order mark); save it as UTF-8 "
+                                "(e.g. iconv -f UTF-16 -t UTF-8), which gptforge reads")
             if NUL in block:
                 raise DataError(f"{path}: NUL byte at byte {offset + block.index(NUL)}; this looks like a binary "
                                 "file, not text (remove it from the inputs)")
@@ -163,6 +190,15 @@ def _decoded_blocks(path: Path, errors: str, split_long_lines: bool = False) -> 
             carry = text[cut:]
             if cut:
                 yield text[:cut]
+
+
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
+
+
+def _lines(block: str) -> list[str]:
+    """Lines with their ends, broken at \n, \r\n and \r only: U+2028, U+0085 and the other breaks that
+    str.splitlines() knows are text inside a JSON string or a CSV field, not the end of a row."""
+    return _LINE.findall(block)
 
 
 def _text_pieces(path: Path, opts: ReadOptions) -> Iterator[tuple[list[str], list[bool]]]:
@@ -203,7 +239,7 @@ def _batched(rows: Iterator[str]) -> Iterator[tuple[list[str], list[bool]]]:
 
 def _csv_rows(path: Path, opts: ReadOptions, delimiter: str) -> Iterator[str]:
     csv.field_size_limit(sys.maxsize)
-    lines = (line for block in _decoded_blocks(path, opts.encoding_errors) for line in block.splitlines(keepends=True))
+    lines = (line for block in _decoded_blocks(path, opts.encoding_errors) for line in _lines(block))
     reader = csv.reader(lines, delimiter=delimiter)
     index = opts.column if isinstance(opts.column, int) else None
     if opts.header:
@@ -233,7 +269,7 @@ def _csv_rows(path: Path, opts: ReadOptions, delimiter: str) -> Iterator[str]:
 def _jsonl_rows(path: Path, opts: ReadOptions) -> Iterator[str]:
     n = 0
     for block in _decoded_blocks(path, opts.encoding_errors):
-        for line in block.splitlines():
+        for line in _lines(block):
             n += 1
             if not line.strip():
                 continue
@@ -241,19 +277,30 @@ def _jsonl_rows(path: Path, opts: ReadOptions) -> Iterator[str]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); each line of a .jsonl file must be one JSON value") from None
-            text = _row_text(row, opts.field, f"{path}:{n}")
+            text = _row_text(row, opts.field, f"{path}:{n}", opts.encoding_errors)
             if text.strip():
                 yield text
 
 
-def _row_text(row, field: str, where: str) -> str:
-    """The text of one row: a string, or an object's `field`; an error that says what to do otherwise."""
-    if isinstance(row, str):
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _row_text(row, field: str, where: str, errors: str = "strict") -> str:
+    """The text of one row: a string, or an object's `field`; an error that says what to do otherwise.
+    A lone surrogate escape ("\\ud83d", half an emoji, common in scraped JSON) is no character and UTF-8
+    cannot hold it: refused naming the row, or U+FFFD with `errors="replace"`."""
+    if not isinstance(row, str):
+        if not isinstance(row, dict) or field not in row:
+            found = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise DataError(f"{where}: no text field {field!r} (found {found}); choose it with --field NAME")
+        row = _text_value(row[field], field, where)
+    bad = _SURROGATE.search(row)
+    if bad is None:
         return row
-    if not isinstance(row, dict) or field not in row:
-        found = sorted(row) if isinstance(row, dict) else type(row).__name__
-        raise DataError(f"{where}: no text field {field!r} (found {found}); choose it with --field NAME")
-    return _text_value(row[field], field, where)
+    if errors == "replace":
+        return _SURROGATE.sub("\ufffd", row)
+    raise DataError(f"{where}: a lone surrogate escape (\\u{ord(bad.group()):04x}) in the text, half of a character; "
+                    "fix the row, or pass --encoding-errors replace to read it as U+FFFD")
 
 
 def _text_value(value, field: str, where: str) -> str:
@@ -283,7 +330,7 @@ def _json_rows(path: Path, opts: ReadOptions) -> Iterator[str]:
         raise DataError(f"{path}: holds {found}, not an array; gptforge reads an array of strings or of objects "
                         "(with --field NAME), or JSON Lines")
     for i, row in enumerate(data):
-        text = _row_text(row, opts.field, f"{path}[{i}]")
+        text = _row_text(row, opts.field, f"{path}[{i}]", opts.encoding_errors)
         if text.strip():
             yield text
 
@@ -412,14 +459,14 @@ def clean(text: str, opts: ReadOptions, _compiled: dict = {}) -> str:
     return text
 
 
-def iter_texts(inputs, progress: bool = False, **options) -> Iterator[str]:
+def iter_texts(inputs, progress: bool = False, exclude: Sequence = (), **options) -> Iterator[str]:
     """Cleaned documents (whole) of `inputs`, as `prepare` sees them; used to train tokenizers on the same text.
-    `progress` shows a bar over the inputs' bytes."""
+    `progress` shows a bar over the inputs' bytes; `exclude` as for `resolve_inputs`."""
     from ..progress import finish, progress_bar
 
     opts = options.pop("options", None) or ReadOptions(**options)
     pending, seen = [], set()
-    files = resolve_inputs(inputs, opts.extensions)
+    files = resolve_inputs(inputs, opts.extensions, exclude)
     total = sum(f.stat().st_size for f in files if isinstance(f, Path))
     bar = progress_bar(total or None, desc="reading", unit="B", unit_scale=True, enabled=progress)
     for texts, ends in iter_pieces(files, opts):
@@ -456,7 +503,7 @@ def read_lines(path: str | os.PathLike, errors: str = "strict") -> Iterator[str]
     if not path.is_file():
         raise NotFoundError(f"{path}: no such file")
     for block in _decoded_blocks(path, errors):
-        yield from block.splitlines(keepends=True)
+        yield from _lines(block)
 
 
 __all__ = ["HFDataset", "JOB_CHARS", "ReadOptions", "TEXT_EXTENSIONS", "clean", "fingerprint_file", "iter_pieces", "iter_texts",

@@ -142,6 +142,17 @@ class _ShardWriter:
         return {"tokens": self.tokens, "bytes": self.bytes, "documents": self.documents, "shards": self.shards}
 
 
+def _val_to_train(folder: Path, train: dict, val: dict) -> None:
+    """Make every validation shard a training one: the seeded draw sent all of a few documents to val."""
+    for i, shard in enumerate(val["shards"]):
+        name = f"train_{i:04d}.bin"
+        os.replace(folder / shard["file"], folder / name)
+        train["shards"].append({"file": name, "tokens": shard["tokens"]})
+    for key in ("tokens", "bytes", "documents"):
+        train[key], val[key] = train[key] + val[key], 0
+    val["shards"] = []
+
+
 def _carve_tail(folder: Path, train: dict, val: dict, fraction: float, dtype: np.dtype, byte_lengths: np.ndarray) -> None:
     """Move the last `fraction` of the train tokens into val (for corpora with too few documents to split)."""
     k = int(train["tokens"] * fraction)
@@ -238,6 +249,7 @@ def prepare(
     force: bool = False,
     progress: bool = False,
     expect_same: bool = False,
+    exclude=(),
     **read_options,
 ) -> dict:
     """Tokenize `inputs` into train/val token shards in `out_dir` and return its meta.json contents.
@@ -248,7 +260,8 @@ def prepare(
     names the validation text. When the corpus has too few documents for that (one book without blank
     lines), the last `val_fraction` of the tokens becomes val (meta "val_split": "tail").
     The same inputs, options and tokenizer again reuse the shards (meta "reused": True); with `expect_same` (a
-    resumed run) a dataset made otherwise is refused, saying what changed. Other keywords are `ReadOptions`.
+    resumed run) a dataset made otherwise is refused, saying what changed. Folders and patterns never yield files
+    under `out_dir` or `exclude` (a run folder). Other keywords are `ReadOptions`.
     """
     opts = ReadOptions(line_by_line=line_by_line, **read_options)
     if not 0.0 <= val_fraction < 1.0:
@@ -257,8 +270,9 @@ def prepare(
         raise DataError(f"--shard-tokens {shard_tokens!r}: must be a positive number of tokens (default {SHARD_TOKENS:,})")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     out_dir = Path(out_dir)
-    files = resolve_inputs(inputs, opts.extensions)
-    val_files = resolve_inputs(val_inputs, opts.extensions) if val_inputs else []
+    exclude = [out_dir, *exclude]  # never the shards themselves, nor what the caller writes (a run folder)
+    files = resolve_inputs(inputs, opts.extensions, exclude)
+    val_files = resolve_inputs(val_inputs, opts.extensions, exclude) if val_inputs else []
     _refuse_overlap(files, val_files)
     dtype = token_dtype(tok.vocab_size)
     # what decides the tokens; `extensions` only chose the files, which are fingerprinted themselves
@@ -291,6 +305,8 @@ def prepare(
             if bar is not None:
                 bar.close()
         train, val = writers["train"].summary(), writers["val"].summary()
+        if train["tokens"] == 0 and not val_files:
+            _val_to_train(tmp, train, val)  # then the tail split below, as for one document
         if train["tokens"] == 0:
             raise DataError(f"no text left in {', '.join(map(str, files))} after cleaning; check --remove and the inputs")
         val_split = "file" if val_files else "documents"
@@ -301,7 +317,11 @@ def prepare(
                     tokenizer={"fingerprint": tok.fingerprint, "kind": tok.kind, "source": tok.source},
                     inputs=inputs_fp, val_inputs=val_fp, options=options, val_split=val_split, workers=workers,
                     train=train, val=val, seconds=round(time.time() - started, 3))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        try:
+            text = json.dumps(meta, indent=2, ensure_ascii=False).encode()
+        except UnicodeEncodeError:  # a file name that is not UTF-8 (its bytes kept as surrogates): escaped
+            text = json.dumps(meta, indent=2).encode()
+        (tmp / "meta.json").write_bytes(text + b"\n")
         tok.save(tmp / "tokenizer")  # the exact tokenizer the ids belong to
     return {**meta, "reused": False}
 

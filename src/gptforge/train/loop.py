@@ -32,7 +32,7 @@ from .. import checkpoint as ckpt
 from ..config import GPTConfig
 from ..data.batches import Prefetcher
 from ..data.dataset import RunData
-from ..errors import OptionError, RunFolderError, TrainingError
+from ..errors import OptionError, RunFolderError, TokenizerError, TrainingError
 from ..fsio import atomic_dir
 from ..model import GPT
 from ..options import TrainConfig, unset_defaults
@@ -81,6 +81,9 @@ class Trainer:
 
             check_vocab_fits(tokenizer, config.vocab_size)
             check_tokenizer_of_data(tokenizer, data)
+        elif (data.vocab_size or 0) > config.vocab_size:  # a dataset folder and a model, no tokenizer to compare
+            raise TokenizerError(f"{data.source}: prepared with a tokenizer of {data.vocab_size} tokens but the model has "
+                                 f"vocab_size={config.vocab_size}; build the model with vocab_size >= {data.vocab_size}")
         check_fits_memory(config, cfg, self.block_size, self.device)
         self.log = RunLog(self.out, self.dist.main, cfg.reporters, cfg.plot, config=dataclasses.asdict(cfg))
         self._check_out_dir()

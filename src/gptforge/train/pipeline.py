@@ -178,7 +178,8 @@ def _run_tokenizer(inputs, out: Path, init, tokenizer, data, vocab_size, kind, n
     else:
         tok_dir = out / "tokenizer"
         log(f"training a {kind} tokenizer on {names} -> {tok_dir}")
-        tok = train_tokenizer(inputs, vocab_size=vocab_size or 5000, kind=kind, out_dir=tok_dir, progress=progress, **read)
+        tok = train_tokenizer(inputs, vocab_size=vocab_size or 5000, kind=kind, out_dir=tok_dir, progress=progress,
+                              exclude=[out], **read)
         log(f"tokenizer: {tok.vocab_size:,} tokens")
     return tok
 
@@ -290,7 +291,7 @@ def run_training(
             data = out / "data"
             log(f"preparing {names} -> {data}")
             meta = prepare(inputs, tok, data, line_by_line=line_by_line, val_inputs=eval_inputs, seed=cfg.seed,
-                           progress=cfg.progress and main, expect_same=cfg.resume, **read)
+                           progress=cfg.progress and main, expect_same=cfg.resume, exclude=[out], **read)
             log(f"data: {meta['train']['tokens']:,} training tokens, {meta['val']['tokens']:,} validation tokens")
         run_data = task.data if task is not None else load_run_data(data)
         if model is None:

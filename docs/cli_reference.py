@@ -75,8 +75,9 @@ def _default(action: argparse.Action) -> str:
         return "required"
     if isinstance(action, argparse.BooleanOptionalAction):
         return "on" if action.default else "off"
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction,
-                           argparse._AppendConstAction)) and not action.default:
+    if isinstance(action, argparse._StoreFalseAction):  # --greedy, --no-header: the flag is off unless given
+        return "off"
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreConstAction, argparse._AppendConstAction)) and not action.default:
         return "off"
     if isinstance(action, argparse._VersionAction) or action.default in (None, [], argparse.SUPPRESS):
         return ""

@@ -81,6 +81,22 @@ def test_a_transformers_classifier_folder_loads_and_predicts_the_same(tmp_path):
         torch.testing.assert_close(again(input_ids=ids, attention_mask=mask).logits, ref)
 
 
+def test_a_transformers_classifier_padding_with_an_id_outside_its_vocabulary_is_one_error(tmp_path):
+    # GPT2Config's own eos_token_id (50256) in a small vocabulary and no pad_token_id: the usual small GPT-2
+    # built in transformers; padding a batch with it used to end in an IndexError inside the embedding
+    config = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    transformers.GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"pads with eos_token_id=50256, which is not a token of its 300; set \"pad_token_id\""):
+        load_classifier(tmp_path)
+
+
+def test_a_transformers_classifier_of_two_default_labels_loads(tmp_path):
+    # transformers writes no id2label for its default two labels; the folder used to be called a language model
+    config = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=1, n_head=2, eos_token_id=0, pad_token_id=0)
+    transformers.GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
+    assert load_classifier(tmp_path).labels == ["LABEL_0", "LABEL_1"]
+
+
 def texts_and_labels(n: int = 30, seed: int = 0):
     rng = np.random.default_rng(seed)
     rows = []

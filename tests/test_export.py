@@ -36,8 +36,9 @@ def test_export_has_the_model_and_a_card_but_no_data(run, tmp_path):
     card = (out / "README.md").read_text()
     front = card.split("---")[1]
     assert "library_name: transformers" in front and "pipeline_tag: text-generation" in front and "license: mit" in front
-    for needed in ("recipes.txt", "parameters", "perplexity", "bits per byte", "trained from scratch", "## A sample"):
-        assert needed in card, needed
+    for needed in ("recipes.txt", "parameters", "perplexity", "bits per byte", "trained from scratch", "## A sample",
+                   "Muon (peak learning rate 0.02) for the block matrices", "moving average of the trained ones (decay 0.995)"):
+        assert needed in card, needed  # the optimizer the run used (the card used to say AdamW whatever it was)
     if (run / "loss.png").is_file():
         assert "loss.png" in names and "](loss.png)" in card
 
@@ -58,6 +59,10 @@ def test_export_of_best_finds_the_run_records(run, tmp_path):
 def test_export_refuses_what_would_lose_or_leak(run, tmp_path):
     with pytest.raises(NotFoundError, match="no model here"):
         export_model(tmp_path, tmp_path / "x")
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "adapter_config.json").write_text("{}")
+    with pytest.raises(NotFoundError, match="a LoRA adapter, not a model; merge it"):
+        export_model(tmp_path / "lora", tmp_path / "x")
     with pytest.raises(RunFolderError, match="inside the run"):
         export_model(run, run / "export")
     (tmp_path / "full").mkdir()

@@ -136,6 +136,13 @@ def test_all_processors_in_transformers_order():
     torch.testing.assert_close(ours[_kept(ours)], ref[_kept(ref)])
 
 
+def test_a_tiny_temperature_samples_the_best_token():
+    scores = torch.tensor([[3.0, 9.0, -2.0, 8.5]])  # / 1e-39 overflows: the sampler used to see NaN and pick token 0
+    opts = SamplingOptions(temperature=1e-39)
+    g = torch.Generator().manual_seed(0)
+    assert _pick(process_logits(scores.clone(), opts, 0, None, None), False, g).tolist() == [1]
+
+
 def test_sampling_draws_from_the_softmax():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).expand(40000, 5)
     g = torch.Generator().manual_seed(0)

@@ -255,12 +255,16 @@ def test_parameter_counts_of_the_gpt2_releases(name, expected):
     assert config.num_params(non_embedding=True) == expected - config.vocab_size * config.n_embd - config.n_positions * config.n_embd
 
 
-@pytest.mark.parametrize("overrides", [dict(n_inner=100), dict(n_head=1, n_layer=1), dict(vocab_size=7)])
+@pytest.mark.parametrize("overrides", [dict(n_inner=100), dict(n_head=1, n_layer=1), dict(vocab_size=7),
+                                       dict(tie_word_embeddings=False)])
 def test_config_and_model_parameter_counts_agree(overrides):
+    from gptforge.quantize import quantize_model
+
     config = GPTConfig(**{**SMALL, **overrides})
     model = GPT(config)
     assert model.num_params() == config.num_params() == sum(p.numel() for p in model.parameters())
     assert model.num_params(non_embedding=True) == config.num_params(non_embedding=True)
+    assert quantize_model(model).num_params() == config.num_params()  # int8 weights are buffers, still counted
 
 
 # --- activation checkpointing, dropout -------------------------------------------------------------------

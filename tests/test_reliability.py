@@ -619,7 +619,7 @@ def test_eval_max_tokens_reads_only_the_start(tmp_path, hf_gpt2_dir, byte_tokeni
     byte_tokenizer.encode = lambda text: seen.append(len(text)) or encode(text)
     (tmp_path / "long.txt").write_text("abcdefgh " * 200_000)
     result = evaluate_text(model, byte_tokenizer, [tmp_path / "long.txt"], EvalOptions(max_tokens=100, block_size=32))
-    assert result.tokens <= 100 and sum(seen) < 100_000
+    assert result.tokens == 100 and sum(seen) < 100_000  # the text's first 100 tokens, each scored
 
 
 # --- inputs of a second hostile sweep (2026-12-02) -------------------------------------------------------
@@ -760,3 +760,24 @@ def test_config_file_switches_and_numbers_mean_what_the_flags_do(tmp_path, monke
     assert seen["overwrite"] is True and seen["model_overrides"]["tie_word_embeddings"] is True
     (tmp_path / "bad.yaml").write_text("inputs: [a.txt]\nsample-prompt: {a: 1}\n")
     assert main(["train", "--config", str(tmp_path / "bad.yaml")]) == 2
+
+
+def test_an_int8_folder_is_refused_for_training_before_any_work(tmp_path, corpus, capsys):
+    from gptforge.checkpoint import quantize_folder
+    from gptforge.classify import build_classifier
+
+    int8 = quantize_folder(tiny_model_folder(tmp_path / "fp32"), tmp_path / "int8")
+    code, err = cli(capsys, "train", corpus, "--init", int8, "--max-steps", 1, "--out", tmp_path / "run")
+    assert code == 2 and "an int8 model folder cannot be trained; give the fp32 base model" in err  # was a traceback
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(OptionError, match="an int8 model folder cannot be trained"):  # was an unusable classifier
+        build_classifier(str(int8), ["a", "b"], 0)
+
+
+def test_prompts_may_follow_the_options(finished_run, capsys):
+    code = main(["generate", str(finished_run), "--max-new-tokens", "2", "--greedy", "--no-stream", "first", "second"])
+    out = capsys.readouterr().out
+    assert code == 0 and "first" in out and "second" in out  # `generate MODEL --chat "question"` used to be refused
+    with pytest.raises(SystemExit):  # what is not a prompt is still an error
+        main(["generate", str(finished_run), "--max-new-tokens", "2", "--bogus", "first"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

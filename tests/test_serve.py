@@ -375,6 +375,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(chat_server
     cases = [
         (b"{not json", 400, "invalid_json"),
         (b"[1, 2]", 400, "invalid_json"),
+        (b"[" * 20000 + b"]" * 20000, 400, "invalid_json"),  # deeper than the JSON parser recurses
         (b'{"prompt": "hi", "max_tokens": "ten"}', 400, "invalid_type"),
         (b'{"prompt": "hi", "temperature": "hot"}', 400, "invalid_type"),
         (b'{"prompt": 12}', 400, "invalid_type"),
@@ -395,6 +396,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(chat_server
     assert status == 413 and err["error"]["code"] == "body_too_large"
     status, _, err = s.post("/v1/chat/completions", {"messages": "hi"})
     assert status == 400 and err["error"]["param"] == "messages"
+    status, _, err = s.post("/v1/completions", {"prompt": "hi", "top_p": 0})  # refused by the sampling options
+    assert status == 400 and err["error"]["param"] == "top_p"
     status, _, err = s.post("/v1/nothing", {})
     assert status == 404 and "error" in err
     # Too long a prompt: cut from the left and counted, or refused when asked.

@@ -364,7 +364,7 @@ def load_with_adapter(model_path, adapter=None, tokenizer_path=None, device: str
     The tokenizer is the adapter folder's when it has one (its chat template). The adapter is checked and merged
     in fp32; `dtype` and `quantize` apply after."""
     from .checkpoint import load_model_and_tokenizer
-    from .quantize import quantize_model
+    from .quantize import quantize_model, refuse_quantized
 
     model_path, adapter = resolve_base(model_path, adapter)
     if adapter is None:
@@ -373,9 +373,7 @@ def load_with_adapter(model_path, adapter=None, tokenizer_path=None, device: str
     if tokenizer_path is None and (Path(adapter) / "tokenizer.json").is_file():
         tokenizer_path = adapter
     model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, device=device, dtype=torch.float32)
-    if "quantization_config" in model.config.extra:
-        raise OptionError(f"{model_path}: an int8 model folder cannot take an adapter; give the fp32 base model "
-                          "(and --quantize int8 to quantize after merging)")
+    refuse_quantized(model.config, model_path, "take an adapter", " (and --quantize int8 to quantize after merging)")
     load_adapter(model, adapter)
     merge_lora(model)
     if dtype is None and model.transformer.wte.weight.device.type == "cuda" and torch.cuda.is_bf16_supported():

@@ -66,7 +66,11 @@ def labels_of(config: GPTConfig) -> list[str] | None:
 def pad_id_of(config: GPTConfig) -> int:
     """The classifier's pad token: `pad_token_id`, else (a folder that has none) the end-of-text token."""
     pad = config.extra.get("pad_token_id")
-    return int(config.eos_token_id if pad is None else pad)
+    name, pad = ("eos_token_id", config.eos_token_id) if pad is None else ("pad_token_id", pad)
+    if not (isinstance(pad, int) and 0 <= pad < config.vocab_size):  # transformers' default 50256 in a small vocabulary
+        raise CheckpointError(f"the classifier pads with {name}={pad!r}, which is not a token of its {config.vocab_size:,}; "
+                              "set \"pad_token_id\" in its config.json to the tokenizer's end-of-text id")
+    return pad
 
 
 class GPTClassifier(GPT):
@@ -155,6 +159,9 @@ def load_classifier(name_or_path: str | os.PathLike, device: str | torch.device 
     path = resolve_model_path(name_or_path)
     folder = folder_of(path)
     config = GPTConfig.load(folder)
+    if is_classifier_folder(folder) and labels_of(config) is None:  # transformers saves no id2label for its 2 default labels
+        n = config.extra.get("num_labels", 2)
+        config.extra.update(id2label={str(i): f"LABEL_{i}" for i in range(n)}, label2id={f"LABEL_{i}": i for i in range(n)})
     if not is_classifier_folder(folder) or labels_of(config) is None:
         raise CheckpointError(
             f"{folder}: a language-model folder, not a classifier (config.json names no {ARCHITECTURE} and no id2label); "
@@ -192,8 +199,11 @@ def build_classifier(init: str, labels: Sequence[str], pad_token_id: int | None,
                             "start from its language model, or train a new head with a language-model --init")
         return model.train()
     from .checkpoint import load_model
+    from .quantize import refuse_quantized
 
-    return from_language_model(load_model(init), labels, pad_token_id).train()
+    model = load_model(init)
+    refuse_quantized(model.config, f"--init {init}", "be trained")
+    return from_language_model(model, labels, pad_token_id).train()
 
 
 # --- texts to batches --------------------------------------------------------------------------------------

@@ -232,7 +232,7 @@ def _add_data_commands(sub) -> None:
                    help="bpe: GPT-2 byte-level BPE; char: one token per character (unseen characters become <|unk|>)")
     t.add_argument("--force", action="store_true", help="replace tokenizer files already in --out")
     read_flags(t)
-    t.set_defaults(func=cmd_tokenizer_train)
+    t.set_defaults(func=cmd_tokenizer_train, parser=t)
 
     p = sub.add_parser("prepare", help="tokenize text into train/val token shards")
     p.add_argument("inputs", nargs="*", help="text files, folders (recursive), globs, .csv/.tsv, .jsonl, .json or .parquet")
@@ -247,7 +247,7 @@ def _add_data_commands(sub) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even when the shards are up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     read_flags(p)
-    p.set_defaults(func=cmd_prepare)
+    p.set_defaults(func=cmd_prepare, parser=p)
 
 
 def _add_train_commands(sub) -> None:
@@ -278,10 +278,23 @@ def _add_serve_command(sub) -> None:
     p.set_defaults(func=run_from_args)
 
 
+def _take_late_positionals(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> None:
+    """`generate MODEL --chat "question"`: argparse fills a command's variadic positional (prompts, files) before
+    the options and calls what follows them unrecognized; such words join it, anything else is an error."""
+    own = getattr(args, "parser", None)
+    variadic = [a for a in (own._actions if own else []) if not a.option_strings and a.nargs in ("*", "+")]
+    if len(variadic) != 1 or any(w.startswith("-") and w != "-" for w in extra):
+        (own or parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    dest = variadic[0].dest
+    setattr(args, dest, [*(getattr(args, dest) or []), *extra])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _take_late_positionals(parser, args, extra)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -144,7 +144,7 @@ def add_classify_commands(sub) -> None:
     _fields(e)
     _common(e)
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    e.set_defaults(func=cmd_classify_eval)
+    e.set_defaults(func=cmd_classify_eval, parser=e)
 
     q = csub.add_parser("predict", help="the label and the probabilities of each text")
     q.add_argument("model", help="classifier folder (gptforge or transformers)")
@@ -154,7 +154,7 @@ def add_classify_commands(sub) -> None:
     _fields(q)
     _common(q)
     q.add_argument("--json", action="store_true", help="one JSON object per text: text, label, score, probs")
-    q.set_defaults(func=cmd_classify_predict)
+    q.set_defaults(func=cmd_classify_predict, parser=q)
 
 
 __all__ = ["add_classify_commands"]

@@ -193,7 +193,7 @@ def add_generate_commands(sub) -> None:
     p.add_argument("model", help="model folder or hub id")
     p.add_argument("files", nargs="+", help="UTF-8 text files, or dataset folders written by `gptforge prepare`")
     add_dataclass_options(p, EvalOptions)
-    p.add_argument("--split", default="val", help="split of a prepared dataset (default: val)")
+    p.add_argument("--split", default="val", choices=("train", "val"), help="split of a prepared dataset (default: val)")
     p.add_argument("--tokenizer", help="tokenizer folder or tokenizer.json (default: the model folder's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
@@ -201,7 +201,7 @@ def add_generate_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--quantize", metavar="int8", help=QUANTIZE_HELP)
     p.add_argument("--adapter", metavar="DIR", help=ADAPTER_HELP)
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, parser=p)
 
     p = sub.add_parser("merge", help="merge a LoRA adapter into its base model: a plain model folder",
                        description="Fold the adapter's low-rank updates into the base model's weights and write a model "

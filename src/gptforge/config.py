@@ -115,12 +115,13 @@ class GPTConfig:
             raise ConfigError(f"{path}: {e}") from None
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count as GPT-2 reports it (tied head counted once)."""
+        """Parameter count as GPT-2 reports it (a tied head counted once, an untied one as a matrix of its own;
+        `non_embedding` leaves out wte, wpe and the head)."""
         d, L, h = self.n_embd, self.n_layer, self.mlp_width
         block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * h + h) + (h * d + d)
         n = L * block + 2 * d
         if not non_embedding:
-            n += self.vocab_size * d + self.n_positions * d
+            n += self.vocab_size * d * (1 if self.tie_word_embeddings else 2) + self.n_positions * d
         return n
 
     def flops_per_token(self, block: int | None = None) -> float:

@@ -208,8 +208,8 @@ def evaluate_text(
     nats, count, nbytes = 0.0, 0, 0
     with _eval_mode(model), torch.no_grad():
         for item in items:
-            left = max_tokens - count if max_tokens else None
-            if left is not None and left < 2:
+            left = max_tokens - count if max_tokens else None  # tokens of the text still to score
+            if left is not None and left < 1:
                 break
             text = read_text_file(item) if _is_file_name(item) else item
             if not text:
@@ -220,7 +220,7 @@ def evaluate_text(
                 text = text[: 64 * left] if len(ids) > left + 1 else text  # the last token may end mid-word
             if ids is None or len(ids) <= left + 1:
                 ids = [tokenizer.eos_id] + list(tokenizer.encode(text))
-            n, c = _score(model, ids, opts, left, device, autocast_dtype, progress)
+            n, c = _score(model, ids, opts, None if left is None else left + 1, device, autocast_dtype, progress)  # + the <|endoftext|>
             nats, count = nats + n, count + c
             # Bytes of the text actually scored (all of it unless max_tokens cut it short).
             nbytes += len(text.encode("utf-8")) if c == len(ids) - 1 else len(tokenizer.decode(ids[1:c + 1]).encode("utf-8"))
@@ -237,6 +237,8 @@ def evaluate_prepared(model: GPT, folder: str | os.PathLike, split: str = "val",
     """
     from .data.shards import load_meta, load_split
 
+    if split not in ("train", "val"):
+        raise OptionError(f"--split {split!r}: a prepared dataset has the splits 'train' and 'val'")
     info = load_meta(folder).get(split) or {}
     if not info.get("tokens"):
         raise DataError(f"{folder}: the prepared dataset has no {split!r} tokens; prepare it with a validation split")

@@ -92,8 +92,13 @@ def _training_lines(facts: dict) -> list[str]:
     how = f"fine-tuned from `{opts['init']}`" if opts.get("init") else "trained from scratch"
     lines = [f"- {how} with gptforge"]
     if cfg:
-        lines.append(f"- Optimizer: AdamW, peak learning rate {cfg.get('learning_rate')}, {cfg.get('schedule')} schedule, "
-                     f"weight decay {cfg.get('weight_decay')}, gradient clipping {cfg.get('grad_clip')}")
+        optimizer = (f"Muon (peak learning rate {cfg.get('muon_lr')}) for the block matrices, AdamW (peak learning rate "
+                     f"{cfg.get('learning_rate')}) for the rest" if cfg.get("optimizer") == "muon"
+                     else f"AdamW, peak learning rate {cfg.get('learning_rate')}")
+        lines.append(f"- Optimizer: {optimizer}, {cfg.get('schedule')} schedule, weight decay {cfg.get('weight_decay')}, "
+                     f"gradient clipping {cfg.get('grad_clip')}")
+        if cfg.get("ema"):
+            lines.append(f"- Weights: an exponential moving average of the trained ones (decay {cfg.get('ema')})")
         lines.append(f"- Batch: {cfg.get('batch_size')} sequences x {cfg.get('block_size') or facts['config'].n_positions} "
                      f"tokens x {cfg.get('grad_accum')} accumulation; precision {cfg.get('precision')}; seed {cfg.get('seed')}")
     if train:
@@ -140,6 +145,12 @@ def export_model(run: str | os.PathLike, out: str | os.PathLike, *, license: str
     """Copy the model files of `run` (a finished run folder, `run/best` or a checkpoint) to `out`, with a model
     card; never the data, checkpoints or trainer state."""
     run, out = Path(run), Path(out)
+    # the names of adapters.CONFIG_NAME and quantize.WEIGHTS_NAME (not imported: export needs no torch)
+    if (run / "adapter_config.json").is_file():
+        raise NotFoundError(f"{run}: a LoRA adapter, not a model; merge it into its base first (gptforge merge {run} "
+                            "--out FOLDER) and export that folder")
+    if (run / "model-int8.safetensors").is_file():
+        raise NotFoundError(f"{run}: an int8 folder; export the fp32 folder it was quantized from")
     if not (run / "config.json").is_file() or not (run / "model.safetensors").is_file():
         raise NotFoundError(f"{run}: no model here (config.json and model.safetensors); a run folder holds its model once "
                             "training finishes; for a stopped run export RUN/best or RUN/checkpoints/step-N")

@@ -39,7 +39,10 @@ def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 def apply_temperature(scores: torch.Tensor, temperature: float) -> torch.Tensor:
-    return scores / temperature if temperature != 1.0 else scores
+    if temperature >= 1.0:
+        return scores / temperature if temperature != 1.0 else scores
+    # a tiny temperature (1e-39) overflows the best scores to +inf, and softmax of inf is NaN: keep them finite
+    return (scores / temperature).clamp_(max=torch.finfo(scores.dtype).max)
 
 
 def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -171,10 +171,15 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters, tied head counted once; `non_embedding` leaves out wte and wpe."""
+        """Parameters, tied head counted once; `non_embedding` leaves out wte, wpe and an untied head. An int8
+        model (whose weights are buffers, its head a copy of wte) counts as the fp32 model it was made from."""
+        if any(b.dtype == torch.int8 for b in self.buffers()):
+            return self.config.num_params(non_embedding)
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+            if not self.config.tie_word_embeddings:
+                n -= self.lm_head.weight.numel()
         return n
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:

@@ -248,7 +248,9 @@ class SamplingOptions:
 
     def validate(self) -> None:
         def bad(name: str, value, why: str):
-            raise OptionError(f"{name}={value!r}: {why}")
+            error = OptionError(f"{name}={value!r}: {why}")
+            error.param = name  # the field at fault, for the server's error object
+            raise error
 
         for name in ("max_new_tokens", "min_new_tokens", "top_k", "no_repeat_ngram_size"):
             value = getattr(self, name)
@@ -269,7 +271,7 @@ class SamplingOptions:
         if not (_number(self.repetition_penalty) and self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
             bad("repetition_penalty", self.repetition_penalty, "must be > 0 (1 means no penalty, > 1 discourages repeats)")
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
-            bad("seed", self.seed, "must be an integer >= 0")
+            bad("seed", self.seed, "must be an integer from 0 to 2**63 - 1")
 
     @property
     def greedy(self) -> bool:

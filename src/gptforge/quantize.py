@@ -55,6 +55,13 @@ def quantization_of(config: GPTConfig) -> str | None:
                           "use its fp32 folder (gptforge quantizes to int8 itself with --quantize int8)")
 
 
+def refuse_quantized(config: GPTConfig, where, doing: str, hint: str = "") -> None:
+    """Refuse an int8 folder where fp32 weights are needed: training, classification, adapters."""
+    if quantization_of(config) is not None:
+        raise OptionError(f"{where}: an int8 model folder cannot {doing}; give the fp32 base model it was quantized "
+                          f"from{hint}")
+
+
 def is_quantized(model: GPT) -> bool:
     return any(isinstance(m, Int8Linear) for m in model.modules())
 

@@ -102,8 +102,9 @@ class Server:
             seed=seed)
         try:
             opts.validate()
-        except ValueError as e:
-            raise ApiError(400, str(e), code="invalid_value") from None
+        except ValueError as e:  # named as the request names it
+            param = {"max_new_tokens": "max_tokens", "num_samples": "n"}.get(getattr(e, "param", None), getattr(e, "param", None))
+            raise ApiError(400, str(e), param, "invalid_value") from None
         stream_options = get_field(body, "stream_options", (dict,), {}, "an object")
         truncate = get_field(body, "truncate_prompt", (bool,), True, "true or false")
         room = self.n_ctx - max_tokens
@@ -247,6 +248,8 @@ class Routes:
         except json.JSONDecodeError as e:
             raise ApiError(400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
                            code="invalid_json") from None
+        except RecursionError:  # [[[[...]]]] thousands deep: no request nests like that
+            raise ApiError(400, "request body nests arrays or objects too deeply", code="invalid_json") from None
         if not isinstance(data, dict):
             raise ApiError(400, "request body must be a JSON object", code="invalid_json")
         model = data.get("model")

@@ -18,6 +18,7 @@ from ..fsio import folder_of, write_text
 from ..kernels import matmul
 from ..model import GPT
 from ..options import InstructOptions, LoRAOptions, TrainConfig, unset_defaults
+from ..quantize import refuse_quantized
 from ..runtime import pick_precision, resolve_device, world_size
 from .logging import check_reporters
 from .finetune import add_lora, check_lora, example_inputs, instruction_task
@@ -200,6 +201,7 @@ def _check_model_fits(cfg: TrainConfig, init, size, overrides: dict | None, voca
     device = resolve_device(cfg.device)
     if init is not None:
         config = GPTConfig.load(load_model_folder(init))
+        refuse_quantized(config, f"--init {init}", "be trained")
     else:
         over = {k: v for k, v in (overrides or {}).items() if v is not None}
         if cfg.block_size:

@@ -11,7 +11,7 @@ from gptforge.adapters import (apply_lora, base_fingerprint, has_lora, load_adap
                                merge_to_folder, save_adapter)
 from gptforge.checkpoint import list_checkpoints, load_model, load_training_state, save_model
 from gptforge.config import GPTConfig
-from gptforge.errors import CheckpointError, OptionError
+from gptforge.errors import CheckpointError, OptionError, RunFolderError
 from gptforge.model import GPT
 from gptforge.options import LoRAOptions
 
@@ -105,7 +105,7 @@ def test_merge_writes_a_plain_folder_transformers_opens(base, ids, tmp_path):
     reference = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(base), tmp_path / "adapter")
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, reference.eval()(ids).logits, atol=1e-4, rtol=1e-4)
-    with pytest.raises(OptionError, match="--out"):
+    with pytest.raises(RunFolderError, match="--out .*already exists and is not empty"):
         merge_to_folder(base, tmp_path / "adapter", out)  # not over a folder that holds files
 
 

@@ -46,7 +46,8 @@ def test_the_average_follows_the_formula_and_leaves_frozen_weights_out():
 
 def test_ema_run_saves_the_average_and_resumes_exactly(tmp_path, dataset):
     data, tok = dataset
-    full = train(_model(), data, tokenizer=tok, out_dir=str(tmp_path / "full"), ema=0.8, **OPTS)
+    model = _model()
+    full = train(model, data, tokenizer=tok, out_dir=str(tmp_path / "full"), ema=0.8, **OPTS)
     plain = train(_model(), data, tokenizer=tok, out_dir=str(tmp_path / "plain"), ema=0, **OPTS)  # no average
     # the final folder holds the average, the last checkpoint the weights the steps reached
     saved = load_model(tmp_path / "full").state_dict()
@@ -54,6 +55,8 @@ def test_ema_run_saves_the_average_and_resumes_exactly(tmp_path, dataset):
     assert torch.equal(last["lm_head.weight"], load_model(tmp_path / "plain").state_dict()["lm_head.weight"])
     assert not torch.equal(saved["lm_head.weight"], last["lm_head.weight"])
     assert full.val_loss != plain.val_loss  # the evaluation is of the average
+    for k, v in model.state_dict().items():  # and the caller's model is the one saved (GPTForge.train, then generate)
+        assert torch.equal(v, saved[k]), k
 
     def stop_at_5(trainer):
         if trainer.step == 5:

@@ -62,6 +62,18 @@ def test_folder_opens_in_transformers_with_the_same_logits_both_paddings(clf_dir
         torch.testing.assert_close(one, ref[1:2], atol=1e-4, rtol=1e-4)
 
 
+def test_texts_and_labels_of_other_lengths_are_one_error(clf_dir, byte_tokenizer):
+    with pytest.raises(DataError, match="2 texts but 1 labels; give one label per text"):  # was torch's batch-size error
+        evaluate_classifier(load_classifier(clf_dir), byte_tokenizer, ["a", "b"], [LABELS[0]])
+
+
+@pytest.mark.parametrize("max_length", [0, -5, 1000])
+def test_max_length_outside_the_context_is_one_error(clf_dir, byte_tokenizer, max_length):
+    # -5 used to fail inside argmax, 1000 deep in the model, and 0 meant "the context" without a word
+    with pytest.raises(OptionError, match=f"--max-length {max_length}: must be a number of tokens from 1 to the model's context"):
+        predict(load_classifier(clf_dir), byte_tokenizer, ["some text"], max_length=max_length)
+
+
 def test_a_transformers_classifier_folder_loads_and_predicts_the_same(tmp_path):
     torch.manual_seed(5)
     config = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0,

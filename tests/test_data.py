@@ -338,6 +338,12 @@ def test_token_dataset_like_older_tools(tok, sample_text, tmp_path):
     assert ds.block_size == 32 and ds.tokenizer.fingerprint == tok.fingerprint
     assert len(ds) == (len(ds.tokens) - 1) // 32
     assert ds[1].tolist() == np.asarray(ds.tokens[32:64]).tolist() and ds[0].dtype == torch.int64
+    assert ds[-1].tolist() == ds[len(ds) - 1].tolist()  # as a list indexes (was an IndexError)
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+    for bad in (0, -4):  # was accepted, then len() divided by zero
+        with pytest.raises(DataError, match=f"block_size={bad}: must be a number of tokens"):
+            TokenDataset(data_dir=tmp_path / "nowhere", tokenizer=tok, block_size=bad)
     again = TokenDataset(str(src), tokenizer_file=str(tmp_path / "tok" / "tokenizer.json"), block_size=32,
                          cache_dir=tmp_path / "cache")
     assert again.data_dir == ds.data_dir and again.meta["reused"]

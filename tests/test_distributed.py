@@ -120,3 +120,11 @@ def test_cli_nproc_launches_torchrun(tmp_path, data_dir):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "world size 2" in done.stdout + done.stderr
     assert load_model(out).config.n_layer == 1
+
+
+def test_nproc_ends_a_failed_run_with_its_one_line_error_and_code(tmp_path):
+    # the launcher used to add its own 40-line traceback, exit 1, and each process printed the error
+    proc = subprocess.run([sys.executable, "-m", "gptforge", "train", str(tmp_path / "nosuch.txt"), "--nproc", "2",
+                           "--out", str(tmp_path / "run"), "--max-steps", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("nosuch.txt: no such file or folder") == 1 and "Traceback" not in proc.stderr

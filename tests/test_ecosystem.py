@@ -320,6 +320,22 @@ def _log_rows(tmp_path, reporter: str) -> None:
     log.close()
 
 
+def test_a_logger_that_fails_is_switched_off_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    from gptforge.train.logging import RunLog
+
+    def broken(self, scalars, step):
+        raise RuntimeError("the tracking store is in maintenance mode")
+
+    monkeypatch.setattr(RunLog, "_to_mlflow", broken)
+    log = RunLog(tmp_path / "run", plot=False)
+    log.reporters = ["mlflow"]  # as check_reporters leaves it when the package imports
+    log.record({"step": 1, "loss": 3.5})
+    log.record({"step": 2, "loss": 3.4})  # used to end the run at its first row
+    assert log.reporters == [] and len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    said = capsys.readouterr()
+    assert (said.out + said.err).count("warning: --report-to mlflow failed (RuntimeError: the tracking store") == 1
+
+
 @pytest.mark.slow
 def test_report_to_wandb_offline(tmp_path, monkeypatch):
     pytest.importorskip("wandb")

@@ -111,6 +111,10 @@ def test_bad_examples_and_templates(tokenizer, tmp_path):
         read_examples([_jsonl(tmp_path / "e.jsonl", [{"prompt": "x"}])], tokenizer, 65, template)
     with pytest.raises(DataError, match=r"needs a 'role' and a 'content'"):
         read_examples([_jsonl(tmp_path / "f.jsonl", [{"messages": [{"role": "user"}]}])], tokenizer, 65, template)
+    # a conversation without an assistant turn used to be "every example lost its answer when cut to 65 tokens"
+    with pytest.raises(DataError, match=r"u.jsonl:2: no answer to train on \(no assistant message"):
+        read_examples([_jsonl(tmp_path / "u.jsonl", [{"messages": CHAT}, {"messages": [{"role": "user", "content": "hi"}]}])],
+                      tokenizer, 65, template)
     (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m.content + 5 }}{% endfor %}")
     failing = ChatTemplate(load_template_file(tmp_path / "t.jinja"), tokenizer, "--chat-template t.jinja")
     with pytest.raises(DataError, match="t.jinja failed to render"):

@@ -11,7 +11,7 @@ import torch
 from gptforge import kernels
 from gptforge.checkpoint import load_model, quantize_folder, save_model
 from gptforge.config import GPTConfig
-from gptforge.errors import GPTForgeError, OptionError
+from gptforge.errors import GPTForgeError, OptionError, RunFolderError
 from gptforge.generate import generate, generate_ids
 from gptforge.model import GPT
 from gptforge.quantize import (
@@ -162,7 +162,7 @@ def test_quantize_out_must_be_new_or_forced(fp32_dir, tmp_path, capsys):
     (out / "keep.txt").write_text("mine")
     assert main(["quantize", str(fp32_dir), "--out", str(out)]) == 2
     assert "--out" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
-    with pytest.raises(OptionError, match="model folder itself"):
+    with pytest.raises(RunFolderError, match="is .*, which this command reads and would replace"):
         quantize_folder(fp32_dir, fp32_dir, force=True)
     assert main(["quantize", str(fp32_dir), "--out", str(out), "--force"]) == 0
     assert (out / WEIGHTS_NAME).is_file() and not (out / "keep.txt").exists()

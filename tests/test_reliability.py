@@ -315,6 +315,8 @@ def test_demo_minutes_nan_and_prepare_shard_tokens(tmp_path, corpus, capsys):
     for n in (0, -1):
         code, err = cli(capsys, "prepare", corpus, "--tokenizer", tok, "--out", tmp_path / "ds", "--shard-tokens", n)
         assert code == 2 and "--shard-tokens" in err and not (tmp_path / "ds").exists()
+    code, err = cli(capsys, "prepare", corpus, "--tokenizer", tok, "--out", tmp_path / "ds", "--seed", -1)
+    assert code == 2 and "--seed -1: must be an integer" in err and not (tmp_path / "ds").exists()  # was numpy's traceback
 
 
 def test_generation_length_is_capped():
@@ -781,3 +783,78 @@ def test_prompts_may_follow_the_options(finished_run, capsys):
     with pytest.raises(SystemExit):  # what is not a prompt is still an error
         main(["generate", str(finished_run), "--max-new-tokens", "2", "--bogus", "first"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_resume_with_other_frozen_layers_or_adapters_is_refused(tmp_path, corpus, finished_run):
+    from gptforge.options import LoRAOptions
+
+    # each used to end in a traceback (the optimizer's state of other parameters), or, for LoRA's alpha, to
+    # rescale the trained adapter without a word
+    frozen = tmp_path / "frozen"
+    run_training([str(corpus)], init=str(finished_run), freeze="embeddings", log=lambda m: None, **quick(frozen))
+    with pytest.raises(RunFolderError, match="--freeze embeddings then, none now"):
+        run_training([str(corpus)], init=str(finished_run), log=lambda m: None, **quick(frozen, max_steps=3, resume=True))
+    adapter = tmp_path / "adapter"
+    run_training([str(corpus)], init=str(finished_run), lora=LoRAOptions(lora_r=2), log=lambda m: None, **quick(adapter))
+    with pytest.raises(RunFolderError, match="--lora-alpha 16.0 then, 64.0 now"):
+        run_training([str(corpus)], init=str(finished_run), lora=LoRAOptions(lora_r=2, lora_alpha=64.0), log=lambda m: None,
+                     **quick(adapter, max_steps=3, resume=True))
+    with pytest.raises(RunFolderError, match="--lora-r 2 then, none now"):
+        run_training([str(corpus)], init=str(finished_run), log=lambda m: None, **quick(adapter, max_steps=3, resume=True))
+    run_training([str(corpus)], init=str(finished_run), lora=LoRAOptions(lora_r=2), log=lambda m: None,
+                 **quick(adapter, max_steps=3, resume=True))  # the same options resume
+    assert list_checkpoints(adapter)[-1].name == "step-0000003"
+
+
+def test_an_output_folder_never_replaces_what_the_command_reads(tmp_path, corpus, finished_run, capsys):
+    from gptforge.options import LoRAOptions
+
+    base = tmp_path / "base"
+    shutil.copytree(finished_run, base)
+    adapter = tmp_path / "adapter"
+    run_training([str(corpus)], init=str(base), lora=LoRAOptions(lora_r=2), log=lambda m: None, **quick(adapter))
+    before = sorted(p.name for p in base.iterdir()), sorted(p.name for p in adapter.iterdir())
+    # with --force these used to replace the run folders they read: checkpoints, data and best/ gone
+    for argv in (["merge", base, adapter, "--out", base, "--force"], ["merge", base, adapter, "--out", adapter, "--force"],
+                 ["quantize", base / "best", "--out", base, "--force"], ["export", base / "best", tmp_path, "--force"]):
+        code, err = cli(capsys, *argv)
+        assert code == 2 and "which this command reads and would replace" in err, (argv, err)
+    assert (sorted(p.name for p in base.iterdir()), sorted(p.name for p in adapter.iterdir())) == before
+
+
+def test_instruction_runs_refuse_plain_text_options_and_a_changed_mask_on_resume(tmp_path, finished_run):
+    import json
+
+    from gptforge.options import InstructOptions
+
+    rows = tmp_path / "qa.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"Q{i} ", "completion": f"answer {i}"}) + "\n" for i in range(20)))
+    out = tmp_path / "run"
+    with pytest.raises(OptionError, match="--line-by-line: for plain text"):  # used to be ignored without a word
+        run_training([str(rows)], init=str(finished_run), line_by_line=True, log=lambda m: None, **quick(out))
+    run_training([str(rows)], init=str(finished_run), log=lambda m: None, **quick(out))
+    with pytest.raises(RunFolderError, match="--train-on-prompt False then, True now"):  # used to go on, other examples
+        run_training([str(rows)], init=str(finished_run), instruct=InstructOptions(train_on_prompt=True), log=lambda m: None,
+                     **quick(out, max_steps=3, resume=True))
+
+
+def test_a_resumed_run_continues_its_records_without_repeating_steps(tmp_path, corpus):
+    import json
+
+    out = tmp_path / "run"
+    opts = dict(save_steps=1, eval_interval=1, sample_interval=1, max_steps=3)
+    run_training([str(corpus)], **TINY, log=lambda m: None, **quick(out, **opts))
+    shutil.rmtree(out / "checkpoints" / "step-0000003")  # as after a kill -9 before the last save
+    shutil.rmtree(out / "checkpoints" / "step-0000002")
+    result = run_training([str(corpus)], **TINY, log=lambda m: None, **quick(out, resume=True, **opts))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in rows if "loss" in r]
+    assert train_steps == sorted(set(train_steps)) == [1, 2, 3]  # steps 2 and 3 used to be there twice
+    assert [r["step"] for r in result.history if "loss" in r] == [1, 2, 3]  # loss.png draws the whole run
+    samples = (out / "samples.txt").read_text()
+    assert samples.count("=== step 2 ===") == 1 and samples.count("=== step 1 ===") == 1
+
+
+def test_sample_tokens_zero_writes_no_samples(tmp_path, corpus):
+    run_training([str(corpus)], **TINY, log=lambda m: None, **quick(tmp_path / "run", sample_interval=1, sample_tokens=0))
+    assert not (tmp_path / "run" / "samples.txt").exists()  # used to hold empty "=== step N ===" blocks

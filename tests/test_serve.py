@@ -196,6 +196,23 @@ def folders(tiny, tmp_path_factory):
     return plain, chat
 
 
+def test_a_server_built_in_python_takes_the_folders_chat_template(folders):
+    # docs/serve.md's create_app(Server(model, tok, ServeOptions())) used to have chat off
+    from gptforge.checkpoint import load_model_and_tokenizer
+    from gptforge.serve import Server, ServeOptions
+
+    plain, chat = folders
+    assert Server(*load_model_and_tokenizer(chat), ServeOptions()).template is not None
+    assert Server(*load_model_and_tokenizer(plain), ServeOptions()).template is None
+
+
+def test_a_port_out_of_range_is_one_line(folders, capsys):
+    from gptforge.cli import main
+
+    assert main(["serve", str(folders[0]), "--port", "70000"]) == 2  # used to be an OverflowError traceback
+    assert "--port 70000: a port is a number from 0 to 65535" in capsys.readouterr().err
+
+
 class RunningServer:
     def __init__(self, folder: Path, *flags: str):
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -409,6 +426,14 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(chat_server
     assert status == 400 and err["error"]["code"] == "context_length_exceeded"
     status, _, r = s.post("/v1/completions", {"prompt": "still here", "max_tokens": 3})
     assert status == 200 and r["choices"][0]["finish_reason"] in ("stop", "length")
+    # A chat prompt that fits, without max_tokens: the default is the room it leaves, not a cut into it (a
+    # default of 256 used to cut such a prompt, on a 128-token model down to its last token).
+    ask = lambda n, **kw: s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "fox " * n}], **kw})  # noqa: E731
+    per_word = (ask(200, max_tokens=1)[2]["usage"]["prompt_tokens"] - ask(100, max_tokens=1)[2]["usage"]["prompt_tokens"]) / 100
+    n = int(100 + (1024 - 100 - ask(100, max_tokens=1)[2]["usage"]["prompt_tokens"]) / per_word)  # ~100 tokens of room
+    status, _, r = ask(n, temperature=0)
+    assert status == 200 and not r["usage"].get("truncated_prompt_tokens")
+    assert 1024 - 256 < r["usage"]["prompt_tokens"] and r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] <= 1024
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from .errors import CheckpointError, NotFoundError, OptionError
-from .fsio import atomic_dir, atomic_write
+from .fsio import atomic_dir, atomic_write, check_out_folder
 from .kernels import Dropout, Linear, activation_down
 from .model import GPT
 
@@ -140,11 +140,12 @@ def merge_lora(model: GPT) -> GPT:
 
 
 def base_fingerprint(model: nn.Module) -> str:
-    """A hash of the base model's shapes and of a few thousand of its numbers per tensor (the adapters left out):
-    cheap even for gpt2-xl, and different for any other model or any fine-tune of this one."""
+    """A hash of the base model's shapes and of a few thousand of its numbers per tensor (the adapters and a
+    classifier's new head left out): cheap even for gpt2-xl, and different for any other model or any fine-tune
+    of this one."""
     h = hashlib.sha256()
     for name, p in model.named_parameters():
-        if ".lora_" in name:
+        if ".lora_" in name or name.startswith("score."):
             continue
         t = p.detach().reshape(-1)
         h.update(f"{name}{tuple(p.shape)}".encode())
@@ -388,9 +389,7 @@ def merge_to_folder(base, adapter, out, force: bool = False) -> Path:
     """`gptforge merge`: the base with the adapter folded in, written as a plain model folder (with the tokenizer)."""
     from .checkpoint import save_model
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise OptionError(f"--out {out}: already exists and is not empty; choose another folder or add --force")
+    out = check_out_folder(out, force, reads=(base, adapter))
     model, tokenizer = load_with_adapter(base, adapter, device="cpu")
     with atomic_dir(out) as tmp:
         save_model(model, tmp, tokenizer)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import GPTConfig
 from .errors import CheckpointError, GPTForgeError, NotFoundError, OptionError
-from .fsio import atomic_dir, atomic_write, folder_of
+from .fsio import atomic_dir, atomic_write, check_out_folder, folder_of
 from .model import GPT
 
 WEIGHTS_NAME = "model.safetensors"
@@ -116,6 +116,11 @@ def _weights_in(folder: Path) -> list[Path]:
     for name in (WEIGHTS_NAME, "pytorch_model.bin"):
         if (folder / name).is_file():
             return [folder / name]
+    if (folder / "adapter_config.json").is_file():  # adapters.CONFIG_NAME
+        raise CheckpointError(f"{folder}: a LoRA adapter folder, not a model; give it as --adapter with its base model, "
+                              f"or merge it first (gptforge merge BASE {folder} --out FOLDER)")
+    if (folder / "model-int8.safetensors").is_file():  # quantize.WEIGHTS_NAME
+        raise CheckpointError(f"{folder}: an int8 folder of `gptforge quantize`; this needs the fp32 model it was made from")
     raise CheckpointError(
         f"{folder}: no weights found (looked for model.safetensors, model.safetensors.index.json, pytorch_model.bin)"
     )
@@ -166,6 +171,9 @@ def fetch_from_hub(repo_id: str) -> Path:
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     """A local folder or weights file as given, or a hub id downloaded to the local cache."""
     path = Path(name_or_path)
+    if path.is_file() and path.suffix.lower() not in (".safetensors", ".bin", ".pt", ".pth", ".json"):
+        raise CheckpointError(f"{path}: a file, not a model; give a model folder (a run folder, or one written by "
+                              "transformers) or its weights file (.safetensors, .bin)")
     if path.exists():
         return path
     # `runs/model` whose `runs/` exists is a mistyped local path, not a hub id to download.
@@ -330,12 +338,8 @@ def quantize_folder(model_path: str | os.PathLike, out: str | os.PathLike, metho
     from .tokenizer import load_tokenizer
 
     check_method(method, "--method")
-    out = Path(out)
     source = folder_of(resolve_model_path(model_path))
-    if out.exists() and out.resolve() == source.resolve():
-        raise OptionError(f"--out {out}: is the model folder itself; write the int8 folder somewhere else")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise OptionError(f"--out {out}: already exists and is not empty; choose another folder or add --force")
+    out = check_out_folder(out, force, reads=(source,))
     if quantization_of(GPTConfig.load(source)) is not None:
         raise OptionError(f"{model_path}: already holds int8 weights; quantize its fp32 folder instead")
     try:

@@ -244,7 +244,10 @@ def predict_proba(model: GPTClassifier, tokenizer, texts: Sequence[str], *, batc
     `truncate` policy."""
     if batch_size < 1:
         raise OptionError(f"--batch-size {batch_size}: must be at least 1")
-    seqs = encode_texts(tokenizer, texts, max_length or model.config.n_positions, truncate, where)
+    n_ctx = model.config.n_positions
+    if max_length is not None and not (isinstance(max_length, int) and 0 < max_length <= n_ctx):
+        raise OptionError(f"--max-length {max_length!r}: must be a number of tokens from 1 to the model's context, {n_ctx}")
+    seqs = encode_texts(tokenizer, texts, max_length or n_ctx, truncate, where)
     return probabilities(model, seqs, batch_size)
 
 
@@ -304,6 +307,8 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels:
 def evaluate_classifier(model: GPTClassifier, tokenizer, texts: Sequence[str], labels: Sequence[str], *,
                         where: Sequence[str] | None = None, **options) -> dict:
     """`classification_metrics` of the model's predictions on labelled texts, plus the mean loss."""
+    if len(labels) != len(texts):
+        raise DataError(f"{len(texts)} texts but {len(labels)} labels; give one label per text")
     label2id = {name: i for i, name in enumerate(model.labels)}
     for i, label in enumerate(labels):
         if label not in label2id:

@@ -48,11 +48,10 @@ def cmd_create(args: argparse.Namespace) -> int:
 
     from .checkpoint import save_model
     from .config import preset
-    from .fsio import atomic_dir
+    from .fsio import atomic_dir, check_out_folder
     from .model import GPT
 
-    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)) and not args.force:
-        raise RunFolderError(f"{args.out} already exists and is not empty; choose another --out, or add --force to replace it")
+    check_out_folder(args.out, args.force)
     overrides = {k: getattr(args, k) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
                  if getattr(args, k) is not None}
     config = preset(args.preset, **overrides)  # validated before anything is allocated or written
@@ -116,8 +115,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _launch_torchrun(nproc: int) -> int:
     """`gptforge train --nproc N ...` is `torchrun --nproc_per_node N -m gptforge train ...`."""
-    import subprocess
-
     argv, skip = [], False
     for a in sys.argv[1:]:
         if skip:
@@ -129,9 +126,25 @@ def _launch_torchrun(nproc: int) -> int:
         if a.startswith("--nproc="):
             continue
         argv.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "gptforge", *argv]
-    print("launching:", " ".join(cmd), file=sys.stderr)
-    return subprocess.call(cmd)
+    launch = ["--standalone", f"--nproc_per_node={nproc}", "-m", "gptforge", *argv]
+    print("launching: torchrun", " ".join(launch), file=sys.stderr)
+    # torchrun's launcher in this process, so that a failed or interrupted run ends with the processes' own
+    # one-line error and exit code, not the launcher's traceback
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(get_args_parser().parse_args(launch))
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        return next((c for c in codes if c > 0), 1)
+    except (SignalException, KeyboardInterrupt):
+        return 130
+    return 0
 
 
 # --- generate / eval ------------------------------------------------------------------------------------
@@ -307,11 +320,15 @@ def main(argv: list[str] | None = None) -> int:
             apply_config_file(args, args.parser, args.argv, args.config)
         return args.func(args)
     except GPTForgeError as e:  # a problem with the user's input: one line; anything else is a bug with its traceback
-        print(f"gptforge {args.command}: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process meets the same bad input: say it once
+            print(f"gptforge {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return leave(130)
+    except BrokenPipeError:  # `gptforge info MODEL | head -3`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python flushes at exit
+        return 141
     except (OSError, RuntimeError, MemoryError) as e:  # permission denied, disk full, out of memory: one line too
         if describe_fault(e) is None:
             raise

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import GPTConfig
 from .errors import NotFoundError, RunFolderError
-from .fsio import atomic_dir, write_text
+from .fsio import atomic_dir, check_out_folder, write_text
 from .tokenizer import TOKENIZER_FILES
 
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", *TOKENIZER_FILES, "chat_template.jinja")
@@ -154,10 +154,9 @@ def export_model(run: str | os.PathLike, out: str | os.PathLike, *, license: str
     if not (run / "config.json").is_file() or not (run / "model.safetensors").is_file():
         raise NotFoundError(f"{run}: no model here (config.json and model.safetensors); a run folder holds its model once "
                             "training finishes; for a stopped run export RUN/best or RUN/checkpoints/step-N")
-    if out.resolve() == run.resolve() or run.resolve() in out.resolve().parents:
+    if run.resolve() in out.resolve().parents:
         raise RunFolderError(f"{out}: is inside the run {run}; export to a folder of its own")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise RunFolderError(f"{out}: already exists and is not empty; choose another folder or pass --force to replace it")
+    check_out_folder(out, force, reads=(run,))
     # the run's records sit beside its final model, or above run/best and run/checkpoints/step-N
     records = next((d for d in (run, run.parent, run.parent.parent) if (d / "metrics.jsonl").is_file()), run)
     with atomic_dir(out) as tmp:

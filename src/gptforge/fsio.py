@@ -74,6 +74,27 @@ def describe_os_error(e: OSError) -> str | None:
     return None
 
 
+def check_out_folder(out: str | os.PathLike, force: bool, reads=()) -> Path:
+    """Refuse an output folder that a command would replace whole while it holds something else: a folder the
+    command reads (`reads`, or one that holds it), whatever `force` says; any other folder that is not empty,
+    unless `force`."""
+    out = Path(out)
+    where = Path(os.path.abspath(out))
+    for source in (r for r in reads if r is not None and Path(r).exists()):
+        real = Path(os.path.abspath(source))
+        if where == real or where in real.parents:
+            from .errors import RunFolderError
+
+            raise RunFolderError(f"--out {out}: {'is' if where == real else 'holds'} {source}, which this command reads "
+                                 "and would replace; write to another folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        from .errors import RunFolderError
+
+        raise RunFolderError(f"--out {out}: already exists and is not empty; choose another folder or add --force to "
+                             "replace it")
+    return out
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder next to `target`; on success it replaces `target` in one rename.

@@ -35,6 +35,8 @@ class TokenDataset:
     def __init__(self, file_path=None, vocab_file=None, merges_file=None, tokenizer_file=None, block_size: int = 1024,
                  line_by_line: bool = False, *, tokenizer: Tokenizer | None = None, val_fraction: float = 0.0,
                  cache_dir: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None, **prepare_options):
+        if not (isinstance(block_size, int) and not isinstance(block_size, bool) and block_size > 0):
+            raise DataError(f"block_size={block_size!r}: must be a number of tokens, at least 1")
         if tokenizer is None:
             if tokenizer_file is not None:
                 tokenizer = load_tokenizer(tokenizer_file)
@@ -71,8 +73,9 @@ class TokenDataset:
     def __getitem__(self, i: int):
         import torch
 
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"block {i} of a dataset of {len(self)} blocks")
+        i %= len(self)  # ds[-1] is the last block, as for a list
         return torch.from_numpy(np.asarray(self.tokens[i * self.block_size:(i + 1) * self.block_size]).astype(np.int64))
 
     def batches(self, batch_size: int, split: str = "train", **kwargs) -> Batches:

@@ -116,6 +116,9 @@ def read_examples(files: Sequence, tokenizer, max_tokens: int, template=None, tr
         before = len(out.ids) + out.dropped
         for where, record in _records(path):
             ids, answer = encode_example(record, tokenizer, template, train_on_prompt, where)
+            if not any(answer[1:]):  # before any cut: an example with nothing to learn, not one cut too short
+                raise DataError(f"{where}: no answer to train on (no assistant message after the prompt); give each "
+                                "example an assistant turn, or remove it")
             h.update(json.dumps(record, sort_keys=True).encode())
             if len(ids) > max_tokens:
                 ids, answer = ids[:max_tokens], answer[:max_tokens]
@@ -128,8 +131,8 @@ def read_examples(files: Sequence, tokenizer, max_tokens: int, template=None, tr
         if len(out.ids) + out.dropped == before:
             raise DataError(f"{path}: holds no examples")
     if not out.ids:
-        raise DataError(f"{', '.join(map(str, files))}: every example lost its answer when cut to {max_tokens} tokens; "
-                        "raise --block-size or shorten the prompts")
+        raise DataError(f"{', '.join(map(str, files))}: every example lost its answer when cut to the context of "
+                        f"{max_tokens - 1} tokens; raise --block-size or shorten the prompts")
     out.fingerprint = h.hexdigest()[:20]
     return out
 

@@ -266,6 +266,8 @@ def prepare(
     opts = ReadOptions(line_by_line=line_by_line, **read_options)
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val-fraction {val_fraction} must be in [0, 1)")
+    if not (isinstance(seed, int) and 0 <= seed < 2**63):
+        raise DataError(f"--seed {seed!r}: must be an integer from 0 to 2**63 - 1")
     if not (isinstance(shard_tokens, int) and shard_tokens > 0):
         raise DataError(f"--shard-tokens {shard_tokens!r}: must be a positive number of tokens (default {SHARD_TOKENS:,})")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)

@@ -55,6 +55,8 @@ def run_from_args(args: argparse.Namespace) -> int:
             raise ServeError(f"--{name.replace('_', '-')} must be at least {low}")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ServeError("--max-tokens must be at least 1")
+    if args.port > 65535:
+        raise ServeError(f"--port {args.port}: a port is a number from 0 to 65535 (0 picks a free one)")
     try:
         import uvicorn
 

@@ -76,6 +76,7 @@ class Server:
         self.engine = engine or Engine(model, tokenizer, options.max_batch, options.max_queue)
         self.created = int(time.time())
         self.max_tokens = min(options.max_tokens or self.n_ctx - 1, self.n_ctx - 1)
+        chat_template = chat_template or (getattr(tokenizer, "meta", None) or {}).get("chat_template")  # the folder's
         self.template = compile_template(chat_template) if chat_template else None
         self.n_params = model.num_params()
 
@@ -83,8 +84,9 @@ class Server:
     def _job(self, body: dict, prompts: list[list[int]], default_max: int, chat: bool) -> Job:
         name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
         max_tokens = get_field(body, name, (int,), None, "an integer")
-        if max_tokens is None:
-            max_tokens = min(default_max, self.max_tokens)
+        if max_tokens is None:  # the room the prompt leaves (OpenAI's meaning), never a cut into a prompt that fits
+            room = self.n_ctx - max(map(len, prompts))
+            max_tokens = min(default_max, self.max_tokens, *([room] if room > 0 else []))
         elif not 1 <= max_tokens <= self.max_tokens:
             raise ApiError(400, f"'{name}' must be between 1 and {self.max_tokens} (this server's limit; the model's "
                                 f"context is {self.n_ctx} tokens); got {max_tokens}", name, "invalid_value")

@@ -38,14 +38,19 @@ class WeightAverage:
         """For the duration, the model's trainable weights are the average (then its own weights again)."""
         with torch.no_grad():
             own = [p.detach().clone() for _, p in self.named]
-            for (_, p), a in zip(self.named, self.average):
-                p.copy_(a)
+        self.install()
         try:
             yield
         finally:
             with torch.no_grad():
                 for (_, p), w in zip(self.named, own):
                     p.copy_(w)
+
+    def install(self) -> None:
+        """The average into the model's trainable weights, for good (a finished run's model is the one it saved)."""
+        with torch.no_grad():
+            for (_, p), a in zip(self.named, self.average):
+                p.copy_(a)
 
     def state_dict(self) -> dict:
         return {"updates": self.updates, "average": {n: a.detach().cpu().clone() for (n, _), a in zip(self.named, self.average)}}

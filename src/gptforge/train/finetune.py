@@ -8,9 +8,10 @@ examples, padded on the right, with the loss on the answer tokens (`data.example
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -127,9 +128,10 @@ def answer_loss(model, examples: Examples, batch_size: int, pad_id: int, device,
     return nats, count
 
 
-def example_inputs(inputs, eval_inputs, data, instruct: InstructOptions | None) -> bool:
+def example_inputs(inputs, eval_inputs, data, instruct: InstructOptions | None, plain_only: Sequence[str] = ()) -> bool:
     """Whether a run trains on instruction examples: its inputs are all example files (JSON Lines with
-    prompt/completion or messages). Mixed inputs and instruction options without examples are refused."""
+    prompt/completion or messages). Mixed inputs, instruction options without examples and, with examples,
+    the options of plain text given (`plain_only`: their flags) are refused."""
     files = [Path(str(i)) for i in inputs or [] if isinstance(i, (str, Path))]
     found = [is_example_file(f) for f in files]
     asked = instruct is not None and (instruct.chat_template or instruct.train_on_prompt)
@@ -144,6 +146,9 @@ def example_inputs(inputs, eval_inputs, data, instruct: InstructOptions | None) 
     bad = [str(e) for e in eval_inputs or [] if not is_example_file(e)]
     if bad:
         raise DataError(f"--eval-file {bad[0]}: the training data are instruction examples; give examples to validate on too")
+    if plain_only:
+        raise OptionError(f"{', '.join(plain_only)}: for plain text; instruction examples are read whole, one per row, "
+                          "so leave it out")
     return True
 
 
@@ -166,7 +171,11 @@ def instruction_task(inputs, eval_inputs, tokenizer, block_size: int, cfg: Train
         log(note)
     what = "every token" if instruct.train_on_prompt else "the answers only"
     log(f"instruction data: {len(train):,} training and {len(val) if val else 0:,} validation examples; loss on {what}")
-    return InstructionTuning(train, val, tokenizer.pad_id, tokenizer.fingerprint)
+    task = InstructionTuning(train, val, tokenizer.pad_id, tokenizer.fingerprint)
+    # what a resumed run must keep: the same records under another template or mask are other examples
+    task.options = {"--chat-template": hashlib.sha256(source.encode()).hexdigest()[:12] if source else None,
+                    "--train-on-prompt": instruct.train_on_prompt}
+    return task
 
 
 __all__ = ["InstructionTuning", "LORA_LEARNING_RATE", "add_lora", "answer_loss", "check_lora", "start_lora", "example_inputs", "instruction_task"]

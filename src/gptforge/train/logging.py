@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -58,8 +59,14 @@ class RunLog:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
-        for name in self.reporters:
-            getattr(self, f"_to_{name}")(scalars, row["step"])
+        for name in list(self.reporters):
+            try:
+                getattr(self, f"_to_{name}")(scalars, row["step"])
+            except Exception as e:  # noqa: BLE001 - a logger's own failure (its store, its server) never ends a run
+                self.reporters.remove(name)
+                first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+                self.message(f"warning: --report-to {name} failed ({type(e).__name__}: {first}); the run goes on without "
+                             f"it (metrics.jsonl has every row)")
 
     def _to_tensorboard(self, scalars: dict, step: int) -> None:
         if "tensorboard" not in self._open:
@@ -84,6 +91,28 @@ class RunLog:
             self._open["mlflow"] = mlflow.start_run(run_name=self.out.name, nested=mlflow.active_run() is not None)
             mlflow.log_params({k: str(v)[:500] for k, v in self.config.items()})
         mlflow.log_metrics(scalars, step=step)
+
+    def continue_from(self, step: int) -> None:
+        """A resumed run picks up its records at checkpoint `step`: the history (and loss.png) from the start,
+        and no rows or samples of the steps after it, which the run is about to take again."""
+        from ..fsio import write_text
+
+        metrics, samples = self.out / "metrics.jsonl", self.out / "samples.txt"
+        if metrics.is_file():
+            rows = []
+            for line in metrics.read_text(encoding="utf-8").splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:  # a line cut short by the kill that ended the run
+                    continue
+            self.history = [r for r in rows if isinstance(r, dict) and r.get("step", 0) <= step]
+            if self.main and len(self.history) != len(rows):
+                write_text(metrics, "".join(json.dumps(r) + "\n" for r in self.history))
+        if self.main and samples.is_file():
+            text = samples.read_text(encoding="utf-8")
+            later = next((m.start() for m in re.finditer(r"(?m)^=== step (\d+) ===$", text) if int(m.group(1)) > step), None)
+            if later is not None:
+                write_text(samples, text[:later])
 
     def sample(self, step: int, text: str) -> None:
         self.message(f"--- sample at step {step} ---\n{text}\n---")

@@ -165,12 +165,21 @@ class Trainer:
         differ = [f"{k}: checkpoint {theirs[k]} vs now {mine[k]}" for k in mine if k in theirs and mine[k] != theirs[k]]
         if differ:
             raise RunFolderError(f"{path}: was trained with a different model config ({'; '.join(differ)})")
-        theirs, mine = saved.get("task_options") or {}, self.task.options
-        differ = [f"{k} {theirs[k]} then, {mine[k]} now" for k in mine if k in theirs and mine[k] != theirs[k]]
+        theirs, mine = saved.get("task_options") or {}, self.resume_options()
+        show = lambda v: "none" if v is None else v  # noqa: E731
+        differ = [f"{k} {show(theirs[k])} then, {show(mine[k])} now" for k in mine if k in theirs and mine[k] != theirs[k]]
         if differ:
             raise RunFolderError(f"{path}: this run was begun with other options ({'; '.join(differ)}); resume with "
                                  "the options it began with")
         return path, saved
+
+    def resume_options(self) -> dict:
+        """What a resumed run must give as it began: the task's own options, the frozen layers, and the LoRA
+        adapters (their shape, scale and base model), each of which changes what the checkpoint's state means."""
+        lora = getattr(self.model, "lora", None) or {}
+        return {**self.task.options, "--freeze": self.cfg.freeze, "--lora-r": lora.get("r"),
+                "--lora-alpha": lora.get("alpha"), "--lora-targets": ",".join(lora.get("targets", [])) or None,
+                "the base model": lora.get("fingerprint")}
 
     def _full_state(self) -> tuple[dict, dict]:
         return state.gather(self.model, self.optimizer, self.fsdp)  # every rank takes part when sharded
@@ -201,6 +210,7 @@ class Trainer:
     def _load_training_state(self, path: Path, saved: dict | None = None) -> None:
         saved = saved if saved is not None else ckpt.load_training_state(path)
         average = state.restore(self, saved)
+        self.log.continue_from(self.step)
         self._last_ckpt = path
         ranks = saved.get("world_size", 1)
         self.log.message(f"resumed from {path} at step {self.step}"
@@ -234,7 +244,8 @@ class Trainer:
         return row
 
     def sample(self) -> None:
-        if self.tokenizer is None or not self.task.can_sample or not (self.dist.main or self.fsdp):
+        if (self.tokenizer is None or not self.task.can_sample or not self.cfg.sample_tokens  # --sample-tokens 0: none
+                or not (self.dist.main or self.fsdp)):
             return
         from ..generate import generate
 
@@ -375,13 +386,14 @@ class Trainer:
                 result.val_loss, result.val_perplexity = row.get("val_loss"), row.get("val_perplexity")
                 result.val_bits_per_byte, result.validation = row.get("val_bits_per_byte"), row
                 self._say_if_best_was_better(row)
-            with self._averaged():
-                self.sample()
-                model_state = self._full_state()[0] if self.fsdp else None
-                if self.dist.main:
-                    self.task.save(self.model, self.out, self.tokenizer, state_dict=model_state)
-                    self.log.message(f"saved the final model to {self.out}"
-                                     + (f" (the average of its weights, --ema {self.cfg.ema:g})" if self.average else ""))
+            if self.average is not None:
+                self.average.install()  # the model in memory (GPTForge.train's, a caller's) is the one saved
+            self.sample()
+            model_state = self._full_state()[0] if self.fsdp else None
+            if self.dist.main:
+                self.task.save(self.model, self.out, self.tokenizer, state_dict=model_state)
+                self.log.message(f"saved the final model to {self.out}"
+                                 + (f" (the average of its weights, --ema {self.cfg.ema:g})" if self.average else ""))
         if math.isfinite(self.best_val):
             result.best_val_loss, result.best_step = self.best_val, self.best_step
         self.log.close()

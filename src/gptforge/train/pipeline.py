@@ -272,7 +272,8 @@ def run_training(
     out = Path(cfg.out_dir)
     _check_before_work(cfg, inputs, data, eval_inputs, init, size, model_overrides, tokenizer, vocab_size, line_by_line)
     check_reporters(cfg.reporters)  # likewise a logger that is not installed
-    examples = example_inputs(inputs, eval_inputs, data, instruct)
+    examples = example_inputs(inputs, eval_inputs, data, instruct, [flag for flag, on in (
+        ("--line-by-line", line_by_line), ("--batch-mode sequential", cfg.batch_mode == "sequential")) if on])
     check_lora(lora, cfg, init, examples)
     given = record if record is not None else dict(inputs=inputs, data=data, eval_inputs=eval_inputs, init=init, size=size,
                                                    tokenizer=tokenizer, vocab_size=vocab_size, tokenizer_kind=tokenizer_kind,

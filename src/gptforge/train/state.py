@@ -49,7 +49,7 @@ def pack(trainer, optim_state: dict) -> dict:
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "train_config": dataclasses.asdict(trainer.cfg), "data": trainer.data.fingerprint,
         "tokenizer": getattr(trainer.tokenizer, "fingerprint", None) or getattr(trainer.data, "tokenizer_fingerprint", ""),
-        "world_size": trainer.dist.world_size, "task_options": trainer.task.options,
+        "world_size": trainer.dist.world_size, "task_options": trainer.resume_options(),
         "average": trainer.average.state_dict() if trainer.average is not None else None,
     }
 

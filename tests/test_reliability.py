@@ -280,6 +280,8 @@ def test_clean_leftovers_keeps_everything_else(tmp_path):
     (["--block-size", "10000000"], "--block-size"),
     (["--batch-size", "4000000"], "--batch-size"),
     (["--device", "cuda"], "--device"),
+    (["--init", "{pre}", "--freeze", "blocks:5"], "--freeze"),
+    (["--size", "tiny", "--freeze", "fins"], "--freeze"),
 ])
 def test_bad_options_are_refused_by_name_before_any_work(tmp_path, corpus, capsys, argv, flag):
     if flag == "--device" and torch.cuda.is_available():

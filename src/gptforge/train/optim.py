@@ -11,6 +11,23 @@ from ..options import TrainConfig
 from ..runtime import torch_version
 
 
+def freeze_parts(spec: str, n_layer: int) -> list[tuple[bool, int]]:
+    """--freeze as (embeddings frozen, number of first blocks frozen) per comma-separated part; a part that is
+    none of embeddings, blocks:N, all-but:N (N from 0 to n_layer) is refused by name."""
+    parts = []
+    for part in spec.split(","):
+        name, _, arg = part.strip().partition(":")
+        if name == "embeddings":
+            parts.append((True, 0))
+        elif name in ("blocks", "all-but") and arg.isdigit() and int(arg) <= n_layer:
+            parts.append((name == "all-but", int(arg) if name == "blocks" else n_layer - int(arg)))
+        else:
+            raise OptionError(
+                f"--freeze {part!r}: expected embeddings, blocks:N or all-but:N with N between 0 and n_layer={n_layer}"
+            )
+    return parts
+
+
 def apply_freeze(model: nn.Module, spec: str | None) -> int:
     """Freeze parts of the model for transfer learning; returns the number of frozen parameters.
 
@@ -19,19 +36,10 @@ def apply_freeze(model: nn.Module, spec: str | None) -> int:
     """
     if not spec:
         return 0
-    tr, n_layer = model.transformer, model.config.n_layer
+    tr = model.transformer
     frozen: list[nn.Module] = []
-    for part in spec.split(","):
-        name, _, arg = part.strip().partition(":")
-        if name == "embeddings":
-            frozen += [tr.wte, tr.wpe]
-        elif name in ("blocks", "all-but") and arg.isdigit() and int(arg) <= n_layer:
-            k = int(arg) if name == "blocks" else n_layer - int(arg)
-            frozen += list(tr.h[:k]) + ([tr.wte, tr.wpe] if name == "all-but" else [])
-        else:
-            raise OptionError(
-                f"--freeze {part!r}: expected embeddings, blocks:N or all-but:N with N between 0 and n_layer={n_layer}"
-            )
+    for embeddings, blocks in freeze_parts(spec, model.config.n_layer):
+        frozen += list(tr.h[:blocks]) + ([tr.wte, tr.wpe] if embeddings else [])
     for module in frozen:
         module.requires_grad_(False)
     return sum(p.numel() for p in model.parameters() if not p.requires_grad)

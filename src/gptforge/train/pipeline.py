@@ -23,7 +23,7 @@ from ..runtime import pick_precision, resolve_device, world_size
 from .logging import check_reporters
 from .finetune import add_lora, check_lora, example_inputs, instruction_task
 from .loop import Trainer, TrainResult
-from .optim import configure_optimizer
+from .optim import configure_optimizer, freeze_parts
 from .runfolder import (check_block_size, check_fits_memory, claim_run_folder, refuse_conflicts, refuse_previous_run,
                         resume_tokenizer)
 
@@ -214,6 +214,8 @@ def _check_model_fits(cfg: TrainConfig, init, size, overrides: dict | None, voca
             return  # the overrides may fit the size chosen later; it is checked then
     block = cfg.block_size or config.n_positions
     check_block_size(block, config)
+    if cfg.freeze and (init is not None or size or (overrides or {}).get("n_layer")):  # else the size is chosen later
+        freeze_parts(cfg.freeze, config.n_layer)
     check_fits_memory(config, cfg, block, device)
 
 

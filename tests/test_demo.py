@@ -59,3 +59,6 @@ def test_demo_takes_your_own_text(tmp_path, capsys, sample_text):
     assert main(["demo", str(tmp_path / "mine.txt"), "--minutes", "0.02", "--out", str(out)]) == 2
     assert "holds another run" in capsys.readouterr().err
     assert (out / "tokenizer" / "tokenizer.json").stat().st_mtime_ns == stamp
+    # the message says to pass --resume, which the demo takes (it used to be "unrecognized arguments")
+    assert main(["demo", str(tmp_path / "mine.txt"), "--minutes", "0.02", "--out", str(out), "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out

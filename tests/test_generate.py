@@ -163,6 +163,16 @@ def test_seeded_sampling_is_reproducible(models):
     assert len(a) == 6 and len({tuple(r) for r in a}) > 1
 
 
+def test_a_seed_gives_the_same_samples_whether_or_not_each_step_is_watched(models):
+    # a stop text or a stream watches every step, so a batch stops as soon as its rows end; unwatched, it looks
+    # every 8 steps and drew more numbers first, which used to change every later batch's samples
+    m, _ = models
+    p = _prompts([4])
+    kw = dict(max_new_tokens=20, temperature=1.5, top_k=0, num_samples=6, batch_size=1, seed=5)
+    eos = generate_ids(m, p, eos_id=None, **kw)[0][2]  # the first sample ends by its third token
+    assert generate_ids(m, p, eos_id=eos, **kw) == generate_ids(m, p, eos_id=eos, callback=lambda row, ids: None, **kw)
+
+
 def test_top_k_one_sampling_is_greedy(models):
     m, _ = models
     p = _prompts([5])

@@ -637,7 +637,7 @@ def small_tok(tmp_path_factory, corpus) -> Path:
     return folder
 
 
-def test_a_folder_input_never_reads_the_run_or_data_folder_inside_it(tmp_path, corpus, small_tok):
+def test_a_folder_input_never_reads_the_run_or_data_folder_inside_it(tmp_path, corpus, small_tok, monkeypatch):
     import json
 
     from gptforge.data import prepare
@@ -654,6 +654,10 @@ def test_a_folder_input_never_reads_the_run_or_data_folder_inside_it(tmp_path, c
     first = prepare([str(texts)], small_tok, texts / "data")
     again = prepare([str(texts)], small_tok, texts / "data")  # its own shards and tokenizer are not inputs
     assert again["reused"] and [Path(i["path"]).name for i in first["inputs"]] == ["a.txt"]
+    # an output folder that holds the inputs excludes nothing: the README's train_tokenizer("texts") writes to "."
+    monkeypatch.chdir(tmp_path)
+    assert train_tokenizer("texts", vocab_size=280).vocab_size == 280
+    assert train_tokenizer("texts/*.txt", vocab_size=280, out_dir="texts/tok").vocab_size == 280
 
 
 def test_one_document_gets_the_tail_split_whatever_the_seed(tmp_path, sample_text, small_tok):
@@ -785,6 +789,8 @@ def test_prompts_may_follow_the_options(finished_run, capsys):
     with pytest.raises(SystemExit):  # what is not a prompt is still an error
         main(["generate", str(finished_run), "--max-new-tokens", "2", "--bogus", "first"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    assert main(["generate", str(finished_run), "--max-new-tokens", "2", "--greedy", "--no-stream", "--", "-5 degrees"]) == 0
+    assert "-5 degrees" in capsys.readouterr().out  # after `--`, a prompt may start with "-"
 
 
 def test_resume_with_other_frozen_layers_or_adapters_is_refused(tmp_path, corpus, finished_run):
@@ -793,9 +799,11 @@ def test_resume_with_other_frozen_layers_or_adapters_is_refused(tmp_path, corpus
     # each used to end in a traceback (the optimizer's state of other parameters), or, for LoRA's alpha, to
     # rescale the trained adapter without a word
     frozen = tmp_path / "frozen"
-    run_training([str(corpus)], init=str(finished_run), freeze="embeddings", log=lambda m: None, **quick(frozen))
-    with pytest.raises(RunFolderError, match="--freeze embeddings then, none now"):
-        run_training([str(corpus)], init=str(finished_run), log=lambda m: None, **quick(frozen, max_steps=3, resume=True))
+    run_training([str(corpus)], init=str(finished_run), freeze="embeddings,blocks:1", log=lambda m: None, **quick(frozen))
+    run_training([str(corpus)], init=str(finished_run), freeze="blocks:1, embeddings", log=lambda m: None,
+                 **quick(frozen, max_steps=3, resume=True))  # the same layers in another order resume
+    with pytest.raises(RunFolderError, match="--freeze blocks:1,embeddings then, none now"):
+        run_training([str(corpus)], init=str(finished_run), log=lambda m: None, **quick(frozen, max_steps=4, resume=True))
     adapter = tmp_path / "adapter"
     run_training([str(corpus)], init=str(finished_run), lora=LoRAOptions(lora_r=2), log=lambda m: None, **quick(adapter))
     with pytest.raises(RunFolderError, match="--lora-alpha 16.0 then, 64.0 now"):
@@ -817,8 +825,10 @@ def test_an_output_folder_never_replaces_what_the_command_reads(tmp_path, corpus
     run_training([str(corpus)], init=str(base), lora=LoRAOptions(lora_r=2), log=lambda m: None, **quick(adapter))
     before = sorted(p.name for p in base.iterdir()), sorted(p.name for p in adapter.iterdir())
     # with --force these used to replace the run folders they read: checkpoints, data and best/ gone
+    (tmp_path / "link").symlink_to(base)  # the same folder by another name
     for argv in (["merge", base, adapter, "--out", base, "--force"], ["merge", base, adapter, "--out", adapter, "--force"],
-                 ["quantize", base / "best", "--out", base, "--force"], ["export", base / "best", tmp_path, "--force"]):
+                 ["quantize", base / "best", "--out", base, "--force"], ["export", base / "best", tmp_path, "--force"],
+                 ["export", tmp_path / "link" / "best", base, "--force"]):
         code, err = cli(capsys, *argv)
         assert code == 2 and "which this command reads and would replace" in err, (argv, err)
     assert (sorted(p.name for p in base.iterdir()), sorted(p.name for p in adapter.iterdir())) == before
@@ -860,3 +870,31 @@ def test_a_resumed_run_continues_its_records_without_repeating_steps(tmp_path, c
 def test_sample_tokens_zero_writes_no_samples(tmp_path, corpus):
     run_training([str(corpus)], **TINY, log=lambda m: None, **quick(tmp_path / "run", sample_interval=1, sample_tokens=0))
     assert not (tmp_path / "run" / "samples.txt").exists()  # used to hold empty "=== step N ===" blocks
+
+
+def test_evaluating_a_missing_file_or_a_folder_is_an_error_not_text(tmp_path, hf_gpt2_dir, byte_tokenizer, monkeypatch):
+    from gptforge.checkpoint import load_model
+    from gptforge.errors import NotFoundError
+    from gptforge.evaluate import evaluate_text
+
+    model = load_model(hf_gpt2_dir)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NotFoundError, match="valid.txt: no such file"):  # used to score the nine characters "valid.txt"
+        evaluate_text(model, byte_tokenizer, "valid.txt")
+    (tmp_path / "texts").mkdir()
+    with pytest.raises(DataError, match="texts: a folder"):
+        evaluate_text(model, byte_tokenizer, ["texts"])
+    assert evaluate_text(model, byte_tokenizer, "a sentence to score.").tokens > 0  # text is still text
+
+
+def test_eval_max_tokens_scores_that_many_of_prepared_data_too(tmp_path, corpus, small_tok, hf_gpt2_dir, capsys):
+    from gptforge.checkpoint import load_model
+    from gptforge.data import prepare
+    from gptforge.evaluate import evaluate_prepared
+
+    prepare([str(corpus)], small_tok, tmp_path / "data")
+    model = load_model(hf_gpt2_dir)
+    assert evaluate_prepared(model, tmp_path / "data", max_tokens=50).tokens == 50  # was 49; a text's 50 are 50
+    (tmp_path / "texts").mkdir()
+    code, err = cli(capsys, "eval", hf_gpt2_dir, tmp_path / "texts")
+    assert code == 2 and "a folder without meta.json" in err  # was "no such file" for a folder that exists

@@ -109,7 +109,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import demo
 
     result = demo(args.inputs or None, out_dir=args.out, minutes=args.minutes, prompt=args.prompt,
-                  overwrite=args.overwrite, device=args.device)
+                  overwrite=args.overwrite, resume=args.resume, device=args.device)
     return 130 if result.interrupted else 0
 
 
@@ -278,7 +278,8 @@ def _add_train_commands(sub) -> None:
     p.add_argument("--prompt", default="def ", help="prompt for the sample at the end")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo run in --out")
-    p.set_defaults(func=cmd_demo)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo run in --out")
+    p.set_defaults(func=cmd_demo, parser=p)
 
 
 def _add_serve_command(sub) -> None:
@@ -296,10 +297,11 @@ def _take_late_positionals(parser: argparse.ArgumentParser, args: argparse.Names
     the options and calls what follows them unrecognized; such words join it, anything else is an error."""
     own = getattr(args, "parser", None)
     variadic = [a for a in (own._actions if own else []) if not a.option_strings and a.nargs in ("*", "+")]
-    if len(variadic) != 1 or any(w.startswith("-") and w != "-" for w in extra):
+    cut = extra.index("--") if "--" in extra else len(extra)  # after `--` a word may start with "-"
+    if len(variadic) != 1 or any(w.startswith("-") and w != "-" for w in extra[:cut]):
         (own or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     dest = variadic[0].dest
-    setattr(args, dest, [*(getattr(args, dest) or []), *extra])
+    setattr(args, dest, [*(getattr(args, dest) or []), *extra[:cut], *extra[cut + 1:]])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .cli_args import add_dataclass_options, option_values
-from .errors import NotFoundError
+from .errors import NotFoundError, OptionError
 
 ADAPTER_HELP = "a LoRA adapter folder (gptforge's or peft's) to apply to the model, merged on load; see docs/adapters.md"
 QUANTIZE_HELP = "int8: int8 weights made on load (faster on CPUs, slightly different numbers); see docs/guide.md"
@@ -45,6 +46,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if options["seed"] is None:
         options["seed"] = random.randrange(2**31)
         print(f"seed {options['seed']} (pass --seed {options['seed']} to get this text again)", file=sys.stderr)
+    if args.interactive and (args.prompt or args.prompt_option or args.out_dir or args.lines):
+        given = [f for f, v in (("a prompt", args.prompt or args.prompt_option), ("--out-dir", args.out_dir),
+                                ("--lines", args.lines)) if v]
+        raise OptionError(f"--interactive reads its prompts from stdin and prints the answers; leave out {', '.join(given)}")
+    if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise OptionError(f"--out-dir {args.out_dir}: is a file, not a folder")
     prompts = [] if args.interactive else _gather_prompts(args)
     model, tokenizer = load_with_adapter(args.model, args.adapter, args.tokenizer, device=args.device, quantize=args.quantize)
     chat = Conversation(tokenizer, keep_history=args.interactive) if args.chat else None
@@ -77,11 +84,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             line = sys.stdin.readline()
             if not line or line.strip() in ("exit", "quit"):
                 return 0
-            reply = run([chat.ask(line.rstrip("\n")) if chat else line.rstrip("\n")], live=True)
+            # streamed when the samples come one at a time; several at once are printed whole, not interleaved
+            live = not args.no_stream and (args.num_samples == 1 or args.batch_size == 1)
+            reply = run([chat.ask(line.rstrip("\n")) if chat else line.rstrip("\n")], live=live)
+            if not live:
+                print(args.delimiter.join(reply))
             if chat:
                 chat.answer(reply[0])
-            if args.num_samples > 1:
-                sys.stdout.write(args.delimiter)
     # Stream when rows come one at a time; a batch of rows is printed when it is done.
     live = not args.no_stream and not args.out_dir and (len(prompts) * args.num_samples == 1 or args.batch_size == 1)
     texts = run(prompts, live)
@@ -115,7 +124,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
     import json
-    from pathlib import Path
 
     import torch
 
@@ -133,6 +141,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not Path(f).exists():
             raise NotFoundError(f"{f}: no such file or prepared dataset folder")
     prepared = [(Path(f) / "meta.json").is_file() for f in args.files]
+    for f, is_prepared in zip(args.files, prepared):
+        if Path(f).is_dir() and not is_prepared:
+            raise NotFoundError(f"{f}: a folder without meta.json, not data prepared by `gptforge prepare`; give its "
+                                "text files, or a run's RUN/data")
     if all(prepared) and not (args.adapter or is_adapter(args.model)):
         model = load_model(args.model, device=resolve_device(args.device), quantize=args.quantize)
         tokenizer = None  # token shards need no tokenizer

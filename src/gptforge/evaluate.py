@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.reading import read_text_file
-from .errors import DataError, OptionError
+from .errors import DataError, NotFoundError, OptionError
 from .model import GPT
 from .options import EvalOptions
 from .progress import progress_bar
@@ -178,9 +179,18 @@ def evaluate_tokens(
 
 
 def _is_file_name(item) -> bool:
+    """Whether `item` names a file to read; a folder, or a missing file's name (one word ending in a text
+    file's extension, such as "valid.txt"), is an error rather than nine characters of text to score."""
     if isinstance(item, os.PathLike):
         return True
-    return isinstance(item, str) and len(item) < 4096 and "\n" not in item and os.path.isfile(item)
+    if not (isinstance(item, str) and len(item) < 4096 and "\n" not in item):
+        return False
+    if os.path.isdir(item):
+        raise DataError(f"{item}: a folder; give the text files in it (or, for data prepared by `gptforge prepare`, "
+                        "evaluate_prepared / `gptforge eval MODEL FOLDER`)")
+    if not os.path.isfile(item) and re.fullmatch(r"\S+\.(txt|md|text|jsonl|ndjson|json|csv|tsv)", item, re.I):
+        raise NotFoundError(f"{item}: no such file (a text to score, not a file name, is passed as the text itself)")
+    return os.path.isfile(item)
 
 
 def evaluate_text(
@@ -242,7 +252,11 @@ def evaluate_prepared(model: GPT, folder: str | os.PathLike, split: str = "val",
     info = load_meta(folder).get(split) or {}
     if not info.get("tokens"):
         raise DataError(f"{folder}: the prepared dataset has no {split!r} tokens; prepare it with a validation split")
-    r = evaluate_tokens(model, load_split(folder, split), **options)
+    names = {f.name for f in dataclasses.fields(EvalOptions)}
+    opts = _options(options.pop("options", None), {k: options.pop(k) for k in list(options) if k in names})
+    if opts.max_tokens:  # the split starts with <|endoftext|>: N tokens scored are N + 1 of the stream, as for a text
+        opts = dataclasses.replace(opts, max_tokens=opts.max_tokens + 1)
+    r = evaluate_tokens(model, load_split(folder, split), opts, **options)
     r.bits_per_byte = bits_per_byte(r.loss, info["bytes"] / info["tokens"] if info.get("bytes") else None)
     return r
 

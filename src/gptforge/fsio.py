@@ -79,9 +79,9 @@ def check_out_folder(out: str | os.PathLike, force: bool, reads=()) -> Path:
     command reads (`reads`, or one that holds it), whatever `force` says; any other folder that is not empty,
     unless `force`."""
     out = Path(out)
-    where = Path(os.path.abspath(out))
+    where = Path(os.path.realpath(out))  # through links: a link to the run folder is the run folder
     for source in (r for r in reads if r is not None and Path(r).exists()):
-        real = Path(os.path.abspath(source))
+        real = Path(os.path.realpath(source))
         if where == real or where in real.parents:
             from .errors import RunFolderError
 

@@ -176,10 +176,7 @@ def generate_ids(
             warnings.warn(f"prompt of {len(p)} tokens is longer than the model's context ({n_ctx}); keeping its last {n_ctx} tokens")
             p = p[-n_ctx:]
         prompts += [p] * opts.num_samples
-    generator = None
     device = model.transformer.wte.weight.device
-    if opts.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(opts.seed)
     was_training = model.training
     model.eval()
     try:
@@ -188,6 +185,9 @@ def generate_ids(
         with cpu_inference_weights(model, keep=not was_training):  # a model in training keeps no copies
             for start in range(0, len(prompts), opts.batch_size):
                 batch = prompts[start:start + opts.batch_size]
+                # each batch its own seeded generator: how many numbers an earlier batch drew (it may stop as soon
+                # as its rows end, when a stop text or a stream looks at every step) never changes a later one
+                generator = None if opts.seed is None else torch.Generator(device=device).manual_seed(opts.seed + start)
                 row_callback = None
                 if callback is not None:
                     row_callback = lambda row, ids, _s=start: callback(_s + row, ids)  # noqa: E731

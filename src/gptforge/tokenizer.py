@@ -411,6 +411,9 @@ def _folder_meta(folder: Path) -> dict:
     return meta
 
 
+MAX_VOCAB = 2**22  # 4M tokens: far above any GPT-2 vocabulary, far below what the trainer cannot allocate
+
+
 def train_tokenizer(
     files: str | os.PathLike | Sequence[str | os.PathLike],
     vocab_size: int = 5000,
@@ -438,8 +441,10 @@ def train_tokenizer(
     if not isinstance(vocab_size, int) or vocab_size < (258 if kind == "bpe" else 3):
         raise TokenizerError(f"vocab_size={vocab_size} is too small for a {kind} tokenizer; "
                              f"use at least {258 if kind == 'bpe' else 3} (e.g. --vocab-size 5000)")
-    if min_frequency < 1:
-        raise TokenizerError(f"min_frequency={min_frequency} must be at least 1")
+    if vocab_size > MAX_VOCAB:  # the trainer would try to allocate for it (1e9 aborts the process)
+        raise TokenizerError(f"vocab_size={vocab_size:,} is more than {MAX_VOCAB:,} tokens; GPT-2 has 50,257 (e.g. --vocab-size 5000)")
+    if not (isinstance(min_frequency, int) and 1 <= min_frequency < 2**32):
+        raise TokenizerError(f"min_frequency={min_frequency} must be a whole number from 1 to 2**32 - 1")
     if out_dir is not None and Path(out_dir).is_file():
         raise TokenizerError(f"{out_dir}: is a file, not a folder; choose a folder to save the tokenizer in")
     import itertools
@@ -482,7 +487,7 @@ def train_tokenizer(
         hf.decoder = decoders.Fuse()
         hf.add_special_tokens([AddedToken(EOS, special=True, normalized=False), AddedToken(UNK, special=True, normalized=False)])
     tok = Tokenizer(hf, source=f"trained {kind}")
-    if tok.vocab_size <= 2 + (kind == "bpe") * 256:
+    if tok.vocab_size <= (257 if kind == "bpe" else 2):  # bytes and <|endoftext|>; <|endoftext|> and <|unk|>
         where = ", ".join(map(str, paths)) or "texts"
         if not seen[0]:
             raise TokenizerError(f"no text to train on in {where}; give files with text")

@@ -69,9 +69,10 @@ class ReadOptions:
 def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], extensions: Sequence[str] = TEXT_EXTENSIONS,
                    exclude: Sequence[str | os.PathLike] = ()) -> list[Path]:
     """Files named by `inputs`: files as given, folders searched recursively by extension, glob patterns.
-    A folder or pattern never yields files under `exclude` (the folders a command writes: `gptforge train .`
-    must not read its own run folder's tokenizer and checkpoints as text), and a folder search skips the
-    folders gptforge and transformers write (a `tokenizer.json` or `run_config.json` in them: runs, models,
+    A folder or pattern never descends into a folder of `exclude` that lies inside it (the folders a command
+    writes: `gptforge train .` must not read its own run folder's tokenizer and checkpoints as text; a folder
+    named inside the output, or the output itself, is read as given), and a folder search skips the folders
+    gptforge and transformers write (a `tokenizer.json` or `run_config.json` in them: runs, models,
     tokenizers, prepared data), whose merges.txt and metrics.jsonl are not the user's text."""
     if isinstance(inputs, (str, os.PathLike, HFDataset)):
         inputs = [inputs]
@@ -79,9 +80,9 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], exte
         raise DataError("no inputs given; name text files, folders or glob patterns")
     outs = [Path(e).resolve() for e in exclude if e is not None]
 
-    def ours(p: Path) -> bool:
-        real = p.resolve()
-        return any(real == o or o in real.parents for o in outs)
+    def ours(p: Path, top: Path) -> bool:  # under an excluded folder that lies strictly inside `top`, the searched root
+        real, root = p.resolve(), top.resolve()
+        return any(root in o.parents and (real == o or o in real.parents) for o in outs)
 
     written: dict[Path, bool] = {}
 
@@ -102,7 +103,7 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], exte
         path = Path(item)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts) and not ours(p)
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts) and not ours(p, path)
                            and not in_written(p, path))
             if not found:
                 raise NotFoundError(f"{path}: folder has no files ending in {', '.join(extensions)}; "
@@ -111,7 +112,9 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], exte
         elif path.is_file():
             files.append(path)
         elif any(c in str(item) for c in "*?["):
-            found = sorted(Path(p) for p in globlib.glob(str(item), recursive=True) if os.path.isfile(p) and not ours(Path(p)))
+            root = Path(re.split(r"[*?\[]", str(item))[0] or ".")  # the folder the pattern starts from
+            root = root if root.is_dir() else root.parent
+            found = sorted(Path(p) for p in globlib.glob(str(item), recursive=True) if os.path.isfile(p) and not ours(Path(p), root))
             if not found:
                 raise NotFoundError(f"{item}: the pattern matches no files")
             files += found

@@ -177,7 +177,8 @@ class Trainer:
         """What a resumed run must give as it began: the task's own options, the frozen layers, and the LoRA
         adapters (their shape, scale and base model), each of which changes what the checkpoint's state means."""
         lora = getattr(self.model, "lora", None) or {}
-        return {**self.task.options, "--freeze": self.cfg.freeze, "--lora-r": lora.get("r"),
+        freeze = ",".join(sorted(part.strip() for part in self.cfg.freeze.split(","))) if self.cfg.freeze else None
+        return {**self.task.options, "--freeze": freeze, "--lora-r": lora.get("r"),
                 "--lora-alpha": lora.get("alpha"), "--lora-targets": ",".join(lora.get("targets", [])) or None,
                 "the base model": lora.get("fingerprint")}
 

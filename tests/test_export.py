@@ -56,6 +56,21 @@ def test_export_of_best_finds_the_run_records(run, tmp_path):
     assert "perplexity" in (out / "README.md").read_text()
 
 
+def test_export_of_a_stopped_runs_best_and_checkpoint(run, tmp_path):
+    import shutil
+
+    stopped = tmp_path / "stopped"
+    shutil.copytree(run, stopped)
+    for name in ("config.json", "model.safetensors"):  # a run stopped before its final model
+        (stopped / name).unlink()
+    best_step = json.loads((stopped / "best" / "best_validation.json").read_text())["step"]
+    card = (export_model(stopped / "best", tmp_path / "b") / "README.md").read_text()  # used to need RUN/config.json
+    assert f"- Steps: {best_step:,} " in card
+    last = sorted((stopped / "checkpoints").iterdir())[-1]
+    card = (export_model(last, tmp_path / "c") / "README.md").read_text()
+    assert f"- Steps: {int(last.name.split('-')[1]):,} " in card
+
+
 def test_export_refuses_what_would_lose_or_leak(run, tmp_path):
     with pytest.raises(NotFoundError, match="no model here"):
         export_model(tmp_path, tmp_path / "x")

@@ -865,6 +865,11 @@ def test_a_resumed_run_continues_its_records_without_repeating_steps(tmp_path, c
     assert [r["step"] for r in result.history if "loss" in r] == [1, 2, 3]  # loss.png draws the whole run
     samples = (out / "samples.txt").read_text()
     assert samples.count("=== step 2 ===") == 1 and samples.count("=== step 1 ===") == 1
+    finals = lambda: sum(1 for line in (out / "metrics.jsonl").read_text().splitlines() if '"val_loss"' in line  # noqa: E731
+                         and json.loads(line)["step"] == 3)
+    before = finals()
+    run_training([str(corpus)], **TINY, log=lambda m: None, **quick(out, resume=True, **opts))  # a finished run again
+    assert finals() == before  # its final evaluation is taken again, not written twice
 
 
 def test_sample_tokens_zero_writes_no_samples(tmp_path, corpus):
@@ -898,3 +903,75 @@ def test_eval_max_tokens_scores_that_many_of_prepared_data_too(tmp_path, corpus,
     (tmp_path / "texts").mkdir()
     code, err = cli(capsys, "eval", hf_gpt2_dir, tmp_path / "texts")
     assert code == 2 and "a folder without meta.json" in err  # was "no such file" for a folder that exists
+
+
+def test_a_kill_between_best_and_its_checkpoint_resumes_exactly(tmp_path, corpus, monkeypatch):
+    from gptforge.train.loop import Trainer
+
+    opts = dict(save_steps=1, eval_interval=2, early_stopping=1, max_steps=6, eval_tokens=10**9)  # evaluations whole
+    run_training([str(corpus)], **TINY, log=lambda m: None, **quick(tmp_path / "whole", **opts))
+    save = Trainer.save_checkpoint
+
+    class Killed(BaseException):
+        pass
+
+    def killed_at_4(self):  # step 4's evaluation improved and wrote best/; the process dies before its checkpoint
+        if self.step == 4:
+            raise Killed
+        return save(self)
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", killed_at_4)
+    with pytest.raises(Killed):
+        run_training([str(corpus)], **TINY, log=lambda m: None, **quick(tmp_path / "cut", **opts))
+    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    run_training([str(corpus)], **TINY, log=lambda m: None, **quick(tmp_path / "cut", resume=True, **opts))
+    # the resumed run took best/'s score for its own, found step 4 "no improvement" and stopped early there
+    whole, resumed = load_model_state(tmp_path / "whole"), load_model_state(tmp_path / "cut")
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def load_model_state(folder: Path) -> dict:
+    from gptforge.checkpoint import load_model
+
+    return load_model(folder).state_dict()
+
+
+def test_an_input_that_changes_while_prepare_reads_it_is_refused(tmp_path, sample_text, small_tok, monkeypatch):
+    import gptforge.data.shards as shards
+    from gptforge.data import prepare
+
+    text = tmp_path / "growing.txt"
+    text.write_text(sample_text)
+    route = shards._route
+
+    def written_to_meanwhile(*args, **kwargs):  # another program appends while the shards are written
+        with open(text, "a") as f:
+            f.write("more text\n")
+        return route(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "_route", written_to_meanwhile)
+    with pytest.raises(DataError, match="growing.txt: changed while it was read"):  # was kept, and reused later
+        prepare([str(text)], small_tok, tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+
+
+def test_out_through_a_link_under_a_file_or_with_a_long_name(tmp_path, corpus, small_tok, capsys):
+    import socket
+
+    from gptforge.data import prepare
+
+    elsewhere = tmp_path / "other-disk" / "data"
+    elsewhere.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(elsewhere)
+    prepare([str(corpus)], small_tok, tmp_path / "link")  # used to replace the link by a folder here
+    assert (tmp_path / "link").is_symlink() and (elsewhere / "meta.json").is_file()
+    code, err = cli(capsys, "prepare", corpus, "--tokenizer", small_tok, "--out", corpus / "sub")
+    assert code == 2 and "part of this path is a file" in err  # was a FileExistsError traceback
+    long = tmp_path / ("y" * 250)  # a legal name; ".NAME.tmp-XXXX" beside it used to be too long
+    assert prepare([str(corpus)], small_tok, long)["train"]["tokens"] > 0
+    gone = subprocess.Popen(["true"])  # a process that has ended: its pid names no live process
+    gone.wait()
+    stale = tmp_path / f".data.tmp-{socket.gethostname()[:40]}-{gone.pid}-x1"  # left by a killed prepare
+    stale.mkdir()
+    prepare([str(corpus)], small_tok, tmp_path / "data")
+    assert not stale.exists()

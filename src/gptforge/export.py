@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -51,11 +52,23 @@ def _last_sample(path: Path, limit: int = 600) -> str | None:
     return last[:limit] if last else None
 
 
-def run_facts(run: str | os.PathLike) -> dict:
-    """What a model card says about a run, read from its files: config, metrics, data, options, sample."""
+def _model_step(folder: Path) -> int | None:
+    """The step of the model in `folder`: a checkpoint's (step-N) or best/'s (its record); None for a final model."""
+    match = re.fullmatch(r"step-(\d+)", folder.name)
+    if match:
+        return int(match.group(1))
+    return _json(folder / "best_validation.json").get("step")
+
+
+def run_facts(run: str | os.PathLike, model: str | os.PathLike | None = None) -> dict:
+    """What a model card says about a run, read from its files: config, metrics, data, options, sample. `model`
+    is the folder exported (the run's final model by default, or its best/ or a checkpoint): its config, and the
+    metrics up to its step."""
     run = Path(run)
-    config = GPTConfig.load(run)
-    rows = _rows(run / "metrics.jsonl")
+    model = Path(model) if model is not None else run
+    config = GPTConfig.load(model)
+    step = _model_step(model)
+    rows = [r for r in _rows(run / "metrics.jsonl") if step is None or r.get("step", 0) <= step]
     given = _json(run / "run_config.json")
     options, resolved = given.get("options", {}), given.get("resolved", {})
     data_dir = run / "data" if (run / "data" / "meta.json").is_file() else Path(str(options.get("data") or run / "data"))
@@ -106,10 +119,11 @@ def _training_lines(facts: dict) -> list[str]:
     return lines
 
 
-def model_card(run: str | os.PathLike, license: str = "other", base_model: str | None = None) -> str:
-    """README.md for the exported model: front matter for the Hugging Face hub, then what the model is, what it
-    was trained on, how well it does and how it was trained."""
-    facts = run_facts(run)
+def model_card(run: str | os.PathLike, license: str = "other", base_model: str | None = None,
+               model: str | os.PathLike | None = None) -> str:
+    """README.md for the exported model (`model`: the folder, by default the run's final model): front matter for
+    the Hugging Face hub, then what the model is, what it was trained on, how well it does and how it was trained."""
+    facts = run_facts(run, model)
     c, val = facts["config"], facts["val"]
     base_model = base_model or facts["options"].get("init")
     front = ["---", "library_name: transformers", "pipeline_tag: text-generation", f"license: {license}",
@@ -165,7 +179,7 @@ def export_model(run: str | os.PathLike, out: str | os.PathLike, *, license: str
                 shutil.copy2(run / name, tmp / name)
         if (records / "loss.png").is_file():
             shutil.copy2(records / "loss.png", tmp / "loss.png")
-        write_text(tmp / "README.md", model_card(records, license=license))
+        write_text(tmp / "README.md", model_card(records, license=license, model=run))
     return out
 
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import tempfile
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -95,27 +96,54 @@ def check_out_folder(out: str | os.PathLike, force: bool, reads=()) -> Path:
     return out
 
 
+def _remove_stale(folder: Path, stem: str) -> None:
+    """Temporary folders `stem<pid>-*` of processes of this host that are gone (a killed prepare or export)."""
+    for tmp in folder.glob(f"{glob_escape(stem)}*-*"):
+        pid = tmp.name[len(stem):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder next to `target`; on success it replaces `target` in one rename.
 
     A crash or a full disk leaves the previous `target` untouched (and at worst a `.tmp-*` folder).
     """
-    given, target = target, Path(os.path.abspath(target))  # links are not followed
+    given, target = target, Path(os.path.abspath(target))
+    if target.is_symlink():  # a link to a folder elsewhere (another disk): that folder is the one replaced
+        target = Path(os.path.realpath(target))
     here = Path.cwd()
     if target == here or target in here.parents:  # replacing it would leave the shell in a deleted folder
         from .errors import OptionError
 
         raise OptionError(f"{given}: is the folder you are working in (or holds it), and an output folder is replaced "
                           "as a whole; name a new folder for it (e.g. ./out)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        from .errors import OptionError
+
+        raise OptionError(f"{given}: part of this path is a file, not a folder") from None
+    stem = f".{target.name[:100]}.tmp-{socket.gethostname()[:40]}-"  # short enough for any name up to 255 bytes
+    _remove_stale(target.parent, stem)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{stem}{os.getpid()}-", dir=target.parent))
     try:
         honour_umask(tmp)
         yield tmp
         old = None
         if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            old = target.with_name(f".{target.name[:100]}.old-{os.getpid()}")
             os.replace(target, old)
         os.replace(tmp, target)
         if old is not None:

@@ -12,6 +12,7 @@ line-by-line sample) is followed by one, so every sample is wrapped in `<|endoft
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -280,6 +281,7 @@ def prepare(
     # what decides the tokens; `extensions` only chose the files, which are fingerprinted themselves
     options = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(opts).items() if k != "extensions"}
     options.update(val_fraction=0.0 if val_files else val_fraction, seed=seed, shard_tokens=shard_tokens)
+    stamps = {p: p.stat().st_mtime_ns for p in files + val_files if isinstance(p, Path)}  # before the hash is taken
     inputs_fp = [fingerprint_file(p) for p in files]
     val_fp = [fingerprint_file(p) for p in val_files]
     key = json.dumps([FORMAT, tok.fingerprint, [f["blake2b"] for f in inputs_fp], [f["blake2b"] for f in val_fp], options], sort_keys=True)
@@ -297,8 +299,9 @@ def prepare(
     with atomic_dir(out_dir) as tmp:
         writers = {s: _ShardWriter(tmp, s, np.dtype(dtype), tok.eos_id, shard_tokens) for s in ("train", "val")}
         try:
-            results = _run_jobs(_jobs(files, val_files, opts), tok, opts, dtype, workers)
-            _route(results, writers, 0.0 if val_files else val_fraction, np.random.default_rng(seed), bar)
+            # closed here when routing fails (a full disk): its workers end now, not at garbage collection
+            with contextlib.closing(_run_jobs(_jobs(files, val_files, opts), tok, opts, dtype, workers)) as results:
+                _route(results, writers, 0.0 if val_files else val_fraction, np.random.default_rng(seed), bar)
             if bar is not None:
                 finish(bar)  # the bar counted the text's bytes; the files also hold blank lines and markup
         finally:
@@ -306,6 +309,10 @@ def prepare(
                 w.close()
             if bar is not None:
                 bar.close()
+        for path, before in zip(files + val_files, [*inputs_fp, *val_fp]):  # what was read is what was fingerprinted
+            if isinstance(path, Path) and (path.stat().st_size != before["bytes"] or path.stat().st_mtime_ns != stamps[path]):
+                raise DataError(f"{path}: changed while it was read ({before['bytes']:,} bytes before, "
+                                f"{path.stat().st_size:,} now); prepare again once it is complete")
         train, val = writers["train"].summary(), writers["val"].summary()
         if train["tokens"] == 0 and not val_files:
             _val_to_train(tmp, train, val)  # then the tail split below, as for one document

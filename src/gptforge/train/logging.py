@@ -92,9 +92,10 @@ class RunLog:
             mlflow.log_params({k: str(v)[:500] for k, v in self.config.items()})
         mlflow.log_metrics(scalars, step=step)
 
-    def continue_from(self, step: int) -> None:
+    def continue_from(self, step: int, final_again: bool = False) -> None:
         """A resumed run picks up its records at checkpoint `step`: the history (and loss.png) from the start,
-        and no rows or samples of the steps after it, which the run is about to take again."""
+        and no rows or samples of the steps after it, which the run is about to take again (with `final_again`,
+        nor the evaluation and sample of `step` itself, which a finished run repeats)."""
         from ..fsio import write_text
 
         metrics, samples = self.out / "metrics.jsonl", self.out / "samples.txt"
@@ -105,12 +106,14 @@ class RunLog:
                     rows.append(json.loads(line))
                 except ValueError:  # a line cut short by the kill that ended the run
                     continue
-            self.history = [r for r in rows if isinstance(r, dict) and r.get("step", 0) <= step]
+            self.history = [r for r in rows if isinstance(r, dict) and (r.get("step", 0) < step or r.get("step", 0) == step
+                                                                        and not (final_again and "val_loss" in r))]
             if self.main and len(self.history) != len(rows):
                 write_text(metrics, "".join(json.dumps(r) + "\n" for r in self.history))
         if self.main and samples.is_file():
             text = samples.read_text(encoding="utf-8")
-            later = next((m.start() for m in re.finditer(r"(?m)^=== step (\d+) ===$", text) if int(m.group(1)) > step), None)
+            later = next((m.start() for m in re.finditer(r"(?m)^=== step (\d+) ===$", text)
+                          if int(m.group(1)) > step or final_again and int(m.group(1)) == step), None)
             if later is not None:
                 write_text(samples, text[:later])
 

@@ -211,7 +211,7 @@ class Trainer:
     def _load_training_state(self, path: Path, saved: dict | None = None) -> None:
         saved = saved if saved is not None else ckpt.load_training_state(path)
         average = state.restore(self, saved)
-        self.log.continue_from(self.step)
+        self.log.continue_from(self.step, final_again=self._done())  # a finished run evaluates its last step again
         self._last_ckpt = path
         ranks = saved.get("world_size", 1)
         self.log.message(f"resumed from {path} at step {self.step}"

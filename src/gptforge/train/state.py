@@ -69,9 +69,11 @@ def restore(trainer, state: dict) -> str:
     trainer.best_val, trainer.evals_since_best = state["best_val"], state["evals_since_best"]
     trainer.best_step = state.get("best_step")  # None: a checkpoint written before 2026-12-01 did not record it
     # best/ may hold a better model than the checkpoint knows of (the final evaluation comes after the last
-    # checkpoint; a run can stop between a checkpoint and the next evaluation): keep it from being overwritten
+    # checkpoint): keep it from being overwritten. One of a later step (a kill between best/ and that step's
+    # checkpoint) is not adopted: the resumed run evaluates that step again, to the same score, as it did.
     disk = best_on_disk(trainer.out / "best", trainer.task.metric)
-    if disk and math.isfinite(disk[0]) and trainer.task.better(disk[0], trainer.best_val):
+    if (disk and math.isfinite(disk[0]) and (disk[1] is None or disk[1] <= trainer.step)
+            and trainer.task.better(disk[0], trainer.best_val)):
         trainer.best_val, trainer.best_step = disk
     if trainer.average is not None and state.get("average"):
         trainer.average.load_state_dict(state["average"])

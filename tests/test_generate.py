@@ -173,6 +173,13 @@ def test_a_seed_gives_the_same_samples_whether_or_not_each_step_is_watched(model
     assert generate_ids(m, p, eos_id=eos, **kw) == generate_ids(m, p, eos_id=eos, callback=lambda row, ids: None, **kw)
 
 
+def test_neighbouring_seeds_do_not_share_batches(models):
+    m, _ = models
+    kw = dict(max_new_tokens=8, temperature=1.5, top_k=0, num_samples=3, batch_size=1, eos_id=None)
+    a, b = generate_ids(m, _prompts([4]), seed=0, **kw), generate_ids(m, _prompts([4]), seed=1, **kw)
+    assert not set(map(tuple, a)) & set(map(tuple, b))  # seed 1's samples used to be seed 0's second and third
+
+
 def test_top_k_one_sampling_is_greedy(models):
     m, _ = models
     p = _prompts([5])

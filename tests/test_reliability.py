@@ -654,6 +654,11 @@ def test_a_folder_input_never_reads_the_run_or_data_folder_inside_it(tmp_path, c
     first = prepare([str(texts)], small_tok, texts / "data")
     again = prepare([str(texts)], small_tok, texts / "data")  # its own shards and tokenizer are not inputs
     assert again["reused"] and [Path(i["path"]).name for i in first["inputs"]] == ["a.txt"]
+    # a text folder with a stray tokenizer.json of its own is still text (only a model's or run's pair of files is not)
+    (texts / "project").mkdir()
+    shutil.copy(corpus, texts / "project" / "notes.txt")
+    (texts / "project" / "tokenizer.json").write_text("{}")
+    assert any(Path(i["path"]).name == "notes.txt" for i in prepare([str(texts)], small_tok, tmp_path / "d2")["inputs"])
     # an output folder that holds the inputs excludes nothing: the README's train_tokenizer("texts") writes to "."
     monkeypatch.chdir(tmp_path)
     assert train_tokenizer("texts", vocab_size=280).vocab_size == 280
@@ -800,9 +805,9 @@ def test_resume_with_other_frozen_layers_or_adapters_is_refused(tmp_path, corpus
     # rescale the trained adapter without a word
     frozen = tmp_path / "frozen"
     run_training([str(corpus)], init=str(finished_run), freeze="embeddings,blocks:1", log=lambda m: None, **quick(frozen))
-    run_training([str(corpus)], init=str(finished_run), freeze="blocks:1, embeddings", log=lambda m: None,
-                 **quick(frozen, max_steps=3, resume=True))  # the same layers in another order resume
-    with pytest.raises(RunFolderError, match="--freeze blocks:1,embeddings then, none now"):
+    run_training([str(corpus)], init=str(finished_run), freeze="all-but:0", log=lambda m: None,
+                 **quick(frozen, max_steps=3, resume=True))  # the same layers named otherwise resume (1 layer)
+    with pytest.raises(RunFolderError, match="--freeze embeddings,blocks:1 then, none now"):
         run_training([str(corpus)], init=str(finished_run), log=lambda m: None, **quick(frozen, max_steps=4, resume=True))
     adapter = tmp_path / "adapter"
     run_training([str(corpus)], init=str(finished_run), lora=LoRAOptions(lora_r=2), log=lambda m: None, **quick(adapter))
@@ -886,10 +891,11 @@ def test_evaluating_a_missing_file_or_a_folder_is_an_error_not_text(tmp_path, hf
     monkeypatch.chdir(tmp_path)
     with pytest.raises(NotFoundError, match="valid.txt: no such file"):  # used to score the nine characters "valid.txt"
         evaluate_text(model, byte_tokenizer, "valid.txt")
-    (tmp_path / "texts").mkdir()
-    with pytest.raises(DataError, match="texts: a folder"):
-        evaluate_text(model, byte_tokenizer, ["texts"])
+    (tmp_path / "data" / "texts").mkdir(parents=True)
+    with pytest.raises(DataError, match="data/texts: a folder"):
+        evaluate_text(model, byte_tokenizer, ["data/texts"])
     assert evaluate_text(model, byte_tokenizer, "a sentence to score.").tokens > 0  # text is still text
+    assert evaluate_text(model, byte_tokenizer, ["data"]).tokens == 4  # a one-word text, though a folder has its name
 
 
 def test_eval_max_tokens_scores_that_many_of_prepared_data_too(tmp_path, corpus, small_tok, hf_gpt2_dir, capsys):
@@ -903,6 +909,7 @@ def test_eval_max_tokens_scores_that_many_of_prepared_data_too(tmp_path, corpus,
     (tmp_path / "texts").mkdir()
     code, err = cli(capsys, "eval", hf_gpt2_dir, tmp_path / "texts")
     assert code == 2 and "a folder without meta.json" in err  # was "no such file" for a folder that exists
+    assert evaluate_prepared(model, tmp_path / "data", max_tokens=1).tokens == 1  # one token is a number of tokens
 
 
 def test_a_kill_between_best_and_its_checkpoint_resumes_exactly(tmp_path, corpus, monkeypatch):

@@ -171,9 +171,9 @@ def fetch_from_hub(repo_id: str) -> Path:
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     """A local folder or weights file as given, or a hub id downloaded to the local cache."""
     path = Path(name_or_path)
-    if path.is_file() and path.suffix.lower() not in (".safetensors", ".bin", ".pt", ".pth", ".json"):
-        raise CheckpointError(f"{path}: a file, not a model; give a model folder (a run folder, or one written by "
-                              "transformers) or its weights file (.safetensors, .bin)")
+    if path.is_file() and path.suffix.lower() in (".txt", ".md", ".text", ".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"):
+        raise CheckpointError(f"{path}: a text file, not a model; give a model folder (a run folder, or one written "
+                              "by transformers) or its weights file (.safetensors, .bin)")
     if path.exists():
         return path
     # `runs/model` whose `runs/` exists is a mistyped local path, not a hub id to download.

@@ -185,7 +185,7 @@ def _is_file_name(item) -> bool:
         return True
     if not (isinstance(item, str) and len(item) < 4096 and "\n" not in item):
         return False
-    if os.path.isdir(item):
+    if os.sep in item and os.path.isdir(item):  # "corpus" alone may be a one-word text; "data/corpus" is a path
         raise DataError(f"{item}: a folder; give the text files in it (or, for data prepared by `gptforge prepare`, "
                         "evaluate_prepared / `gptforge eval MODEL FOLDER`)")
     if not os.path.isfile(item) and re.fullmatch(r"\S+\.(txt|md|text|jsonl|ndjson|json|csv|tsv)", item, re.I):

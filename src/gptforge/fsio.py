@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import hashlib
 import os
 import shutil
 import socket
@@ -135,7 +136,8 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         from .errors import OptionError
 
         raise OptionError(f"{given}: part of this path is a file, not a folder") from None
-    stem = f".{target.name[:100]}.tmp-{socket.gethostname()[:40]}-"  # short enough for any name up to 255 bytes
+    host = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()  # pids are per host
+    stem = f".{target.name[:100]}.tmp-{host}-"  # short enough for any name up to 255 bytes
     _remove_stale(target.parent, stem)
     tmp = Path(tempfile.mkdtemp(prefix=f"{stem}{os.getpid()}-", dir=target.parent))
     try:

@@ -12,6 +12,7 @@ recomputed from scratch, so the model always sees positions it was trained on.
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from typing import Callable, Sequence
 
@@ -137,6 +138,14 @@ def _as_prompts(input_ids) -> list[list[int]]:
 
 
 @torch.inference_mode()
+def _batch_seed(seed: int, start: int) -> int:
+    """The seed of the batch that starts at sample `start`: `seed` itself for the first, then a hash of both, so
+    that seed 1 does not repeat seed 0's second batch."""
+    if start == 0:
+        return seed
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{start}".encode(), digest_size=8).digest(), "little")
+
+
 def generate_ids(
     model: GPT,
     input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
@@ -187,7 +196,7 @@ def generate_ids(
                 batch = prompts[start:start + opts.batch_size]
                 # each batch its own seeded generator: how many numbers an earlier batch drew (it may stop as soon
                 # as its rows end, when a stop text or a stream looks at every step) never changes a later one
-                generator = None if opts.seed is None else torch.Generator(device=device).manual_seed(opts.seed + start)
+                generator = None if opts.seed is None else torch.Generator(device=device).manual_seed(_batch_seed(opts.seed, start))
                 row_callback = None
                 if callback is not None:
                     row_callback = lambda row, ids, _s=start: callback(_s + row, ids)  # noqa: E731

@@ -293,7 +293,7 @@ class EvalOptions:
 
     def __post_init__(self) -> None:
         check_fields(self, {"block_size": (0, None, False, int), "stride": (0, None, False, int),
-                            "batch_size": (1, None, True, int), "max_tokens": (1, None, False, int)})
+                            "batch_size": (1, None, True, int), "max_tokens": (1, None, True, int)})
 
 
 # --- adapters and instruction tuning --------------------------------------------------------------------

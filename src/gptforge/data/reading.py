@@ -23,7 +23,8 @@ from typing import Iterator, Sequence
 from ..errors import DataError, NotFoundError
 
 TEXT_EXTENSIONS = (".txt", ".md", ".text", ".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
-WRITTEN_MARKERS = ("tokenizer.json", "run_config.json")  # a folder holding one is a model, tokenizer or run: not text
+# a folder holding both files of a pair is a model or tokenizer (transformers', gptforge's) or a gptforge run: not text
+WRITTEN_MARKERS = (("tokenizer.json", "tokenizer_config.json"), ("tokenizer.json", "config.json"), ("run_config.json", "metrics.jsonl"))
 BLOCK_BYTES = 1 << 20  # bytes read at a time
 JOB_CHARS = 1 << 20  # characters of text per batch of documents handed on
 MAX_PIECE_CHARS = 16 << 20  # a document longer than this is passed on in pieces (cut where the ids cannot change)
@@ -72,8 +73,9 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], exte
     A folder or pattern never descends into a folder of `exclude` that lies inside it (the folders a command
     writes: `gptforge train .` must not read its own run folder's tokenizer and checkpoints as text; a folder
     named inside the output, or the output itself, is read as given), and a folder search skips the folders
-    gptforge and transformers write (a `tokenizer.json` or `run_config.json` in them: runs, models,
-    tokenizers, prepared data), whose merges.txt and metrics.jsonl are not the user's text."""
+    gptforge and transformers write (`tokenizer.json` with `tokenizer_config.json` or `config.json`, or
+    `run_config.json` with `metrics.jsonl`: models, tokenizers, runs), whose merges.txt and metrics.jsonl are
+    not the user's text."""
     if isinstance(inputs, (str, os.PathLike, HFDataset)):
         inputs = [inputs]
     if not inputs:
@@ -90,7 +92,7 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], exte
         for d in list(p.relative_to(top).parents)[:-1]:  # the folders between `top` (named by the user) and the file
             d = top / d
             if d not in written:
-                written[d] = any((d / marker).is_file() for marker in WRITTEN_MARKERS)
+                written[d] = any(all((d / name).is_file() for name in pair) for pair in WRITTEN_MARKERS)
             if written[d]:
                 return True
         return False

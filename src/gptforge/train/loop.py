@@ -40,7 +40,7 @@ from ..runtime import init_distributed, out_of_memory, pick_precision, resolve_d
 from . import state
 from .logging import RunLog, StepProgress, describe_run
 from .average import WeightAverage
-from .optim import apply_freeze, configure_optimizer, lr_at, warmup_share
+from .optim import apply_freeze, configure_optimizer, freeze_parts, lr_at, warmup_share
 from .tasks import LanguageModelling, Task
 from .runfolder import (check_block_size, check_fits_memory, check_same_run, check_tokenizer_of_data, clear_previous_run,
                         refuse_previous_run)
@@ -177,9 +177,13 @@ class Trainer:
         """What a resumed run must give as it began: the task's own options, the frozen layers, and the LoRA
         adapters (their shape, scale and base model), each of which changes what the checkpoint's state means."""
         lora = getattr(self.model, "lora", None) or {}
-        freeze = ",".join(sorted(part.strip() for part in self.cfg.freeze.split(","))) if self.cfg.freeze else None
+        freeze = None
+        if self.cfg.freeze:  # what is frozen, however it is spelled (all-but:0 of one layer is embeddings,blocks:1)
+            parts = freeze_parts(self.cfg.freeze, self.model.config.n_layer)
+            frozen = ["embeddings"] * any(e for e, _ in parts) + [f"blocks:{max(b for _, b in parts)}"] * any(b for _, b in parts)
+            freeze = ",".join(frozen) or None
         return {**self.task.options, "--freeze": freeze, "--lora-r": lora.get("r"),
-                "--lora-alpha": lora.get("alpha"), "--lora-targets": ",".join(lora.get("targets", [])) or None,
+                "--lora-alpha": lora.get("alpha"), "--lora-targets": ",".join(sorted(lora.get("targets", []))) or None,
                 "the base model": lora.get("fingerprint")}
 
     def _full_state(self) -> tuple[dict, dict]:

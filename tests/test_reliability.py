@@ -963,6 +963,7 @@ def test_an_input_that_changes_while_prepare_reads_it_is_refused(tmp_path, sampl
 
 
 def test_out_through_a_link_under_a_file_or_with_a_long_name(tmp_path, corpus, small_tok, capsys):
+    import hashlib
     import socket
 
     from gptforge.data import prepare
@@ -978,7 +979,16 @@ def test_out_through_a_link_under_a_file_or_with_a_long_name(tmp_path, corpus, s
     assert prepare([str(corpus)], small_tok, long)["train"]["tokens"] > 0
     gone = subprocess.Popen(["true"])  # a process that has ended: its pid names no live process
     gone.wait()
-    stale = tmp_path / f".data.tmp-{socket.gethostname()[:40]}-{gone.pid}-x1"  # left by a killed prepare
+    host = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
+    stale = tmp_path / f".data.tmp-{host}-{gone.pid}-x1"  # left by a killed prepare
     stale.mkdir()
     prepare([str(corpus)], small_tok, tmp_path / "data")
     assert not stale.exists()
+
+
+def test_a_resume_with_another_batch_says_so(run_copy, corpus, capsys):
+    out, _ = run_copy
+    said = []
+    run_training([str(corpus)], **TINY, log=said.append, **quick(out, max_steps=3, resume=True, batch_size=4))
+    printed = capsys.readouterr()
+    assert "note: --batch-size 2 then, 4 now" in printed.out + printed.err + "".join(said)  # was silent

@@ -137,7 +137,6 @@ def _as_prompts(input_ids) -> list[list[int]]:
     return [list(map(int, p)) for p in input_ids]
 
 
-@torch.inference_mode()
 def _batch_seed(seed: int, start: int) -> int:
     """The seed of the batch that starts at sample `start`: `seed` itself for the first, then a hash of both, so
     that seed 1 does not repeat seed 0's second batch."""
@@ -146,6 +145,7 @@ def _batch_seed(seed: int, start: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{start}".encode(), digest_size=8).digest(), "little")
 
 
+@torch.inference_mode()
 def generate_ids(
     model: GPT,
     input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],

@@ -136,7 +136,7 @@ class TrainConfig:
     sample_interval: int | None = opt(None, "steps between text samples (default: eval interval)")
     sample_prompt: str = opt("", "prompt for the samples (default: start of a document)")
     sample_tokens: int = opt(80, "tokens per sample")
-    early_stopping: int | None = opt(None, "stop after this many evaluations without a better validation loss")
+    early_stopping: int | None = opt(None, "stop after this many evaluations without a better validation score (the loss; macro-F1 for a classifier)")
     report_to: str | None = opt(None, "also log to these, comma-separated: tensorboard, wandb, mlflow (each needs its package)")
     tensorboard: bool = opt(False, "also log to TensorBoard (same as --report-to tensorboard)")
     plot: bool = opt(True, "draw loss.png at each evaluation")

@@ -221,6 +221,12 @@ class Trainer:
         self.log.message(f"resumed from {path} at step {self.step}"
                          + (f" (saved by {ranks} processes, now {self.dist.world_size})" if ranks != self.dist.world_size else "")
                          + average)
+        began = saved.get("train_config") or {}
+        changed = [f"--{k.replace('_', '-')} {began[k]} then, {getattr(self.cfg, k)} now" for k in ("batch_size", "grad_accum")
+                   if began.get(k) is not None and began[k] != getattr(self.cfg, k)]
+        if changed:
+            self.log.message(f"note: {'; '.join(changed)}: the run goes on with another batch, so it will not end as the "
+                             "stopped run would have; resume with the command it began with to continue it exactly")
 
     # -- evaluation and samples
 

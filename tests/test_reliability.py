@@ -296,6 +296,12 @@ def test_bad_options_are_refused_by_name_before_any_work(tmp_path, corpus, capsy
     assert not (out / "tokenizer").exists() and not (out / "data").exists()  # refused before the work
 
 
+def test_a_missing_input_is_refused_before_any_work(tmp_path, corpus, capsys):
+    code, err = cli(capsys, "train", corpus, tmp_path / "nosuch.txt", "--out", tmp_path / "run", "--max-steps", 1)
+    assert code == 2 and "nosuch.txt: no such file or folder" in err
+    assert not (tmp_path / "run" / "tokenizer").exists()  # the tokenizer used to be trained first
+
+
 def test_data_with_eval_file_or_inputs_is_refused(tmp_path, corpus):
     for extra in (dict(eval_inputs=[str(corpus)]), dict(inputs=[str(corpus)]), dict(line_by_line=True)):
         with pytest.raises(OptionError, match="--data"):

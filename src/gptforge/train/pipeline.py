@@ -13,7 +13,7 @@ import torch
 from ..checkpoint import list_checkpoints, load_model, resolve_model_path
 from ..config import GPTConfig, preset
 from ..data.dataset import load_run_data
-from ..errors import ConfigError, DataError, TokenizerError
+from ..errors import ConfigError, DataError, NotFoundError, TokenizerError
 from ..fsio import folder_of, write_text
 from ..kernels import matmul
 from ..model import GPT
@@ -195,6 +195,13 @@ def _check_before_work(cfg: TrainConfig, inputs, data, eval_inputs, init, size, 
     _check_model_fits(cfg, init, size, overrides, vocab_size)
 
 
+def _refuse_missing(inputs, eval_inputs) -> None:
+    """A mistyped input name, before a tokenizer is trained on the rest (the options are checked first)."""
+    for item in [*(inputs or []), *(eval_inputs or [])]:
+        if isinstance(item, (str, Path)) and not any(c in str(item) for c in "*?[") and not Path(item).exists():
+            raise NotFoundError(f"{item}: no such file or folder")
+
+
 def _check_model_fits(cfg: TrainConfig, init, size, overrides: dict | None, vocab_size) -> None:
     """What can be checked of the model before any tokenizer or data work: its config, the context, the memory
     (for a size still to be chosen, the smallest one: a lower bound)."""
@@ -277,6 +284,7 @@ def run_training(
     examples = example_inputs(inputs, eval_inputs, data, instruct, [flag for flag, on in (
         ("--line-by-line", line_by_line), ("--batch-mode sequential", cfg.batch_mode == "sequential")) if on])
     check_lora(lora, cfg, init, examples)
+    _refuse_missing(inputs, eval_inputs)
     given = record if record is not None else dict(inputs=inputs, data=data, eval_inputs=eval_inputs, init=init, size=size,
                                                    tokenizer=tokenizer, vocab_size=vocab_size, tokenizer_kind=tokenizer_kind,
                                                    line_by_line=line_by_line, **(model_overrides or {}), **(read_options or {}), **options)

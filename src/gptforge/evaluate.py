@@ -146,11 +146,13 @@ def _eval_mode(model: GPT) -> Iterator[None]:
         model.train(was)
 
 
+_EVAL_FIELDS = frozenset(f.name for f in dataclasses.fields(EvalOptions))
+
+
 def _options(options: EvalOptions | None, overrides: dict) -> EvalOptions:
-    names = {f.name for f in dataclasses.fields(EvalOptions)}
-    unknown = sorted(set(overrides) - names)
+    unknown = sorted(set(overrides) - _EVAL_FIELDS)
     if unknown:
-        raise OptionError(f"unknown evaluation option(s) {', '.join(unknown)}; choose from {', '.join(sorted(names))}")
+        raise OptionError(f"unknown evaluation option(s) {', '.join(unknown)}; choose from {', '.join(sorted(_EVAL_FIELDS))}")
     return dataclasses.replace(options or EvalOptions(), **overrides)
 
 
@@ -252,8 +254,7 @@ def evaluate_prepared(model: GPT, folder: str | os.PathLike, split: str = "val",
     info = load_meta(folder).get(split) or {}
     if not info.get("tokens"):
         raise DataError(f"{folder}: the prepared dataset has no {split!r} tokens; prepare it with a validation split")
-    names = {f.name for f in dataclasses.fields(EvalOptions)}
-    opts = _options(options.pop("options", None), {k: options.pop(k) for k in list(options) if k in names})
+    opts = _options(options.pop("options", None), {k: options.pop(k) for k in list(options) if k in _EVAL_FIELDS})
     if opts.max_tokens:  # the split starts with <|endoftext|>: N tokens scored are N + 1 of the stream, as for a text
         opts = dataclasses.replace(opts, max_tokens=opts.max_tokens + 1)
     r = evaluate_tokens(model, load_split(folder, split), opts, **options)

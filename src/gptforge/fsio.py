@@ -18,6 +18,8 @@ from glob import escape as glob_escape
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .errors import OptionError, RunFolderError
+
 # Writes that fail because the disk (or quota, or file size limit) is full, as the OS and the libraries
 # that write in native code (safetensors, torch.save) word it.
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -85,13 +87,9 @@ def check_out_folder(out: str | os.PathLike, force: bool, reads=()) -> Path:
     for source in (r for r in reads if r is not None and Path(r).exists()):
         real = Path(os.path.realpath(source))
         if where == real or where in real.parents:
-            from .errors import RunFolderError
-
             raise RunFolderError(f"--out {out}: {'is' if where == real else 'holds'} {source}, which this command reads "
                                  "and would replace; write to another folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        from .errors import RunFolderError
-
         raise RunFolderError(f"--out {out}: already exists and is not empty; choose another folder or add --force to "
                              "replace it")
     return out
@@ -126,15 +124,11 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         target = Path(os.path.realpath(target))
     here = Path.cwd()
     if target == here or target in here.parents:  # replacing it would leave the shell in a deleted folder
-        from .errors import OptionError
-
         raise OptionError(f"{given}: is the folder you are working in (or holds it), and an output folder is replaced "
                           "as a whole; name a new folder for it (e.g. ./out)")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        from .errors import OptionError
-
         raise OptionError(f"{given}: part of this path is a file, not a folder") from None
     host = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()  # pids are per host
     stem = f".{target.name[:100]}.tmp-{host}-"  # short enough for any name up to 255 bytes
@@ -236,8 +230,6 @@ def exclusive_lock(folder: str | os.PathLike, what: str = "run", log: Callable[[
     try:
         if not _try_lock(fd):
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            from .errors import RunFolderError
-
             raise RunFolderError(f"{folder}: another gptforge {what} is using this folder ({holder}); wait for it "
                                  "to finish or choose another --out")
         stale = os.pread(fd, 200, 0).decode(errors="replace").strip()

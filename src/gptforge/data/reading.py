@@ -82,9 +82,15 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], exte
         raise DataError("no inputs given; name text files, folders or glob patterns")
     outs = [Path(e).resolve() for e in exclude if e is not None]
 
-    def ours(p: Path, top: Path) -> bool:  # under an excluded folder that lies strictly inside `top`, the searched root
-        real, root = p.resolve(), top.resolve()
-        return any(root in o.parents and (real == o or o in real.parents) for o in outs)
+    def inside(top: Path) -> list[Path]:  # the excluded folders that lie strictly inside `top`, the searched root
+        root = top.resolve()
+        return [o for o in outs if root in o.parents]
+
+    def ours(p: Path, skip: list[Path]) -> bool:
+        if not skip:
+            return False
+        real = p.resolve()
+        return any(real == o or o in real.parents for o in skip)
 
     written: dict[Path, bool] = {}
 
@@ -104,8 +110,9 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], exte
             continue
         path = Path(item)
         if path.is_dir():
+            skip = inside(path)
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts) and not ours(p, path)
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts) and not ours(p, skip)
                            and not in_written(p, path))
             if not found:
                 raise NotFoundError(f"{path}: folder has no files ending in {', '.join(extensions)}; "
@@ -115,8 +122,8 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], exte
             files.append(path)
         elif any(c in str(item) for c in "*?["):
             root = Path(re.split(r"[*?\[]", str(item))[0] or ".")  # the folder the pattern starts from
-            root = root if root.is_dir() else root.parent
-            found = sorted(Path(p) for p in globlib.glob(str(item), recursive=True) if os.path.isfile(p) and not ours(Path(p), root))
+            skip = inside(root if root.is_dir() else root.parent)
+            found = sorted(Path(p) for p in globlib.glob(str(item), recursive=True) if os.path.isfile(p) and not ours(Path(p), skip))
             if not found:
                 raise NotFoundError(f"{item}: the pattern matches no files")
             files += found

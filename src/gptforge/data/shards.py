@@ -310,9 +310,10 @@ def prepare(
             if bar is not None:
                 bar.close()
         for path, before in zip(files + val_files, [*inputs_fp, *val_fp]):  # what was read is what was fingerprinted
-            if isinstance(path, Path) and (path.stat().st_size != before["bytes"] or path.stat().st_mtime_ns != stamps[path]):
+            now = path.stat() if isinstance(path, Path) else None
+            if now is not None and (now.st_size != before["bytes"] or now.st_mtime_ns != stamps[path]):
                 raise DataError(f"{path}: changed while it was read ({before['bytes']:,} bytes before, "
-                                f"{path.stat().st_size:,} now); prepare again once it is complete")
+                                f"{now.st_size:,} now); prepare again once it is complete")
         train, val = writers["train"].summary(), writers["val"].summary()
         if train["tokens"] == 0 and not val_files:
             _val_to_train(tmp, train, val)  # then the tail split below, as for one document

@@ -105,7 +105,8 @@ class Server:
         try:
             opts.validate()
         except ValueError as e:  # named as the request names it
-            param = {"max_new_tokens": "max_tokens", "num_samples": "n"}.get(getattr(e, "param", None), getattr(e, "param", None))
+            param = getattr(e, "param", None)
+            param = {"max_new_tokens": "max_tokens", "num_samples": "n"}.get(param, param)
             raise ApiError(400, str(e), param, "invalid_value") from None
         stream_options = get_field(body, "stream_options", (dict,), {}, "an object")
         truncate = get_field(body, "truncate_prompt", (bool,), True, "true or false")

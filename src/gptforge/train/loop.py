@@ -180,8 +180,8 @@ class Trainer:
         freeze = None
         if self.cfg.freeze:  # what is frozen, however it is spelled (all-but:0 of one layer is embeddings,blocks:1)
             parts = freeze_parts(self.cfg.freeze, self.model.config.n_layer)
-            frozen = ["embeddings"] * any(e for e, _ in parts) + [f"blocks:{max(b for _, b in parts)}"] * any(b for _, b in parts)
-            freeze = ",".join(frozen) or None
+            embeddings, blocks = any(e for e, _ in parts), max(b for _, b in parts)
+            freeze = ",".join(["embeddings"] * embeddings + [f"blocks:{blocks}"] * (blocks > 0)) or None
         return {**self.task.options, "--freeze": freeze, "--lora-r": lora.get("r"),
                 "--lora-alpha": lora.get("alpha"), "--lora-targets": ",".join(sorted(lora.get("targets", []))) or None,
                 "the base model": lora.get("fingerprint")}

@@ -414,6 +414,21 @@ def _folder_meta(folder: Path) -> dict:
 MAX_VOCAB = 2**22  # 4M tokens: far above any GPT-2 vocabulary, far below what the trainer cannot allocate
 
 
+def _check_arguments(kind: str, vocab_size: int, min_frequency: int, out_dir) -> None:
+    """train_tokenizer's arguments, refused by name before any text is read."""
+    if kind not in ("bpe", "char"):
+        raise TokenizerError(f"kind={kind!r} is not a tokenizer kind; choose 'bpe' or 'char'")
+    if not isinstance(vocab_size, int) or vocab_size < (258 if kind == "bpe" else 3):
+        raise TokenizerError(f"vocab_size={vocab_size} is too small for a {kind} tokenizer; "
+                             f"use at least {258 if kind == 'bpe' else 3} (e.g. --vocab-size 5000)")
+    if vocab_size > MAX_VOCAB:  # the trainer would try to allocate for it (1e9 aborts the process)
+        raise TokenizerError(f"vocab_size={vocab_size:,} is more than {MAX_VOCAB:,} tokens; GPT-2 has 50,257 (e.g. --vocab-size 5000)")
+    if not (isinstance(min_frequency, int) and 1 <= min_frequency < 2**32):
+        raise TokenizerError(f"min_frequency={min_frequency} must be a whole number from 1 to 2**32 - 1")
+    if out_dir is not None and Path(out_dir).is_file():
+        raise TokenizerError(f"{out_dir}: is a file, not a folder; choose a folder to save the tokenizer in")
+
+
 def train_tokenizer(
     files: str | os.PathLike | Sequence[str | os.PathLike],
     vocab_size: int = 5000,
@@ -436,17 +451,7 @@ def train_tokenizer(
     """
     from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
-    if kind not in ("bpe", "char"):
-        raise TokenizerError(f"kind={kind!r} is not a tokenizer kind; choose 'bpe' or 'char'")
-    if not isinstance(vocab_size, int) or vocab_size < (258 if kind == "bpe" else 3):
-        raise TokenizerError(f"vocab_size={vocab_size} is too small for a {kind} tokenizer; "
-                             f"use at least {258 if kind == 'bpe' else 3} (e.g. --vocab-size 5000)")
-    if vocab_size > MAX_VOCAB:  # the trainer would try to allocate for it (1e9 aborts the process)
-        raise TokenizerError(f"vocab_size={vocab_size:,} is more than {MAX_VOCAB:,} tokens; GPT-2 has 50,257 (e.g. --vocab-size 5000)")
-    if not (isinstance(min_frequency, int) and 1 <= min_frequency < 2**32):
-        raise TokenizerError(f"min_frequency={min_frequency} must be a whole number from 1 to 2**32 - 1")
-    if out_dir is not None and Path(out_dir).is_file():
-        raise TokenizerError(f"{out_dir}: is a file, not a folder; choose a folder to save the tokenizer in")
+    _check_arguments(kind, vocab_size, min_frequency, out_dir)
     import itertools
     import threading
 

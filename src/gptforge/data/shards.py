@@ -265,12 +265,7 @@ def prepare(
     under `out_dir` or `exclude` (a run folder). Other keywords are `ReadOptions`.
     """
     opts = ReadOptions(line_by_line=line_by_line, **read_options)
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"--val-fraction {val_fraction} must be in [0, 1)")
-    if not (isinstance(seed, int) and 0 <= seed < 2**63):
-        raise DataError(f"--seed {seed!r}: must be an integer from 0 to 2**63 - 1")
-    if not (isinstance(shard_tokens, int) and shard_tokens > 0):
-        raise DataError(f"--shard-tokens {shard_tokens!r}: must be a positive number of tokens (default {SHARD_TOKENS:,})")
+    _check_arguments(val_fraction, seed, shard_tokens)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     out_dir = Path(out_dir)
     exclude = [out_dir, *exclude]  # never the shards themselves, nor what the caller writes (a run folder)
@@ -309,31 +304,55 @@ def prepare(
                 w.close()
             if bar is not None:
                 bar.close()
-        for path, before in zip(files + val_files, [*inputs_fp, *val_fp]):  # what was read is what was fingerprinted
-            now = path.stat() if isinstance(path, Path) else None
-            if now is not None and (now.st_size != before["bytes"] or now.st_mtime_ns != stamps[path]):
-                raise DataError(f"{path}: changed while it was read ({before['bytes']:,} bytes before, "
-                                f"{now.st_size:,} now); prepare again once it is complete")
+        _refuse_changed(files + val_files, [*inputs_fp, *val_fp], stamps)
         train, val = writers["train"].summary(), writers["val"].summary()
-        if train["tokens"] == 0 and not val_files:
-            _val_to_train(tmp, train, val)  # then the tail split below, as for one document
-        if train["tokens"] == 0:
-            raise DataError(f"no text left in {', '.join(map(str, files))} after cleaning; check --remove and the inputs")
-        val_split = "file" if val_files else "documents"
-        if not val_files and val_fraction > 0 and val["tokens"] == 0:
-            _carve_tail(tmp, train, val, val_fraction, np.dtype(dtype), tok.token_byte_lengths())
-            val_split = "tail"
+        val_split = _settle_split(tmp, train, val, files, bool(val_files), val_fraction, np.dtype(dtype), tok)
         meta = dict(format=FORMAT, fingerprint=fingerprint, dtype=dtype, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
                     tokenizer={"fingerprint": tok.fingerprint, "kind": tok.kind, "source": tok.source},
                     inputs=inputs_fp, val_inputs=val_fp, options=options, val_split=val_split, workers=workers,
                     train=train, val=val, seconds=round(time.time() - started, 3))
-        try:
-            text = json.dumps(meta, indent=2, ensure_ascii=False).encode()
-        except UnicodeEncodeError:  # a file name that is not UTF-8 (its bytes kept as surrogates): escaped
-            text = json.dumps(meta, indent=2).encode()
-        (tmp / "meta.json").write_bytes(text + b"\n")
+        _write_meta(tmp, meta)
         tok.save(tmp / "tokenizer")  # the exact tokenizer the ids belong to
     return {**meta, "reused": False}
+
+
+def _check_arguments(val_fraction: float, seed: int, shard_tokens: int) -> None:
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val-fraction {val_fraction} must be in [0, 1)")
+    if not (isinstance(seed, int) and 0 <= seed < 2**63):
+        raise DataError(f"--seed {seed!r}: must be an integer from 0 to 2**63 - 1")
+    if not (isinstance(shard_tokens, int) and shard_tokens > 0):
+        raise DataError(f"--shard-tokens {shard_tokens!r}: must be a positive number of tokens (default {SHARD_TOKENS:,})")
+
+
+def _refuse_changed(paths: list, fingerprints: list[dict], stamps: dict) -> None:
+    """What was read is what was fingerprinted: an input written to meanwhile is refused."""
+    for path, before in zip(paths, fingerprints):
+        now = path.stat() if isinstance(path, Path) else None
+        if now is not None and (now.st_size != before["bytes"] or now.st_mtime_ns != stamps[path]):
+            raise DataError(f"{path}: changed while it was read ({before['bytes']:,} bytes before, "
+                            f"{now.st_size:,} now); prepare again once it is complete")
+
+
+def _settle_split(folder: Path, train: dict, val: dict, files: list, val_file: bool, val_fraction: float,
+                  dtype: np.dtype, tok: Tokenizer) -> str:
+    """meta's "val_split": "file" (--val-file), "documents", or "tail" where the draw left a side empty."""
+    if train["tokens"] == 0 and not val_file:
+        _val_to_train(folder, train, val)  # then the tail split below, as for one document
+    if train["tokens"] == 0:
+        raise DataError(f"no text left in {', '.join(map(str, files))} after cleaning; check --remove and the inputs")
+    if not val_file and val_fraction > 0 and val["tokens"] == 0:
+        _carve_tail(folder, train, val, val_fraction, dtype, tok.token_byte_lengths())
+        return "tail"
+    return "file" if val_file else "documents"
+
+
+def _write_meta(folder: Path, meta: dict) -> None:
+    try:
+        text = json.dumps(meta, indent=2, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a file name that is not UTF-8 (its bytes kept as surrogates): escaped
+        text = json.dumps(meta, indent=2).encode()
+    (folder / "meta.json").write_bytes(text + b"\n")
 
 
 def _refuse_overlap(files: list, val_files: list) -> None:

@@ -7,8 +7,8 @@ import torch
 
 from gptforge.generate import (
     SamplingOptions,
-    _NGramBan,
-    _pick,
+    NGramBan,
+    pick,
     apply_repetition_penalty,
     generate,
     generate_ids,
@@ -116,7 +116,7 @@ def test_no_repeat_ngram_bans_the_same_tokens_as_transformers(n):
     scores = torch.randn(5, 300)
     ref = lp.NoRepeatNGramLogitsProcessor(n)(ids, scores.clone())
     ours = process_logits(scores.clone(), SamplingOptions(do_sample=False, no_repeat_ngram_size=n), 0, None,
-                          ngrams=[_NGramBan(n, row) for row in ids.tolist()])
+                          ngrams=[NGramBan(n, row) for row in ids.tolist()])
     assert torch.equal(_kept(ours), _kept(ref))
     assert (~_kept(ours)).any()
 
@@ -133,20 +133,30 @@ def test_all_processors_in_transformers_order():
     opts = SamplingOptions(repetition_penalty=1.2, min_new_tokens=3, temperature=0.7, top_k=40, top_p=0.8)
     ours = process_logits(scores.clone(), opts, 0, EOS, seen)
     assert torch.equal(_kept(ours), _kept(ref))
-    torch.testing.assert_close(ours[_kept(ours)], ref[_kept(ref)])
+    # the same distribution (below temperature 1 the best score is moved to 0 first: softmax does not change)
+    torch.testing.assert_close(ours.log_softmax(-1)[_kept(ours)], ref.log_softmax(-1)[_kept(ref)])
 
 
 def test_a_tiny_temperature_samples_the_best_token():
     scores = torch.tensor([[3.0, 9.0, -2.0, 8.5]])  # / 1e-39 overflows: the sampler used to see NaN and pick token 0
     opts = SamplingOptions(temperature=1e-39)
-    g = torch.Generator().manual_seed(0)
-    assert _pick(process_logits(scores.clone(), opts, 0, None, None), False, g).tolist() == [1]
+    for seed in range(40):  # every seed: at 1e-39 the best score used to overflow to +inf and tie with others
+        g = torch.Generator().manual_seed(seed)
+        assert pick(process_logits(scores.clone(), opts, 0, None, None), False, [g]).tolist() == [1]
+
+
+def test_a_tiny_temperature_on_all_negative_logits_is_greedy_not_nan():
+    scores = torch.tensor([[-7.0, -3.0, -9.0, -3.5]])  # GPT-2's logits are often all negative
+    for t in (1e-39, 1e-30, 1e-8):
+        processed = process_logits(scores.clone(), SamplingOptions(temperature=t), 0, None, None)
+        assert not processed.softmax(-1).isnan().any()
+        assert pick(processed, False, [torch.Generator().manual_seed(0)]).tolist() == [1]
 
 
 def test_sampling_draws_from_the_softmax():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).expand(40000, 5)
-    g = torch.Generator().manual_seed(0)
-    freq = torch.bincount(_pick(logits, False, g), minlength=5).float() / 40000
+    torch.manual_seed(0)
+    freq = torch.bincount(pick(logits, False), minlength=5).float() / 40000
     torch.testing.assert_close(freq, logits[0].softmax(-1), atol=0.01, rtol=0)
 
 
@@ -170,7 +180,7 @@ def test_a_seed_gives_the_same_samples_whether_or_not_each_step_is_watched(model
     p = _prompts([4])
     kw = dict(max_new_tokens=20, temperature=1.5, top_k=0, num_samples=6, batch_size=1, seed=5)
     eos = generate_ids(m, p, eos_id=None, **kw)[0][2]  # the first sample ends by its third token
-    assert generate_ids(m, p, eos_id=eos, **kw) == generate_ids(m, p, eos_id=eos, callback=lambda row, ids: None, **kw)
+    assert generate_ids(m, p, eos_id=eos, **kw) == generate_ids(m, p, eos_id=eos, on_token=lambda i, row, piece: None, **kw)
 
 
 def test_neighbouring_seeds_do_not_share_batches(models):
@@ -390,3 +400,44 @@ def test_unseen_characters_follow_the_tokenizer_policy(models, sample_text):
     out = generate(m, tok, prompt, do_sample=False, max_new_tokens=10, include_prompt=False)[0]
     ids = generate_ids(m, tok.encode(prompt), do_sample=False, max_new_tokens=10, eos_id=tok.eos_id)[0]
     assert out == tok.decode(ids)
+
+
+# --- incremental detokenising ----------------------------------------------------------------------------
+
+
+class _CountingTokenizer:
+    """A byte tokenizer that counts how many token ids it has decoded."""
+
+    def __init__(self, inner):
+        self.inner, self.eos_id, self.decoded = inner, inner.eos_id, 0
+
+    def encode(self, text):
+        return self.inner.encode(text)
+
+    def decode(self, ids):
+        self.decoded += len(ids)
+        return self.inner.decode(ids)
+
+
+def test_text_streams_decode_each_token_a_bounded_number_of_times(byte_tokenizer):
+    from gptforge.generate import TextStream
+
+    tok = _CountingTokenizer(byte_tokenizer)
+    text = "héllo wörld, 日本語の文 and emoji 🙂 " * 60  # characters of 1 to 4 bytes, split across byte tokens
+    ids = tok.encode(text)
+    stream, pieces = TextStream(tok, stop=["never seen"]), []
+    for n in range(1, len(ids) + 1):
+        pieces.append(stream.push(ids[:n], final=n == len(ids)))
+        assert "\ufffd" not in pieces[-1]  # half a character is never released
+    assert "".join(pieces) == text == stream.text
+    assert tok.decoded < 6 * len(ids)  # linear; decoding the whole row each time was len(ids)**2 / 2
+
+
+def test_generate_decodes_linearly_and_stops_inside_multibyte_text(models, byte_tokenizer):
+    m, _ = models
+    tok = _CountingTokenizer(byte_tokenizer)
+    out = generate(m, tok, "x", seed=2, max_new_tokens=300, top_k=0, temperature=1.5, include_prompt=False)[0]
+    # random bytes: about half end on part of a character and keep the window open a step or two longer
+    assert tok.decoded < 12 * 300  # decoding the whole row at every token was 300**2 / 2 = 45,000
+    ids = generate_ids(m, tok.encode("x"), seed=2, max_new_tokens=300, top_k=0, temperature=1.5, eos_id=0)[0]
+    assert out == byte_tokenizer.decode(ids)

@@ -62,15 +62,16 @@ class Collector:
         self.events: dict[int, list] = {}
         self.finished = threading.Semaphore(0)
 
-    def seq(self, i: int, prompt: list[int], max_tokens: int, **opts) -> Sequence:
+    def seq(self, i: int, prompt: list[int], max_tokens: int, choice: int | None = None, **opts) -> Sequence:
+        """Sequence `i` (its choice number, which picks its seed, is `i` unless given)."""
         self.events[i] = []
-        extra = {k: opts.pop(k) for k in ("stop", "presence_penalty", "frequency_penalty") if k in opts}
+        stop = opts.pop("stop", [])
 
         def emit(ev):
             self.events[i].append(ev)
             if ev.finish:
                 self.finished.release()
-        return Sequence(prompt, max_tokens, SamplingOptions(**opts), emit, choice=i, **extra)
+        return Sequence(prompt, SamplingOptions(max_new_tokens=max_tokens, **opts), emit, choice=i if choice is None else choice, stop=stop)
 
     def wait(self, n: int, timeout: float = 60) -> None:
         for _ in range(n):
@@ -125,7 +126,7 @@ def test_engine_sampling_is_reproducible_with_a_seed_and_honours_stop(tiny, one_
         c = Collector()
         p = tok.encode("The quick brown fox")
         opts = dict(temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.3, seed=7)
-        engine.submit([c.seq(0, p, 25, **opts), c.seq(1, p, 25, **opts),
+        engine.submit([c.seq(0, p, 25, **opts), c.seq(1, p, 25, choice=0, **opts),
                        c.seq(2, p, 25, presence_penalty=0.5, frequency_penalty=1.0, seed=1),
                        c.seq(3, p, 25, seed=8)])
         c.wait(4)
@@ -133,7 +134,7 @@ def test_engine_sampling_is_reproducible_with_a_seed_and_honours_stop(tiny, one_
         full = c.text(0)
         stop = full[3:5]
         if stop.strip("\ufffd"):
-            engine.submit([c.seq(4, p, 25, stop=[stop], **opts)])
+            engine.submit([c.seq(4, p, 25, choice=0, stop=[stop], **opts)])
             c.wait(1)
             assert c.text(4) == full[:full.index(stop)]
             assert c.events[4][-1].finish == "stop"
@@ -543,3 +544,86 @@ def test_playground_streams_in_headless_chromium(chat_server, tmp_path):
             assert not errors
         finally:
             browser.close()
+
+
+# --- one decoding core: the server and `gptforge generate` give the same text ----------------------------
+
+
+def _server_texts(server: RunningServer, body: dict) -> tuple[list[str], list[str]]:
+    """The choices' texts of one completion request, answered whole and streamed (index order)."""
+    status, _, whole = server.post("/v1/completions", body)
+    assert status == 200, whole
+    raw = server.raw("POST", "/v1/completions", json.dumps({**body, "stream": True}).encode(),
+                     {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})[2].decode()
+    streamed: dict[int, str] = {}
+    for line in raw.splitlines():
+        if line.startswith("data: {"):
+            for c in json.loads(line[6:])["choices"]:
+                streamed[c["index"]] = streamed.get(c["index"], "") + c["text"]
+    texts = [c["text"] for c in sorted(whole["choices"], key=lambda c: c["index"])]
+    return texts, [streamed.get(i, "") for i in range(len(texts))]
+
+
+@pytest.mark.parametrize("options", [
+    dict(temperature=0.9, top_k=20, top_p=0.9, seed=7),
+    dict(temperature=1.3, top_k=0, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.8, seed=3),
+    dict(temperature=0.8, min_new_tokens=6, no_repeat_ngram_size=2, seed=11, stop=["e "]),
+    dict(temperature=1e-39, seed=5),
+    dict(do_sample=False, repetition_penalty=1.5, stop=["th"]),
+])
+def test_the_server_the_cli_and_the_api_give_the_same_text(chat_server, folders, options, capsys):
+    from gptforge import GPTForge
+    from gptforge.cli import main
+
+    prompt, n, new = "The quick brown", 3, 24
+    o = dict(options)
+    stop = o.pop("stop", [])
+    body = {"prompt": prompt, "max_tokens": new, "n": n, "stop": stop or None,
+            "temperature": 0 if o.get("do_sample") is False else o.get("temperature", 1.0),
+            **{k: v for k, v in o.items() if k in ("top_k", "top_p", "seed", "repetition_penalty", "presence_penalty",
+                                                   "frequency_penalty", "no_repeat_ngram_size")}}
+    if "min_new_tokens" in o:
+        body["min_tokens"] = o["min_new_tokens"]
+    whole, streamed = _server_texts(chat_server, body)
+    assert whole == streamed
+
+    api = GPTForge(str(folders[1])).generate(n=n, prompt=prompt, max_new_tokens=new, return_as_list=True, stop=stop,
+                                            include_prompt=False, **{"top_k": 50, **o})
+    assert api == whole
+
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {"top_k": 50, **o}.items() if k != "do_sample"]
+    flags += ["--greedy"] if o.get("do_sample") is False else []
+    flags += [f"--stop={s}" for s in stop]
+    argv = ["generate", str(folders[1]), prompt, f"--num-samples={n}", f"--max-new-tokens={new}", "--no-prompt",
+            "--delimiter=\n<>\n", *flags]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == "\n<>\n".join(whole) + "\n"
+    assert main([*argv, "--batch-size=1"]) == 0  # streamed one sample at a time, and the batch size changes nothing
+    assert capsys.readouterr().out == "\n<>\n".join(whole) + "\n"
+
+
+def test_one_failing_choice_does_not_fail_the_others(tiny, one_thread, monkeypatch):
+    from gptforge import generate as core
+
+    model, tok = tiny
+    real = core.process_logits
+
+    def fragile(scores, opts, *a, **k):
+        if opts.temperature == 0.123:
+            raise RuntimeError("this group's processing broke")
+        return real(scores, opts, *a, **k)
+
+    monkeypatch.setattr(core, "process_logits", fragile)
+    engine = Engine(model, tok, max_batch=4).start()
+    try:
+        c = Collector()
+        p = tok.encode("The quick brown fox")
+        engine.submit([c.seq(0, p, 10, do_sample=False), c.seq(1, p, 10, temperature=0.123, seed=1),
+                       c.seq(2, p, 10, do_sample=False)])
+        c.wait(3)
+        assert c.events[1][-1].finish == "error" and "broke" in c.events[1][-1].error
+        ref = tok.decode(generate_ids(model, p, max_new_tokens=10, do_sample=False, eos_id=tok.eos_id)[0])
+        assert c.text(0) == c.text(2) == ref
+        assert c.events[0][-1].finish in ("stop", "length")
+    finally:
+        engine.stop()

@@ -1,20 +1,23 @@
-"""Sampling from a GPT with the KV cache: the token-level core, the text layer on top, streaming.
+"""The one decoding core: logits processing, token choice, stop text and incremental detokenising, per row.
 
-Every option means what it means in transformers' `generate`, applied in the same order: repetition
-penalty, no-repeat n-grams and min_new_tokens first (they change which tokens are allowed), then, only
-when sampling, temperature, top-k and top-p. Greedy decoding (`do_sample=False` or `temperature=0`)
-picks the arg-max of the processed logits, so it reproduces transformers token for token.
+A `Row` is one sequence being decoded: its prompt, its options and the state its processors need (tokens seen,
+counts, n-grams, its own seeded generator, its text so far). `choose_tokens` picks the next token of many rows
+at once, whatever options each has; `Row.push` takes the chosen token and says what text became final and
+whether the row has ended. Two schedulers drive rows through the model: `generate_ids` here (a static batch:
+prompts left-padded together, sliding past the context) and the server's continuous batching
+(serve/engine.py). Both give the same tokens for the same request, because a row's choices depend only on its
+logits, its options and its seed (never on its neighbours in the batch or on the batch size).
 
-Prompts of different lengths share one left-padded batch: padding is masked out of attention, and
-position ids count only real tokens, as transformers does. When a sequence reaches the model's context,
-generation continues by sliding the window: the last `context_keep` tokens are kept and their cache is
-recomputed from scratch, so the model always sees positions it was trained on.
+Every option means what it means in transformers' `generate`, applied in the same order: repetition penalty
+(then OpenAI's presence and frequency penalties), no-repeat n-grams and min_new_tokens first (they change which
+tokens are allowed), then, only when sampling, temperature, top-k and top-p. Greedy decoding (`do_sample=False`
+or `temperature=0`) picks the arg-max of the processed logits, so it reproduces transformers token for token.
 """
+
 from __future__ import annotations
 
-import hashlib
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -24,109 +27,185 @@ from .kernels import cpu_inference_weights
 from .model import GPT
 from .options import SamplingOptions
 from .progress import progress_bar
+from .sampling import (
+    NGramBan,
+    apply_presence_frequency,
+    apply_repetition_penalty,
+    apply_temperature,
+    pick,
+    process_logits,
+    row_seed,
+    top_k_filter,
+    top_p_filter,
+)
+
+# --- one row: its state, its text ------------------------------------------------------------------
 
 
-# --- logits processors (each the counterpart of one transformers LogitsProcessor) ------------------
+class TextStream:
+    """A row's text as its tokens arrive: cut at the first stop string, released as soon as it is final.
 
-
-def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Divide positive and multiply negative logits of tokens already seen (prompt and output).
-
-    `seen` is a (B, V) boolean mask. A mask rather than a list of ids makes the cost independent of
-    the length of the text, and a token seen twice is penalised once, as in transformers.
+    Decoding is incremental: each new token decodes only the tokens since the last point where the text ended
+    on a whole character (a byte-level token may hold half of a UTF-8 character, which decodes as U+FFFD until
+    the rest arrives), so a row of n tokens costs O(n) decoding, not O(n^2). Text is held back while it could
+    still be the start of a stop string.
     """
-    penalised = torch.where(scores > 0, scores / penalty, scores * penalty)
-    return torch.where(seen, penalised, scores)
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.hold = max((len(s) - 1 for s in self.stop), default=0)
+        self.text, self.sent, self.stopped = "", 0, False
+        self.prefix = self.read = 0  # token offsets: decoding restarts at `prefix`; `read` tokens are in `text`
+        self.searched = 0  # text before this holds no stop string
+        self.decoded_tokens = 0  # the decoding work done so far (tests count it)
+
+    def _decode(self, ids: list[int]) -> str:
+        self.decoded_tokens += len(ids)
+        return self.tokenizer.decode(ids)
+
+    def push(self, ids: list[int], final: bool = False) -> str:
+        """New final text after the row became `ids` (all its tokens); `final` releases everything, half
+        characters included. Sets `stopped` when a stop string appeared."""
+        if self.stopped:
+            return ""
+        head = self._decode(ids[self.prefix : self.read]) if self.read > self.prefix else ""
+        full = self._decode(ids[self.prefix :])
+        if final or (len(full) > len(head) and not full.endswith("\ufffd")):
+            self.text += full[len(head) :]
+            self.prefix, self.read = self.read, len(ids)
+        cut = min(
+            (i for s in self.stop if (i := self.text.find(s, max(0, self.searched - len(s) + 1))) >= 0), default=-1
+        )
+        if cut >= 0:
+            self.text, self.stopped = self.text[:cut], True
+            return self.flush()
+        self.searched = len(self.text)
+        if final:
+            return self.flush()
+        safe = len(self.text) - self.hold
+        piece = self.text[self.sent : safe] if safe > self.sent else ""
+        self.sent += len(piece)
+        return piece
+
+    def flush(self) -> str:
+        piece = self.text[self.sent :]
+        self.sent = len(self.text)
+        return piece
 
 
-def apply_temperature(scores: torch.Tensor, temperature: float) -> torch.Tensor:
-    if temperature >= 1.0:
-        return scores / temperature if temperature != 1.0 else scores
-    # a tiny temperature (1e-39) overflows the best scores to +inf, and softmax of inf is NaN: keep them finite
-    return (scores / temperature).clamp_(max=torch.finfo(scores.dtype).max)
+class Row:
+    """One sequence being decoded: prompt, options, the state of its logits processors and its own generator.
 
-
-def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k highest logits (and any tied with the k-th); the rest become -inf."""
-    if k <= 0 or k >= scores.size(-1):
-        return scores
-    kth = torch.topk(scores, k, dim=-1).values[..., -1:]
-    return scores.masked_fill(scores < kth, float("-inf"))
-
-
-def top_p_filter(scores: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches p.
-
-    A token survives when the probability of all strictly more likely tokens is still below p, so the
-    most likely token always survives.
+    `index` is the sample's number within its request (its seed is `row_seed(seed, index)`); `text`, where
+    given, follows the row's text and its stop strings. `finish` becomes "stop" (end of text or a stop string)
+    or "length" when the row ends.
     """
-    if p >= 1.0:
-        return scores
-    ordered, order = torch.sort(scores, dim=-1, descending=True)
-    probs = ordered.softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
-    drop = before >= p
-    drop[..., 0] = False
-    return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
+    def __init__(
+        self,
+        prompt: list[int],
+        opts: SamplingOptions,
+        eos_id: int | None,
+        vocab_size: int,
+        device: torch.device | str = "cpu",
+        index: int = 0,
+        text: TextStream | None = None,
+    ):
+        self.prompt, self.opts, self.eos_id, self.text = prompt, opts, eos_id, text
+        self.ids: list[int] = []
+        self.finish: str | None = None
+        self.seen = self.counts = self.generator = self.ngrams = None
+        if opts.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self.seen[prompt] = True
+        if opts.presence_penalty or opts.frequency_penalty:
+            self.counts = torch.zeros(vocab_size, device=device)
+        if opts.no_repeat_ngram_size:
+            self.ngrams = NGramBan(opts.no_repeat_ngram_size, prompt)
+        if opts.seed is not None and not opts.greedy:
+            self.generator = torch.Generator(device=device).manual_seed(row_seed(opts.seed, index))
 
-class _NGramBan:
-    """No-repeat n-grams for one row: remembers every (n-1)-token prefix and the tokens that followed it."""
+    @property
+    def group(self) -> tuple:
+        """Rows with equal groups are processed together."""
+        o = self.opts
+        return (
+            o.greedy,
+            o.temperature,
+            o.top_k,
+            o.top_p,
+            o.repetition_penalty,
+            o.presence_penalty,
+            o.frequency_penalty,
+            o.min_new_tokens,
+        )
 
-    def __init__(self, n: int, ids: Sequence[int]):
-        self.n, self.ids, self.table = n, [], {}
-        for t in ids:
-            self.add(t)
-
-    def add(self, token: int) -> None:
+    def push(self, token: int) -> str:
+        """Take the chosen token; returns the text that became final (with a `text`), and sets `finish` when the
+        row ends."""
+        if token == self.eos_id:
+            self.finish = "stop"
+            return self.text.push(self.ids, final=True) if self.text else ""
         self.ids.append(token)
-        if len(self.ids) >= self.n:
-            gram = tuple(self.ids[-self.n:])
-            self.table.setdefault(gram[:-1], set()).add(gram[-1])
+        if self.seen is not None:
+            self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
+        if self.ngrams is not None:
+            self.ngrams.add(token)
+        last = len(self.ids) >= self.opts.max_new_tokens
+        piece = self.text.push(self.ids, final=last) if self.text else ""
+        if self.text and self.text.stopped:
+            self.finish = "stop"
+        elif last:
+            self.finish = "length"
+        return piece
 
-    def banned(self) -> set[int]:
-        if len(self.ids) + 1 < self.n:
-            return set()
-        prefix = tuple(self.ids[len(self.ids) - self.n + 1:]) if self.n > 1 else ()
-        return self.table.get(prefix, set())
+    def stop_early(self) -> str:
+        """End the row here (the caller's stop: a callback, a cancelled client); the text so far is final."""
+        self.finish = self.finish or "stop"
+        return self.text.push(self.ids, final=True) if self.text else ""
 
 
-def process_logits(
-    scores: torch.Tensor,
-    opts: SamplingOptions,
-    step: int,
-    eos_id: int | None,
-    seen: torch.Tensor | None = None,
-    ngrams: list[_NGramBan] | None = None,
+def choose_tokens(
+    logits: torch.Tensor, rows: Sequence[Row], on_error: Callable[[Row, Exception], None] | None = None
 ) -> torch.Tensor:
-    """All processors for one decoding step in transformers' order; `scores` is (B, V) float."""
-    if opts.repetition_penalty != 1.0 and seen is not None:
-        scores = apply_repetition_penalty(scores, seen, opts.repetition_penalty)
-    if ngrams:
-        for row, ban in enumerate(ngrams):
-            if ban is not None and (banned := ban.banned()):
-                scores[row, list(banned)] = float("-inf")
-    if step < opts.min_new_tokens and eos_id is not None:
-        scores[:, eos_id] = float("-inf")
-    if not opts.greedy:
-        scores = top_p_filter(top_k_filter(apply_temperature(scores, opts.temperature), opts.top_k), opts.top_p)
-    return scores
+    """The next token of each row from its (rows, V) logits; rows with the same options are processed together.
+
+    A group whose processing fails (which would be a bug) raises, or, with `on_error`, ends only its own rows:
+    they get end of text, and `on_error(row, error)` is called for each.
+    """
+    out = torch.empty(logits.size(0), dtype=torch.long, device=logits.device)
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row.group, []).append(i)
+    for members in groups.values():
+        group = [rows[i] for i in members]
+        whole = len(members) == len(rows)
+        idx = None if whole else torch.tensor(members, device=logits.device)
+        try:
+            scores = logits.to(torch.float32, copy=True) if whole else logits.index_select(0, idx).float()
+            opts = group[0].opts
+            seen = torch.stack([r.seen for r in group]) if group[0].seen is not None else None
+            counts = torch.stack([r.counts for r in group]) if group[0].counts is not None else None
+            ngrams = [r.ngrams for r in group]
+            scores = process_logits(scores, opts, [len(r.ids) for r in group], group[0].eos_id, seen, ngrams, counts)
+            picked = pick(scores, opts.greedy, [r.generator for r in group])
+        except Exception as e:
+            if on_error is None:
+                raise
+            for r in group:
+                on_error(r, e)
+            picked = torch.full((len(members),), max(group[0].eos_id or 0, 0), dtype=torch.long, device=out.device)
+        if whole:
+            return picked
+        out[idx] = picked
+    return out
 
 
-def _pick(scores: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
-    if greedy:
-        return scores.argmax(dim=-1)
-    probs = scores.softmax(dim=-1)
-    # Exponential race (Gumbel-max in another form): argmax(p / E) with E ~ Exp(1) is a draw from p.
-    # One elementwise pass; cheaper than torch.multinomial and never syncs with the host.
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / race).argmax(dim=-1)
+# --- the static-batch scheduler ----------------------------------------------------------------------
 
-
-# --- the token-level core --------------------------------------------------------------------------
-
-
-Callback = Callable[[int, list[int]], bool | None]
+OnToken = Callable[[int, Row, str], bool | None]
 
 
 def _as_prompts(input_ids) -> list[list[int]]:
@@ -137,12 +216,24 @@ def _as_prompts(input_ids) -> list[list[int]]:
     return [list(map(int, p)) for p in input_ids]
 
 
-def _batch_seed(seed: int, start: int) -> int:
-    """The seed of the batch that starts at sample `start`: `seed` itself for the first, then a hash of both, so
-    that seed 1 does not repeat seed 0's second batch."""
-    if start == 0:
-        return seed
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{start}".encode(), digest_size=8).digest(), "little")
+def _checked_prompts(model: GPT, input_ids, eos_id: int | None) -> list[list[int]]:
+    n_ctx, vocab = model.config.n_positions, model.config.vocab_size
+    prompts = []
+    for p in _as_prompts(input_ids):
+        if not p:
+            p = [eos_id if eos_id is not None else model.config.eos_token_id]
+        if min(p) < 0 or max(p) >= vocab:
+            raise OptionError(
+                f"prompt token ids must be in [0, {vocab}) (the model's vocab_size); got {min(p)}..{max(p)}"
+            )
+        if len(p) > n_ctx:
+            warnings.warn(
+                f"prompt of {len(p)} tokens is longer than the model's context ({n_ctx}); "
+                f"keeping its last {n_ctx} tokens"
+            )
+            p = p[-n_ctx:]
+        prompts.append(p)
+    return prompts
 
 
 @torch.inference_mode()
@@ -153,19 +244,25 @@ def generate_ids(
     *,
     eos_id: int | None = -1,
     context_keep: int | None = None,
-    callback: Callback | None = None,
+    on_token: OnToken | None = None,
+    text: Callable[[int], TextStream] | None = None,
     progress: bool = False,
     **sampling,
 ) -> list[list[int]]:
     """Generate from token-id prompts; returns the new tokens of each sample (without eos).
 
-    `input_ids` is one prompt (list of ids or 1-D tensor) or several (list of lists or a 2-D tensor).
-    The sampling options are a `SamplingOptions` and/or its fields as keywords (`max_new_tokens=`,
-    `temperature=`, `top_k=`, ...; see there and transformers' `generate`). Each prompt gives `num_samples` samples, in order: prompt 0's samples first. Sampling stops at
-    `eos_id` (default: the model's eos_token_id; None to never stop early). An empty prompt starts
-    from eos. A prompt longer than the context keeps its last n_positions tokens, with a warning.
-    `callback(row, new_ids)` is called after every new token of an unfinished row (for streaming and
-    stop strings); returning True ends that row. `progress` shows a bar over the samples.
+    `input_ids` is one prompt (list of ids or 1-D tensor) or several (list of lists or a 2-D tensor). The sampling
+    options are a `SamplingOptions` and/or its fields as keywords (`max_new_tokens=`, `temperature=`, `top_k=`,
+    ...; see there and transformers' `generate`). Each prompt gives `num_samples` samples, in order: prompt 0's
+    samples first. Sampling stops at `eos_id` (default: the model's eos_token_id; None to never stop early). An
+    empty prompt starts from eos. A prompt longer than the context keeps its last n_positions tokens, with a
+    warning. Prompts of different lengths share one left-padded batch: padding is masked out of attention, and
+    position ids count only real tokens, as transformers does. When a sequence reaches the model's context,
+    generation continues by sliding the window: the last `context_keep` tokens are kept and their cache is
+    recomputed, so the model always sees positions it was trained on.
+
+    `text(sample)` may give each sample a `TextStream`; `on_token(sample, row, piece)` is called after every token
+    of an unfinished row, with the text that became final; returning True ends that row.
     """
     opts = SamplingOptions.make(options, **sampling)
     n_ctx = model.config.n_positions
@@ -174,58 +271,44 @@ def generate_ids(
     keep = max(1, n_ctx * 3 // 4) if context_keep is None else context_keep
     if not 0 < keep < n_ctx:
         raise OptionError(f"context_keep={context_keep} must be between 1 and n_positions-1={n_ctx - 1}")
-    prompts = []
-    vocab = model.config.vocab_size
-    for p in _as_prompts(input_ids):
-        if not p:
-            p = [eos_id if eos_id is not None else model.config.eos_token_id]
-        if min(p) < 0 or max(p) >= vocab:
-            raise OptionError(f"prompt token ids must be in [0, {vocab}) (the model's vocab_size); got {min(p)}..{max(p)}")
-        if len(p) > n_ctx:
-            warnings.warn(f"prompt of {len(p)} tokens is longer than the model's context ({n_ctx}); keeping its last {n_ctx} tokens")
-            p = p[-n_ctx:]
-        prompts += [p] * opts.num_samples
+    prompts = [p for p in _checked_prompts(model, input_ids, eos_id) for _ in range(opts.num_samples)]
     device = model.transformer.wte.weight.device
+    rows = [
+        Row(p, opts, eos_id, model.config.vocab_size, device, i, text(i) if text else None)
+        for i, p in enumerate(prompts)
+    ]
     was_training = model.training
     model.eval()
     try:
-        out: list[list[int]] = []
-        bar = progress_bar(len(prompts), desc="generate", unit="sample", enabled=progress)
+        bar = progress_bar(len(rows), desc="generate", unit="sample", enabled=progress)
         with cpu_inference_weights(model, keep=not was_training):  # a model in training keeps no copies
-            for start in range(0, len(prompts), opts.batch_size):
-                batch = prompts[start:start + opts.batch_size]
-                # each batch its own seeded generator: how many numbers an earlier batch drew (it may stop as soon
-                # as its rows end, when a stop text or a stream looks at every step) never changes a later one
-                generator = None if opts.seed is None else torch.Generator(device=device).manual_seed(_batch_seed(opts.seed, start))
-                row_callback = None
-                if callback is not None:
-                    row_callback = lambda row, ids, _s=start: callback(_s + row, ids)  # noqa: E731
-                out += _generate_batch(model, batch, opts, eos_id, keep, generator, row_callback)
+            for start in range(0, len(rows), opts.batch_size):
+                batch = rows[start : start + opts.batch_size]
+                watch = None if on_token is None else (lambda i, row, piece, _s=start: on_token(_s + i, row, piece))
+                _decode_batch(model, batch, keep, watch)
                 bar.update(len(batch))
         bar.close()
-        return out
+        return [row.ids for row in rows]
     finally:
         model.train(was_training)
 
 
-def _generate_batch(model: GPT, prompts: list[list[int]], opts: SamplingOptions, eos_id: int | None, keep: int,
-                    generator: torch.Generator | None, callback: Callback | None) -> list[list[int]]:
+def _decode_batch(model: GPT, rows: list[Row], keep: int, on_token: OnToken | None) -> None:
+    """Decode a static batch of rows to their ends: prefill left-padded prompts, then one token per step."""
     device = model.transformer.wte.weight.device
-    B, n_ctx = len(prompts), model.config.n_positions
-    T0 = max(map(len, prompts))
-    padded = any(len(p) < T0 for p in prompts)
-    pad = eos_id if eos_id is not None else 0
-    total = T0 + opts.max_new_tokens
+    B, n_ctx = len(rows), model.config.n_positions
+    T0 = max(len(r.prompt) for r in rows)
+    padded = any(len(r.prompt) < T0 for r in rows)
+    pad = rows[0].eos_id if rows[0].eos_id is not None else 0
+    max_new = rows[0].opts.max_new_tokens
+    total = T0 + max_new
     # Every token so far (left-padded), and which are real: needed to rebuild the cache when sliding.
     tokens = torch.full((B, total), pad, dtype=torch.long, device=device)
     real = torch.zeros((B, total), dtype=torch.bool, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, T0 - len(p):T0] = torch.tensor(p, device=device)
-        real[i, T0 - len(p):T0] = True
+    for i, r in enumerate(rows):
+        tokens[i, T0 - len(r.prompt) : T0] = torch.tensor(r.prompt, device=device)
+        real[i, T0 - len(r.prompt) : T0] = True
     real[:, T0:] = True
-    seen = _seen_tokens(prompts, model.config.vocab_size, device) if opts.repetition_penalty != 1.0 else None
-    ngrams = [_NGramBan(opts.no_repeat_ngram_size, p) for p in prompts] if opts.no_repeat_ngram_size else None
-
     cache = model.new_cache(B, min(n_ctx, total))
     step_in_c = decoder(model, B)  # the whole decoding step in one C call where it applies (fastdecode.py)
     window_start = 0  # column of `tokens` where the cached window begins
@@ -235,38 +318,32 @@ def _generate_batch(model: GPT, prompts: list[list[int]], opts: SamplingOptions,
         cache.length = 0
         mask = real[:, window_start:end]
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits, _ = model(tokens[:, window_start:end], cache=cache, position_ids=pos,
-                          attention_mask=mask if padded else None, logits_to_keep=1)
+        logits, _ = model(
+            tokens[:, window_start:end],
+            cache=cache,
+            position_ids=pos,
+            attention_mask=mask if padded else None,
+            logits_to_keep=1,
+        )
         return logits[:, -1], pos[:, -1:] + 1
 
     logits, next_pos = prefill(T0)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    done_host = [False] * B
-    lengths = [opts.max_new_tokens] * B
-    host_every = 1 if (callback is not None or ngrams) else 8  # host syncs are cheap on CPU, not on GPU
-    for step in range(opts.max_new_tokens):
+    for step in range(max_new):
         col = T0 + step
-        scores = process_logits(logits.float(), opts, step, eos_id, seen, ngrams)
-        nxt = _pick(scores, opts.greedy, generator)
-        if eos_id is not None:
-            nxt = nxt.masked_fill(finished, eos_id)
-            finished |= nxt == eos_id
-        tokens[:, col] = nxt
-        if seen is not None:
-            seen.scatter_(1, nxt[:, None], True)
-        if step % host_every == host_every - 1 or step == opts.max_new_tokens - 1:
-            fin = finished.tolist()
-            if ngrams or callback is not None:
-                _host_step(step, nxt.tolist(), fin, tokens[:, T0:col + 1], finished, done_host, lengths, ngrams, callback)
-            if all(fin) or all(done_host):
-                break
-        if step == opts.max_new_tokens - 1:
+        nxt = choose_tokens(logits, rows)
+        for i, (row, token) in enumerate(zip(rows, nxt.tolist())):
+            if row.finish is None:
+                piece = row.push(token)
+                if on_token is not None and on_token(i, row, piece) and row.finish is None:
+                    on_token(i, row, row.stop_early())
+        if all(r.finish is not None for r in rows):
             break
+        tokens[:, col] = nxt
         if col + 1 - window_start > cache.max_len:  # the context is full: slide the window
             window_start = col + 1 - keep
             logits, next_pos = prefill(col + 1)
             continue
-        mask = real[:, window_start:col + 1] if padded else None
+        mask = real[:, window_start : col + 1] if padded else None
         if step_in_c is not None:
             logits = step_in_c(nxt, next_pos, cache, mask)
         else:
@@ -274,74 +351,8 @@ def _generate_batch(model: GPT, prompts: list[list[int]], opts: SamplingOptions,
             logits = logits[:, -1]
         next_pos = next_pos + 1
 
-    rows = tokens[:, T0:].tolist()
-    out = []
-    for i, row in enumerate(rows):
-        row = row[:lengths[i]]
-        if eos_id is not None and eos_id in row:  # rows finished between host checks
-            row = row[:row.index(eos_id)]
-        out.append(row)
-    return out
-
-
-def _seen_tokens(prompts: list[list[int]], vocab_size: int, device) -> torch.Tensor:
-    """(B, V) mask of the tokens each prompt holds, for the repetition penalty."""
-    seen = torch.zeros((len(prompts), vocab_size), dtype=torch.bool, device=device)
-    for i, p in enumerate(prompts):
-        seen[i, p] = True
-    return seen
-
-
-def _host_step(step: int, new: list[int], fin: list[bool], generated: torch.Tensor, finished: torch.Tensor,
-               done_host: list[bool], lengths: list[int], ngrams, callback) -> None:
-    """The per-row work on the host after a token: finished rows, no-repeat n-grams, and the callback (which may
-    end a row: streaming and stop strings)."""
-    for i in range(len(new)):
-        if done_host[i]:
-            continue
-        if fin[i]:
-            done_host[i], lengths[i] = True, step
-            continue
-        if ngrams:
-            ngrams[i].add(new[i])
-        if callback is not None and callback(i, generated[i].tolist()):
-            done_host[i], lengths[i] = True, step + 1
-            finished[i] = True
-
 
 # --- the text layer --------------------------------------------------------------------------------
-
-
-class _StopText:
-    """Decodes one row as it grows, cuts it at the first stop string, and releases text that is final.
-
-    Text is held back while it could still be the start of a stop string, or while it ends in an
-    incomplete UTF-8 character (the replacement character from decoding half a byte sequence).
-    """
-
-    def __init__(self, tokenizer, stop: Sequence[str]):
-        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
-        self.hold = max((len(s) - 1 for s in self.stop), default=0)
-        self.text, self.sent, self.stopped = "", 0, False
-
-    def update(self, ids: list[int]) -> str:
-        """New final text after the row became `ids`; sets `stopped` when a stop string appeared."""
-        self.text = self.tokenizer.decode(ids)
-        cut = min((i for s in self.stop if (i := self.text.find(s)) >= 0), default=-1)
-        if cut >= 0:
-            self.text, self.stopped = self.text[:cut], True
-            return self.flush()
-        safe = len(self.text) - self.hold
-        while safe > self.sent and self.text[safe - 1] == "\ufffd":
-            safe -= 1
-        piece = self.text[self.sent:safe] if safe > self.sent else ""
-        self.sent += len(piece)
-        return piece
-
-    def flush(self) -> str:
-        piece = self.text[self.sent:]
-        self.sent = len(self.text)
-        return piece
 
 
 def generate(
@@ -365,47 +376,50 @@ def generate(
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
-        raise OptionError("no prompt given; pass a string (\"\" starts from <|endoftext|>) or a list of strings")
+        raise OptionError('no prompt given; pass a string ("" starts from <|endoftext|>) or a list of strings')
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     opts = SamplingOptions.make(options, **sampling)
     n = opts.num_samples
-    texts = [_StopText(tokenizer, stop) for _ in range(len(prompts) * n)]
+    texts = [TextStream(tokenizer, stop) for _ in range(len(prompts) * n)]
     started = [False] * len(texts)
 
-    def emit(row: int, piece: str) -> None:
+    def emit(sample: int, row: Row, piece: str) -> None:
         if stream is None:
             return
-        if not started[row]:  # a sample's prompt goes out just before its first new text
-            started[row] = True
-            if include_prompt and prompts[row // n]:
-                stream(row, prompts[row // n])
+        if not started[sample]:  # a sample's prompt goes out just before its first new text
+            started[sample] = True
+            if include_prompt and prompts[sample // n]:
+                stream(sample, prompts[sample // n])
         if piece:
-            stream(row, piece)
+            stream(sample, piece)
 
-    def on_token(row: int, ids: list[int]) -> bool:
-        emit(row, texts[row].update(ids))
-        return texts[row].stopped
-
-    eos = tokenizer.eos_id
-    ids = generate_ids(model, [tokenizer.encode(p) if p else [] for p in prompts], eos_id=eos,
-                       context_keep=context_keep, callback=on_token if (stop or stream) else None, options=opts,
-                       progress=progress)
-    out = []
-    for row, new in enumerate(ids):
-        t = texts[row]
-        t.update(new)  # the whole row: also cuts a stop string that the last host check missed
-        emit(row, t.flush())
-        out.append((prompts[row // n] if include_prompt else "") + t.text)
-    return out
+    generate_ids(
+        model,
+        [tokenizer.encode(p) if p else [] for p in prompts],
+        opts,
+        eos_id=tokenizer.eos_id,
+        context_keep=context_keep,
+        on_token=emit,
+        text=texts.__getitem__,
+        progress=progress,
+    )
+    return [(prompts[i // n] if include_prompt else "") + t.text for i, t in enumerate(texts)]
 
 
 __all__ = [
+    "NGramBan",
+    "Row",
     "SamplingOptions",
+    "TextStream",
+    "apply_presence_frequency",
     "apply_repetition_penalty",
     "apply_temperature",
+    "choose_tokens",
     "generate",
     "generate_ids",
+    "pick",
     "process_logits",
+    "row_seed",
     "top_k_filter",
     "top_p_filter",
 ]

@@ -229,6 +229,10 @@ class SamplingOptions:
     top_p: float = opt(1.0, "sample among the most likely tokens whose probability reaches p (1: all)")
     repetition_penalty: float = opt(1.0, "> 1 discourages tokens already in the prompt or output (transformers' meaning)")
     no_repeat_ngram_size: int = opt(0, "never repeat an n-gram of this size (0: off)")
+    presence_penalty: float = opt(0.0, "OpenAI's presence penalty: subtract this from the logits of tokens already "
+                                  "generated (-2 to 2)")
+    frequency_penalty: float = opt(0.0, "OpenAI's frequency penalty: subtract this times a token's count in the output "
+                                   "so far (-2 to 2)")
     num_samples: int = opt(1, "samples per prompt")
     batch_size: int = opt(8, "rows generated together (prompts of different lengths are left-padded)")
     seed: int | None = opt(None, "random seed; the same seed and options give the same text (default: a random seed, printed)")
@@ -270,6 +274,10 @@ class SamplingOptions:
             bad("top_p", self.top_p, "must be in (0, 1]; 1 switches top-p filtering off")
         if not (_number(self.repetition_penalty) and self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
             bad("repetition_penalty", self.repetition_penalty, "must be > 0 (1 means no penalty, > 1 discourages repeats)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (_number(value) and -2 <= value <= 2):
+                bad(name, value, "must be a number from -2 to 2 (0: no penalty)")
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
             bad("seed", self.seed, "must be an integer from 0 to 2**63 - 1")
 

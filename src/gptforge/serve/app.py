@@ -57,8 +57,6 @@ class Job:
     n: int
     opts: SamplingOptions
     stop: list[str]
-    presence_penalty: float
-    frequency_penalty: float
     stream: bool
     include_usage: bool
     truncated: int = 0  # prompt tokens cut from the left to fit the context
@@ -101,6 +99,11 @@ class Server:
             top_k=number_field(body, "top_k", _D.top_k, 0, 1 << 31, integer=True),
             top_p=number_field(body, "top_p", _D.top_p, 0, 1),
             repetition_penalty=number_field(body, "repetition_penalty", _D.repetition_penalty, 0, 100),
+            presence_penalty=number_field(body, "presence_penalty", _D.presence_penalty, -2, 2),
+            frequency_penalty=number_field(body, "frequency_penalty", _D.frequency_penalty, -2, 2),
+            min_new_tokens=number_field(body, "min_tokens", _D.min_new_tokens, 0, max_tokens, integer=True),
+            no_repeat_ngram_size=number_field(body, "no_repeat_ngram_size", _D.no_repeat_ngram_size, 0, 1 << 20,
+                                              integer=True),
             seed=seed)
         try:
             opts.validate()
@@ -121,7 +124,6 @@ class Server:
                 cut += len(p) - room
                 prompts[i] = p[len(p) - room:]
         return Job(prompts, max_tokens, n, opts, stop_field(body),
-                   number_field(body, "presence_penalty", 0.0, -2, 2), number_field(body, "frequency_penalty", 0.0, -2, 2),
                    get_field(body, "stream", (bool,), False, "true or false"),
                    bool(stream_options.get("include_usage")), cut)
 
@@ -196,11 +198,8 @@ class Server:
 
         seqs = []
         for i, p in enumerate(job.prompts):
-            for j in range(job.n):
-                seed = None if job.opts.seed is None else job.opts.seed + i * job.n + j  # each choice its own draws
-                opts = SamplingOptions(**{**job.opts.__dict__, "seed": seed})
-                seqs.append(Sequence(p, job.max_tokens, opts, emit, i * job.n + j, job.stop,
-                                     job.presence_penalty, job.frequency_penalty))
+            for j in range(job.n):  # choice k draws as sample k of `gptforge generate` (generate.row_seed)
+                seqs.append(Sequence(p, job.opts, emit, i * job.n + j, job.stop))
         if not self.engine.submit(seqs):
             s = self.engine.stats()
             raise ApiError(429, f"the server is busy ({s['running']} running, {s['waiting']} waiting); retry later",

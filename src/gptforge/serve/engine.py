@@ -11,6 +11,7 @@ gives the tokens `generate_ids` gives.
 The engine talks to the web side through callbacks: `Sequence.emit(event)` is called from the model
 thread and must be thread-safe (the app hands over `loop.call_soon_threadsafe`).
 """
+
 from __future__ import annotations
 
 import queue
@@ -23,7 +24,7 @@ from typing import Callable
 import torch
 
 from .. import fastdecode
-from ..generate import process_logits
+from ..generate import Row, TextStream, choose_tokens
 from ..kernels import cpu_inference_weights  # packed fp32 weights for the CPU's decoding products
 from ..model import GPT
 from ..options import SamplingOptions
@@ -42,24 +43,16 @@ class Event:
 
 @dataclass
 class Sequence:
-    """One generated choice: its prompt ids, options and where its text goes."""
+    """One generated choice: its prompt ids, options and where its text goes. `choice` is its number within the
+    request, which also picks its seed (generate.row_seed), as a sample's number does in `gptforge generate`."""
 
     prompt: list[int]
-    max_tokens: int
     opts: SamplingOptions
     emit: Callable[[Event], None]
     choice: int = 0
     stop: list[str] = field(default_factory=list)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     cancelled: bool = False  # set from the web side; the model thread drops the row at its next step
-    # filled in by the engine
-    ids: list[int] = field(default_factory=list)
-    text: str = ""
-    sent: int = 0
-    seen: torch.Tensor | None = None  # tokens of prompt and output (repetition_penalty)
-    counts: torch.Tensor | None = None  # output token counts (presence/frequency penalties)
-    generator: torch.Generator | None = None
+    row: Row | None = None  # the decoding state, made by the engine when the sequence starts
 
 
 class RowCache:
@@ -83,11 +76,13 @@ class RowCache:
     def resize(self, rows: int, cols: int, used_rows: int, used_cols: int) -> None:
         """New buffers of `rows` x `cols`, keeping the first `used_rows` rows and `used_cols` columns."""
         n_layer, heads, dim = self.shape
+
         def grow(t: torch.Tensor | None) -> torch.Tensor:
             new = torch.zeros(rows, heads, cols, dim, device=self.device, dtype=self.dtype)
             if t is not None:
                 new[:used_rows, :, :used_cols] = t[:used_rows, :, :used_cols]
             return new
+
         self.k = [grow(self.k[i] if self.k else None) for i in range(n_layer)]
         self.v = [grow(self.v[i] if self.v else None) for i in range(n_layer)]
         real = torch.zeros(rows, cols, dtype=torch.bool, device=self.device)
@@ -112,7 +107,7 @@ class RowCache:
         rows = slice(self.r0, self.r1)
         self.k[layer][rows, :, start:end] = k
         self.v[layer][rows, :, start:end] = v
-        return self.k[layer][rows, :, self.col0:end], self.v[layer][rows, :, self.col0:end]
+        return self.k[layer][rows, :, self.col0 : end], self.v[layer][rows, :, self.col0 : end]
 
     def move_row(self, src: int, dst: int, cols: int) -> None:
         for t in self.k + self.v:
@@ -122,10 +117,10 @@ class RowCache:
     def shift(self, rows: int, start: int, end: int, to: int) -> None:
         """Move columns start:end of the first `rows` rows so that they begin at column `to`."""
         for t in self.k + self.v:
-            t[:rows, :, to:to + end - start] = t[:rows, :, start:end].clone()
+            t[:rows, :, to : to + end - start] = t[:rows, :, start:end].clone()
         block = self.real[:rows, start:end].clone()
         self.real[:rows, :] = False
-        self.real[:rows, to:to + end - start] = block
+        self.real[:rows, to : to + end - start] = block
 
 
 class Engine:
@@ -188,9 +183,15 @@ class Engine:
         with self._lock:
             load = self._load
         running = len(self.running)
-        return {"running": running, "waiting": max(0, load - running), "max_batch": self.max_batch,
-                "max_queue": self.max_queue, "steps": self.steps, "peak_batch": self.peak_batch,
-                "mean_batch": round(self.rows_decoded / self.steps, 2) if self.steps else 0.0}
+        return {
+            "running": running,
+            "waiting": max(0, load - running),
+            "max_batch": self.max_batch,
+            "max_queue": self.max_queue,
+            "steps": self.steps,
+            "peak_batch": self.peak_batch,
+            "mean_batch": round(self.rows_decoded / self.steps, 2) if self.steps else 0.0,
+        }
 
     def retry_after(self) -> int:
         """Seconds a refused client should wait: roughly how long the queue ahead takes to start."""
@@ -298,8 +299,12 @@ class Engine:
                 c.length = L = L - dead
                 cols -= dead
         if rows > c.rows or cols > c.cols:
-            c.resize(max(rows, min(self.max_batch, 2 * c.rows)) if rows > c.rows else c.rows,
-                     max(cols, min(self.n_ctx + 1, 2 * c.cols)) if cols > c.cols else c.cols, B, L)
+            c.resize(
+                max(rows, min(self.max_batch, 2 * c.rows)) if rows > c.rows else c.rows,
+                max(cols, min(self.n_ctx + 1, 2 * c.cols)) if cols > c.cols else c.cols,
+                B,
+                L,
+            )
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         c, B = self.cache, len(self.running)
@@ -311,18 +316,23 @@ class Engine:
             if B:
                 c.shift(B, 0, L, P - L)
             L = P
-        c.real[B:B + n] = False
+        c.real[B : B + n] = False
         tokens = torch.full((n, P), self.eos, dtype=torch.long, device=self.device)
         for i, s in enumerate(seqs):
             p = len(s.prompt)
-            tokens[i, P - p:] = torch.tensor(s.prompt, dtype=torch.long, device=self.device)
-            c.real[B + i, L - p:L] = True
+            tokens[i, P - p :] = torch.tensor(s.prompt, dtype=torch.long, device=self.device)
+            c.real[B + i, L - p : L] = True
             self._setup(s)
-        mask = c.real[B:B + n, L - P:L]
+        mask = c.real[B : B + n, L - P : L]
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
         ragged = any(len(s.prompt) < P for s in seqs)
-        logits, _ = self.model(tokens, cache=c.window(B, B + n, L - P, 0), position_ids=pos,
-                               attention_mask=mask if ragged else None, logits_to_keep=1)
+        logits, _ = self.model(
+            tokens,
+            cache=c.window(B, B + n, L - P, 0),
+            position_ids=pos,
+            attention_mask=mask if ragged else None,
+            logits_to_keep=1,
+        )
         c.length = L
         self.running += seqs
         self.lens += [len(s.prompt) for s in seqs]
@@ -330,13 +340,7 @@ class Engine:
         self.logits = new if self.logits is None or not B else torch.cat([self.logits, new])
 
     def _setup(self, s: Sequence) -> None:
-        if s.opts.repetition_penalty != 1.0:
-            s.seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
-            s.seen[s.prompt] = True
-        if s.presence_penalty or s.frequency_penalty:
-            s.counts = torch.zeros(self.vocab, device=self.device)
-        if s.opts.seed is not None:
-            s.generator = torch.Generator(device=self.device).manual_seed(s.opts.seed)
+        s.row = Row(s.prompt, s.opts, self.eos, self.vocab, self.device, s.choice, TextStream(self.tokenizer, s.stop))
 
     def _decode(self, tokens: torch.Tensor) -> None:
         c, B = self.cache, len(self.running)
@@ -345,12 +349,13 @@ class Engine:
         c.real[:B, L] = True
         full = all(n == L for n in self.lens)  # no padding anywhere: plain attention, no mask
         pos = torch.tensor(self.lens, dtype=torch.long, device=self.device)[:, None]
-        visible = None if full else c.real[:B, :L + 1]
+        visible = None if full else c.real[:B, : L + 1]
         if self._c_step is not None and self._c_step.takes(B):
             self.logits = self._c_step(tokens, pos, c.window(0, B, 0, L), visible)
         else:
-            logits, _ = self.model(tokens[:, None], cache=c.window(0, B, 0, L), position_ids=pos,
-                                   attention_mask=visible, logits_to_keep=1)
+            logits, _ = self.model(
+                tokens[:, None], cache=c.window(0, B, 0, L), position_ids=pos, attention_mask=visible, logits_to_keep=1
+            )
             self.logits = logits[:, -1].float()
         self.lens = [n + 1 for n in self.lens]
         self.steps += 1
@@ -358,66 +363,28 @@ class Engine:
         self.peak_batch = max(self.peak_batch, B)
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """One token per row; rows with the same options are processed together."""
-        out = torch.empty(logits.size(0), dtype=torch.long, device=self.device)
-        groups: dict[tuple, list[int]] = {}
-        for i, s in enumerate(self.running):
-            o = s.opts
-            groups.setdefault((o.greedy, o.temperature, o.top_k, o.top_p, o.repetition_penalty), []).append(i)
-        for rows in groups.values():
-            idx = torch.tensor(rows, device=self.device)
-            scores = logits.index_select(0, idx)
-            seqs = [self.running[i] for i in rows]
-            for j, s in enumerate(seqs):  # OpenAI's penalties: subtract from logits of tokens already output
-                if s.counts is not None:
-                    scores[j] -= s.frequency_penalty * s.counts + s.presence_penalty * (s.counts > 0).float()
-            seen = torch.stack([s.seen for s in seqs]) if seqs[0].seen is not None else None
-            opts = seqs[0].opts
-            scores = process_logits(scores, opts, 1 << 30, self.eos, seen)
-            if opts.greedy:
-                picked = scores.argmax(-1)
-            else:
-                probs = scores.softmax(-1)
-                picked = torch.empty(len(rows), dtype=torch.long, device=self.device)
-                free = [j for j, s in enumerate(seqs) if s.generator is None]
-                if free:
-                    f = torch.tensor(free, device=self.device)
-                    picked[f] = torch.multinomial(probs[f], 1).squeeze(1)
-                for j, s in enumerate(seqs):
-                    if s.generator is not None:
-                        picked[j] = torch.multinomial(probs[j], 1, generator=s.generator)[0]
-            out[idx] = picked
-        return out
+        """One token per row (generate.choose_tokens); a row whose choice fails ends alone, with an error."""
+
+        def failed(row: Row, e: Exception) -> None:
+            traceback.print_exc(file=sys.stderr)
+            s = next(s for s in self.running if s.row is row)
+            row.finish = "error"
+            self._finish(s, "error", f"generation failed: {type(e).__name__}: {e}")
+
+        return choose_tokens(logits, [s.row for s in self.running], on_error=failed)
 
     def _advance(self, s: Sequence, token: int) -> bool:
-        """Add a sampled token to a sequence and send the text that became final; True when it is done."""
-        if s.cancelled:
+        """Give a sampled token to a sequence and send the text that became final; True when it is done."""
+        row = s.row
+        if s.cancelled or row.finish == "error":
             return True
-        if token == self.eos:
-            return self._finish(s, "stop")
-        s.ids.append(token)
-        if s.seen is not None:
-            s.seen[token] = True
-        if s.counts is not None:
-            s.counts[token] += 1
-        text = self.tokenizer.decode(s.ids)
-        cut = min((i for stop in s.stop if (i := text.find(stop, max(0, s.sent - len(stop)))) >= 0), default=-1)
-        if cut >= 0:
-            s.text = text[:cut]
-            return self._finish(s, "stop")
-        s.text = text
-        if len(s.ids) >= s.max_tokens:
-            return self._finish(s, "length")
-        # Hold back what could still become a stop string, and half a UTF-8 character.
-        safe = len(text) - max((len(stop) - 1 for stop in s.stop), default=0)
-        while safe > s.sent and text[safe - 1] == "\ufffd":
-            safe -= 1
-        if safe > s.sent:
-            s.emit(Event(s.choice, text[s.sent:safe]))
-            s.sent = safe
+        piece = row.push(token)
+        if row.finish is not None:
+            return self._finish(s, row.finish, text=piece)
+        if piece:
+            s.emit(Event(s.choice, piece))
         return False
 
-    def _finish(self, s: Sequence, reason: str, error: str | None = None) -> bool:
-        s.emit(Event(s.choice, s.text[s.sent:], reason, len(s.ids), error))
-        s.sent = len(s.text)
+    def _finish(self, s: Sequence, reason: str, error: str | None = None, text: str = "") -> bool:
+        s.emit(Event(s.choice, text, reason, len(s.row.ids) if s.row else 0, error))
         return True

@@ -58,7 +58,7 @@ _UNSUPPORTED = {"logprobs": (False, 0), "top_logprobs": (0,), "suffix": ("",), "
                 "response_format": ({"type": "text"},), "parallel_tool_calls": (False, True)}
 _IGNORED = {"model", "user", "metadata", "store", "service_tier", "stream_options"}
 _COMMON = {"max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed", "presence_penalty",
-           "frequency_penalty", "top_k", "repetition_penalty", "truncate_prompt"}
+           "frequency_penalty", "top_k", "repetition_penalty", "truncate_prompt", "min_tokens", "no_repeat_ngram_size"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo"}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens"}
 

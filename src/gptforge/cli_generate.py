@@ -137,6 +137,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     opts = EvalOptions(**option_values(args, EvalOptions))
     check_method(args.quantize)
+    if args.memorization:
+        return _memorization(args)
+    if not args.files:
+        raise OptionError("name the text files or prepared datasets to score (or give --memorization)")
     for f in args.files:
         if not Path(f).exists():
             raise NotFoundError(f"{f}: no such file or prepared dataset folder")
@@ -170,8 +174,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _memorization(args: argparse.Namespace) -> int:
+    import json
+
+    from .memorization import report
+    from .options import MemorizationOptions
+
+    if args.files or args.adapter or args.quantize:
+        given = [f for f, v in (("files to score", args.files), ("--adapter", args.adapter), ("--quantize", args.quantize))
+                 if v]
+        raise OptionError(f"--memorization reports on the model folder alone; leave out {', '.join(given)} (run the "
+                          "perplexity evaluation separately)")
+    result = report(args.model, args.train_data, MemorizationOptions(**option_values(args, MemorizationOptions)),
+                    device=args.device)
+    print(json.dumps(result.as_dict(), indent=2, ensure_ascii=False) if args.json else result)
+    return 0
+
+
 def add_generate_commands(sub) -> None:
-    from .options import EvalOptions, SamplingOptions
+    from .options import EvalOptions, MemorizationOptions, SamplingOptions
 
     p = sub.add_parser("generate", help="generate text from a model folder",
                        description="Sample text with transformers' generation options. Prompts come from arguments, "
@@ -199,12 +220,20 @@ def add_generate_commands(sub) -> None:
                    "(gptforge's GPT-2 template if it has none); only the answer is printed; --interactive keeps the conversation")
     p.set_defaults(func=cmd_generate, parser=p)
 
-    p = sub.add_parser("eval", help="perplexity, loss and bits per byte of text files or prepared datasets",
+    p = sub.add_parser("eval", help="perplexity, loss and bits per byte of text files or prepared datasets; "
+                                    "--memorization: how much the model copies its training text",
                        description="Sliding-window evaluation: windows of --block-size tokens every --stride tokens, "
-                                   "each scoring only tokens not scored before.")
+                                   "each scoring only tokens not scored before. With --memorization: continuations "
+                                   "sampled after validation prompts, checked for verbatim copies of the training text "
+                                   "(docs/guide.md, 'Is it copying?').")
     p.add_argument("model", help="model folder or hub id")
-    p.add_argument("files", nargs="+", help="UTF-8 text files, or dataset folders written by `gptforge prepare`")
+    p.add_argument("files", nargs="*", help="UTF-8 text files, or dataset folders written by `gptforge prepare`")
     add_dataclass_options(p, EvalOptions)
+    p.add_argument("--memorization", action="store_true", help="report how much of the model's text copies its "
+                   "training text, against the baseline of the validation text")
+    p.add_argument("--train-data", action="append", metavar="PATH", help="--memorization of a model that is not a run "
+                   "folder: its training text (text files, repeatable, or a folder written by `gptforge prepare`)")
+    add_dataclass_options(p, MemorizationOptions)
     p.add_argument("--split", default="val", choices=("train", "val"), help="split of a prepared dataset (default: val)")
     p.add_argument("--tokenizer", help="tokenizer folder or tokenizer.json (default: the model folder's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")

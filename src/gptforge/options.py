@@ -304,6 +304,24 @@ class EvalOptions:
                             "batch_size": (1, None, True, int), "max_tokens": (1, None, True, int)})
 
 
+@dataclass
+class MemorizationOptions:
+    """The memorization report (`gptforge eval RUN --memorization`): continuations sampled after prompts from the
+    validation split, checked for verbatim copies of the training text."""
+
+    mem_samples: int = opt(100, "continuations to sample")
+    mem_tokens: int = opt(256, "tokens per continuation")
+    mem_prompt_tokens: int = opt(32, "validation tokens before each continuation (at most a quarter of the context)")
+    mem_seed: int = opt(0, "seed of the prompts' choice and of the sampling")
+    mem_batch_size: int = opt(16, "continuations generated together")
+    mem_show: int = opt(5, "longest copies to list")
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"mem_samples": (1, None, True, int), "mem_tokens": (1, None, True, int),
+                            "mem_prompt_tokens": (1, None, True, int), "mem_seed": (0, 2**63 - 1, True, int),
+                            "mem_batch_size": (1, None, True, int), "mem_show": (0, None, True, int)})
+
+
 # --- adapters and instruction tuning --------------------------------------------------------------------
 
 LORA_LAYERS = ("c_attn", "c_proj", "c_fc")  # GPT-2's linear layers (transformers' Conv1D names)
@@ -378,5 +396,5 @@ class ClassifyOptions:
                 raise OptionError(f"{flag_of(ClassifyOptions, name)} {getattr(self, name)!r}: choose {', '.join(choices)}")
 
 
-__all__ = ["ClassifyOptions", "EvalOptions", "InstructOptions", "LORA_LAYERS", "LoRAOptions", "FINETUNE_DEFAULTS", "REPORTERS", "SCRATCH_DEFAULTS", "SamplingOptions", "TRAIN_GROUPS", "TrainConfig", "check_fields", "unset_defaults",
+__all__ = ["ClassifyOptions", "EvalOptions", "MemorizationOptions", "InstructOptions", "LORA_LAYERS", "LoRAOptions", "FINETUNE_DEFAULTS", "REPORTERS", "SCRATCH_DEFAULTS", "SamplingOptions", "TRAIN_GROUPS", "TrainConfig", "check_fields", "unset_defaults",
            "flag_of", "opt", "parse_duration"]

@@ -76,9 +76,9 @@ def one_thread():
 def sample_text() -> str:
     """A few kilobytes of varied text: English prose, digits, Chinese, emoji, odd whitespace."""
     rng = random.Random(7)
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly",
-             "brew", "strong", "coffee", "near", "old", "lighthouses", "and", "42", "recipes", "call", "for", "3.5",
-             "cups", "of", "flour"]
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards",
+             "quietly", "brew", "strong", "coffee", "near", "old", "lighthouses", "and", "42", "recipes", "call",
+             "for", "3.5", "cups", "of", "flour"]
     lines = []
     for i in range(400):
         lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(3, 14))).capitalize() + ".")
@@ -162,7 +162,8 @@ class RunningServer:
 
     def post(self, path: str, payload, key: str | None = API_KEY, headers: dict | None = None):
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+        h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}),
+             **(headers or {})}
         status, headers, data = self.raw("POST", path, body, h)
         return status, headers, json.loads(data)
 

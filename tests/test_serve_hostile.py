@@ -91,7 +91,7 @@ def test_a_web_page_cannot_use_the_local_server(hostile):
         assert status == 415 and err["error"]["code"] == "unsupported_media_type"
     # what is allowed: the names it listens as, --allowed-hosts, the playground's own origin, --cors-origins
     for host in (f"127.0.0.1:{s.port}", f"localhost:{s.port}", f"[::1]:{s.port}", "models.lan"):
-        assert ask(s, "/v1/completions", COMPLETION, Host=host, Content_Type="application/json; charset=utf-8")[0] == 200
+        assert ask(s, "/v1/completions", COMPLETION, Host=host, Content_Type=f"{JSON}; charset=utf-8")[0] == 200
     assert s.raw("GET", "/", headers={"Host": f"localhost:{s.port}"})[0] == 200
     assert ask(s, "/v1/completions", COMPLETION, Origin=s.base, Content_Type=JSON)[0] == 200
     status, head, _ = s.raw("OPTIONS", "/v1/completions", headers={
@@ -116,7 +116,8 @@ def test_lone_surrogates_in_any_field_are_a_400_naming_it(hostile):
                          Content_Type=JSON)
     assert status == 400 and "'messages[0].content'" in err["error"]["message"]
     # a whole pair is a character like any other
-    assert ask(hostile, "/v1/completions", b'{"prompt": "\\ud83d\\ude00", "max_tokens": 2}', Content_Type=JSON)[0] == 200
+    pair = b'{"prompt": "\\ud83d\\ude00", "max_tokens": 2}'
+    assert ask(hostile, "/v1/completions", pair, Content_Type=JSON)[0] == 200
 
 
 def test_a_chat_template_that_loops_or_grows_fails_that_request_alone(hostile):
@@ -141,8 +142,8 @@ def test_a_chat_template_that_loops_or_grows_fails_that_request_alone(hostile):
     err = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
     assert err["code"] == "chat_template_failed" and "tokenizer_config.json" in err["message"]
     assert "did not finish within" in err["message"]
-    status, _, err = ask(s, "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "huge"}]}).encode(),
-                         Content_Type=JSON)
+    huge = json.dumps({"messages": [{"role": "user", "content": "huge"}]}).encode()
+    status, _, err = ask(s, "/v1/chat/completions", huge, Content_Type=JSON)
     assert status == 400 and err["error"]["code"] == "chat_template_failed"
     assert "tokenizer_config.json" in err["error"]["message"] and "more than the limit" in err["error"]["message"]
     body = json.dumps({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}).encode()
@@ -160,8 +161,8 @@ def test_a_chat_longer_than_the_context_keeps_most_of_it_and_says_how_much_was_c
     assert kept == N_CTX - N_CTX // 4 and kept + cut == whole
     assert int(head["x-truncated-prompt-tokens"]) == cut
     assert r["usage"]["completion_tokens"] <= N_CTX // 4
-    status, _, err = ask(hostile, "/v1/chat/completions", json.dumps({"messages": messages, "truncate_prompt": False}).encode(),
-                         Content_Type=JSON)
+    refuse = json.dumps({"messages": messages, "truncate_prompt": False}).encode()
+    status, _, err = ask(hostile, "/v1/chat/completions", refuse, Content_Type=JSON)
     assert status == 400 and err["error"]["code"] == "context_length_exceeded"
 
 

@@ -42,7 +42,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--max-body", type=int, default=1 << 20, help="request body limit in bytes (default: 1 MiB)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
     parser.add_argument("--adapter", help="LoRA adapter folder (gptforge's or peft's), merged into the model on load")
-    parser.add_argument("--quantize", choices=("int8",), help="int8 weights for the linear layers and the head, made on load")
+    parser.add_argument("--quantize", choices=("int8",),
+                        help="int8 weights for the linear layers and the head, made on load")
     parser.add_argument("--allowed-hosts", type=_names, default=[], metavar="NAMES",
                         help="more Host names to answer to, comma-separated ('*.example.com' a domain, '*' any); "
                              "by default only the names it listens as (for 127.0.0.1: localhost, 127.0.0.1, ::1)")

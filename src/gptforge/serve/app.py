@@ -139,12 +139,14 @@ class Server:
             if len(p) > room:
                 if not truncate:
                     raise ApiError(400, f"the prompt is {len(p)} tokens and max_tokens is {max_tokens}, more than the "
-                                        f"model's context of {self.n_ctx} tokens; shorten the prompt, lower max_tokens, "
+                                        f"model's context of {self.n_ctx} tokens; shorten the prompt, lower "
+                                        "max_tokens, "
                                         "or leave truncate_prompt on", "prompt", "context_length_exceeded")
                 cut += len(p) - room
                 prompts[i] = p[len(p) - room:]
         return Job(prompts, max_tokens, n, opts, stop_field(body),
-                   number_field(body, "presence_penalty", 0.0, -2, 2), number_field(body, "frequency_penalty", 0.0, -2, 2),
+                   number_field(body, "presence_penalty", 0.0, -2, 2),
+                   number_field(body, "frequency_penalty", 0.0, -2, 2),
                    get_field(body, "stream", (bool,), False, "true or false"),
                    bool(stream_options.get("include_usage")), cut)
 
@@ -158,7 +160,8 @@ class Server:
             texts = [prompt]
         elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
             texts = prompt
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        elif (isinstance(prompt, list) and prompt
+              and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
             texts = [prompt]
         elif (isinstance(prompt, list) and prompt and all(isinstance(p, list) and p for p in prompt)
               and all(isinstance(t, int) and not isinstance(t, bool) for p in prompt for t in p)):
@@ -284,7 +287,8 @@ class Routes:
             raise ApiError(415, f"send the body as JSON, with 'Content-Type: application/json' (got "
                                 f"{repr(kind[:60]) if kind else 'no Content-Type'})", code="unsupported_media_type")
         limit = self.options.max_body
-        too_big = ApiError(413, f"request body is larger than this server's limit of {limit} bytes", code="body_too_large")
+        too_big = ApiError(413, f"request body is larger than this server's limit of {limit} bytes",
+                           code="body_too_large")
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             raise too_big

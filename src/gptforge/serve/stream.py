@@ -20,7 +20,8 @@ def _sse(data: Any) -> bytes:
     return b"data: " + (data if isinstance(data, bytes) else json.dumps(data, separators=(",", ":")).encode()) + b"\n\n"
 
 
-async def stream_events(job: Job, seqs: list[Sequence], q: asyncio.Queue, head: dict, chat: bool) -> AsyncIterator[bytes]:
+async def stream_events(job: Job, seqs: list[Sequence], q: asyncio.Queue, head: dict,
+                        chat: bool) -> AsyncIterator[bytes]:
     """The server-sent events of one request, in OpenAI's shape, ending with `data: [DONE]`."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
 
@@ -59,7 +60,8 @@ async def stream_events(job: Job, seqs: list[Sequence], q: asyncio.Queue, head: 
 def usage(job: Job, completion_tokens: int) -> dict:
     """OpenAI's token counts (each prompt once, whatever n), plus how many prompt tokens were cut off."""
     prompt = sum(map(len, job.prompts))
-    usage = {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
+             "total_tokens": prompt + completion_tokens}
     if job.truncated:
         usage["truncated_prompt_tokens"] = job.truncated
     return usage

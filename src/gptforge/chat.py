@@ -81,7 +81,8 @@ def _bounded(seconds: float | None, max_chars: int | None):
     try:
         yield
     finally:
-        sys.settrace(previous)
+        if seconds is not None:
+            sys.settrace(previous)
         del _bounds.max_chars
 
 

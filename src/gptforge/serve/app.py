@@ -139,9 +139,9 @@ class Server:
             if len(p) > room:
                 if not truncate:
                     raise ApiError(400, f"the prompt is {len(p)} tokens and max_tokens is {max_tokens}, more than the "
-                                        f"model's context of {self.n_ctx} tokens; shorten the prompt, lower "
-                                        "max_tokens, "
-                                        "or leave truncate_prompt on", "prompt", "context_length_exceeded")
+                                        f"model's context of {self.n_ctx} tokens; shorten the prompt, "
+                                        "lower max_tokens, or leave truncate_prompt on", "prompt",
+                                   "context_length_exceeded")
                 cut += len(p) - room
                 prompts[i] = p[len(p) - room:]
         return Job(prompts, max_tokens, n, opts, stop_field(body),

@@ -57,7 +57,9 @@ def _host_of(value: str) -> str:
 
 class HostGuard:
     """ASGI middleware: a 400 for a Host the server does not answer to, a 403 for a request from a page on
-    another origin (same origin: the Origin's host and port are the Host header's) unless it is allowed."""
+    another origin (same origin: the Origin's host and port are the Host header's) unless it is allowed.
+    (Starlette's TrustedHostMiddleware answers a bare "Invalid host header" that names no flag, and cannot take
+    any IP address for a server on every interface.)"""
 
     def __init__(self, app, names: set[str], any_ip: bool, origins: list[str] | tuple = ()):
         self.app, self.names, self.any_ip = app, names, any_ip

@@ -28,7 +28,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from machine import cpu_name  # noqa: E402
+
+from machine import cpu_name
 
 
 def make_model(folder: Path) -> None:
@@ -79,8 +80,9 @@ async def stream_request(host: str, port: int, body: bytes) -> dict:
     t0 = time.perf_counter()
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: " + host.encode()
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode()
+                     + b"\r\nConnection: close\r\n\r\n" + body)
         await writer.drain()
         status = await reader.readline()
         if b" 200 " not in status:
@@ -142,7 +144,7 @@ def main() -> None:
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     rng = random.Random(1)
-    word = lambda: "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 7)))  # noqa: E731
+    word = lambda: "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 7)))
     prompts = [" ".join(word() for _ in range(args.prompt_words)) for _ in range(8)]
 
     print(f"# bench_serve: {cpu_name()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "

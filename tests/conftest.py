@@ -1,10 +1,19 @@
 """Shared fixtures: everything a test needs is made here, nothing is downloaded."""
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
+
+API_KEY = "test-key-123"  # the key the serve tests' servers are started with
 
 
 @pytest.fixture(autouse=True)
@@ -67,8 +76,9 @@ def one_thread():
 def sample_text() -> str:
     """A few kilobytes of varied text: English prose, digits, Chinese, emoji, odd whitespace."""
     rng = random.Random(7)
-    words = ("the quick brown fox jumps over a lazy dog while seven wizards quietly brew "
-             "strong coffee near old lighthouses and 42 recipes call for 3.5 cups of flour").split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards",
+             "quietly", "brew", "strong", "coffee", "near", "old", "lighthouses", "and", "42", "recipes", "call",
+             "for", "3.5", "cups", "of", "flour"]
     lines = []
     for i in range(400):
         lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(3, 14))).capitalize() + ".")
@@ -104,3 +114,62 @@ def dataset(tmp_path_factory, corpus):
     tok = train_tokenizer([str(corpus)], vocab_size=300, out_dir=root / "tok")
     prepare([str(corpus)], tok, root / "data")
     return root / "data", tok
+
+
+class RunningServer:
+    """`python -m gptforge.serve FOLDER --port 0 FLAGS...` on loopback, up once /health answers; `popen` goes to
+    subprocess.Popen (a preexec_fn, say). `log` collects what it prints after its first line."""
+
+    def __init__(self, folder: Path, *flags: str, **popen):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("GPTFORGE_API_KEY", None)
+        self.proc = subprocess.Popen([sys.executable, "-m", "gptforge.serve", str(folder), "--port", "0", *flags],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **popen)
+        line = self.proc.stdout.readline()
+        if "http://" not in line:
+            self.proc.kill()
+            raise RuntimeError(f"the server did not start: {line}{self.proc.stdout.read()}")
+        self.url = line.split("http://")[1].split()[0]
+        self.base = f"http://{self.url}"
+        self.host, self.port = self.url.rsplit(":", 1)
+        self.log: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.log.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
+        deadline = time.time() + 60
+        while time.time() < deadline:  # uvicorn is up once /health answers
+            try:
+                if self.get("/health")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("the server never answered /health")
+
+    def raw(self, method: str, path: str, body: bytes = b"", headers: dict | None = None, timeout: float = 30):
+        """One HTTP request on a fresh socket, exactly as written: (status, headers, body bytes)."""
+        import http.client
+
+        conn = http.client.HTTPConnection(self.host, int(self.port), timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            r = conn.getresponse()
+            return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+        finally:
+            conn.close()
+
+    def get(self, path: str, key: str | None = None):
+        status, headers, body = self.raw("GET", path, headers={"Authorization": f"Bearer {key}"} if key else {})
+        return status, json.loads(body) if headers.get("content-type", "").startswith("application/json") else body
+
+    def post(self, path: str, payload, key: str | None = API_KEY, headers: dict | None = None):
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}),
+             **(headers or {})}
+        status, headers, data = self.raw("POST", path, body, h)
+        return status, headers, json.loads(data)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()

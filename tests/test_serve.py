@@ -7,7 +7,6 @@ with raw HTTP for the error cases, and with a headless Chromium for the playgrou
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -22,15 +21,16 @@ import torch
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from gptforge import fastdecode, native  # noqa: E402
-from gptforge.checkpoint import save_model  # noqa: E402
-from gptforge.config import GPTConfig  # noqa: E402
-from gptforge.generate import SamplingOptions, generate_ids  # noqa: E402
-from gptforge.model import GPT  # noqa: E402
-from gptforge.serve.engine import Engine, Sequence  # noqa: E402
-from gptforge.tokenizer import train_tokenizer  # noqa: E402
+from conftest import API_KEY, RunningServer
 
-API_KEY = "test-key-123"
+from gptforge import fastdecode, native
+from gptforge.checkpoint import save_model
+from gptforge.config import GPTConfig
+from gptforge.generate import SamplingOptions, generate_ids
+from gptforge.model import GPT
+from gptforge.serve.engine import Engine, Sequence
+from gptforge.tokenizer import train_tokenizer
+
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
 CHROMIUM = "/usr/bin/chromium"
@@ -200,7 +200,7 @@ def folders(tiny, tmp_path_factory):
 def test_a_server_built_in_python_takes_the_folders_chat_template(folders):
     # docs/serve.md's create_app(Server(model, tok, ServeOptions())) used to have chat off
     from gptforge.checkpoint import load_model_and_tokenizer
-    from gptforge.serve import Server, ServeOptions
+    from gptforge.serve import ServeOptions, Server
 
     plain, chat = folders
     assert Server(*load_model_and_tokenizer(chat), ServeOptions()).template is not None
@@ -212,60 +212,6 @@ def test_a_port_out_of_range_is_one_line(folders, capsys):
 
     assert main(["serve", str(folders[0]), "--port", "70000"]) == 2  # used to be an OverflowError traceback
     assert "--port 70000: a port is a number from 0 to 65535" in capsys.readouterr().err
-
-
-class RunningServer:
-    def __init__(self, folder: Path, *flags: str):
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        env.pop("GPTFORGE_API_KEY", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "gptforge.serve", str(folder), "--port", "0", *flags],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        line = self.proc.stdout.readline()
-        if "http://" not in line:
-            self.proc.kill()
-            raise RuntimeError(f"the server did not start: {line}{self.proc.stdout.read()}")
-        self.url = line.split("http://")[1].split()[0]
-        self.base = f"http://{self.url}"
-        self.host, self.port = self.url.rsplit(":", 1)
-        self.log: list[str] = []
-        threading.Thread(target=lambda: self.log.extend(self.proc.stdout), daemon=True).start()
-        deadline = time.time() + 60
-        while time.time() < deadline:  # uvicorn is up once /health answers
-            try:
-                if self.get("/health")[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("the server never answered /health")
-
-    def raw(self, method: str, path: str, body: bytes = b"", headers: dict | None = None, timeout: float = 30):
-        """One HTTP request on a fresh socket, exactly as written: (status, headers, body bytes)."""
-        import http.client
-
-        conn = http.client.HTTPConnection(self.host, int(self.port), timeout=timeout)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            r = conn.getresponse()
-            return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
-        finally:
-            conn.close()
-
-    def get(self, path: str, key: str | None = None):
-        status, headers, body = self.raw("GET", path, headers={"Authorization": f"Bearer {key}"} if key else {})
-        return status, json.loads(body) if headers.get("content-type", "").startswith("application/json") else body
-
-    def post(self, path: str, payload, key: str | None = API_KEY, headers: dict | None = None):
-        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
-        status, headers, data = self.raw("POST", path, body, h)
-        return status, headers, json.loads(data)
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -429,7 +375,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(chat_server
     assert status == 200 and r["choices"][0]["finish_reason"] in ("stop", "length")
     # A chat prompt that fits, without max_tokens: the default is the room it leaves, not a cut into it (a
     # default of 256 used to cut such a prompt, on a 128-token model down to its last token).
-    ask = lambda n, **kw: s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "fox " * n}], **kw})  # noqa: E731
+    ask = lambda n, **kw: s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "fox " * n}], **kw})
     per_word = (ask(200, max_tokens=1)[2]["usage"]["prompt_tokens"] - ask(100, max_tokens=1)[2]["usage"]["prompt_tokens"]) / 100
     n = int(100 + (1024 - 100 - ask(100, max_tokens=1)[2]["usage"]["prompt_tokens"]) / per_word)  # ~100 tokens of room
     status, _, r = ask(n, temperature=0)
@@ -460,7 +406,7 @@ def open_stream(server: RunningServer, prompt: str, max_tokens: int) -> socket.s
     """Start a streaming completion on a raw socket and read until its first event; returns the socket."""
     body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
     sock = socket.create_connection((server.host, int(server.port)), timeout=30)
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     data = b""
     while b"data:" not in data:
@@ -490,7 +436,7 @@ def test_queue_full_is_429_and_a_disconnect_frees_the_slot(small_server, long_pr
     sock.close()  # the client goes away mid-stream
     health = wait_idle(s)
     assert health["steps"] - before < 900  # freed long before its 1000 tokens were done
-    status, _, r = s.post("/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    status, _, _ = s.post("/v1/completions", {"prompt": "hi", "max_tokens": 2})
     assert status == 200
 
 
@@ -500,7 +446,7 @@ def test_a_slow_stream_reader_does_not_hold_others_back(chat_server, long_prompt
     body = json.dumps({"prompt": prompt, "max_tokens": 1000, "temperature": 0, "stream": True}).encode()
     lazy = socket.create_connection((s.host, int(s.port)), timeout=30)
     lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    lazy.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: "
+    lazy.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nAuthorization: "
                  b"Bearer " + API_KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     try:
         # The lazy stream is never read. A server whose loop waited on it would never answer these: the

@@ -2,10 +2,43 @@
 `apply_chat_template` renders it (a sandboxed environment, `raise_exception` available to templates)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
+import threading
+import time
 from pathlib import Path
 
-from .errors import GPTForgeError
+from .errors import DataError, GPTForgeError
+
+MAX_TEMPLATE_CHARS = 1 << 24  # no string or list a template builds with * or + may be longer (16M items)
+_bounds = threading.local()  # the output bound of the render running in this thread
+
+
+class TemplateLimitError(DataError):
+    """A chat template that ran past its time or size bound (a loop that does not end, a huge string)."""
+
+
+class _OverLimit(Exception):
+    pass
+
+
+def _check_binop(operator: str, left, right) -> None:
+    """Refuse `*`, `+` and `**` whose result would be larger than the bound, before it is built."""
+    limit = getattr(_bounds, "max_chars", MAX_TEMPLATE_CHARS)
+    seqs = (str, list, tuple)
+    if operator == "*" and isinstance(right, seqs) and isinstance(left, int):
+        left, right = right, left
+    if operator == "*" and isinstance(left, seqs) and isinstance(right, int):
+        size = len(left) * right
+    elif operator == "+" and isinstance(left, seqs) and isinstance(right, seqs):
+        size = len(left) + len(right)
+    elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+        size = right * abs(left).bit_length() // 8  # bytes of the result
+    else:
+        return
+    if size > limit:
+        raise _OverLimit(f"builds a value of {size} items with '{operator}' (more than the limit of {limit})")
 
 
 def compile_template(source: str):
@@ -15,20 +48,57 @@ def compile_template(source: str):
         raise GPTForgeError("the model folder has a chat template, and rendering it needs jinja2: "
                             "pip install jinja2 (or 'gptforge[serve]')") from None
 
+    class Sandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "+", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            _check_binop(operator, left, right)
+            return super().call_binop(context, operator, left, right)
+
     def raise_exception(message: str):
         raise ValueError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
     return env.from_string(source)
 
 
+@contextlib.contextmanager
+def _bounded(seconds: float | None, max_chars: int | None):
+    """Within: this thread's template code stops after `seconds` (checked at each line the template runs, so
+    a loop that never ends stops too), and `*`/`+` build nothing longer than `max_chars`."""
+    _bounds.max_chars = max_chars or MAX_TEMPLATE_CHARS
+    previous = sys.gettrace()
+    if seconds is not None:
+        deadline = time.monotonic() + seconds
+
+        def line(frame, event, arg):
+            if time.monotonic() > deadline:
+                raise _OverLimit(f"did not finish within {seconds:g} s")
+            return line
+
+        sys.settrace(lambda frame, event, arg: line if frame.f_code.co_filename == "<template>" else None)
+    try:
+        yield
+    finally:
+        if seconds is not None:
+            sys.settrace(previous)
+        del _bounds.max_chars
+
+
+def chat_template_file(folder: Path) -> Path:
+    """The file of a model folder that holds its chat template: chat_template.jinja, else tokenizer_config.json."""
+    jinja = Path(folder) / "chat_template.jinja"
+    return jinja if jinja.is_file() else Path(folder) / "tokenizer_config.json"
+
+
 def read_chat_template(folder: Path) -> str | None:
     """The `chat_template` of a model folder's tokenizer_config.json (or chat_template.jinja), if any."""
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    path = chat_template_file(folder)
+    if path.suffix == ".jinja":
+        return path.read_text(encoding="utf-8")
     try:
-        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     template = config.get("chat_template")
@@ -69,7 +139,7 @@ def load_template_file(path) -> str:
         compile_template(source)
     except GPTForgeError:
         raise
-    except Exception as e:  # jinja2.TemplateSyntaxError and friends
+    except Exception as e:  # noqa: BLE001 - jinja2.TemplateSyntaxError and friends
         raise GPTForgeError(f"--chat-template {path}: not a valid Jinja template ({e})") from None
     return source
 
@@ -87,8 +157,6 @@ def special_tokens(tokenizer) -> dict:
 
 def check_messages(messages, where: str) -> list[dict]:
     """A conversation as a list of {role, content} with known roles and string contents; else a DataError at `where`."""
-    from .errors import DataError
-
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\": ..., \"content\": ...}} objects")
     for i, m in enumerate(messages):
@@ -109,19 +177,29 @@ class ChatTemplate:
         self.template = compile_template(source)
         self.tokens = special_tokens(tokenizer)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False, where: str = "") -> str:
-        from .errors import DataError
-
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, where: str = "",
+               seconds: float | None = None, max_chars: int | None = None) -> str:
+        """The conversation as text; with `seconds` or `max_chars`, a TemplateLimitError once the template runs
+        longer or writes more (a server renders templates that came with a model, so it bounds both)."""
+        prefix = f"{where}: " if where else ""
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.tokens)
-        except Exception as e:  # the template's raise_exception, or a bug in the template
-            raise DataError(f"{where + ': ' if where else ''}{self.name} failed to render ({type(e).__name__}: {e})") from None
+            with _bounded(seconds, max_chars):
+                parts, size = [], 0
+                for part in self.template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                   **self.tokens):
+                    size += len(part)
+                    if max_chars is not None and size > max_chars:
+                        raise _OverLimit(f"writes more than {max_chars} characters")
+                    parts.append(part)
+                return "".join(parts)
+        except _OverLimit as e:
+            raise TemplateLimitError(f"{prefix}{self.name} {e}; fix the template") from None
+        except Exception as e:  # noqa: BLE001 - the template's raise_exception, or any bug in the template
+            raise DataError(f"{prefix}{self.name} failed to render ({type(e).__name__}: {e})") from None
 
     def answer_spans(self, messages: list[dict], where: str = "") -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the character spans of the assistant answers in it: the text each
         assistant message adds after the prompt that asks for it (add_generation_prompt)."""
-        from .errors import DataError
-
         text = self.render(messages, where=where)
         spans = []
         for i, m in enumerate(messages):
@@ -156,5 +234,18 @@ class Conversation:
             self.messages.append({"role": "assistant", "content": text.strip()})
 
 
-__all__ = ["ChatTemplate", "Conversation", "DEFAULT_CHAT_TEMPLATE", "ROLES", "check_messages", "compile_template",
-           "load_template_file", "read_chat_template", "special_tokens", "template_of"]
+__all__ = [
+    "DEFAULT_CHAT_TEMPLATE",
+    "MAX_TEMPLATE_CHARS",
+    "ROLES",
+    "ChatTemplate",
+    "Conversation",
+    "TemplateLimitError",
+    "chat_template_file",
+    "check_messages",
+    "compile_template",
+    "load_template_file",
+    "read_chat_template",
+    "special_tokens",
+    "template_of",
+]

@@ -42,10 +42,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--max-body", type=int, default=1 << 20, help="request body limit in bytes (default: 1 MiB)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
     parser.add_argument("--adapter", help="LoRA adapter folder (gptforge's or peft's), merged into the model on load")
-    parser.add_argument("--quantize", choices=("int8",), help="int8 weights for the linear layers and the head, made on load")
+    parser.add_argument("--quantize", choices=("int8",),
+                        help="int8 weights for the linear layers and the head, made on load")
+    parser.add_argument("--allowed-hosts", type=_names, default=[], metavar="NAMES",
+                        help="more Host names to answer to, comma-separated ('*.example.com' a domain, '*' any); "
+                             "by default only the names it listens as (for 127.0.0.1: localhost, 127.0.0.1, ::1)")
+    parser.add_argument("--cors-origins", type=_names, default=[], metavar="ORIGINS",
+                        help="web pages of other origins that may call the API, comma-separated, as "
+                             "'https://app.example:8443' ('*' any); by default only the playground's own")
+    parser.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="seconds a client has to send a request's headers (default: 10)")
+    parser.add_argument("--max-connections", type=int, metavar="N",
+                        help="connections held at once; one more is answered 503 (default: 64 below the open-file "
+                             "limit, at most 4096)")
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
                         help="uvicorn's log level; info shows each request (default: warning)")
     return parser
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -55,13 +71,18 @@ def run_from_args(args: argparse.Namespace) -> int:
             raise ServeError(f"--{name.replace('_', '-')} must be at least {low}")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ServeError("--max-tokens must be at least 1")
+    if args.max_connections is not None and args.max_connections < 1:
+        raise ServeError("--max-connections must be at least 1")
+    if not 0 < args.header_timeout < float("inf"):
+        raise ServeError(f"--header-timeout {args.header_timeout}: give a number of seconds above 0")
     if args.port > 65535:
         raise ServeError(f"--port {args.port}: a port is a number from 0 to 65535 (0 picks a free one)")
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
 
-        from ..chat import read_chat_template
-        from .app import Server, ServeOptions, create_app
+        from ..chat import chat_template_file, read_chat_template
+        from .app import ServeOptions, Server, create_app
+        from .guard import default_max_connections, run
     except ImportError as e:
         raise ServeError(f"serving needs the web extra ({e.name} is missing): pip install 'gptforge[serve]'") from None
     from ..adapters import load_with_adapter, read_adapter, resolve_base
@@ -76,7 +97,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     except OSError as e:
         raise ServeError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     options = ServeOptions(api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-                           max_tokens=args.max_tokens, max_body=args.max_body, model_name=args.model_name)
+                           max_tokens=args.max_tokens, max_body=args.max_body, model_name=args.model_name,
+                           host=args.host, allowed_hosts=args.allowed_hosts, cors_origins=args.cors_origins,
+                           header_timeout=args.header_timeout, max_connections=args.max_connections)
     name = Path(str(args.model).rstrip("/\\")).name or "model"
     if is_classifier_folder(base):  # labels and probabilities on /v1/classifications
         server, app = _classifier_app(base, adapter, args, options, name)
@@ -84,7 +107,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         model, tokenizer = load_with_adapter(base, adapter, device=args.device, quantize=args.quantize)
         folder = Path(adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base)
         folder = folder if folder.is_dir() else folder.parent
-        server = Server(model, tokenizer, options, read_chat_template(folder) if folder.is_dir() else None, model_name=name)
+        template = read_chat_template(folder) if folder.is_dir() else None
+        server = Server(model, tokenizer, options, template, model_name=name,
+                        template_file=str(chat_template_file(folder)) if template else None)
         app = create_app(server)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
@@ -93,9 +118,8 @@ def run_from_args(args: argparse.Namespace) -> int:
           f"auth: {'API key' if api_key else 'none'})", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print("gptforge serve: warning: listening beyond this machine without --api-key", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level in ("debug", "info"),
-                            timeout_graceful_shutdown=3)
-    uvicorn.Server(config).run(sockets=[sock])
+    run(app, sock, getattr(server, "close", lambda: None), args.header_timeout,
+        args.max_connections or default_max_connections(), args.log_level)
     return 0
 
 

@@ -17,22 +17,36 @@ import traceback
 import uuid
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from ..chat import compile_template
+from ..chat import ChatTemplate, TemplateLimitError
+from ..errors import DataError
 from ..options import SamplingOptions
-
 from .engine import Engine, Event, Sequence
-from .protocol import (CHAT_FIELDS, COMPLETION_FIELDS, ApiError, check_fields, get_field, number_field, stop_field, error_body,
-                       error_response)
+from .guard import HostGuard, host_names
+from .protocol import (
+    CHAT_FIELDS,
+    COMPLETION_FIELDS,
+    ApiError,
+    check_fields,
+    check_text,
+    error_body,
+    error_response,
+    get_field,
+    number_field,
+    stop_field,
+)
+from .stream import EventStream, stream_events, usage
 
 _D = SamplingOptions()  # sampling defaults, written once in generate.py
+SHUTTING_DOWN = "the server is shutting down"
 
 
 @dataclass
@@ -46,6 +60,12 @@ class ServeOptions:
     max_body: int = 1 << 20  # request body limit in bytes
     max_n: int = 8  # choices per prompt
     model_name: str | None = None  # the id in /v1/models (default: the folder's name)
+    host: str = "127.0.0.1"  # the address it listens on: the Host names it answers to follow from it
+    allowed_hosts: list[str] = field(default_factory=list)  # more Host names to answer to ("*": any)
+    cors_origins: list[str] = field(default_factory=list)  # other origins whose pages may call it ("*": any)
+    header_timeout: float = 10.0  # seconds a client has to send a request's headers
+    max_connections: int | None = None  # connections held at once (default: below the file descriptor limit)
+    template_seconds: float = 3.0  # how long a chat template may take to render one request
 
 
 @dataclass
@@ -67,7 +87,7 @@ class Server:
     """The state behind the routes: model, tokenizer, engine, options."""
 
     def __init__(self, model, tokenizer, options: ServeOptions, chat_template: str | None = None,
-                 model_name: str = "model", engine: Engine | None = None):
+                 model_name: str = "model", engine: Engine | None = None, template_file: str | None = None):
         self.model, self.tokenizer, self.options = model, tokenizer, options
         self.n_ctx = model.config.n_positions
         self.name = options.model_name or model_name
@@ -75,16 +95,19 @@ class Server:
         self.created = int(time.time())
         self.max_tokens = min(options.max_tokens or self.n_ctx - 1, self.n_ctx - 1)
         chat_template = chat_template or (getattr(tokenizer, "meta", None) or {}).get("chat_template")  # the folder's
-        self.template = compile_template(chat_template) if chat_template else None
+        name = f"the chat template in {template_file}" if template_file else "the model's chat template"
+        self.template = ChatTemplate(chat_template, tokenizer, name) if chat_template else None
         self.n_params = model.num_params()
+        self.live: dict[asyncio.Queue, list[Sequence]] = {}  # each running request's queue and sequences
+        self.closing = False
 
     # --- validation -------------------------------------------------------------------------------
     def _job(self, body: dict, prompts: list[list[int]], default_max: int, chat: bool) -> Job:
         name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
         max_tokens = get_field(body, name, (int,), None, "an integer")
-        if max_tokens is None:  # the room the prompt leaves (OpenAI's meaning), never a cut into a prompt that fits
-            room = self.n_ctx - max(map(len, prompts))
-            max_tokens = min(default_max, self.max_tokens, *([room] if room > 0 else []))
+        if max_tokens is None:  # the room the prompt leaves (OpenAI's meaning), never a cut into a prompt that fits;
+            room = self.n_ctx - max(map(len, prompts))  # one that does not fit keeps 3/4 of the context
+            max_tokens = min(default_max, self.max_tokens, room if room > 0 else max(1, self.n_ctx // 4))
         elif not 1 <= max_tokens <= self.max_tokens:
             raise ApiError(400, f"'{name}' must be between 1 and {self.max_tokens} (this server's limit; the model's "
                                 f"context is {self.n_ctx} tokens); got {max_tokens}", name, "invalid_value")
@@ -119,8 +142,9 @@ class Server:
             if len(p) > room:
                 if not truncate:
                     raise ApiError(400, f"the prompt is {len(p)} tokens and max_tokens is {max_tokens}, more than the "
-                                        f"model's context of {self.n_ctx} tokens; shorten the prompt, lower max_tokens, "
-                                        "or leave truncate_prompt on", "prompt", "context_length_exceeded")
+                                        f"model's context of {self.n_ctx} tokens; shorten the prompt, "
+                                        "lower max_tokens, or leave truncate_prompt on", "prompt",
+                                   "context_length_exceeded")
                 cut += len(p) - room
                 prompts[i] = p[len(p) - room:]
         return Job(prompts, max_tokens, n, opts, stop_field(body),
@@ -137,7 +161,8 @@ class Server:
             texts = [prompt]
         elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
             texts = prompt
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        elif (isinstance(prompt, list) and prompt
+              and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
             texts = [prompt]
         elif (isinstance(prompt, list) and prompt and all(isinstance(p, list) and p for p in prompt)
               and all(isinstance(t, int) and not isinstance(t, bool) for p in prompt for t in p)):
@@ -156,7 +181,8 @@ class Server:
             job.echo = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in texts]
         return job
 
-    def chat_job(self, body: dict) -> Job:
+    def chat_messages(self, body: dict) -> list[dict]:
+        """The request's messages, checked, as {role, content} with string contents."""
         check_fields(body, CHAT_FIELDS)
         if self.template is None:
             raise ApiError(400, f"model '{self.name}' has no chat template (tokenizer_config.json 'chat_template'), so "
@@ -179,15 +205,26 @@ class Server:
                 raise ApiError(400, f"messages[{i}] must be an object with a string 'role' and a string 'content'",
                                "messages", "invalid_type")
             clean.append({"role": m["role"], "content": content})
+        return clean
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """The prompt of a conversation, bounded in time and size: the template came with the model, so one that
+        loops or makes a huge string fails this request only (run it in a worker thread)."""
         try:
-            text = self.template.render(messages=clean, add_generation_prompt=True,
-                                        bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-        except Exception as e:  # the template's own raise_exception, or a template bug
-            raise ApiError(400, f"the chat template refused these messages: {e}", "messages", "invalid_value") from None
+            return self.template.render(messages, add_generation_prompt=True, seconds=self.options.template_seconds,
+                                        max_chars=4 * self.options.max_body + 65536)
+        except TemplateLimitError as e:
+            raise ApiError(400, str(e), "messages", "chat_template_failed") from None
+        except DataError as e:  # the template's own raise_exception, or a template bug
+            raise ApiError(400, str(e), "messages", "invalid_value") from None
+
+    def chat_job(self, body: dict, text: str) -> Job:
         return self._job(body, [self.tokenizer.encode(text)], 256, chat=True)
 
     # --- running ------------------------------------------------------------------------------------
     def start(self, job: Job) -> tuple[list[Sequence], asyncio.Queue]:
+        if self.closing:
+            raise ApiError(503, SHUTTING_DOWN, type="server_error", code="shutting_down")
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit(event: Event) -> None:
@@ -205,7 +242,19 @@ class Server:
             raise ApiError(429, f"the server is busy ({s['running']} running, {s['waiting']} waiting); retry later",
                            type="rate_limit_error", code="rate_limit_exceeded",
                            headers={"Retry-After": str(self.engine.retry_after())})
+        self.live[q] = seqs
         return seqs, q
+
+    def done(self, q: asyncio.Queue) -> None:
+        self.live.pop(q, None)
+
+    def close(self) -> None:
+        """Ctrl-C: end every running request now (streams with an error event and [DONE]), so that none is cut
+        off by the shutdown's deadline."""
+        self.closing = True
+        for q, seqs in list(self.live.items()):
+            self.engine.cancel(seqs)
+            q.put_nowait(Event(seqs[0].choice, finish="error", error=SHUTTING_DOWN))
 
 
 # --- the app -------------------------------------------------------------------------------------------
@@ -231,8 +280,13 @@ class Routes:
 
     async def read_json(self, request: Request) -> dict:
         self.check_key(request)
+        kind = request.headers.get("content-type", "")
+        if kind.partition(";")[0].strip().lower() != "application/json":  # a page's form or text/plain post
+            raise ApiError(415, f"send the body as JSON, with 'Content-Type: application/json' (got "
+                                f"{repr(kind[:60]) if kind else 'no Content-Type'})", code="unsupported_media_type")
         limit = self.options.max_body
-        too_big = ApiError(413, f"request body is larger than this server's limit of {limit} bytes", code="body_too_large")
+        too_big = ApiError(413, f"request body is larger than this server's limit of {limit} bytes",
+                           code="body_too_large")
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             raise too_big
@@ -254,6 +308,8 @@ class Routes:
             raise ApiError(400, "request body nests arrays or objects too deeply", code="invalid_json") from None
         if not isinstance(data, dict):
             raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+        if "\\ud" in text.lower():  # JSON's \uXXXX escapes are the one way to send half a surrogate pair
+            check_text(data)
         model = data.get("model")
         if model is not None and model != self.server.name:
             raise ApiError(404, f"model '{model}' is not served here; this server serves '{self.server.name}'",
@@ -287,7 +343,9 @@ class Routes:
         return await self.respond(request, self.server.completion_job(await self.read_json(request)), chat=False)
 
     async def chat(self, request: Request) -> Response:
-        return await self.respond(request, self.server.chat_job(await self.read_json(request)), chat=True)
+        body = await self.read_json(request)
+        text = await asyncio.to_thread(self.server.render_chat, self.server.chat_messages(body))
+        return await self.respond(request, self.server.chat_job(body, text), chat=True)
 
     async def respond(self, request: Request, job: Job, chat: bool) -> Response:
         server = self.server
@@ -295,8 +353,9 @@ class Routes:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": server.name}
+        cut = {"X-Truncated-Prompt-Tokens": str(job.truncated)} if job.truncated else {}
         if job.stream:
-            return EventStream(stream_events(job, seqs, q, head, chat), server, seqs)
+            return EventStream(stream_events(job, seqs, q, head, chat), server, seqs, q, cut)
         texts = [job.echo[i // job.n] if job.echo else "" for i in range(len(seqs))]
         reasons: list[str | None] = [None] * len(seqs)
         tokens = 0
@@ -314,18 +373,20 @@ class Routes:
                 if ev.finish:
                     if ev.finish == "error":
                         server.engine.cancel(seqs)
-                        raise ApiError(500, ev.error or "generation failed", type="server_error")
+                        raise ApiError(503 if ev.error == SHUTTING_DOWN else 500, ev.error or "generation failed",
+                                       type="server_error")
                     reasons[ev.choice] = ev.finish
                     tokens += ev.completion_tokens
         finally:
             disconnect.cancel()
+            server.done(q)
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
                         "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
         else:
             choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
                        for i, (t, r) in enumerate(zip(texts, reasons))]
-        return JSONResponse({**head, "choices": choices, "usage": usage(job, tokens)})
+        return JSONResponse({**head, "choices": choices, "usage": usage(job, tokens)}, headers=cut)
 
     async def error(self, request: Request, exc: Exception) -> Response:
         if isinstance(exc, ApiError):
@@ -340,10 +401,16 @@ class Routes:
 
 def build_app(r: Routes, routes: list[Route], lifespan=None) -> Starlette:
     """A Starlette app with the routes every model answers (/health, /v1/models) and `routes`, its errors
-    answered as OpenAI error objects."""
+    answered as OpenAI error objects, behind the Host and Origin checks (and CORS for `cors_origins`)."""
     common = [Route("/health", r.health, methods=["GET"]), Route("/v1/models", r.models, methods=["GET"]),
               Route("/v1/models/{name:path}", r.model, methods=["GET"])]
-    return Starlette(routes=common + routes, lifespan=lifespan,
+    o = r.options
+    middleware = [Middleware(HostGuard, *host_names(o.host, o.allowed_hosts), o.cors_origins)]
+    if o.cors_origins:  # preflights and Access-Control-* headers for the pages allowed
+        middleware.append(Middleware(CORSMiddleware, allow_origins=o.cors_origins, allow_methods=["GET", "POST"],
+                                     allow_headers=["Authorization", "Content-Type"],
+                                     expose_headers=["Retry-After", "X-Truncated-Prompt-Tokens"]))
+    return Starlette(routes=common + routes, lifespan=lifespan, middleware=middleware,
                      exception_handlers={ApiError: r.error, HTTPException: r.error, Exception: r.error})
 
 
@@ -365,85 +432,3 @@ def create_app(server: Server) -> Starlette:
 async def _wait_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _sse(data: Any) -> bytes:
-    return b"data: " + (data if isinstance(data, bytes) else json.dumps(data, separators=(",", ":")).encode()) + b"\n\n"
-
-
-async def stream_events(job: Job, seqs: list[Sequence], q: asyncio.Queue, head: dict, chat: bool) -> AsyncIterator[bytes]:
-    """The server-sent events of one request, in OpenAI's shape, ending with `data: [DONE]`."""
-    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-
-    def chunk(i: int, text: str | None, finish: str | None) -> bytes:
-        if chat:
-            delta = {} if text is None else {"content": text}
-            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
-        return _sse({**head, "choices": [choice]})
-
-    for i in range(len(seqs)):
-        if chat:
-            yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}]})
-        elif job.echo:
-            yield chunk(i, job.echo[i // job.n], None)
-    left, tokens = len(seqs), 0
-    while left:
-        ev: Event = await q.get()
-        if ev.finish == "error":
-            yield _sse(error_body(ev.error or "generation failed", "server_error"))
-            yield _sse(b"[DONE]")
-            return
-        if ev.text:
-            yield chunk(ev.choice, ev.text, None)
-        if ev.finish:
-            left -= 1
-            tokens += ev.completion_tokens
-            yield chunk(ev.choice, None if chat else "", ev.finish)
-    if job.include_usage:
-        yield _sse({**head, "choices": [], "usage": usage(job, tokens)})
-    yield _sse(b"[DONE]")
-
-
-def usage(job: Job, completion_tokens: int) -> dict:
-    """OpenAI's token counts (each prompt once, whatever n), plus how many prompt tokens were cut off."""
-    prompt = sum(map(len, job.prompts))
-    usage = {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
-    if job.truncated:
-        usage["truncated_prompt_tokens"] = job.truncated
-    return usage
-
-
-class EventStream(Response):
-    """A server-sent event stream that watches for the client leaving and then frees its sequences at once."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, events: AsyncIterator[bytes], server: Server, seqs: list[Sequence]):
-        self.status_code, self.background, self.body = 200, None, None  # no Content-Length: it streams
-        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.events, self.server, self.seqs = events, server, seqs
-
-    async def __call__(self, scope, receive, send) -> None:
-        async def pump() -> None:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            async for data in self.events:
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        tasks = [asyncio.ensure_future(pump()), asyncio.ensure_future(watch())]
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                if not t.cancelled() and t.exception() and not isinstance(t.exception(), OSError):
-                    raise t.exception()
-        finally:
-            for t in tasks:
-                t.cancel()
-            self.server.engine.cancel(self.seqs)  # a no-op for sequences that have finished

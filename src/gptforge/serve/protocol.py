@@ -24,6 +24,44 @@ def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(error_body(e.message, e.type, e.param, e.code), e.status, headers=e.headers)
 
 
+def _shown(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def check_text(body: dict) -> None:
+    """A 400 naming the first field (or field name) whose text holds half of a UTF-16 surrogate pair: JSON can
+    carry one ("\\ud83d"), but it is not text, and nothing could write it back."""
+    stack: list[tuple[str, str, Any]] = [("", "", body)]
+    while stack:
+        top, path, value = stack.pop()
+        if isinstance(value, str):
+            bad, where = value, f"'{path}'"
+        elif isinstance(value, list):
+            stack.extend((top, f"{path}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+            continue
+        elif isinstance(value, dict):
+            keys = [k for k in value if not _valid(k)]
+            if not keys:
+                stack.extend((top or k, f"{path}.{k}" if path else k, v) for k, v in reversed(value.items()))
+                continue
+            bad, where = keys[0], f"the field name '{_shown(path + '.' if path else '')}{_shown(keys[0])}'"
+            top = top or _shown(keys[0])
+        else:
+            continue
+        if not _valid(bad):
+            i = next(i for i, c in enumerate(bad) if "\ud800" <= c <= "\udfff")
+            raise ApiError(400, f"{where} is not valid text: it holds half of a surrogate pair ({_shown(bad[i])} at "
+                                f"position {i}); send whole characters", _shown(top) or None, "invalid_encoding")
+
+
+def _valid(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def get_field(body: dict, name: str, kinds: tuple, default: Any = None, what: str = "") -> Any:
     """body[name] checked against `kinds` (JSON null counts as absent)."""
     value = body.get(name, None)

@@ -1,0 +1,102 @@
+"""Server-sent events: a streaming request's events in OpenAI's shape, and the response that sends them while
+watching for the client to leave."""
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from starlette.responses import Response
+
+from .engine import Event, Sequence
+from .protocol import error_body
+
+if TYPE_CHECKING:
+    from .app import Job, Server
+
+
+def _sse(data: Any) -> bytes:
+    return b"data: " + (data if isinstance(data, bytes) else json.dumps(data, separators=(",", ":")).encode()) + b"\n\n"
+
+
+async def stream_events(job: Job, seqs: list[Sequence], q: asyncio.Queue, head: dict,
+                        chat: bool) -> AsyncIterator[bytes]:
+    """The server-sent events of one request, in OpenAI's shape, ending with `data: [DONE]`."""
+    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+
+    def chunk(i: int, text: str | None, finish: str | None) -> bytes:
+        if chat:
+            delta = {} if text is None else {"content": text}
+            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return _sse({**head, "choices": [choice]})
+
+    for i in range(len(seqs)):
+        if chat:
+            yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]})
+        elif job.echo:
+            yield chunk(i, job.echo[i // job.n], None)
+    left, tokens = len(seqs), 0
+    while left:
+        ev: Event = await q.get()
+        if ev.finish == "error":
+            yield _sse(error_body(ev.error or "generation failed", "server_error"))
+            yield _sse(b"[DONE]")
+            return
+        if ev.text:
+            yield chunk(ev.choice, ev.text, None)
+        if ev.finish:
+            left -= 1
+            tokens += ev.completion_tokens
+            yield chunk(ev.choice, None if chat else "", ev.finish)
+    if job.include_usage:
+        yield _sse({**head, "choices": [], "usage": usage(job, tokens)})
+    yield _sse(b"[DONE]")
+
+
+def usage(job: Job, completion_tokens: int) -> dict:
+    """OpenAI's token counts (each prompt once, whatever n), plus how many prompt tokens were cut off."""
+    prompt = sum(map(len, job.prompts))
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
+             "total_tokens": prompt + completion_tokens}
+    if job.truncated:
+        usage["truncated_prompt_tokens"] = job.truncated
+    return usage
+
+
+class EventStream(Response):
+    """A server-sent event stream that watches for the client leaving and then frees its sequences at once."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[bytes], server: Server, seqs: list[Sequence], q: asyncio.Queue,
+                 headers: dict):
+        self.status_code, self.background, self.body = 200, None, None  # no Content-Length: it streams
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
+        self.events, self.server, self.seqs, self.q = events, server, seqs, q
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def pump() -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for data in self.events:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        tasks = [asyncio.ensure_future(pump()), asyncio.ensure_future(watch())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if not t.cancelled() and t.exception() and not isinstance(t.exception(), OSError):
+                    raise t.exception()
+        finally:
+            for t in tasks:
+                t.cancel()
+            self.server.engine.cancel(self.seqs)  # a no-op for sequences that have finished
+            self.server.done(self.q)

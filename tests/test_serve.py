@@ -346,7 +346,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(chat_server
         (b'{"prompt": "hi", "max_tokens": 100000}', 400, "invalid_value"),
         (b'{"prompt": "hi", "top_p": 0}', 400, "invalid_value"),
         (b'{"prompt": "hi", "n": 0}', 400, "invalid_value"),
-        (b'{"prompt": "hi", "logprobs": 5}', 400, "unsupported_parameter"),
+        (b'{"prompt": "hi", "logprobs": 50}', 400, "invalid_value"),  # at most 20 alternatives
+        (b'{"prompt": "hi", "suffix": "x"}', 400, "unsupported_parameter"),
         (b'{"prompt": "hi", "frobnicate": true}', 400, "unknown_parameter"),
         (b'{"prompt": "hi", "model": "gpt-4"}', 404, "model_not_found"),
         ('{"prompt": "caf\u00e9"}'.encode("latin-1"), 400, "invalid_encoding"),
@@ -573,3 +574,67 @@ def test_one_failing_choice_does_not_fail_the_others(tiny, one_thread, monkeypat
         assert c.events[0][-1].finish in ("stop", "length")
     finally:
         engine.stop()
+
+
+# --- log-probabilities ------------------------------------------------------------------------------------
+
+
+def test_scoring_a_text_over_http_equals_gptforge_eval(chat_server, tiny):
+    from gptforge.evaluate import evaluate_text
+
+    model, tok = tiny
+    text = "The quick brown fox jumps over the lazy dog. Coffee, then more coffee."
+    body = {"prompt": "<|endoftext|>" + text, "echo": True, "max_tokens": 0, "logprobs": 2}
+    status, _, r = chat_server.post("/v1/completions", body)
+    assert status == 200, r
+    choice = r["choices"][0]
+    assert choice["text"] == "<|endoftext|>" + text and r["usage"]["completion_tokens"] == 0
+    lp = choice["logprobs"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # nothing before the first token
+    scores = lp["token_logprobs"][1:]
+    assert len(scores) == len(tok.encode(text))
+    assert all(len(top) <= 2 for top in lp["top_logprobs"][1:])
+    ours = evaluate_text(model, tok, [text])  # scored after an <|endoftext|>, as the prompt above is
+    assert ours.tokens == len(scores)
+    assert abs(-sum(scores) / len(scores) - ours.loss) < 1e-4
+
+
+def test_generated_log_probabilities_are_the_models_own_plain_and_streamed(chat_server, tiny):
+    import torch
+
+    model, tok = tiny
+    body = {"prompt": "The quick brown", "max_tokens": 12, "temperature": 0.9, "seed": 3, "logprobs": 3, "top_k": 0}
+    status, _, r = chat_server.post("/v1/completions", {**body, "return_tokens_as_token_ids": True})
+    assert status == 200, r
+    lp = r["choices"][0]["logprobs"]
+    new = [int(t.removeprefix("token_id:")) for t in lp["tokens"]]
+    assert tok.decode(new) == r["choices"][0]["text"]
+    ids = tok.encode("The quick brown")
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids + new]))
+    reference = logits[0].log_softmax(-1)  # the model's own distribution, before temperature and the rest
+    for step, (token, value, top) in enumerate(zip(new, lp["token_logprobs"], lp["top_logprobs"]), len(ids) - 1):
+        assert abs(reference[step, token].item() - value) < 1e-4
+        best = reference[step].topk(3)
+        assert [int(t.removeprefix("token_id:")) for t in top] == best.indices.tolist()
+        assert list(top.values()) == pytest.approx(best.values.tolist(), abs=1e-4)
+    status, _, texts = chat_server.post("/v1/completions", body)  # the same choice, tokens named by their text
+    assert texts["choices"][0]["logprobs"]["tokens"] == [tok.decode([t]) for t in new]
+    offsets = texts["choices"][0]["logprobs"]["text_offset"]
+    assert offsets == [sum(len(tok.decode([t])) for t in new[:i]) for i in range(len(new))]
+    raw = chat_server.raw("POST", "/v1/completions", json.dumps({**body, "stream": True}).encode(),
+                          {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})[2].decode()
+    streamed = [json.loads(line[6:])["choices"][0]["logprobs"] for line in raw.splitlines() if line.startswith("data: {")]
+    tokens = [t for chunk in streamed if chunk for t in chunk["tokens"]]
+    assert tokens == texts["choices"][0]["logprobs"]["tokens"]
+
+
+def test_chat_log_probabilities_in_openais_shape(client):
+    r = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hello"}],
+                                       max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for item in content:
+        assert item.logprob <= 0 and len(item.top_logprobs) == 3
+        assert item.logprob == pytest.approx(item.top_logprobs[0].logprob, abs=1e-5)  # greedy: the best one
+        assert bytes(item.bytes).decode("utf-8", "replace") == item.token

@@ -110,10 +110,17 @@ class Row:
         device: torch.device | str = "cpu",
         index: int = 0,
         text: TextStream | None = None,
+        logprobs: int | None = None,
     ):
         self.prompt, self.opts, self.eos_id, self.text = prompt, opts, eos_id, text
         self.ids: list[int] = []
         self.finish: str | None = None
+        # with `logprobs` (how many alternatives to keep, 0: none): each token's log-probability under the model's
+        # own distribution (before any processor), and the most likely alternatives, as (token, log-probability)
+        self.logprobs = logprobs
+        self.token_logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []
+        self._scored: tuple[float, list[tuple[int, float]]] | None = None
         self.seen = self.counts = self.generator = self.ngrams = None
         if opts.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
@@ -147,6 +154,10 @@ class Row:
             self.finish = "stop"
             return self.text.push(self.ids, final=True) if self.text else ""
         self.ids.append(token)
+        if self._scored is not None:
+            self.token_logprobs.append(self._scored[0])
+            self.top_logprobs.append(self._scored[1])
+            self._scored = None
         if self.seen is not None:
             self.seen[token] = True
         if self.counts is not None:
@@ -165,6 +176,32 @@ class Row:
         """End the row here (the caller's stop: a callback, a cancelled client); the text so far is final."""
         self.finish = self.finish or "stop"
         return self.text.push(self.ids, final=True) if self.text else ""
+
+
+def _score(logits: torch.Tensor, rows: Sequence[Row], picked: torch.Tensor) -> None:
+    """Keep the log-probability of each row's chosen token, and its top alternatives, for the rows that ask."""
+    wanted = [j for j, r in enumerate(rows) if r.logprobs is not None]
+    logp = logits[wanted].float().log_softmax(dim=-1)
+    chosen = logp.gather(1, picked[wanted, None]).squeeze(1).tolist()
+    k = max(rows[j].logprobs for j in wanted)
+    top_values, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+    for n, j in enumerate(wanted):
+        alternatives = list(zip(top_ids[n].tolist(), top_values[n].tolist()))[: rows[j].logprobs]
+        rows[j]._scored = (chosen[n], alternatives)
+
+
+def prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> tuple[list[float | None], list[list]]:
+    """The log-probability of each prompt token given the ones before it (None for the first), and the top `k`
+    alternatives at each position, from the logits of the prompt's positions (one row per prompt token)."""
+    logp = logits[: len(prompt) - 1].float().log_softmax(dim=-1)
+    target = torch.tensor(prompt[1:], device=logits.device, dtype=torch.long)
+    chosen = logp.gather(1, target[:, None]).squeeze(1).tolist() if len(prompt) > 1 else []
+    if k:
+        values, ids = logp.topk(k, dim=-1)
+        top = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        top = [[] for _ in chosen]
+    return [None, *chosen], [[], *top]
 
 
 def choose_tokens(
@@ -191,6 +228,8 @@ def choose_tokens(
             ngrams = [r.ngrams for r in group]
             scores = process_logits(scores, opts, [len(r.ids) for r in group], group[0].eos_id, seen, ngrams, counts)
             picked = pick(scores, opts.greedy, [r.generator for r in group])
+            if any(r.logprobs is not None for r in group):
+                _score(logits if whole else logits.index_select(0, idx), group, picked)
         except Exception as e:
             if on_error is None:
                 raise
@@ -419,6 +458,7 @@ __all__ = [
     "generate_ids",
     "pick",
     "process_logits",
+    "prompt_logprobs",
     "row_seed",
     "top_k_filter",
     "top_p_filter",

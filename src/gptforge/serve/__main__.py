@@ -1,4 +1,5 @@
 """`python -m gptforge.serve MODEL [--host] [--port] [--api-key]`."""
+
 import sys
 
 from . import main

@@ -5,6 +5,7 @@ status; anything unexpected is logged and answered 500 without a traceback, and 
 Generation happens in the engine's thread; each request has its own asyncio queue that the engine
 fills, so a slow reader only slows itself.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,26 +27,21 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from ..chat import ChatTemplate, TemplateLimitError
-from ..errors import DataError
-from ..options import SamplingOptions
+from ..chat import ChatTemplate
 from .engine import Engine, Event, Sequence
 from .guard import HostGuard, host_names
 from .protocol import (
-    CHAT_FIELDS,
-    COMPLETION_FIELDS,
     ApiError,
-    check_fields,
+    chat_logprobs,
     check_text,
+    completion_logprobs,
     error_body,
     error_response,
-    get_field,
-    number_field,
-    stop_field,
+    token_namer,
 )
+from .requests import Job, RequestParsing
 from .stream import EventStream, stream_events, usage
 
-_D = SamplingOptions()  # sampling defaults, written once in generate.py
 SHUTTING_DOWN = "the server is shutting down"
 
 
@@ -68,26 +64,19 @@ class ServeOptions:
     template_seconds: float = 3.0  # how long a chat template may take to render one request
 
 
-@dataclass
-class Job:
-    """A validated request: prompts (token ids) and how to generate from each."""
-
-    prompts: list[list[int]]
-    max_tokens: int
-    n: int
-    opts: SamplingOptions
-    stop: list[str]
-    stream: bool
-    include_usage: bool
-    truncated: int = 0  # prompt tokens cut from the left to fit the context
-    echo: list[str] = field(default_factory=list)
-
-
-class Server:
+class Server(RequestParsing):
     """The state behind the routes: model, tokenizer, engine, options."""
 
-    def __init__(self, model, tokenizer, options: ServeOptions, chat_template: str | None = None,
-                 model_name: str = "model", engine: Engine | None = None, template_file: str | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        options: ServeOptions,
+        chat_template: str | None = None,
+        model_name: str = "model",
+        engine: Engine | None = None,
+        template_file: str | None = None,
+    ):
         self.model, self.tokenizer, self.options = model, tokenizer, options
         self.n_ctx = model.config.n_positions
         self.name = options.model_name or model_name
@@ -101,127 +90,6 @@ class Server:
         self.live: dict[asyncio.Queue, list[Sequence]] = {}  # each running request's queue and sequences
         self.closing = False
 
-    # --- validation -------------------------------------------------------------------------------
-    def _job(self, body: dict, prompts: list[list[int]], default_max: int, chat: bool) -> Job:
-        name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = get_field(body, name, (int,), None, "an integer")
-        if max_tokens is None:  # the room the prompt leaves (OpenAI's meaning), never a cut into a prompt that fits;
-            room = self.n_ctx - max(map(len, prompts))  # one that does not fit keeps 3/4 of the context
-            max_tokens = min(default_max, self.max_tokens, room if room > 0 else max(1, self.n_ctx // 4))
-        elif not 1 <= max_tokens <= self.max_tokens:
-            raise ApiError(400, f"'{name}' must be between 1 and {self.max_tokens} (this server's limit; the model's "
-                                f"context is {self.n_ctx} tokens); got {max_tokens}", name, "invalid_value")
-        n = number_field(body, "n", 1, 1, self.options.max_n, integer=True)
-        if n * len(prompts) > self.options.max_batch:
-            raise ApiError(400, f"{len(prompts)} prompt(s) x n={n} is more than the {self.options.max_batch} sequences "
-                                "this server runs at once; send fewer", "n", "invalid_value")
-        temperature = number_field(body, "temperature", _D.temperature, 0, 2)
-        seed = get_field(body, "seed", (int,), _D.seed, "an integer")
-        opts = SamplingOptions(
-            max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature,
-            top_k=number_field(body, "top_k", _D.top_k, 0, 1 << 31, integer=True),
-            top_p=number_field(body, "top_p", _D.top_p, 0, 1),
-            repetition_penalty=number_field(body, "repetition_penalty", _D.repetition_penalty, 0, 100),
-            presence_penalty=number_field(body, "presence_penalty", _D.presence_penalty, -2, 2),
-            frequency_penalty=number_field(body, "frequency_penalty", _D.frequency_penalty, -2, 2),
-            min_new_tokens=number_field(body, "min_tokens", _D.min_new_tokens, 0, max_tokens, integer=True),
-            no_repeat_ngram_size=number_field(body, "no_repeat_ngram_size", _D.no_repeat_ngram_size, 0, 1 << 20,
-                                              integer=True),
-            seed=seed)
-        try:
-            opts.validate()
-        except ValueError as e:  # named as the request names it
-            param = getattr(e, "param", None)
-            param = {"max_new_tokens": "max_tokens", "num_samples": "n"}.get(param, param)
-            raise ApiError(400, str(e), param, "invalid_value") from None
-        stream_options = get_field(body, "stream_options", (dict,), {}, "an object")
-        truncate = get_field(body, "truncate_prompt", (bool,), True, "true or false")
-        room = self.n_ctx - max_tokens
-        cut = 0
-        for i, p in enumerate(prompts):
-            if len(p) > room:
-                if not truncate:
-                    raise ApiError(400, f"the prompt is {len(p)} tokens and max_tokens is {max_tokens}, more than the "
-                                        f"model's context of {self.n_ctx} tokens; shorten the prompt, "
-                                        "lower max_tokens, or leave truncate_prompt on", "prompt",
-                                   "context_length_exceeded")
-                cut += len(p) - room
-                prompts[i] = p[len(p) - room:]
-        return Job(prompts, max_tokens, n, opts, stop_field(body),
-                   get_field(body, "stream", (bool,), False, "true or false"),
-                   bool(stream_options.get("include_usage")), cut)
-
-    def completion_job(self, body: dict) -> Job:
-        check_fields(body, COMPLETION_FIELDS)
-        prompt = body.get("prompt")
-        if prompt is None:
-            raise ApiError(400, "'prompt' is required (a string, a list of strings, or token ids)", "prompt", "missing")
-        vocab = self.model.config.vocab_size
-        if isinstance(prompt, str):
-            texts = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            texts = prompt
-        elif (isinstance(prompt, list) and prompt
-              and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
-            texts = [prompt]
-        elif (isinstance(prompt, list) and prompt and all(isinstance(p, list) and p for p in prompt)
-              and all(isinstance(t, int) and not isinstance(t, bool) for p in prompt for t in p)):
-            texts = prompt
-        else:
-            raise ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of "
-                                "such lists", "prompt", "invalid_type")
-        prompts = []
-        for p in texts:
-            ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
-            if ids and (min(ids) < 0 or max(ids) >= vocab):
-                raise ApiError(400, f"token ids must be in [0, {vocab})", "prompt", "invalid_value")
-            prompts.append(ids or [self.tokenizer.eos_id])  # an empty prompt starts from <|endoftext|>
-        job = self._job(body, prompts, 16, chat=False)
-        if get_field(body, "echo", (bool,), False, "true or false"):
-            job.echo = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in texts]
-        return job
-
-    def chat_messages(self, body: dict) -> list[dict]:
-        """The request's messages, checked, as {role, content} with string contents."""
-        check_fields(body, CHAT_FIELDS)
-        if self.template is None:
-            raise ApiError(400, f"model '{self.name}' has no chat template (tokenizer_config.json 'chat_template'), so "
-                                "it cannot chat; use /v1/completions with a plain prompt", "messages",
-                           "no_chat_template")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages",
-                           "invalid_type")
-        clean = []
-        for i, m in enumerate(messages):
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-                if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
-                           for c in content):
-                    raise ApiError(400, f"messages[{i}].content: only text parts are supported", "messages",
-                                   "invalid_type")
-                content = "".join(c["text"] for c in content)
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
-                raise ApiError(400, f"messages[{i}] must be an object with a string 'role' and a string 'content'",
-                               "messages", "invalid_type")
-            clean.append({"role": m["role"], "content": content})
-        return clean
-
-    def render_chat(self, messages: list[dict]) -> str:
-        """The prompt of a conversation, bounded in time and size: the template came with the model, so one that
-        loops or makes a huge string fails this request only (run it in a worker thread)."""
-        try:
-            return self.template.render(messages, add_generation_prompt=True, seconds=self.options.template_seconds,
-                                        max_chars=4 * self.options.max_body + 65536)
-        except TemplateLimitError as e:
-            raise ApiError(400, str(e), "messages", "chat_template_failed") from None
-        except DataError as e:  # the template's own raise_exception, or a template bug
-            raise ApiError(400, str(e), "messages", "invalid_value") from None
-
-    def chat_job(self, body: dict, text: str) -> Job:
-        return self._job(body, [self.tokenizer.encode(text)], 256, chat=True)
-
-    # --- running ------------------------------------------------------------------------------------
     def start(self, job: Job) -> tuple[list[Sequence], asyncio.Queue]:
         if self.closing:
             raise ApiError(503, SHUTTING_DOWN, type="server_error", code="shutting_down")
@@ -236,12 +104,26 @@ class Server:
         seqs = []
         for i, p in enumerate(job.prompts):
             for j in range(job.n):  # choice k draws as sample k of `gptforge generate` (generate.row_seed)
-                seqs.append(Sequence(p, job.opts, emit, i * job.n + j, job.stop))
+                seqs.append(
+                    Sequence(
+                        p,
+                        job.opts,
+                        emit,
+                        i * job.n + j,
+                        job.stop,
+                        logprobs=job.logprobs,
+                        prompt_logprobs=job.prompt_logprobs,
+                    )
+                )
         if not self.engine.submit(seqs):
             s = self.engine.stats()
-            raise ApiError(429, f"the server is busy ({s['running']} running, {s['waiting']} waiting); retry later",
-                           type="rate_limit_error", code="rate_limit_exceeded",
-                           headers={"Retry-After": str(self.engine.retry_after())})
+            raise ApiError(
+                429,
+                f"the server is busy ({s['running']} running, {s['waiting']} waiting); retry later",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(self.engine.retry_after())},
+            )
         self.live[q] = seqs
         return seqs, q
 
@@ -273,8 +155,12 @@ class Routes:
         auth = request.headers.get("authorization", "")
         scheme, _, key = auth.partition(" ")
         if not auth:
-            raise ApiError(401, "this server needs an API key: send 'Authorization: Bearer KEY'",
-                           type="authentication_error", code="missing_api_key")
+            raise ApiError(
+                401,
+                "this server needs an API key: send 'Authorization: Bearer KEY'",
+                type="authentication_error",
+                code="missing_api_key",
+            )
         if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), key_needed.encode()):
             raise ApiError(401, "invalid API key", type="authentication_error", code="invalid_api_key")
 
@@ -282,11 +168,16 @@ class Routes:
         self.check_key(request)
         kind = request.headers.get("content-type", "")
         if kind.partition(";")[0].strip().lower() != "application/json":  # a page's form or text/plain post
-            raise ApiError(415, f"send the body as JSON, with 'Content-Type: application/json' (got "
-                                f"{repr(kind[:60]) if kind else 'no Content-Type'})", code="unsupported_media_type")
+            raise ApiError(
+                415,
+                f"send the body as JSON, with 'Content-Type: application/json' (got "
+                f"{repr(kind[:60]) if kind else 'no Content-Type'})",
+                code="unsupported_media_type",
+            )
         limit = self.options.max_body
-        too_big = ApiError(413, f"request body is larger than this server's limit of {limit} bytes",
-                           code="body_too_large")
+        too_big = ApiError(
+            413, f"request body is larger than this server's limit of {limit} bytes", code="body_too_large"
+        )
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             raise too_big
@@ -302,8 +193,9 @@ class Routes:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ApiError(400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
-                           code="invalid_json") from None
+            raise ApiError(
+                400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}", code="invalid_json"
+            ) from None
         except RecursionError:  # [[[[...]]]] thousands deep: no request nests like that
             raise ApiError(400, "request body nests arrays or objects too deeply", code="invalid_json") from None
         if not isinstance(data, dict):
@@ -312,15 +204,27 @@ class Routes:
             check_text(data)
         model = data.get("model")
         if model is not None and model != self.server.name:
-            raise ApiError(404, f"model '{model}' is not served here; this server serves '{self.server.name}'",
-                           "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"model '{model}' is not served here; this server serves '{self.server.name}'",
+                "model",
+                "model_not_found",
+            )
         return data
 
     def model_card(self) -> dict:
         server = self.server
-        return {"id": server.name, "object": "model", "created": server.created, "owned_by": "gptforge",
-                "n_params": server.n_params, "n_ctx": server.n_ctx, "chat": server.template is not None,
-                "max_tokens": server.max_tokens, "auth": bool(self.options.api_key)}
+        return {
+            "id": server.name,
+            "object": "model",
+            "created": server.created,
+            "owned_by": "gptforge",
+            "n_params": server.n_params,
+            "n_ctx": server.n_ctx,
+            "chat": server.template is not None,
+            "max_tokens": server.max_tokens,
+            "auth": bool(self.options.api_key),
+        }
 
     async def playground(self, request: Request) -> Response:
         page = resources.files("gptforge.serve").joinpath("playground.html").read_text(encoding="utf-8")
@@ -351,12 +255,17 @@ class Routes:
         server = self.server
         seqs, q = server.start(job)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": server.name}
+        head = {
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": server.name,
+        }
         cut = {"X-Truncated-Prompt-Tokens": str(job.truncated)} if job.truncated else {}
         if job.stream:
-            return EventStream(stream_events(job, seqs, q, head, chat), server, seqs, q, cut)
+            return EventStream(stream_events(job, seqs, q, head, chat, server), server, seqs, q, cut)
         texts = [job.echo[i // job.n] if job.echo else "" for i in range(len(seqs))]
+        scored: list[list] = [[] for _ in seqs]  # (token, log-probability, alternatives) per choice
         reasons: list[str | None] = [None] * len(seqs)
         tokens = 0
         disconnect = asyncio.ensure_future(_wait_disconnect(request))
@@ -370,22 +279,40 @@ class Routes:
                     return Response(status_code=499)
                 ev: Event = get.result()
                 texts[ev.choice] += ev.text
+                scored[ev.choice] += ev.logprobs or []
                 if ev.finish:
                     if ev.finish == "error":
                         server.engine.cancel(seqs)
-                        raise ApiError(503 if ev.error == SHUTTING_DOWN else 500, ev.error or "generation failed",
-                                       type="server_error")
+                        raise ApiError(
+                            503 if ev.error == SHUTTING_DOWN else 500,
+                            ev.error or "generation failed",
+                            type="server_error",
+                        )
                     reasons[ev.choice] = ev.finish
                     tokens += ev.completion_tokens
         finally:
             disconnect.cancel()
             server.done(q)
+        decode = token_namer(server.tokenizer, job.token_ids)
+        if job.logprobs is None:
+            logprobs = [None] * len(seqs)
+        elif chat:
+            logprobs = [chat_logprobs(e, decode) for e in scored]
+        else:  # offsets count from the start of the choice's text, the echoed prompt's when its tokens are not scored
+            logprobs = [
+                completion_logprobs(e, decode, 0 if job.prompt_logprobs or not job.echo else len(job.echo[i // job.n]))
+                for i, e in enumerate(scored)
+            ]
         if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                        "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
+            choices = [
+                {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp, "finish_reason": r}
+                for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))
+            ]
         else:
-            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                       for i, (t, r) in enumerate(zip(texts, reasons))]
+            choices = [
+                {"index": i, "text": t, "logprobs": lp, "finish_reason": r}
+                for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))
+            ]
         return JSONResponse({**head, "choices": choices, "usage": usage(job, tokens)}, headers=cut)
 
     async def error(self, request: Request, exc: Exception) -> Response:
@@ -402,16 +329,29 @@ class Routes:
 def build_app(r: Routes, routes: list[Route], lifespan=None) -> Starlette:
     """A Starlette app with the routes every model answers (/health, /v1/models) and `routes`, its errors
     answered as OpenAI error objects, behind the Host and Origin checks (and CORS for `cors_origins`)."""
-    common = [Route("/health", r.health, methods=["GET"]), Route("/v1/models", r.models, methods=["GET"]),
-              Route("/v1/models/{name:path}", r.model, methods=["GET"])]
+    common = [
+        Route("/health", r.health, methods=["GET"]),
+        Route("/v1/models", r.models, methods=["GET"]),
+        Route("/v1/models/{name:path}", r.model, methods=["GET"]),
+    ]
     o = r.options
     middleware = [Middleware(HostGuard, *host_names(o.host, o.allowed_hosts), o.cors_origins)]
     if o.cors_origins:  # preflights and Access-Control-* headers for the pages allowed
-        middleware.append(Middleware(CORSMiddleware, allow_origins=o.cors_origins, allow_methods=["GET", "POST"],
-                                     allow_headers=["Authorization", "Content-Type"],
-                                     expose_headers=["Retry-After", "X-Truncated-Prompt-Tokens"]))
-    return Starlette(routes=common + routes, lifespan=lifespan, middleware=middleware,
-                     exception_handlers={ApiError: r.error, HTTPException: r.error, Exception: r.error})
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=o.cors_origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type"],
+                expose_headers=["Retry-After", "X-Truncated-Prompt-Tokens"],
+            )
+        )
+    return Starlette(
+        routes=common + routes,
+        lifespan=lifespan,
+        middleware=middleware,
+        exception_handlers={ApiError: r.error, HTTPException: r.error, Exception: r.error},
+    )
 
 
 def create_app(server: Server) -> Starlette:
@@ -424,9 +364,15 @@ def create_app(server: Server) -> Starlette:
         yield
         server.engine.stop()
 
-    return build_app(r, [Route("/", r.playground, methods=["GET"]),
-                         Route("/v1/completions", r.completions, methods=["POST"]),
-                         Route("/v1/chat/completions", r.chat, methods=["POST"])], lifespan)
+    return build_app(
+        r,
+        [
+            Route("/", r.playground, methods=["GET"]),
+            Route("/v1/completions", r.completions, methods=["POST"]),
+            Route("/v1/chat/completions", r.chat, methods=["POST"]),
+        ],
+        lifespan,
+    )
 
 
 async def _wait_disconnect(request: Request) -> None:

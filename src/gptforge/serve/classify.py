@@ -4,6 +4,7 @@ A folder written by `gptforge classify train` (or transformers' GPT2ForSequenceC
 to generate, so it gets its own small app: the same authentication, body limits and error objects as the
 generation routes, and one route that classifies a text or a list of texts.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -32,20 +33,37 @@ class ClassifierServer:
         self.lock = threading.Lock()  # one forward pass at a time; requests queue on it
 
     def classify(self, texts: list[str]) -> tuple[list[dict], int]:
-        seqs = encode_texts(self.tokenizer, texts, self.n_ctx, "right")  # as `classify predict`: a long text keeps its start
+        seqs = encode_texts(
+            self.tokenizer, texts, self.n_ctx, "right"
+        )  # as `classify predict`: a long text keeps its start
         with self.lock:
             probs = probabilities(self.model, seqs).tolist()
         labels = self.model.labels
-        data = [{"index": i, "label": labels[max(range(len(row)), key=row.__getitem__)], "score": max(row),
-                 "probs": dict(zip(labels, row))} for i, row in enumerate(probs)]
+        data = [
+            {
+                "index": i,
+                "label": labels[max(range(len(row)), key=row.__getitem__)],
+                "score": max(row),
+                "probs": dict(zip(labels, row)),
+            }
+            for i, row in enumerate(probs)
+        ]
         return data, sum(len(s) for s in seqs)
 
 
 class ClassifierRoutes(Routes):
     def model_card(self) -> dict:
         s = self.server
-        return {"id": s.name, "object": "model", "created": s.created, "owned_by": "gptforge", "n_params": s.n_params,
-                "n_ctx": s.n_ctx, "labels": list(s.model.labels), "auth": bool(self.options.api_key)}
+        return {
+            "id": s.name,
+            "object": "model",
+            "created": s.created,
+            "owned_by": "gptforge",
+            "n_params": s.n_params,
+            "n_ctx": s.n_ctx,
+            "labels": list(s.model.labels),
+            "auth": bool(self.options.api_key),
+        }
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.server.name, "task": "classification"})
@@ -58,13 +76,21 @@ class ClassifierRoutes(Routes):
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             raise ApiError(400, "'input' must be a string or a non-empty list of strings", "input", "invalid_type")
         if len(texts) > MAX_INPUTS:
-            raise ApiError(400, f"'input' holds {len(texts)} texts; at most {MAX_INPUTS} per request", "input", "invalid_value")
+            raise ApiError(
+                400, f"'input' holds {len(texts)} texts; at most {MAX_INPUTS} per request", "input", "invalid_value"
+            )
         try:
             data, tokens = await asyncio.to_thread(self.server.classify, texts)
         except ValueError as e:  # a text with no tokens at all
             raise ApiError(400, str(e).splitlines()[0], "input", "invalid_value") from None
-        return JSONResponse({"object": "list", "model": self.server.name, "data": data,
-                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return JSONResponse(
+            {
+                "object": "list",
+                "model": self.server.name,
+                "data": data,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
 
 
 def create_classifier_app(server: ClassifierServer) -> Starlette:

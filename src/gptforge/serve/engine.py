@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from .. import fastdecode
-from ..generate import Row, TextStream, choose_tokens
+from ..generate import Row, TextStream, choose_tokens, prompt_logprobs
 from ..kernels import cpu_inference_weights  # packed fp32 weights for the CPU's decoding products
 from ..model import GPT
 from ..options import SamplingOptions
@@ -39,6 +39,9 @@ class Event:
     finish: str | None = None  # "stop", "length", or "error"
     completion_tokens: int = 0
     error: str | None = None
+    # with log-probabilities asked for: (token, log-probability or None, top alternatives) of each token this
+    # event covers -- the prompt's, in a first event of its own, then the generated ones up to this event
+    logprobs: list[tuple[int, float | None, list[tuple[int, float]]]] | None = None
 
 
 @dataclass
@@ -52,7 +55,10 @@ class Sequence:
     choice: int = 0
     stop: list[str] = field(default_factory=list)
     cancelled: bool = False  # set from the web side; the model thread drops the row at its next step
+    logprobs: int | None = None  # report log-probabilities, with this many top alternatives per token
+    prompt_logprobs: bool = False  # also the prompt's own (OpenAI's echo), in a first event
     row: Row | None = None  # the decoding state, made by the engine when the sequence starts
+    reported: int = 0  # tokens whose log-probabilities went out
 
 
 class RowCache:
@@ -326,13 +332,22 @@ class Engine:
         mask = c.real[B : B + n, L - P : L]
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
         ragged = any(len(s.prompt) < P for s in seqs)
+        scored = [i for i, s in enumerate(seqs) if s.prompt_logprobs]
         logits, _ = self.model(
             tokens,
             cache=c.window(B, B + n, L - P, 0),
             position_ids=pos,
             attention_mask=mask if ragged else None,
-            logits_to_keep=1,
+            logits_to_keep=0 if scored else 1,
         )
+        for i in scored:  # the prompt's own log-probabilities, from its positions' logits
+            s = seqs[i]
+            lps, tops = prompt_logprobs(logits[i, P - len(s.prompt) :], s.prompt, s.logprobs or 0)
+            s.emit(Event(s.choice, logprobs=list(zip(s.prompt, lps, tops))))
+        for s in seqs:
+            if s.opts.max_new_tokens == 0:  # scoring only (echo with max_tokens 0): done before any token
+                self._finish(s, "length")
+                s.cancelled = True  # leaves at the next step, with its slot
         c.length = L
         self.running += seqs
         self.lens += [len(s.prompt) for s in seqs]
@@ -340,7 +355,16 @@ class Engine:
         self.logits = new if self.logits is None or not B else torch.cat([self.logits, new])
 
     def _setup(self, s: Sequence) -> None:
-        s.row = Row(s.prompt, s.opts, self.eos, self.vocab, self.device, s.choice, TextStream(self.tokenizer, s.stop))
+        s.row = Row(
+            s.prompt,
+            s.opts,
+            self.eos,
+            self.vocab,
+            self.device,
+            s.choice,
+            TextStream(self.tokenizer, s.stop),
+            s.logprobs,
+        )
 
     def _decode(self, tokens: torch.Tensor) -> None:
         c, B = self.cache, len(self.running)
@@ -382,9 +406,19 @@ class Engine:
         if row.finish is not None:
             return self._finish(s, row.finish, text=piece)
         if piece:
-            s.emit(Event(s.choice, piece))
+            s.emit(Event(s.choice, piece, logprobs=self._new_logprobs(s)))
         return False
 
+    def _new_logprobs(self, s: Sequence) -> list | None:
+        """The log-probabilities of the tokens not yet reported (with the text they became)."""
+        row = s.row
+        if row is None or row.logprobs is None:
+            return None
+        done = s.reported
+        s.reported = len(row.token_logprobs)
+        return list(zip(row.ids[done : s.reported], row.token_logprobs[done:], row.top_logprobs[done:]))
+
     def _finish(self, s: Sequence, reason: str, error: str | None = None, text: str = "") -> bool:
-        s.emit(Event(s.choice, text, reason, len(s.row.ids) if s.row else 0, error))
+        tokens = len(s.row.ids) if s.row else 0
+        s.emit(Event(s.choice, text, reason, tokens, error, None if error else self._new_logprobs(s)))
         return True

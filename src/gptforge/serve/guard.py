@@ -9,6 +9,7 @@ only between requests, and `limit_concurrency` answers 503 only once a whole req
 such client holds a file descriptor for good. `GuardedProtocol` gives each request's headers a deadline and
 refuses connections beyond a cap set below the process's descriptor limit.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -51,7 +52,7 @@ def _host_of(value: str) -> str:
     """The name in a Host header (or an origin's netloc), without the port: `[::1]:80` -> `::1`."""
     value = value.strip().lower()
     if value.startswith("["):
-        return value[1:value.find("]")] if "]" in value else value
+        return value[1 : value.find("]")] if "]" in value else value
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
@@ -68,8 +69,12 @@ class HostGuard:
 
     def host_allowed(self, host: str) -> bool:
         name = _host_of(host).rstrip(".")
-        return (self.any_host or name in self.names or (self.any_ip and _is_ip(name))
-                or any(n.startswith("*.") and name.endswith(n[1:]) for n in self.names))
+        return (
+            self.any_host
+            or name in self.names
+            or (self.any_ip and _is_ip(name))
+            or any(n.startswith("*.") and name.endswith(n[1:]) for n in self.names)
+        )
 
     def origin_allowed(self, origin: str, host: str) -> bool:
         netloc = origin.partition("://")[2].rstrip("/")
@@ -83,20 +88,32 @@ class HostGuard:
         error = None
         if not self.host_allowed(host):
             shown = _host_of(host) or "(none)"
-            error = ApiError(400, f"Host '{shown[:100]}' is not a name this server answers to; to allow it, start the "
-                                  f"server with --allowed-hosts {shown[:100]}", code="invalid_host")
+            error = ApiError(
+                400,
+                f"Host '{shown[:100]}' is not a name this server answers to; to allow it, start the "
+                f"server with --allowed-hosts {shown[:100]}",
+                code="invalid_host",
+            )
         elif origin is not None and not self.origin_allowed(origin, host):
-            error = ApiError(403, f"cross-origin request from '{origin[:100]}' refused; to allow that page, start "
-                                  f"the server with --cors-origins {origin[:100]}", code="cross_origin_refused")
+            error = ApiError(
+                403,
+                f"cross-origin request from '{origin[:100]}' refused; to allow that page, start "
+                f"the server with --cors-origins {origin[:100]}",
+                code="cross_origin_refused",
+            )
         if error is not None:
             return await error_response(error)(scope, receive, send)
         await self.app(scope, receive, send)
 
 
-_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
-         b"Content-Length: 53\r\n\r\nthis server holds as many connections as it may; retry")
-_SLOW = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
-         b"Content-Length: 39\r\n\r\nthe request's headers came too slowly\r\n")
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+    b"Content-Length: 53\r\n\r\nthis server holds as many connections as it may; retry"
+)
+_SLOW = (
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+    b"Content-Length: 39\r\n\r\nthe request's headers came too slowly\r\n"
+)
 
 
 def default_max_connections() -> int:
@@ -161,8 +178,9 @@ class GuardedProtocol(H11Protocol):
 
 def protocol_class(header_timeout: float, max_connections: int) -> type[GuardedProtocol]:
     """A GuardedProtocol with these bounds (uvicorn makes one protocol object per connection from a class)."""
-    return type("GuardedProtocol", (GuardedProtocol,), {"header_timeout": header_timeout,
-                                                         "max_connections": max_connections})
+    return type(
+        "GuardedProtocol", (GuardedProtocol,), {"header_timeout": header_timeout, "max_connections": max_connections}
+    )
 
 
 def run(app, sock: socket.socket, on_exit, header_timeout: float, max_connections: int, log_level: str) -> None:
@@ -183,8 +201,13 @@ def run(app, sock: socket.socket, on_exit, header_timeout: float, max_connection
             self._gptforge_loop = asyncio.get_running_loop()
             await super().startup(sockets=sockets)
 
-    config = uvicorn.Config(app, log_level=log_level, access_log=log_level in ("debug", "info"),
-                            timeout_graceful_shutdown=3, http=protocol_class(header_timeout, max_connections))
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        access_log=log_level in ("debug", "info"),
+        timeout_graceful_shutdown=3,
+        http=protocol_class(header_timeout, max_connections),
+    )
     try:
         Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn raises the Ctrl-C again once it has shut down

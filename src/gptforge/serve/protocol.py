@@ -1,4 +1,5 @@
 """The OpenAI API's shapes: error objects, and the checks on request fields (one 400 per problem)."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,15 @@ from starlette.responses import JSONResponse
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
         self.headers = headers
@@ -50,8 +58,13 @@ def check_text(body: dict) -> None:
             continue
         if not _valid(bad):
             i = next(i for i, c in enumerate(bad) if "\ud800" <= c <= "\udfff")
-            raise ApiError(400, f"{where} is not valid text: it holds half of a surrogate pair ({_shown(bad[i])} at "
-                                f"position {i}); send whole characters", _shown(top) or None, "invalid_encoding")
+            raise ApiError(
+                400,
+                f"{where} is not valid text: it holds half of a surrogate pair ({_shown(bad[i])} at "
+                f"position {i}); send whole characters",
+                _shown(top) or None,
+                "invalid_encoding",
+            )
 
 
 def _valid(text: str) -> bool:
@@ -91,14 +104,37 @@ def stop_field(body: dict) -> list[str]:
 
 
 # Fields OpenAI defines that this server cannot honour: refused when set to anything but their default.
-_UNSUPPORTED = {"logprobs": (False, 0), "top_logprobs": (0,), "suffix": ("",), "best_of": (1,), "logit_bias": ({},),
-                "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
-                "response_format": ({"type": "text"},), "parallel_tool_calls": (False, True)}
+_UNSUPPORTED = {
+    "suffix": ("",),
+    "best_of": (1,),
+    "logit_bias": ({},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "parallel_tool_calls": (False, True),
+}
 _IGNORED = {"model", "user", "metadata", "store", "service_tier", "stream_options"}
-_COMMON = {"max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed", "presence_penalty",
-           "frequency_penalty", "top_k", "repetition_penalty", "truncate_prompt", "min_tokens", "no_repeat_ngram_size"}
-COMPLETION_FIELDS = _COMMON | {"prompt", "echo"}
-CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens"}
+_COMMON = {
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stream",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_k",
+    "repetition_penalty",
+    "truncate_prompt",
+    "min_tokens",
+    "no_repeat_ngram_size",
+}
+COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "logprobs", "return_tokens_as_token_ids"}
+CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "return_tokens_as_token_ids"}
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 
 
 def check_fields(body: dict, allowed: set[str]) -> None:
@@ -110,3 +146,38 @@ def check_fields(body: dict, allowed: set[str]) -> None:
                 continue
             raise ApiError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
         raise ApiError(400, f"unrecognized request field '{name}'", name, "unknown_parameter")
+
+
+# --- log-probabilities in OpenAI's two shapes ---------------------------------------------------------------
+
+
+def token_namer(tokenizer, as_ids: bool):
+    """How log-probabilities name a token: its text, or "token_id:N" (vLLM's return_tokens_as_token_ids), which
+    says which token it was where several decode to the same text (parts of one UTF-8 character)."""
+    return (lambda ids: f"token_id:{ids[0]}") if as_ids else tokenizer.decode
+
+
+def completion_logprobs(entries: list, decode, offset: int = 0) -> dict:
+    """The legacy completions shape: token strings, their log-probabilities (None for a prompt's first token), the
+    top alternatives as {token string: log-probability}, and each token's offset in the choice's text."""
+    tokens = [decode([t]) for t, _, _ in entries]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp for _, lp, _ in entries],
+        "top_logprobs": [None if lp is None else {decode([a]): v for a, v in top} for _, lp, top in entries],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(entries: list, decode) -> dict:
+    """The chat shape: per token its string, log-probability, UTF-8 bytes and top alternatives."""
+
+    def item(token: int, logprob: float) -> dict:
+        text = decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "replace"))}
+
+    return {"content": [{**item(t, lp), "top_logprobs": [item(a, v) for a, v in top]} for t, lp, top in entries]}

@@ -16,6 +16,8 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
+import threading
 import time
 from collections import deque
 from dataclasses import asdict
@@ -39,7 +41,29 @@ SHARD_TOKENS = 100_000_000
 _worker: dict = {}
 
 
-def _init_worker(tokenizer: Tokenizer, opts: ReadOptions, dtype: str) -> None:
+def _end_with_parent(parent: int) -> None:
+    """End this worker when `parent` dies, even by kill -9: an orphan would wait for jobs for good, holding the
+    command's stdout (`prepare ... | tee log` would never end). Linux signals it at once; elsewhere a thread looks."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    else:
+        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # it died before the signal was asked for
+        os._exit(1)
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _init_worker(tokenizer: Tokenizer, opts: ReadOptions, dtype: str, parent: int | None = None) -> None:
+    if parent is not None:
+        _end_with_parent(parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no nested thread pools
     _worker.update(tokenizer=tokenizer, opts=opts, dtype=np.dtype(dtype))
 
@@ -83,7 +107,7 @@ def _run_jobs(jobs, tokenizer: Tokenizer, opts: ReadOptions, dtype: str, workers
     # fork: workers start in milliseconds and a user's script needs no `if __name__ == "__main__"` guard
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     with ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_init_worker,
-                             initargs=(tokenizer, opts, dtype)) as pool:
+                             initargs=(tokenizer, opts, dtype, os.getpid())) as pool:
         window: deque = deque()
         try:
             for job in jobs:

@@ -49,3 +49,68 @@ def test_prepare_workers_end_when_prepare_is_killed(tmp_path, sample_text):
     for w in alive:  # never leave them behind, whatever the result
         os.kill(w, signal.SIGKILL)
     assert not eof.is_alive() and not alive, f"workers {alive} outlived their killed parent, holding its output"
+
+
+# --- 20, 22: only gptforge's own leftovers are cleaned, also beside a reused dataset -----------------------
+
+
+def _names_gptforge_makes(folder: Path) -> tuple[str, str]:
+    """(the temporary name of a file write, the temporary folder name of a folder write) in `folder`, as a write
+    cut short by a kill leaves them."""
+    from gptforge.fsio import atomic_dir, atomic_write
+
+    seen = []
+    atomic_write(folder / "model.safetensors", lambda p: (seen.append(p.name), p.write_bytes(b"x")))
+    with atomic_dir(folder / "step-0000001") as tmp:
+        seen.append(tmp.name)
+    return seen[0], seen[1]
+
+
+def test_only_files_gptforge_wrote_are_cleaned_at_the_next_start(tmp_path):
+    from gptforge.train.runfolder import claim_run_folder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    tmp_file, tmp_dir = _names_gptforge_makes(run)
+    (run / tmp_file).write_bytes(b"half")  # left by a killed save
+    (run / tmp_dir).mkdir()
+    (run / ".notes.tmp-draft").write_text("my notes")  # the user's own hidden files
+    (run / ".env.old-config").write_text("KEY=1")
+    (run / ".backup.old-2024").mkdir()
+    said = []
+    with claim_run_folder(run, said.append):
+        pass
+    assert not (run / tmp_file).exists() and not (run / tmp_dir).exists()
+    assert (run / ".notes.tmp-draft").read_text() == "my notes"  # was deleted
+    assert (run / ".env.old-config").read_text() == "KEY=1" and not (run / "env").exists()  # was renamed to env
+    assert (run / ".backup.old-2024").is_dir() and not (run / "backup").exists()
+    assert not any(".notes" in m or ".env" in m or ".backup" in m for m in said)
+
+
+def test_a_reused_dataset_clears_a_killed_prepares_temporary_folder(tmp_path, corpus):
+    from gptforge.data import prepare
+    from gptforge.fsio import atomic_dir
+    from gptforge.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([str(corpus)], vocab_size=300, out_dir=None)
+    first = prepare([str(corpus)], tok, tmp_path / "data")
+    gone = subprocess.Popen(["true"])  # a process that has ended: its pid names no live process
+    gone.wait()
+    with atomic_dir(tmp_path / "data-probe") as probe:  # the name a prepare of pid N gives its temporary folder
+        stale_name = probe.name.replace(".data-probe.", ".data.").replace(f"-{os.getpid()}-", f"-{gone.pid}-")
+    (tmp_path / stale_name).mkdir()
+    (tmp_path / stale_name / "train_0000.bin").write_bytes(b"\0" * 1000)
+    again = prepare([str(corpus)], tok, tmp_path / "data")
+    assert again["reused"] and again["fingerprint"] == first["fingerprint"]
+    assert not (tmp_path / stale_name).exists()  # was left behind whenever the data were reused
+
+
+def test_predicting_from_a_table_needs_no_label_column(tmp_path):
+    from gptforge.data.labelled import read_labelled
+
+    (tmp_path / "x.csv").write_text("text,source\nfirst text,web\nsecond text,mail\n", encoding="utf-8")
+    (tmp_path / "y.tsv").write_text("one\ntwo\n", encoding="utf-8")
+    assert read_labelled(tmp_path / "x.csv", need_labels=False).texts == ["first text", "second text"]
+    assert read_labelled(tmp_path / "y.tsv", 0, header=False, need_labels=False).texts == ["one", "two"]
+    with pytest.raises(Exception, match="no column 'label'"):  # training still needs its labels
+        read_labelled(tmp_path / "x.csv")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, NotFoundError
-from ..fsio import atomic_dir
+from ..fsio import atomic_dir, remove_stale
 from ..progress import finish, progress_bar
 from ..tokenizer import EOS, Tokenizer, load_tokenizer
 from .reading import JOB_CHARS, ReadOptions, clean, fingerprint_file, iter_pieces, resolve_inputs
@@ -308,6 +308,7 @@ def prepare(
 
     old = _previous(out_dir, fingerprint, force, expect_same, lambda m: _what_changed(m, tok, inputs_fp + val_fp, options))
     if old is not None:
+        remove_stale(out_dir)  # a killed run's temporary folder beside the reused one
         return {**old, "reused": True}
 
     started = time.time()

@@ -2,7 +2,9 @@
 config.json or a --config file may hold, and what the user gets. Each test is a row of docs/reliability.md."""
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -114,3 +116,117 @@ def test_predicting_from_a_table_needs_no_label_column(tmp_path):
     assert read_labelled(tmp_path / "y.tsv", 0, header=False, need_labels=False).texts == ["one", "two"]
     with pytest.raises(Exception, match="no column 'label'"):  # training still needs its labels
         read_labelled(tmp_path / "x.csv")
+
+
+# --- 5, 12, 17: adapter_config.json checked field by field -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    """(a tiny base model folder, an adapter folder of it) made by gptforge."""
+    import torch
+
+    from gptforge.adapters import apply_lora, save_adapter
+    from gptforge.checkpoint import load_model, save_model
+    from gptforge.config import GPTConfig
+    from gptforge.model import GPT
+
+    root = tmp_path_factory.mktemp("adapter")
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=300, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    save_model(GPT(config), root / "base")
+    model = load_model(root / "base")
+    apply_lora(model, 4, 8.0, base=root / "base")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # an adapter that changes something
+    save_adapter(model, root / "lora")
+    return root / "base", root / "lora"
+
+
+def _merged(base: Path, folder: Path):
+    """The base model of `base` with the adapter of `folder` folded in."""
+    from gptforge.adapters import load_adapter, merge_lora
+    from gptforge.checkpoint import load_model
+
+    model = load_model(base)
+    load_adapter(model, folder)
+    return merge_lora(model)
+
+
+def _edited_adapter(adapter, tmp_path, **fields) -> Path:
+    import json
+    import shutil
+
+    folder = tmp_path / "lora"
+    shutil.copytree(adapter[1], folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(fields)
+    (folder / "adapter_config.json").write_text(json.dumps(config))  # allow_nan: NaN and Infinity as Python writes them
+    return folder
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int):
+    """Fail (instead of hanging the test run) when the block takes longer than `seconds`."""
+    def stop(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+BAD_ADAPTER_FIELDS = [
+    ({"r": "eight"}, r"r 'eight': must be an integer above 0"),
+    ({"r": 0}, r"r 0: must be an integer above 0"),  # was "--lora-r 0", a flag never given
+    ({"lora_alpha": None}, r"lora_alpha None: must be a finite number"),
+    ({"lora_alpha": "x"}, r"lora_alpha 'x': must be a finite number"),
+    ({"lora_alpha": float("nan")}, r"lora_alpha nan: must be a finite number"),  # merged weights were NaN
+    ({"lora_alpha": 1e308}, r"lora_alpha 1e\+308: must be a finite number no larger than 65536"),  # were inf
+    ({"lora_dropout": "lots"}, r"lora_dropout 'lots': must be a number from 0 to below 1"),
+    ({"alpha_pattern": {"[unclosed": 4}}, r"alpha_pattern key '\[unclosed': gptforge takes plain layer names"),
+    ({"alpha_pattern": {"(.*)*(.*)*(.*)*(.*)*(.*)*zzz": 4}}, r"alpha_pattern key .*not regular expressions"),  # hung
+    ({"alpha_pattern": {"h.0.attn.c_attn": float("inf")}}, r"alpha_pattern\['h.0.attn.c_attn'\] inf"),
+    ({"rank_pattern": []}, r"rank_pattern \[\]: must be an object"),
+]
+
+
+@pytest.mark.parametrize("fields, message", BAD_ADAPTER_FIELDS, ids=[next(iter(f)) + str(i) for i, (f, _) in
+                                                                      enumerate(BAD_ADAPTER_FIELDS)])
+def test_adapter_config_fields_are_checked_and_named(adapter, tmp_path, fields, message):
+    from gptforge.errors import CheckpointError
+
+    folder = _edited_adapter(adapter, tmp_path, **fields)
+    with _deadline(20), pytest.raises(CheckpointError, match=rf"^{re.escape(str(folder / 'adapter_config.json'))}: "
+                                                             rf"{message}"):
+        _merged(adapter[0], folder)
+
+
+def test_plain_layer_names_in_alpha_pattern_still_apply(adapter, tmp_path):
+    import torch
+
+    plain = _merged(adapter[0], adapter[1])
+    doubled = _merged(adapter[0], _edited_adapter(adapter, tmp_path, alpha_pattern={"h.1.mlp.c_fc": 16}))
+    weights = dict(plain.named_parameters())
+    changed = [n for n, p in doubled.named_parameters() if not torch.equal(p, weights[n])]
+    assert changed == ["transformer.h.1.mlp.c_fc.weight"]
+
+
+def test_an_adapter_with_nan_weights_is_refused(adapter, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from gptforge.errors import CheckpointError
+
+    folder = _edited_adapter(adapter, tmp_path)
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    key = min(tensors)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"{re.escape(key)} holds NaN or infinite values"):
+        _merged(adapter[0], folder)

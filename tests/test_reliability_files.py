@@ -230,3 +230,31 @@ def test_an_adapter_with_nan_weights_is_refused(adapter, tmp_path):
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     with pytest.raises(CheckpointError, match=f"{re.escape(key)} holds NaN or infinite values"):
         _merged(adapter[0], folder)
+
+
+# --- 6: config.json compared with the weights before the model is built -------------------------------------
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "int8"])
+def test_a_config_of_a_million_layers_beside_small_weights_is_refused_at_once(adapter, tmp_path, quantized):
+    import json
+    import shutil
+
+    from gptforge.checkpoint import load_model, quantize_folder
+    from gptforge.errors import CheckpointError
+
+    folder = tmp_path / "model"
+    if quantized:
+        quantize_folder(adapter[0], folder)
+    else:
+        shutil.copytree(adapter[0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(n_layer=1_000_000, n_embd=4096, n_head=32)
+    (folder / "config.json").write_text(json.dumps(config))
+    with _deadline(30), pytest.raises(CheckpointError, match="the weights hold 2 blocks but config.json says "
+                                                              "n_layer=1000000"):
+        load_model(folder)  # built a million blocks first (minutes)
+    config.update(n_layer=2)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="shape|do not match the config"):  # then n_embd: which numbers differ
+        load_model(folder)

@@ -258,3 +258,22 @@ def test_a_config_of_a_million_layers_beside_small_weights_is_refused_at_once(ad
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="shape|do not match the config"):  # then n_embd: which numbers differ
         load_model(folder)
+
+
+# --- 16, 21: options refused before any work, under their own flags --------------------------------------
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--beta1", "1"], "--beta1 1.0: must be a number at least 0 and below 1"),  # was torch's ValueError mid-start
+    (["--beta2", "1"], "--beta2 1.0: must be a number at least 0 and below 1"),
+    (["--sample-tokens", "100000000"], "--sample-tokens 100000000: must be an integer at least 0 and at most 1048576"),
+    (["--lora-r", "8", "--lora-alpha", "1e308"], "--lora-alpha 1e+308: must be a number above 0 and at most 65536"),
+])
+def test_options_torch_or_sampling_would_refuse_are_refused_first(tmp_path, corpus, capsys, argv, message):
+    from gptforge.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", str(corpus), "--out", str(out), "--size", "tiny", "--max-steps", "1", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "max_new_tokens" not in err and "Traceback" not in err
+    assert not out.exists()  # nothing prepared or trained first

@@ -29,6 +29,7 @@ from .errors import CheckpointError, NotFoundError, OptionError
 from .fsio import atomic_dir, atomic_write, check_out_folder
 from .kernels import Dropout, Linear, activation_down
 from .model import GPT
+from .options import MAX_LORA_ALPHA
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -295,7 +296,6 @@ def _pattern_value(name: str, patterns: dict, default):
 # rank_pattern and alpha_pattern as regular expressions; gptforge takes plain names only, matched as peft matches
 # target_modules: a file from elsewhere cannot make loading run for ever ("(.*)*(.*)*zzz") or fail inside `re`.
 _LAYER_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
-MAX_ALPHA = 65536.0  # lora_alpha is usually r or 2 r; beyond this the merged weights are noise, or inf
 
 
 def _integer(value) -> bool:
@@ -313,8 +313,8 @@ def check_adapter_config(config: dict, path: Path) -> None:
         raise CheckpointError(f"{path}: {field} {value!r}: {need}")
 
     def alpha(field: str, value) -> None:
-        if not _finite(value) or abs(value) > MAX_ALPHA:
-            bad(field, value, f"must be a finite number no larger than {MAX_ALPHA:g} (lora_alpha is usually r or 2 r)")
+        if not _finite(value) or abs(value) > MAX_LORA_ALPHA:
+            bad(field, value, f"must be a finite number no larger than {MAX_LORA_ALPHA:g} (lora_alpha is usually r or 2 r)")
 
     def rank(field: str, value) -> None:
         if not _integer(value) or value < 1:

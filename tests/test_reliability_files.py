@@ -277,3 +277,25 @@ def test_options_torch_or_sampling_would_refuse_are_refused_first(tmp_path, corp
     err = capsys.readouterr().err
     assert code == 2 and message in err and "max_new_tokens" not in err and "Traceback" not in err
     assert not out.exists()  # nothing prepared or trained first
+
+
+# --- 19: a --config file that cannot be read is one line naming the file and the key -----------------------
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("run.yaml", b"lr: [1, 2\nmax-steps: 3\n", "line 2: not valid YAML"),  # were tracebacks
+    ("run.yaml", b"sample-prompt: caf\xe9\n", "not UTF-8 text (byte 0xe9 at offset 18); save it as UTF-8"),
+    ("run.yaml", b"max-time: .nan\n", "--max-time nan: not a number an option can take"),
+    ("run.yaml", b"max-time: ten\n", "--max-time 'ten': expected a duration"),
+    ("run.json", b'{"lr": NaN}', "--lr nan: not a number an option can take"),
+    ("run.json", b'{"lr": 0.1,}', "cannot be parsed"),
+])
+def test_a_config_file_that_cannot_be_read_is_one_line(tmp_path, corpus, capsys, name, content, message):
+    from gptforge.cli import main
+
+    config = tmp_path / name
+    config.write_bytes(content)
+    code = main(["train", str(corpus), "--out", str(tmp_path / "run"), "--config", str(config)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("gptforge train: error: ") and f"--config {config}: {message}" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()

@@ -299,3 +299,64 @@ def test_a_config_file_that_cannot_be_read_is_one_line(tmp_path, corpus, capsys,
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("gptforge train: error: ") and f"--config {config}: {message}" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+# --- 11: every training task gives the same weights for the same seed --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lm_folder(tmp_path_factory, sample_text):
+    """A tiny language-model folder with its tokenizer (vocab 300)."""
+    import torch
+
+    from gptforge.checkpoint import save_model
+    from gptforge.config import GPTConfig
+    from gptforge.model import GPT
+    from gptforge.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([], vocab_size=300, texts=[sample_text + "\n### User:\n### Assistant:\n"], out_dir=None)
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=300, n_positions=64, n_embd=32, n_layer=1, n_head=2, bos_token_id=tok.eos_id,
+                       eos_token_id=tok.eos_id)
+    return save_model(GPT(config), tmp_path_factory.mktemp("lm"), tok)
+
+
+def _rows(path: Path, rows: list[dict]) -> str:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def _train_task(task: str, out: Path, data: Path, lm: Path, corpus: Path) -> Path:
+    """Train `task` for two steps into `out` with seed 7; the folder of its final model."""
+    import torch
+
+    from gptforge.train.classification import train_classifier
+    from gptforge.train.pipeline import run_training
+
+    torch.manual_seed(len(str(out)))  # whatever the process drew before must not matter
+    quick = {"out_dir": str(out), "seed": 7, "max_steps": 2, "batch_size": 4, "progress": False, "plot": False,
+             "save_minutes": None, "eval_interval": 0, "log": lambda m: None}
+    if task == "classification":
+        words = ["ball goal team", "bread soup cheese"]
+        train_classifier(_rows(data / "labels.jsonl", [{"text": f"{words[i % 2]} {i}", "label": f"c{i % 2}"}
+                                                        for i in range(24)]), init=str(lm), **quick)
+    elif task == "instructions":
+        run_training([_rows(data / "chat.jsonl", [{"prompt": f"Say {i}: ", "completion": f"{i}!"} for i in range(24)])],
+                     init=str(lm), sample_interval=0, **quick)
+    else:
+        run_training([str(corpus)], size="tiny", vocab_size=300, block_size=16, sample_interval=0,
+                     model_overrides={"n_layer": 1, "n_embd": 32, "n_head": 2}, **quick)
+    return out
+
+
+@pytest.mark.parametrize("task", ["language_modelling", "classification", "instructions"])
+def test_each_training_task_gives_the_same_weights_for_the_same_seed(tmp_path, lm_folder, corpus, task, one_thread):
+    from safetensors.torch import load_file
+
+    first = load_file(str(_train_task(task, tmp_path / "a", tmp_path, lm_folder, corpus) / "model.safetensors"))
+    again = load_file(str(_train_task(task, tmp_path / "bb", tmp_path, lm_folder, corpus) / "model.safetensors"))
+    assert sorted(first) == sorted(again)
+    differ = [k for k in first if not first[k].equal(again[k])]
+    assert not differ, f"{task}: {differ} differ between two runs with --seed 7"  # classification: the new head did

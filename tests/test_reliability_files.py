@@ -360,3 +360,73 @@ def test_each_training_task_gives_the_same_weights_for_the_same_seed(tmp_path, l
     assert sorted(first) == sorted(again)
     differ = [k for k in first if not first[k].equal(again[k])]
     assert not differ, f"{task}: {differ} differ between two runs with --seed 7"  # classification: the new head did
+
+
+# --- 2, 18: export copies the run's own files only, and knows a classifier ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory, corpus):
+    """A finished tiny language-model run with its records (metrics, samples, loss.png)."""
+    from gptforge.train.pipeline import run_training
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    run_training([str(corpus)], size="tiny", vocab_size=300, block_size=16, out_dir=str(out), max_steps=2, batch_size=2,
+                 model_overrides={"n_layer": 1, "n_embd": 32, "n_head": 2}, progress=False, save_minutes=None,
+                 sample_tokens=4, eval_tokens=256, log=lambda m: None)
+    return out
+
+
+@pytest.mark.parametrize("name", ["vocab.json", "generation_config.json", "loss.png", "best/config.json"])
+def test_export_never_copies_what_a_run_links_to_outside_it(lm_run, tmp_path, name):
+    import shutil
+
+    from gptforge.errors import RunFolderError
+    from gptforge.export import export_model
+
+    run = tmp_path / "run"
+    shutil.copytree(lm_run, run)
+    secret = tmp_path / "id_rsa"
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    (run / name).unlink(missing_ok=True)
+    (run / name).symlink_to(secret)  # ln -sf ~/.ssh/id_rsa RUN/vocab.json
+    exported = run / "best" if name.startswith("best/") else run
+    with pytest.raises(RunFolderError, match=rf"^{re.escape(str(run / name))}: a link to .*id_rsa, outside the run folder"):
+        export_model(exported, tmp_path / "out")  # exited 0, out/vocab.json holding the key
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_follows_links_inside_the_run_and_keeps_outside_records_out_of_the_card(lm_run, tmp_path):
+    import shutil
+
+    from gptforge.export import export_model
+
+    run = tmp_path / "run"
+    shutil.copytree(lm_run, run)
+    (run / "vocab.json").rename(run / "vocab.real.json")
+    (run / "vocab.json").symlink_to("vocab.real.json")  # a link inside the run is the run's own file
+    secret = tmp_path / "notes.txt"
+    secret.write_text("=== step 1\nmy private diary\n")
+    (run / "samples.txt").unlink()
+    (run / "samples.txt").symlink_to(secret)
+    out = export_model(run, tmp_path / "out")
+    assert (out / "vocab.json").read_bytes() == (run / "vocab.real.json").read_bytes()
+    assert "private diary" not in (out / "README.md").read_text()
+
+
+def test_export_of_a_classifier_gets_a_classification_card(lm_folder, tmp_path):
+    import yaml
+
+    from gptforge.export import export_model
+    from gptforge.train.classification import train_classifier
+
+    words = ["ball goal team", "bread soup cheese"]
+    data = _rows(tmp_path / "labels.jsonl", [{"text": f"{words[i % 2]} {i}", "label": ["sport", "food"][i % 2]}
+                                               for i in range(24)])
+    train_classifier(data, init=str(lm_folder), out_dir=str(tmp_path / "clf"), max_steps=2, batch_size=4,
+                     progress=False, plot=False, save_minutes=None, log=lambda m: None)
+    out = export_model(tmp_path / "clf", tmp_path / "out")  # was KeyError: 'val_perplexity'
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["pipeline_tag"] == "text-classification" and "text-generation" not in card
+    assert "2 labels: food, sport" in card and "held-out validation examples: accuracy" in card

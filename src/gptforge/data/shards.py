@@ -41,24 +41,23 @@ SHARD_TOKENS = 100_000_000
 _worker: dict = {}
 
 
-def _end_with_parent(parent: int) -> None:
-    """End this worker when `parent` dies, even by kill -9: an orphan would wait for jobs for good, holding the
-    command's stdout (`prepare ... | tee log` would never end). Linux signals it at once; elsewhere a thread looks."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    else:
-        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
-    if os.getppid() != parent:  # it died before the signal was asked for
+def _end_with_parent(parent: int, watch: bool = False) -> None:
+    """End this worker when `parent` dies, even by kill -9: an orphan waits for jobs for good, holding the command's
+    stdout (`prepare ... | tee log` never ends). Linux signals it at once; elsewhere a thread (`watch`) looks."""
+    if watch:
+        while os.getppid() == parent:
+            time.sleep(0.5)
         os._exit(1)
+    try:
+        import ctypes
 
-
-def _exit_when_orphaned(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
+        signalled = sys.platform.startswith("linux") and ctypes.CDLL(None).prctl(1, 9) == 0  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        signalled = False
+    if not signalled:
+        threading.Thread(target=_end_with_parent, args=(parent, True), daemon=True).start()
+    elif os.getppid() != parent:  # it died before the signal was asked for
+        os._exit(1)
 
 
 def _init_worker(tokenizer: Tokenizer, opts: ReadOptions, dtype: str, parent: int | None = None) -> None:

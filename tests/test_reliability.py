@@ -237,21 +237,22 @@ def test_damaged_training_state_falls_back_too(run_copy, capsys):
 
 def test_leftovers_of_killed_saves_are_cleaned_at_the_next_start(run_copy, capsys):
     out, text = run_copy
-    (out / "checkpoints" / ".step-0000003.tmp-x1y2").mkdir()
-    (out / "checkpoints" / ".step-0000003.tmp-x1y2" / "model.safetensors").write_bytes(b"half")
-    (out / ".model.safetensors.tmp-4242").write_bytes(b"half")
-    os.replace(out / "best", out / ".best.old-4242") if (out / "best").exists() else (out / ".best.old-4242").mkdir()
+    (out / "checkpoints" / ".step-0000003.tmp-gptforge-0a1b2c3d-4242-x1y2z3w4").mkdir()  # names gptforge makes
+    (out / "checkpoints" / ".step-0000003.tmp-gptforge-0a1b2c3d-4242-x1y2z3w4" / "model.safetensors").write_bytes(b"half")
+    (out / ".model.safetensors.tmp-gptforge-0a1b2c3d-4242").write_bytes(b"half")
+    old = out / ".best.old-gptforge-0a1b2c3d-4242"
+    os.replace(out / "best", old) if (out / "best").exists() else old.mkdir()
     run_training([str(text)], **TINY, **quick(out, max_steps=3, resume=True))
     assert not list(out.glob(".*tmp-*")) and not list((out / "checkpoints").glob(".*"))
-    assert (out / "best").is_dir() and not (out / ".best.old-4242").exists()  # put back, not deleted
+    assert (out / "best").is_dir() and not old.exists()  # put back, not deleted
     assert "cleaned up" in capsys.readouterr().out
 
 
 def test_clean_leftovers_keeps_everything_else(tmp_path):
     for name in ("a.txt", ".hidden", "x.tmp-1"):
         (tmp_path / name).write_text("keep")
-    (tmp_path / ".a.txt.tmp-77").write_text("half")
-    assert clean_leftovers(tmp_path) == [".a.txt.tmp-77"]
+    (tmp_path / ".a.txt.tmp-gptforge-0a1b2c3d-77").write_text("half")
+    assert clean_leftovers(tmp_path) == [".a.txt.tmp-gptforge-0a1b2c3d-77"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "a.txt", "x.tmp-1"]
 
 
@@ -986,7 +987,7 @@ def test_out_through_a_link_under_a_file_or_with_a_long_name(tmp_path, corpus, s
     gone = subprocess.Popen(["true"])  # a process that has ended: its pid names no live process
     gone.wait()
     host = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
-    stale = tmp_path / f".data.tmp-{host}-{gone.pid}-x1"  # left by a killed prepare
+    stale = tmp_path / f".data.tmp-gptforge-{host}-{gone.pid}-x1y2z3w4"  # left by a killed prepare
     stale.mkdir()
     prepare([str(corpus)], small_tok, tmp_path / "data")
     assert not stale.exists()

@@ -29,6 +29,7 @@ from .errors import CheckpointError, NotFoundError, OptionError
 from .fsio import atomic_dir, atomic_write, check_out_folder
 from .kernels import Dropout, Linear, activation_down
 from .model import GPT
+from .options import MAX_LORA_ALPHA
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -250,6 +251,7 @@ def read_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
     if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{folder / CONFIG_NAME}: a {config.get('peft_type') if isinstance(config, dict) else '?'} "
                               "adapter; gptforge opens LoRA adapters only")
+    check_adapter_config(config, folder / CONFIG_NAME)
     unsupported = [k for k in ("use_dora", "lora_bias", "modules_to_save", "layer_replication", "trainable_token_indices")
                    if config.get(k)] + ([f"bias={config['bias']!r}"] if config.get("bias", "none") != "none" else [])
     if unsupported:
@@ -272,6 +274,9 @@ def read_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
         name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
         if not _LORA_KEY.match(name):
             raise CheckpointError(f"{path}: unexpected tensor {key!r}; gptforge opens LoRA adapters of GPT-2's layers only")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{path}: {key} holds NaN or infinite values; the adapter is damaged (or its training "
+                                  "diverged)")
         tensors[name] = t
     if not tensors:
         raise CheckpointError(f"{path}: holds no LoRA tensors")
@@ -279,11 +284,66 @@ def read_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
 
 
 def _pattern_value(name: str, patterns: dict, default):
-    """peft's rank_pattern / alpha_pattern: the value of the first key that matches the end of the layer name."""
+    """peft's rank_pattern / alpha_pattern: the value of the first key that is the layer's name or the end of it
+    (keys are plain names: `check_adapter_config`)."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if _matches(name, [key]):
             return value
     return default
+
+
+# A layer name, whole or its end (transformer.h.0.attn.c_attn, h.0.mlp.c_fc, c_proj). peft reads the keys of
+# rank_pattern and alpha_pattern as regular expressions; gptforge takes plain names only, matched as peft matches
+# target_modules: a file from elsewhere cannot make loading run for ever ("(.*)*(.*)*zzz") or fail inside `re`.
+_LAYER_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_adapter_config(config: dict, path: Path) -> None:
+    """Every field of adapter_config.json that gptforge reads, by type and range; an error names the file and the
+    field (the adapter was not made with gptforge's options, so no flag is named)."""
+    def bad(field: str, value, need: str):
+        raise CheckpointError(f"{path}: {field} {value!r}: {need}")
+
+    def alpha(field: str, value) -> None:
+        if not _finite(value) or abs(value) > MAX_LORA_ALPHA:
+            bad(field, value, f"must be a finite number no larger than {MAX_LORA_ALPHA:g} (lora_alpha is usually r or 2 r)")
+
+    def rank(field: str, value) -> None:
+        if not _integer(value) or value < 1:
+            bad(field, value, "must be an integer above 0 (the adapter's rank, e.g. 8)")
+
+    rank("r", config.get("r", 8))
+    alpha("lora_alpha", config.get("lora_alpha", 8))
+    dropout = config.get("lora_dropout")
+    if dropout is not None and not (_finite(dropout) and 0 <= dropout < 1):
+        bad("lora_dropout", dropout, "must be a number from 0 to below 1")
+    for field in ("use_rslora", "fan_in_fan_out"):
+        if config.get(field) is not None and not isinstance(config[field], bool):
+            bad(field, config[field], "must be true or false")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        bad("base_model_name_or_path", base, "must be a string (a model folder or hub id)")
+    targets = config.get("target_modules")
+    if targets is not None and not (isinstance(targets, str) or (isinstance(targets, list) and all(
+            isinstance(t, str) for t in targets))):
+        bad("target_modules", targets, "must be a list of layer names")
+    for field, check in (("alpha_pattern", alpha), ("rank_pattern", rank)):
+        patterns = {} if config.get(field) is None else config[field]
+        if not isinstance(patterns, dict):
+            bad(field, patterns, "must be an object of layer names to values")
+        for key, value in patterns.items():
+            if not _LAYER_NAME.fullmatch(key):
+                bad(f"{field} key", key, "gptforge takes plain layer names here (transformer.h.0.attn.c_attn, "
+                    "h.0.mlp.c_fc), not regular expressions")
+            check(f"{field}[{key!r}]", value)
 
 
 def load_adapter(model: GPT, folder: str | os.PathLike, check_base: bool = True) -> list[str]:
@@ -396,6 +456,6 @@ def merge_to_folder(base, adapter, out, force: bool = False) -> Path:
     return out
 
 
-__all__ = ["LoRALinear", "adapter_base", "apply_lora", "base_fingerprint", "check_adapter_fits", "has_lora", "is_adapter",
-           "load_adapter", "load_trained", "load_with_adapter", "lora_state_dict", "merge_lora", "merge_to_folder",
+__all__ = ["LoRALinear", "adapter_base", "apply_lora", "base_fingerprint", "check_adapter_config", "check_adapter_fits",
+           "has_lora", "is_adapter", "load_adapter", "load_trained", "load_with_adapter", "lora_state_dict", "merge_lora", "merge_to_folder",
            "read_adapter", "resolve_base", "save_adapter", "save_trained"]

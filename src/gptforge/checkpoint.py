@@ -12,6 +12,7 @@ name and renamed, so an interrupted save never leaves a checkpoint that looks co
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -49,9 +50,33 @@ def to_hf_state_dict(state_dict: dict[str, torch.Tensor], tied: bool = True) -> 
     return out
 
 
+_BLOCK = re.compile(r"^(?:transformer\.)?h\.(\d+)\.(.+)$")
+
+
+def check_block_count(names, config: GPTConfig, source: str = "weights") -> None:
+    """The weights' blocks (h.0 ... h.N-1) are the config's n_layer: checked before any model is built, so a
+    config.json that says a million layers beside a few never builds them."""
+    found = {int(m[1]) for name in names if (m := _BLOCK.match(name))}
+    blocks = max(found) + 1 if found else 0
+    if blocks != config.n_layer:
+        raise CheckpointError(f"{source}: the weights hold {blocks} blocks but config.json says n_layer={config.n_layer}; "
+                              "the config does not belong to these weights")
+
+
+def expected_shapes(config: GPTConfig) -> dict[str, tuple]:
+    """The shape of every tensor of the model `config` describes, by name, from a model of one block on the meta
+    device (building all n_layer blocks of a config to be checked could take minutes)."""
+    one = {k: tuple(v.shape) for k, v in GPT.empty(dataclasses.replace(config, n_layer=1)).state_dict().items()}
+    shapes = {k: v for k, v in one.items() if not _BLOCK.match(k)}
+    block = {m[2]: v for k, v in one.items() if (m := _BLOCK.match(k))}
+    shapes.update({f"transformer.h.{i}.{rest}": v for i in range(config.n_layer) for rest, v in block.items()})
+    return shapes
+
+
 def from_hf_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig, source: str = "weights") -> dict[str, torch.Tensor]:
     """Map any transformers GPT-2 state dict variant onto our names and layouts; check every shape."""
-    expected = GPT.empty(config).state_dict()  # shapes only: nothing is allocated
+    check_block_count(sd, config, source)
+    expected = expected_shapes(config)
     out: dict[str, torch.Tensor] = {}
     for name, t in sd.items():
         if _BUFFERS.search(name):
@@ -61,7 +86,7 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig, source: s
             key = "transformer." + key  # saved from GPT2Model, without the LM head wrapper
         if key not in expected:
             raise CheckpointError(f"{source}: unexpected tensor {name!r}; is this a GPT-2 checkpoint?")
-        need = tuple(expected[key].shape)
+        need = expected[key]
         if _CONV1D.search(key):
             need = need[::-1]  # shapes as stored: Conv1D (in, out)
         if tuple(t.shape) != need:
@@ -418,6 +443,8 @@ __all__ = [
     "CHECKPOINTS",
     "CheckpointError",
     "STATE_NAME",
+    "check_block_count",
+    "expected_shapes",
     "list_checkpoints",
     "load_model",
     "load_model_and_tokenizer",

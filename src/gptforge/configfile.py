@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from .errors import NotFoundError, OptionError
@@ -19,25 +20,37 @@ def read_config_file(path: str) -> dict:
     file = Path(path)
     if not file.is_file():
         raise NotFoundError(f"--config {path}: no such file")
-    text = file.read_text(encoding="utf-8")
     try:
-        if file.suffix.lower() in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError:
-                raise OptionError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml), or write it as JSON") from None
-            data = yaml.safe_load(text) or {}
-        else:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise OptionError(f"--config {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          "save it as UTF-8") from None
+    if file.suffix.lower() in (".yaml", ".yml"):
+        data = _yaml(text, path)
+    else:
+        try:
             data = json.loads(text)
-    except (ValueError, ImportError) as e:
-        if isinstance(e, OptionError):
-            raise
-        raise OptionError(f"--config {path}: cannot be parsed ({str(e).splitlines()[0][:200]})") from None
+        except ValueError as e:
+            raise OptionError(f"--config {path}: cannot be parsed ({str(e).splitlines()[0][:200]})") from None
     if isinstance(data, dict) and isinstance(data.get("options"), dict):
         data = data["options"]
     if not isinstance(data, dict):
         raise OptionError(f"--config {path}: must hold a mapping of option names to values, not {type(data).__name__}")
     return data
+
+
+def _yaml(text: str, path: str):
+    try:
+        import yaml
+    except ImportError:
+        raise OptionError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml), or write it as JSON") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise OptionError(f"--config {path}: {where}not valid YAML ({what})") from None
 
 
 def given_on_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
@@ -70,11 +83,15 @@ def _value(action: argparse.Action, value, where: str, negated: bool = False):
     for v in values:
         if isinstance(v, (dict, list)) or (isinstance(v, bool) and action.type is None):
             raise OptionError(f"{where}: {flag} {v!r} is not a valid value")
+        if isinstance(v, float) and not math.isfinite(v):  # YAML's .nan and .inf, JSON's NaN
+            raise OptionError(f"{where}: {flag} {v!r}: not a number an option can take")
         if not isinstance(v, str):  # YAML's 1984 or 0.1 for a flag that reads text: as typed on the command line
             v = str(v)
         if action.type is not None:
             try:
                 v = action.type(v)
+            except argparse.ArgumentTypeError as e:  # the flag's own message (it names the flag)
+                raise OptionError(f"{where}: {e}") from None
             except (TypeError, ValueError):
                 raise OptionError(f"{where}: {flag} {v!r} is not a valid value") from None
         if action.choices is not None and v not in action.choices:

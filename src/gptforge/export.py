@@ -21,7 +21,9 @@ from .tokenizer import TOKENIZER_FILES
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", *TOKENIZER_FILES, "chat_template.jinja")
 
 
-def _json(path: Path) -> dict:
+def _json(path: Path | None) -> dict:
+    if path is None:
+        return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -29,7 +31,9 @@ def _json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _rows(path: Path) -> list[dict]:
+def _rows(path: Path | None) -> list[dict]:
+    if path is None:
+        return []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError:
@@ -43,7 +47,9 @@ def _rows(path: Path) -> list[dict]:
     return rows
 
 
-def _last_sample(path: Path, limit: int = 600) -> str | None:
+def _last_sample(path: Path | None, limit: int = 600) -> str | None:
+    if path is None:
+        return None
     try:
         text = path.read_text(encoding="utf-8")
     except OSError:
@@ -68,8 +74,8 @@ def run_facts(run: str | os.PathLike, model: str | os.PathLike | None = None) ->
     model = Path(model) if model is not None else run
     config = GPTConfig.load(model)
     step = _model_step(model)
-    rows = [r for r in _rows(run / "metrics.jsonl") if step is None or r.get("step", 0) <= step]
-    given = _json(run / "run_config.json")
+    rows = [r for r in _rows(_own(run, "metrics.jsonl")) if step is None or r.get("step", 0) <= step]
+    given = _json(_own(run, "run_config.json"))
     options, resolved = given.get("options", {}), given.get("resolved", {})
     data_dir = run / "data" if (run / "data" / "meta.json").is_file() else Path(str(options.get("data") or run / "data"))
     return {
@@ -80,9 +86,32 @@ def run_facts(run: str | os.PathLike, model: str | os.PathLike | None = None) ->
         "data": _json(data_dir / "meta.json"),
         "options": options,
         "train_config": resolved.get("train", {}),
-        "sample": _last_sample(run / "samples.txt"),
-        "has_plot": (run / "loss.png").is_file(),
+        "sample": _last_sample(_own(run, "samples.txt")),
+        "has_plot": (run / "loss.png").is_file() and _own(run, "loss.png") is not None,
+        "labels": _labels(_json(model / "config.json")),
     }
+
+
+def _labels(config: dict) -> list[str] | None:
+    """A classifier's labels in id order, from its config.json (which names classify.ARCHITECTURE, not imported:
+    export needs no torch); None for a language model."""
+    if "GPT2ForSequenceClassification" not in (config.get("architectures") or []):
+        return None
+    id2label = config.get("id2label") or {}
+    return [str(id2label.get(str(i), i)) for i in range(len(id2label))]
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether `path`, its links followed, is `root` or lies under it."""
+    real, root = Path(os.path.realpath(path)), Path(os.path.realpath(root))
+    return real == root or root in real.parents
+
+
+def _own(run: Path, name: str) -> Path | None:
+    """`run / name` when it is the run's own file, None when a link takes it outside the run (a run folder from
+    someone else must not put a file of this machine in the card)."""
+    path = run / name
+    return path if _inside(path, run) else None
 
 
 def _data_lines(meta: dict, options: dict) -> list[str]:
@@ -102,7 +131,8 @@ def _data_lines(meta: dict, options: dict) -> list[str]:
 
 def _training_lines(facts: dict) -> list[str]:
     cfg, opts, train = facts["train_config"], facts["options"], facts["train"]
-    how = f"fine-tuned from `{opts['init']}`" if opts.get("init") else "trained from scratch"
+    how = (f"fine-tuned from `{opts['init']}`" if opts.get("init") else "trained from scratch" if opts
+           else "trained")  # no run_config.json (a classifier run): what it started from is not recorded
     lines = [f"- {how} with gptforge"]
     if cfg:
         optimizer = (f"Muon (peak learning rate {cfg.get('muon_lr')}) for the block matrices, AdamW (peak learning rate "
@@ -126,33 +156,54 @@ def model_card(run: str | os.PathLike, license: str = "other", base_model: str |
     facts = run_facts(run, model)
     c, val = facts["config"], facts["val"]
     base_model = base_model or facts["options"].get("init")
-    front = ["---", "library_name: transformers", "pipeline_tag: text-generation", f"license: {license}",
-             "tags:", "- gpt2", "- gptforge", "- text-generation"]
+    labels = facts["labels"]
+    task = "text-classification" if labels else "text-generation"
+    front = ["---", "library_name: transformers", f"pipeline_tag: {task}", f"license: {license}",
+             "tags:", "- gpt2", "- gptforge", f"- {task}"]
     if base_model and not Path(str(base_model)).exists():  # a hub id, not a local folder
         front.append(f"base_model: {base_model}")
+    what = (f"A GPT-2 text classifier ({len(labels)} labels: {', '.join(labels)})" if labels
+            else "A GPT-2 language model")
     lines = front + ["---", "", f"# {Path(run).resolve().name}", "",
-                     f"A GPT-2 language model with {facts['params'] / 1e6:,.2f}M parameters ({c.n_layer} layers, "
+                     f"{what} with {facts['params'] / 1e6:,.2f}M parameters ({c.n_layer} layers, "
                      f"{c.n_embd} wide, {c.n_head} heads, a context of {c.n_positions} tokens, {c.vocab_size:,} tokens "
                      "in its vocabulary), trained with [gptforge](https://pypi.org/project/gptforge/).", "",
-                     "## Training data", "", *_data_lines(facts["data"], facts["options"]), "", "## Evaluation", ""]
-    if val:
-        bpb = f", {val['val_bits_per_byte']:.4f} bits per byte" if val.get("val_bits_per_byte") is not None else ""
-        lines.append(f"On {val.get('val_tokens', 0):,} held-out validation tokens: loss {val['val_loss']:.4f} nats per token, "
-                     f"perplexity {val['val_perplexity']:.2f}{bpb}.")
-    else:
-        lines.append("No validation evaluation was recorded.")
+                     "## Training data", "", *_data_lines(facts["data"], facts["options"]), "", "## Evaluation", "",
+                     _evaluation(val)]
     if facts["has_plot"]:
         lines += ["", "![training and validation loss](loss.png)"]
-    lines += ["", "## Training", "", *_training_lines(facts), "", "## Use", "", "```python",
-              "from transformers import pipeline", "", 'generate = pipeline("text-generation", model="PATH_OR_REPO_ID")',
-              'print(generate("Once upon a time")[0]["generated_text"])', "```", "",
-              "or `gptforge generate PATH_OR_REPO_ID \"Once upon a time\"`. The sampling defaults are in "
-              "`generation_config.json`."]
+    lines += ["", "## Training", "", *_training_lines(facts), "", "## Use", "", *_use_lines(bool(labels))]
     if facts["sample"]:
         lines += ["", "## A sample", "", "```text", facts["sample"].replace("```", "'''"), "```"]
-    lines += ["", "## Limitations", "", "A small model trained on one corpus: it imitates that text and makes things up. "
-              "Check the training data's license before you publish the model."]
+    limits = ("A small classifier trained on one set of examples: it knows only these labels, and the kind of text it saw. "
+              if labels else "A small model trained on one corpus: it imitates that text and makes things up. ")
+    lines += ["", "## Limitations", "", limits + "Check the training data's license before you publish the model."]
     return "\n".join(lines) + "\n"
+
+
+def _evaluation(val: dict | None) -> str:
+    """The card's evaluation sentence: a language model's perplexity, a classifier's accuracy and macro-F1."""
+    if not val:
+        return "No validation evaluation was recorded."
+    if "val_perplexity" in val:
+        bpb = f", {val['val_bits_per_byte']:.4f} bits per byte" if val.get("val_bits_per_byte") is not None else ""
+        return (f"On {val.get('val_tokens', 0):,} held-out validation tokens: loss {val['val_loss']:.4f} nats per token, "
+                f"perplexity {val['val_perplexity']:.2f}{bpb}.")
+    figures = [f"{name} {val[key]:.4f}" for key, name in (("val_accuracy", "accuracy"), ("val_macro_f1", "macro-F1"),
+                                                          ("val_loss", "loss")) if isinstance(val.get(key), (int, float))]
+    return f"On {val.get('val_examples', 0):,} held-out validation examples: {', '.join(figures)}."
+
+
+def _use_lines(classifier: bool) -> list[str]:
+    if classifier:
+        return ["```python", "from transformers import pipeline", "",
+                'classify = pipeline("text-classification", model="PATH_OR_REPO_ID")',
+                'print(classify("Some text"))', "```", "", "or `gptforge classify predict PATH_OR_REPO_ID \"Some text\"`."]
+    return ["```python", "from transformers import pipeline", "",
+            'generate = pipeline("text-generation", model="PATH_OR_REPO_ID")',
+            'print(generate("Once upon a time")[0]["generated_text"])', "```", "",
+            "or `gptforge generate PATH_OR_REPO_ID \"Once upon a time\"`. The sampling defaults are in "
+            "`generation_config.json`."]
 
 
 def export_model(run: str | os.PathLike, out: str | os.PathLike, *, license: str = "other", force: bool = False) -> Path:
@@ -173,12 +224,15 @@ def export_model(run: str | os.PathLike, out: str | os.PathLike, *, license: str
     check_out_folder(out, force, reads=(run,))
     # the run's records sit beside its final model, or above run/best and run/checkpoints/step-N
     records = next((d for d in (run, run.parent, run.parent.parent) if (d / "metrics.jsonl").is_file()), run)
+    copies = [run / name for name in MODEL_FILES if (run / name).is_file()] + [
+        p for p in [records / "loss.png"] if p.is_file()]
+    for path in copies:
+        if not _inside(path, records):  # a run folder from someone else: a link to ~/.ssh/id_rsa
+            raise RunFolderError(f"{path}: a link to {os.path.realpath(path)}, outside the run folder {records}; export "
+                                 "copies only the run's own files (put the file itself in the run folder)")
     with atomic_dir(out) as tmp:
-        for name in MODEL_FILES:
-            if (run / name).is_file():
-                shutil.copy2(run / name, tmp / name)
-        if (records / "loss.png").is_file():
-            shutil.copy2(records / "loss.png", tmp / "loss.png")
+        for path in copies:
+            shutil.copy2(path, tmp / path.name)
         write_text(tmp / "README.md", model_card(records, license=license, model=run))
     return out
 

@@ -11,6 +11,7 @@ import datetime
 import errno
 import hashlib
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -95,11 +96,31 @@ def check_out_folder(out: str | os.PathLike, force: bool, reads=()) -> Path:
     return out
 
 
-def _remove_stale(folder: Path, stem: str) -> None:
-    """Temporary folders `stem<pid>-*` of processes of this host that are gone (a killed prepare or export)."""
-    for tmp in folder.glob(f"{glob_escape(stem)}*-*"):
+# Every temporary or set-aside name gptforge makes is `.NAME.tmp-gptforge-HOST-PID[-XXXXXXXX]` or
+# `.NAME.old-gptforge-HOST-PID` (HOST: a hash of the host name, since pids are per host). Only names of that form
+# are ever cleaned up: a user's own `.notes.tmp-draft` or `.env.old-config` is never touched.
+_MARK = "gptforge"
+_LEFTOVER = re.compile(rf"\.(?P<name>.+)\.(?P<kind>tmp|old)-{_MARK}-[0-9a-f]{{8}}-(?P<pid>\d+)(?:-[a-z0-9_]{{8}})?")
+
+
+def _host() -> str:
+    return hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
+
+
+def _set_aside(path: Path, kind: str) -> str:
+    """The stem of a temporary (`kind` "tmp") or set-aside ("old") name for `path` made by this host; the pid
+    follows it. The name is cut to 100 characters, so that the result fits any file system's 255."""
+    return f".{path.name[:100]}.{kind}-{_MARK}-{_host()}-"
+
+
+def remove_stale(target: str | os.PathLike) -> None:
+    """Remove the temporary folders that processes of this host that are gone (a killed prepare or export) left
+    beside `target`."""
+    target = Path(os.path.abspath(target))
+    stem = _set_aside(target, "tmp")
+    for tmp in target.parent.glob(f"{glob_escape(stem)}*-*"):
         pid = tmp.name[len(stem):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not _alive(int(pid)) and _LEFTOVER.fullmatch(tmp.name):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -130,16 +151,14 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise OptionError(f"{given}: part of this path is a file, not a folder") from None
-    host = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()  # pids are per host
-    stem = f".{target.name[:100]}.tmp-{host}-"  # short enough for any name up to 255 bytes
-    _remove_stale(target.parent, stem)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{stem}{os.getpid()}-", dir=target.parent))
+    remove_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_set_aside(target, 'tmp')}{os.getpid()}-", dir=target.parent))
     try:
         honour_umask(tmp)
         yield tmp
         old = None
         if target.exists():
-            old = target.with_name(f".{target.name[:100]}.old-{os.getpid()}")
+            old = target.with_name(f"{_set_aside(target, 'old')}{os.getpid()}")
             os.replace(target, old)
         os.replace(tmp, target)
         if old is not None:
@@ -155,7 +174,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """Call `write(tmp_path)` and then rename the result onto `path`."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{_set_aside(path, 'tmp')}{os.getpid()}")
     try:
         write(tmp)
         honour_umask(tmp)
@@ -196,16 +215,17 @@ LOCK_NAME = ".gptforge.lock"
 
 def clean_leftovers(folder: str | os.PathLike) -> list[str]:
     """Remove the temporary files and folders that killed atomic writes left in `folder`, and put back a
-    target that a kill caught between its two renames (`.NAME.old-*` present, `NAME` gone). Only safe while
+    target that a kill caught between its two renames (`.NAME.old-gptforge-*` present, `NAME` gone): only names
+    that gptforge makes (see `_LEFTOVER`), never a hidden file of the user's. Only safe while
     no other process writes there (hold `exclusive_lock`). Returns the names handled."""
     folder, done = Path(folder), []
     if not folder.is_dir():
         return done
     for entry in sorted(folder.iterdir()):
-        name = entry.name
-        if not name.startswith(".") or (".tmp-" not in name and ".old-" not in name):
+        name, match = entry.name, _LEFTOVER.fullmatch(entry.name)
+        if match is None or (match["kind"] == "old" and len(match["name"]) >= 100):  # the user's, or a cut name
             continue
-        original = folder / name[1:].rsplit(".old-", 1)[0] if ".old-" in name else None
+        original = folder / match["name"] if match["kind"] == "old" else None
         if original is not None and not original.exists():
             os.replace(entry, original)
         elif entry.is_dir() and not entry.is_symlink():
@@ -265,5 +285,4 @@ def _try_lock(fd: int) -> bool:
 
 
 __all__ = ["LOCK_NAME", "atomic_dir", "atomic_write", "clean_leftovers", "dated_path", "describe_os_error", "disk_full",
-           "exclusive_lock",
-           "folder_of", "honour_umask", "umask", "write_text"]
+           "exclusive_lock", "folder_of", "honour_umask", "remove_stale", "umask", "write_text"]

@@ -33,17 +33,20 @@ def _number(value) -> bool:
 
 
 def check_fields(obj, rules: dict[str, tuple]) -> None:
-    """Check numeric fields against (low, high, low_inclusive, kind): `kind` is int or float, a None value
-    passes (it means "the default"). The error names the flag and the accepted range."""
+    """Check numeric fields against (low, high, low_inclusive, kind[, high_inclusive]): `kind` is int or float,
+    `high_inclusive` true unless given, a None value passes (it means "the default"). The error names the flag and
+    the accepted range."""
     cls = type(obj)
-    for name, (low, high, inclusive, kind) in rules.items():
-        value = getattr(obj, name)
+    for name, (low, high, inclusive, kind, *up) in rules.items():
+        value, up_to = getattr(obj, name), up[0] if up else True
         if value is None:
             continue
         ok = _number(value) and (kind is float or float(value).is_integer()) and math.isfinite(value)
-        ok = ok and (value >= low if inclusive else value > low) and (high is None or value <= high)
+        ok = ok and (value >= low if inclusive else value > low) and (
+            high is None or (value <= high if up_to else value < high))
         if not ok:
-            where = f"{'at least' if inclusive else 'above'} {low}" + (f" and at most {high}" if high is not None else "")
+            where = f"{'at least' if inclusive else 'above'} {low}" + (
+                f" and {'at most' if up_to else 'below'} {high}" if high is not None else "")
             what = "an integer" if kind is int else "a number"
             raise OptionError(f"{flag_of(cls, name)} {value!r}: must be {what} {where}")
 
@@ -65,6 +68,10 @@ def parse_duration(text: str | float | int) -> float:
     if not (math.isfinite(seconds) and seconds > 0):
         raise OptionError(f"--max-time {text!r}: must be a positive duration such as 90s, 10m or 1.5h")
     return seconds
+
+
+MAX_NEW_TOKENS = 1 << 20  # tokens one sample may ask for: a million is far beyond any context; more is a typo
+MAX_LORA_ALPHA = 65536.0  # lora_alpha is usually r or 2 r; beyond this the merged weights are noise, or inf
 
 
 # --- training -----------------------------------------------------------------------------------------
@@ -161,8 +168,9 @@ class TrainConfig:
             "block_size": (0, None, False, int), "stride": (0, None, False, int), "learning_rate": (0, None, False, float),
             "min_lr_ratio": (0, 1, True, float), "cooldown": (0, 1, True, float), "muon_lr": (0, None, False, float),
             "warmup_steps": (0, None, True, int), "weight_decay": (0, None, True, float),
-            "beta1": (0, 1, True, float), "beta2": (0, 1, True, float), "grad_clip": (0, None, True, float),
-            "eval_tokens": (0, None, False, int), "sample_tokens": (0, None, True, int), "sample_interval": (0, None, True, int),
+            "beta1": (0, 1, True, float, False), "beta2": (0, 1, True, float, False), "grad_clip": (0, None, True, float),
+            "eval_tokens": (0, None, False, int), "sample_tokens": (0, MAX_NEW_TOKENS, True, int),
+            "sample_interval": (0, None, True, int),
             "early_stopping": (0, None, False, int), "save_minutes": (0, None, False, float), "seed": (0, 2**63 - 1, True, int),
             "ema": (0, 1, True, float),
         })
@@ -237,7 +245,7 @@ class SamplingOptions:
     batch_size: int = opt(8, "rows generated together (prompts of different lengths are left-padded)")
     seed: int | None = opt(None, "random seed; the same seed and options give the same text (default: a random seed, printed)")
 
-    MAX_NEW_TOKENS = 1 << 20  # a million tokens is far beyond any context; more is a typo
+    MAX_NEW_TOKENS = MAX_NEW_TOKENS
 
     @classmethod
     def make(cls, options: "SamplingOptions | None" = None, **overrides) -> "SamplingOptions":
@@ -339,10 +347,8 @@ class LoRAOptions:
                             "such as c_attn, attn.c_proj, mlp.c_proj, c_fc")
 
     def __post_init__(self) -> None:
-        check_fields(self, {"lora_r": (0, None, False, int), "lora_alpha": (0, None, False, float),
-                            "lora_dropout": (0, 1, True, float)})
-        if self.lora_dropout == 1:
-            raise OptionError("--lora-dropout 1: must be below 1 (1 drops every input)")
+        check_fields(self, {"lora_r": (0, None, False, int), "lora_alpha": (0, MAX_LORA_ALPHA, False, float),
+                            "lora_dropout": (0, 1, True, float, False)})
         if not self.targets:
             raise OptionError(f"--lora-targets {self.lora_targets!r}: name at least one layer, e.g. {','.join(LORA_LAYERS)}")
 
@@ -396,5 +402,5 @@ class ClassifyOptions:
                 raise OptionError(f"{flag_of(ClassifyOptions, name)} {getattr(self, name)!r}: choose {', '.join(choices)}")
 
 
-__all__ = ["ClassifyOptions", "EvalOptions", "MemorizationOptions", "InstructOptions", "LORA_LAYERS", "LoRAOptions", "FINETUNE_DEFAULTS", "REPORTERS", "SCRATCH_DEFAULTS", "SamplingOptions", "TRAIN_GROUPS", "TrainConfig", "check_fields", "unset_defaults",
+__all__ = ["ClassifyOptions", "EvalOptions", "MemorizationOptions", "InstructOptions", "LORA_LAYERS", "LoRAOptions", "MAX_LORA_ALPHA", "MAX_NEW_TOKENS", "FINETUNE_DEFAULTS", "REPORTERS", "SCRATCH_DEFAULTS", "SamplingOptions", "TRAIN_GROUPS", "TrainConfig", "check_fields", "unset_defaults",
            "flag_of", "opt", "parse_duration"]

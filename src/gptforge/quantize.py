@@ -114,6 +114,9 @@ def load_quantized(folder: str | os.PathLike, config: GPTConfig) -> GPT:
         sd = load_file(str(path))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read int8 weights ({type(e).__name__}); the file is damaged") from None
+    from .checkpoint import check_block_count
+
+    check_block_count(sd, config, str(path))  # before the config's blocks are built
     model = GPT.empty(config)
     for parent, name, layer in _linear_layers(model):
         q = torch.empty(layer.weight.shape, dtype=torch.int8, device="meta")

@@ -61,7 +61,8 @@ def _label_text(value, where: str, option: str) -> str | None:
     raise DataError(f"{where}: the label is {type(value).__name__} {value!r}; a label is a string or an integer ({option})")
 
 
-def _csv_rows(path: Path, delimiter: str, text_key, label_key, header: bool, errors: str) -> Iterator[tuple]:
+def _csv_rows(path: Path, delimiter: str, text_key, label_key, header: bool, errors: str,
+              need_labels: bool = True) -> Iterator[tuple]:
     csv.field_size_limit(sys.maxsize)
     reader = csv.reader(read_lines(path, errors), delimiter=delimiter)
     names = (next(reader, None) or []) if header else []
@@ -69,6 +70,8 @@ def _csv_rows(path: Path, delimiter: str, text_key, label_key, header: bool, err
     for key, option in ((text_key, "--text-field"), (label_key, "--label-field")):
         if isinstance(key, int):
             index.append(key)
+        elif option == "--label-field" and not need_labels and key not in names:  # texts to predict: no labels
+            index.append(None)
         elif not header:
             raise DataError(f"{path}: {option} {key!r} is a name but --no-header says the file has no header; "
                             "pass a 0-based index")
@@ -82,7 +85,7 @@ def _csv_rows(path: Path, delimiter: str, text_key, label_key, header: bool, err
         where = f"{path}:{reader.line_num}"
         if index[0] >= len(row):
             raise DataError(f"{where}: the row has {len(row)} columns, no text column {index[0]}; check --text-field")
-        yield row[index[0]], row[index[1]] if index[1] < len(row) else None, where
+        yield row[index[0]], row[index[1]] if index[1] is not None and index[1] < len(row) else None, where
 
 
 def _json_rows(path: Path, fmt: str, text_key, label_key, errors: str) -> Iterator[tuple]:
@@ -157,7 +160,8 @@ def read_labelled(
             raise DataError(f"{path}: labelled examples come in .csv, .tsv, .jsonl or .json files, or a folder with a "
                             "sub-folder of text files per label")
         elif TABLE_FORMATS[path.suffix.lower()] in ("csv", "tsv"):
-            rows = _csv_rows(path, "," if path.suffix.lower() == ".csv" else "\t", text_key, label_key, header, encoding_errors)
+            rows = _csv_rows(path, "," if path.suffix.lower() == ".csv" else "\t", text_key, label_key, header, encoding_errors,
+                             need_labels)
         else:
             rows = _json_rows(path, TABLE_FORMATS[path.suffix.lower()], text_key, label_key, encoding_errors)
         before = len(out)

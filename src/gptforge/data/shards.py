@@ -16,6 +16,8 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
+import threading
 import time
 from collections import deque
 from dataclasses import asdict
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, NotFoundError
-from ..fsio import atomic_dir
+from ..fsio import atomic_dir, remove_stale
 from ..progress import finish, progress_bar
 from ..tokenizer import EOS, Tokenizer, load_tokenizer
 from .reading import JOB_CHARS, ReadOptions, clean, fingerprint_file, iter_pieces, resolve_inputs
@@ -39,7 +41,28 @@ SHARD_TOKENS = 100_000_000
 _worker: dict = {}
 
 
-def _init_worker(tokenizer: Tokenizer, opts: ReadOptions, dtype: str) -> None:
+def _end_with_parent(parent: int, watch: bool = False) -> None:
+    """End this worker when `parent` dies, even by kill -9: an orphan waits for jobs for good, holding the command's
+    stdout (`prepare ... | tee log` never ends). Linux signals it at once; elsewhere a thread (`watch`) looks."""
+    if watch:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+    try:
+        import ctypes
+
+        signalled = sys.platform.startswith("linux") and ctypes.CDLL(None).prctl(1, 9) == 0  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        signalled = False
+    if not signalled:
+        threading.Thread(target=_end_with_parent, args=(parent, True), daemon=True).start()
+    elif os.getppid() != parent:  # it died before the signal was asked for
+        os._exit(1)
+
+
+def _init_worker(tokenizer: Tokenizer, opts: ReadOptions, dtype: str, parent: int | None = None) -> None:
+    if parent is not None:
+        _end_with_parent(parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no nested thread pools
     _worker.update(tokenizer=tokenizer, opts=opts, dtype=np.dtype(dtype))
 
@@ -83,7 +106,7 @@ def _run_jobs(jobs, tokenizer: Tokenizer, opts: ReadOptions, dtype: str, workers
     # fork: workers start in milliseconds and a user's script needs no `if __name__ == "__main__"` guard
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     with ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_init_worker,
-                             initargs=(tokenizer, opts, dtype)) as pool:
+                             initargs=(tokenizer, opts, dtype, os.getpid())) as pool:
         window: deque = deque()
         try:
             for job in jobs:
@@ -284,6 +307,7 @@ def prepare(
 
     old = _previous(out_dir, fingerprint, force, expect_same, lambda m: _what_changed(m, tok, inputs_fp + val_fp, options))
     if old is not None:
+        remove_stale(out_dir)  # a killed run's temporary folder beside the reused one
         return {**old, "reused": True}
 
     started = time.time()

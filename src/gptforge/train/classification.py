@@ -237,6 +237,7 @@ def train_classifier(inputs, *, init: str | None = None, eval_inputs=None, token
     train_data, val_data = _split(train_data, eval_inputs, opts, cfg.seed, read)
     with claim_run_folder(out, log):
         tok = _tokenizer_for(init, out, tokenizer, train_data.texts, vocab_size, cfg.resume, log)
+        torch.manual_seed(cfg.seed)  # before the new head (or a preset's weights) is drawn: one classifier per --seed
         model = build_classifier(init, labels, tok.pad_id, tok.vocab_size)
         labels = model.labels  # a classifier trained further keeps its label ids
         if opts.dropout is not None:

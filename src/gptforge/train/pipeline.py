@@ -294,6 +294,7 @@ def run_training(
         log = lambda message: None  # noqa: E731 - only rank 0 talks
     with claim_run_folder(out, log), _restart_hint(out, log):
         names = ", ".join(map(str, inputs or [])) if len(inputs or []) <= 3 else f"{len(inputs)} inputs ({inputs[0]}, ...)"
+        torch.manual_seed(cfg.seed)  # before any random draw; fresh weights are seeded again after the size is measured
         model = build_model(str(load_model_folder(init)))[0] if init is not None else None
         if cfg.resume and init is None and tokenizer is None and data is None:
             tokenizer = resume_tokenizer(out)  # the run's own: never train a new one over it

@@ -7,6 +7,7 @@ with raw HTTP for the error cases, and with a headless Chromium for the playgrou
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -638,3 +639,38 @@ def test_chat_log_probabilities_in_openais_shape(client):
         assert item.logprob <= 0 and len(item.top_logprobs) == 3
         assert item.logprob == pytest.approx(item.top_logprobs[0].logprob, abs=1e-5)  # greedy: the best one
         assert bytes(item.bytes).decode("utf-8", "replace") == item.token
+
+
+# --- structured output ------------------------------------------------------------------------------------
+
+
+def test_structured_output_over_http(chat_server):
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "yes": {"type": "boolean"}},
+              "required": ["n", "yes"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
+    status, _, r = chat_server.post("/v1/completions", {"prompt": "Reply:", "max_tokens": 60, "n": 4, "seed": 1,
+                                                        "response_format": fmt})
+    assert status == 200, r
+    for c in r["choices"]:
+        jsonschema.validate(json.loads(c["text"]), schema)
+    status, _, r = chat_server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                             "max_tokens": 80, "seed": 2,
+                                                             "response_format": {"type": "json_object"}})
+    assert status == 200, r
+    text, finish = r["choices"][0]["message"]["content"], r["choices"][0]["finish_reason"]
+    assert text.startswith("{")  # any object: a random model may still be inside a key when max_tokens runs out
+    assert finish == "length" or isinstance(json.loads(text), dict)
+    status, _, r = chat_server.post("/v1/completions", {"prompt": "Pick:", "max_tokens": 8, "n": 6, "seed": 3,
+                                                        "guided_choice": ["red", "green", "blue"]})
+    assert status == 200 and {c["text"] for c in r["choices"]} <= {"red", "green", "blue"}, r
+    status, _, r = chat_server.post("/v1/completions", {"prompt": "x", "max_tokens": 8, "guided_regex": "[0-9]{3}"})
+    assert status == 200 and re.fullmatch("[0-9]{3}", r["choices"][0]["text"]), r
+    for bad, field in (({"guided_regex": "(unclosed"}, "guided_regex"),
+                       ({"response_format": {"type": "json_schema", "json_schema": {"schema": [1]}}}, "response_format"),
+                       ({"response_format": {"type": "yaml"}}, "response_format"),
+                       ({"guided_choice": ["a"], "guided_regex": "b"}, "guided_choice")):
+        status, _, err = chat_server.post("/v1/completions", {"prompt": "x", "max_tokens": 4, **bad})
+        assert status == 400 and err["error"]["param"] == field, err

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .constraints import Constraint, make_constraint
 from .errors import OptionError
 from .fastdecode import decoder
 from .kernels import cpu_inference_weights
@@ -111,8 +112,10 @@ class Row:
         index: int = 0,
         text: TextStream | None = None,
         logprobs: int | None = None,
+        constraint: Constraint | None = None,
     ):
         self.prompt, self.opts, self.eos_id, self.text = prompt, opts, eos_id, text
+        self.constraint = constraint  # structured output: the grammar the text must stay inside
         self.ids: list[int] = []
         self.finish: str | None = None
         # with `logprobs` (how many alternatives to keep, 0: none): each token's log-probability under the model's
@@ -154,6 +157,8 @@ class Row:
             self.finish = "stop"
             return self.text.push(self.ids, final=True) if self.text else ""
         self.ids.append(token)
+        if self.constraint is not None:
+            self.constraint.consume(token)
         if self._scored is not None:
             self.token_logprobs.append(self._scored[0])
             self.top_logprobs.append(self._scored[1])
@@ -204,6 +209,17 @@ def prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> tuple[li
     return [None, *chosen], [[], *top]
 
 
+def row_constraint(opts: SamplingOptions, tokenizer, vocab_size: int, device) -> Constraint | None:
+    """A row's structured-output constraint from its options (the tokenizer is needed to build one)."""
+    if opts.json_schema is None and opts.regex is None:
+        return None
+    if tokenizer is None:
+        raise OptionError(
+            "json_schema and regex need the tokenizer: use generate(), or pass tokenizer= to generate_ids"
+        )
+    return make_constraint(tokenizer, vocab_size, json_schema=opts.json_schema, regex=opts.regex, device=device)
+
+
 def choose_tokens(
     logits: torch.Tensor, rows: Sequence[Row], on_error: Callable[[Row, Exception], None] | None = None
 ) -> torch.Tensor:
@@ -226,7 +242,14 @@ def choose_tokens(
             seen = torch.stack([r.seen for r in group]) if group[0].seen is not None else None
             counts = torch.stack([r.counts for r in group]) if group[0].counts is not None else None
             ngrams = [r.ngrams for r in group]
+            for j, r in enumerate(group):  # structured output first: the processors choose among what it allows
+                if r.constraint is not None:
+                    scores[j].masked_fill_(~r.constraint.allowed(), float("-inf"))
             scores = process_logits(scores, opts, [len(r.ids) for r in group], group[0].eos_id, seen, ngrams, counts)
+            eos = group[0].eos_id
+            if eos is not None and any(r.constraint is not None for r in group):  # a complete text ends, even
+                stuck = torch.isneginf(scores).all(dim=-1)  # before min_new_tokens
+                scores[stuck, eos] = 0.0
             picked = pick(scores, opts.greedy, [r.generator for r in group])
             if any(r.logprobs is not None for r in group):
                 _score(logits if whole else logits.index_select(0, idx), group, picked)
@@ -285,6 +308,7 @@ def generate_ids(
     context_keep: int | None = None,
     on_token: OnToken | None = None,
     text: Callable[[int], TextStream] | None = None,
+    tokenizer=None,
     progress: bool = False,
     **sampling,
 ) -> list[list[int]]:
@@ -313,7 +337,16 @@ def generate_ids(
     prompts = [p for p in _checked_prompts(model, input_ids, eos_id) for _ in range(opts.num_samples)]
     device = model.transformer.wte.weight.device
     rows = [
-        Row(p, opts, eos_id, model.config.vocab_size, device, i, text(i) if text else None)
+        Row(
+            p,
+            opts,
+            eos_id,
+            model.config.vocab_size,
+            device,
+            i,
+            text(i) if text else None,
+            constraint=row_constraint(opts, tokenizer, model.config.vocab_size, device),
+        )
         for i, p in enumerate(prompts)
     ]
     was_training = model.training
@@ -440,6 +473,7 @@ def generate(
         context_keep=context_keep,
         on_token=emit,
         text=texts.__getitem__,
+        tokenizer=tokenizer,
         progress=progress,
     )
     return [(prompts[i // n] if include_prompt else "") + t.text for i, t in enumerate(texts)]
@@ -459,6 +493,7 @@ __all__ = [
     "pick",
     "process_logits",
     "prompt_logprobs",
+    "row_constraint",
     "row_seed",
     "top_k_filter",
     "top_p_filter",

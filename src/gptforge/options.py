@@ -241,6 +241,9 @@ class SamplingOptions:
                                   "generated (-2 to 2)")
     frequency_penalty: float = opt(0.0, "OpenAI's frequency penalty: subtract this times a token's count in the output "
                                    "so far (-2 to 2)")
+    json_schema: str | None = opt(None, "structured output: only JSON that matches this schema (a JSON text or a .json "
+                                  "file; '{\"type\": \"object\"}' for any object)")
+    regex: str | None = opt(None, "structured output: only text that matches this regular expression")
     num_samples: int = opt(1, "samples per prompt")
     batch_size: int = opt(8, "rows generated together (prompts of different lengths are left-padded)")
     seed: int | None = opt(None, "random seed; the same seed and options give the same text (default: a random seed, printed)")
@@ -286,6 +289,8 @@ class SamplingOptions:
             value = getattr(self, name)
             if not (_number(value) and -2 <= value <= 2):
                 bad(name, value, "must be a number from -2 to 2 (0: no penalty)")
+        if self.json_schema is not None and self.regex is not None:
+            bad("regex", self.regex, "give one of json_schema and regex, not both")
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
             bad("seed", self.seed, "must be an integer from 0 to 2**63 - 1")
 

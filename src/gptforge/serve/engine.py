@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from .. import fastdecode
-from ..generate import Row, TextStream, choose_tokens, prompt_logprobs
+from ..generate import Row, TextStream, choose_tokens, prompt_logprobs, row_constraint
 from ..kernels import cpu_inference_weights  # packed fp32 weights for the CPU's decoding products
 from ..model import GPT
 from ..options import SamplingOptions
@@ -364,6 +364,7 @@ class Engine:
             s.choice,
             TextStream(self.tokenizer, s.stop),
             s.logprobs,
+            row_constraint(s.opts, self.tokenizer, self.vocab, self.device),
         )
 
     def _decode(self, tokens: torch.Tensor) -> None:

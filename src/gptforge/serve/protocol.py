@@ -112,7 +112,6 @@ _UNSUPPORTED = {
     "tool_choice": ("none",),
     "functions": ([],),
     "function_call": ("none",),
-    "response_format": ({"type": "text"},),
     "parallel_tool_calls": (False, True),
 }
 _IGNORED = {"model", "user", "metadata", "store", "service_tier", "stream_options"}
@@ -131,6 +130,10 @@ _COMMON = {
     "truncate_prompt",
     "min_tokens",
     "no_repeat_ngram_size",
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
 }
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "logprobs", "return_tokens_as_token_ids"}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "return_tokens_as_token_ids"}

@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..chat import TemplateLimitError
-from ..errors import DataError
+from ..constraints import ANY_JSON_OBJECT, choice_regex, schema_text
+from ..errors import DataError, OptionError
+from ..generate import row_constraint
 from ..options import SamplingOptions
 from .protocol import (
     CHAT_FIELDS,
@@ -71,6 +73,10 @@ class RequestParsing:
             )
         temperature = number_field(body, "temperature", _D.temperature, 0, 2)
         seed = get_field(body, "seed", (int,), _D.seed, "an integer")
+        try:
+            structure = self._structure(body)
+        except OptionError as e:  # a schema that is not JSON, or not an object
+            raise ApiError(400, str(e), self._structure_field(body), "invalid_value") from None
         opts = SamplingOptions(
             max_new_tokens=max_tokens,
             do_sample=temperature > 0,
@@ -85,11 +91,14 @@ class RequestParsing:
                 body, "no_repeat_ngram_size", _D.no_repeat_ngram_size, 0, 1 << 20, integer=True
             ),
             seed=seed,
+            **structure,
         )
         try:
             opts.validate()
+            if opts.json_schema is not None or opts.regex is not None:  # a bad schema or regex is this request's 400
+                row_constraint(opts, self.tokenizer, self.model.config.vocab_size, "cpu")
         except ValueError as e:  # named as the request names it
-            param = getattr(e, "param", None)
+            param = getattr(e, "param", None) or self._structure_field(body)
             param = {"max_new_tokens": "max_tokens", "num_samples": "n"}.get(param, param)
             raise ApiError(400, str(e), param, "invalid_value") from None
         stream_options = get_field(body, "stream_options", (dict,), {}, "an object")
@@ -122,6 +131,57 @@ class RequestParsing:
             prompt_logprobs=scoring,
             token_ids=get_field(body, "return_tokens_as_token_ids", (bool,), False, "true or false"),
         )
+
+    @staticmethod
+    def _structure_field(body: dict) -> str | None:
+        return next((f for f in ("response_format", "guided_json", "guided_regex", "guided_choice") if f in body), None)
+
+    @staticmethod
+    def _structure(body: dict) -> dict:
+        """Structured output as the core's options: OpenAI's response_format (json_object, json_schema), and vLLM's
+        guided_json, guided_regex and guided_choice."""
+        asked = [
+            f for f in ("response_format", "guided_json", "guided_regex", "guided_choice") if body.get(f) is not None
+        ]
+        fmt = body.get("response_format")
+        if fmt is not None and (
+            not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema")
+        ):
+            raise ApiError(
+                400,
+                '\'response_format\' must be {"type": "text"}, {"type": "json_object"} or '
+                '{"type": "json_schema", "json_schema": {"schema": {...}}}',
+                "response_format",
+                "invalid_value",
+            )
+        if fmt is not None and fmt["type"] == "text":
+            asked.remove("response_format")
+        if len(asked) > 1:
+            raise ApiError(400, f"give one of {', '.join(asked)}", asked[1], "invalid_value")
+        if not asked:
+            return {}
+        name, value = asked[0], body[asked[0]]
+        if name == "response_format":
+            if fmt["type"] == "json_object":
+                return {"json_schema": ANY_JSON_OBJECT}
+            schema = (fmt.get("json_schema") or {}).get("schema") if isinstance(fmt.get("json_schema"), dict) else None
+            if not isinstance(schema, dict):
+                raise ApiError(
+                    400,
+                    "'response_format.json_schema.schema' must be a JSON schema object",
+                    "response_format",
+                    "invalid_value",
+                )
+            return {"json_schema": schema_text(schema)}
+        if name == "guided_json":
+            if not isinstance(value, (dict, str)):
+                raise ApiError(400, "'guided_json' must be a JSON schema", name, "invalid_type")
+            return {"json_schema": schema_text(value)}
+        if name == "guided_regex":
+            return {"regex": get_field(body, name, (str,), None, "a regular expression")}
+        if not (isinstance(value, list) and value and all(isinstance(c, str) and c for c in value)):
+            raise ApiError(400, "'guided_choice' must be a list of non-empty strings", name, "invalid_type")
+        return {"regex": choice_regex(value)}
 
     @staticmethod
     def _logprobs(body: dict, chat: bool) -> int | None:

@@ -138,3 +138,13 @@ def test_early_stopping_from_the_command_line_is_parsed():
     assert SamplingOptions(early_stopping="never").early_stopping == "never"
     assert SamplingOptions(early_stopping="True").early_stopping is True
     assert SamplingOptions(early_stopping="false").early_stopping is False
+
+
+def test_gptforge_generate_takes_num_beams(models, byte_tokenizer):
+    from gptforge import GPTForge
+
+    m, _ = models
+    ai = GPTForge(m, tokenizer=byte_tokenizer, device="cpu")
+    texts = ai.generate(n=2, prompt="ab", max_new_tokens=10, num_beams=3, do_sample=False, return_as_list=True)
+    assert texts == generate(m, byte_tokenizer, "ab", num_beams=3, num_samples=2, do_sample=False, max_new_tokens=10)
+    assert len(set(texts)) == 2  # two hypotheses, not one sample twice

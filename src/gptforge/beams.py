@@ -117,18 +117,18 @@ class BeamSearch:
 
     def _follow(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         """Row i continues the old row rows[i] with tokens[i]: cache and processor state follow."""
-        self.batch.reorder(rows)
         at = torch.arange(rows.numel(), device=rows.device)
+        if not torch.equal(rows, at):  # often every beam continues itself: then nothing moves
+            self.batch.reorder(rows)
+            self.seen = None if self.seen is None else self.seen.index_select(0, rows)
+            self.counts = None if self.counts is None else self.counts.index_select(0, rows)
+            self.ngrams = None if self.ngrams is None else [copy.deepcopy(self.ngrams[r]) for r in rows.tolist()]
         if self.seen is not None:
-            self.seen = self.seen.index_select(0, rows)
             self.seen[at, tokens] = True
         if self.counts is not None:
-            self.counts = self.counts.index_select(0, rows)
             self.counts[at, tokens] += 1
-        if self.ngrams is not None:
-            self.ngrams = [copy.deepcopy(self.ngrams[r]) for r in rows.tolist()]
-            for ban, tok in zip(self.ngrams, tokens.tolist()):
-                ban.add(tok)
+        for ban, tok in zip(self.ngrams or (), tokens.tolist()):
+            ban.add(tok)
 
     def results(self) -> list[list[int]]:
         """The num_samples best hypotheses of each prompt, best first: their new tokens without end of text."""

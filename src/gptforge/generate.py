@@ -3,10 +3,11 @@
 A `Row` is one sequence being decoded: its prompt, its options and the state its processors need (tokens seen,
 counts, n-grams, its own seeded generator, its text so far). `choose_tokens` picks the next token of many rows
 at once, whatever options each has; `Row.push` takes the chosen token and says what text became final and
-whether the row has ended. Two schedulers drive rows through the model: `generate_ids` here (a static batch:
+whether the row has ended. Two schedulers drive rows through the model: `generate_ids` here (a `StaticBatch`:
 prompts left-padded together, sliding past the context) and the server's continuous batching
 (serve/engine.py). Both give the same tokens for the same request, because a row's choices depend only on its
-logits, its options and its seed (never on its neighbours in the batch or on the batch size).
+logits, its options and its seed (never on its neighbours in the batch or on the batch size). Beam search
+(beams.py) is a third scheduler, over the same `StaticBatch` and logits processors.
 
 Every option means what it means in transformers' `generate`, applied in the same order: repetition penalty
 (then OpenAI's presence and frequency penalties), no-repeat n-grams and min_new_tokens first (they change which

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from gptforge import GPT, fastdecode, kernels, native
-from gptforge import generate as generate_module
+from gptforge import batching as generate_module
 from gptforge.adapters import apply_lora
 from gptforge.config import GPTConfig
 from gptforge.generate import generate_ids

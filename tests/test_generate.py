@@ -333,6 +333,20 @@ def test_cli_greedy_equals_the_api(model_dir, capsys):
     assert rc == 0 and out == ref + "\n"
 
 
+def test_cli_beam_search_equals_the_api_and_is_refused_with_sampling(model_dir, capsys):
+    from gptforge.checkpoint import load_model_and_tokenizer
+
+    m, tok = load_model_and_tokenizer(model_dir, device="cpu")
+    kw = dict(num_beams=3, num_samples=2, length_penalty=0.5, early_stopping="never", max_new_tokens=10)
+    ref = generate(m, tok, "the quick", do_sample=False, **kw)
+    argv = ["generate", str(model_dir), "the quick", "--greedy", "--num-beams", "3", "--num-samples", "2",
+            "--length-penalty", "0.5", "--early-stopping", "never", "--max-new-tokens", "10", "--delimiter", "|"]
+    rc, out, _ = _cli(argv, capsys)
+    assert rc == 0 and out == "|".join(ref) + "\n"
+    rc, out, err = _cli(["generate", str(model_dir), "x", "--num-beams", "3"], capsys)
+    assert rc == 2 and "num_beams=3" in err and "--greedy" in err and len(err.strip().splitlines()) == 1
+
+
 def test_cli_seeded_samples_repeat_and_go_to_a_dated_file(model_dir, tmp_path, capsys):
     argv = ["generate", str(model_dir), "a", "b", "--num-samples", "2", "--seed", "7", "--max-new-tokens", "12",
             "--delimiter", "\n---\n"]

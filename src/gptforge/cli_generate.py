@@ -85,14 +85,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if not line or line.strip() in ("exit", "quit"):
                 return 0
             # streamed when the samples come one at a time; several at once are printed whole, not interleaved
-            live = not args.no_stream and (args.num_samples == 1 or args.batch_size == 1)
+            live = not args.no_stream and options["num_beams"] == 1 and (args.num_samples == 1 or args.batch_size == 1)
             reply = run([chat.ask(line.rstrip("\n")) if chat else line.rstrip("\n")], live=live)
             if not live:
                 print(args.delimiter.join(reply))
             if chat:
                 chat.answer(reply[0])
-    # Stream when rows come one at a time; a batch of rows is printed when it is done.
-    live = not args.no_stream and not args.out_dir and (len(prompts) * args.num_samples == 1 or args.batch_size == 1)
+    # Stream when rows come one at a time; a batch of rows is printed when it is done, as is a beam search.
+    one_at_a_time = len(prompts) * args.num_samples == 1 or args.batch_size == 1
+    live = not args.no_stream and not args.out_dir and options["num_beams"] == 1 and one_at_a_time
     texts = run(prompts, live)
     if args.out_dir:
         path = dated_path(args.out_dir, options["seed"])

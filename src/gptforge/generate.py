@@ -3,10 +3,11 @@
 A `Row` is one sequence being decoded: its prompt, its options and the state its processors need (tokens seen,
 counts, n-grams, its own seeded generator, its text so far). `choose_tokens` picks the next token of many rows
 at once, whatever options each has; `Row.push` takes the chosen token and says what text became final and
-whether the row has ended. Two schedulers drive rows through the model: `generate_ids` here (a static batch:
+whether the row has ended. Two schedulers drive rows through the model: `generate_ids` here (a `StaticBatch`:
 prompts left-padded together, sliding past the context) and the server's continuous batching
 (serve/engine.py). Both give the same tokens for the same request, because a row's choices depend only on its
-logits, its options and its seed (never on its neighbours in the batch or on the batch size).
+logits, its options and its seed (never on its neighbours in the batch or on the batch size). Beam search
+(beams.py) is a third scheduler, over the same `StaticBatch` and logits processors.
 
 Every option means what it means in transformers' `generate`, applied in the same order: repetition penalty
 (then OpenAI's presence and frequency penalties), no-repeat n-grams and min_new_tokens first (they change which
@@ -21,9 +22,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .batching import StaticBatch
 from .constraints import Constraint, make_constraint
 from .errors import OptionError
-from .fastdecode import decoder
 from .kernels import cpu_inference_weights
 from .model import GPT
 from .options import SamplingOptions
@@ -326,6 +327,9 @@ def generate_ids(
 
     `text(sample)` may give each sample a `TextStream`; `on_token(sample, row, piece)` is called after every token
     of an unfinished row, with the text that became final; returning True ends that row.
+
+    With `num_beams` > 1 (and greedy decoding) each prompt is searched with that many beams (beams.py, transformers'
+    beam search) and gives its `num_samples` best hypotheses, best first; `text` and `on_token` are refused.
     """
     opts = SamplingOptions.make(options, **sampling)
     n_ctx = model.config.n_positions
@@ -334,7 +338,34 @@ def generate_ids(
     keep = max(1, n_ctx * 3 // 4) if context_keep is None else context_keep
     if not 0 < keep < n_ctx:
         raise OptionError(f"context_keep={context_keep} must be between 1 and n_positions-1={n_ctx - 1}")
-    prompts = [p for p in _checked_prompts(model, input_ids, eos_id) for _ in range(opts.num_samples)]
+    prompts = _checked_prompts(model, input_ids, eos_id)
+    if opts.num_beams > 1 and (on_token is not None or text is not None):
+        raise OptionError(
+            f"num_beams={opts.num_beams}: beam search knows its text only at the end; streaming and "
+            "stop strings need num_beams=1"
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        bar = progress_bar(len(prompts) * opts.num_samples, desc="generate", unit="sample", enabled=progress)
+        with cpu_inference_weights(model, keep=not was_training):  # a model in training keeps no copies
+            if opts.num_beams > 1:
+                from .beams import beam_search  # beams.py builds on this module
+
+                out = beam_search(model, prompts, opts, eos_id, keep, bar)
+            else:
+                out = _sample(model, prompts, opts, eos_id, keep, on_token, text, tokenizer, bar)
+        bar.close()
+        return out
+    finally:
+        model.train(was_training)
+
+
+def _sample(
+    model: GPT, prompts, opts: SamplingOptions, eos_id, keep: int, on_token, text, tokenizer, bar
+) -> list[list[int]]:
+    """Decode `num_samples` rows per prompt, `batch_size` rows at a time."""
+    prompts = [p for p in prompts for _ in range(opts.num_samples)]
     device = model.transformer.wte.weight.device
     rows = [
         Row(
@@ -349,79 +380,29 @@ def generate_ids(
         )
         for i, p in enumerate(prompts)
     ]
-    was_training = model.training
-    model.eval()
-    try:
-        bar = progress_bar(len(rows), desc="generate", unit="sample", enabled=progress)
-        with cpu_inference_weights(model, keep=not was_training):  # a model in training keeps no copies
-            for start in range(0, len(rows), opts.batch_size):
-                batch = rows[start : start + opts.batch_size]
-                watch = None if on_token is None else (lambda i, row, piece, _s=start: on_token(_s + i, row, piece))
-                _decode_batch(model, batch, keep, watch)
-                bar.update(len(batch))
-        bar.close()
-        return [row.ids for row in rows]
-    finally:
-        model.train(was_training)
+    for start in range(0, len(rows), opts.batch_size):
+        batch = rows[start : start + opts.batch_size]
+        watch = None if on_token is None else (lambda i, row, piece, _s=start: on_token(_s + i, row, piece))
+        _decode_batch(model, batch, keep, watch)
+        bar.update(len(batch))
+    return [row.ids for row in rows]
 
 
 def _decode_batch(model: GPT, rows: list[Row], keep: int, on_token: OnToken | None) -> None:
-    """Decode a static batch of rows to their ends: prefill left-padded prompts, then one token per step."""
-    device = model.transformer.wte.weight.device
-    B, n_ctx = len(rows), model.config.n_positions
-    T0 = max(len(r.prompt) for r in rows)
-    padded = any(len(r.prompt) < T0 for r in rows)
+    """Decode a static batch of rows to their ends, one token per row per step."""
     pad = rows[0].eos_id if rows[0].eos_id is not None else 0
     max_new = rows[0].opts.max_new_tokens
-    total = T0 + max_new
-    # Every token so far (left-padded), and which are real: needed to rebuild the cache when sliding.
-    tokens = torch.full((B, total), pad, dtype=torch.long, device=device)
-    real = torch.zeros((B, total), dtype=torch.bool, device=device)
-    for i, r in enumerate(rows):
-        tokens[i, T0 - len(r.prompt) : T0] = torch.tensor(r.prompt, device=device)
-        real[i, T0 - len(r.prompt) : T0] = True
-    real[:, T0:] = True
-    cache = model.new_cache(B, min(n_ctx, total))
-    step_in_c = decoder(model, B)  # the whole decoding step in one C call where it applies (fastdecode.py)
-    window_start = 0  # column of `tokens` where the cached window begins
-
-    def prefill(end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Re)compute the cache for tokens[window_start:end]; last-position logits and next position ids."""
-        cache.length = 0
-        mask = real[:, window_start:end]
-        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits, _ = model(
-            tokens[:, window_start:end],
-            cache=cache,
-            position_ids=pos,
-            attention_mask=mask if padded else None,
-            logits_to_keep=1,
-        )
-        return logits[:, -1], pos[:, -1:] + 1
-
-    logits, next_pos = prefill(T0)
-    for step in range(max_new):
-        col = T0 + step
-        nxt = choose_tokens(logits, rows)
+    batch = StaticBatch(model, [r.prompt for r in rows], pad, max_new, keep)
+    for _ in range(max_new):
+        nxt = choose_tokens(batch.logits, rows)
         for i, (row, token) in enumerate(zip(rows, nxt.tolist())):
             if row.finish is None:
                 piece = row.push(token)
                 if on_token is not None and on_token(i, row, piece) and row.finish is None:
                     on_token(i, row, row.stop_early())
         if all(r.finish is not None for r in rows):
-            break
-        tokens[:, col] = nxt
-        if col + 1 - window_start > cache.max_len:  # the context is full: slide the window
-            window_start = col + 1 - keep
-            logits, next_pos = prefill(col + 1)
-            continue
-        mask = real[:, window_start : col + 1] if padded else None
-        if step_in_c is not None:
-            logits = step_in_c(nxt, next_pos, cache, mask)
-        else:
-            logits, _ = model(nxt[:, None], cache=cache, position_ids=next_pos, attention_mask=mask, logits_to_keep=1)
-            logits = logits[:, -1]
-        next_pos = next_pos + 1
+            return
+        batch.advance(nxt)
 
 
 # --- the text layer --------------------------------------------------------------------------------
@@ -445,6 +426,7 @@ def generate(
     The sampling options are a `SamplingOptions` and/or its fields as keywords, as in `generate_ids`.
     Generation stops at the tokenizer's end-of-text token and at the first of the `stop` strings (which
     is not included). `stream(sample, text)` receives each piece of final text as soon as it is known.
+    Beam search (`num_beams` > 1) returns whole texts: `stop` and `stream` are refused with it.
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
@@ -452,6 +434,8 @@ def generate(
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     opts = SamplingOptions.make(options, **sampling)
     n = opts.num_samples
+    if opts.num_beams > 1:
+        return _beam_texts(model, tokenizer, prompts, opts, stop, stream, include_prompt, context_keep, progress)
     texts = [TextStream(tokenizer, stop) for _ in range(len(prompts) * n)]
     started = [False] * len(texts)
 
@@ -479,22 +463,24 @@ def generate(
     return [(prompts[i // n] if include_prompt else "") + t.text for i, t in enumerate(texts)]
 
 
-__all__ = [
-    "NGramBan",
-    "Row",
-    "SamplingOptions",
-    "TextStream",
-    "apply_presence_frequency",
-    "apply_repetition_penalty",
-    "apply_temperature",
-    "choose_tokens",
-    "generate",
-    "generate_ids",
-    "pick",
-    "process_logits",
-    "prompt_logprobs",
-    "row_constraint",
-    "row_seed",
-    "top_k_filter",
-    "top_p_filter",
-]
+def _beam_texts(model, tokenizer, prompts, opts, stop, stream, include_prompt, context_keep, progress) -> list[str]:
+    if stop or stream is not None:
+        raise OptionError(
+            f"num_beams={opts.num_beams}: beam search knows its text only at the end; "
+            f"{'stop strings' if stop else 'streaming'} need num_beams=1"
+        )
+    ids = generate_ids(
+        model,
+        [tokenizer.encode(p) if p else [] for p in prompts],
+        opts,
+        eos_id=tokenizer.eos_id,
+        context_keep=context_keep,
+        progress=progress,
+    )
+    n = opts.num_samples
+    return [(prompts[i // n] if include_prompt else "") + tokenizer.decode(row) for i, row in enumerate(ids)]
+
+
+__all__ = ["NGramBan", "Row", "SamplingOptions", "TextStream", "apply_presence_frequency", "apply_repetition_penalty"]
+__all__ += ["apply_temperature", "choose_tokens", "generate", "generate_ids", "pick", "process_logits"]
+__all__ += ["prompt_logprobs", "row_constraint", "row_seed", "top_k_filter", "top_p_filter"]

@@ -244,11 +244,23 @@ class SamplingOptions:
     json_schema: str | None = opt(None, "structured output: only JSON that matches this schema (a JSON text or a .json "
                                   "file; '{\"type\": \"object\"}' for any object)")
     regex: str | None = opt(None, "structured output: only text that matches this regular expression")
-    num_samples: int = opt(1, "samples per prompt")
-    batch_size: int = opt(8, "rows generated together (prompts of different lengths are left-padded)")
+    num_beams: int = opt(1, "beam search with this many beams (1: none); deterministic, so it needs --greedy "
+                         "(do_sample=False); --num-samples then returns the best hypotheses, at most --num-beams")
+    length_penalty: float = opt(1.0, "beam search: a hypothesis scores its summed log-probabilities divided by its "
+                                "new tokens (eos included) to this power; > 0 favours longer text, < 0 shorter")
+    early_stopping: bool | str = opt(False, "beam search: true ends a prompt's search once it has --num-beams "
+                                     "finished hypotheses; false stops when no better one is likely; never stops "
+                                     "only when none can be better (transformers' meaning)")
+    num_samples: int = opt(1, "samples per prompt (with beams: the best hypotheses, best first)")
+    batch_size: int = opt(8, "rows generated together (prompts of different lengths are left-padded; each prompt "
+                          "takes --num-beams rows)")
     seed: int | None = opt(None, "random seed; the same seed and options give the same text (default: a random seed, printed)")
 
     MAX_NEW_TOKENS = MAX_NEW_TOKENS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.early_stopping, str) and self.early_stopping.lower() in ("true", "false", "never"):
+            self.early_stopping = {"true": True, "false": False}.get(self.early_stopping.lower(), "never")
 
     @classmethod
     def make(cls, options: "SamplingOptions | None" = None, **overrides) -> "SamplingOptions":
@@ -273,7 +285,7 @@ class SamplingOptions:
                 bad(name, value, "must be an integer >= 0")
         if self.max_new_tokens > self.MAX_NEW_TOKENS:
             bad("max_new_tokens", self.max_new_tokens, f"is more than {self.MAX_NEW_TOKENS:,}; ask for fewer tokens")
-        for name in ("num_samples", "batch_size"):
+        for name in ("num_samples", "batch_size", "num_beams"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 bad(name, value, "must be an integer >= 1")
@@ -291,8 +303,25 @@ class SamplingOptions:
                 bad(name, value, "must be a number from -2 to 2 (0: no penalty)")
         if self.json_schema is not None and self.regex is not None:
             bad("regex", self.regex, "give one of json_schema and regex, not both")
+        if (self.json_schema is not None or self.regex is not None) and self.num_beams > 1:
+            bad("num_beams", self.num_beams, "structured output samples one row at a time; use num_beams=1")
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
             bad("seed", self.seed, "must be an integer from 0 to 2**63 - 1")
+        self._validate_beams(bad)
+
+    def _validate_beams(self, bad) -> None:
+        if not (_number(self.length_penalty) and math.isfinite(self.length_penalty)):
+            bad("length_penalty", self.length_penalty, "must be a number (1: divide by the length, 0: no penalty)")
+        if self.early_stopping not in (True, False, "never") or not isinstance(self.early_stopping, (bool, str)):
+            bad("early_stopping", self.early_stopping, "must be true, false or never")
+        if self.num_beams == 1:
+            return
+        if not self.greedy:
+            bad("num_beams", self.num_beams, "beam search is deterministic; add do_sample=False (--greedy), "
+                "or set num_beams=1 to sample (beam sampling is not supported)")
+        if self.num_samples > self.num_beams:
+            bad("num_samples", self.num_samples, f"is more than num_beams={self.num_beams}; beam search returns at "
+                "most one hypothesis per beam")
 
     @property
     def greedy(self) -> bool:

@@ -155,18 +155,31 @@ def special_tokens(tokenizer) -> dict:
     return {"bos_token": eos, "eos_token": eos, "unk_token": eos, "pad_token": getattr(tokenizer, "pad_token", eos)}
 
 
+def _text_of(content):
+    """A message's content as a string: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
+    if isinstance(content, list) and all(
+        isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str) for c in content
+    ):
+        return "".join(c["text"] for c in content)
+    return content
+
+
 def check_messages(messages, where: str) -> list[dict]:
-    """A conversation as a list of {role, content} with known roles and string contents; else a DataError at `where`."""
+    """A conversation as a list of {role, content} with known roles and string contents (OpenAI's text parts are
+    joined); else a DataError at `where`. Training data, `generate --chat` and the server check them here."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\": ..., \"content\": ...}} objects")
+    clean = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise DataError(f"{where}: messages[{i}] needs a 'role' and a 'content'")
         if m["role"] not in ROLES:
             raise DataError(f"{where}: messages[{i}] has the unknown role {m['role']!r}; use {', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise DataError(f"{where}: messages[{i}].content must be a string")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+        content = _text_of(m["content"])
+        if not isinstance(content, str):
+            raise DataError(f"{where}: messages[{i}].content must be a string or a list of text parts")
+        clean.append({"role": m["role"], "content": content})
+    return clean
 
 
 class ChatTemplate:

@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from ..chat import ChatTemplate
+from ..chat import ChatTemplate, template_of
 from .engine import Engine, Event, Sequence
 from .guard import HostGuard, host_names
 from .protocol import (
@@ -83,9 +83,12 @@ class Server(RequestParsing):
         self.engine = engine or Engine(model, tokenizer, options.max_batch, options.max_queue)
         self.created = int(time.time())
         self.max_tokens = min(options.max_tokens or self.n_ctx - 1, self.n_ctx - 1)
-        chat_template = chat_template or (getattr(tokenizer, "meta", None) or {}).get("chat_template")  # the folder's
+        # the folder's template, else gptforge's GPT-2 one, as `generate --chat` and instruction training use
+        self.own_template = bool(chat_template or (getattr(tokenizer, "meta", None) or {}).get("chat_template"))
         name = f"the chat template in {template_file}" if template_file else "the model's chat template"
-        self.template = ChatTemplate(chat_template, tokenizer, name) if chat_template else None
+        if not self.own_template:
+            name = "gptforge's GPT-2 chat template"
+        self.template = ChatTemplate(chat_template or template_of(tokenizer), tokenizer, name)
         self.n_params = model.num_params()
         self.live: dict[asyncio.Queue, list[Sequence]] = {}  # each running request's queue and sequences
         self.closing = False
@@ -221,7 +224,8 @@ class Routes:
             "owned_by": "gptforge",
             "n_params": server.n_params,
             "n_ctx": server.n_ctx,
-            "chat": server.template is not None,
+            "chat": True,
+            "chat_template": "the model's" if server.own_template else "gptforge's GPT-2 default",
             "max_tokens": server.max_tokens,
             "auth": bool(self.options.api_key),
         }

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..chat import TemplateLimitError
+from ..chat import TemplateLimitError, check_messages
 from ..constraints import ANY_JSON_OBJECT, choice_regex, schema_text
 from ..errors import DataError, OptionError
 from ..generate import row_constraint
@@ -239,41 +239,12 @@ class RequestParsing:
         return job
 
     def chat_messages(self, body: dict) -> list[dict]:
-        """The request's messages, checked, as {role, content} with string contents."""
+        """The request's messages, checked as training data and `generate --chat` check them (chat.check_messages)."""
         check_fields(body, CHAT_FIELDS)
-        if self.template is None:
-            raise ApiError(
-                400,
-                f"model '{self.name}' has no chat template (tokenizer_config.json 'chat_template'), so "
-                "it cannot chat; use /v1/completions with a plain prompt",
-                "messages",
-                "no_chat_template",
-            )
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(
-                400, "'messages' must be a non-empty list of {role, content} objects", "messages", "invalid_type"
-            )
-        clean = []
-        for i, m in enumerate(messages):
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-                if not all(
-                    isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str) for c in content
-                ):
-                    raise ApiError(
-                        400, f"messages[{i}].content: only text parts are supported", "messages", "invalid_type"
-                    )
-                content = "".join(c["text"] for c in content)
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
-                raise ApiError(
-                    400,
-                    f"messages[{i}] must be an object with a string 'role' and a string 'content'",
-                    "messages",
-                    "invalid_type",
-                )
-            clean.append({"role": m["role"], "content": content})
-        return clean
+        try:
+            return check_messages(body.get("messages"), "messages")
+        except DataError as e:
+            raise ApiError(400, str(e).removeprefix("messages: "), "messages", "invalid_value") from None
 
     def render_chat(self, messages: list[dict]) -> str:
         """The prompt of a conversation, bounded in time and size: the template came with the model, so one that

@@ -276,7 +276,7 @@ def _add_train_commands(sub) -> None:
     p.add_argument("--out", default="demo-model", help="model folder to write (default: demo-model)")
     p.add_argument("--minutes", type=float, default=3.0, help="training time (default: 3)")
     p.add_argument("--prompt", default="def ", help="prompt for the sample at the end")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--device", default="auto", help="auto (cuda, else mps on a Mac, else cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo run in --out")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo run in --out")
     p.set_defaults(func=cmd_demo, parser=p)

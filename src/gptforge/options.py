@@ -75,6 +75,7 @@ def parse_duration(text: str | float | int) -> float:
 # (docs/benchmarks.md, "More model per CPU minute"). An `ema` of 0 is no average.
 SCRATCH_DEFAULTS = dict(learning_rate=2e-3, warmup_steps=100, weight_decay=0.1, beta2=0.95, optimizer="muon",
                         schedule="wsd", min_lr_ratio=0.0, zero_init=False, ema=0.995)
+MUON_LR_RATIO = 10  # Muon's peak rate per unit of --lr: 0.02 at the from-scratch 2e-3, 3e-3 at --lr 3e-4
 FINETUNE_DEFAULTS = dict(learning_rate=5e-5, warmup_steps=50, weight_decay=0.01, beta2=0.999, optimizer="adamw",
                          schedule="cosine", min_lr_ratio=0.1, zero_init=False, ema=0.0)
 
@@ -85,6 +86,8 @@ def unset_defaults(cfg: "TrainConfig", finetune: bool) -> dict:
     unset = {k: v for k, v in (FINETUNE_DEFAULTS if finetune else SCRATCH_DEFAULTS).items() if getattr(cfg, k) is None}
     if cfg.fsdp:
         unset.update({k: v for k, v in (("optimizer", "adamw"), ("ema", 0.0)) if k in unset})
+    if cfg.muon_lr is None:  # one learning rate for a user: Muon's moves with --lr
+        unset["muon_lr"] = MUON_LR_RATIO * unset.get("learning_rate", cfg.learning_rate)
     return unset
 
 
@@ -105,7 +108,9 @@ class TrainConfig:
     batch_mode: str = opt("random", "random windows, or sequential passes over the data", choices=("random", "sequential"))
     stride: int | None = opt(None, "sequential mode: tokens between window starts (default: block size; half a block overlaps)")
     # optimizer and schedule
-    learning_rate: float | None = opt(None, "peak learning rate of AdamW (default 2e-3 from scratch, 5e-5 fine-tuning)", flag="lr")
+    learning_rate: float | None = opt(None, "peak learning rate (default 2e-3 from scratch, 5e-5 fine-tuning); with Muon "
+                                      "it sets AdamW's rate and Muon's moves with it (10 x --lr unless --muon-lr is given)",
+                                      flag="lr")
     min_lr_ratio: float | None = opt(None, "the schedule decays to learning_rate x this (default 0 from scratch, 0.1 fine-tuning)")
     schedule: str | None = opt(None, "after warmup: cosine, linear, constant, or wsd (constant, then a linear cooldown; "
                                "default wsd from scratch, cosine fine-tuning)", choices=("cosine", "linear", "constant", "wsd"))
@@ -117,13 +122,14 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0 turns clipping off)")
     optimizer: str | None = opt(None, "adamw, or muon (Muon for the matrices inside the blocks, AdamW for the rest; "
                                 "default muon from scratch (adamw with --fsdp), adamw fine-tuning)", choices=("adamw", "muon"))
-    muon_lr: float = opt(0.02, "Muon's peak learning rate (the schedule scales it as it scales --lr)")
+    muon_lr: float | None = opt(None, "Muon's own peak learning rate for the block matrices (default: 10 x --lr, 0.02 at "
+                                "the from-scratch 2e-3; the schedule scales it as it scales --lr)")
     zero_init: bool | None = opt(None, "from scratch: start the blocks' output projections (attn and MLP c_proj) at zero "
                                  "(default off)")
     ema: float | None = opt(None, "keep an exponential moving average of the weights with this decay; evaluations, best/ "
                             "and the final model use it (default 0.995 from scratch, 0: none, fine-tuning)")
     # speed
-    device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
+    device: str = opt("auto", "auto (cuda, else mps on a Mac with an Apple GPU, else cpu), cpu, cuda, cuda:1, mps (fp32)")
     precision: str = opt("auto", "auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16 (with a gradient scaler)",
                          choices=("auto", "fp32", "bf16", "fp16"))
     compile: bool = opt(False, "torch.compile the model")
@@ -370,5 +376,5 @@ class ClassifyOptions:
                 raise OptionError(f"{flag_of(ClassifyOptions, name)} {getattr(self, name)!r}: choose {', '.join(choices)}")
 
 
-__all__ = ["ClassifyOptions", "EvalOptions", "InstructOptions", "LORA_LAYERS", "LoRAOptions", "FINETUNE_DEFAULTS", "REPORTERS", "SCRATCH_DEFAULTS", "SamplingOptions", "TRAIN_GROUPS", "TrainConfig", "check_fields", "unset_defaults",
+__all__ = ["ClassifyOptions", "EvalOptions", "InstructOptions", "LORA_LAYERS", "LoRAOptions", "FINETUNE_DEFAULTS", "MUON_LR_RATIO", "REPORTERS", "SCRATCH_DEFAULTS", "SamplingOptions", "TRAIN_GROUPS", "TrainConfig", "check_fields", "unset_defaults",
            "flag_of", "opt", "parse_duration"]

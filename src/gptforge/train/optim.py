@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from ..errors import OptionError
 from ..options import TrainConfig
-from ..runtime import torch_version
+from ..runtime import fused_optimizer
 
 
 def freeze_parts(spec: str, n_layer: int) -> list[tuple[bool, int]]:
@@ -52,8 +52,7 @@ def configure_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device
     The fused kernel on CUDA, and on the CPU from torch 2.4 (where it exists): there it updates each tensor
     in one multithreaded pass and takes a fraction of the foreach version's time (benchmarks/bench_train.py)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    fused = device.type == "cuda" or (device.type == "cpu" and torch_version() >= (2, 4))
-    kind = {"fused": True} if fused else {"foreach": True}
+    kind = {"fused": True} if fused_optimizer(device) else {"foreach": True}
     no_decay = {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}
     if cfg.optimizer != "muon":
         decay = {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": cfg.weight_decay}

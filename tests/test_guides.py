@@ -126,3 +126,82 @@ def test_a_failed_drawing_is_said_once_and_training_goes_on(tmp_path, monkeypatc
     log.plot()
     out = capsys.readouterr().out
     assert out.count("loss.png is not drawn") == 1 and "No space left" in out and "[plot]" not in out
+
+
+# --- tokenizer control (item 5) ---------------------------------------------------------------------------
+
+TEXT = ["the cat sat on the mat", "a dog", "the quick brown fox jumps over the lazy dog again and again"] * 20
+
+
+@pytest.fixture(scope="module")
+def specials_dir(tmp_path_factory):
+    from gptforge.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer([], vocab_size=300, texts=TEXT, out_dir=out, special_tokens=["<|startoftext|>", "<|sep|>"],
+                    pad_token="[PAD]")
+    return out
+
+
+def test_encode_batch_pads_truncates_and_masks():
+    from gptforge.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([], vocab_size=300, texts=TEXT, out_dir=None)
+    plain = tok.encode_batch(TEXT[:3])
+    out = tok.encode_batch(TEXT[:3], padding=True)
+    longest = max(map(len, plain))
+    assert [len(r) for r in out["input_ids"]] == [longest] * 3
+    for row, mask, ids in zip(out["input_ids"], out["attention_mask"], plain):
+        assert row[:len(ids)] == ids and set(row[len(ids):]) <= {tok.pad_id} and mask == [1] * len(ids) + [0] * (longest - len(ids))
+    cut = tok.encode_batch(TEXT[:3], padding="max_length", truncation=True, max_length=4, return_tensors="pt")
+    assert cut["input_ids"].shape == (3, 4) and cut["input_ids"][2].tolist() == plain[2][:4]
+    assert cut["attention_mask"][1].tolist() == [1] * min(4, len(plain[1])) + [0] * (4 - min(4, len(plain[1])))
+    left = tok.encode_batch(TEXT[:2], padding=True, padding_side="left")
+    assert left["input_ids"][1][-len(plain[1]):] == plain[1] and left["attention_mask"][1][0] == 0
+    assert tok.encode_batch(TEXT[:2]) == plain[:2]  # without the options: the ids, as before
+    with pytest.raises(OptionError, match="truncation=True needs max_length="):
+        tok.encode_batch(TEXT[:2], truncation=True)
+    with pytest.raises(OptionError, match="padding=True"):
+        tok.encode_batch(TEXT[:3], return_tensors="pt")
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_special_tokens_at_training_time_are_whole_and_first(tmp_path, kind):
+    from gptforge.tokenizer import EOS, train_tokenizer
+
+    tok = train_tokenizer([], vocab_size=300 if kind == "bpe" else 40, kind=kind, texts=TEXT, out_dir=None,
+                          special_tokens=["<|startoftext|>", "<|sep|>"], pad_token="[PAD]")
+    assert tok.special_tokens == ["<|startoftext|>", "<|sep|>", "[PAD]"] and tok.pad_token == "[PAD]"
+    sot, sep = (tok.hf_tokenizer.token_to_id(t) for t in ("<|startoftext|>", "<|sep|>"))
+    ids = tok.encode("<|startoftext|>the cat<|sep|>a dog" + EOS)
+    assert ids[0] == sot and sep in ids and ids[-1] == tok.eos_id
+    assert tok.decode(ids, skip_special_tokens=True) == "the cata dog"
+    padded = tok.encode_batch(["the cat", "a"], padding=True)
+    assert padded["input_ids"][1][-1] == tok.hf_tokenizer.token_to_id("[PAD]")
+
+
+def test_transformers_knows_the_special_tokens(specials_dir):
+    transformers = pytest.importorskip("transformers")
+    from gptforge.tokenizer import load_tokenizer
+
+    hf = transformers.AutoTokenizer.from_pretrained(specials_dir)
+    ours = load_tokenizer(specials_dir)
+    assert {"<|startoftext|>", "<|sep|>", "[PAD]"} <= set(hf.all_special_tokens)
+    assert hf.pad_token == "[PAD]" and hf.pad_token_id == ours.pad_id
+    text = "<|startoftext|>the cat sat<|sep|>on the mat"
+    assert hf(text)["input_ids"] == ours.encode(text)
+    assert ours.special_tokens == ["<|startoftext|>", "<|sep|>", "[PAD]"]  # read back from the folder
+
+
+def test_train_tokenizer_takes_aitextgens_names(tmp_path):
+    from gptforge.tokenizer import train_tokenizer
+
+    (tmp_path / "t.txt").write_text("\n".join(TEXT), encoding="utf-8")
+    tok = train_tokenizer(str(tmp_path / "t.txt"), vocab_size=300, save_path=str(tmp_path / "saved"),
+                          added_tokens=["<|startoftext|>"])
+    assert (tmp_path / "saved" / "tokenizer.json").is_file() and tok.special_tokens == ["<|startoftext|>"]
+    with pytest.raises(OptionError, match="prefix=.*no gptforge equivalent.*out_dir") as e:
+        train_tokenizer(str(tmp_path / "t.txt"), vocab_size=300, save_path=str(tmp_path / "p"), prefix="mytok")
+    assert "ReadOptions" not in str(e.value)
+    with pytest.raises(OptionError, match="unknown option colum; did you mean column"):
+        train_tokenizer(str(tmp_path / "t.txt"), out_dir=None, colum=1)

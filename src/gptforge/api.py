@@ -330,9 +330,8 @@ class GPTForgeClassifier:
         lora_names = {f.name for f in dataclasses.fields(LoRAOptions)}
         known = names | lora_names | {f.name for f in dataclasses.fields(TrainConfig)}
         known |= {"tokenizer", "vocab_size", "encoding_errors"}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise OptionError(f"train(): unknown option(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+        options = rename_keywords(options, known, "train()")  # Trainer's names (aliases.py), unknown ones refused
+        output_dir = options.pop("out_dir", output_dir)
         clf_opts = ClassifyOptions(**{k: options.pop(k) for k in list(options) if k in names})
         lora = LoRAOptions(**{k: options.pop(k) for k in list(options) if k in lora_names})
         if isinstance(options.get("max_time"), str):

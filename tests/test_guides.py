@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 
@@ -205,3 +206,103 @@ def test_train_tokenizer_takes_aitextgens_names(tmp_path):
     assert "ReadOptions" not in str(e.value)
     with pytest.raises(OptionError, match="unknown option colum; did you mean column"):
         train_tokenizer(str(tmp_path / "t.txt"), out_dir=None, colum=1)
+
+
+# --- Trainer habits: per-epoch evaluation and saving, callbacks, compute_metrics (item 4) -------------------
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """A prepared dataset of a few thousand tokens and its tokenizer."""
+    from gptforge.data import prepare
+    from gptforge.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("small")
+    text = "\n\n".join(f"line {i}: the {['cat', 'dog', 'fox'][i % 3]} sat on the mat number {i}." for i in range(300))
+    (root / "t.txt").write_text(text, encoding="utf-8")
+    tok = train_tokenizer([str(root / "t.txt")], vocab_size=300, out_dir=root / "tok")
+    prepare([str(root / "t.txt")], tok, root / "data", progress=False)
+    return root / "data", tok
+
+
+def _tiny():
+    from gptforge.config import GPTConfig
+    from gptforge.model import GPT
+
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0))
+
+
+def test_evaluation_and_saving_per_epoch_with_callbacks(tmp_path, small_data):
+    from gptforge.train import Trainer, train
+    from gptforge.data.dataset import load_run_data
+
+    data, tok = small_data
+    opts = dict(batch_size=8, block_size=16, grad_accum=2, progress=False, plot=False, sample_tokens=0, log_interval=1)
+    probe = Trainer(_tiny(), load_run_data(data), TrainConfig(out_dir=str(tmp_path / "probe"), max_steps=1, **opts))
+    per_epoch = probe.batches.steps_per_epoch / 2  # optimizer steps per pass (two micro-batches each)
+    seen = {"log": [], "evaluate": [], "save": []}
+    result = train(_tiny(), data, tokenizer=tok, out_dir=str(tmp_path / "run"), epochs=3, eval_strategy="epoch",
+                   save_strategy="epoch", eval_interval=1, save_steps=1, **opts,
+                   on_log=lambda t, row: seen["log"].append(row["loss"]),
+                   on_evaluate=lambda t, row: seen["evaluate"].append((t.step, row["val_loss"])),
+                   on_save=lambda t, folder: seen["save"].append(Path(folder).name))
+    ends = [math.ceil(k * per_epoch) for k in (1, 2)]
+    assert [s for s, _ in seen["evaluate"]] == [*ends, result.step]  # each epoch's end, then the final evaluation
+    assert seen["save"] == [f"step-{s:07d}" for s in ends] + [f"step-{result.step:07d}", "run"]
+    assert len(seen["log"]) == result.step and all(isinstance(v, float) for v in seen["log"])
+
+
+def test_strategies_are_checked_by_name():
+    with pytest.raises(OptionError, match="--eval-strategy 'epochs': choose steps, epoch, no"):
+        TrainConfig(eval_strategy="epochs")
+    with pytest.raises(OptionError, match="on_log=3: must be a function"):
+        from gptforge.train.callbacks import Callbacks
+
+        Callbacks(on_log=3)
+
+
+def test_save_strategy_no_saves_at_the_end_only(tmp_path, small_data):
+    from gptforge.train import train
+
+    data, tok = small_data
+    saved = []
+    train(_tiny(), data, tokenizer=tok, out_dir=str(tmp_path / "run"), max_steps=6, batch_size=4, block_size=16,
+          save_strategy="no", save_steps=1, eval_strategy="no", progress=False, plot=False, sample_tokens=0,
+          on_save=lambda t, folder: saved.append(t.step), on_evaluate=lambda t, row: saved.append(("eval", t.step)))
+    assert saved == [6, ("eval", 6), 6]  # the last checkpoint, the final evaluation, the final model folder
+
+
+def test_classifier_compute_metrics_and_gptforge_train_callbacks(tmp_path):
+    import json
+
+    from gptforge.api import GPTForgeClassifier
+    from gptforge.checkpoint import save_model
+    from gptforge.tokenizer import train_tokenizer
+
+    rows = [(f"{w} {w} item {i}", w) for i in range(30) for w in ("red", "blue")]
+    tok = train_tokenizer([], vocab_size=280, texts=[t for t, _ in rows], out_dir=None)
+    torch.manual_seed(0)
+    lm = save_model(_tiny_lm(), tmp_path / "lm", tok)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    calls, evaluated = [], []
+
+    def share_of_red(probs, label_ids):
+        calls.append((probs.shape, label_ids.shape))
+        return {"predicted_first": float((probs.argmax(-1) == 0).mean())}
+
+    clf = GPTForgeClassifier.train(str(tmp_path / "train.jsonl"), init=str(lm), output_dir=tmp_path / "clf",
+                                   max_steps=4, eval_strategy="steps", eval_interval=2, batch_size=8, progress=False,
+                                   plot=False, save_minutes=None, compute_metrics=share_of_red,
+                                   on_evaluate=lambda t, row: evaluated.append(row))
+    assert [r["step"] for r in evaluated] == [2, 4] and all(0 <= r["val_predicted_first"] <= 1 for r in evaluated)
+    examples = calls[0][1][0]
+    assert examples > 0 and calls[0][0] == (examples, 2)  # probabilities: examples x classes; the true label ids
+    assert "val_predicted_first" in clf.result.validation
+
+
+def _tiny_lm():
+    from gptforge.config import GPTConfig
+    from gptforge.model import GPT
+
+    return GPT(GPTConfig(vocab_size=280, n_positions=32, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0))

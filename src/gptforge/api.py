@@ -165,10 +165,13 @@ class GPTForge:
         Trainer give them (num_train_epochs, per_device_train_batch_size, gradient_accumulation_steps,
         max_grad_norm, save_every, generate_every, ...: gptforge.aliases, listed in docs/cli.md). A previous run in
         `output_dir` is not replaced unless `overwrite=True`. `lora_r=8` (with lora_alpha, lora_dropout,
-        lora_targets: LoRAOptions) trains a LoRA adapter and saves it alone, in peft's format. Returns the TrainResult.
+        lora_targets: LoRAOptions) trains a LoRA adapter and saves it alone, in peft's format. Callbacks
+        (train/callbacks.py): on_step(trainer), on_log(trainer, row), on_evaluate(trainer, row),
+        on_save(trainer, folder). Returns the TrainResult.
         """
         from .options import LoRAOptions
         from .quantize import is_quantized
+        from .train.callbacks import NAMES as CALLBACKS
         from .train.finetune import check_lora, start_lora
         from .train.pipeline import train
 
@@ -176,7 +179,8 @@ class GPTForge:
             raise OptionError("this model has int8 weights, which are for generation; train the fp32 model "
                               "(GPTForge without quantize=) and quantize it afterwards")
         fields = {f.name for f in dataclasses.fields(TrainConfig)} | {f.name for f in dataclasses.fields(LoRAOptions)}
-        options = rename_keywords(options, fields, "train()")  # other tools' names (aliases.py) and unknown ones
+        options = rename_keywords(options, fields | set(CALLBACKS), "train()")  # other tools' names (aliases.py)
+        hooks = {k: options.pop(k) for k in CALLBACKS if k in options}
         batch_size, output_dir = options.pop("batch_size", batch_size), options.pop("out_dir", output_dir)
         num_steps = options.pop("max_steps", num_steps)
         if num_steps is None and not (options.get("epochs") or options.get("max_time")):
@@ -201,7 +205,7 @@ class GPTForge:
             cfg = TrainConfig(**options)
             check_lora(lora, cfg, "model" if self.pretrained else None)
             options["learning_rate"] = start_lora(self.model, lora, cfg, self.source).learning_rate
-        return train(self.model, data, tokenizer=self.tokenizer, finetune=self.pretrained, **options)
+        return train(self.model, data, tokenizer=self.tokenizer, finetune=self.pretrained, **hooks, **options)
 
     # -- generation
 
@@ -321,15 +325,17 @@ class GPTForgeClassifier:
         """Train on labelled files (.csv/.tsv, .jsonl/.json, or a folder with a sub-folder per label) and open the
         result. `init`: a language-model folder or hub id, a classifier folder, or a preset (from scratch).
         `options` are ClassifyOptions fields (text_field, label_field, truncate, val_fraction, balance, lm_weight,
-        crop), TrainConfig fields (max_time, epochs, learning_rate, freeze, resume, ...), LoRAOptions fields (lora_r, ...)
-        and tokenizer/vocab_size."""
+        crop), TrainConfig fields (max_time, epochs, learning_rate, freeze, resume, ...), LoRAOptions fields (lora_r, ...),
+        tokenizer/vocab_size, the callbacks (on_step, on_log, on_evaluate, on_save) and
+        compute_metrics(probabilities, label_ids) -> {name: number}, added to each evaluation as val_<name>."""
         from .options import ClassifyOptions, LoRAOptions
+        from .train.callbacks import NAMES as CALLBACKS
         from .train.classification import train_classifier
 
         names = {f.name for f in dataclasses.fields(ClassifyOptions)}
         lora_names = {f.name for f in dataclasses.fields(LoRAOptions)}
         known = names | lora_names | {f.name for f in dataclasses.fields(TrainConfig)}
-        known |= {"tokenizer", "vocab_size", "encoding_errors"}
+        known |= {"tokenizer", "vocab_size", "encoding_errors", "compute_metrics", *CALLBACKS}
         options = rename_keywords(options, known, "train()")  # Trainer's names (aliases.py), unknown ones refused
         output_dir = options.pop("out_dir", output_dir)
         clf_opts = ClassifyOptions(**{k: options.pop(k) for k in list(options) if k in names})

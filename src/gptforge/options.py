@@ -137,6 +137,8 @@ class TrainConfig:
     fsdp: bool = opt(False, "shard parameters, gradients and optimizer state across the torchrun processes (big models)")
     # watching
     log_interval: int = opt(10, "steps between log lines (the only host syncs of the step loop)")
+    eval_strategy: str = opt("steps", "when to evaluate: steps (every --eval-interval steps), epoch (after each pass over "
+                             "the training data) or no (at the end only)", choices=("steps", "epoch", "no"))
     eval_interval: int | None = opt(200, "steps between validation evaluations (each costs time a timed run does not train)")
     eval_tokens: int | None = opt(1 << 17, "validation tokens per periodic evaluation (the final one uses all)")
     sample_interval: int | None = opt(None, "steps between text samples (default: eval interval)")
@@ -148,6 +150,9 @@ class TrainConfig:
     plot: bool = opt(True, "draw loss.png at each evaluation")
     progress: bool = opt(True, "show a progress bar")
     # checkpoints
+    save_strategy: str = opt("steps", "when to save a checkpoint: steps (every --save-steps and every --save-minutes), "
+                             "epoch (after each pass over the training data) or no (at the end only)",
+                             choices=("steps", "epoch", "no"))
     save_steps: int | None = opt(None, "steps between checkpoints")
     save_minutes: float | None = opt(15.0, "minutes between checkpoints")
     keep_checkpoints: int = opt(3, "how many recent checkpoints to keep")
@@ -179,7 +184,7 @@ class TrainConfig:
         unknown = [r for r in self.reporters if r not in REPORTERS]
         if unknown:
             raise OptionError(f"--report-to {self.report_to!r}: {', '.join(unknown)} unknown; choose from {', '.join(REPORTERS)}")
-        for name in ("schedule", "precision", "batch_mode", "optimizer"):
+        for name in ("schedule", "precision", "batch_mode", "optimizer", "eval_strategy", "save_strategy"):
             choices = next(f.metadata["choices"] for f in dataclasses.fields(self) if f.name == name)
             if getattr(self, name) not in (*choices, None):
                 raise OptionError(f"{flag_of(TrainConfig, name)} {getattr(self, name)!r}: choose {', '.join(choices)}")
@@ -208,8 +213,8 @@ TRAIN_GROUPS = {
                             "schedule", "cooldown", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip",
                             "optimizer", "muon_lr", "zero_init", "ema"),
     "precision and speed": ("device", "precision", "compile", "gradient_checkpointing", "fsdp"),
-    "evaluation and samples": ("eval_interval", "eval_tokens", "sample_interval", "sample_prompt", "sample_tokens", "early_stopping"),
-    "checkpoints and output": ("out_dir", "save_steps", "save_minutes", "keep_checkpoints", "resume", "overwrite"),
+    "evaluation and samples": ("eval_strategy", "eval_interval", "eval_tokens", "sample_interval", "sample_prompt", "sample_tokens", "early_stopping"),
+    "checkpoints and output": ("out_dir", "save_strategy", "save_steps", "save_minutes", "keep_checkpoints", "resume", "overwrite"),
     "logging": ("log_interval", "report_to", "tensorboard", "plot", "progress"),
     "LoRA adapters": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
     "instruction data": ("chat_template", "train_on_prompt"),

@@ -12,12 +12,12 @@ import difflib
 
 from .errors import OptionError
 
-# other name -> the gptforge option's field (its destination on the command line); applied only where the
-# command or function has that option
+# other name -> the gptforge option's field (its destination on the command line), or fields to choose from
+# in order; applied only where the command or function has that option
 RENAMES = {
     # transformers' scripts and Trainer
     "output_dir": "out_dir",
-    "model_name_or_path": "init",  # `gptforge generate` and `eval`: the MODEL argument
+    "model_name_or_path": ("init", "model"),  # train: --init; generate, eval, info: the MODEL argument
     "train_data_file": "train_file",
     "eval_data_file": "eval_file",
     "tokenizer_name": "tokenizer",
@@ -94,8 +94,10 @@ NOTES = {
 def alias_of(name: str, known) -> tuple[str, object] | None:
     """(gptforge field, value or None) for another tool's `name` where `known` has that field."""
     key = name.replace("-", "_")
-    if key in RENAMES and RENAMES[key] in known:
-        return RENAMES[key], None
+    fields = RENAMES.get(key, ())
+    field = next((f for f in ((fields,) if isinstance(fields, str) else fields) if f in known), None)
+    if field is not None:
+        return field, None
     if key in SWITCHES and SWITCHES[key][0] in known:
         return SWITCHES[key]
     return None
@@ -131,7 +133,8 @@ def rename_keywords(options: dict, known, where: str) -> dict:
             error = no_equivalent(name, lambda n: f"{where}: {n}=")
             if error:
                 raise error
-            hint = suggestion(name, known) or f"; choose from {', '.join(sorted(known))}"
+            accepted = set(known) | {k for k in (*RENAMES, *SWITCHES) if alias_of(k, known)}
+            hint = suggestion(name, accepted) or f"; choose from {', '.join(sorted(known))}"
             raise OptionError(f"{where}: unknown option {name}{hint}")
         if target[0] in out:
             raise OptionError(f"{where}: {target[0]} is given twice (once as {name}); give it once")

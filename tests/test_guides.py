@@ -306,3 +306,93 @@ def _tiny_lm():
     from gptforge.model import GPT
 
     return GPT(GPTConfig(vocab_size=280, n_positions=32, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0))
+
+
+# --- small things (item 8) --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def half_run(tmp_path_factory):
+    """A finished run from raw text with every model dimension given and --save-dtype fp16, and its log."""
+    from gptforge.train.pipeline import run_training
+
+    root = tmp_path_factory.mktemp("half")
+    text = "\n\n".join(f"entry {i}: the {['cat', 'dog', 'fox'][i % 3]} sat on the mat number {i}." for i in range(200))
+    (root / "t.txt").write_text(text, encoding="utf-8")
+    lines: list[str] = []
+    run_training([str(root / "t.txt")], out_dir=str(root / "run"), vocab_size=300, max_steps=2, batch_size=4,
+                 model_overrides=dict(n_layer=1, n_embd=32, n_head=2, n_positions=32), eval_interval=0,
+                 sample_tokens=0, save_minutes=None, progress=False, plot=False, save_dtype="fp16", log=lines.append)
+    return root / "run", lines
+
+
+def test_a_finished_run_leaves_no_lock_file(half_run, capsys):
+    from gptforge.cli import main
+    from gptforge.fsio import LOCK_NAME
+
+    run, _ = half_run
+    assert not (run / LOCK_NAME).exists()
+    assert main(["info", str(run)]) == 0 and LOCK_NAME not in capsys.readouterr().out
+
+
+def test_a_lock_file_is_still_a_lock(tmp_path):
+    from gptforge.errors import RunFolderError
+    from gptforge.fsio import LOCK_NAME, exclusive_lock
+
+    with exclusive_lock(tmp_path, "training run", remove=lambda: True):
+        with pytest.raises(RunFolderError, match="another gptforge training run is using this folder"):
+            with exclusive_lock(tmp_path, "training run"):
+                pass
+    assert not (tmp_path / LOCK_NAME).exists()
+    with exclusive_lock(tmp_path, "training run", remove=lambda: False):  # a run that never trained keeps its mark
+        pass
+    assert (tmp_path / LOCK_NAME).read_bytes() == b""
+
+
+def test_lock_taken_over_after_its_file_was_removed(tmp_path, monkeypatch):
+    """A process that opened the lock file just before its holder removed it locks the folder's new file."""
+    import os
+
+    from gptforge import fsio
+
+    real_open, opened = os.open, []
+
+    def open_then_lose_the_race(path, *a, **k):
+        fd = real_open(path, *a, **k)
+        if not opened and str(path).endswith(fsio.LOCK_NAME):
+            opened.append(path)
+            os.unlink(path)  # the holder finished and removed it
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_lose_the_race)
+    with fsio.exclusive_lock(tmp_path, "training run", remove=lambda: False) as path:
+        assert path.exists() and os.stat(path).st_ino  # the folder's lock file, not the removed one
+    assert len(opened) == 1
+
+
+def test_no_size_advice_when_every_dimension_was_given(half_run):
+    _, lines = half_run
+    said = [line for line in lines if line.startswith("model size")]
+    assert said and "choose another with --size" not in said[0] and "as given" in said[0]
+
+
+def test_save_dtype_fp16_opens_in_transformers(half_run):
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from safetensors import safe_open
+
+    from gptforge.checkpoint import load_model
+
+    run, _ = half_run
+    assert json.loads((run / "config.json").read_text())["torch_dtype"] == "float16"
+    with safe_open(str(run / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    ours = load_model(run)  # a CPU computes in fp32
+    assert next(ours.parameters()).dtype == torch.float32
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids)[0], atol=1e-4, rtol=1e-4)
+    checkpoint = sorted((run / "checkpoints").iterdir())[-1]
+    assert json.loads((checkpoint / "config.json").read_text())["torch_dtype"] == "float32"  # exact resume

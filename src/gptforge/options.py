@@ -156,6 +156,9 @@ class TrainConfig:
     save_steps: int | None = opt(None, "steps between checkpoints")
     save_minutes: float | None = opt(15.0, "minutes between checkpoints")
     keep_checkpoints: int = opt(3, "how many recent checkpoints to keep")
+    save_dtype: str = opt("fp32", "weights of the final model folder and best/: fp32, or fp16 / bf16 (half the size; "
+                          "recorded as torch_dtype in config.json; checkpoints stay fp32 for an exact --resume)",
+                          choices=("fp32", "fp16", "bf16"))
     resume: bool = opt(False, "continue the run in --out from its latest checkpoint")
     overwrite: bool = opt(False, "replace a previous run in --out")
     # transfer learning
@@ -184,7 +187,7 @@ class TrainConfig:
         unknown = [r for r in self.reporters if r not in REPORTERS]
         if unknown:
             raise OptionError(f"--report-to {self.report_to!r}: {', '.join(unknown)} unknown; choose from {', '.join(REPORTERS)}")
-        for name in ("schedule", "precision", "batch_mode", "optimizer", "eval_strategy", "save_strategy"):
+        for name in ("schedule", "precision", "batch_mode", "optimizer", "eval_strategy", "save_strategy", "save_dtype"):
             choices = next(f.metadata["choices"] for f in dataclasses.fields(self) if f.name == name)
             if getattr(self, name) not in (*choices, None):
                 raise OptionError(f"{flag_of(TrainConfig, name)} {getattr(self, name)!r}: choose {', '.join(choices)}")
@@ -214,7 +217,8 @@ TRAIN_GROUPS = {
                             "optimizer", "muon_lr", "zero_init", "ema"),
     "precision and speed": ("device", "precision", "compile", "gradient_checkpointing", "fsdp"),
     "evaluation and samples": ("eval_strategy", "eval_interval", "eval_tokens", "sample_interval", "sample_prompt", "sample_tokens", "early_stopping"),
-    "checkpoints and output": ("out_dir", "save_strategy", "save_steps", "save_minutes", "keep_checkpoints", "resume", "overwrite"),
+    "checkpoints and output": ("out_dir", "save_strategy", "save_steps", "save_minutes", "keep_checkpoints", "save_dtype", "resume",
+                               "overwrite"),
     "logging": ("log_interval", "report_to", "tensorboard", "plot", "progress"),
     "LoRA adapters": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
     "instruction data": ("chat_template", "train_on_prompt"),

@@ -197,11 +197,20 @@ class Trainer:
         (metric, score): the evaluation a best/ folder's model won, written inside it."""
         if model_state is None and self.fsdp:
             model_state = self._full_state()[0]
+        model_state = self._in_save_dtype(model_state)
         if self.dist.main:
             with atomic_dir(folder) as tmp:
                 self.task.save(self.model, tmp, self.tokenizer, state_dict=model_state)
                 if record:
                     state.record_best(tmp, self.step, *record)
+
+    def _in_save_dtype(self, model_state: dict | None) -> dict | None:
+        """The weights of a model folder in --save-dtype (checkpoints keep fp32 for an exact resume)."""
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.cfg.save_dtype)
+        if dtype is None:
+            return model_state
+        state = model_state if model_state is not None else self.model.state_dict()
+        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
     def save_checkpoint(self) -> Path:
         """A complete model folder plus the training state, written under a temporary name and renamed."""
@@ -423,7 +432,7 @@ class Trainer:
             self.sample()
             model_state = self._full_state()[0] if self.fsdp else None
             if self.dist.main:
-                self.task.save(self.model, self.out, self.tokenizer, state_dict=model_state)
+                self.task.save(self.model, self.out, self.tokenizer, state_dict=self._in_save_dtype(model_state))
                 self.log.message(f"saved the final model to {self.out}"
                                  + (f" (the average of its weights, --ema {self.cfg.ema:g})" if self.average else ""))
                 self.callbacks.call("on_save", self, self.out)

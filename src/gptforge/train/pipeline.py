@@ -320,7 +320,9 @@ def run_training(
                 overrides.setdefault("n_positions", cfg.block_size)
             if size is None:
                 size, why = choose_size(len(run_data.train), cfg, overrides["vocab_size"])
-                log(f"model size: {size!r}: {why} (choose another with --size)")
+                given = all(k in overrides for k in ("n_layer", "n_embd", "n_head", "n_positions"))
+                log(f"model size: as given (n_layer, n_embd, n_head, n_positions); dropout and the rest from {size!r}"
+                    if given else f"model size: {size!r}: {why} (choose another with --size)")
             torch.manual_seed(cfg.seed)  # the same fresh weights on every rank and every rerun
             model, _ = build_model(size=size, **overrides)
             if unset_defaults(cfg, finetune=False).get("zero_init", cfg.zero_init):  # the default, or as given

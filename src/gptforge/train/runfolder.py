@@ -79,8 +79,10 @@ def claim_run_folder(out: Path, log: Callable[[str], None] = print) -> Iterator[
     if int(os.environ.get("RANK", "0")) != 0:
         yield
         return
-    finished = lambda: any((Path(out) / name).exists() for name in PREVIOUS)  # noqa: E731 - known without the lock file
-    with exclusive_lock(out, "training run", log, remove=finished):
+    def trained() -> bool:  # the folder is known as a run's without its lock file
+        return any((Path(out) / name).exists() for name in PREVIOUS)
+
+    with exclusive_lock(out, "training run", log, remove=trained):
         for folder in (Path(out), Path(out) / ckpt.CHECKPOINTS):
             for name in clean_leftovers(folder):
                 log(f"cleaned up {folder / name}, left by an interrupted save")

@@ -5,7 +5,7 @@ A run folder (`out_dir`) ends up as a model folder transformers can open, plus:
     checkpoints/step-0000100/   complete model folder + trainer_state.pt (optimizer, step, RNG, clock)
     best/                       model folder with the lowest validation loss so far (best_validation.json: its step, score)
     metrics.jsonl               one JSON object per log line and per evaluation
-    loss.png                    train / validation loss curves (when matplotlib is installed)
+    loss.png                    train / validation loss curves (drawn with matplotlib, a dependency)
     samples.txt                 text sampled from the model during training
 
 What is trained is a task (`tasks.py`: language modelling by default). The order of batches is a pure

@@ -308,7 +308,7 @@ def test_missing_matplotlib_is_said_once(tmp_path, monkeypatch, capsys):
     log = RunLog(tmp_path)
     log.plot()
     log.plot()
-    assert capsys.readouterr().out.count("matplotlib is not installed") == 1
+    assert capsys.readouterr().out.count("matplotlib cannot be imported") == 1
 
 
 def _log_rows(tmp_path, reporter: str) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ def _corpus(path: Path) -> Path:
     return path
 
 
-def _run(name: str, parameters: str, cwd: Path) -> None:
+def _run(name: str, parameters: str, cwd: Path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel", reason="the notebooks run in a Python kernel (ipykernel)")
@@ -25,6 +26,11 @@ def _run(name: str, parameters: str, cwd: Path) -> None:
     cell = next(c for c in book.cells if "parameters" in c.metadata.get("tags", []))
     cell.source = parameters
     nbclient.NotebookClient(book, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    return book
+
+
+def _printed(book) -> str:
+    return "".join(o.get("text", "") for c in book.cells if c.cell_type == "code" for o in c.get("outputs", []))
 
 
 @pytest.mark.slow
@@ -50,6 +56,8 @@ def test_finetune_notebook(tmp_path):
     torch.manual_seed(0)
     save_model(GPT(GPTConfig(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)),
                tmp_path / "base", tok)
-    _run("finetune_gpt2.ipynb", f"BASE = {str(tmp_path / 'base')!r}\nTEXT_FILE = {str(corpus)!r}\nMAX_STEPS = 2\nBLOCK_SIZE = 16\n"
+    book = _run("finetune_gpt2.ipynb", f"BASE = {str(tmp_path / 'base')!r}\nTEXT_FILE = {str(corpus)!r}\nMAX_STEPS = 2\nBLOCK_SIZE = 16\n"
          "BATCH_SIZE = 2\nOUT = 'run'\nEXTRA = dict(eval_interval=0, sample_tokens=8, save_minutes=None, progress=False)", tmp_path)
     assert (tmp_path / "run-export" / "README.md").read_text().count("fine-tuned from") == 1
+    # perplexity before and after on the same held-out text (it used to be the whole file, then the validation split)
+    assert re.search(r"before [\d.]+, after [\d.]+ \(the same [\d,]+ held-out tokens\)", _printed(book))

@@ -37,7 +37,8 @@ def test_orthogonalize_flattens_the_singular_values(shape):
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     model = _model()
-    opt = configure_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-3, weight_decay=0.1, beta2=0.95),
+    opt = configure_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.02, weight_decay=0.1,
+                                                     beta2=0.95),
                               torch.device("cpu"))
     assert isinstance(opt, Muon)
     by_group = {id(p): g for g in opt.param_groups for p in g["params"]}

@@ -40,7 +40,7 @@ def test_torch_floor_is_checked_where_it_matters(monkeypatch):
     model.weight.requires_grad_(True)
     cfg = TrainConfig(learning_rate=1e-3, weight_decay=0.1, beta2=0.95)
     assert optim.configure_optimizer(model, cfg, torch.device("cpu")).defaults["fused"]
-    monkeypatch.setattr(optim, "torch_version", lambda: (2, 3))  # CPU fused AdamW arrived in 2.4
+    monkeypatch.setattr(runtime, "torch_version", lambda: (2, 3))  # CPU fused AdamW arrived in 2.4
     opt = optim.configure_optimizer(model, cfg, torch.device("cpu"))
     assert not opt.defaults["fused"] and opt.defaults["foreach"]
 

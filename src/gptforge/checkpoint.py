@@ -222,7 +222,8 @@ def load_model(
     `name_or_path` may be a folder written by gptforge or transformers, a single `.safetensors` /
     `pytorch_model.bin` file (its folder's config.json is used unless `config` is given), a hub id
     such as `gpt2` (downloaded with huggingface_hub), or an int8 folder written by `gptforge quantize`.
-    `quantize="int8"` gives int8 weights for generation (gptforge.quantize), made on load.
+    `quantize="int8"` gives int8 weights for generation (gptforge.quantize), made on load. `dtype=None` keeps
+    the stored dtype, except on a CPU, which computes in fp32.
     """
     path = resolve_model_path(name_or_path)
     folder = folder_of(path)
@@ -240,6 +241,8 @@ def load_model(
         model.load_state_dict(sd, assign=True)
         model.tie_weights()  # assign=True replaced the tied tensor
     model.generation_config = read_generation_config(folder)  # kept when the model is saved again
+    if dtype is None and torch.device(device).type == "cpu" and "quantization_config" not in config.extra:
+        dtype = torch.float32  # a CPU computes in fp32: fp16 / bf16 weights (--save-dtype, torch_dtype) are widened
     model.to(device=device, dtype=dtype)
     model.eval()
     if quantize:
@@ -252,7 +255,8 @@ def load_model(
 def save_model(model: GPT, folder: str | os.PathLike, tokenizer=None, *, state_dict: dict | None = None) -> Path:
     """Write a transformers-compatible model folder (each file replaced atomically).
 
-    `state_dict` replaces `model.state_dict()`, e.g. the full weights gathered from a sharded (FSDP) model.
+    `state_dict` replaces `model.state_dict()`, e.g. the full weights gathered from a sharded (FSDP) model, or
+    the weights in fp16 / bf16 (`--save-dtype`); config.json records their dtype as transformers' torch_dtype.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -261,15 +265,18 @@ def save_model(model: GPT, folder: str | os.PathLike, tokenizer=None, *, state_d
         from .quantize import save_quantized_weights
 
         save_quantized_weights(model, folder)
+        stored = None
     else:
         weights = to_hf_state_dict(state_dict if state_dict is not None else model.state_dict(),
                                    tied=model.config.tie_word_embeddings)
         atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
+        kinds = {v.dtype for v in weights.values() if v.is_floating_point()}
+        stored = str(kinds.pop()).removeprefix("torch.") if len(kinds) == 1 else None  # transformers' torch_dtype
     gen = generation_config(model, tokenizer)
     atomic_write(folder / "generation_config.json", lambda p: p.write_text(json.dumps(gen, indent=2) + "\n"))
     if tokenizer is not None:
         tokenizer.save(folder, model_max_length=config.n_positions)
-    atomic_write(folder / "config.json", config.save)  # last: it says what the weights are
+    atomic_write(folder / "config.json", lambda p: config.save(p, torch_dtype=stored))  # last: it says what the weights are
     # A stale legacy file would shadow nothing (safetensors wins) but confuses people; leave theirs alone.
     return folder
 
@@ -314,7 +321,7 @@ def model_info(name_or_path: str | os.PathLike) -> dict:
     """Config, parameter counts and files of a model folder (no weights loaded)."""
     folder = folder_of(resolve_model_path(name_or_path))
     config = GPTConfig.load(folder)
-    files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    files = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))  # not locks, temporaries
     return {
         "path": str(folder),
         "config": config,

@@ -138,7 +138,8 @@ def from_language_model(lm: GPT, labels: Sequence[str], pad_token_id: int) -> GP
 def save_classifier(model: GPTClassifier, folder: str | os.PathLike, tokenizer=None, *, state_dict: dict | None = None) -> Path:
     """A transformers GPT2ForSequenceClassification folder (plus gptforge's tokenizer files)."""
     folder = save_model(model, folder, tokenizer, state_dict=state_dict)
-    config = model.config.to_dict()
+    stored = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("torch_dtype")  # the weights' dtype
+    config = model.config.to_dict() | ({"torch_dtype": stored} if stored else {})
     config["architectures"] = [ARCHITECTURE]
     atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
     return folder
@@ -181,6 +182,8 @@ def load_classifier(name_or_path: str | os.PathLike, device: str | torch.device 
     model = GPTClassifier.empty(config)
     model.load_state_dict(sd, assign=True)
     model.tie_weights()
+    if torch.device(device).type == "cpu":  # a CPU computes in fp32: fp16 / bf16 weights (--save-dtype) are widened
+        model.float()
     return model.to(device).eval()
 
 

@@ -6,7 +6,15 @@ import os
 import sys
 
 from . import __version__
-from .cli_args import TRAIN_EXAMPLES, add_train_arguments, inputs_of, option_values, read_flags, read_options
+from .aliases import translate_argv, unknown_flag
+from .cli_args import (
+    TRAIN_EXAMPLES,
+    add_train_arguments,
+    inputs_of,
+    option_values,
+    read_flags,
+    read_options,
+)
 from .errors import GPTForgeError, OptionError, RunFolderError
 from .faults import describe_fault, leave, stop_on_sigterm
 
@@ -276,7 +284,7 @@ def _add_train_commands(sub) -> None:
     p.add_argument("--out", default="demo-model", help="model folder to write (default: demo-model)")
     p.add_argument("--minutes", type=float, default=3.0, help="training time (default: 3)")
     p.add_argument("--prompt", default="def ", help="prompt for the sample at the end")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--device", default="auto", help="auto (cuda, else mps on a Mac, else cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo run in --out")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo run in --out")
     p.set_defaults(func=cmd_demo, parser=p)
@@ -298,24 +306,40 @@ def _take_late_positionals(parser: argparse.ArgumentParser, args: argparse.Names
     own = getattr(args, "parser", None)
     variadic = [a for a in (own._actions if own else []) if not a.option_strings and a.nargs in ("*", "+")]
     cut = extra.index("--") if "--" in extra else len(extra)  # after `--` a word may start with "-"
-    if len(variadic) != 1 or any(w.startswith("-") and w != "-" for w in extra[:cut]):
-        (own or parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    flag = next((w for w in extra[:cut] if w.startswith("-") and w != "-"), None)
+    if flag is not None:  # one line: what to use instead, or the closest flag (not the whole usage)
+        raise unknown_flag(own or parser, flag)
+    if len(variadic) != 1:
+        raise OptionError(f"unrecognized arguments: {' '.join(extra)} (see --help)")
     dest = variadic[0].dest
     setattr(args, dest, [*(getattr(args, dest) or []), *extra[:cut], *extra[cut + 1:]])
+
+
+def _command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.ArgumentParser, int]:
+    """The parser of the (sub-)command `argv` names, and where its own arguments start."""
+    p, i = parser, 0
+    while True:
+        subs = next((a for a in p._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if subs is None or i >= len(argv) or argv[i] not in subs.choices:
+            return p, i
+        p, i = subs.choices[argv[i]], i + 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    own, start = _command_parser(parser, argv)
+    if start:  # other tools' spellings (--output_dir, --num_train_epochs, --k) as gptforge's flags
+        argv = argv[:start] + translate_argv(own, argv[start:])
     args, extra = parser.parse_known_args(argv)
-    if extra:
-        _take_late_positionals(parser, args, extra)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
     args.argv = argv[argv.index(args.command) + 1:]  # the command's own arguments
     stop_on_sigterm()
     try:
+        if extra:
+            _take_late_positionals(parser, args, extra)
         if getattr(args, "config", None):
             from .configfile import apply_config_file
 

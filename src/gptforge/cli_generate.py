@@ -214,7 +214,7 @@ def add_generate_commands(sub) -> None:
     p.add_argument("--delimiter", default="\n" + "=" * 40 + "\n", help="printed between samples")
     p.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
     p.add_argument("--tokenizer", help="tokenizer folder or tokenizer.json (default: the model folder's)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--device", default="auto", help="auto (cuda, else mps on a Mac, else cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--quantize", metavar="int8", help=QUANTIZE_HELP)
     p.add_argument("--adapter", metavar="DIR", help=ADAPTER_HELP)
     p.add_argument("--chat", action="store_true", help="each prompt is a user message put through the model's chat template "
@@ -237,7 +237,7 @@ def add_generate_commands(sub) -> None:
     add_dataclass_options(p, MemorizationOptions)
     p.add_argument("--split", default="val", choices=("train", "val"), help="split of a prepared dataset (default: val)")
     p.add_argument("--tokenizer", help="tokenizer folder or tokenizer.json (default: the model folder's)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--device", default="auto", help="auto (cuda, else mps on a Mac, else cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="autocast dtype (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")

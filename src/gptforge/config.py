@@ -93,8 +93,10 @@ class GPTConfig:
         extra = {k: v for k, v in d.items() if k not in names and k not in ignored and _HF_DEFAULTS.get(k, _MISSING) != v}
         return cls(**known, extra=extra)
 
-    def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+    def save(self, path: str | os.PathLike, torch_dtype: str | None = None) -> None:
+        """Write config.json; `torch_dtype` ("float32", "float16", "bfloat16") records the stored weights' dtype."""
+        d = self.to_dict() | ({"torch_dtype": torch_dtype} if torch_dtype else {})
+        Path(path).write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "GPTConfig":

@@ -100,6 +100,28 @@ def _value(action: argparse.Action, value, where: str, negated: bool = False):
     return out if many else out[0]
 
 
+def _action_of(by_name: dict, key: str, value, where: str) -> tuple:
+    """(action, negated, value) of a file's key: a flag's name, or another tool's (aliases.py: `output_dir`,
+    `num_train_epochs`, `fp16: true`); (None, False, None) for a key that asks for what gptforge always does.
+    Anything else is refused in one line."""
+    from .aliases import ALWAYS, SAME_WHEN, alias_of, no_equivalent, suggestion
+
+    name = key.lstrip("-").replace("-", "_")
+    if name in by_name:
+        return (*by_name[name], value)
+    if name in ALWAYS or (name in SAME_WHEN and value == SAME_WHEN[name]):
+        return None, False, None
+    target = alias_of(name, {a.dest for a, _ in by_name.values()})
+    if target is not None:
+        action = next(a for a, off in by_name.values() if a.dest == target[0] and not off)
+        return action, False, (value if target[1] is None else target[1] if value else None)
+    error = no_equivalent(name, lambda n: f"{where}: {key!r}")
+    if error is not None:
+        raise error
+    hint = suggestion(name, [n for n in by_name if not n.startswith("no_")])
+    raise OptionError(f"{where}: unknown option {key!r}{hint or '; see the flags of --help'}")
+
+
 def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str], path: str) -> dict:
     """Fill `args` from the file at `path` wherever the command line did not set the option; returns the
     values taken from the file. Unknown names are an error that names them."""
@@ -116,10 +138,8 @@ def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser,
     given = given_on_command_line(parser, argv)
     taken = {}
     for key, value in data.items():
-        action, negated = by_name.get(str(key).lstrip("-").replace("-", "_"), (None, False))
-        if action is None:
-            raise OptionError(f"--config {path}: unknown option {key!r}; use the names of `gptforge {parser.prog.split()[-1]} --help`")
-        if action.dest not in given and value is not None:  # null means "the default"
+        action, negated, value = _action_of(by_name, str(key), value, f"--config {path}")
+        if action is not None and action.dest not in given and value is not None:  # null means "the default"
             taken[action.dest] = _value(action, value, f"--config {path}", negated)
             setattr(args, action.dest, taken[action.dest])
     return taken

@@ -237,21 +237,21 @@ def clean_leftovers(folder: str | os.PathLike) -> list[str]:
 
 
 @contextlib.contextmanager
-def exclusive_lock(folder: str | os.PathLike, what: str = "run", log: Callable[[str], None] = print) -> Iterator[Path]:
+def exclusive_lock(folder: str | os.PathLike, what: str = "run", log: Callable[[str], None] = print,
+                   remove: Callable[[], bool] | None = None) -> Iterator[Path]:
     """Hold an exclusive lock on `folder` (the file `.gptforge.lock` in it) until the block exits.
 
     Another process holding it gets an error naming its process id. The operating system drops the lock
-    when its holder dies (even by kill -9), so a lock left by a crash is taken over, with a message.
+    when its holder dies (even by kill -9), so a lock left by a crash is taken over, with a message. When
+    `remove()` is true at the end (the folder is a finished run, known by its other files), the lock file is
+    deleted while still held; a process that opened it meanwhile finds it gone once it gets the lock, and
+    takes the new one instead.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
-    fd, held = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), False
+    fd, held = _open_lock(path, folder, what), False
     try:
-        if not _try_lock(fd):
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise RunFolderError(f"{folder}: another gptforge {what} is using this folder ({holder}); wait for it "
-                                 "to finish or choose another --out")
         stale = os.pread(fd, 200, 0).decode(errors="replace").strip()
         if stale:
             log(f"{folder}: taking over the lock of an earlier {what} that did not finish ({stale})")
@@ -261,9 +261,27 @@ def exclusive_lock(folder: str | os.PathLike, what: str = "run", log: Callable[[
         held = True
         yield path
     finally:
-        if held:  # any exit Python sees leaves an empty lock file: nothing to take over
+        if held:  # any exit Python sees leaves an empty lock file, or none: nothing to take over
             os.ftruncate(fd, 0)
+            if remove is not None and remove():
+                path.unlink(missing_ok=True)
         os.close(fd)  # closing releases the lock
+
+
+def _open_lock(path: Path, folder: Path, what: str) -> int:
+    """A descriptor of `path`, locked; the lock file is the one in the folder now (not one just removed)."""
+    for _ in range(5):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        if not _try_lock(fd):
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunFolderError(f"{folder}: another gptforge {what} is using this folder ({holder}); wait for it "
+                                 "to finish or choose another --out")
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        os.close(fd)  # its holder removed it as we opened it: lock the folder's new one
+    raise RunFolderError(f"{folder}: its lock file keeps being replaced; is another gptforge {what} starting there?")
 
 
 def _try_lock(fd: int) -> bool:

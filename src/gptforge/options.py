@@ -82,6 +82,7 @@ MAX_LORA_ALPHA = 65536.0  # lora_alpha is usually r or 2 r; beyond this the merg
 # (docs/benchmarks.md, "More model per CPU minute"). An `ema` of 0 is no average.
 SCRATCH_DEFAULTS = dict(learning_rate=2e-3, warmup_steps=100, weight_decay=0.1, beta2=0.95, optimizer="muon",
                         schedule="wsd", min_lr_ratio=0.0, zero_init=False, ema=0.995)
+MUON_LR_RATIO = 10  # Muon's peak rate per unit of --lr: 0.02 at the from-scratch 2e-3, 3e-3 at --lr 3e-4
 FINETUNE_DEFAULTS = dict(learning_rate=5e-5, warmup_steps=50, weight_decay=0.01, beta2=0.999, optimizer="adamw",
                          schedule="cosine", min_lr_ratio=0.1, zero_init=False, ema=0.0)
 
@@ -92,6 +93,8 @@ def unset_defaults(cfg: "TrainConfig", finetune: bool) -> dict:
     unset = {k: v for k, v in (FINETUNE_DEFAULTS if finetune else SCRATCH_DEFAULTS).items() if getattr(cfg, k) is None}
     if cfg.fsdp:
         unset.update({k: v for k, v in (("optimizer", "adamw"), ("ema", 0.0)) if k in unset})
+    if cfg.muon_lr is None:  # one learning rate for a user: Muon's moves with --lr
+        unset["muon_lr"] = MUON_LR_RATIO * unset.get("learning_rate", cfg.learning_rate)
     return unset
 
 
@@ -112,7 +115,9 @@ class TrainConfig:
     batch_mode: str = opt("random", "random windows, or sequential passes over the data", choices=("random", "sequential"))
     stride: int | None = opt(None, "sequential mode: tokens between window starts (default: block size; half a block overlaps)")
     # optimizer and schedule
-    learning_rate: float | None = opt(None, "peak learning rate of AdamW (default 2e-3 from scratch, 5e-5 fine-tuning)", flag="lr")
+    learning_rate: float | None = opt(None, "peak learning rate (default 2e-3 from scratch, 5e-5 fine-tuning); with Muon "
+                                      "it sets AdamW's rate and Muon's moves with it (10 x --lr unless --muon-lr is given)",
+                                      flag="lr")
     min_lr_ratio: float | None = opt(None, "the schedule decays to learning_rate x this (default 0 from scratch, 0.1 fine-tuning)")
     schedule: str | None = opt(None, "after warmup: cosine, linear, constant, or wsd (constant, then a linear cooldown; "
                                "default wsd from scratch, cosine fine-tuning)", choices=("cosine", "linear", "constant", "wsd"))
@@ -124,13 +129,14 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0 turns clipping off)")
     optimizer: str | None = opt(None, "adamw, or muon (Muon for the matrices inside the blocks, AdamW for the rest; "
                                 "default muon from scratch (adamw with --fsdp), adamw fine-tuning)", choices=("adamw", "muon"))
-    muon_lr: float = opt(0.02, "Muon's peak learning rate (the schedule scales it as it scales --lr)")
+    muon_lr: float | None = opt(None, "Muon's own peak learning rate for the block matrices (default: 10 x --lr, 0.02 at "
+                                "the from-scratch 2e-3; the schedule scales it as it scales --lr)")
     zero_init: bool | None = opt(None, "from scratch: start the blocks' output projections (attn and MLP c_proj) at zero "
                                  "(default off)")
     ema: float | None = opt(None, "keep an exponential moving average of the weights with this decay; evaluations, best/ "
                             "and the final model use it (default 0.995 from scratch, 0: none, fine-tuning)")
     # speed
-    device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
+    device: str = opt("auto", "auto (cuda, else mps on a Mac with an Apple GPU, else cpu), cpu, cuda, cuda:1, mps (fp32)")
     precision: str = opt("auto", "auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16 (with a gradient scaler)",
                          choices=("auto", "fp32", "bf16", "fp16"))
     compile: bool = opt(False, "torch.compile the model")
@@ -138,6 +144,8 @@ class TrainConfig:
     fsdp: bool = opt(False, "shard parameters, gradients and optimizer state across the torchrun processes (big models)")
     # watching
     log_interval: int = opt(10, "steps between log lines (the only host syncs of the step loop)")
+    eval_strategy: str = opt("steps", "when to evaluate: steps (every --eval-interval steps), epoch (after each pass over "
+                             "the training data) or no (at the end only)", choices=("steps", "epoch", "no"))
     eval_interval: int | None = opt(200, "steps between validation evaluations (each costs time a timed run does not train)")
     eval_tokens: int | None = opt(1 << 17, "validation tokens per periodic evaluation (the final one uses all)")
     sample_interval: int | None = opt(None, "steps between text samples (default: eval interval)")
@@ -149,9 +157,15 @@ class TrainConfig:
     plot: bool = opt(True, "draw loss.png at each evaluation")
     progress: bool = opt(True, "show a progress bar")
     # checkpoints
+    save_strategy: str = opt("steps", "when to save a checkpoint: steps (every --save-steps and every --save-minutes), "
+                             "epoch (after each pass over the training data) or no (at the end only)",
+                             choices=("steps", "epoch", "no"))
     save_steps: int | None = opt(None, "steps between checkpoints")
     save_minutes: float | None = opt(15.0, "minutes between checkpoints")
     keep_checkpoints: int = opt(3, "how many recent checkpoints to keep")
+    save_dtype: str = opt("fp32", "weights of the final model folder and best/: fp32, or fp16 / bf16 (half the size; "
+                          "recorded as torch_dtype in config.json; checkpoints stay fp32 for an exact --resume)",
+                          choices=("fp32", "fp16", "bf16"))
     resume: bool = opt(False, "continue the run in --out from its latest checkpoint")
     overwrite: bool = opt(False, "replace a previous run in --out")
     # transfer learning
@@ -181,7 +195,7 @@ class TrainConfig:
         unknown = [r for r in self.reporters if r not in REPORTERS]
         if unknown:
             raise OptionError(f"--report-to {self.report_to!r}: {', '.join(unknown)} unknown; choose from {', '.join(REPORTERS)}")
-        for name in ("schedule", "precision", "batch_mode", "optimizer"):
+        for name in ("schedule", "precision", "batch_mode", "optimizer", "eval_strategy", "save_strategy", "save_dtype"):
             choices = next(f.metadata["choices"] for f in dataclasses.fields(self) if f.name == name)
             if getattr(self, name) not in (*choices, None):
                 raise OptionError(f"{flag_of(TrainConfig, name)} {getattr(self, name)!r}: choose {', '.join(choices)}")
@@ -210,8 +224,9 @@ TRAIN_GROUPS = {
                             "schedule", "cooldown", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip",
                             "optimizer", "muon_lr", "zero_init", "ema"),
     "precision and speed": ("device", "precision", "compile", "gradient_checkpointing", "fsdp"),
-    "evaluation and samples": ("eval_interval", "eval_tokens", "sample_interval", "sample_prompt", "sample_tokens", "early_stopping"),
-    "checkpoints and output": ("out_dir", "save_steps", "save_minutes", "keep_checkpoints", "resume", "overwrite"),
+    "evaluation and samples": ("eval_strategy", "eval_interval", "eval_tokens", "sample_interval", "sample_prompt", "sample_tokens", "early_stopping"),
+    "checkpoints and output": ("out_dir", "save_strategy", "save_steps", "save_minutes", "keep_checkpoints", "save_dtype", "resume",
+                               "overwrite"),
     "logging": ("log_interval", "report_to", "tensorboard", "plot", "progress"),
     "LoRA adapters": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
     "instruction data": ("chat_template", "train_on_prompt"),
@@ -436,5 +451,5 @@ class ClassifyOptions:
                 raise OptionError(f"{flag_of(ClassifyOptions, name)} {getattr(self, name)!r}: choose {', '.join(choices)}")
 
 
-__all__ = ["ClassifyOptions", "EvalOptions", "MemorizationOptions", "InstructOptions", "LORA_LAYERS", "LoRAOptions", "MAX_LORA_ALPHA", "MAX_NEW_TOKENS", "FINETUNE_DEFAULTS", "REPORTERS", "SCRATCH_DEFAULTS", "SamplingOptions", "TRAIN_GROUPS", "TrainConfig", "check_fields", "unset_defaults",
+__all__ = ["ClassifyOptions", "EvalOptions", "MemorizationOptions", "InstructOptions", "LORA_LAYERS", "LoRAOptions", "MAX_LORA_ALPHA", "MAX_NEW_TOKENS", "FINETUNE_DEFAULTS", "MUON_LR_RATIO", "REPORTERS", "SCRATCH_DEFAULTS", "SamplingOptions", "TRAIN_GROUPS", "TrainConfig", "check_fields", "unset_defaults",
            "flag_of", "opt", "parse_duration"]

@@ -23,22 +23,44 @@ def require_torch(floor: tuple[int, int], feature: str, version: str | None = No
                           "upgrade torch or leave the option out")
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")  # where gptforge trains and generates; torch names more (xla, xpu, meta, ...)
+
+
+def mps_available() -> bool:
+    """Whether torch can use an Apple GPU here (Metal Performance Shaders; torch built for macOS on Apple silicon)."""
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
 def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` is CUDA when there is a GPU, else the CPU; anything else as torch names it. An asked-for
-    device that this machine does not have is refused with what it has."""
+    """The one place a device is chosen. `auto` is CUDA when there is a GPU, else Apple's GPU (mps) on a Mac
+    that has one, else the CPU; anything else as torch names it. A device type gptforge does not run on, or
+    one this machine does not have, is refused in one line with what it has."""
     if name == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu")
     else:
         try:
             device = torch.device("cuda" if name == "gpu" else name)
-        except RuntimeError:
-            raise OptionError(f"--device {name!r}: not a device name; use auto, cpu, cuda or cuda:N") from None
+        except (RuntimeError, TypeError):
+            raise OptionError(f"--device {name!r}: not a device name; use auto, cpu, cuda, cuda:N or mps") from None
+        if device.type not in DEVICE_TYPES:
+            raise OptionError(f"--device {name}: gptforge runs on cpu, cuda (NVIDIA and ROCm GPUs) and mps (Apple GPUs), "
+                              f"not on {device.type}; use --device auto")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise OptionError(f"--device {name}: this machine has no CUDA GPU that torch can use; use --device cpu")
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
             raise OptionError(f"--device {name}: there are only {torch.cuda.device_count()} GPU(s)")
+        if device.type == "mps" and not mps_available():
+            raise OptionError(f"--device {name}: this machine has no Apple GPU that torch can use (mps needs torch for "
+                              "macOS on Apple silicon); use --device cpu")
     configure(device)
     return device
+
+
+def fused_optimizer(device: torch.device) -> bool:
+    """Whether AdamW's fused kernel runs on `device`: on CUDA, and on the CPU from torch 2.4; not on mps,
+    where the multi-tensor (foreach) version is used."""
+    return device.type == "cuda" or (device.type == "cpu" and torch_version() >= (2, 4))
 
 
 def configure(device: torch.device) -> None:
@@ -54,7 +76,8 @@ def pick_precision(precision: str, device: torch.device) -> torch.dtype:
 
     `auto` keeps CPUs at fp32: bf16 autocast turns off the fp32 fast paths of kernels.py, and on the two
     processors we measured it did not pay for that at the small sizes a CPU run trains (docs/training.md).
-    On CUDA, bf16 where the GPU has it; fp16 (with a gradient scaler) only where it does not.
+    On CUDA, bf16 where the GPU has it; fp16 (with a gradient scaler) only where it does not. Apple's GPU
+    (mps) trains in fp32: its mixed precision is not one gptforge has tested.
     """
     if precision == "auto":
         if device.type == "cuda":
@@ -63,6 +86,9 @@ def pick_precision(precision: str, device: torch.device) -> torch.dtype:
     choices = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if precision not in choices:
         raise OptionError(f"--precision {precision!r}: choose auto, fp32, bf16 or fp16")
+    if device.type == "mps" and precision != "fp32":
+        raise OptionError(f"--precision {precision}: on mps (Apple GPUs) gptforge trains in fp32; leave --precision "
+                          "auto or give fp32")
     return choices[precision]
 
 
@@ -133,5 +159,6 @@ def shard_model(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
-__all__ = ["Dist", "TORCH_FLOOR", "configure", "init_distributed", "out_of_memory", "pick_precision", "require_torch",
-           "resolve_device", "shard_model", "torch_version", "world_size"]
+__all__ = ["DEVICE_TYPES", "TORCH_FLOOR", "Dist", "configure", "fused_optimizer", "init_distributed", "mps_available",
+           "out_of_memory", "pick_precision", "require_torch", "resolve_device", "shard_model", "torch_version",
+           "world_size"]

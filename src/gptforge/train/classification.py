@@ -25,6 +25,7 @@ from ..errors import OptionError, RunFolderError
 from ..fsio import write_text
 from ..options import ClassifyOptions, LoRAOptions, TrainConfig, flag_of
 from .finetune import add_lora
+from .callbacks import Callbacks
 from .loop import Trainer, TrainResult
 from .runfolder import claim_run_folder, refuse_previous_run, resume_tokenizer
 from .tasks import Task
@@ -101,8 +102,9 @@ class ClassificationTask(Task):
 
     def __init__(self, train: tuple[list, np.ndarray], val: tuple[list, np.ndarray] | None, labels: list[str],
                  pad_token_id: int, balance: str = "none", fingerprint: str = "", tokenizer_fingerprint: str = "",
-                 lm_weight: float = 0.0, crop: float = 0.0):
+                 lm_weight: float = 0.0, crop: float = 0.0, compute_metrics: Callable | None = None):
         self.train, self.val, self.labels, self.pad, self.balance = train, val, labels, pad_token_id, balance
+        self.compute_metrics = compute_metrics
         self.lm_weight, self.crop = lm_weight, crop
         self.options = {flag_of(ClassifyOptions, k): v for k, v in
                         dict(balance=balance, lm_weight=lm_weight, crop=crop).items()}
@@ -136,8 +138,18 @@ class ClassificationTask(Task):
     def evaluate(self, model: torch.nn.Module, *, full: bool, trainer) -> dict:
         probs = probabilities(model, self.val[0], trainer.cfg.batch_size)
         m = self.report = metrics_of(probs, self.val[1].tolist(), self.labels)
-        return {"val_loss": m["loss"], "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"],
-                "val_examples": m["examples"]}
+        row = {"val_loss": m["loss"], "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"],
+               "val_examples": m["examples"]}
+        return {**row, **self._own_metrics(probs)}
+
+    def _own_metrics(self, probs: torch.Tensor) -> dict:
+        """What the user's compute_metrics(probabilities, label_ids) returns, as val_<name> numbers."""
+        if self.compute_metrics is None:
+            return {}
+        got = self.compute_metrics(probs.float().cpu().numpy(), np.asarray(self.val[1]))
+        if not isinstance(got, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in got.values()):
+            raise OptionError(f"compute_metrics returned {got!r}: it must return a dict of names to numbers")
+        return {k if k.startswith("val_") else f"val_{k}": float(v) for k, v in got.items()}
 
     def describe(self, row: dict) -> str:
         return f"val macro-F1 {row['val_macro_f1']:.4f}, accuracy {row['val_accuracy']:.4f}, loss {row['val_loss']:.4f}"
@@ -206,7 +218,7 @@ def _split(train: Labelled, eval_inputs, opts: ClassifyOptions, seed: int, read)
 def train_classifier(inputs, *, init: str | None = None, eval_inputs=None, tokenizer: str | None = None,
                      vocab_size: int | None = None, options: ClassifyOptions | None = None, encoding_errors: str = "strict",
                      lora: LoRAOptions | None = None, log: Callable[[str], None] = print,
-                     on_step: Callable[[Trainer], None] | None = None,
+                     on_step: Callable[[Trainer], None] | None = None, compute_metrics: Callable | None = None,
                      **train_options) -> TrainResult:
     """Train a classifier on labelled files (see data.labelled.read_labelled) and save its folder in `out_dir`.
 
@@ -217,7 +229,13 @@ def train_classifier(inputs, *, init: str | None = None, eval_inputs=None, token
     context). The result's `validation` row holds the final accuracy and macro-F1; the full report (per
     class, confusion matrix) is written to `out_dir/val_metrics.json` and printed. `lora` trains LoRA adapters on
     the frozen body and the head in full; the folders hold the merged classifier. `on_step(trainer)` is called
-    after every optimizer step."""
+    after every optimizer step, and the other callbacks of train/callbacks.py (on_log, on_evaluate, on_save) are
+    taken too. `compute_metrics(probabilities, label_ids)` (numpy arrays: examples x classes, and the true label
+    ids) returns a dict of numbers added to each evaluation's row as val_<name> (as the Trainer's hook does)."""
+    callbacks = Callbacks.take(train_options)
+    callbacks.on_step = callbacks.on_step or on_step
+    if compute_metrics is not None and not callable(compute_metrics):
+        raise OptionError(f"compute_metrics={compute_metrics!r}: must be a function of (probabilities, label_ids)")
     opts = options or ClassifyOptions()
     cfg = TrainConfig(**train_options)
     unused = [flag_of(TrainConfig, f.name) for f in dataclasses.fields(TrainConfig)
@@ -251,13 +269,13 @@ def train_classifier(inputs, *, init: str | None = None, eval_inputs=None, token
         encode = lambda d, say=None: _encode(tok, d, labels, max_length, opts.truncate, say)  # noqa: E731
         task = ClassificationTask(encode(train_data, log), encode(val_data) if val_data is not None else None, labels,
                                   model.pad_token_id, opts.balance, _fingerprint(train_data), getattr(tok, "fingerprint", ""),
-                                  opts.lm_weight, opts.crop)
+                                  opts.lm_weight, opts.crop, compute_metrics)
         counts = ", ".join(f"{k} {v}" for k, v in sorted(train_data.counts().items()))
         log(f"classes: {counts}" + (f"; validation: {len(val_data):,} examples" if val_data is not None else "; no validation"))
         if cfg.max_steps is None and cfg.epochs is None and cfg.max_time is None:
             cfg = dataclasses.replace(cfg, epochs=3.0)
             log("length: 3 epochs (set --max-steps, --epochs or --max-time)")
-        trainer = Trainer(model, task.data, cfg, tokenizer=tok, finetune=not is_preset(init), task=task, on_step=on_step)
+        trainer = Trainer(model, task.data, cfg, tokenizer=tok, finetune=not is_preset(init), task=task, callbacks=callbacks)
         result = trainer.run()
     if task.report is not None and not result.interrupted:  # the final evaluation's, in full
         write_text(out / "val_metrics.json", json.dumps(task.report, indent=2) + "\n")

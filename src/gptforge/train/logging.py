@@ -124,19 +124,21 @@ class RunLog:
                 f.write(f"=== step {step} ===\n{text}\n\n")
 
     def plot(self) -> None:
-        """Draw loss.png from the history (when matplotlib is installed; said once when it is not)."""
+        """Draw loss.png from the history. matplotlib is a dependency; where it cannot be imported (a broken
+        install) or drawing fails, that is said once and training goes on."""
         if not (self.plot_enabled and self.main):
             return
         try:
             import matplotlib
 
             matplotlib.use("Agg")
-        except ImportError:
+            draw_loss(self.history, self.out / "loss.png", title=f"{self.out.resolve().name}: loss per token")
+        except (ImportError, OSError, RuntimeError, ValueError) as e:
             if not self._said_no_plot:
-                self.message("loss.png is not drawn: matplotlib is not installed (pip install 'gptforge[plot]')")
+                why = "matplotlib cannot be imported" if isinstance(e, ImportError) else "drawing failed"
+                self.message(f"loss.png is not drawn: {why} ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); "
+                             "reinstall gptforge (matplotlib is one of its dependencies) or pass --no-plot")
                 self._said_no_plot = True
-            return
-        draw_loss(self.history, self.out / "loss.png", title=f"{self.out.resolve().name}: loss per token")
 
     def close(self) -> None:
         for name, handle in self._open.items():

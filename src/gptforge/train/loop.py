@@ -5,7 +5,7 @@ A run folder (`out_dir`) ends up as a model folder transformers can open, plus:
     checkpoints/step-0000100/   complete model folder + trainer_state.pt (optimizer, step, RNG, clock)
     best/                       model folder with the lowest validation loss so far (best_validation.json: its step, score)
     metrics.jsonl               one JSON object per log line and per evaluation
-    loss.png                    train / validation loss curves (when matplotlib is installed)
+    loss.png                    train / validation loss curves (drawn with matplotlib, a dependency)
     samples.txt                 text sampled from the model during training
 
 What is trained is a task (`tasks.py`: language modelling by default). The order of batches is a pure
@@ -40,6 +40,7 @@ from ..runtime import init_distributed, out_of_memory, pick_precision, resolve_d
 from . import state
 from .logging import RunLog, StepProgress, describe_run
 from .average import WeightAverage
+from .callbacks import Callbacks
 from .optim import apply_freeze, configure_optimizer, freeze_parts, lr_at, warmup_share
 from .tasks import LanguageModelling, Task
 from .runfolder import (check_block_size, check_fits_memory, check_same_run, check_tokenizer_of_data, clear_previous_run,
@@ -65,11 +66,13 @@ class Trainer:
     """One training run. `run()` trains; `request_stop()` (also wired to Ctrl-C / SIGTERM) makes it save and return."""
 
     def __init__(self, model: GPT, data: RunData, cfg: TrainConfig, tokenizer=None, finetune: bool = False,
-                 on_step: Callable[["Trainer"], None] | None = None, task: Task | None = None):
+                 on_step: Callable[["Trainer"], None] | None = None, task: Task | None = None,
+                 callbacks: Callbacks | None = None):
         unset = unset_defaults(cfg, finetune)
         self.cfg = cfg = dataclasses.replace(cfg, **unset)
         self.out = Path(cfg.out_dir)
-        self.data, self.tokenizer, self.on_step = data, tokenizer, on_step
+        self.data, self.tokenizer = data, tokenizer
+        self.callbacks = callbacks if callbacks is not None else Callbacks(on_step=on_step)  # train/callbacks.py
         self.task = task if task is not None else LanguageModelling(data)  # what is trained: batches, loss, evaluation
         self.dist, self.device = init_distributed(resolve_device(cfg.device))
         self.dtype = pick_precision(cfg.precision, self.device)
@@ -194,11 +197,20 @@ class Trainer:
         (metric, score): the evaluation a best/ folder's model won, written inside it."""
         if model_state is None and self.fsdp:
             model_state = self._full_state()[0]
+        model_state = self._in_save_dtype(model_state)
         if self.dist.main:
             with atomic_dir(folder) as tmp:
                 self.task.save(self.model, tmp, self.tokenizer, state_dict=model_state)
                 if record:
                     state.record_best(tmp, self.step, *record)
+
+    def _in_save_dtype(self, model_state: dict | None) -> dict | None:
+        """The weights of a model folder in --save-dtype (checkpoints keep fp32 for an exact resume)."""
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.cfg.save_dtype)
+        if dtype is None:
+            return model_state
+        state = model_state if model_state is not None else self.model.state_dict()
+        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
     def save_checkpoint(self) -> Path:
         """A complete model folder plus the training state, written under a temporary name and renamed."""
@@ -210,6 +222,7 @@ class Trainer:
             ckpt.save_checkpoint(self.out, self.step, write, packed, self.cfg.keep_checkpoints)
         self.dist.barrier()
         self._last_ckpt = target
+        self.callbacks.call("on_save", self, target)
         return target
 
     def _load_training_state(self, path: Path, saved: dict | None = None) -> None:
@@ -252,6 +265,7 @@ class Trainer:
         else:
             self.evals_since_best += 1
         self.log.plot()
+        self.callbacks.call("on_evaluate", self, row)
         return row
 
     def sample(self) -> None:
@@ -340,13 +354,12 @@ class Trainer:
             if self.step % cfg.log_interval == 0 or self._done():
                 train_loss = self._log_window(loss_sum, window, lr, bar)
             paused = time.perf_counter()  # callbacks, evaluations, samples and saves are not training steps
-            if self.on_step is not None:
-                self.on_step(self)
+            self.callbacks.call("on_step", self)
             if not self._done():
-                if self._between_steps():
+                epoch_end = self._epoch_ended()
+                if self._between_steps(epoch_end):
                     break
-                if (cfg.save_steps and self.step % cfg.save_steps == 0) or (
-                        cfg.save_minutes and time.perf_counter() - last_save >= cfg.save_minutes * 60):
+                if self._save_due(epoch_end, last_save):
                     self.save_checkpoint()
                     last_save = time.perf_counter()
             window["start"] += time.perf_counter() - paused  # so tokens/s counts training time only
@@ -362,24 +375,41 @@ class Trainer:
             )
         now = time.perf_counter()
         tps = window["tokens"] / max(now - window["start"], 1e-9)
-        self.log.record({"step": self.step, "loss": train_loss, "lr": lr, "tokens_per_s": round(tps, 1),
-                         "elapsed": round(self.elapsed, 2)})
+        row = {"step": self.step, "loss": train_loss, "lr": lr, "tokens_per_s": round(tps, 1), "elapsed": round(self.elapsed, 2)}
+        self.log.record(row)
         bar.show(self.step, train_loss, lr, tps, self.elapsed)
+        self.callbacks.call("on_log", self, row)
         loss_sum.zero_()
         window.update(micro=0, tokens=0, start=now)
         return train_loss
 
-    def _between_steps(self) -> bool:
-        """Periodic evaluation and samples; True when early stopping ends the run."""
+    def _epoch_ended(self) -> bool:
+        """Whether this step finished a pass over the training data (its last micro-batch crossed an epoch's end)."""
+        per_epoch, accum = self.batches.steps_per_epoch, self.cfg.grad_accum
+        return per_epoch > 0 and (self.step * accum) // per_epoch > ((self.step - 1) * accum) // per_epoch
+
+    def _save_due(self, epoch_end: bool, last_save: float) -> bool:
+        """--save-strategy: steps (every --save-steps, and every --save-minutes), epoch, or no (the end only)."""
         cfg = self.cfg
-        eval_every, sample_every = cfg.eval_interval, cfg.sample_interval or cfg.eval_interval
-        if eval_every and self.step % eval_every == 0:
+        if cfg.save_strategy != "steps":
+            return cfg.save_strategy == "epoch" and epoch_end
+        return bool((cfg.save_steps and self.step % cfg.save_steps == 0)
+                    or (cfg.save_minutes and time.perf_counter() - last_save >= cfg.save_minutes * 60))
+
+    def _between_steps(self, epoch_end: bool = False) -> bool:
+        """Periodic evaluation (--eval-strategy: every --eval-interval steps, each epoch, or no) and samples;
+        True when early stopping ends the run."""
+        cfg = self.cfg
+        by_steps = cfg.eval_strategy == "steps" and cfg.eval_interval and self.step % cfg.eval_interval == 0
+        evaluate = epoch_end if cfg.eval_strategy == "epoch" else bool(by_steps)
+        sample_every = cfg.sample_interval
+        if evaluate:
             self.evaluate()
             self.model.train()
             if cfg.early_stopping and self.evals_since_best >= cfg.early_stopping:
                 self.log.message(f"early stopping: no improvement in {cfg.early_stopping} evaluations")
                 return True
-        if sample_every and self.step % sample_every == 0:
+        if (self.step % sample_every == 0) if sample_every else evaluate:  # samples follow evaluations by default
             self.sample()
             self.model.train()
         return False
@@ -402,9 +432,10 @@ class Trainer:
             self.sample()
             model_state = self._full_state()[0] if self.fsdp else None
             if self.dist.main:
-                self.task.save(self.model, self.out, self.tokenizer, state_dict=model_state)
+                self.task.save(self.model, self.out, self.tokenizer, state_dict=self._in_save_dtype(model_state))
                 self.log.message(f"saved the final model to {self.out}"
                                  + (f" (the average of its weights, --ema {self.cfg.ema:g})" if self.average else ""))
+                self.callbacks.call("on_save", self, self.out)
         if math.isfinite(self.best_val):
             result.best_val_loss, result.best_step = self.best_val, self.best_step
         self.log.close()

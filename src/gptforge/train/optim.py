@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import OptionError
-from ..options import TrainConfig
-from ..runtime import torch_version
+from ..options import MUON_LR_RATIO, TrainConfig
+from ..runtime import fused_optimizer
 
 
 def freeze_parts(spec: str, n_layer: int) -> list[tuple[bool, int]]:
@@ -52,8 +52,7 @@ def configure_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device
     The fused kernel on CUDA, and on the CPU from torch 2.4 (where it exists): there it updates each tensor
     in one multithreaded pass and takes a fraction of the foreach version's time (benchmarks/bench_train.py)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    fused = device.type == "cuda" or (device.type == "cpu" and torch_version() >= (2, 4))
-    kind = {"fused": True} if fused else {"foreach": True}
+    kind = {"fused": True} if fused_optimizer(device) else {"foreach": True}
     no_decay = {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}
     if cfg.optimizer != "muon":
         decay = {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": cfg.weight_decay}
@@ -63,8 +62,9 @@ def configure_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device
     embed = {"params": [p for _, p in named if p.dim() >= 2 and id(p) not in ids], "weight_decay": cfg.weight_decay}
     muon = [{"params": [p for n, p in hidden if n.endswith("c_attn.weight")], "muon": True, "split": 3},
             {"params": [p for n, p in hidden if not n.endswith("c_attn.weight")], "muon": True, "split": 1}]
+    muon_lr = cfg.muon_lr or MUON_LR_RATIO * cfg.learning_rate  # unset: moves with --lr (options.unset_defaults)
     for group in muon:
-        group.update(weight_decay=cfg.weight_decay, lr_ratio=cfg.muon_lr / cfg.learning_rate)
+        group.update(weight_decay=cfg.weight_decay, lr_ratio=muon_lr / cfg.learning_rate)
     groups = [g for g in (embed, no_decay, *muon) if g["params"]]
     return Muon(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **kind)
 

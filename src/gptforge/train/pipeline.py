@@ -22,6 +22,7 @@ from ..quantize import refuse_quantized
 from ..runtime import pick_precision, resolve_device, world_size
 from .logging import check_reporters
 from .finetune import add_lora, check_lora, example_inputs, instruction_task
+from .callbacks import Callbacks
 from .loop import Trainer, TrainResult
 from .optim import configure_optimizer, freeze_parts
 from .runfolder import (check_block_size, check_fits_memory, claim_run_folder, refuse_conflicts, refuse_previous_run,
@@ -51,13 +52,16 @@ def zero_output_projections(model: GPT) -> None:
 
 def train(model: GPT, data, config: TrainConfig | None = None, *, tokenizer=None, finetune: bool = False,
           on_step: Callable[[Trainer], None] | None = None, **options) -> TrainResult:
-    """Train `model` on `data` (a prepared dataset folder or TokenDataset). Options are TrainConfig fields."""
+    """Train `model` on `data` (a prepared dataset folder or TokenDataset). Options are TrainConfig fields and
+    the callbacks of train/callbacks.py (on_step, on_log, on_evaluate, on_save)."""
+    callbacks = Callbacks.take(options)
+    callbacks.on_step = callbacks.on_step or on_step
     cfg = dataclasses.replace(config, **options) if config else TrainConfig(**options)
     if tokenizer is None:
         tokenizer = getattr(data, "tokenizer", None)
     refuse_previous_run(Path(cfg.out_dir), cfg)
     with claim_run_folder(Path(cfg.out_dir)):
-        trainer = Trainer(model, load_run_data(data), cfg, tokenizer=tokenizer, finetune=finetune, on_step=on_step)
+        trainer = Trainer(model, load_run_data(data), cfg, tokenizer=tokenizer, finetune=finetune, callbacks=callbacks)
         return trainer.run()
 
 
@@ -317,7 +321,9 @@ def run_training(
                 overrides.setdefault("n_positions", cfg.block_size)
             if size is None:
                 size, why = choose_size(len(run_data.train), cfg, overrides["vocab_size"])
-                log(f"model size: {size!r}: {why} (choose another with --size)")
+                given = all(k in overrides for k in ("n_layer", "n_embd", "n_head", "n_positions"))
+                log(f"model size: as given (n_layer, n_embd, n_head, n_positions); dropout and the rest from {size!r}"
+                    if given else f"model size: {size!r}: {why} (choose another with --size)")
             torch.manual_seed(cfg.seed)  # the same fresh weights on every rank and every rerun
             model, _ = build_model(size=size, **overrides)
             if unset_defaults(cfg, finetune=False).get("zero_init", cfg.zero_init):  # the default, or as given

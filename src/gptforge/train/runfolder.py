@@ -74,11 +74,15 @@ def clear_previous_run(out: Path) -> None:
 @contextlib.contextmanager
 def claim_run_folder(out: Path, log: Callable[[str], None] = print) -> Iterator[None]:
     """Hold the run folder's lock for the block (rank 0 of a distributed run holds it for all ranks) and
-    clear the temporary files of saves that were killed."""
+    clear the temporary files of saves that were killed. A run that trained (metrics, checkpoints) leaves no
+    lock file behind; one that stopped before keeps the empty lock file, which marks the folder as a run's."""
     if int(os.environ.get("RANK", "0")) != 0:
         yield
         return
-    with exclusive_lock(out, "training run", log):
+    def trained() -> bool:  # the folder is known as a run's without its lock file
+        return any((Path(out) / name).exists() for name in PREVIOUS)
+
+    with exclusive_lock(out, "training run", log, remove=trained):
         for folder in (Path(out), Path(out) / ckpt.CHECKPOINTS):
             for name in clean_leftovers(folder):
                 log(f"cleaned up {folder / name}, left by an interrupted save")

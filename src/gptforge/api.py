@@ -23,7 +23,7 @@ from .config import GPTConfig, resolve_config
 from .errors import GPTForgeError, OptionError  # GPTForgeError: re-exported for `from gptforge.api import ...`
 from .fsio import atomic_write, dated_path, folder_of
 from .model import GPT
-from .options import TrainConfig
+from .options import AITEXTGEN_SAMPLING, TrainConfig
 from .runtime import resolve_device
 from .tokenizer import Tokenizer, check_vocab_fits, load_tokenizer
 
@@ -214,7 +214,7 @@ class GPTForge:
         n: int = 1,
         prompt: str = "",
         max_length: int | None = 100,
-        temperature: float = 0.7,
+        temperature: float = AITEXTGEN_SAMPLING["temperature"],
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,

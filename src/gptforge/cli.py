@@ -17,6 +17,7 @@ from .cli_args import (
 )
 from .errors import GPTForgeError, OptionError, RunFolderError
 from .faults import describe_fault, leave, stop_on_sigterm
+from .options import DEFAULT_VOCAB_SIZE
 
 
 def _human(n: int) -> str:
@@ -247,7 +248,8 @@ def _add_data_commands(sub) -> None:
     t = tsub.add_parser("train", help="train a byte-level BPE or a character vocabulary on your text")
     t.add_argument("files", nargs="*", help="text files, folders, globs, .csv/.tsv, .jsonl, .json or .parquet")
     t.add_argument("--out", required=True, help="folder to write the tokenizer files into")
-    t.add_argument("--vocab-size", type=int, default=5000, help="number of tokens, <|endoftext|> included (default 5000)")
+    t.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+                   help=f"number of tokens, <|endoftext|> included (default {DEFAULT_VOCAB_SIZE})")
     t.add_argument("--min-frequency", type=int, default=2, help="ignore merges / characters seen fewer times (default 2)")
     t.add_argument("--kind", choices=("bpe", "char"), default="bpe",
                    help="bpe: GPT-2 byte-level BPE; char: one token per character (unseen characters become <|unk|>)")

@@ -108,7 +108,7 @@ TRAIN_EXAMPLES = """examples:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """`gptforge train`'s options, in groups (options.TRAIN_GROUPS), the reading group shared with prepare."""
     from .config import ACTIVATIONS, PRESETS
-    from .options import TRAIN_GROUPS, InstructOptions, LoRAOptions, TrainConfig
+    from .options import DEFAULT_VOCAB_SIZE, TRAIN_GROUPS, InstructOptions, LoRAOptions, TrainConfig
 
     p.add_argument("--config", metavar="FILE", help="read options from a YAML or JSON file with the flags' names "
                    "(e.g. `lr: 3e-4`); flags given here win; a run's run_config.json works too")
@@ -120,7 +120,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", help="a dataset folder written by `gptforge prepare`")
     g.add_argument("--line-by-line", action="store_true", help="each line is one short sample (tweets, titles, jokes)")
     g.add_argument("--tokenizer", help="use this tokenizer (folder or tokenizer.json) instead of training one")
-    g.add_argument("--vocab-size", type=int, help="vocabulary of the tokenizer trained for the run (default: 5000)")
+    g.add_argument("--vocab-size", type=int, help=f"vocabulary of the tokenizer trained for the run (default: {DEFAULT_VOCAB_SIZE})")
     g.add_argument("--tokenizer-kind", choices=("bpe", "char"), default="bpe", help="byte-level BPE or characters (default: bpe)")
     read_flags(p, groups["reading and cleaning"])
     g = groups["model"]

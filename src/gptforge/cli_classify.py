@@ -111,7 +111,7 @@ def _fields(p: argparse.ArgumentParser) -> None:
 def add_classify_commands(sub) -> None:
     """`classify` and its three actions."""
     from .cli_args import add_dataclass_options
-    from .options import TRAIN_GROUPS, ClassifyOptions, LoRAOptions, TrainConfig
+    from .options import DEFAULT_VOCAB_SIZE, TRAIN_GROUPS, ClassifyOptions, LoRAOptions, TrainConfig
 
     p = sub.add_parser("classify", help="text classification: train, evaluate and use a GPT-2 classifier",
                        description="A GPT-2 body with a linear head on the last real token (transformers' "
@@ -133,7 +133,7 @@ def add_classify_commands(sub) -> None:
     g.add_argument("--init", required=True, help="a language-model folder or hub id (body reused, new head), a classifier "
                    "folder (trained further), or a preset: tiny, mini, small, gpt2 (from scratch)")
     g.add_argument("--tokenizer", help="from scratch: use this tokenizer instead of training one on the inputs")
-    g.add_argument("--vocab-size", type=int, help="from scratch: vocabulary of the tokenizer trained (default: 5000)")
+    g.add_argument("--vocab-size", type=int, help=f"from scratch: vocabulary of the tokenizer trained (default: {DEFAULT_VOCAB_SIZE})")
     add_dataclass_options(t, TrainConfig, groups)
     add_dataclass_options(t, LoRAOptions, groups)
     t.set_defaults(func=cmd_classify_train, parser=t)

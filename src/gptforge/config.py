@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, NotFoundError
-
+from .options import DEFAULT_VOCAB_SIZE
 
 
 @dataclass
@@ -145,7 +145,7 @@ ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "relu2", "gelu_f
 # The laptop presets train from scratch without dropout: a model that sees its data a few times is short
 # of capacity, not overfitting (ten minutes of `tiny` on English fortunes, 11 passes over the data:
 # 2.11 bits per byte without dropout, 2.17 with 0.1; docs/benchmarks.md). The GPT-2 sizes keep GPT-2's 0.1.
-_LAPTOP = dict(vocab_size=5000, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+_LAPTOP = dict(vocab_size=DEFAULT_VOCAB_SIZE, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 PRESETS: dict[str, dict] = {
     "gpt2": dict(n_embd=768, n_layer=12, n_head=12),
@@ -167,7 +167,7 @@ def preset(name: str, **overrides) -> GPTConfig:
 
 
 def build_gpt2_config(
-    vocab_size: int = 5000,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
     max_length: int = 32,
     dropout: float = 0.0,
     n_embd: int = 256,

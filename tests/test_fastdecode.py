@@ -20,6 +20,7 @@ from gptforge.quantize import quantize_model
 
 pytestmark = needs_kernel
 level = test_native.level  # the fixture: a test using it runs at each instruction-set level this CPU can run
+_c_step_at_every_row = test_native._c_step_at_every_row  # autouse: the C step for 1-8 rows, 3 int8
 
 
 def _model(activation="gelu_new", n_embd=40, seed=0, **kw) -> GPT:
@@ -186,7 +187,7 @@ def test_torch_path_where_the_step_does_not_apply(monkeypatch):
     assert not fastdecode.applies(lora)  # adapters: their own forward
     assert not fastdecode.applies(_model().double())
     int8 = fastdecode.Decoder(quantize_model(_model()))
-    assert int8.takes(fastdecode.INT8_ROWS) and not int8.takes(fastdecode.INT8_ROWS + 1)
+    assert int8.takes(3) and not int8.takes(4)  # int8_rows=3 (_c_step_at_every_row)
 
 
 def test_bad_positions_and_ids_are_refused():

@@ -115,3 +115,19 @@ def test_the_real_measurements_give_valid_decisions(monkeypatch, tmp_path):
     assert all(calibrate._valid(name, value) for name, value in decisions.items())
     products, _ = calibrate.compare_products(lambda a, b: a @ b)
     assert isinstance(products["onednn"], bool)
+
+
+def test_info_shows_the_machine_and_its_decisions(machine, monkeypatch, capsys):
+    from gptforge.cli import main
+
+    _store({"fp32_rows": 5})
+    monkeypatch.setenv(calibrate.OVERRIDE, "threads=1")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"instruction set: {native.isa()} (GPTFORGE_ISA" in out and f"calibration: {calibrate.path()}" in out
+    assert "fp32_rows = 5 (measured" in out and "threads = 1 (from GPTFORGE_CALIBRATION)" in out
+    assert "onednn: not measured yet" in out and machine == []  # info alone measures nothing
+    monkeypatch.delenv(calibrate.OVERRIDE)
+    assert main(["info", "--calibrate"]) == 0
+    out = capsys.readouterr().out
+    assert sorted(machine) == ["products", "steps"] and "onednn = False (measured" in out and "threads = 2" in out

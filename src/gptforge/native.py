@@ -282,6 +282,20 @@ def _agrees(lib) -> bool:
     return True
 
 
+def describe() -> list[str]:
+    """Lines for `gptforge info`: the processor, the instruction-set level asked for and those it runs, the
+    kernel's library (building it if needed)."""
+    name = cpu_info("model name") or platform.processor() or "unknown processor"
+    runs = ", ".join(level for level in LEVELS if runs_here(level)) or "none of " + ", ".join(LEVELS)
+    level = isa()
+    lines = [f"processor: {name} ({platform.machine()}, {os.cpu_count()} CPUs)",
+             f"instruction set: {level} ({ISA}; this processor runs native, {runs})"]
+    if not available():
+        return [*lines, "decoding kernel: not available here (torch's products are used)"]
+    threads = "one thread (no OpenMP)" if _torch_openmp() is None else "OpenMP shared with torch"
+    return [*lines, f"decoding kernel: {cache_dir() / f'decode-{build_key(level)}.so'} ({threads})"]
+
+
 def available() -> bool:
     """Whether the kernel can be used in this process (built and checked; kernels.py also honours its switch)."""
     return _library() is not None
@@ -310,5 +324,5 @@ def step(model: Model, ids: torch.Tensor, pos: torch.Tensor, past: int, visible:
 
 
 __all__ = ["ACTIVATIONS", "ISA", "LEVELS", "MAX_ROWS", "Layer", "Model", "Packed", "Weight", "available",
-           "build_key", "cache_dir", "cpu_info", "fits", "gemv", "isa", "pack", "pack_int8", "rounding_bound",
+           "build_key", "cache_dir", "cpu_info", "describe", "fits", "gemv", "isa", "pack", "pack_int8", "rounding_bound",
            "runs_here", "step", "supported"]

@@ -131,3 +131,11 @@ def test_info_shows_the_machine_and_its_decisions(machine, monkeypatch, capsys):
     assert main(["info", "--calibrate"]) == 0
     out = capsys.readouterr().out
     assert sorted(machine) == ["products", "steps"] and "onednn = False (measured" in out and "threads = 2" in out
+
+
+def test_another_path_wins_only_by_more_than_the_noise():
+    quiet = {"c": [1.00, 1.01, 1.05], "torch": [0.90, 0.91, 0.95]}
+    assert calibrate.beats(quiet, "torch", "c") and not calibrate.beats(quiet, "c", "torch")
+    assert not calibrate.beats({"c": [1.00, 1.01], "torch": [0.98, 0.99]}, "torch", "c")  # within 3%
+    busy = {"c": [1.00, 1.60], "torch": [0.70, 0.75]}  # the default's two best 60% apart: a chance winner
+    assert not calibrate.beats(busy, "torch", "c")

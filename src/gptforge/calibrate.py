@@ -9,7 +9,8 @@ Four decisions, each between paths that give the same numbers up to rounding:
 
 A decision is measured the first time it is wanted (a fraction of a second to a few seconds, on shapes like
 gpt2's: the products a training step multiplies, and whole decoding steps of a two-block gpt2-wide model at
-each row count), the faster path winning by its best of several timings. It is kept in a JSON file beside the
+each row count), the other path chosen over the default (torch's products; the C step; torch's threads) only where its best
+time beats the default's by more than the noise of the timings (`beats`). It is kept in a JSON file beside the
 compiled kernel (`native.cache_dir()`), one per processor, instruction-set level (`GPTFORGE_ISA`), torch
 version, CPU count and torch's own ISA variables; a file that cannot be read is measured again.
 `GPTFORGE_CALIBRATION` overrides: "off" measures nothing and takes the defaults below, or name=value pairs
@@ -101,6 +102,7 @@ def load() -> dict:
 
 def _store(data: dict) -> None:
     data.update(processor=native.cpu_info("model name") or platform.processor() or platform.machine(),
+                load=round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None, cpus=os.cpu_count(),
                 isa=native.isa(), measured=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     try:
         path().parent.mkdir(parents=True, exist_ok=True)
@@ -109,18 +111,30 @@ def _store(data: dict) -> None:
         pass  # a read-only cache: measured again next time
 
 
-def best_times(runs: dict[str, Callable[[], object]], repeats: int = 5) -> dict[str, float]:
-    """Each run's fastest of `repeats` timed calls (after one untimed call each), taken in turn so that a
-    busy spell of the machine falls on all of them alike: the least disturbed time of each."""
+def timings(runs: dict[str, Callable[[], object]], repeats: int = 5) -> dict[str, list[float]]:
+    """Each run's `repeats` timed calls (after one untimed call each), sorted, taken in turn so that a busy
+    spell of the machine falls on all of them alike."""
     for run in runs.values():
         run()
-    best = dict.fromkeys(runs, float("inf"))
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
             start = time.perf_counter()
             run()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t) for name, t in times.items()}
+
+
+def beats(times: dict[str, list[float]], other: str, default: str) -> bool:
+    """Whether `other`'s best time beats `default`'s by more than the noise: 3%, or the gap between either's
+    two best times where that is wider (a busy machine keeps the default rather than a chance winner)."""
+    noise = max([0.03] + [(t[1] - t[0]) / t[0] for t in (times[other], times[default]) if len(t) > 1])
+    return times[other][0] < times[default][0] * (1 - noise)
+
+
+def best_ms(times: dict[str, list[float]]) -> dict[str, float]:
+    """Each run's best time in milliseconds (what the file keeps of the timings)."""
+    return {name: round(t[0] * 1e3, 3) for name, t in times.items()}
 
 
 def compare_products(fast: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[dict, dict]:
@@ -131,8 +145,8 @@ def compare_products(fast: Callable[[torch.Tensor, torch.Tensor], torch.Tensor])
 
     def step(mm):
         return lambda: (mm(x, w.t()), mm(grad, w), mm(grad.t(), x))
-    t = best_times({"torch": step(torch.matmul), "onednn": step(fast)}, 3)
-    return {"onednn": t["onednn"] < t["torch"]}, {f"products_{k}_ms": round(v * 1e3, 3) for k, v in t.items()}
+    t = timings({"torch": step(torch.matmul), "onednn": step(fast)}, 3)
+    return {"onednn": beats(t, "onednn", "torch")}, {"products_ms": best_ms(t)}
 
 
 # group of decisions -> its measurement (set by the modules that own the paths, which import this one)
@@ -192,6 +206,9 @@ def describe() -> list[str]:
             lines.append(f"  {name} = {stored['decisions'][name]} (measured {stored.get('measured', '?')})")
         else:
             lines.append(f"  {name}: not measured yet (measured at first use, or by `gptforge info --calibrate`)")
+    if (stored.get("load") or 0) > (stored.get("cpus") or 1):
+        lines.append(f"  measured under load {stored['load']} on {stored['cpus']} CPUs: noisy timings keep the "
+                     "defaults; measure again on a quiet machine with `gptforge info --calibrate`")
     return lines
 
 
@@ -199,7 +216,8 @@ __all__ = [
     "DEFAULTS",
     "MEASURES",
     "OVERRIDE",
-    "best_times",
+    "beats",
+    "best_ms",
     "compare_products",
     "decision",
     "describe",
@@ -208,4 +226,5 @@ __all__ = [
     "measure_all",
     "overrides",
     "path",
+    "timings",
 ]

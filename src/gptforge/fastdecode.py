@@ -154,9 +154,9 @@ def decoder(model: GPT, rows: int) -> Decoder | None:
     return Decoder(model) if applies(model) and 0 < rows <= max_rows(model) else None
 
 
-def _step_times(steps: dict, model: GPT, rows: int) -> dict[str, float]:
-    """The best time of one decoding step of `rows` sequences after 32 cached positions for each of `steps`
-    (name: `step(ids, pos, cache)`), taken in turn."""
+def _step_times(steps: dict, model: GPT, rows: int) -> dict[str, list[float]]:
+    """Timings (calibrate.timings) of one decoding step of `rows` sequences after 32 cached positions for each
+    of `steps` (name: `step(ids, pos, cache)`), taken in turn."""
     cache, ids, pos = model.new_cache(rows, 40), torch.zeros(rows, dtype=torch.long), torch.full((rows, 1), 32)
 
     def once(step):
@@ -164,11 +164,12 @@ def _step_times(steps: dict, model: GPT, rows: int) -> dict[str, float]:
             cache.length = 32
             step(ids, pos, cache)
         return run
-    return calibrate.best_times({name: once(step) for name, step in steps.items()}, 3)
+    return calibrate.timings({name: once(step) for name, step in steps.items()})
 
 
 def _rows_in_c(model: GPT, name: str, timings: dict) -> int:
-    """Up to how many rows the C step beats the model's torch forward (stopping at the first that it does not)."""
+    """Up to how many rows the C step is not beaten by the model's torch forward (stopping at the first where
+    it is)."""
     c_step = Decoder(model)
     steps = {"c": lambda i, p, c: c_step.run(i, p, c, None, 0),
              "torch": lambda i, p, c: model(i[:, None], cache=c, position_ids=p, logits_to_keep=1)}
@@ -176,8 +177,8 @@ def _rows_in_c(model: GPT, name: str, timings: dict) -> int:
     with kernels.cpu_inference_weights(model):
         for rows in range(1, native.MAX_ROWS + 1):
             t = _step_times(steps, model, rows)
-            table[rows] = {k: round(v * 1e3, 3) for k, v in t.items()}
-            if t["c"] > t["torch"]:
+            table[rows] = calibrate.best_ms(t)
+            if calibrate.beats(t, "torch", "c"):
                 return rows - 1
     return native.MAX_ROWS
 
@@ -199,10 +200,12 @@ def measure_steps() -> tuple[dict, dict]:
         timings = {}
         decisions = {"fp32_rows": _rows_in_c(model, "fp32", timings)}
         c_step = Decoder(model)
-        candidates = sorted({1, torch.get_num_threads(), os.cpu_count() or 1})
+        now = torch.get_num_threads()
+        candidates = sorted({1, now, os.cpu_count() or 1})
         by_threads = _step_times({n: lambda i, p, c, n=n: c_step.run(i, p, c, None, n) for n in candidates}, model, 1)
-        decisions["threads"] = min(by_threads, key=by_threads.get)
-        timings["threads_step_ms"] = {n: round(t * 1e3, 3) for n, t in by_threads.items()}
+        winners = [n for n in candidates if n != now and calibrate.beats(by_threads, n, now)]
+        decisions["threads"] = min(winners, key=lambda n: by_threads[n][0]) if winners else 0  # 0: torch's
+        timings["threads_step_ms"] = calibrate.best_ms(by_threads)
         decisions["int8_rows"] = _rows_in_c(quantize_model(model), "int8", timings)
     return decisions, timings
 

@@ -3,8 +3,8 @@
 `gpt2`-shaped random weights (124M); greedy generation of `--new-tokens` tokens after a 32-token prompt, one
 prompt repeated to each batch size. "torch" is the model's own forward for every step (the decoding kernel
 for fp32 products, fbgemm's int8 products for an int8 model: what gptforge ran before the C step); "C step"
-is csrc/decode.c's whole step. For int8 the C step is timed at every batch size (generate uses it up to
-fastdecode.INT8_ROWS rows) to show where fbgemm's products take over. Rounds alternate the two ways; the
+is csrc/decode.c's whole step. Both are timed at every batch size, whatever this machine's calibration
+chose (GPTFORGE_CALIBRATION is set for the run; docs/performance.md), to show where each takes over. Rounds alternate the two ways; the
 table gives the best and the median round in new tokens per second.
 
     python benchmarks/bench_decode_step.py [--rounds 3] [--new-tokens 100]
@@ -17,12 +17,12 @@ import statistics
 import time
 
 import torch
+from machine import cpu_name
 
 import gptforge.generate as generate_module
-from gptforge import GPT, fastdecode, native, preset
+from gptforge import GPT, native, preset
 from gptforge.generate import generate_ids
 from gptforge.quantize import quantize_model
-from machine import cpu_name  # noqa: E402
 
 
 def main() -> None:
@@ -41,14 +41,15 @@ def main() -> None:
     int8 = quantize_model(fp32, inplace=False)
     prompt = torch.randint(0, fp32.config.vocab_size, (32,)).tolist()
     in_c, through_torch = generate_module.decoder, (lambda model, rows: None)
-    fastdecode.INT8_ROWS = native.MAX_ROWS  # time int8's C step at every batch size
+    # the C step at every batch size, fp32 and int8, whatever the calibration chose; torch's threads
+    os.environ["GPTFORGE_CALIBRATION"] = f"fp32_rows={native.MAX_ROWS},int8_rows={native.MAX_ROWS},threads=0"
     rates: dict[tuple, list[float]] = {}
     for rows in map(int, args.rows.split(",")):
         for _ in range(args.rounds):
             for precision, model in (("fp32", fp32), ("int8", int8)):
                 for way, dec in (("torch", through_torch), ("C step", in_c)):
                     generate_module.decoder = dec
-                    kw = dict(max_new_tokens=args.new_tokens, do_sample=False, eos_id=None, batch_size=rows)
+                    kw = {"max_new_tokens": args.new_tokens, "do_sample": False, "eos_id": None, "batch_size": rows}
                     generate_ids(model, [prompt] * rows, **{**kw, "max_new_tokens": 3})  # warm
                     start = time.perf_counter()
                     generate_ids(model, [prompt] * rows, **kw)

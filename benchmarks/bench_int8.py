@@ -12,7 +12,7 @@ to first token for a `--ttft-tokens` prompt at batch 1 (a call that makes one to
 script checks that gptforge fp32 gives transformers' greedy tokens and reports how far int8 agrees.
 
     pip install 'gptforge[bench]'      # transformers, ctranslate2
-    python benchmarks/bench_int8.py [--trials 3] [--threads N]
+    python benchmarks/bench_int8.py [--trials 3] [--threads N] [--isa native|avx2]
     python benchmarks/bench_int8.py --quality RUN_DIR   # a trained run folder of `gptforge train` (model + data/)
 
 Quality: validation perplexity of the trained model (every token of its prepared val split) in fp32 and
@@ -32,11 +32,11 @@ import time
 from pathlib import Path
 
 import torch
+from machine import add_isa_argument, cpu_name, level_line, paths_line, use_isa
 
 from gptforge import GPT, preset, save_model
 from gptforge.generate import generate_ids
 from gptforge.quantize import quantize_model
-from machine import cpu_name  # noqa: E402
 
 ENGINES = ("gptforge fp32", "gptforge int8", "transformers", "CTranslate2 fp32", "CTranslate2 int8")
 
@@ -52,7 +52,8 @@ def write_stand_in_vocab(folder: Path, size: int) -> None:
 
 
 def convert(folder: Path, out: Path, quantization: str) -> None:
-    cmd = ["ct2-transformers-converter", "--model", str(folder), "--output_dir", str(out), "--quantization", quantization]
+    """CTranslate2's converter through this Python (its module: no venv's bin/ needed on PATH)."""
+    cmd = [sys.executable, "-m", "ctranslate2.converters.transformers", "--model", str(folder), "--output_dir", str(out), "--quantization", quantization]
     subprocess.run(cmd, check=True, capture_output=True)
 
 
@@ -119,7 +120,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 def prompts_of(args, vocab: int) -> dict:
     """The timed prompts, the same in every process: batch 1 and 8 of --prompt-tokens, and the TTFT prompt."""
-    rand = lambda shape, seed: torch.randint(1, vocab - 1, shape, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    rand = lambda shape, seed: torch.randint(1, vocab - 1, shape, generator=torch.Generator().manual_seed(seed))
     return {1: rand((1, args.prompt_tokens), 1), 8: rand((8, args.prompt_tokens), 8), "ttft": rand((1, args.ttft_tokens), 99)}
 
 
@@ -186,7 +187,7 @@ def quality(run_dir: Path, new_tokens: int = 200, n_prompts: int = 16) -> None:
     val = load_split(run_dir / "data", "val")
     starts = torch.linspace(0, len(val) - 64, n_prompts).long().tolist()
     prompts = [[int(t) for t in val[s:s + 32]] for s in starts]
-    kw = dict(do_sample=False, max_new_tokens=new_tokens, eos_id=None, batch_size=1)
+    kw = {"do_sample": False, "max_new_tokens": new_tokens, "eos_id": None, "batch_size": 1}
     a, b = generate_ids(fp32, prompts, **kw), generate_ids(int8, prompts, **kw)
     first = [next((i for i, (x, y) in enumerate(zip(r, s)) if x != y), len(r)) for r, s in zip(a, b)]
     per_pos = sum(x == y for r, s in zip(a, b) for x, y in zip(r, s)) / sum(map(len, a))
@@ -211,7 +212,9 @@ def main() -> None:
     ap.add_argument("--quality", type=Path, help="a trained run folder: int8 quality instead of speed")
     ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)  # time one engine alone (internal)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    add_isa_argument(ap)
     args = ap.parse_args()
+    use_isa(args.isa)
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -220,6 +223,7 @@ def main() -> None:
         return
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({threads} threads), "
           f"python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"{level_line()}\n{paths_line()}", flush=True)
     if args.quality:
         quality(args.quality)
         return

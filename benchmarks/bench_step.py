@@ -12,6 +12,7 @@ The peak is the best fp32 rate of large square matmuls measured at the start of 
     python benchmarks/bench_step.py                  # both shapes
     python benchmarks/bench_step.py --shapes small --trials 7
     python benchmarks/bench_step.py --profile        # also print the top operators of one step of each
+    python benchmarks/bench_step.py --isa avx2       # everything at AVX2 (emulated on a newer CPU)
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import time
 
 import torch
 import transformers
+from machine import add_isa_argument, cpu_name, level_line, paths_line, use_isa
 
 from gptforge import GPT, GPTConfig, preset
 from gptforge.checkpoint import to_hf_state_dict
@@ -29,11 +31,11 @@ from gptforge.train import matmul_flops
 
 SHAPES = {
     # name: (config fields, batch, block, steps per trial)
-    "tiny": (dict(vocab_size=5000, n_positions=128, n_embd=128, n_layer=4, n_head=4,  # the CPU default size
-                  bos_token_id=0, eos_token_id=0), 16, 128, 6),
-    "small": (dict(vocab_size=5000, n_positions=128, n_embd=256, n_layer=8, n_head=8,
-                   bos_token_id=0, eos_token_id=0), 16, 128, 3),
-    "gpt2": (dict(), 1, 1024, 1),
+    "tiny": ({"vocab_size": 5000, "n_positions": 128, "n_embd": 128, "n_layer": 4, "n_head": 4,  # the CPU default size
+              "bos_token_id": 0, "eos_token_id": 0}, 16, 128, 6),
+    "small": ({"vocab_size": 5000, "n_positions": 128, "n_embd": 256, "n_layer": 8, "n_head": 8,
+               "bos_token_id": 0, "eos_token_id": 0}, 16, 128, 3),
+    "gpt2": ({}, 1, 1024, 1),
 }
 
 
@@ -73,7 +75,8 @@ def make_step(model, hf: bool, x: torch.Tensor, y: torch.Tensor):
 
 
 def profile(step, label: str) -> None:
-    from torch.profiler import ProfilerActivity, profile as prof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
 
     with prof(activities=[ProfilerActivity.CPU]) as p:
         step()
@@ -125,13 +128,16 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--fused-gelu", action="store_true",
                         help="also time transformers with activation_function=gelu_pytorch_tanh")
+    add_isa_argument(parser)
     args = parser.parse_args()
+    use_isa(args.isa)
 
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     peak = matmul_peak_gflops()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {threads} threads, "
-          f"{platform.machine()}; fp32 matmul peak {peak:.1f} GFLOP/s (best of 2048^2 and 4096^2 products)\n")
+          f"{platform.machine()}; fp32 matmul peak {peak:.1f} GFLOP/s (best of 2048^2 and 4096^2 products)")
+    print(f"machine: {cpu_name()}; {level_line()}\n{paths_line()}\n", flush=True)
     rows = [run_shape(s, args.trials, peak, args.profile, args.fused_gelu) for s in args.shapes.split(",")]
     print("| shape | batch x block | implementation | tokens/s | gptforge speed-up | GFLOP/s | % of peak | step min / max |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -3,9 +3,13 @@ the torch path through padding, a sliding window and int8 weights, and the torch
 apply."""
 from __future__ import annotations
 
+import copy
+
 import pytest
+import test_native
 import torch
-import torch.nn as nn
+from test_native import needs_kernel
+from torch import nn
 
 from gptforge import GPT, fastdecode, kernels, native
 from gptforge import batching as generate_module
@@ -14,9 +18,9 @@ from gptforge.config import GPTConfig
 from gptforge.generate import generate_ids
 from gptforge.quantize import quantize_model
 
-from test_native import needs_kernel
-
 pytestmark = needs_kernel
+level = test_native.level  # the fixture: a test using it runs at each instruction-set level this CPU can run
+_c_step_at_every_row = test_native._c_step_at_every_row  # autouse: the C step for 1-8 rows, 3 int8
 
 
 def _model(activation="gelu_new", n_embd=40, seed=0, **kw) -> GPT:
@@ -38,36 +42,86 @@ def _prefilled(model: GPT, prompt: torch.Tensor, max_len: int = 30):
     return cache
 
 
+def _chain(model: GPT, past: int) -> int:
+    """How many roundings in a row may reach a logit: per block two layer norms (mean, variance), the qkv
+    product, a query's scores and its weighted sum over past + 1 positions, the output, fc and projection
+    products; then the final layer norm and the head, and a few more for biases, scales and activations."""
+    c = model.config
+    block = 4 * c.n_embd + c.n_embd + c.head_dim + past + 1 + c.n_embd + c.n_embd + c.mlp_width + 8
+    return c.n_layer * block + 3 * c.n_embd + 8
+
+
+def _in_float64(model: GPT, cache, nxt, pos, visible=None):
+    """The step in float64 from a copy of `cache`: logits, the cache, and for each linear layer the bound
+    (native.rounding_bound over the whole chain) on how far an fp32 step's output may be from it."""
+    ref = copy.deepcopy(model).double()
+    chain = _chain(model, cache.length)
+    bounds, handles = {}, []
+    for name, layer in ref.named_modules():
+        if isinstance(layer, nn.Linear):
+            def keep(mod, inp, out, name=name):
+                x = inp[0].reshape(-1, inp[0].shape[-1])
+                bounds[name] = native.rounding_bound(x, mod.weight, chain - x.shape[-1])
+            handles.append(layer.register_forward_hook(keep))
+    cache64 = ref.new_cache(nxt.numel(), cache.max_len)
+    cache64.k, cache64.v = [k.double() for k in cache.k], [v.double() for v in cache.v]
+    cache64.length = cache.length
+    with torch.inference_mode():
+        logits, _ = ref(nxt[:, None], cache=cache64, position_ids=pos, attention_mask=visible)
+    for h in handles:
+        h.remove()
+    return logits[:, -1], cache64, bounds
+
+
+def _assert_within(got, want, bound):
+    err = (got.double() - want).abs()
+    assert (err <= bound).all(), f"off by {float(err.max()):.3g}, {float((err / bound).max()):.3g}x the bound"
+
+
+def _assert_step_close(model: GPT, logits, cache, reference):
+    """logits and the cache's new position within the float64 reference's bounds (the rest unchanged)."""
+    want, cache64, bounds = reference
+    _assert_within(logits, want, bounds["lm_head"])
+    new = cache.length - 1
+    for i, (k, v) in enumerate(zip(cache.k, cache.v)):
+        qkv = bounds[f"transformer.h.{i}.attn.c_attn"].view(k.size(0), 3, model.config.n_head, -1)
+        _assert_within(k[:, :, new], cache64.k[i][:, :, new], qkv[:, 1])
+        _assert_within(v[:, :, new], cache64.v[i][:, :, new], qkv[:, 2])
+        assert torch.equal(k[:, :, :new].double(), cache64.k[i][:, :, :new])
+
+
 @pytest.mark.parametrize("activation", sorted(native.ACTIVATIONS))
 @pytest.mark.parametrize("n_embd", [40, 64])  # 40: rows padded to whole vectors in the C code
+@pytest.mark.usefixtures("level")
 def test_step_gives_the_models_logits_and_cache(activation, n_embd):
     model = _model(activation, n_embd)
     prompt, nxt = torch.randint(0, 300, (3, 7)), torch.randint(0, 300, (3,))
     pos = torch.full((3, 1), 7)
     ours, theirs = _prefilled(model, prompt), _prefilled(model, prompt)
+    reference = _in_float64(model, ours, nxt, pos)
     with torch.inference_mode():
         want, _ = model(nxt[:, None], cache=theirs, position_ids=pos)
         got = fastdecode.decoder(model, 3)(nxt, pos, ours)
-    torch.testing.assert_close(got, want[:, -1], atol=2e-5, rtol=1e-4)
     assert ours.length == theirs.length == 8
-    for a, b in zip(ours.k + ours.v, theirs.k + theirs.v):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    _assert_step_close(model, got, ours, reference)
+    _assert_step_close(model, want[:, -1], theirs, reference)  # torch's fp32 step keeps the same bound
 
 
+@pytest.mark.usefixtures("level")
 def test_step_masks_padding():
     model = _model()
     prompt, nxt = torch.randint(0, 300, (2, 6)), torch.tensor([5, 9])
     visible = torch.ones(2, 7, dtype=torch.bool)
     visible[0, :3] = False  # row 0's first three positions are padding
-    ours, theirs = _prefilled(model, prompt), _prefilled(model, prompt)
+    ours = _prefilled(model, prompt)
     pos = torch.tensor([[3], [6]])
+    reference = _in_float64(model, ours, nxt, pos, visible)
     with torch.inference_mode():
-        want, _ = model(nxt[:, None], cache=theirs, position_ids=pos, attention_mask=visible)
         got = fastdecode.decoder(model, 2)(nxt, pos, ours, visible)
         unmasked = fastdecode.decoder(model, 2)(nxt, pos, _prefilled(model, prompt))
-    torch.testing.assert_close(got, want[:, -1], atol=2e-5, rtol=1e-4)
+    _assert_step_close(model, got, ours, reference)
     assert not torch.allclose(unmasked[0], got[0], atol=1e-3)  # the mask changed row 0
-    torch.testing.assert_close(unmasked[1], got[1], atol=2e-5, rtol=1e-4)
+    _assert_within(unmasked[1], reference[0][1], reference[2]["lm_head"][1])
 
 
 def _both_paths(model, prompts, monkeypatch, **options):
@@ -97,7 +151,11 @@ def test_sliding_window_goes_on_in_c(monkeypatch):
     assert ours == theirs and 40 < calls < 59
 
 
-def test_int8_model_uses_its_int8_weights(monkeypatch):
+@pytest.mark.usefixtures("level")
+def test_int8_model_uses_its_int8_weights():
+    """The C step on int8 weights gives the step of their fp32 values times the scales. Both start from the
+    same cache: a prompt through the int8 model goes through fbgemm, which rounds each input to 8 bits, or
+    to 7 on processors without VNNI (the AVX2 ones), and so is another computation, not a rounding of this one."""
     model = _model(seed=4)
     plain = _model(seed=4)  # the same weights, replaced by what the int8 ones stand for
     quantize_model(model)
@@ -106,10 +164,11 @@ def test_int8_model_uses_its_int8_weights(monkeypatch):
             if isinstance(layer, kernels.Int8Linear):
                 twin.weight = nn.Parameter(layer.weight.float() * layer.scale[:, None])
     prompt, nxt, pos = torch.randint(0, 300, (2, 5)), torch.tensor([3, 4]), torch.full((2, 1), 5)
+    cache = _prefilled(plain, prompt)
+    reference = _in_float64(plain, cache, nxt, pos)
     with torch.inference_mode():
-        got = fastdecode.decoder(model, 2)(nxt, pos, _prefilled(model, prompt))
-        want, _ = plain(nxt[:, None], cache=_prefilled(plain, prompt), position_ids=pos)
-    torch.testing.assert_close(got, want[:, -1], atol=1e-4, rtol=1e-4)
+        got = fastdecode.decoder(model, 2)(nxt, pos, cache)
+    _assert_step_close(plain, got, cache, reference)
 
 
 def test_torch_path_where_the_step_does_not_apply(monkeypatch):
@@ -128,7 +187,7 @@ def test_torch_path_where_the_step_does_not_apply(monkeypatch):
     assert not fastdecode.applies(lora)  # adapters: their own forward
     assert not fastdecode.applies(_model().double())
     int8 = fastdecode.Decoder(quantize_model(_model()))
-    assert int8.takes(fastdecode.INT8_ROWS) and not int8.takes(fastdecode.INT8_ROWS + 1)
+    assert int8.takes(3) and not int8.takes(4)  # int8_rows=3 (_c_step_at_every_row)
 
 
 def test_bad_positions_and_ids_are_refused():

@@ -8,27 +8,60 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptforge import GPT, kernels, native, preset
+from gptforge import GPT, calibrate, kernels, native, preset
 from gptforge import batching as generate_module
+from gptforge.errors import OptionError
 from gptforge.generate import generate_ids
 
 needs_kernel = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")) or not native.available(),
-                                  reason="the decoding kernel needs a C compiler and an x86-64 Linux machine")
+                                  reason="the decoding kernel needs a C compiler on Linux or macOS, x86-64 or ARM64")
+
+
+@pytest.fixture(autouse=True)
+def _c_step_at_every_row(monkeypatch):
+    """The C step for 1-8 rows (3 int8) on torch's threads, whatever this machine measured: these tests check
+    its numbers."""
+    monkeypatch.setenv(calibrate.OVERRIDE, f"fp32_rows={native.MAX_ROWS},int8_rows=3,threads=0")
+
+
+# every level the kernel can be built for; a test taking `level` runs at each this processor can run
+LEVELS = ["native", *native.LEVELS]
+
+
+@pytest.fixture(params=LEVELS)
+def level(request, monkeypatch):
+    """The kernel built for this instruction-set level (GPTFORGE_ISA) for the test's duration."""
+    if not native.runs_here(request.param):
+        pytest.skip(f"this processor cannot run code built for {request.param}")
+    monkeypatch.setenv(native.ISA, request.param)
+    if not native.available():
+        pytest.skip(f"the kernel could not be built for {request.param} here")
+    return request.param
+
+
+def assert_product_close(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None):
+    """got is x @ w.T (+ bias) up to rounding: within native.rounding_bound of F.linear's fp32 result."""
+    want = F.linear(x, w, bias)
+    err = (got.double() - want.double()).abs().reshape(-1, w.size(0))
+    bound = native.rounding_bound(x.reshape(-1, x.size(-1)), w)
+    assert (err <= bound).all(), f"off by {float(err.max()):.3g}, {float((err / bound).max()):.3g}x the bound"
 
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 3, 8])
-def test_gemv_gives_linears_numbers(rows):
+def test_gemv_gives_linears_numbers(rows, level):
     g = torch.Generator().manual_seed(rows)
     # widths not a multiple of 4 or 16; the last weight is big enough for memory of its own (huge pages)
     for out, inp in ((1, 5), (7, 33), (64, 768), (1027, 96), (1501, 1000)):
         x, w, b = torch.randn(rows, inp, generator=g), torch.randn(out, inp, generator=g), torch.randn(out, generator=g)
         for bias, huge_pages in ((b, True), (None, True), (b, False)):  # 2 MB pages or torch's allocation
             packed = native.pack(w, huge_pages=huge_pages)
-            torch.testing.assert_close(native.gemv(x, packed, bias), F.linear(x, w, bias), atol=1e-4, rtol=1e-5)
+            assert_product_close(native.gemv(x, packed, bias), x, w, bias)
     wide = torch.randn(2, rows, 2 * 16, generator=g)[..., ::2]  # a strided input, batch dims kept
     w = torch.randn(9, 16, generator=g)
-    torch.testing.assert_close(native.gemv(wide, native.pack(w)), F.linear(wide, w), atol=1e-5, rtol=1e-5)
+    got = native.gemv(wide, native.pack(w))
+    assert got.shape == (2, rows, 9)
+    assert_product_close(got, wide, w)
 
 
 @needs_kernel
@@ -43,14 +76,13 @@ def test_fits_only_few_fp32_rows_without_gradients():
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 4, 5])
-def test_int8_gemv_gives_the_products_of_its_scaled_weights(rows):
+def test_int8_gemv_gives_the_products_of_its_scaled_weights(rows, level):
     g = torch.Generator().manual_seed(rows)
     for out, inp in ((3, 7), (130, 96), (1501, 3000)):
         x, b = torch.randn(rows, inp, generator=g), torch.randn(out, generator=g)
         q, scale = torch.randint(-127, 128, (out, inp), generator=g, dtype=torch.int8), torch.rand(out, generator=g) / 50
         for bias in (b, None):
-            torch.testing.assert_close(native.gemv(x, native.pack_int8(q, scale), bias),
-                                       F.linear(x, q.float() * scale[:, None], bias), atol=1e-4, rtol=1e-4)
+            assert_product_close(native.gemv(x, native.pack_int8(q, scale), bias), x, q.float() * scale[:, None], bias)
     with pytest.raises(TypeError, match="int8 weight"):
         native.pack_int8(torch.randn(3, 4), torch.ones(3))
 
@@ -78,9 +110,9 @@ def test_decoding_steps_use_the_kernel_and_keep_the_tokens(monkeypatch):
     assert rows == [2] * (1 + 9 * (4 * 4 + 1))
 
 
-@pytest.mark.skipif(not native.on_x86_linux(), reason="the kernel is built only on x86-64 Linux")
+@pytest.mark.skipif(not native.supported(), reason="the kernel is built only on Linux and macOS, x86-64 or ARM64")
 def test_without_a_compiler_torch_products_remain(monkeypatch, tmp_path):
-    native._library.cache_clear()
+    native._load.cache_clear()
     try:
         monkeypatch.setattr(native.shutil, "which", lambda name: None)
         monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path))
@@ -88,13 +120,44 @@ def test_without_a_compiler_torch_products_remain(monkeypatch, tmp_path):
             assert not native.available()
         assert not native.fits(torch.randn(1, 4), torch.randn(3, 4))
     finally:
-        native._library.cache_clear()
+        native._load.cache_clear()
 
 
-def test_onednn_is_kept_off_intel_processors(monkeypatch):
-    """oneDNN's products only where torch's MKL is not at home (docs/benchmarks.md, the Intel section)."""
-    for vendor, faster in (("GenuineIntel", False), ("AuthenticAMD", True), (None, True)):
-        monkeypatch.setattr(native, "cpu_info", lambda field, v=vendor: v if field == "vendor_id" else None)
-        kernels._onednn_faster.cache_clear()
-        assert kernels._onednn_faster() is faster
-    kernels._onednn_faster.cache_clear()
+def test_isa_level_is_checked_and_in_the_cache_key(monkeypatch):
+    monkeypatch.setenv(native.ISA, "avx1024")
+    with pytest.raises(OptionError, match="GPTFORGE_ISA='avx1024' is not an instruction-set level"):
+        native.isa()
+    monkeypatch.setenv(native.ISA, "AVX2")
+    assert native.isa() == "avx2"
+    assert len({native.build_key(level) for level in LEVELS}) == len(LEVELS)
+    assert "-march=x86-64-v3" in native.build_flags("avx2")
+
+
+@pytest.mark.skipif(not native.supported(), reason="the kernel is built only on Linux and macOS, x86-64 or ARM64")
+def test_a_level_the_processor_lacks_keeps_torchs_products(monkeypatch):
+    monkeypatch.setattr(native, "cpu_info", lambda field: "fpu sse2 avx" if field == "flags" else None)
+    monkeypatch.setattr(native, "on_x86", lambda: True)
+    monkeypatch.setenv(native.ISA, "avx512")
+    native._load.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="GPTFORGE_ISA=avx512: this processor cannot run it"):
+            assert not native.available()
+    finally:
+        native._load.cache_clear()
+
+
+@needs_kernel
+def test_without_openmp_it_builds_for_one_thread_with_one_warning(monkeypatch, tmp_path):
+    """macOS: Apple's clang has no -fopenmp and torch ships no libgomp there."""
+    monkeypatch.setattr(native, "_torch_openmp", lambda: None)
+    monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path))
+    native._load.cache_clear()
+    try:
+        assert "-fopenmp" not in native.build_flags("native")
+        with pytest.warns(UserWarning, match="without OpenMP") as warned:
+            assert native.available()
+        assert len(warned) == 1
+        x, w = torch.randn(2, 40), torch.randn(9, 40)
+        assert_product_close(native.gemv(x, native.pack(w)), x, w)
+    finally:
+        native._load.cache_clear()

@@ -31,6 +31,8 @@ def _human(n: int) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    if args.model is None or args.calibrate:
+        return _machine_info(args.calibrate)
     from .checkpoint import model_info
     from .config import is_preset, resolve_config
 
@@ -49,6 +51,18 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"bos={c.bos_token_id} eos={c.eos_token_id}")
     for name, size in info["files"].items():
         print(f"  {name:32s} {size:>14,} bytes")
+    return 0
+
+
+def _machine_info(measure: bool) -> int:
+    """This machine's CPU paths: processor, instruction-set level, decoding kernel, measured choices."""
+    from . import calibrate, fastdecode, native
+
+    calibrate.MEASURES.setdefault("steps", fastdecode.measure_steps)  # as importing fastdecode (and kernels) did
+    if measure:
+        print(f"measuring ({', '.join(sorted(calibrate.MEASURES))}) ...", flush=True)
+        calibrate.measure_all()
+    print("\n".join(native.describe() + calibrate.describe()))
     return 0
 
 
@@ -218,8 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_commands(sub) -> None:
-    p = sub.add_parser("info", help="show a model's config, parameter count and files")
-    p.add_argument("model", help="model folder, weights file, preset name or hub id")
+    p = sub.add_parser("info", help="show a model's config, parameter count and files; without one, this machine's "
+                                    "CPU paths (processor, instruction set, decoding kernel, measured choices)")
+    p.add_argument("model", nargs="?", default=None, help="model folder, weights file, preset name or hub id")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure again which CPU paths are fastest here, store and show them (docs/performance.md)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("create", help="write a randomly initialised model folder from a preset")

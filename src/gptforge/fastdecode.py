@@ -11,26 +11,27 @@ values into the model's own `KVCache`, so prompts still run through torch and th
     logits = step(ids, pos, cache, visible)  # (rows, vocab) for one new token per row
 
 It applies to a model in eval mode on the CPU with fp32 embeddings, blocks of plain linear layers
-(`nn.Linear` or `Int8Linear`: no adapters) and LayerNorms, an activation the C code knows, at most
-native.MAX_ROWS rows (INT8_ROWS for an int8 model), and where the kernel is built and the kernels switch is
-on. Its numbers are the model's up to float rounding (sums in another order); an int8 model's are those of
+(`nn.Linear` or `Int8Linear`: no adapters) and LayerNorms, an activation the C code knows, and where the
+kernel is built and the kernels switch is on; for as many rows as it was measured faster than the model's
+torch forward on this machine (calibrate.py's `fp32_rows` and `int8_rows`, at most native.MAX_ROWS), on the
+measured number of threads (`threads`). Its numbers are the model's up to float rounding (sums in another order); an int8 model's are those of
 its int8 weights times their scales, without fbgemm's rounding of each input to 8 bits.
 """
 from __future__ import annotations
 
-import torch
-import torch.nn as nn
+import os
 
-from . import kernels, native
+import torch
+from torch import nn
+
+from . import calibrate, kernels, native
 from .kernels import Int8Linear, Linear
 from .model import GPT, KVCache
 
 _PLAIN = (nn.Linear, Linear, Int8Linear)
-# An int8 model's rows go through the C step up to this many: the step widens int8 weights to fp32 and so
-# multiplies at fp32 speed, which a few rows saturate, while fbgemm's int8 products (the torch path) multiply
-# four bytes per instruction. bench_decode_step, gpt2 shape, AMD EPYC, 2026-12-01: the C step against fbgemm
-# 1.78x at one row, 1.35x at two, 1.18x at three, 0.87x at four, 0.74x at eight (docs/benchmarks.md).
-INT8_ROWS = 3
+# An int8 model's step widens its weights to fp32 in C, while fbgemm's int8 products (the torch path) multiply
+# four bytes per instruction: which is faster at how many rows depends on the processor (on an AMD EPYC with
+# AVX-512 the C step led up to three rows, docs/benchmarks.md), so it is measured (`max_rows`).
 
 
 def _plain_linear(layer: nn.Module) -> bool:
@@ -56,9 +57,14 @@ def applies(model: GPT) -> bool:
     return _plain_norm(model.transformer.ln_f) and _plain_linear(model.lm_head) and native.available()
 
 
+def _int8(model: GPT) -> bool:
+    return any(isinstance(m, Int8Linear) for m in model.modules())
+
+
 def max_rows(model: GPT) -> int:
-    """How many sequences a step of this model may have to go through C: native.MAX_ROWS, INT8_ROWS int8."""
-    return INT8_ROWS if any(isinstance(m, Int8Linear) for m in model.modules()) else native.MAX_ROWS
+    """Up to how many sequences a step of this model goes through C: as measured on this machine (calibrate.py:
+    `int8_rows` for int8 weights, else `fp32_rows`; 0 to native.MAX_ROWS)."""
+    return calibrate.decision("int8_rows" if _int8(model) else "fp32_rows")
 
 
 class Decoder:
@@ -89,12 +95,12 @@ class Decoder:
                                   ptr(tr.ln_f.weight), ptr(tr.ln_f.bias), weight(model.lm_head), self.layers)
         self.n_positions, self.vocab = cfg.n_positions, model.lm_head.out_features
         self.heads, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
-        self.max_rows = max_rows(model)
+        self.int8 = _int8(model)
 
     def takes(self, rows: int) -> bool:
-        """Whether a step of `rows` sequences is for the C step (at most MAX_ROWS, INT8_ROWS int8) rather than
-        for torch's products."""
-        return 0 < rows <= self.max_rows
+        """Whether a step of `rows` sequences is for the C step (measured faster there) rather than for torch's
+        forward."""
+        return 0 < rows <= calibrate.decision("int8_rows" if self.int8 else "fp32_rows")
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache,
                  visible: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,10 +108,15 @@ class Decoder:
         (whose length grows by one): a `KVCache`, or any object with its `k`, `v` (lists of contiguous fp32
         (at least rows, heads, positions, head_dim) buffers, sequence r in row r) and `length`. `visible`
         (rows, cache.length + 1; bool): which positions each row attends to (False: padding), None for all."""
+        return self.run(ids, pos, cache, visible, calibrate.decision("threads"))
+
+    def run(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, visible: torch.Tensor | None,
+            threads: int) -> torch.Tensor:
+        """The step (see __call__) on `threads` threads (0: torch's number), whatever the measured choices."""
         rows, past = ids.numel(), cache.length
         max_len = cache.k[0].size(2)
-        if not self.takes(rows):
-            raise ValueError(f"the C step takes 1 to {self.max_rows} rows, not {rows}")
+        if not 0 < rows <= native.MAX_ROWS:
+            raise ValueError(f"the C step takes 1 to {native.MAX_ROWS} rows, not {rows}")
         if pos.numel() != rows:
             raise ValueError(f"{pos.numel()} positions for {rows} token ids")
         if past + 1 > max_len or not 0 <= int(pos.min()) <= int(pos.max()) < self.n_positions:
@@ -125,7 +136,14 @@ class Decoder:
             if visible.shape != (rows, past + 1):
                 raise ValueError(f"visible must be ({rows}, {past + 1}), not {tuple(visible.shape)}")
         logits = torch.empty(rows, self.vocab)
-        native.step(self.model, ids, pos, past, visible, logits)
+        before = torch.get_num_threads()
+        if threads and threads != before:
+            torch.set_num_threads(threads)  # torch's OpenMP pool, which the kernel shares
+        try:
+            native.step(self.model, ids, pos, past, visible, logits)
+        finally:
+            if threads and threads != before:
+                torch.set_num_threads(before)
         cache.length += 1
         return logits
 
@@ -136,4 +154,63 @@ def decoder(model: GPT, rows: int) -> Decoder | None:
     return Decoder(model) if applies(model) and 0 < rows <= max_rows(model) else None
 
 
-__all__ = ["Decoder", "INT8_ROWS", "applies", "decoder", "max_rows"]
+def _step_times(steps: dict, model: GPT, rows: int) -> dict[str, list[float]]:
+    """Timings (calibrate.timings) of one decoding step of `rows` sequences after 32 cached positions for each
+    of `steps` (name: `step(ids, pos, cache)`), taken in turn."""
+    cache, ids, pos = model.new_cache(rows, 40), torch.zeros(rows, dtype=torch.long), torch.full((rows, 1), 32)
+
+    def once(step):
+        def run():
+            cache.length = 32
+            step(ids, pos, cache)
+        return run
+    return calibrate.timings({name: once(step) for name, step in steps.items()})
+
+
+def _rows_in_c(model: GPT, name: str, timings: dict) -> int:
+    """Up to how many rows the C step is not beaten by the model's torch forward (stopping at the first where
+    it is)."""
+    c_step = Decoder(model)
+    steps = {"c": lambda i, p, c: c_step.run(i, p, c, None, 0),
+             "torch": lambda i, p, c: model(i[:, None], cache=c, position_ids=p, logits_to_keep=1)}
+    timings[f"{name}_step_ms"] = table = {}
+    with kernels.cpu_inference_weights(model):
+        for rows in range(1, native.MAX_ROWS + 1):
+            t = _step_times(steps, model, rows)
+            table[rows] = calibrate.best_ms(t)
+            if calibrate.beats(t, "torch", "c"):
+                return rows - 1
+    return native.MAX_ROWS
+
+
+def measure_steps() -> tuple[dict, dict]:
+    """The `fp32_rows`, `int8_rows` and `threads` decisions, from decoding steps of a two-block model of gpt2's
+    width (an 8,192-token head), fp32 and int8, C against torch at each row count, the C step on 1, torch's
+    and all the CPUs' threads."""
+    if not (kernels.enabled() and native.available()):
+        return {}, {}  # nothing to choose between
+    from .config import GPTConfig
+    from .quantize import quantize_model
+
+    # not inference mode (first use may come inside generate's): the packed copies are keyed by weight versions
+    with torch.inference_mode(False), torch.random.fork_rng(devices=[]):  # and the caller's random numbers stay
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=8192, n_positions=64, n_embd=768, n_layer=2, n_head=12)).eval()
+    with torch.inference_mode(False), torch.no_grad():
+        timings = {}
+        decisions = {"fp32_rows": _rows_in_c(model, "fp32", timings)}
+        c_step = Decoder(model)
+        now = torch.get_num_threads()
+        candidates = sorted({1, now, os.cpu_count() or 1})
+        by_threads = _step_times({n: lambda i, p, c, n=n: c_step.run(i, p, c, None, n) for n in candidates}, model, 1)
+        winners = [n for n in candidates if n != now and calibrate.beats(by_threads, n, now)]
+        decisions["threads"] = min(winners, key=lambda n: by_threads[n][0]) if winners else 0  # 0: torch's
+        timings["threads_step_ms"] = calibrate.best_ms(by_threads)
+        decisions["int8_rows"] = _rows_in_c(quantize_model(model), "int8", timings)
+    return decisions, timings
+
+
+calibrate.MEASURES["steps"] = measure_steps
+
+
+__all__ = ["Decoder", "applies", "decoder", "max_rows", "measure_steps"]

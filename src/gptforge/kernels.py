@@ -2,14 +2,13 @@
 attention-with-dropout and a LoRA adapter's activated input that keep less for the backward pass, packed
 weights, and the int8 linear layer (fbgemm's int8 products, the plain product elsewhere).
 
-On x86 CPUs other than Intel's, fp32 matrix products go through oneDNN rather than the BLAS that torch.mm
-calls (MKL in torch's wheels, which takes a slow path on other vendors' processors): on the 2-core AMD
-EPYC we measure on, oneDNN ran them at 2.0-2.4x the BLAS rate, with the same fp32 math; on an Intel Xeon,
-where MKL is at home, a training step was a fifth slower with them than without (docs/benchmarks.md), so
-Intel processors keep torch's products. The ops are torch's internal `torch.ops.mkldnn.*`, so they are used
-only when this torch build has them, when they agree with `F.linear` on a small check the first time they
-are needed, and when the environment does not say `GPTFORGE_KERNELS=0` (which turns every fast path here
-off). Elsewhere (CUDA, ARM, autocast, torch.compile) each function is the plain torch call.
+fp32 matrix products go through oneDNN rather than torch.mm's BLAS where that was measured faster on this
+machine (calibrate.py's `onednn`, once per processor): on a 2-core AMD EPYC oneDNN ran at 2.0-2.4x MKL,
+which takes a slow path on other vendors' processors; on an Intel Xeon a training step was a fifth slower
+with it (docs/benchmarks.md). The ops are torch's internal `torch.ops.mkldnn.*`, used only when this torch
+build has them, when they agree with `F.linear` on a small check the first time they are needed, and when
+the environment does not say `GPTFORGE_KERNELS=0` (which turns every fast path here off). Elsewhere (CUDA,
+ARM, autocast, torch.compile) each function is the plain torch call.
 """
 from __future__ import annotations
 
@@ -21,10 +20,10 @@ import warnings
 import weakref
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
-from . import native
+from . import calibrate, native
 
 SWITCH = "GPTFORGE_KERNELS"  # "0" turns the fast paths off
 
@@ -54,15 +53,14 @@ def _onednn_checked() -> bool:
     return ok
 
 
-@functools.lru_cache(maxsize=1)
 def _onednn_faster() -> bool:
-    """Whether oneDNN's products beat torch's BLAS on this processor: not on Intel's (see the module notes)."""
-    return native.cpu_info("vendor_id") != "GenuineIntel"
+    """Whether oneDNN's products beat torch's BLAS on this machine, as measured (calibrate.py's `onednn`)."""
+    return calibrate.decision("onednn")
 
 
 def onednn() -> bool:
-    """Whether fp32 CPU products go through oneDNN in this process."""
-    return enabled() and _onednn_faster() and _onednn_checked()
+    """Whether fp32 CPU products go through oneDNN in this process: where they work and measured faster."""
+    return enabled() and _onednn_checked() and _onednn_faster()
 
 
 def _fp32_cpu(x: torch.Tensor) -> bool:
@@ -128,6 +126,7 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+calibrate.MEASURES["products"] = lambda: calibrate.compare_products(lambda a, b: onednn_linear(a.contiguous(), b.t()))
 # --- the loss head -------------------------------------------------------------------------------------
 
 
@@ -374,14 +373,11 @@ def is_packed(layer: nn.Linear) -> bool:
 @contextlib.contextmanager
 def cpu_inference_weights(model: nn.Module, keep: bool = True):
     """For the duration, the model's fp32 CPU `nn.Linear` layers multiply faster (gradients off), with the same
-    products up to float rounding. A decoding step's few rows (at most native.MAX_ROWS) go through the
-    decoding kernel (native.py) on a copy of the weight packed for it; longer inputs (prompts) through
-    oneDNN where it is used (`onednn()`), else torch's product. Where the kernel cannot be built, every
-    product uses a oneDNN-packed copy, as before it existed:
-    about twice the plain BLAS call's speed for decoding on a 2-core x86 CPU (docs/benchmarks.md). The
-    copies cost as much memory as the weights and are made on first use (~0.15 s for `gpt2`); with `keep`
-    they are reused by later calls while the weights stay unchanged, without it (a model in training, whose
-    weights change anyway) they are dropped on exit. Elsewhere (CUDA, bf16, no oneDNN) it does nothing.
+    products up to float rounding: a decoding step's few rows (at most native.MAX_ROWS) through the decoding
+    kernel (native.py) on a copy packed for it; longer inputs (prompts) through oneDNN where it is used
+    (`onednn()`), else torch's product; without the kernel, every product on a oneDNN-packed copy. The copies
+    cost as much memory as the weights, made on first use (~0.15 s for `gpt2`) and, with `keep`, reused while
+    the weights stay unchanged; without it (a model in training) dropped on exit. Elsewhere it does nothing.
     """
     layers = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.device.type == "cpu"
               and m.weight.dtype == torch.float32]
@@ -500,5 +496,5 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-__all__ = ["Int8Linear", "Linear", "SWITCH", "cpu_inference_weights", "decoding_weight", "enabled", "is_packed", "linear",
-           "linear_cross_entropy", "matmul", "onednn", "onednn_linear", "quantize_rows"]
+__all__ = ["SWITCH", "Int8Linear", "Linear", "cpu_inference_weights", "decoding_weight", "enabled", "is_packed",
+           "linear", "linear_cross_entropy", "matmul", "onednn", "onednn_linear", "quantize_rows"]

@@ -29,24 +29,64 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .errors import OptionError
+
 SOURCE = Path(__file__).with_name("csrc") / "decode.c"
 MAX_ROWS = 8  # a decoding batch's rows (measured at 1 and 8 by bench_gemv); longer inputs are prompts, for a GEMM
 # reassociating the sums (not -ffast-math, which can change the whole process's float modes) lets the compiler
 # vectorise them with several accumulators
-FLAGS = ["-O3", "-march=native", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-fopenmp", "-fPIC"]
+FLAGS = ["-O3", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-fPIC"]
+ISA = "GPTFORGE_ISA"  # the instruction-set level the kernel is built for: native (default), avx2 or avx512
+# x86-64 levels: what the compiler may use, and the /proc/cpuinfo flags a processor needs to run the result
+LEVELS = {"avx2": ("-march=x86-64-v3", ("avx2", "fma", "bmi2", "f16c", "movbe")),
+          "avx512": ("-march=x86-64-v4", ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"))}
+
+
+def isa() -> str:
+    """The level the environment asks for (`GPTFORGE_ISA`): "native", "avx2" or "avx512"."""
+    level = os.environ.get(ISA, "native").strip().lower() or "native"
+    if level != "native" and level not in LEVELS:
+        raise OptionError(f"{ISA}={level!r} is not an instruction-set level: use native, avx2 or avx512")
+    return level
+
+
+def runs_here(level: str) -> bool:
+    """Whether this processor can run code built for `level` (native always can)."""
+    if level == "native":
+        return True
+    flags = set((cpu_info("flags") or "").split())
+    return on_x86() and all(f in flags for f in LEVELS[level][1])
+
+
+def march(level: str) -> list[str]:
+    """The compiler's target flag for `level`: -march=native on x86, -mcpu=native on ARM."""
+    if level != "native":
+        return [LEVELS[level][0]]
+    return ["-march=native"] if on_x86() else ["-mcpu=native"]
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("GPTFORGE_CACHE") or Path.home() / ".cache" / "gptforge")
 
 
+def on_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def supported() -> bool:
+    """Whether the kernel is built on this system at all: Linux or macOS, on x86-64 or ARM64."""
+    return platform.system() in ("Linux", "Darwin") and (on_x86() or platform.machine().lower() in ("aarch64", "arm64"))
+
+
 def _torch_openmp() -> Path | None:
-    """The libgomp torch's wheel ships and has loaded (None: a torch built otherwise)."""
-    lib = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
-    return lib if lib.is_file() else None
+    """The libgomp torch's wheel ships and has loaded (torch/lib on x86, torch.libs on ARM Linux); None where
+    there is none to share (macOS, whose Apple clang has no -fopenmp, or a torch built otherwise)."""
+    root = Path(torch.__file__).parent
+    found = [root / "lib" / "libgomp.so.1", *sorted(root.parent.glob("torch.libs/libgomp*.so*"))]
+    return next((lib for lib in found if lib.is_file()), None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_info(field: str) -> str | None:
     """The first processor's `field` in /proc/cpuinfo (e.g. "vendor_id", "flags"); None where there is none."""
     try:
@@ -58,32 +98,38 @@ def cpu_info(field: str) -> str | None:
 
 def _cpu_key() -> str:
     """What -march=native depends on: the processor's feature flags."""
-    return cpu_info("flags") or platform.processor()
+    return cpu_info("flags") or cpu_info("Features") or f"{platform.machine()} {platform.processor()}"
 
 
-def _build() -> Path:
-    """The shared library for this source, compiler flags and processor, compiled unless cached."""
-    gomp = _torch_openmp()
-    if gomp is None:
-        raise OSError("torch ships no libgomp.so.1")
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, str(gomp), _cpu_key()]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"decode-{key}.so"
+def build_flags(level: str) -> list[str]:
+    """The compiler flags for `level`; OpenMP only where torch has a libgomp to share."""
+    return [*FLAGS, *march(level), *(["-fopenmp"] if _torch_openmp() else [])]
+
+
+def build_key(level: str) -> str:
+    """What the compiled library depends on: the source, the flags, torch's OpenMP runtime and the processor."""
+    parts = [SOURCE.read_text(), *build_flags(level), str(_torch_openmp()), _cpu_key(), level]
+    return f"{level}-" + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def _build(level: str) -> Path:
+    """The shared library for this source at `level`, compiled unless cached."""
+    target = cache_dir() / f"decode-{build_key(level)}.so"
     if target.is_file():
         return target
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc or gcc) found")
+    gomp = _torch_openmp()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         obj, lib = Path(tmp) / "decode.o", Path(tmp) / "decode.so"
-        subprocess.run([compiler, *FLAGS, "-c", str(SOURCE), "-o", str(obj)], check=True, capture_output=True)
-        subprocess.run([compiler, "-shared", str(obj), str(gomp), "-o", str(lib)], check=True, capture_output=True)
+        run = functools.partial(subprocess.run, check=True, capture_output=True)
+        run([compiler, *build_flags(level), "-c", str(SOURCE), "-o", str(obj)])
+        run([compiler, "-shared", str(obj), *([str(gomp)] if gomp else []), "-o", str(lib)])
         os.replace(lib, target)  # atomic: another process building at the same time writes the same file
     return target
 
-
-def on_x86_linux() -> bool:
-    return platform.system() == "Linux" and platform.machine().lower() in ("x86_64", "amd64")
 
 
 class Weight(ctypes.Structure):
@@ -113,16 +159,26 @@ ACTIVATIONS = {"gelu_new": 0, "gelu_pytorch_tanh": 0, "gelu_fast": 0, "gelu": 1,
                "quick_gelu": 4}
 
 
-@functools.lru_cache(maxsize=1)
 def _library():
-    if not on_x86_linux():
+    """The kernel at the level the environment asks for (`isa()`), or None where it cannot be used."""
+    return _load(isa())
+
+
+@functools.cache
+def _load(level: str):
+    if not supported():
+        return None
+    if not runs_here(level):
+        warnings.warn(f"{ISA}={level}: this processor cannot run it; using torch's products")
         return None
     try:
-        lib = ctypes.CDLL(str(_build()))
+        lib = ctypes.CDLL(str(_build(level)))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = e.stderr.decode(errors="replace").strip()[-300:] if isinstance(e, subprocess.CalledProcessError) else e
         warnings.warn(f"gptforge's decoding kernel could not be built ({detail}); using torch's products")
         return None
+    if _torch_openmp() is None:
+        warnings.warn("gptforge's decoding kernel is built without OpenMP (torch ships no libgomp here): one thread")
     lib.gptforge_gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3
     lib.gptforge_gemv.restype = None
     lib.gptforge_step.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
@@ -202,18 +258,42 @@ def _call(lib, x: torch.Tensor, w: Packed, bias: torch.Tensor | None) -> torch.T
     return y
 
 
+def rounding_bound(x: torch.Tensor, w: torch.Tensor, extra: int = 3) -> torch.Tensor:
+    """How far two fp32 evaluations of x @ w.T (plus a bias, a scale) may differ by rounding alone, in any
+    order of summation: each is within gamma(n) * sum_i |x_i w_i| of the exact sum, gamma(n) = n u / (1 - n u)
+    with u = 2^-24, n the sum's length and `extra` roundings besides (scaling, adding the bias, the
+    reference's own q * scale); twice that for the two. Shape (rows, out), in float64."""
+    n = x.shape[-1] + extra
+    u = torch.finfo(torch.float32).eps / 2
+    return 2 * (n * u / (1 - n * u)) * (x.double().abs() @ w.double().abs().T)
+
+
 def _agrees(lib) -> bool:
     g = torch.Generator().manual_seed(0)
     for rows, out, inp in ((1, 37, 45), (3, 64, 128), (8, 130, 96), (5, 3, 16)):
         x, w, b = torch.randn(rows, inp, generator=g), torch.randn(out, inp, generator=g), torch.randn(out, generator=g)
         q = torch.randint(-127, 128, (out, inp), generator=g, dtype=torch.int8)
         scale = torch.rand(out, generator=g) / 64
+        wq = q.float() * scale[:, None]
         for bias in (b, None):
-            if not (torch.allclose(_call(lib, x, pack(w), bias), F.linear(x, w, bias), atol=1e-4, rtol=1e-4)
-                    and torch.allclose(_call(lib, x, pack_int8(q, scale), bias),
-                                       F.linear(x, q.float() * scale[:, None], bias), atol=1e-4, rtol=1e-4)):
-                return False
+            for ours, weight in ((_call(lib, x, pack(w), bias), w), (_call(lib, x, pack_int8(q, scale), bias), wq)):
+                if not ((ours - F.linear(x, weight, bias)).abs() <= rounding_bound(x, weight)).all():
+                    return False
     return True
+
+
+def describe() -> list[str]:
+    """Lines for `gptforge info`: the processor, the instruction-set level asked for and those it runs, the
+    kernel's library (building it if needed)."""
+    name = cpu_info("model name") or platform.processor() or "unknown processor"
+    runs = ", ".join(level for level in LEVELS if runs_here(level)) or "none of " + ", ".join(LEVELS)
+    level = isa()
+    lines = [f"processor: {name} ({platform.machine()}, {os.cpu_count()} CPUs)",
+             f"instruction set: {level} ({ISA}; this processor runs native, {runs})"]
+    if not available():
+        return [*lines, "decoding kernel: not available here (torch's products are used)"]
+    threads = "one thread (no OpenMP)" if _torch_openmp() is None else "OpenMP shared with torch"
+    return [*lines, f"decoding kernel: {cache_dir() / f'decode-{build_key(level)}.so'} ({threads})"]
 
 
 def available() -> bool:
@@ -243,5 +323,6 @@ def step(model: Model, ids: torch.Tensor, pos: torch.Tensor, past: int, visible:
         raise MemoryError("gptforge's decoding step could not allocate its buffers")
 
 
-__all__ = ["ACTIVATIONS", "MAX_ROWS", "Layer", "Model", "Packed", "Weight", "available", "cache_dir", "cpu_info",
-           "fits", "gemv", "pack", "pack_int8", "step"]
+__all__ = ["ACTIVATIONS", "ISA", "LEVELS", "MAX_ROWS", "Layer", "Model", "Packed", "Weight", "available",
+           "build_key", "cache_dir", "cpu_info", "describe", "fits", "gemv", "isa", "pack", "pack_int8", "rounding_bound",
+           "runs_here", "step", "supported"]

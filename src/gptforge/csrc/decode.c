@@ -13,9 +13,15 @@
    gptforge_step runs everything else of a step too (embeddings, layer norms, attention over the KV cache,
    activation, residual adds, the head), so that a token costs one call from Python rather than some 150
    small torch operations. Written with GCC/Clang vector extensions, which compile to the widest vectors
-   the processor has (-march=native). */
+   the target has (-march=native, or the level gptforge.native.isa() names): AVX-512 or AVX2 on x86-64, NEON
+   on ARM64; the only intrinsics, widening int8, have a plain C form for any other target. Built without
+   -fopenmp (Apple's clang), the pragmas are ignored and it runs on one thread. */
 
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -58,6 +64,14 @@ static inline vf load8(const signed char *p) {
     vf v;
     __builtin_memcpy(&v, &lo, sizeof lo);
     __builtin_memcpy((char *)&v + sizeof lo, &hi, sizeof hi);
+    return v;
+#elif defined(__ARM_NEON)
+    int8x16_t b = vld1q_s8(p);
+    int16x8_t lo = vmovl_s8(vget_low_s8(b)), hi = vmovl_s8(vget_high_s8(b));
+    float32x4_t f[4] = {vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))), vcvtq_f32_s32(vmovl_s16(vget_high_s16(lo))),
+                        vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))), vcvtq_f32_s32(vmovl_s16(vget_high_s16(hi)))};
+    vf v;
+    __builtin_memcpy(&v, f, sizeof v);
     return v;
 #else
     vf v;

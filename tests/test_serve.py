@@ -213,7 +213,7 @@ def test_a_port_out_of_range_is_one_line(folders, capsys):
     from gptforge.cli import main
 
     assert main(["serve", str(folders[0]), "--port", "70000"]) == 2  # used to be an OverflowError traceback
-    assert "--port 70000: a port is a number from 0 to 65535" in capsys.readouterr().err
+    assert "--port 70000: must be an integer at least 0 and at most 65535" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -26,9 +26,10 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, groups: dict | N
             kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
             if f.name == "max_time":
                 kind = _argparse_type(parse_duration)
-            action = where.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=meta.get("choices"),
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            action = where.add_argument(flag, dest=f.name, type=kind, default=default, choices=meta.get("choices"),
                                         help=meta.get("help", ""))
-            shown = f.default
+            shown = default if default != [] else None
         if shown is not None and shown != "" and "default" not in action.help:
             action.help += f" (default: {shown})"
 

@@ -26,95 +26,32 @@ class ServeError(GPTForgeError, ValueError):
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The `serve` flags (defaults from ServeOptions, without importing it)."""
+    """The `serve` flags: ServeOptions' fields, and how to open the model."""
+    from ..cli_args import add_dataclass_options
+    from ..options import ServeOptions
+
     parser.add_argument("model", help="model folder (or hub id) to serve")
-    parser.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the "
-        "network, so set --api-key)",
-    )
-    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
-    parser.add_argument(
-        "--api-key",
-        default=None,
-        help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV} if set)",
-    )
-    parser.add_argument("--model-name", help="the model id clients use (default: the folder's name)")
-    parser.add_argument("--max-batch", type=int, default=32, help="sequences generated together (default: 32)")
-    parser.add_argument(
-        "--max-queue",
-        type=int,
-        default=256,
-        help="sequences that may wait beyond --max-batch; more are answered 429 (default: 256)",
-    )
-    parser.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask (default: context - 1)")
-    parser.add_argument("--max-body", type=int, default=1 << 20, help="request body limit in bytes (default: 1 MiB)")
+    add_dataclass_options(parser, ServeOptions)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
     parser.add_argument("--adapter", help="LoRA adapter folder (gptforge's or peft's), merged into the model on load")
     parser.add_argument(
         "--quantize", choices=("int8",), help="int8 weights for the linear layers and the head, made on load"
     )
-    parser.add_argument(
-        "--allowed-hosts",
-        type=_names,
-        default=[],
-        metavar="NAMES",
-        help="more Host names to answer to, comma-separated ('*.example.com' a domain, '*' any); "
-        "by default only the names it listens as (for 127.0.0.1: localhost, 127.0.0.1, ::1)",
-    )
-    parser.add_argument(
-        "--cors-origins",
-        type=_names,
-        default=[],
-        metavar="ORIGINS",
-        help="web pages of other origins that may call the API, comma-separated, as "
-        "'https://app.example:8443' ('*' any); by default only the playground's own",
-    )
-    parser.add_argument(
-        "--header-timeout",
-        type=float,
-        default=10.0,
-        metavar="SECONDS",
-        help="seconds a client has to send a request's headers (default: 10)",
-    )
-    parser.add_argument(
-        "--max-connections",
-        type=int,
-        metavar="N",
-        help="connections held at once; one more is answered 503 (default: 64 below the open-file limit, at most 4096)",
-    )
-    parser.add_argument(
-        "--log-level",
-        default="warning",
-        choices=("debug", "info", "warning", "error"),
-        help="uvicorn's log level; info shows each request (default: warning)",
-    )
     return parser
-
-
-def _names(text: str) -> list[str]:
-    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Load the model named in `args` and serve it until interrupted; returns an exit code."""
-    for name, low in (("max_batch", 1), ("max_queue", 0), ("max_body", 1024), ("port", 0)):
-        if getattr(args, name) < low:
-            raise ServeError(f"--{name.replace('_', '-')} must be at least {low}")
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise ServeError("--max-tokens must be at least 1")
-    if args.max_connections is not None and args.max_connections < 1:
-        raise ServeError("--max-connections must be at least 1")
-    if not 0 < args.header_timeout < float("inf"):
-        raise ServeError(f"--header-timeout {args.header_timeout}: give a number of seconds above 0")
-    if args.port > 65535:
-        raise ServeError(f"--port {args.port}: a port is a number from 0 to 65535 (0 picks a free one)")
+    from ..cli_args import option_values
+    from ..options import ServeOptions
+
+    fields = option_values(args, ServeOptions)
+    options = ServeOptions(**{**fields, "api_key": fields["api_key"] or os.environ.get(API_KEY_ENV) or None})
     try:
         import uvicorn  # noqa: F401
 
         from ..chat import chat_template_file, read_chat_template
-        from .app import ServeOptions, Server, create_app
+        from .app import Server, create_app
         from .guard import default_max_connections, run
     except ImportError as e:
         raise ServeError(f"serving needs the web extra ({e.name} is missing): pip install 'gptforge[serve]'") from None
@@ -124,24 +61,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     base, adapter = resolve_base(args.model, args.adapter)  # MODEL may be an adapter folder naming its base
     if adapter:
         read_adapter(adapter)  # a bad adapter fails before the port is taken
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    api_key = options.api_key
     try:  # bind first: a port in use should fail before the model takes seconds to load
         sock = socket.create_server((args.host, args.port))
     except OSError as e:
         raise ServeError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    options = ServeOptions(
-        api_key=api_key,
-        max_batch=args.max_batch,
-        max_queue=args.max_queue,
-        max_tokens=args.max_tokens,
-        max_body=args.max_body,
-        model_name=args.model_name,
-        host=args.host,
-        allowed_hosts=args.allowed_hosts,
-        cors_origins=args.cors_origins,
-        header_timeout=args.header_timeout,
-        max_connections=args.max_connections,
-    )
     name = Path(str(args.model).rstrip("/\\")).name or "model"
     if is_classifier_folder(base):  # labels and probabilities on /v1/classifications
         server, app = _classifier_app(base, adapter, args, options, name)
@@ -173,9 +97,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         app,
         sock,
         getattr(server, "close", lambda: None),
-        args.header_timeout,
-        args.max_connections or default_max_connections(),
-        args.log_level,
+        options.header_timeout,
+        options.max_connections or default_max_connections(),
+        options.log_level,
     )
     return 0
 
@@ -212,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def __getattr__(name: str):
-    if name in ("create_app", "Server", "ServeOptions", "ApiError"):
+    if name == "ServeOptions":
+        from ..options import ServeOptions
+
+        return ServeOptions
+    if name in ("create_app", "Server", "ApiError"):
         from . import app
 
         return getattr(app, name)

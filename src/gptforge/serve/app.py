@@ -16,7 +16,6 @@ import sys
 import time
 import traceback
 import uuid
-from dataclasses import dataclass, field
 from importlib import resources
 
 from starlette.applications import Starlette
@@ -28,6 +27,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from ..chat import ChatTemplate, template_of
+from ..options import ServeOptions
 from .engine import Engine, Event, Sequence
 from .guard import HostGuard, host_names
 from .protocol import (
@@ -43,25 +43,6 @@ from .requests import Job, RequestParsing
 from .stream import EventStream, stream_events, usage
 
 SHUTTING_DOWN = "the server is shutting down"
-
-
-@dataclass
-class ServeOptions:
-    """Limits and security settings of a server (the CLI flags are made from these)."""
-
-    api_key: str | None = None  # require `Authorization: Bearer KEY` on /v1 routes
-    max_batch: int = 32  # sequences decoded together
-    max_queue: int = 256  # sequences waiting beyond those; more is answered 429
-    max_tokens: int | None = None  # largest max_tokens a request may ask for (default: the context - 1)
-    max_body: int = 1 << 20  # request body limit in bytes
-    max_n: int = 8  # choices per prompt
-    model_name: str | None = None  # the id in /v1/models (default: the folder's name)
-    host: str = "127.0.0.1"  # the address it listens on: the Host names it answers to follow from it
-    allowed_hosts: list[str] = field(default_factory=list)  # more Host names to answer to ("*": any)
-    cors_origins: list[str] = field(default_factory=list)  # other origins whose pages may call it ("*": any)
-    header_timeout: float = 10.0  # seconds a client has to send a request's headers
-    max_connections: int | None = None  # connections held at once (default: below the file descriptor limit)
-    template_seconds: float = 3.0  # how long a chat template may take to render one request
 
 
 class Server(RequestParsing):

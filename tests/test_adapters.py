@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptforge.adapters import (apply_lora, base_fingerprint, has_lora, load_adapter, load_with_adapter, merge_lora,
-                               merge_to_folder, save_adapter)
-from gptforge.checkpoint import list_checkpoints, load_model, load_training_state, save_model
+from gptforge.adapters import apply_lora, base_fingerprint, has_lora, load_adapter, merge_lora, save_adapter
+from gptforge.checkpoint import load_model, load_model_and_tokenizer, merge_to_folder, save_model
 from gptforge.config import GPTConfig
 from gptforge.errors import CheckpointError, OptionError, RunFolderError
 from gptforge.model import GPT
 from gptforge.options import LoRAOptions
+from gptforge.train.state import list_checkpoints, load_training_state
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -114,7 +114,7 @@ def test_adapter_folder_alone_names_its_base(base, ids, tmp_path):
     apply_lora(model, 2, 4.0, base=base)
     _randomise_b(model)
     save_adapter(model, tmp_path)
-    loaded, tokenizer = load_with_adapter(tmp_path, device="cpu")  # no base given: adapter_config.json names it
+    loaded, tokenizer = load_model_and_tokenizer(tmp_path, device="cpu")  # no base given: adapter_config.json names it
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids)[0], model.eval()(ids)[0], atol=1e-5, rtol=1e-5)
     assert tokenizer.vocab_size == model.config.vocab_size
@@ -184,7 +184,7 @@ def test_lora_training_saves_the_adapter_only(base, tmp_path, sample_text, one_t
     state = load_training_state(ckpt)
     assert len(state["optimizer"]["state"]) == 2 * 2  # lora_A and lora_B of c_attn in 2 layers: nothing of the base
     base_weights = load_model(base).state_dict()
-    trained, _ = load_with_adapter(base, final, device="cpu")
+    trained, _ = load_model_and_tokenizer(base, adapter=final, device="cpu")
     assert not torch.equal(trained.transformer.h[0].attn.c_attn.weight, base_weights["transformer.h.0.attn.c_attn.weight"])
     assert torch.equal(trained.transformer.h[0].mlp.c_fc.weight, base_weights["transformer.h.0.mlp.c_fc.weight"])
 

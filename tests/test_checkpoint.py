@@ -5,13 +5,12 @@ import json
 import os
 
 import pytest
-from conftest import LazyTransformers
 import torch
+from conftest import LazyTransformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gptforge import GPT, CheckpointError, ConfigError, GPTConfig, load_model, save_model
-from gptforge import checkpoint
+from gptforge import GPT, CheckpointError, ConfigError, GPTConfig, checkpoint, load_model, save_model
 from gptforge.checkpoint import from_hf_state_dict, read_state_dict
 
 transformers = LazyTransformers()  # tests that use it skip one by one without it

@@ -9,11 +9,17 @@ import signal
 import numpy as np
 import pytest
 import torch
-
 from conftest import LazyTransformers
+
 from gptforge.checkpoint import load_model, save_model
-from gptforge.classify import (classification_metrics, evaluate_classifier, from_language_model, load_classifier, predict,
-                               save_classifier)
+from gptforge.classify import (
+    classification_metrics,
+    evaluate_classifier,
+    from_language_model,
+    load_classifier,
+    predict,
+    save_classifier,
+)
 from gptforge.cli import main
 from gptforge.config import GPTConfig
 from gptforge.data.labelled import read_labelled, stratified_split

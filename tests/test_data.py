@@ -11,8 +11,17 @@ import torch
 import gptforge.data.reading
 import gptforge.data.shards  # noqa: F401  (data.shards, patched below)
 from gptforge import data
-from gptforge.data import (Batches, DataError, Prefetcher, ShardedTokens, TokenDataset, load_meta, load_split,
-                           prepare, token_dtype)
+from gptforge.data import (
+    Batches,
+    DataError,
+    Prefetcher,
+    ShardedTokens,
+    TokenDataset,
+    load_meta,
+    load_split,
+    prepare,
+    token_dtype,
+)
 from gptforge.tokenizer import EOS, train_tokenizer
 
 

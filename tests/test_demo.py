@@ -11,7 +11,6 @@ import gptforge.demo
 from gptforge import load_model, load_tokenizer
 from gptforge.cli import main
 
-
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 

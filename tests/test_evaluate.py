@@ -5,9 +5,9 @@ import math
 
 import numpy as np
 import pytest
-from conftest import LazyTransformers
 import torch
 import torch.nn.functional as F
+from conftest import LazyTransformers
 
 from gptforge.evaluate import evaluate_text, evaluate_tokens, sliding_windows
 
@@ -132,7 +132,8 @@ def test_bad_files(models, tmp_path, byte_tokenizer):
 def test_cli_eval_equals_the_api(models, hf_gpt2_dir, tmp_path, sample_text, capsys):
     import json
 
-    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers import models as tok_models
 
     from gptforge.cli import main
     from gptforge.tokenizer import load_tokenizer

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from gptforge.generate import (
-    SamplingOptions,
     NGramBan,
-    pick,
+    SamplingOptions,
     apply_repetition_penalty,
     generate,
     generate_ids,
+    pick,
     process_logits,
     top_k_filter,
     top_p_filter,

@@ -135,7 +135,7 @@ def test_example_files_are_recognised(tmp_path):
 
 
 def test_instruction_tuning_with_lora_end_to_end(base, tmp_path, capsys, one_thread):
-    from gptforge.adapters import load_with_adapter
+    from gptforge.checkpoint import load_model_and_tokenizer
     from gptforge.cli import main
     from gptforge.train.pipeline import run_training
 
@@ -151,7 +151,7 @@ def test_instruction_tuning_with_lora_end_to_end(base, tmp_path, capsys, one_thr
     assert any("val_loss" in r for r in rows_logged)
     config = json.loads((tmp_path / "bot" / "tokenizer_config.json").read_text())
     assert config["chat_template"] == DEFAULT_CHAT_TEMPLATE  # generate --chat and transformers find it
-    _, tok = load_with_adapter(tmp_path / "bot", device="cpu")
+    _, tok = load_model_and_tokenizer(tmp_path / "bot", device="cpu")
     assert Conversation(tok).ask("Hi") == "### User:\nHi\n\n### Assistant:\n"
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "bot"), "Number 3?", "--chat", "--seed", "1", "--max-new-tokens", "5",

@@ -4,9 +4,9 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import LazyTransformers
 import torch
 import torch.nn.functional as F
+from conftest import LazyTransformers
 
 import gptforge.kernels as kernels
 import gptforge.model as model_module

@@ -19,7 +19,6 @@ from gptforge.quantize import (
     WEIGHTS_NAME,
     check_method,
     is_quantized,
-
     quantize_model,
 )
 

@@ -3,14 +3,14 @@ an untied output head and squared ReLU (the last two through transformers both w
 from __future__ import annotations
 
 import pytest
-from conftest import LazyTransformers
 import torch
+from conftest import LazyTransformers
 
 from gptforge import GPT, GPTConfig, options
 from gptforge.checkpoint import load_model, save_model
 from gptforge.errors import OptionError
 from gptforge.options import SCRATCH_DEFAULTS
-from gptforge.train import Trainer, TrainConfig, load_run_data, lr_at, train
+from gptforge.train import TrainConfig, Trainer, load_run_data, lr_at, train
 from gptforge.train.optim import Muon, configure_optimizer, orthogonalize
 from gptforge.train.pipeline import zero_output_projections
 

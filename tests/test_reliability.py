@@ -4,6 +4,7 @@ Each test here is a row of docs/reliability.md: a bad input or a fault, and what
 """
 from __future__ import annotations
 
+import _thread
 import contextlib
 import errno
 import os
@@ -11,20 +12,28 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import _thread
 from pathlib import Path
 
 import pytest
 import torch
 
-from gptforge.checkpoint import list_checkpoints, load_training_state, save_checkpoint, save_model
+from gptforge.checkpoint import save_model
 from gptforge.cli import main
 from gptforge.config import GPTConfig
-from gptforge.errors import CheckpointError, ConfigError, DataError, OptionError, RunFolderError, TokenizerError, TrainingError
+from gptforge.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    OptionError,
+    RunFolderError,
+    TokenizerError,
+    TrainingError,
+)
 from gptforge.fsio import LOCK_NAME, atomic_write, clean_leftovers, exclusive_lock
 from gptforge.model import GPT
 from gptforge.tokenizer import train_tokenizer
 from gptforge.train.pipeline import run_training
+from gptforge.train.state import list_checkpoints, load_training_state, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -595,7 +604,8 @@ def test_written_files_honour_the_umask(tmp_path, corpus):
 
 
 def test_tokenizer_training_sees_bounded_pieces_with_the_same_merges(monkeypatch):
-    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
 
     import gptforge.data.reading as reading
     from gptforge.data.reading import split_long

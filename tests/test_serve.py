@@ -200,8 +200,8 @@ def folders(tiny, tmp_path_factory):
 
 def test_a_server_built_in_python_takes_the_folders_chat_template(folders):
     # docs/serve.md's create_app(Server(model, tok, ServeOptions())) used to have chat off
-    from gptforge.checkpoint import load_model_and_tokenizer
     from gptforge.chat import DEFAULT_CHAT_TEMPLATE
+    from gptforge.checkpoint import load_model_and_tokenizer
     from gptforge.serve import ServeOptions, Server
 
     plain, chat = folders

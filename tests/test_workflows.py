@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptforge import GPTForge, GPTForgeError, TokenDataset, build_gpt2_config, load_model, load_tokenizer, train_tokenizer
+from gptforge import (
+    GPTForge,
+    GPTForgeError,
+    TokenDataset,
+    build_gpt2_config,
+    load_model,
+    load_tokenizer,
+    train_tokenizer,
+)
 from gptforge.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,8 @@ The public API is imported on first use, so that `gptforge --help` and `import g
 their names with their modules: import them from there (`from gptforge.generate import generate`).
 """
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("gptforge")

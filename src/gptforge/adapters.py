@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from .errors import CheckpointError, NotFoundError, OptionError
-from .fsio import atomic_dir, atomic_write, check_out_folder
+from .fsio import atomic_write
 from .kernels import Dropout, Linear, activation_down
 from .model import GPT
 from .options import MAX_LORA_ALPHA
@@ -209,22 +209,8 @@ def is_adapter(folder: str | os.PathLike) -> bool:
     return (Path(folder) / CONFIG_NAME).is_file()
 
 
-def save_trained(model: GPT, folder: str | os.PathLike, tokenizer=None, *, state_dict: dict | None = None) -> Path:
-    """What a training run saves: the adapter alone for a model with LoRA layers, else the model folder."""
-    from .checkpoint import save_model
-
-    if has_lora(model):
-        return save_adapter(model, folder, tokenizer, state_dict=state_dict)
-    return save_model(model, folder, tokenizer, state_dict=state_dict)
-
-
-def load_trained(model: GPT, folder: str | os.PathLike) -> None:
-    """Put the weights a run saved in `folder` (an adapter folder, or a model folder) back into `model` (resume)."""
-    from .checkpoint import load_model
-
-    if not has_lora(model):
-        model.load_state_dict(load_model(folder).state_dict())
-        return
+def load_adapter_weights(model: GPT, folder: str | os.PathLike) -> None:
+    """Put an adapter a run saved back into the LoRA layers of `model` (resume)."""
     _, tensors, meta = read_adapter(folder)
     check_adapter_fits(model, Path(folder), tensors, meta)
     state = model.state_dict()
@@ -418,44 +404,6 @@ def resolve_base(model_path, adapter) -> tuple[str, str | None]:
     return str(model_path), (str(adapter) if adapter is not None else None)
 
 
-def load_with_adapter(model_path, adapter=None, tokenizer_path=None, device: str = "auto", dtype: torch.dtype | None = None,
-                      quantize: str | None = None):
-    """A model and its tokenizer ready to generate or evaluate, as `checkpoint.load_model_and_tokenizer`, with the
-    adapter (given, or `model_path` being an adapter folder) merged into the base: as fast as the base alone.
-    The tokenizer is the adapter folder's when it has one (its chat template). The adapter is checked and merged
-    in fp32; `dtype` and `quantize` apply after."""
-    from .checkpoint import load_model_and_tokenizer
-    from .quantize import quantize_model, refuse_quantized
-
-    model_path, adapter = resolve_base(model_path, adapter)
-    if adapter is None:
-        return load_model_and_tokenizer(model_path, tokenizer_path, device=device, dtype=dtype, quantize=quantize)
-    read_adapter(adapter)  # a bad adapter fails before the base loads
-    if tokenizer_path is None and (Path(adapter) / "tokenizer.json").is_file():
-        tokenizer_path = adapter
-    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, device=device, dtype=torch.float32)
-    refuse_quantized(model.config, model_path, "take an adapter", " (and --quantize int8 to quantize after merging)")
-    load_adapter(model, adapter)
-    merge_lora(model)
-    if dtype is None and model.transformer.wte.weight.device.type == "cuda" and torch.cuda.is_bf16_supported():
-        dtype = torch.bfloat16
-    model.to(dtype=dtype).eval()
-    if quantize:
-        quantize_model(model, quantize)
-    return model, tokenizer
-
-
-def merge_to_folder(base, adapter, out, force: bool = False) -> Path:
-    """`gptforge merge`: the base with the adapter folded in, written as a plain model folder (with the tokenizer)."""
-    from .checkpoint import save_model
-
-    out = check_out_folder(out, force, reads=(base, adapter))
-    model, tokenizer = load_with_adapter(base, adapter, device="cpu")
-    with atomic_dir(out) as tmp:
-        save_model(model, tmp, tokenizer)
-    return out
-
-
 __all__ = ["LoRALinear", "adapter_base", "apply_lora", "base_fingerprint", "check_adapter_config", "check_adapter_fits",
-           "has_lora", "is_adapter", "load_adapter", "load_trained", "load_with_adapter", "lora_state_dict", "merge_lora", "merge_to_folder",
-           "read_adapter", "resolve_base", "save_adapter", "save_trained"]
+           "has_lora", "is_adapter", "load_adapter", "load_adapter_weights", "lora_state_dict", "merge_lora",
+           "read_adapter", "resolve_base", "save_adapter"]

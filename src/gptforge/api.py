@@ -27,6 +27,7 @@ from .options import AITEXTGEN_SAMPLING, TrainConfig
 from .runtime import resolve_device
 from .tokenizer import Tokenizer, check_vocab_fits, load_tokenizer
 
+
 def _weights_path(model: str | os.PathLike) -> str | os.PathLike:
     """Older guides reload `trained_model/pytorch_model.bin`; gptforge writes `model.safetensors` in that
     folder instead, so a missing legacy file next to a safetensors file means the folder."""
@@ -100,9 +101,10 @@ class GPTForge:
             self.model, self.pretrained = model.to(self.device), True
         elif tokenizer is None and config is None:
             # The folder's own tokenizer; fp32 weights, since this model may be trained further.
-            from .adapters import load_with_adapter  # a LoRA run's adapter folder opens merged into its base
+            from .checkpoint import load_model_and_tokenizer  # a LoRA run's adapter folder opens merged into its base
 
-            self.model, tokenizer = load_with_adapter(_weights_path(model), device=str(self.device), dtype=torch.float32)
+            self.model, tokenizer = load_model_and_tokenizer(_weights_path(model), device=str(self.device),
+                                                             dtype=torch.float32)
             self.pretrained = True
         else:
             path = resolve_model_path(_weights_path(model))
@@ -289,7 +291,7 @@ class GPTForge:
         folder = Path(folder)
         if (folder / "config.json").exists() and not overwrite:
             raise OptionError(f"{folder}: already holds a model; pass overwrite=True to replace it or choose another folder")
-        from .adapters import save_trained  # a model with LoRA layers saves its adapter alone
+        from .checkpoint import save_trained  # a model with LoRA layers saves its adapter alone
 
         return save_trained(self.model, folder, self.tokenizer)
 

@@ -17,16 +17,14 @@ import json
 import os
 import pickle
 import re
-import shutil
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import GPTConfig
-from .errors import CheckpointError, GPTForgeError, NotFoundError, OptionError
+from .config import BLOCK_KEY, GPTConfig, check_block_count
+from .errors import CheckpointError, NotFoundError, OptionError
 from .fsio import atomic_dir, atomic_write, check_out_folder, folder_of
 from .model import GPT
 
@@ -50,25 +48,12 @@ def to_hf_state_dict(state_dict: dict[str, torch.Tensor], tied: bool = True) -> 
     return out
 
 
-_BLOCK = re.compile(r"^(?:transformer\.)?h\.(\d+)\.(.+)$")
-
-
-def check_block_count(names, config: GPTConfig, source: str = "weights") -> None:
-    """The weights' blocks (h.0 ... h.N-1) are the config's n_layer: checked before any model is built, so a
-    config.json that says a million layers beside a few never builds them."""
-    found = {int(m[1]) for name in names if (m := _BLOCK.match(name))}
-    blocks = max(found) + 1 if found else 0
-    if blocks != config.n_layer:
-        raise CheckpointError(f"{source}: the weights hold {blocks} blocks but config.json says n_layer={config.n_layer}; "
-                              "the config does not belong to these weights")
-
-
 def expected_shapes(config: GPTConfig) -> dict[str, tuple]:
     """The shape of every tensor of the model `config` describes, by name, from a model of one block on the meta
     device (building all n_layer blocks of a config to be checked could take minutes)."""
     one = {k: tuple(v.shape) for k, v in GPT.empty(dataclasses.replace(config, n_layer=1)).state_dict().items()}
-    shapes = {k: v for k, v in one.items() if not _BLOCK.match(k)}
-    block = {m[2]: v for k, v in one.items() if (m := _BLOCK.match(k))}
+    shapes = {k: v for k, v in one.items() if not BLOCK_KEY.match(k)}
+    block = {m[2]: v for k, v in one.items() if (m := BLOCK_KEY.match(k))}
     shapes.update({f"transformer.h.{i}.{rest}": v for i in range(config.n_layer) for rest, v in block.items()})
     return shapes
 
@@ -128,7 +113,7 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot read weights ({msg}); the file is damaged or not a weights file") from None
 
 
-def _weights_in(folder: Path) -> list[Path]:
+def weights_files(folder: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.is_file():
@@ -154,7 +139,7 @@ def _weights_in(folder: Path) -> list[Path]:
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a folder (single file or shards) or of one weights file, as stored."""
     path = Path(path)
-    files = _weights_in(path) if path.is_dir() else [path]
+    files = weights_files(path) if path.is_dir() else [path]
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         if not f.is_file():
@@ -332,22 +317,40 @@ def model_info(name_or_path: str | os.PathLike) -> dict:
 
 
 def load_model_and_tokenizer(model_path, tokenizer_path=None, device: str = "auto", dtype: torch.dtype | None = None,
-                             quantize: str | None = None):
-    """A model folder (or hub id) and its tokenizer, ready to generate: eval mode, on `device`.
+                             quantize: str | None = None, adapter=None):
+    """The one door: a model folder (or hub id, int8 folder, or adapter folder naming its base) and its tokenizer,
+    ready to generate: eval mode, on `device`. Every command, `GPTForge` and the server open models here.
 
-    The tokenizer comes from the model folder unless `tokenizer_path` names another one. `dtype=None`
-    keeps fp32 on CPU and uses bf16 weights on a CUDA GPU that supports it (decoding is memory-bound).
-    `quantize="int8"`: int8 weights, made on load (see gptforge.quantize).
+    The tokenizer comes from the model folder (an adapter's own when it has one: its chat template) unless
+    `tokenizer_path` names another. `adapter` (a LoRA folder, gptforge's or peft's) is checked, then merged into
+    the base in fp32: as fast as the base alone. `dtype=None` keeps fp32 on CPU and uses bf16 weights on a CUDA
+    GPU that supports it (decoding is memory-bound). `quantize="int8"`: int8 weights, made on load (after an
+    adapter is merged).
     """
+    from .adapters import load_adapter, merge_lora, read_adapter, resolve_base
+    from .quantize import quantize_model, refuse_quantized
     from .runtime import resolve_device
     from .tokenizer import check_vocab_fits, load_tokenizer
 
+    model_path, adapter = resolve_base(model_path, adapter)
+    if adapter is not None:
+        read_adapter(adapter)  # a bad adapter fails before the base loads
+        if tokenizer_path is None and (Path(adapter) / "tokenizer.json").is_file():
+            tokenizer_path = adapter
     dev = resolve_device(device)
     if dtype is None and dev.type == "cuda" and torch.cuda.is_bf16_supported():
         dtype = torch.bfloat16
     path = resolve_model_path(model_path)
     folder = folder_of(path)
-    model = load_model(path, device=dev, dtype=dtype, quantize=quantize)
+    if adapter is None:
+        model = load_model(path, device=dev, dtype=dtype, quantize=quantize)
+    else:
+        model = load_model(path, device=dev, dtype=torch.float32)
+        refuse_quantized(model.config, model_path, "take an adapter", " (and --quantize int8 to quantize after merging)")
+        load_adapter(model, adapter)
+        merge_lora(model).to(dtype=dtype).eval()
+        if quantize:
+            quantize_model(model, quantize)
     try:
         tokenizer = load_tokenizer(tokenizer_path or folder)
     except FileNotFoundError:
@@ -360,6 +363,34 @@ def load_model_and_tokenizer(model_path, tokenizer_path=None, device: str = "aut
         ) from None
     check_vocab_fits(tokenizer, model.config.vocab_size, f"the model {folder}")
     return model, tokenizer
+
+
+def merge_to_folder(base, adapter, out, force: bool = False) -> Path:
+    """`gptforge merge`: the base with the adapter folded in, written as a plain model folder (with the tokenizer)."""
+    out = check_out_folder(out, force, reads=(base, adapter))
+    model, tokenizer = load_model_and_tokenizer(base, adapter=adapter, device="cpu")
+    with atomic_dir(out) as tmp:
+        save_model(model, tmp, tokenizer)
+    return out
+
+
+def save_trained(model: GPT, folder: str | os.PathLike, tokenizer=None, *, state_dict: dict | None = None) -> Path:
+    """What a training run saves: the adapter alone for a model with LoRA layers, else the model folder."""
+    from .adapters import has_lora, save_adapter
+
+    if has_lora(model):
+        return save_adapter(model, folder, tokenizer, state_dict=state_dict)
+    return save_model(model, folder, tokenizer, state_dict=state_dict)
+
+
+def load_trained(model: GPT, folder: str | os.PathLike) -> None:
+    """Put the weights a run saved in `folder` (an adapter folder, or a model folder) back into `model` (resume)."""
+    from .adapters import has_lora, load_adapter_weights
+
+    if has_lora(model):
+        load_adapter_weights(model, folder)
+    else:
+        model.load_state_dict(load_model(folder).state_dict())
 
 
 def quantize_folder(model_path: str | os.PathLike, out: str | os.PathLike, method: str = "int8",
@@ -385,84 +416,20 @@ def quantize_folder(model_path: str | os.PathLike, out: str | os.PathLike, metho
 
 
 
-# --- training checkpoints ------------------------------------------------------------------------------
-
-STATE_NAME = "trainer_state.pt"
-CHECKPOINTS = "checkpoints"
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """The complete checkpoints of a run folder, oldest first."""
-    root = Path(run_dir) / CHECKPOINTS
-    return sorted(p for p in root.glob("step-*") if (p / STATE_NAME).is_file()) if root.is_dir() else []
-
-
-def save_checkpoint(run_dir: str | os.PathLike, step: int, write_model: Callable[[Path], None], state: dict,
-                    keep: int) -> Path:
-    """Write `checkpoints/step-N/` (the model folder `write_model(folder)` makes, plus the training state)
-    under a temporary name, rename it into place, then delete all but the `keep` newest checkpoints."""
-    target = Path(run_dir) / CHECKPOINTS / f"step-{step:07d}"
-    with atomic_dir(target) as tmp:
-        write_model(tmp)
-        torch.save(state, tmp / STATE_NAME)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def newest_intact_checkpoint(run_dir: str | os.PathLike, log: Callable[[str], None] = print) -> tuple[Path, dict]:
-    """The newest checkpoint of a run whose config, weights and training state read back, with that state.
-
-    Newer damaged ones (a truncated file, a disk error) are named and skipped; none at all is an error."""
-    from safetensors import safe_open
-
-    found = list_checkpoints(run_dir)
-    for path in reversed(found):
-        try:
-            GPTConfig.load(path)
-            adapter = path / "adapter_model.safetensors"  # a LoRA run's checkpoints hold the adapter only
-            for f in [adapter] if (path / "adapter_config.json").is_file() else _weights_in(path):  # truncation shows
-                with safe_open(str(f), "pt") as weights:
-                    weights.keys()
-            state = load_training_state(path)
-        except (GPTForgeError, SafetensorError, OSError, ValueError) as e:
-            log(f"skipping damaged checkpoint {path} ({str(e).splitlines()[0][:200]}); trying an older one")
-            continue
-        if path != found[-1]:
-            log(f"resuming from {path.name}, the newest checkpoint that is intact")
-        return path, state
-    where = Path(run_dir) / CHECKPOINTS
-    raise CheckpointError(f"{where}: no intact checkpoint to resume from" if found else
-                          f"{Path(run_dir)}: no checkpoint to resume from (looked in {where})")
-
-
-def load_training_state(path: str | os.PathLike) -> dict:
-    """The training state saved with a checkpoint (tensors and plain data only; nothing is executed)."""
-    file = Path(path) / STATE_NAME
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
-        msg = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise CheckpointError(f"{file}: the training state cannot be read ({msg}); the checkpoint is damaged") from None
-
-
 __all__ = [
-    "CHECKPOINTS",
     "CheckpointError",
-    "STATE_NAME",
-    "check_block_count",
     "expected_shapes",
-    "list_checkpoints",
     "load_model",
     "load_model_and_tokenizer",
-    "load_training_state",
+    "load_trained",
+    "merge_to_folder",
+    "save_trained",
     "generation_config",
     "model_info",
-    "newest_intact_checkpoint",
     "read_generation_config",
     "read_state_dict",
     "sampling_defaults",
-    "save_checkpoint",
     "quantize_folder",
     "save_model",
+    "weights_files",
 ]

@@ -30,14 +30,12 @@ def _gather_prompts(args: argparse.Namespace) -> list[str]:
 def cmd_generate(args: argparse.Namespace) -> int:
     import random
 
-    from .adapters import load_with_adapter
     from .chat import Conversation
-    from .checkpoint import sampling_defaults
+    from .checkpoint import load_model_and_tokenizer, sampling_defaults
     from .configfile import given_on_command_line
     from .fsio import dated_path, write_text
     from .generate import generate
     from .options import SamplingOptions
-
     from .quantize import check_method
 
     options = option_values(args, SamplingOptions)
@@ -53,7 +51,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         raise OptionError(f"--out-dir {args.out_dir}: is a file, not a folder")
     prompts = [] if args.interactive else _gather_prompts(args)
-    model, tokenizer = load_with_adapter(args.model, args.adapter, args.tokenizer, device=args.device, quantize=args.quantize)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device, quantize=args.quantize,
+                                                adapter=args.adapter)
     chat = Conversation(tokenizer, keep_history=args.interactive) if args.chat else None
     prompts = [chat.ask(p) for p in prompts] if chat else prompts
     given = given_on_command_line(args.parser, args.argv)  # the folder's generation_config.json sets the defaults
@@ -115,7 +114,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .adapters import merge_to_folder
+    from .checkpoint import merge_to_folder
 
     out = merge_to_folder(args.base, args.adapter, args.out, force=args.force)
     print(f"wrote {out}: {args.base} with the adapter {args.adapter} merged in (a plain model folder, no adapter code needed)")
@@ -128,13 +127,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .adapters import is_adapter, load_with_adapter
-    from .checkpoint import load_model
+    from .adapters import is_adapter
+    from .checkpoint import load_model, load_model_and_tokenizer
     from .evaluate import combine, evaluate_prepared, evaluate_text
     from .options import EvalOptions
-    from .runtime import pick_precision, resolve_device
-
     from .quantize import check_method
+    from .runtime import pick_precision, resolve_device
 
     opts = EvalOptions(**option_values(args, EvalOptions))
     check_method(args.quantize)
@@ -154,7 +152,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = load_model(args.model, device=resolve_device(args.device), quantize=args.quantize)
         tokenizer = None  # token shards need no tokenizer
     else:
-        model, tokenizer = load_with_adapter(args.model, args.adapter, args.tokenizer, device=args.device, dtype=torch.float32,
+        model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, adapter=args.adapter, device=args.device,
+                                                    dtype=torch.float32,
                                              quantize=args.quantize)
     precision = pick_precision(args.precision, model.transformer.wte.weight.device)
     kw = dict(autocast_dtype=None if precision == torch.float32 else precision, progress=True)

@@ -4,10 +4,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, NotFoundError
+from .errors import CheckpointError, ConfigError, NotFoundError
 from .options import DEFAULT_VOCAB_SIZE
 
 
@@ -207,3 +208,17 @@ def resolve_config(spec: "GPTConfig | str | os.PathLike") -> GPTConfig:
     if is_preset(spec):
         return preset(spec)
     return GPTConfig.load(spec)
+
+
+# weight names of the blocks, h.0 ... h.N-1 (with or without the transformer. prefix)
+BLOCK_KEY = re.compile(r"^(?:transformer\.)?h\.(\d+)\.(.+)$")
+
+
+def check_block_count(names, config: GPTConfig, source: str = "weights") -> None:
+    """The weights' blocks (h.0 ... h.N-1) are the config's n_layer: checked before any model is built, so a
+    config.json that says a million layers beside a few never builds them."""
+    found = {int(m[1]) for name in names if (m := BLOCK_KEY.match(name))}
+    blocks = max(found) + 1 if found else 0
+    if blocks != config.n_layer:
+        raise CheckpointError(f"{source}: the weights hold {blocks} blocks but config.json says n_layer={config.n_layer}; "
+                              "the config does not belong to these weights")

@@ -114,7 +114,7 @@ def load_quantized(folder: str | os.PathLike, config: GPTConfig) -> GPT:
         sd = load_file(str(path))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read int8 weights ({type(e).__name__}); the file is damaged") from None
-    from .checkpoint import check_block_count
+    from .config import check_block_count
 
     check_block_count(sd, config, str(path))  # before the config's blocks are built
     model = GPT.empty(config)

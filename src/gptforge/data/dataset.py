@@ -16,7 +16,6 @@ from .batches import Batches
 from .reading import resolve_inputs
 from .shards import load_meta, load_split, prepare
 
-
 # --- the entry older GPT-2 tools use -------------------------------------------------------------------
 
 

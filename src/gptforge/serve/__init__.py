@@ -55,7 +55,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         from .guard import default_max_connections, run
     except ImportError as e:
         raise ServeError(f"serving needs the web extra ({e.name} is missing): pip install 'gptforge[serve]'") from None
-    from ..adapters import load_with_adapter, read_adapter, resolve_base
+    from ..adapters import read_adapter, resolve_base
+    from ..checkpoint import load_model_and_tokenizer
     from ..classify import is_classifier_folder
 
     base, adapter = resolve_base(args.model, args.adapter)  # MODEL may be an adapter folder naming its base
@@ -70,7 +71,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     if is_classifier_folder(base):  # labels and probabilities on /v1/classifications
         server, app = _classifier_app(base, adapter, args, options, name)
     else:
-        model, tokenizer = load_with_adapter(base, adapter, device=args.device, quantize=args.quantize)
+        model, tokenizer = load_model_and_tokenizer(base, adapter=adapter, device=args.device, quantize=args.quantize)
         folder = Path(adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base)
         folder = folder if folder.is_dir() else folder.parent
         template = read_chat_template(folder) if folder.is_dir() else None

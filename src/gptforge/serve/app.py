@@ -248,7 +248,12 @@ class Routes:
         }
         cut = {"X-Truncated-Prompt-Tokens": str(job.truncated)} if job.truncated else {}
         if job.stream:
-            return EventStream(stream_events(job, seqs, q, head, chat, server), server, seqs, q, cut)
+
+            def close() -> None:
+                server.engine.cancel(seqs)  # a no-op for sequences that have finished
+                server.done(q)
+
+            return EventStream(stream_events(job, seqs, q, head, chat, server.tokenizer), close, cut)
         texts = [job.echo[i // job.n] if job.echo else "" for i in range(len(seqs))]
         scored: list[list] = [[] for _ in seqs]  # (token, log-probability, alternatives) per choice
         reasons: list[str | None] = [None] * len(seqs)

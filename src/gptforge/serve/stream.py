@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.responses import Response
@@ -14,7 +14,6 @@ from .engine import Event, Sequence
 from .protocol import chat_logprobs, completion_logprobs, error_body, token_namer
 
 if TYPE_CHECKING:
-    from .app import Server
     from .requests import Job
 
 
@@ -23,12 +22,12 @@ def _sse(data: Any) -> bytes:
 
 
 async def stream_events(
-    job: Job, seqs: list[Sequence], q: asyncio.Queue, head: dict, chat: bool, server: Server
+    job: Job, seqs: list[Sequence], q: asyncio.Queue, head: dict, chat: bool, tokenizer
 ) -> AsyncIterator[bytes]:
     """The server-sent events of one request, in OpenAI's shape, ending with `data: [DONE]`."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
 
-    decode = token_namer(server.tokenizer, job.token_ids)
+    decode = token_namer(tokenizer, job.token_ids)
     offsets = [len(job.echo[i // job.n]) if job.echo and not job.prompt_logprobs else 0 for i in range(len(seqs))]
 
     def scores(i: int, entries: list | None) -> dict | None:
@@ -101,12 +100,11 @@ class EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(
-        self, events: AsyncIterator[bytes], server: Server, seqs: list[Sequence], q: asyncio.Queue, headers: dict
-    ):
+    def __init__(self, events: AsyncIterator[bytes], close: Callable[[], None], headers: dict):
+        """`close()` frees the request's sequences and queue once the stream ends or the client leaves."""
         self.status_code, self.background, self.body = 200, None, None  # no Content-Length: it streams
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
-        self.events, self.server, self.seqs, self.q = events, server, seqs, q
+        self.events, self.close = events, close
 
     async def __call__(self, scope, receive, send) -> None:
         async def pump() -> None:
@@ -128,5 +126,4 @@ class EventStream(Response):
         finally:
             for t in tasks:
                 t.cancel()
-            self.server.engine.cancel(self.seqs)  # a no-op for sequences that have finished
-            self.server.done(self.q)
+            self.close()

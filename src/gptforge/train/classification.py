@@ -15,17 +15,26 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..adapters import has_lora, lora_state_dict, merge_lora
-
-from ..classify import (build_classifier, cut, encode_texts, format_metrics, load_classifier, metrics_of, pad_batch, probabilities,
-                        save_classifier, set_dropout)
+from ..classify import (
+    build_classifier,
+    cut,
+    encode_texts,
+    format_metrics,
+    load_classifier,
+    metrics_of,
+    pad_batch,
+    probabilities,
+    save_classifier,
+    set_dropout,
+)
 from ..config import is_preset
 from ..data.dataset import RunData
 from ..data.labelled import Labelled, check_classes, check_known, read_labelled, stratified_split
 from ..errors import OptionError, RunFolderError
 from ..fsio import write_text
 from ..options import DEFAULT_VOCAB_SIZE, ClassifyOptions, LoRAOptions, TrainConfig, flag_of
-from .finetune import add_lora
 from .callbacks import Callbacks
+from .finetune import add_lora
 from .loop import Trainer, TrainResult
 from .runfolder import claim_run_folder, refuse_previous_run, resume_tokenizer
 from .tasks import Task

@@ -28,7 +28,6 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .. import checkpoint as ckpt
 from ..config import GPTConfig
 from ..data.batches import Prefetcher
 from ..data.dataset import RunData
@@ -38,13 +37,19 @@ from ..model import GPT
 from ..options import PREVIEW_SAMPLING, TrainConfig, unset_defaults
 from ..runtime import init_distributed, out_of_memory, pick_precision, resolve_device, shard_model
 from . import state
-from .logging import RunLog, StepProgress, describe_run
 from .average import WeightAverage
 from .callbacks import Callbacks
+from .logging import RunLog, StepProgress, describe_run
 from .optim import apply_freeze, configure_optimizer, freeze_parts, lr_at, warmup_share
+from .runfolder import (
+    check_block_size,
+    check_fits_memory,
+    check_same_run,
+    check_tokenizer_of_data,
+    clear_previous_run,
+    refuse_previous_run,
+)
 from .tasks import LanguageModelling, Task
-from .runfolder import (check_block_size, check_fits_memory, check_same_run, check_tokenizer_of_data, clear_previous_run,
-                        refuse_previous_run)
 
 
 @dataclass
@@ -162,7 +167,7 @@ class Trainer:
 
     def _latest_checkpoint(self) -> tuple[Path, dict]:
         """The newest intact checkpoint of this run and its training state, checked to belong to this run."""
-        path, saved = ckpt.newest_intact_checkpoint(self.out, self.log.message)
+        path, saved = state.newest_intact_checkpoint(self.out, self.log.message)
         check_same_run(path, saved, self.data, self.tokenizer)
         theirs, mine = GPTConfig.load(path).to_dict(), self.model.config.to_dict()
         differ = [f"{k}: checkpoint {theirs[k]} vs now {mine[k]}" for k in mine if k in theirs and mine[k] != theirs[k]]
@@ -215,18 +220,18 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """A complete model folder plus the training state, written under a temporary name and renamed."""
         model_state, optim_state = self._full_state()
-        target = self.out / ckpt.CHECKPOINTS / f"step-{self.step:07d}"
+        target = self.out / state.CHECKPOINTS / f"step-{self.step:07d}"
         if self.dist.main:
             packed = state.pack(self, optim_state)
             write = lambda folder: self.task.save(self.model, folder, self.tokenizer, state_dict=model_state)  # noqa: E731
-            ckpt.save_checkpoint(self.out, self.step, write, packed, self.cfg.keep_checkpoints)
+            state.save_checkpoint(self.out, self.step, write, packed, self.cfg.keep_checkpoints)
         self.dist.barrier()
         self._last_ckpt = target
         self.callbacks.call("on_save", self, target)
         return target
 
     def _load_training_state(self, path: Path, saved: dict | None = None) -> None:
-        saved = saved if saved is not None else ckpt.load_training_state(path)
+        saved = saved if saved is not None else state.load_training_state(path)
         average = state.restore(self, saved)
         self.log.continue_from(self.step, final_again=self._done())  # a finished run evaluates its last step again
         self._last_ckpt = path

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from ..checkpoint import list_checkpoints, load_model, resolve_model_path
+from ..checkpoint import load_model, resolve_model_path
 from ..config import GPTConfig, preset
 from ..data.dataset import load_run_data
 from ..errors import ConfigError, DataError, NotFoundError, TokenizerError
@@ -20,13 +20,20 @@ from ..model import GPT
 from ..options import DEFAULT_VOCAB_SIZE, InstructOptions, LoRAOptions, TrainConfig, unset_defaults
 from ..quantize import refuse_quantized
 from ..runtime import pick_precision, resolve_device, world_size
-from .logging import check_reporters
-from .finetune import add_lora, check_lora, example_inputs, instruction_task
+from . import state
 from .callbacks import Callbacks
+from .finetune import add_lora, check_lora, example_inputs, instruction_task
+from .logging import check_reporters
 from .loop import Trainer, TrainResult
 from .optim import configure_optimizer, freeze_parts
-from .runfolder import (check_block_size, check_fits_memory, claim_run_folder, refuse_conflicts, refuse_previous_run,
-                        resume_tokenizer)
+from .runfolder import (
+    check_block_size,
+    check_fits_memory,
+    claim_run_folder,
+    refuse_conflicts,
+    refuse_previous_run,
+    resume_tokenizer,
+)
 
 
 def build_model(init: str | None = None, size: str | GPTConfig = "mini", **overrides) -> tuple[GPT, bool]:
@@ -236,7 +243,7 @@ def _restart_hint(out: Path, log: Callable[[str], None]):
     try:
         yield
     except KeyboardInterrupt:
-        if not list_checkpoints(out):
+        if not state.list_checkpoints(out):
             again = " with --overwrite" if (out / "metrics.jsonl").exists() else ""
             log(f"interrupted before the first checkpoint, so there is nothing to resume: run the same command again{again}")
         raise

@@ -21,10 +21,11 @@ from .. import checkpoint as ckpt
 from ..config import GPTConfig
 from ..errors import OptionError, RunFolderError, TokenizerError
 from ..fsio import LOCK_NAME, clean_leftovers, exclusive_lock
+from . import state as ckpt_state
 
-PREVIOUS = ("metrics.jsonl", ckpt.CHECKPOINTS)  # what an earlier run leaves as soon as it has trained
+PREVIOUS = ("metrics.jsonl", ckpt_state.CHECKPOINTS)  # what an earlier run leaves as soon as it has trained
 # what a run writes into its folder, removed by --overwrite (the prepared data/ is kept: it is reused when it fits)
-RUN_FILES = (ckpt.CHECKPOINTS, "best", "metrics.jsonl", "samples.txt", "loss.png", "tensorboard", "run_config.json",
+RUN_FILES = (ckpt_state.CHECKPOINTS, "best", "metrics.jsonl", "samples.txt", "loss.png", "tensorboard", "run_config.json",
              "config.json", ckpt.WEIGHTS_NAME, "generation_config.json")
 
 
@@ -58,8 +59,8 @@ def refuse_previous_run(out: Path, cfg, init: str | None = None) -> list[str]:
             f"{out}: holds another run ({', '.join(previous)}); pass --resume to continue it, "
             "--overwrite to replace it, or choose another --out"
         )
-    if cfg.resume and not ckpt.list_checkpoints(out):
-        raise RunFolderError(f"{out}: no checkpoint to resume from (looked in {out / ckpt.CHECKPOINTS}); "
+    if cfg.resume and not ckpt_state.list_checkpoints(out):
+        raise RunFolderError(f"{out}: no checkpoint to resume from (looked in {out / ckpt_state.CHECKPOINTS}); "
                              "start the run without --resume")
     return previous
 
@@ -83,7 +84,7 @@ def claim_run_folder(out: Path, log: Callable[[str], None] = print) -> Iterator[
         return any((Path(out) / name).exists() for name in PREVIOUS)
 
     with exclusive_lock(out, "training run", log, remove=trained):
-        for folder in (Path(out), Path(out) / ckpt.CHECKPOINTS):
+        for folder in (Path(out), Path(out) / ckpt_state.CHECKPOINTS):
             for name in clean_leftovers(folder):
                 log(f"cleaned up {folder / name}, left by an interrupted save")
         yield
@@ -103,7 +104,7 @@ def _checkpoint_tokenizer(path: Path):
 
 def resume_tokenizer(out: Path) -> Path | None:
     """The newest checkpoint of a run that holds a usable tokenizer (None when there is none)."""
-    return next((p for p in reversed(ckpt.list_checkpoints(out)) if _checkpoint_tokenizer(p) is not None), None)
+    return next((p for p in reversed(ckpt_state.list_checkpoints(out)) if _checkpoint_tokenizer(p) is not None), None)
 
 
 def check_same_run(path: Path, state: dict, data, tokenizer) -> None:

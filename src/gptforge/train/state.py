@@ -1,4 +1,5 @@
-"""The training state a checkpoint holds beside the model folder, gathered and put back.
+"""A run's checkpoints (checkpoints/step-N: a model folder and the training state) and that training state, gathered
+and put back.
 
 Model and optimizer state are whole and keyed by parameter name, gathered from every rank when the model
 is sharded (so all ranks call `gather`): the same format for 1, N or sharded ranks is what lets a
@@ -9,9 +10,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import pickle
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+
+from ..checkpoint import weights_files
+from ..config import GPTConfig
+from ..errors import CheckpointError, GPTForgeError
+from ..fsio import atomic_dir
 
 BEST_RECORD = "best_validation.json"  # in best/: the step and score of the model it holds
 
@@ -85,4 +96,66 @@ def restore(trainer, state: dict) -> str:
     return ""
 
 
-__all__ = ["gather", "pack", "restore"]
+# --- training checkpoints ------------------------------------------------------------------------------
+
+STATE_NAME = "trainer_state.pt"
+CHECKPOINTS = "checkpoints"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints of a run folder, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    return sorted(p for p in root.glob("step-*") if (p / STATE_NAME).is_file()) if root.is_dir() else []
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, write_model: Callable[[Path], None], state: dict,
+                    keep: int) -> Path:
+    """Write `checkpoints/step-N/` (the model folder `write_model(folder)` makes, plus the training state)
+    under a temporary name, rename it into place, then delete all but the `keep` newest checkpoints."""
+    target = Path(run_dir) / CHECKPOINTS / f"step-{step:07d}"
+    with atomic_dir(target) as tmp:
+        write_model(tmp)
+        torch.save(state, tmp / STATE_NAME)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def newest_intact_checkpoint(run_dir: str | os.PathLike, log: Callable[[str], None] = print) -> tuple[Path, dict]:
+    """The newest checkpoint of a run whose config, weights and training state read back, with that state.
+
+    Newer damaged ones (a truncated file, a disk error) are named and skipped; none at all is an error."""
+    from safetensors import safe_open
+
+    found = list_checkpoints(run_dir)
+    for path in reversed(found):
+        try:
+            GPTConfig.load(path)
+            adapter = path / "adapter_model.safetensors"  # a LoRA run's checkpoints hold the adapter only
+            for f in [adapter] if (path / "adapter_config.json").is_file() else weights_files(path):  # truncation shows
+                with safe_open(str(f), "pt") as weights:
+                    weights.keys()
+            state = load_training_state(path)
+        except (GPTForgeError, SafetensorError, OSError, ValueError) as e:
+            log(f"skipping damaged checkpoint {path} ({str(e).splitlines()[0][:200]}); trying an older one")
+            continue
+        if path != found[-1]:
+            log(f"resuming from {path.name}, the newest checkpoint that is intact")
+        return path, state
+    where = Path(run_dir) / CHECKPOINTS
+    raise CheckpointError(f"{where}: no intact checkpoint to resume from" if found else
+                          f"{Path(run_dir)}: no checkpoint to resume from (looked in {where})")
+
+
+def load_training_state(path: str | os.PathLike) -> dict:
+    """The training state saved with a checkpoint (tensors and plain data only; nothing is executed)."""
+    file = Path(path) / STATE_NAME
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        msg = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{file}: the training state cannot be read ({msg}); the checkpoint is damaged") from None
+
+
+__all__ = ["CHECKPOINTS", "STATE_NAME", "gather", "list_checkpoints", "load_training_state", "newest_intact_checkpoint",
+           "pack", "restore", "save_checkpoint"]

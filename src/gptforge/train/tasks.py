@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import load_trained, save_trained
+from ..checkpoint import load_trained, save_trained
 from ..data.batches import Batches
 from ..data.dataset import RunData
 from ..evaluate import bits_per_byte, evaluate_tokens

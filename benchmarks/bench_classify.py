@@ -10,6 +10,7 @@ alternate (order flipped every trial); the median is reported.
     python benchmarks/bench_classify.py                 # both shapes
     python benchmarks/bench_classify.py --shapes small --trials 7
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,13 @@ from gptforge.kernels import cpu_inference_weights
 NUM_LABELS = 8
 SHAPES = {
     # name: (config fields, training batch, prediction batch, prediction batches, longest text in tokens)
-    "small": (dict(vocab_size=5000, n_positions=256, n_embd=256, n_layer=8, n_head=8, bos_token_id=0, eos_token_id=0),
-              16, 64, 4, 128),
+    "small": (
+        dict(vocab_size=5000, n_positions=256, n_embd=256, n_layer=8, n_head=8, bos_token_id=0, eos_token_id=0),
+        16,
+        64,
+        4,
+        128,
+    ),
     "gpt2": (dict(), 8, 32, 2, 128),
 }
 
@@ -40,8 +46,9 @@ def build(fields: dict) -> tuple[GPTClassifier, torch.nn.Module]:
     config = preset("gpt2", **fields, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     ours = GPTClassifier(classifier_config(config, [f"c{i}" for i in range(NUM_LABELS)], pad_token_id=0))
     hf_fields = {k: v for k, v in ours.config.to_dict().items() if k not in ("architectures", "id2label", "label2id")}
-    hf = transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
-        **hf_fields, id2label=dict(enumerate(ours.labels)), attn_implementation="sdpa"))
+    hf = transformers.GPT2ForSequenceClassification(
+        transformers.GPT2Config(**hf_fields, id2label=dict(enumerate(ours.labels)), attn_implementation="sdpa")
+    )
     hf.load_state_dict(to_hf_state_dict(ours.state_dict()), strict=True)
     return ours, hf
 
@@ -88,7 +95,7 @@ def timed(runs: dict, trials: int) -> dict[str, list[float]]:
         run()  # warm-up: allocator, optimizer state, packed weights
     times: dict[str, list[float]] = {k: [] for k in runs}
     for trial in range(trials):
-        for label in (list(runs) if trial % 2 == 0 else list(runs)[::-1]):
+        for label in list(runs) if trial % 2 == 0 else list(runs)[::-1]:
             t = time.perf_counter()
             runs[label]()
             times[label].append(time.perf_counter() - t)
@@ -120,8 +127,10 @@ def run_shape(name: str, trials: int) -> list[tuple]:
 
 def summarize(shape: str, what: str, times: dict, tokens: int) -> list[tuple]:
     med = {k: statistics.median(v) for k, v in times.items()}
-    return [(shape, what, label, tokens / med[label], med["transformers"] / med[label], min(ts), max(ts))
-            for label, ts in times.items()]
+    return [
+        (shape, what, label, tokens / med[label], med["transformers"] / med[label], min(ts), max(ts))
+        for label, ts in times.items()
+    ]
 
 
 def main() -> None:
@@ -129,16 +138,20 @@ def main() -> None:
     parser.add_argument("--shapes", default="small,gpt2", help=f"comma-separated, from {list(SHAPES)}")
     parser.add_argument("--trials", type=int, default=5)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.machine()}\n")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.machine()}\n"
+    )
     rows = [r for s in args.shapes.split(",") for r in run_shape(s, args.trials)]
     print("| shape | what | implementation | real tokens/s | gptforge speed-up | min / max |")
     print("| --- | --- | --- | --- | --- | --- |")
     for shape, what, label, tps, ratio, lo, hi in rows:
         c = preset("gpt2", **SHAPES[shape][0])
         desc = f"{shape}: {c.n_layer}L {c.n_embd}d vocab {c.vocab_size}"
-        print(f"| {desc} | {what} | {label} | {tps:,.0f} | {f'{ratio:.2f}x' if label == 'gptforge' else ''} | "
-              f"{lo * 1e3:,.0f} / {hi * 1e3:,.0f} ms |")
+        print(
+            f"| {desc} | {what} | {label} | {tps:,.0f} | {f'{ratio:.2f}x' if label == 'gptforge' else ''} | "
+            f"{lo * 1e3:,.0f} / {hi * 1e3:,.0f} ms |"
+        )
 
 
 if __name__ == "__main__":

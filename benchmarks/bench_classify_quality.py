@@ -17,6 +17,7 @@ The baseline is TF-IDF of character 2-5-grams + logistic regression (C=10), as i
     python benchmarks/bench_classify_quality.py                       # the 15-minute recipe
     python benchmarks/bench_classify_quality.py --lm-minutes 2 --clf-minutes 2 --out /tmp/q   # a quick look
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,11 @@ def baseline(train: list[dict], test: list[dict]) -> dict:
     clf = LogisticRegression(C=10, max_iter=2000).fit(x, [r["label"] for r in train])
     pred = clf.predict(vec.transform([r["text"] for r in test]))
     truth = [r["label"] for r in test]
-    return {"accuracy": accuracy_score(truth, pred), "macro_f1": f1_score(truth, pred, average="macro"),
-            "seconds": time.perf_counter() - start}
+    return {
+        "accuracy": accuracy_score(truth, pred),
+        "macro_f1": f1_score(truth, pred, average="macro"),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def gptforge_recipe(args, out: Path) -> dict:
@@ -49,29 +53,76 @@ def gptforge_recipe(args, out: Path) -> dict:
     from gptforge.train.pipeline import run_training
 
     start = time.perf_counter()
-    train_file, log = CORPUS / "train.jsonl", (lambda m: print(f"[{time.perf_counter() - start:6.0f}s] {m}", flush=True))
+    train_file, log = (
+        CORPUS / "train.jsonl",
+        (lambda m: print(f"[{time.perf_counter() - start:6.0f}s] {m}", flush=True)),
+    )
     texts = [json.loads(line)["text"] for line in train_file.read_text().splitlines()]
     tok = train_tokenizer([], vocab_size=args.vocab_size, texts=texts, out_dir=out / "tokenizer")
     log(f"tokenizer: {tok.vocab_size} tokens")
-    size = dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_embd // 64, n_positions=args.context,
-                resid_pdrop=args.lm_dropout, embd_pdrop=args.lm_dropout, attn_pdrop=args.lm_dropout)
-    lm = run_training([str(train_file)], tokenizer=str(out / "tokenizer"), size="tiny", model_overrides=size,
-                      read_options={"field": "text"}, out_dir=str(out / "lm"), max_time=args.lm_minutes * 60,
-                      batch_size=args.lm_batch, learning_rate=args.lm_lr, optimizer=args.lm_optimizer,
-                      schedule=args.lm_schedule, min_lr_ratio=args.lm_min_lr_ratio, ema=args.lm_ema, eval_interval=args.lm_eval_interval or 10**9, progress=False, plot=False,
-                      save_minutes=None, log=log)
+    size = dict(
+        n_layer=args.n_layer,
+        n_embd=args.n_embd,
+        n_head=args.n_embd // 64,
+        n_positions=args.context,
+        resid_pdrop=args.lm_dropout,
+        embd_pdrop=args.lm_dropout,
+        attn_pdrop=args.lm_dropout,
+    )
+    lm = run_training(
+        [str(train_file)],
+        tokenizer=str(out / "tokenizer"),
+        size="tiny",
+        model_overrides=size,
+        read_options={"field": "text"},
+        out_dir=str(out / "lm"),
+        max_time=args.lm_minutes * 60,
+        batch_size=args.lm_batch,
+        learning_rate=args.lm_lr,
+        optimizer=args.lm_optimizer,
+        schedule=args.lm_schedule,
+        min_lr_ratio=args.lm_min_lr_ratio,
+        ema=args.lm_ema,
+        eval_interval=args.lm_eval_interval or 10**9,
+        progress=False,
+        plot=False,
+        save_minutes=None,
+        log=log,
+    )
     log(f"language model: {lm.step} steps, validation loss {lm.val_loss:.3f}")
     lm_seconds = time.perf_counter() - start
     left = args.total_minutes * 60 - (time.perf_counter() - start) - args.reserve_seconds
-    clf = GPTForgeClassifier.train(str(train_file), init=str(out / "lm"), output_dir=out / "clf", max_time=max(60.0, left),
-                                   batch_size=args.clf_batch, learning_rate=args.clf_lr, warmup_steps=args.clf_warmup,
-                                   weight_decay=0.01, eval_interval=args.clf_eval_interval, progress=False, plot=False,
-                                   save_minutes=None, device="cpu", lm_weight=args.lm_weight, dropout=args.clf_dropout,
-                                   balance=args.balance, ema=args.clf_ema, crop=args.clf_crop)
+    clf = GPTForgeClassifier.train(
+        str(train_file),
+        init=str(out / "lm"),
+        output_dir=out / "clf",
+        max_time=max(60.0, left),
+        batch_size=args.clf_batch,
+        learning_rate=args.clf_lr,
+        warmup_steps=args.clf_warmup,
+        weight_decay=0.01,
+        eval_interval=args.clf_eval_interval,
+        progress=False,
+        plot=False,
+        save_minutes=None,
+        device="cpu",
+        lm_weight=args.lm_weight,
+        dropout=args.clf_dropout,
+        balance=args.balance,
+        ema=args.clf_ema,
+        crop=args.clf_crop,
+    )
     best = GPTForgeClassifier(out / "clf" / "best", device="cpu")
     m = best.evaluate(str(CORPUS / "test.jsonl"), batch_size=64)
-    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "seconds": time.perf_counter() - start,
-            "lm_seconds": lm_seconds, "lm_steps": lm.step, "clf_steps": clf.result.step, "per_class": m["per_class"]}
+    return {
+        "accuracy": m["accuracy"],
+        "macro_f1": m["macro_f1"],
+        "seconds": time.perf_counter() - start,
+        "lm_seconds": lm_seconds,
+        "lm_steps": lm.step,
+        "clf_steps": clf.result.step,
+        "per_class": m["per_class"],
+    }
 
 
 def main() -> None:
@@ -115,11 +166,15 @@ def main() -> None:
     print(f"\n{len(train):,} training / {len(test):,} test examples, 8 topics; recipe: {vars(args)}\n")
     print("| model | test accuracy | test macro-F1 | wall time |")
     print("| --- | --- | --- | --- |")
-    print(f"| TF-IDF char 2-5-grams + logistic regression (C=10) | {base['accuracy']:.3f} | {base['macro_f1']:.3f} | "
-          f"{base['seconds']:.0f} s |")
-    print(f"| gptforge: LM pretrained on the train texts ({ours['lm_steps']} steps, {ours['lm_seconds']:.0f} s) + "
-          f"classifier ({ours['clf_steps']} steps), best by validation macro-F1 | {ours['accuracy']:.3f} | "
-          f"{ours['macro_f1']:.3f} | {ours['seconds']:.0f} s |")
+    print(
+        f"| TF-IDF char 2-5-grams + logistic regression (C=10) | {base['accuracy']:.3f} | {base['macro_f1']:.3f} | "
+        f"{base['seconds']:.0f} s |"
+    )
+    print(
+        f"| gptforge: LM pretrained on the train texts ({ours['lm_steps']} steps, {ours['lm_seconds']:.0f} s) + "
+        f"classifier ({ours['clf_steps']} steps), best by validation macro-F1 | {ours['accuracy']:.3f} | "
+        f"{ours['macro_f1']:.3f} | {ours['seconds']:.0f} s |"
+    )
     print("\nper class (gptforge): " + ", ".join(f"{k} F1 {v['f1']:.2f}" for k, v in ours["per_class"].items()))
 
 

@@ -4,11 +4,13 @@
 prompt repeated to each batch size. "torch" is the model's own forward for every step (the decoding kernel
 for fp32 products, fbgemm's int8 products for an int8 model: what gptforge ran before the C step); "C step"
 is csrc/decode.c's whole step. Both are timed at every batch size, whatever this machine's calibration
-chose (GPTFORGE_CALIBRATION is set for the run; docs/performance.md), to show where each takes over. Rounds alternate the two ways; the
+chose (GPTFORGE_CALIBRATION is set for the run; docs/performance.md), to show where each takes over. Rounds alternate
+the two ways; the
 table gives the best and the median round in new tokens per second.
 
     python benchmarks/bench_decode_step.py [--rounds 3] [--new-tokens 100]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +35,12 @@ def main() -> None:
     args = ap.parse_args()
     if not native.available():
         raise SystemExit("needs an x86-64 Linux machine and a C compiler")
-    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"load average {os.getloadavg()[0]:.1f}; gpt2 shape, random weights, {args.new_tokens} new tokens, "
-          f"{args.rounds} rounds", flush=True)
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"load average {os.getloadavg()[0]:.1f}; gpt2 shape, random weights, {args.new_tokens} new tokens, "
+        f"{args.rounds} rounds",
+        flush=True,
+    )
     torch.manual_seed(0)
     fp32 = GPT(preset("gpt2")).eval()
     int8 = quantize_model(fp32, inplace=False)
@@ -53,14 +58,21 @@ def main() -> None:
                     generate_ids(model, [prompt] * rows, **{**kw, "max_new_tokens": 3})  # warm
                     start = time.perf_counter()
                     generate_ids(model, [prompt] * rows, **kw)
-                    rates.setdefault((precision, rows, way), []).append(rows * args.new_tokens / (time.perf_counter() - start))
+                    rates.setdefault((precision, rows, way), []).append(
+                        rows * args.new_tokens / (time.perf_counter() - start)
+                    )
         print(f"rows {rows} done, load average {os.getloadavg()[0]:.1f}", flush=True)
-    print("\n| precision | rows | torch, tokens/s | C step, tokens/s | C / torch (medians) |\n| --- | --- | ---: | ---: | ---: |")
+    print(
+        "\n| precision | rows | torch, tokens/s | C step, tokens/s | C / torch (medians) |\n| --- | --- | ---: | ---: "
+        "| ---: |"
+    )
     for precision in ("fp32", "int8"):
         for rows in map(int, args.rows.split(",")):
             t, c = rates[(precision, rows, "torch")], rates[(precision, rows, "C step")]
-            print(f"| {precision} | {rows} | {statistics.median(t):.1f} (best {max(t):.1f}) | "
-                  f"{statistics.median(c):.1f} (best {max(c):.1f}) | {statistics.median(c) / statistics.median(t):.2f}x |")
+            print(
+                f"| {precision} | {rows} | {statistics.median(t):.1f} (best {max(t):.1f}) | "
+                f"{statistics.median(c):.1f} (best {max(c):.1f}) | {statistics.median(c) / statistics.median(t):.2f}x |"
+            )
 
 
 if __name__ == "__main__":

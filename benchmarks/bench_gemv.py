@@ -10,6 +10,7 @@ table gives the best and the median round.
 
     python benchmarks/bench_gemv.py [--rounds 7]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from machine import cpu_name  # noqa: E402
 
 from gptforge import kernels, native
-from machine import cpu_name  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +37,9 @@ def main() -> None:
     biases = [torch.randn(o) if o != 50257 else None for o, _ in shapes]
     onednn = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
     packed = [native.pack(w) for w in weights]  # in memory advised to 2 MB pages (native.pack's default)
-    small_pages = [native.pack(w, huge_pages=False) for w in weights]  # the same, in torch's own allocation (4 KB pages)
+    small_pages = [
+        native.pack(w, huge_pages=False) for w in weights
+    ]  # the same, in torch's own allocation (4 KB pages)
     megabytes = sum(w.numel() * 4 for w in weights) / 1e6
     ways = {
         "oneDNN, packed weight": lambda x, i: kernels.onednn_linear(x, onednn[i], biases[i]),
@@ -46,8 +49,10 @@ def main() -> None:
         "gptforge decoding kernel": lambda x, i: native.gemv(x, packed[i], biases[i]),
         "torch.sum of the weights (reading alone)": lambda x, i: weights[i].sum(),
     }
-    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"load average {os.getloadavg()[0]:.1f}; {megabytes:.0f} MB of weights, {args.rounds} rounds")
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"load average {os.getloadavg()[0]:.1f}; {megabytes:.0f} MB of weights, {args.rounds} rounds"
+    )
     times: dict[tuple, list[float]] = {}
     with torch.inference_mode():
         for rows in (1, 8):
@@ -62,7 +67,10 @@ def main() -> None:
                     times.setdefault((rows, name), []).append(time.perf_counter() - start)
     print("\n| rows | products | best, ms | median, ms | GB/s (best) |\n| --- | --- | ---: | ---: | ---: |")
     for (rows, name), t in times.items():
-        print(f"| {rows} | {name} | {min(t) * 1e3:.1f} | {statistics.median(t) * 1e3:.1f} | {megabytes / 1e3 / min(t):.1f} |")
+        print(
+            f"| {rows} | {name} | {min(t) * 1e3:.1f} | {statistics.median(t) * 1e3:.1f} | "
+            f"{megabytes / 1e3 / min(t):.1f} |"
+        )
 
 
 if __name__ == "__main__":

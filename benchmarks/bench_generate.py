@@ -10,6 +10,7 @@ default). Trials of both alternate and the table reports medians, because the ma
 tokens/s counts new tokens of all rows over the whole call (prompt processing included); time to first
 token is a call with max_new_tokens=1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,10 +22,10 @@ import tempfile
 import time
 
 import torch
+from machine import cpu_name  # noqa: E402
 
 from gptforge import GPT, preset, save_model
 from gptforge.generate import generate_ids
-from machine import cpu_name  # noqa: E402
 
 
 def run_ours(model, prompt: torch.Tensor, new: int, sample: bool) -> list[list[int]]:
@@ -35,8 +36,15 @@ def run_ours(model, prompt: torch.Tensor, new: int, sample: bool) -> list[list[i
 @torch.inference_mode()
 def run_hf(model, prompt: torch.Tensor, new: int, sample: bool) -> torch.Tensor:
     kw = dict(do_sample=True, top_k=50, temperature=0.8) if sample else dict(do_sample=False)
-    return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
-                          pad_token_id=0, use_cache=True, **kw)
+    return model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        pad_token_id=0,
+        use_cache=True,
+        **kw,
+    )
 
 
 def timed(fn) -> float:
@@ -60,8 +68,11 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"transformers {transformers.__version__}, python {platform.python_version()}", file=sys.stderr)
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"transformers {transformers.__version__}, python {platform.python_version()}",
+        file=sys.stderr,
+    )
     rows = []
     for name in args.models.split(","):
         torch.manual_seed(0)
@@ -71,10 +82,12 @@ def main() -> None:
             hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
         vocab = ours.config.vocab_size
         for batch in map(int, args.batches.split(",")):
-            prompt = torch.randint(1, vocab, (batch, args.prompt_tokens), generator=torch.Generator().manual_seed(batch))
+            prompt = torch.randint(
+                1, vocab, (batch, args.prompt_tokens), generator=torch.Generator().manual_seed(batch)
+            )
             if not args.sample:  # same weights, same greedy tokens: check before timing
                 a = run_ours(ours, prompt, 20, False)
-                b = run_hf(hf, prompt, 20, False)[:, prompt.size(1):].tolist()
+                b = run_hf(hf, prompt, 20, False)[:, prompt.size(1) :].tolist()
                 assert a == b, f"{name} batch {batch}: greedy tokens differ from transformers"
             for fn in (run_ours, run_hf):  # warm-up
                 fn(ours if fn is run_ours else hf, prompt, 4, args.sample)
@@ -88,12 +101,28 @@ def main() -> None:
                     times[key + "_ttft"].append(timed(lambda: fn(model, prompt, 1, args.sample)))
             med = {k: statistics.median(v) for k, v in times.items()}
             n = batch * args.new_tokens
-            rows.append((name, f"{ours.num_params() / 1e6:.0f}M", batch, n / med["ours"], n / med["hf"],
-                         med["hf"] / med["ours"], med["ours_ttft"] * 1e3, med["hf_ttft"] * 1e3))
+            rows.append(
+                (
+                    name,
+                    f"{ours.num_params() / 1e6:.0f}M",
+                    batch,
+                    n / med["ours"],
+                    n / med["hf"],
+                    med["hf"] / med["ours"],
+                    med["ours_ttft"] * 1e3,
+                    med["hf_ttft"] * 1e3,
+                )
+            )
             print(f"done {name} batch {batch}", file=sys.stderr)
     mode = "top-k 50 sampling" if args.sample else "greedy"
-    print(f"\n{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, {mode}, median of {args.trials} interleaved trials\n")
-    print("| model | params | batch | gptforge tokens/s | transformers tokens/s | speed-up | gptforge TTFT ms | transformers TTFT ms |")
+    print(
+        f"\n{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, {mode}, median of {args.trials} "
+        "interleaved trials\n"
+    )
+    print(
+        "| model | params | batch | gptforge tokens/s | transformers tokens/s | speed-up | gptforge TTFT ms | "
+        "transformers TTFT ms |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} | {r[4]:.1f} | {r[5]:.2f}x | {r[6]:.1f} | {r[7]:.1f} |")

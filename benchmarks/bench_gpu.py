@@ -11,6 +11,7 @@ Both contenders train the same network (gptforge's GPT, same weights, same batch
 MFU = tokens/s x FLOPs per token / measured bf16 matmul peak, FLOPs per token = 6 N + 12 L T C with
 N the non-embedding parameters plus the output head (PaLM's accounting, as nanoGPT uses).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,20 +26,43 @@ from gptforge.model import GPT
 from gptforge.train import RunData, TrainConfig, Trainer, configure_optimizer, matmul_flops
 
 
-def bench_gptforge(model: GPT, tokens: np.ndarray, block: int, batch: int, steps: int, device: str, compile: bool,
-                   checkpointing: bool = False) -> float:
+def bench_gptforge(
+    model: GPT,
+    tokens: np.ndarray,
+    block: int,
+    batch: int,
+    steps: int,
+    device: str,
+    compile: bool,
+    checkpointing: bool = False,
+) -> float:
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(out_dir=out, max_steps=steps, batch_size=batch, block_size=block, device=device,
-                          compile=compile, gradient_checkpointing=checkpointing, log_interval=5, eval_interval=None, save_minutes=None, progress=False,
-                          plot=False, learning_rate=6e-4, warmup_steps=5, optimizer="adamw")  # the reference's AdamW step
+        cfg = TrainConfig(
+            out_dir=out,
+            max_steps=steps,
+            batch_size=batch,
+            block_size=block,
+            device=device,
+            compile=compile,
+            gradient_checkpointing=checkpointing,
+            log_interval=5,
+            eval_interval=None,
+            save_minutes=None,
+            progress=False,
+            plot=False,
+            learning_rate=6e-4,
+            warmup_steps=5,
+            optimizer="adamw",
+        )  # the reference's AdamW step
         trainer = Trainer(model, RunData(tokens, None, None), cfg)
         result = trainer.run()
     rows = [r for r in result.history if "tokens_per_s" in r][2:]  # the first rows include compilation
     return float(np.median([r["tokens_per_s"] for r in rows]))
 
 
-def bench_reference(model: GPT, tokens: np.ndarray, block: int, batch: int, steps: int, device: torch.device,
-                    compile: bool) -> float:
+def bench_reference(
+    model: GPT, tokens: np.ndarray, block: int, batch: int, steps: int, device: torch.device, compile: bool
+) -> float:
     model = model.to(device).train()
     opt = configure_optimizer(model, TrainConfig(learning_rate=6e-4, weight_decay=0.1, beta2=0.95), device)
     fwd = torch.compile(model) if compile else model
@@ -48,7 +72,7 @@ def bench_reference(model: GPT, tokens: np.ndarray, block: int, batch: int, step
     for step in range(steps):
         t = time.perf_counter()
         starts = rng.integers(0, len(tokens) - block - 1, size=batch)
-        rows = torch.from_numpy(np.stack([tokens[s:s + block + 1] for s in starts]).astype(np.int64)).to(device)
+        rows = torch.from_numpy(np.stack([tokens[s : s + block + 1] for s in starts]).astype(np.int64)).to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             _, loss = fwd(rows[:, :-1], rows[:, 1:])
         loss.backward()
@@ -57,7 +81,7 @@ def bench_reference(model: GPT, tokens: np.ndarray, block: int, batch: int, step
         opt.zero_grad(set_to_none=True)
         loss.item()  # a hand-written loop usually prints the loss every step
         times.append(time.perf_counter() - t)
-    return batch * block / float(np.median(times[steps // 3:]))
+    return batch * block / float(np.median(times[steps // 3 :]))
 
 
 def peak_memory_run(name: str, block: int, device: torch.device, steps: int = 4) -> tuple[float, float]:
@@ -85,9 +109,12 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
     block = 64 if args.smoke else 1024
     torch.manual_seed(0)
-    model = GPT(preset("tiny" if args.smoke else "gpt2", n_positions=block, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, 20_000_000 if not args.smoke else 200_000,
-                                               dtype=np.uint16)
+    model = GPT(
+        preset("tiny" if args.smoke else "gpt2", n_positions=block, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    )
+    tokens = np.random.default_rng(0).integers(
+        0, model.config.vocab_size, 20_000_000 if not args.smoke else 200_000, dtype=np.uint16
+    )
     peak_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = matmul_flops(device, peak_dtype, n=8192 if device.type == "cuda" else 1024, repeats=20)
     fpt = model.config.flops_per_token(block)

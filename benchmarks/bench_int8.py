@@ -6,7 +6,8 @@ vocabulary (CTranslate2 wants token strings; every engine here is fed token ids)
 fp32, gptforge int8 (`quantize_model`, made on load), transformers (fp32, KV cache), CTranslate2 float32
 and int8. Each trial runs every engine once, each in a fresh process of its own (CTranslate2 brings its
 own OpenMP runtime, which slows torch's threads when both share a process), in a rotated order, so load
-from other jobs falls on all alike; the table gives medians. Greedy decoding with no early stop: a `--prompt-tokens` prompt and
+from other jobs falls on all alike; the table gives medians. Greedy decoding with no early stop: a `--prompt-tokens`
+prompt and
 `--new-tokens` new tokens per row at batch 1 and 8 (tokens/s = all new tokens / the whole call), and time
 to first token for a `--ttft-tokens` prompt at batch 1 (a call that makes one token). Before timing, the
 script checks that gptforge fp32 gives transformers' greedy tokens and reports how far int8 agrees.
@@ -18,6 +19,7 @@ script checks that gptforge fp32 gives transformers' greedy tokens and reports h
 Quality: validation perplexity of the trained model (every token of its prepared val split) in fp32 and
 int8, and greedy agreement over 200 tokens from prompts taken from the validation tokens.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,13 +49,24 @@ def write_stand_in_vocab(folder: Path, size: int) -> None:
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     eos = "<|endoftext|>"
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "GPT2Tokenizer", "bos_token": eos, "eos_token": eos, "unk_token": eos}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "GPT2Tokenizer", "bos_token": eos, "eos_token": eos, "unk_token": eos})
+    )
 
 
 def convert(folder: Path, out: Path, quantization: str) -> None:
     """CTranslate2's converter through this Python (its module: no venv's bin/ needed on PATH)."""
-    cmd = [sys.executable, "-m", "ctranslate2.converters.transformers", "--model", str(folder), "--output_dir", str(out), "--quantization", quantization]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ctranslate2.converters.transformers",
+        "--model",
+        str(folder),
+        "--output_dir",
+        str(out),
+        "--quantization",
+        quantization,
+    ]
     subprocess.run(cmd, check=True, capture_output=True)
 
 
@@ -92,8 +105,13 @@ class Engines:
 
             for kind, quant in (("fp32", "float32"), ("int8", "int8")):
                 if f"CTranslate2 {kind}" in names:
-                    self.ct2[kind] = ctranslate2.Generator(str(work / f"ct2-{kind}"), device="cpu", compute_type=quant,
-                                                           inter_threads=1, intra_threads=threads)
+                    self.ct2[kind] = ctranslate2.Generator(
+                        str(work / f"ct2-{kind}"),
+                        device="cpu",
+                        compute_type=quant,
+                        inter_threads=1,
+                        intra_threads=threads,
+                    )
             self.versions += f", CTranslate2 {ctranslate2.__version__}"
 
     @torch.inference_mode()
@@ -102,13 +120,20 @@ class Engines:
             model = self.fp32 if name.endswith("fp32") else self.int8
             return generate_ids(model, prompt, do_sample=False, max_new_tokens=new, eos_id=None, batch_size=len(prompt))
         if name == "transformers":
-            out = self.hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=new,
-                                   min_new_tokens=new, pad_token_id=0)
-            return out[:, prompt.size(1):].tolist()
+            out = self.hf.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=False,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                pad_token_id=0,
+            )
+            return out[:, prompt.size(1) :].tolist()
         gen = self.ct2[name.split()[-1]]
         tokens = [[f"t{i}" for i in row] for row in prompt.tolist()]
-        res = gen.generate_batch(tokens, max_length=new, min_length=new, sampling_topk=1, beam_size=1,
-                                 include_prompt_in_result=False)
+        res = gen.generate_batch(
+            tokens, max_length=new, min_length=new, sampling_topk=1, beam_size=1, include_prompt_in_result=False
+        )
         return [r.sequences_ids[0] for r in res]
 
 
@@ -121,7 +146,11 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 def prompts_of(args, vocab: int) -> dict:
     """The timed prompts, the same in every process: batch 1 and 8 of --prompt-tokens, and the TTFT prompt."""
     rand = lambda shape, seed: torch.randint(1, vocab - 1, shape, generator=torch.Generator().manual_seed(seed))
-    return {1: rand((1, args.prompt_tokens), 1), 8: rand((8, args.prompt_tokens), 8), "ttft": rand((1, args.ttft_tokens), 99)}
+    return {
+        1: rand((1, args.prompt_tokens), 1),
+        8: rand((8, args.prompt_tokens), 8),
+        "ttft": rand((1, args.ttft_tokens), 99),
+    }
 
 
 def time_one(args, work: Path, name: str, threads: int) -> dict:
@@ -145,35 +174,64 @@ def speed(args, work: Path, threads: int) -> None:
     ref = engines.run("transformers", prompts[8], 20)
     assert engines.run("gptforge fp32", prompts[8], 20) == ref, "gptforge fp32 greedy tokens differ from transformers"
     checks = {name: agreement(ref, engines.run(name, prompts[8], 20)) for name in ENGINES[1:] if name != "transformers"}
-    print("greedy agreement with transformers over 20 tokens, 8 rows: gptforge fp32 100% (identical), "
-          + ", ".join(f"{k} {v:.0%}" for k, v in checks.items()), flush=True)
+    print(
+        "greedy agreement with transformers over 20 tokens, 8 rows: gptforge fp32 100% (identical), "
+        + ", ".join(f"{k} {v:.0%}" for k, v in checks.items()),
+        flush=True,
+    )
     del engines
     # Timing: each engine in a process of its own, so that no engine's OpenMP runtime (CTranslate2 brings its
     # own) slows another's; the trials rotate the order so that drifting load falls on all alike.
     times: dict[tuple, list[float]] = {}
     for trial in range(args.trials):
-        order = ENGINES[trial % len(ENGINES):] + ENGINES[:trial % len(ENGINES)]
+        order = ENGINES[trial % len(ENGINES) :] + ENGINES[: trial % len(ENGINES)]
         for name in order:
-            cmd = [sys.executable, __file__, "--worker", name, "--work", str(work), "--threads", str(threads),
-                   "--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens),
-                   "--ttft-tokens", str(args.ttft_tokens)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                name,
+                "--work",
+                str(work),
+                "--threads",
+                str(threads),
+                "--new-tokens",
+                str(args.new_tokens),
+                "--prompt-tokens",
+                str(args.prompt_tokens),
+                "--ttft-tokens",
+                str(args.ttft_tokens),
+            ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             for key, seconds in json.loads(out.strip().splitlines()[-1]).items():
                 times.setdefault((int(key) if key.isdigit() else key, name), []).append(seconds)
         last = ", ".join(f"{k[1]} b{k[0]} {v[-1]:.2f}s" for k, v in times.items())
-        print(f"trial {trial + 1}/{args.trials}, load average {os.getloadavg()[0]:.1f}: {last}", file=sys.stderr, flush=True)
+        print(
+            f"trial {trial + 1}/{args.trials}, load average {os.getloadavg()[0]:.1f}: {last}",
+            file=sys.stderr,
+            flush=True,
+        )
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\n{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy, medians of {args.trials} "
-          f"interleaved trials; TTFT: {args.ttft_tokens}-token prompt, batch 1\n")
+    print(
+        f"\n{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy, medians of {args.trials} "
+        f"interleaved trials; TTFT: {args.ttft_tokens}-token prompt, batch 1\n"
+    )
     print("| | " + " | ".join(ENGINES) + " |")
     print("| --- " * (len(ENGINES) + 1) + "|")
     for b in (1, 8):
-        print(f"| batch {b}, tokens/s | " + " | ".join(f"{b * args.new_tokens / med[(b, n)]:.1f}" for n in ENGINES) + " |")
+        print(
+            f"| batch {b}, tokens/s | " + " | ".join(f"{b * args.new_tokens / med[(b, n)]:.1f}" for n in ENGINES) + " |"
+        )
     print("| TTFT, ms | " + " | ".join(f"{med[('ttft', n)] * 1e3:.0f}" for n in ENGINES) + " |")
-    print("\nratios (same run): " + "; ".join(
-        f"batch {b}: int8 / CTranslate2 int8 {med[(b, 'CTranslate2 int8')] / med[(b, 'gptforge int8')]:.2f}x, "
-        f"fp32 / CTranslate2 fp32 {med[(b, 'CTranslate2 fp32')] / med[(b, 'gptforge fp32')]:.2f}x, "
-        f"fp32 / transformers {med[(b, 'transformers')] / med[(b, 'gptforge fp32')]:.2f}x" for b in (1, 8)))
+    print(
+        "\nratios (same run): "
+        + "; ".join(
+            f"batch {b}: int8 / CTranslate2 int8 {med[(b, 'CTranslate2 int8')] / med[(b, 'gptforge int8')]:.2f}x, "
+            f"fp32 / CTranslate2 fp32 {med[(b, 'CTranslate2 fp32')] / med[(b, 'gptforge fp32')]:.2f}x, "
+            f"fp32 / transformers {med[(b, 'transformers')] / med[(b, 'gptforge fp32')]:.2f}x"
+            for b in (1, 8)
+        )
+    )
 
 
 def quality(run_dir: Path, new_tokens: int = 200, n_prompts: int = 16) -> None:
@@ -186,7 +244,7 @@ def quality(run_dir: Path, new_tokens: int = 200, n_prompts: int = 16) -> None:
     res = {name: evaluate_prepared(m, run_dir / "data", split="val") for name, m in (("fp32", fp32), ("int8", int8))}
     val = load_split(run_dir / "data", "val")
     starts = torch.linspace(0, len(val) - 64, n_prompts).long().tolist()
-    prompts = [[int(t) for t in val[s:s + 32]] for s in starts]
+    prompts = [[int(t) for t in val[s : s + 32]] for s in starts]
     kw = {"do_sample": False, "max_new_tokens": new_tokens, "eos_id": None, "batch_size": 1}
     a, b = generate_ids(fp32, prompts, **kw), generate_ids(int8, prompts, **kw)
     first = [next((i for i, (x, y) in enumerate(zip(r, s)) if x != y), len(r)) for r, s in zip(a, b)]
@@ -196,10 +254,12 @@ def quality(run_dir: Path, new_tokens: int = 200, n_prompts: int = 16) -> None:
     p32, p8 = res["fp32"].perplexity, res["int8"].perplexity
     print(f"| validation perplexity | {p32:.3f} | {p8:.3f} | {p8 / p32:.4f} ({(p8 / p32 - 1) * 100:+.2f}%) |")
     print(f"| bits per byte | {res['fp32'].bits_per_byte:.4f} | {res['int8'].bits_per_byte:.4f} | |")
-    print(f"\ngreedy, {len(prompts)} prompts of 32 validation tokens, {new_tokens} new tokens each: "
-          f"{sum(f == new_tokens for f in first)}/{len(prompts)} rows identical throughout; tokens before the first "
-          f"difference {sum(first) / sum(map(len, a)):.1%} of all; same token at the same position {per_pos:.1%}; "
-          f"first differences at {sorted(first)}")
+    print(
+        f"\ngreedy, {len(prompts)} prompts of 32 validation tokens, {new_tokens} new tokens each: "
+        f"{sum(f == new_tokens for f in first)}/{len(prompts)} rows identical throughout; tokens before the first "
+        f"difference {sum(first) / sum(map(len, a)):.1%} of all; same token at the same position {per_pos:.1%}; "
+        f"first differences at {sorted(first)}"
+    )
 
 
 def main() -> None:
@@ -221,8 +281,11 @@ def main() -> None:
     if args.worker:
         print(json.dumps(time_one(args, args.work, args.worker, threads)))
         return
-    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({threads} threads), "
-          f"python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({threads} threads), "
+        f"python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     print(f"{level_line()}\n{paths_line()}", flush=True)
     if args.quality:
         quality(args.quality)

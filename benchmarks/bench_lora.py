@@ -2,7 +2,8 @@
 
 `memory`: `gpt2-medium` with random weights (355M parameters), one process per mode so that each peak RSS is its
 own: full fine-tuning (every weight trains, AdamW state for all of them) against LoRA r=8 on every linear layer
-(c_attn, c_proj, c_fc; the base frozen), each without and with activation checkpointing. Both run the same training step as the Trainer (gptforge's network and
+(c_attn, c_proj, c_fc; the base frozen), each without and with activation checkpointing. Both run the same training
+step as the Trainer (gptforge's network and
 kernels, `configure_optimizer`, fp32, gradient clipping) on batches of 2 x 256 tokens: 1 untimed step, then
 `--steps` timed ones. Reported: peak RSS (VmHWM), tokens/s, and the bytes of what each saves (the model folder's
 weights; the adapter folder's).
@@ -15,6 +16,7 @@ one; reported: validation loss on the topic's held-out fortunes, before and afte
     python benchmarks/bench_lora.py memory                   # about 8 minutes
     python benchmarks/bench_lora.py quality --base-minutes 5 --minutes 1.5   # about 12 minutes
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,28 +72,52 @@ def one_mode(mode: str, steps: int, batch: int, block: int, out: Path, checkpoin
     peak = _peak_rss_mb()
     (save_adapter if mode == "lora" else save_model)(model, out)
     saved = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
-    return {"mode": mode + (" + checkpointing" if checkpointing else ""), "params": model.num_params(), "trainable": trainable, "peak_rss_mb": round(peak),
-            "tokens_per_s": round(batch * block * len(times) / sum(times), 1), "saved_bytes": saved}
+    return {
+        "mode": mode + (" + checkpointing" if checkpointing else ""),
+        "params": model.num_params(),
+        "trainable": trainable,
+        "peak_rss_mb": round(peak),
+        "tokens_per_s": round(batch * block * len(times) / sum(times), 1),
+        "saved_bytes": saved,
+    }
 
 
 def memory(args) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for mode, ckpt in (("full", False), ("lora", False), ("full", True), ("lora", True)):
-            cmd = [sys.executable, __file__, "_one", mode, "--steps", str(args.steps), "--out", str(Path(tmp) / f"{mode}{ckpt}")]
-            result = subprocess.run(cmd + (["--checkpointing"] if ckpt else []), check=True, capture_output=True, text=True)
+            cmd = [
+                sys.executable,
+                __file__,
+                "_one",
+                mode,
+                "--steps",
+                str(args.steps),
+                "--out",
+                str(Path(tmp) / f"{mode}{ckpt}"),
+            ]
+            result = subprocess.run(
+                cmd + (["--checkpointing"] if ckpt else []), check=True, capture_output=True, text=True
+            )
             rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
-    print(f"\n`gpt2-medium` (random weights), batch 2 x 256 tokens, fp32, {args.steps} timed steps each; "
-          f"load average at the end {os.getloadavg()[0]:.1f}\n")
+    print(
+        f"\n`gpt2-medium` (random weights), batch 2 x 256 tokens, fp32, {args.steps} timed steps each; "
+        f"load average at the end {os.getloadavg()[0]:.1f}\n"
+    )
     print("| fine-tuning | trainable parameters | peak RSS | tokens/s | saved |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['mode']} | {r['trainable']:,} ({r['trainable'] / r['params']:.2%}) | {r['peak_rss_mb'] / 1024:.2f} GiB | "
-              f"{r['tokens_per_s']:.0f} | {r['saved_bytes'] / 1e6:,.1f} MB |")
+        print(
+            f"| {r['mode']} | {r['trainable']:,} ({r['trainable'] / r['params']:.2%}) | {r['peak_rss_mb'] / 1024:.2f} "
+            "GiB | "
+            f"{r['tokens_per_s']:.0f} | {r['saved_bytes'] / 1e6:,.1f} MB |"
+        )
     for full, lora in (rows[0:2], rows[2:4]):
-        print(f"\n{lora['mode']} / {full['mode']}: peak RSS {lora['peak_rss_mb'] / full['peak_rss_mb']:.2f}x, tokens/s "
-              f"{lora['tokens_per_s'] / full['tokens_per_s']:.2f}x, saved {lora['saved_bytes'] / full['saved_bytes']:.2%}")
+        print(
+            f"\n{lora['mode']} / {full['mode']}: peak RSS {lora['peak_rss_mb'] / full['peak_rss_mb']:.2f}x, tokens/s "
+            f"{lora['tokens_per_s'] / full['tokens_per_s']:.2f}x, saved {lora['saved_bytes'] / full['saved_bytes']:.2%}"
+        )
 
 
 def _topic_files(topic: str, root: Path) -> tuple[Path, Path]:
@@ -112,8 +138,13 @@ def _gptforge(*argv: str) -> None:
 
 
 def _val_loss(model: str, text: Path, adapter: str | None = None) -> float:
-    out = subprocess.run([sys.executable, "-m", "gptforge", "eval", model, str(text), "--json"]
-                         + (["--adapter", adapter] if adapter else []), check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "gptforge", "eval", model, str(text), "--json"]
+        + (["--adapter", adapter] if adapter else []),
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return json.loads(out)[str(text)]["loss"]
 
 
@@ -122,22 +153,47 @@ def quality(args) -> None:
     root.mkdir(parents=True, exist_ok=True)
     base = root / "base"
     if not (base / "model.safetensors").is_file():
-        _gptforge("train", str(CORPORA / "fortunes_en.txt"), "--out", str(base), "--max-time", f"{args.base_minutes:g}m",
-                  "--no-progress", "--overwrite")
+        _gptforge(
+            "train",
+            str(CORPORA / "fortunes_en.txt"),
+            "--out",
+            str(base),
+            "--max-time",
+            f"{args.base_minutes:g}m",
+            "--no-progress",
+            "--overwrite",
+        )
     train, val = _topic_files(args.topic, root)
     rows = [("base model, not fine-tuned", "-", _val_loss(str(base), val))]
     runs = [("full", None), ("full", "3e-4"), ("LoRA r=8", None), ("LoRA r=8", "1e-3")]
     for name, lr in runs:
         out = root / f"{name.split()[0].lower()}-{lr or 'default'}"
         extra = (["--lora-r", "8"] if name.startswith("LoRA") else []) + (["--lr", lr] if lr else [])
-        _gptforge("train", "--init", str(base), str(train), "--eval-file", str(val), "--max-time", f"{args.minutes:g}m",
-                  "--out", str(out), "--no-progress", "--overwrite", "--eval-interval", "0", *extra)
+        _gptforge(
+            "train",
+            "--init",
+            str(base),
+            str(train),
+            "--eval-file",
+            str(val),
+            "--max-time",
+            f"{args.minutes:g}m",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--overwrite",
+            "--eval-interval",
+            "0",
+            *extra,
+        )
         shown = lr or ("2e-4 (default)" if name.startswith("LoRA") else "5e-5 (default)")
         rows.append((name, shown, _val_loss(str(out), val)))
     config = json.loads((base / "config.json").read_text())
-    print(f"\nbase: {config['n_layer']}L {config['n_embd']}d, {args.base_minutes:g} min on fortunes_en.txt; fine-tuning: "
-          f"{args.minutes:g} min each on topic {args.topic!r} ({train.stat().st_size:,} bytes), validation on its "
-          f"{val.stat().st_size:,} held-out bytes; load average {os.getloadavg()[0]:.1f}\n")
+    print(
+        f"\nbase: {config['n_layer']}L {config['n_embd']}d, {args.base_minutes:g} min on fortunes_en.txt; fine-tuning: "
+        f"{args.minutes:g} min each on topic {args.topic!r} ({train.stat().st_size:,} bytes), validation on its "
+        f"{val.stat().st_size:,} held-out bytes; load average {os.getloadavg()[0]:.1f}\n"
+    )
     print("| model | learning rate | validation loss (topic) |")
     print("| --- | --- | ---: |")
     for name, lr, loss in rows:

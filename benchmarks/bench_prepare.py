@@ -10,6 +10,7 @@ trains a 5,000-token byte-level BPE on it, then alternates trials of
 each in a fresh process, and reports median MB/s, peak memory (PSS) of the whole process tree, and whether the two
 token files are byte-identical. Prints a markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -101,8 +102,13 @@ def child_gptforge(corpus: str, tok_dir: str, out: str, workers: int) -> dict:
         with open(Path(out) / shard["file"], "rb") as f:
             while block := f.read(1 << 20):
                 sha.update(block)
-    return {"seconds": seconds, "tokens": meta["train"]["tokens"], "sha": sha.hexdigest(),
-            "fast_path": load_tokenizer(tok_dir).fast_path, "workers": meta["workers"]}
+    return {
+        "seconds": seconds,
+        "tokens": meta["train"]["tokens"],
+        "sha": sha.hexdigest(),
+        "fast_path": load_tokenizer(tok_dir).fast_path,
+        "workers": meta["workers"],
+    }
 
 
 def child_tokenizers(corpus: str, tok_dir: str, out: str) -> dict:
@@ -116,6 +122,7 @@ def child_tokenizers(corpus: str, tok_dir: str, out: str) -> dict:
     eos = hf.token_to_id("<|endoftext|>")
     sha, n = hashlib.sha256(), 0
     with open(out, "wb") as f:
+
         def flush(docs):
             nonlocal n
             ids = []
@@ -157,12 +164,15 @@ def main() -> None:
         corpus = tmp / "corpus.txt"
         build_corpus(corpus, args.size_mb)
         mb = corpus.stat().st_size / 1e6
-        tok = train_tokenizer([CORPORA / "fortunes_en.txt", CORPORA / "fortunes_zh.txt"], vocab_size=5000,
-                              out_dir=tmp / "tok")
+        tok = train_tokenizer(
+            [CORPORA / "fortunes_en.txt", CORPORA / "fortunes_zh.txt"], vocab_size=5000, out_dir=tmp / "tok"
+        )
         rows: dict[str, list] = {"gptforge prepare": [], "tokenizers encode_batch": []}
         results = {}
         for trial in range(args.trials):  # interleaved, so load from other jobs hits both alike
-            r, peak = run_measured(["--child", "gptforge", str(corpus), str(tmp / "tok"), str(tmp / "ds"), str(args.workers)])
+            r, peak = run_measured(
+                ["--child", "gptforge", str(corpus), str(tmp / "tok"), str(tmp / "ds"), str(args.workers)]
+            )
             rows["gptforge prepare"].append((mb / r["seconds"], peak))
             results["gptforge prepare"] = r
             if args.skip_reference:
@@ -170,16 +180,22 @@ def main() -> None:
             r, peak = run_measured(["--child", "tokenizers", str(corpus), str(tmp / "tok"), str(tmp / "ref.bin")])
             rows["tokenizers encode_batch"].append((mb / r["seconds"], peak))
             results["tokenizers encode_batch"] = r
-            print(f"trial {trial + 1}: " + ", ".join(f"{k} {v[-1][0]:.1f} MB/s" for k, v in rows.items()), file=sys.stderr)
+            print(
+                f"trial {trial + 1}: " + ", ".join(f"{k} {v[-1][0]:.1f} MB/s" for k, v in rows.items()), file=sys.stderr
+            )
         ours, ref = results["gptforge prepare"], results.get("tokenizers encode_batch")
         same = ref is not None and ours["sha"] == ref["sha"] and ours["tokens"] == ref["tokens"]
         rows = {k: v for k, v in rows.items() if v}
         base = rows.get("tokenizers encode_batch", rows["gptforge prepare"])
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                   platform.processor())
-        print(f"\ncorpus: {mb:.0f} MB ({ours['tokens']:,} tokens), byte-level BPE of {tok.vocab_size} tokens, "
-              f"{os.cpu_count()} CPUs ({cpu}), gptforge workers: {ours['workers']}, fast path: {ours['fast_path']}, "
-              f"median of {args.trials} interleaved trials\n")
+        cpu = next(
+            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+            platform.processor(),
+        )
+        print(
+            f"\ncorpus: {mb:.0f} MB ({ours['tokens']:,} tokens), byte-level BPE of {tok.vocab_size} tokens, "
+            f"{os.cpu_count()} CPUs ({cpu}), gptforge workers: {ours['workers']}, fast path: {ours['fast_path']}, "
+            f"median of {args.trials} interleaved trials\n"
+        )
         print("| pipeline | MB/s | speed-up | peak memory, PSS (MB) | identical ids |")
         print("| --- | ---: | ---: | ---: | --- |")
         for name, values in rows.items():

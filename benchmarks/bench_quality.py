@@ -19,6 +19,7 @@ table shows the load average at the end of each.
     python benchmarks/bench_quality.py                       # 10 minutes each (3 runs: about 35 minutes)
     python benchmarks/bench_quality.py --minutes 0.5         # a quick end-to-end check
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,18 @@ GUIDE_SHAPE = dict(n_layer=8, n_embd=256, n_head=8, block=256, dropout=0.1)
 
 def run_gptforge(corpus: Path, out: Path, minutes: float) -> dict:
     """The `gptforge train` command with default choices; returns what it reported and how long it took."""
-    cmd = [sys.executable, "-m", "gptforge", "train", str(corpus), "--out", str(out), "--max-time", f"{minutes:g}m",
-           "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gptforge",
+        "train",
+        str(corpus),
+        "--out",
+        str(out),
+        "--max-time",
+        f"{minutes:g}m",
+        "--no-progress",
+    ]
     print("$ " + " ".join(cmd[2:]), flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
@@ -57,29 +68,46 @@ def run_gptforge(corpus: Path, out: Path, minutes: float) -> dict:
     last_train = [r for r in rows if "loss" in r][-1]
     last_val = [r for r in rows if "val_loss" in r][-1]
     config = json.loads((out / "config.json").read_text())
-    return {"steps": last_train["step"], "train_seconds": last_val["elapsed"], "wall": wall,
-            "reported_bpb": last_val["val_bits_per_byte"],
-            "shape": f"{config['n_layer']}L {config['n_embd']}d {config['n_head']}h, context {config['n_positions']}"}
+    return {
+        "steps": last_train["step"],
+        "train_seconds": last_val["elapsed"],
+        "wall": wall,
+        "reported_bpb": last_val["val_bits_per_byte"],
+        "shape": f"{config['n_layer']}L {config['n_embd']}d {config['n_head']}h, context {config['n_positions']}",
+    }
 
 
 def chosen_shape(run_dir: Path) -> dict:
     """The shape of the model gptforge trained, from its config.json."""
     c = json.loads((run_dir / "config.json").read_text())
-    return dict(n_layer=c["n_layer"], n_embd=c["n_embd"], n_head=c["n_head"], block=c["n_positions"],
-                dropout=c["resid_pdrop"])
+    return dict(
+        n_layer=c["n_layer"], n_embd=c["n_embd"], n_head=c["n_head"], block=c["n_positions"], dropout=c["resid_pdrop"]
+    )
 
 
 def run_reference(data_dir: Path, shape: dict, vocab_size: int, eos_id: int, seconds: float, out: Path) -> dict:
     """A plain transformers training loop that stops at the deadline; saves the model to `out`."""
     r = {**REFERENCE, **shape}
     torch.manual_seed(r["seed"])
-    config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=r["block"], n_embd=r["n_embd"],
-                                     n_layer=r["n_layer"], n_head=r["n_head"], bos_token_id=eos_id, eos_token_id=eos_id,
-                                     resid_pdrop=r["dropout"], embd_pdrop=r["dropout"], attn_pdrop=r["dropout"])
+    config = transformers.GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=r["block"],
+        n_embd=r["n_embd"],
+        n_layer=r["n_layer"],
+        n_head=r["n_head"],
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        resid_pdrop=r["dropout"],
+        embd_pdrop=r["dropout"],
+        attn_pdrop=r["dropout"],
+    )
     model = transformers.GPT2LMHeadModel(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], betas=r["betas"], weight_decay=r["weight_decay"])
     batches = Batches(load_split(data_dir, "train"), r["block"], r["batch"], seed=r["seed"])
-    print(f"reference: GPT2LMHeadModel {model.num_parameters() / 1e6:.2f}M parameters ({shape}), {seconds:.0f}s", flush=True)
+    print(
+        f"reference: GPT2LMHeadModel {model.num_parameters() / 1e6:.2f}M parameters ({shape}), {seconds:.0f}s",
+        flush=True,
+    )
     start, step = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
         for group in opt.param_groups:
@@ -95,15 +123,21 @@ def run_reference(data_dir: Path, shape: dict, vocab_size: int, eos_id: int, sec
             print(f"reference step {step}: loss {loss.item():.3f}, {time.perf_counter() - start:.0f}s", flush=True)
     train_seconds = time.perf_counter() - start
     model.save_pretrained(out)
-    return {"steps": step, "train_seconds": train_seconds, "wall": train_seconds, "reported_bpb": None,
-            "shape": f"{r['n_layer']}L {r['n_embd']}d {r['n_head']}h, context {r['block']}"}
+    return {
+        "steps": step,
+        "train_seconds": train_seconds,
+        "wall": train_seconds,
+        "reported_bpb": None,
+        "shape": f"{r['n_layer']}L {r['n_embd']}d {r['n_head']}h, context {r['block']}",
+    }
 
 
 def score(model_dir: Path, data_dir: Path) -> float:
     """Bits per byte of a saved model on every validation token (non-overlapping windows of its context)."""
     meta = load_meta(data_dir)
-    res = evaluate_tokens(load_model(model_dir), load_split(data_dir, "val"), batch_size=16,
-                          bytes_count=meta["val"]["bytes"])
+    res = evaluate_tokens(
+        load_model(model_dir), load_split(data_dir, "val"), batch_size=16, bytes_count=meta["val"]["bytes"]
+    )
     return res.bits_per_byte
 
 
@@ -111,8 +145,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="training time for each of the two (default 10)")
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
-    parser.add_argument("--reference", choices=("both", "guide", "chosen"), default="both",
-                        help="which reference models the loop trains (default both: guide model and gptforge's shape)")
+    parser.add_argument(
+        "--reference",
+        choices=("both", "guide", "chosen"),
+        default="both",
+        help="which reference models the loop trains (default both: guide model and gptforge's shape)",
+    )
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
     if not args.corpus.is_file():
@@ -126,15 +164,21 @@ def main() -> None:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         run_dir, ref_dir = work / "gptforge", work / "reference"
-        print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-              f"{platform.machine()}, load average {os.getloadavg()[0]:.1f}; {args.minutes:g} minutes each", flush=True)
+        print(
+            f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+            f"{platform.machine()}, load average {os.getloadavg()[0]:.1f}; {args.minutes:g} minutes each",
+            flush=True,
+        )
         results, loads = {}, {}
         results["gptforge"] = run_gptforge(args.corpus, run_dir, args.minutes)
         loads["gptforge"] = os.getloadavg()[1]
         # the reference uses the tokenizer and the train/validation tokens that gptforge just prepared
         tok = load_tokenizer(run_dir / "tokenizer")
         data_dir = run_dir / "data"
-        shapes = {"transformers loop, guide model": GUIDE_SHAPE, "transformers loop, gptforge's shape": chosen_shape(run_dir)}
+        shapes = {
+            "transformers loop, guide model": GUIDE_SHAPE,
+            "transformers loop, gptforge's shape": chosen_shape(run_dir),
+        }
         if args.reference != "both":
             shapes = dict([list(shapes.items())[args.reference == "chosen"]])
         bpb = {"gptforge": score(run_dir, data_dir)}
@@ -145,14 +189,18 @@ def main() -> None:
             bpb[label] = score(folder, data_dir)
         meta = load_meta(data_dir)
 
-    print(f"\nvalidation: {meta['val']['tokens']:,} tokens, {meta['val']['bytes']:,} bytes of "
-          f"{args.corpus.name} (90/10 document split, seed 1337)\n")
+    print(
+        f"\nvalidation: {meta['val']['tokens']:,} tokens, {meta['val']['bytes']:,} bytes of "
+        f"{args.corpus.name} (90/10 document split, seed 1337)\n"
+    )
     print("| implementation | model | optimizer steps | training time | val bits/byte | load average (5 min) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for label, r in results.items():
         note = f" (its own report: {r['reported_bpb']:.4f})" if r["reported_bpb"] is not None else ""
-        print(f"| {label} | {r['shape']} | {r['steps']:,} | {r['train_seconds']:.0f}s | {bpb[label]:.4f}{note} "
-              f"| {loads[label]:.1f} |")
+        print(
+            f"| {label} | {r['shape']} | {r['steps']:,} | {r['train_seconds']:.0f}s | {bpb[label]:.4f}{note} "
+            f"| {loads[label]:.1f} |"
+        )
     print()
     for label in shapes:
         gain = bpb[label] - bpb["gptforge"]

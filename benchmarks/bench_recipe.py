@@ -12,10 +12,12 @@ library's source (the demo's corpus, a text the defaults were not chosen on).
 kept so far, N minutes each (the same prepared tokens for all): a change is kept only when the validation bits
 per byte fall. One row per change.
 
-    python benchmarks/bench_recipe.py compare --minutes 10             # today's defaults against the former, 3 corpora: about 70 minutes
+    python benchmarks/bench_recipe.py compare --minutes 10             # today's defaults against the former, 3
+    corpora: about 70 minutes
     python benchmarks/bench_recipe.py compare --minutes 3 --corpus en   # one corpus
     python benchmarks/bench_recipe.py ablate --minutes 3                # fortunes_en, 3 minutes per row
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +40,26 @@ from gptforge.evaluate import evaluate_tokens
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 
 # The former from-scratch defaults (until 2026-12-01), as flags: what every change is measured against.
-PREVIOUS = ["--optimizer", "adamw", "--schedule", "cosine", "--min-lr-ratio", "0.1", "--lr", "1e-3", "--no-zero-init",
-            "--tie-embeddings", "--activation", "gelu_new", "--batch-size", "16", "--eval-interval", "200", "--ema", "0"]
+PREVIOUS = [
+    "--optimizer",
+    "adamw",
+    "--schedule",
+    "cosine",
+    "--min-lr-ratio",
+    "0.1",
+    "--lr",
+    "1e-3",
+    "--no-zero-init",
+    "--tie-embeddings",
+    "--activation",
+    "gelu_new",
+    "--batch-size",
+    "16",
+    "--eval-interval",
+    "200",
+    "--ema",
+    "0",
+]
 
 # One change each, in the order the ablation adds them: its name, and the flags that turn it on over PREVIOUS.
 CHANGES = {
@@ -71,10 +91,37 @@ CHANGES = {
 # today's defaults ("defaults", no flags).
 RECIPES = {
     "defaults": [],
-    "first": ["--optimizer", "muon", "--muon-lr", "0.02", "--schedule", "wsd", "--cooldown", "0.4", "--min-lr-ratio", "0",
-              "--lr", "4e-3", "--no-tie-embeddings", "--eval-interval", "1000"],
-    "muon-wsd": ["--optimizer", "muon", "--muon-lr", "0.02", "--schedule", "wsd", "--cooldown", "0.4", "--min-lr-ratio",
-                 "0", "--lr", "2e-3"],
+    "first": [
+        "--optimizer",
+        "muon",
+        "--muon-lr",
+        "0.02",
+        "--schedule",
+        "wsd",
+        "--cooldown",
+        "0.4",
+        "--min-lr-ratio",
+        "0",
+        "--lr",
+        "4e-3",
+        "--no-tie-embeddings",
+        "--eval-interval",
+        "1000",
+    ],
+    "muon-wsd": [
+        "--optimizer",
+        "muon",
+        "--muon-lr",
+        "0.02",
+        "--schedule",
+        "wsd",
+        "--cooldown",
+        "0.4",
+        "--min-lr-ratio",
+        "0",
+        "--lr",
+        "2e-3",
+    ],
 }
 RECIPES["muon-wsd-ema"] = [*RECIPES["muon-wsd"], *CHANGES["EMA 0.995"]]
 
@@ -90,27 +137,45 @@ def corpus_inputs(name: str, work: Path) -> list[str]:
 
 def train(out: Path, minutes: float, inputs: list[str] | None = None, flags: list[str] = ()) -> dict:
     """One `gptforge train` run; what its metrics say."""
-    cmd = [sys.executable, "-m", "gptforge", "train", *(inputs or []), "--out", str(out), "--max-time", f"{minutes:g}m",
-           "--no-progress", *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gptforge",
+        "train",
+        *(inputs or []),
+        "--out",
+        str(out),
+        "--max-time",
+        f"{minutes:g}m",
+        "--no-progress",
+        *flags,
+    ]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if inputs and len(inputs) > 3 else None)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     speeds = sorted(r["tokens_per_s"] for r in rows if "tokens_per_s" in r)
     config = json.loads((out / "config.json").read_text())
-    return {"steps": [r for r in rows if "loss" in r][-1]["step"], "wall": time.perf_counter() - start,
-            "tokens_per_s": speeds[len(speeds) // 2], "load": os.getloadavg()[1],
-            "shape": f"{config['n_layer']}L {config['n_embd']}d, context {config['n_positions']}"}
+    return {
+        "steps": [r for r in rows if "loss" in r][-1]["step"],
+        "wall": time.perf_counter() - start,
+        "tokens_per_s": speeds[len(speeds) // 2],
+        "load": os.getloadavg()[1],
+        "shape": f"{config['n_layer']}L {config['n_embd']}d, context {config['n_positions']}",
+    }
 
 
 def score(model_dir: Path, data_dir: Path) -> float:
     """Bits per byte of a saved model on every validation token of `data_dir`."""
     meta = load_meta(data_dir)
-    res = evaluate_tokens(load_model(model_dir), load_split(data_dir, "val"), batch_size=16, bytes_count=meta["val"]["bytes"])
+    res = evaluate_tokens(
+        load_model(model_dir), load_split(data_dir, "val"), batch_size=16, bytes_count=meta["val"]["bytes"]
+    )
     return res.bits_per_byte
 
 
 def compare(args, work: Path) -> None:
-    """Per corpus: each recipe of `args.recipe`, then the former defaults, all on the first recipe's tokenizer and data."""
+    """Per corpus: each recipe of `args.recipe`, then the former defaults, all on the first recipe's tokenizer and
+    data."""
     rows = []
     for name in args.corpus:
         inputs = corpus_inputs(name, work)
@@ -130,13 +195,18 @@ def compare(args, work: Path) -> None:
             b = score(out, data)
             rows.append((name, recipe, r, b, b_old))
             print(f"{name}: former defaults {b_old:.4f}, {recipe} {b:.4f} ({b / b_old - 1:+.1%})", flush=True)
-    print(f"\n{args.minutes:g} minutes each; torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}\n")
+    print(
+        f"\n{args.minutes:g} minutes each; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.machine()}\n"
+    )
     print("| corpus | run | model | steps | tokens/s (median) | val bits/byte | change | load (5 min) |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for name, label, r, b, b_old in rows:
         change = f"{b / b_old - 1:+.1%}" if label != "former defaults" else ""
-        print(f"| {name} | {label} | {r['shape']} | {r['steps']:,} | {r['tokens_per_s']:,.0f} | {b:.4f} | {change} "
-              f"| {r['load']:.1f} |")
+        print(
+            f"| {name} | {label} | {r['shape']} | {r['steps']:,} | {r['tokens_per_s']:,.0f} | {b:.4f} | {change} "
+            f"| {r['load']:.1f} |"
+        )
 
 
 def ablate(args, work: Path) -> None:
@@ -154,7 +224,9 @@ def ablate(args, work: Path) -> None:
     for i, (name, flags) in enumerate(todo.items()):
         out = work / f"change{i}"
         print(f"== + {name}", flush=True)
-        r = train(out, args.minutes, None, ["--data", str(data), *PREVIOUS, *[f for k in kept for f in CHANGES[k]], *flags])
+        r = train(
+            out, args.minutes, None, ["--data", str(data), *PREVIOUS, *[f for k in kept for f in CHANGES[k]], *flags]
+        )
         b = score(out, data)
         keep = b < best
         rows.append((f"+ {name}", r, b, best, "kept" if keep else "not kept"))
@@ -162,13 +234,20 @@ def ablate(args, work: Path) -> None:
             kept.append(name)
             best = b
         print(f"{name}: {b:.4f} ({'kept' if keep else 'not kept'})", flush=True)
-    print(f"\n{args.corpus[0]}, {args.minutes:g} minutes each; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          "each row adds its change to the kept ones above it\n")
-    print("| change | steps | tokens/s (median) | val bits/byte | against the best before it | verdict | load (5 min) |")
+    print(
+        f"\n{args.corpus[0]}, {args.minutes:g} minutes each; torch {torch.__version__}, {torch.get_num_threads()} "
+        "threads; "
+        "each row adds its change to the kept ones above it\n"
+    )
+    print(
+        "| change | steps | tokens/s (median) | val bits/byte | against the best before it | verdict | load (5 min) |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | --- | ---: |")
     for label, r, b, before, verdict in rows:
         delta = f"{b - before:+.4f}" if verdict != "-" else ""
-        print(f"| {label} | {r['steps']:,} | {r['tokens_per_s']:,.0f} | {b:.4f} | {delta} | {verdict} | {r['load']:.1f} |")
+        print(
+            f"| {label} | {r['steps']:,} | {r['tokens_per_s']:,.0f} | {b:.4f} | {delta} | {verdict} | {r['load']:.1f} |"
+        )
     print("\nkept: " + ", ".join(kept))
 
 
@@ -176,19 +255,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=("compare", "ablate"))
     parser.add_argument("--minutes", type=float, default=10.0, help="training time of each run (default 10)")
-    parser.add_argument("--recipe", nargs="+", choices=tuple(RECIPES), default=["defaults"],
-                        help="compare: the flag sets measured, one run each (the first one's tokenizer serves all)")
-    parser.add_argument("--corpus", nargs="+", default=None,
-                        help="en, zh, stdlib or a file (default: all three for compare, en for ablate)")
+    parser.add_argument(
+        "--recipe",
+        nargs="+",
+        choices=tuple(RECIPES),
+        default=["defaults"],
+        help="compare: the flag sets measured, one run each (the first one's tokenizer serves all)",
+    )
+    parser.add_argument(
+        "--corpus",
+        nargs="+",
+        default=None,
+        help="en, zh, stdlib or a file (default: all three for compare, en for ablate)",
+    )
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
-    parser.add_argument("--kept", nargs="*", choices=tuple(CHANGES), help="ablate: changes already kept (the first row has them)")
+    parser.add_argument(
+        "--kept", nargs="*", choices=tuple(CHANGES), help="ablate: changes already kept (the first row has them)"
+    )
     parser.add_argument("--only", nargs="*", choices=tuple(CHANGES), help="ablate: try only these changes")
     args = parser.parse_args()
     args.corpus = args.corpus or (["en", "zh", "stdlib"] if args.mode == "compare" else ["en"])
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        print(f"started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.1f}", flush=True)
+        print(
+            f"started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
         (compare if args.mode == "compare" else ablate)(args, work)
 
 

@@ -12,6 +12,7 @@ first token and the gap between tokens of a stream (p50/p95 over all requests/ga
 Everything stays on 127.0.0.1; every round is bounded by --round-timeout (unfinished requests count as
 errors), and the servers are stopped at the end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,9 +54,23 @@ def make_model(folder: Path) -> None:
 
 class ServerProcess:
     def __init__(self, folder: Path, max_batch: int):
-        self.proc = subprocess.Popen([sys.executable, "-m", "gptforge.serve", str(folder), "--port", "0",
-                                      "--max-batch", str(max_batch), "--max-queue", "512"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gptforge.serve",
+                str(folder),
+                "--port",
+                "0",
+                "--max-batch",
+                str(max_batch),
+                "--max-queue",
+                "512",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         line = self.proc.stdout.readline()
         if "http://" not in line:
             self.proc.kill()
@@ -80,9 +95,14 @@ async def stream_request(host: str, port: int, body: bytes) -> dict:
     t0 = time.perf_counter()
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: " + host.encode()
-                     + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode()
-                     + b"\r\nConnection: close\r\n\r\n" + body)
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: "
+            + host.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\nConnection: close\r\n\r\n"
+            + body
+        )
         await writer.drain()
         status = await reader.readline()
         if b" 200 " not in status:
@@ -107,9 +127,19 @@ async def stream_request(host: str, port: int, body: bytes) -> dict:
 
 
 async def run_round(server: ServerProcess, clients: int, prompts: list[str], max_tokens: int, timeout: float) -> dict:
-    bodies = [json.dumps({"prompt": prompts[i % len(prompts)], "max_tokens": max_tokens, "temperature": 0.8,
-                          "seed": i, "stream": True, "stream_options": {"include_usage": True}}).encode()
-              for i in range(clients)]
+    bodies = [
+        json.dumps(
+            {
+                "prompt": prompts[i % len(prompts)],
+                "max_tokens": max_tokens,
+                "temperature": 0.8,
+                "seed": i,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+        ).encode()
+        for i in range(clients)
+    ]
     t0 = time.perf_counter()
     tasks = [asyncio.ensure_future(stream_request(server.host, server.port, b)) for b in bodies]
     done, pending = await asyncio.wait(tasks, timeout=timeout)
@@ -121,10 +151,18 @@ async def run_round(server: ServerProcess, clients: int, prompts: list[str], max
     ttft = [r["times"][0] for r in good if r["times"]]
     gaps = [b - a for r in good for a, b in zip(r["times"], r["times"][1:])]
     tokens = sum(r["tokens"] for r in good)
-    return {"clients": clients, "requests": clients, "tokens": tokens, "wall": wall, "tok_s": tokens / wall,
-            "ttft": ttft, "gaps": gaps, "prompt": statistics.mean(r["prompt"] for r in good) if good else 0,
-            "errors": len(results) - len(good) + len(pending),
-            "first_error": next((r["error"] for r in results if "error" in r), None)}
+    return {
+        "clients": clients,
+        "requests": clients,
+        "tokens": tokens,
+        "wall": wall,
+        "tok_s": tokens / wall,
+        "ttft": ttft,
+        "gaps": gaps,
+        "prompt": statistics.mean(r["prompt"] for r in good) if good else 0,
+        "errors": len(results) - len(good) + len(pending),
+        "first_error": next((r["error"] for r in results if "error" in r), None),
+    }
 
 
 def pct(values: list[float], q: float) -> float:
@@ -147,8 +185,11 @@ def main() -> None:
     word = lambda: "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 7)))
     prompts = [" ".join(word() for _ in range(args.prompt_words)) for _ in range(8)]
 
-    print(f"# bench_serve: {cpu_name()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"{time.strftime('%Y-%m-%d')}", flush=True)
+    print(
+        f"# bench_serve: {cpu_name()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"{time.strftime('%Y-%m-%d')}",
+        flush=True,
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "gpt2-random"
@@ -166,26 +207,38 @@ def main() -> None:
                     after = server.health()
                     steps = after["steps"] - before["steps"]
                     r["mode"] = mode
-                    r["batch"] = 1.0 if max_batch == 1 else (clients * args.max_tokens / steps if steps else float("nan"))
+                    r["batch"] = (
+                        1.0 if max_batch == 1 else (clients * args.max_tokens / steps if steps else float("nan"))
+                    )
                     rows.append(r)
-                    print(f"  {mode:13s} {clients:3d} clients: {r['tok_s']:6.1f} tok/s, {r['errors']} errors "
-                          f"({r['wall']:.1f} s)" + (f"  first error: {r['first_error']}" if r["errors"] else ""),
-                          flush=True)
+                    print(
+                        f"  {mode:13s} {clients:3d} clients: {r['tok_s']:6.1f} tok/s, {r['errors']} errors "
+                        f"({r['wall']:.1f} s)" + (f"  first error: {r['first_error']}" if r["errors"] else ""),
+                        flush=True,
+                    )
             finally:
                 server.stop()
 
     print()
     prompt = statistics.mean(r["prompt"] for r in rows) if rows else 0
-    print(f"gpt2 shape (124M parameters, random weights), prompts of {prompt:.0f} tokens on average, {args.max_tokens} new "
-          "tokens per request, sampling (temperature 0.8, top-k 50); each client sends one streaming request")
+    print(
+        f"gpt2 shape (124M parameters, random weights), prompts of {prompt:.0f} tokens on average, {args.max_tokens} "
+        "new "
+        "tokens per request, sampling (temperature 0.8, top-k 50); each client sends one streaming request"
+    )
     print()
-    print("| clients | serving | tokens/s (aggregate) | TTFT p50 | TTFT p95 | per-token p50 | per-token p95 | errors "
-          "| mean batch | wall |")
+    print(
+        "| clients | serving | tokens/s (aggregate) | TTFT p50 | TTFT p95 | per-token p50 | per-token p95 | errors "
+        "| mean batch | wall |"
+    )
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['clients']} | {r['mode']} | {r['tok_s']:.1f} | {pct(r['ttft'], .5):.2f} s | {pct(r['ttft'], .95):.2f} s"
-              f" | {1000 * pct(r['gaps'], .5):.0f} ms | {1000 * pct(r['gaps'], .95):.0f} ms | {r['errors']}"
-              f" | {r['batch']:.1f} | {r['wall']:.1f} s |")
+        print(
+            f"| {r['clients']} | {r['mode']} | {r['tok_s']:.1f} | {pct(r['ttft'], 0.5):.2f} s | "
+            f"{pct(r['ttft'], 0.95):.2f} s"
+            f" | {1000 * pct(r['gaps'], 0.5):.0f} ms | {1000 * pct(r['gaps'], 0.95):.0f} ms | {r['errors']}"
+            f" | {r['batch']:.1f} | {r['wall']:.1f} s |"
+        )
     one = next((r for r in rows if r["mode"] == "batched" and r["clients"] == 1), None)
     if one:
         print()
@@ -193,7 +246,9 @@ def main() -> None:
             if r["mode"] == "batched" and r["clients"] > 1:
                 seq = next((s for s in rows if s["mode"] != "batched" and s["clients"] == r["clients"]), None)
                 extra = f", {r['tok_s'] / seq['tok_s']:.1f}x one-at-a-time" if seq else ""
-                print(f"{r['clients']} clients batched: {r['tok_s'] / one['tok_s']:.1f}x one client's throughput{extra}")
+                print(
+                    f"{r['clients']} clients batched: {r['tok_s'] / one['tok_s']:.1f}x one client's throughput{extra}"
+                )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ The peak is the best fp32 rate of large square matmuls measured at the start of 
     python benchmarks/bench_step.py --profile        # also print the top operators of one step of each
     python benchmarks/bench_step.py --isa avx2       # everything at AVX2 (emulated on a newer CPU)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,10 +32,34 @@ from gptforge.train import matmul_flops
 
 SHAPES = {
     # name: (config fields, batch, block, steps per trial)
-    "tiny": ({"vocab_size": 5000, "n_positions": 128, "n_embd": 128, "n_layer": 4, "n_head": 4,  # the CPU default size
-              "bos_token_id": 0, "eos_token_id": 0}, 16, 128, 6),
-    "small": ({"vocab_size": 5000, "n_positions": 128, "n_embd": 256, "n_layer": 8, "n_head": 8,
-               "bos_token_id": 0, "eos_token_id": 0}, 16, 128, 3),
+    "tiny": (
+        {
+            "vocab_size": 5000,
+            "n_positions": 128,
+            "n_embd": 128,
+            "n_layer": 4,
+            "n_head": 4,  # the CPU default size
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+        },
+        16,
+        128,
+        6,
+    ),
+    "small": (
+        {
+            "vocab_size": 5000,
+            "n_positions": 128,
+            "n_embd": 256,
+            "n_layer": 8,
+            "n_head": 8,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+        },
+        16,
+        128,
+        3,
+    ),
     "gpt2": ({}, 1, 1024, 1),
 }
 
@@ -126,8 +151,9 @@ def main() -> None:
     parser.add_argument("--shapes", default="small,gpt2", help=f"comma-separated, from {list(SHAPES)}")
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--fused-gelu", action="store_true",
-                        help="also time transformers with activation_function=gelu_pytorch_tanh")
+    parser.add_argument(
+        "--fused-gelu", action="store_true", help="also time transformers with activation_function=gelu_pytorch_tanh"
+    )
     add_isa_argument(parser)
     args = parser.parse_args()
     use_isa(args.isa)
@@ -135,11 +161,16 @@ def main() -> None:
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     peak = matmul_peak_gflops()
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {threads} threads, "
-          f"{platform.machine()}; fp32 matmul peak {peak:.1f} GFLOP/s (best of 2048^2 and 4096^2 products)")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {threads} threads, "
+        f"{platform.machine()}; fp32 matmul peak {peak:.1f} GFLOP/s (best of 2048^2 and 4096^2 products)"
+    )
     print(f"machine: {cpu_name()}; {level_line()}\n{paths_line()}\n", flush=True)
     rows = [run_shape(s, args.trials, peak, args.profile, args.fused_gelu) for s in args.shapes.split(",")]
-    print("| shape | batch x block | implementation | tokens/s | gptforge speed-up | GFLOP/s | % of peak | step min / max |")
+    print(
+        "| shape | batch x block | implementation | tokens/s | gptforge speed-up | GFLOP/s | % of peak | step min / "
+        "max |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         c = r["config"]
@@ -147,8 +178,10 @@ def main() -> None:
         ours = r["results"]["gptforge"][0]
         for label, (tps, gflops, lo, hi) in r["results"].items():
             ratio = "" if label == "gptforge" else f"{ours / tps:.2f}x"
-            print(f"| {desc} | {r['batch']} x {r['block']} | {label} | {tps:,.0f} | {ratio} | {gflops:.1f} "
-                  f"| {100 * gflops / r['peak']:.0f}% | {lo * 1e3:,.0f} / {hi * 1e3:,.0f} ms |")
+            print(
+                f"| {desc} | {r['batch']} x {r['block']} | {label} | {tps:,.0f} | {ratio} | {gflops:.1f} "
+                f"| {100 * gflops / r['peak']:.0f}% | {lo * 1e3:,.0f} / {hi * 1e3:,.0f} ms |"
+            )
     print(f"\nmedian of {args.trials} interleaved trials; speed-up = gptforge tokens/s / that row's tokens/s")
 
 

@@ -5,6 +5,7 @@ reference, as before) vs pieces of at most 1M characters cut where the words can
 
 Each mode runs in a fresh process; peak memory is that process's maximum resident set size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,13 @@ def run_one(path: str, mode: str) -> dict:
     tok = train_tokenizer([path], vocab_size=5000, out_dir=None)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
-    return {"mode": mode, "seconds": seconds, "peak_bytes": peak, "vocab": tok.vocab_size, "fingerprint": tok.fingerprint}
+    return {
+        "mode": mode,
+        "seconds": seconds,
+        "peak_bytes": peak,
+        "vocab": tok.vocab_size,
+        "fingerprint": tok.fingerprint,
+    }
 
 
 def main() -> None:
@@ -56,7 +63,9 @@ def main() -> None:
         make_line(path, args.mb)
         rows = []
         for mode in ("whole", "pieces"):
-            out = subprocess.run([sys.executable, __file__, "--one", str(path), mode], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", str(path), mode], capture_output=True, text=True, check=True
+            )
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"BPE tokenizer training, vocab 5000, one line of {args.mb} MB")
     print("| mode | peak memory | time | same vocabulary |")

@@ -22,6 +22,7 @@ which the gpt2 shape (vocabulary 50,257) uses as a subset.
     python benchmarks/bench_train.py                           # both shapes
     python benchmarks/bench_train.py --shapes small --steps 30
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,6 @@ from pathlib import Path
 
 import torch
 import transformers
-
 from bench_step import SHAPES, build, hf_copy, matmul_peak_gflops  # same models, FLOP count and peak
 
 from gptforge.data import Batches, load_split, prepare
@@ -112,13 +112,27 @@ class SteppedTrainer:
 
         self._out = tempfile.TemporaryDirectory()
         args = transformers.TrainingArguments(
-            output_dir=self._out.name, per_device_train_batch_size=batch, max_steps=steps, learning_rate=LR,
-            adam_beta1=BETAS[0], adam_beta2=BETAS[1], weight_decay=WD, max_grad_norm=CLIP, lr_scheduler_type="cosine",
-            logging_steps=10, save_strategy="no", report_to="none", use_cpu=True, train_sampling_strategy="sequential",
-            dataloader_num_workers=0, disable_tqdm=True, seed=SEED,
+            output_dir=self._out.name,
+            per_device_train_batch_size=batch,
+            max_steps=steps,
+            learning_rate=LR,
+            adam_beta1=BETAS[0],
+            adam_beta2=BETAS[1],
+            weight_decay=WD,
+            max_grad_norm=CLIP,
+            lr_scheduler_type="cosine",
+            logging_steps=10,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            train_sampling_strategy="sequential",
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            seed=SEED,
         )
-        self.trainer = transformers.Trainer(model=model, args=args, train_dataset=_Windows(tokens, batch, block, steps),
-                                            callbacks=[Gate()])
+        self.trainer = transformers.Trainer(
+            model=model, args=args, train_dataset=_Windows(tokens, batch, block, steps), callbacks=[Gate()]
+        )
         self._thread = threading.Thread(target=self._train, daemon=True)
         self._thread.start()
         self._wait()
@@ -157,24 +171,52 @@ def run_shape(name: str, data_dir: Path, warmup: int, steps: int | None) -> dict
     loop = hf_loop(copy.deepcopy(hf), tokens, batch, block)
     trainer = SteppedTrainer(copy.deepcopy(hf), tokens, batch, block, warmup + steps + 1)
     seconds = {"gptforge": [], "transformers loop": [], "transformers Trainer": []}
+
     def on_step(_) -> None:  # the engine leaves time spent in on_step out of its tokens/s
         seconds["transformers loop"].append(loop())
         seconds["transformers Trainer"].append(trainer.step())
 
     with tempfile.TemporaryDirectory() as out:
-        result = train(ours, data_dir, out_dir=out, max_steps=warmup + steps, batch_size=batch, block_size=block,
-                       learning_rate=LR, beta1=BETAS[0], beta2=BETAS[1], weight_decay=WD, grad_clip=CLIP, seed=SEED,
-                       optimizer="adamw", schedule="cosine", min_lr_ratio=0.1, ema=0.0,  # the references' step
-                       device="cpu", log_interval=1, eval_interval=None, save_minutes=None, plot=False, progress=False,
-                       on_step=on_step)
+        result = train(
+            ours,
+            data_dir,
+            out_dir=out,
+            max_steps=warmup + steps,
+            batch_size=batch,
+            block_size=block,
+            learning_rate=LR,
+            beta1=BETAS[0],
+            beta2=BETAS[1],
+            weight_decay=WD,
+            grad_clip=CLIP,
+            seed=SEED,
+            optimizer="adamw",
+            schedule="cosine",
+            min_lr_ratio=0.1,
+            ema=0.0,  # the references' step
+            device="cpu",
+            log_interval=1,
+            eval_interval=None,
+            save_minutes=None,
+            plot=False,
+            progress=False,
+            on_step=on_step,
+        )
     trainer.close()
     seconds["gptforge"] = [batch * block / r["tokens_per_s"] for r in result.history if "tokens_per_s" in r]
     tps = {k: [batch * block / t for t in v[warmup:]] for k, v in seconds.items()}
     assert all(len(v) == steps for v in tps.values()), {k: len(v) for k, v in tps.items()}
     for label, values in tps.items():
         print(f"  {name} {label}: " + ", ".join(f"{v:,.0f}" for v in values) + " tokens/s", flush=True)
-    return {"name": name, "config": config, "batch": batch, "block": block, "steps": steps,
-            "fpt": config.flops_per_token(block), "tps": {k: statistics.median(v) for k, v in tps.items()}}
+    return {
+        "name": name,
+        "config": config,
+        "batch": batch,
+        "block": block,
+        "steps": steps,
+        "fpt": config.flops_per_token(block),
+        "tps": {k: statistics.median(v) for k, v in tps.items()},
+    }
 
 
 def main() -> None:
@@ -182,20 +224,26 @@ def main() -> None:
     parser.add_argument("--shapes", default="small,gpt2", help=f"comma-separated, from {list(SHAPES)}")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of every run")
     parser.add_argument("--steps", type=int, default=None, help="timed steps of each (default: 18 small, 6 gpt2)")
-    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="any text file; only its token ids are used")
+    parser.add_argument(
+        "--corpus", type=Path, default=DEFAULT_CORPUS, help="any text file; only its token ids are used"
+    )
     args = parser.parse_args()
     if not args.corpus.is_file():
         parser.error(f"--corpus {args.corpus}: no such file; pass any text file of a few hundred KB or more")
     transformers.logging.set_verbosity_error()
 
     peak = matmul_peak_gflops()
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.machine()}; fp32 matmul peak at the start {peak:.1f} GFLOP/s (bench_step.matmul_peak_gflops)\n",
-          flush=True)
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.machine()}; fp32 matmul peak at the start {peak:.1f} GFLOP/s (bench_step.matmul_peak_gflops)\n",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as root:
         data_dir = prepare_data(args.corpus, Path(root))
         rows = [run_shape(s, data_dir, args.warmup, args.steps) for s in args.shapes.split(",")]
-    peak = max(peak, matmul_peak_gflops())  # measured again at the end: the best seen is the least disturbed by other jobs
+    peak = max(
+        peak, matmul_peak_gflops()
+    )  # measured again at the end: the best seen is the least disturbed by other jobs
 
     print("\n| shape | batch x block | implementation | tokens/s | gptforge / this | GFLOP/s | share of fp32 peak |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -204,11 +252,17 @@ def main() -> None:
         desc = f"{r['name']}: {c.n_layer}L {c.n_embd}d {c.n_head}h vocab {c.vocab_size}"
         for label, tps in r["tps"].items():
             gflops = tps * r["fpt"] / 1e9
-            print(f"| {desc} | {r['batch']} x {r['block']} | {label} | {tps:,.0f} | {r['tps']['gptforge'] / tps:.2f}x "
-                  f"| {gflops:.1f} | {100 * gflops / peak:.0f}% |")
-    print("\nmedian over the timed steps (" + ", ".join(f"{r['name']} {r['steps']}" for r in rows) + "), taken in lock-step "
-          f"after {args.warmup} untimed warm-up steps each; fp32 matmul peak {peak:.1f} GFLOP/s (best of the "
-          "measurements at the start and the end)")
+            print(
+                f"| {desc} | {r['batch']} x {r['block']} | {label} | {tps:,.0f} | {r['tps']['gptforge'] / tps:.2f}x "
+                f"| {gflops:.1f} | {100 * gflops / peak:.0f}% |"
+            )
+    print(
+        "\nmedian over the timed steps ("
+        + ", ".join(f"{r['name']} {r['steps']}" for r in rows)
+        + "), taken in lock-step "
+        f"after {args.warmup} untimed warm-up steps each; fp32 matmul peak {peak:.1f} GFLOP/s (best of the "
+        "measurements at the start and the end)"
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ copied unchanged, so a model trained on the result is scored on the usual segmen
 The tokenizers library draws the skipped merges from its own unseeded generator: two runs of this script
 give different tokens.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,7 @@ def main() -> None:
     tok = Tokenizer.from_file(str(args.data / "tokenizer" / "tokenizer.json"))
     train, eos = np.asarray(load_split(args.data, "train")), meta["eos_id"]
     cuts = [*np.flatnonzero(train == eos), len(train)]
-    docs = [tok.decode(train[a + 1:b].tolist(), skip_special_tokens=False) for a, b in zip(cuts, cuts[1:])]
+    docs = [tok.decode(train[a + 1 : b].tolist(), skip_special_tokens=False) for a, b in zip(cuts, cuts[1:])]
     tok.model.dropout = args.dropout
     parts = [np.array([eos], dtype=meta["dtype"])]
     for _ in range(args.passes):
@@ -54,8 +55,10 @@ def main() -> None:
     meta["train"].update(tokens=len(tokens), shards=[{"file": name, "tokens": len(tokens)}])
     meta["fingerprint"] = f"{meta['fingerprint'][:8]}bpe-drop"
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2))
-    print(f"{args.out}: {len(train):,} training tokens -> {len(tokens):,} in {args.passes} passes "
-          f"({len(tokens) / len(train) / args.passes:.3f} times the tokens per pass)")
+    print(
+        f"{args.out}: {len(train):,} training tokens -> {len(tokens):,} in {args.passes} passes "
+        f"({len(tokens) / len(train) / args.passes:.3f} times the tokens per pass)"
+    )
 
 
 if __name__ == "__main__":

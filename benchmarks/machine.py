@@ -6,6 +6,7 @@ gptforge's kernel is built for x86-64-v3 (GPTFORGE_ISA) and torch, oneDNN, MKL, 
 told to stop at AVX2 by their own variables. They are read when each library loads, so `use_isa` starts the
 script again with them set (its worker processes inherit them). `--isa native` clears them all.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,12 @@ import platform
 import sys
 
 ISA_VARIABLES = {  # variable: its value for an emulated AVX2 processor
-    "GPTFORGE_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-    "MKL_ENABLE_INSTRUCTIONS": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "CT2_FORCE_CPU_ISA": "AVX2",
+    "GPTFORGE_ISA": "avx2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+    "CT2_FORCE_CPU_ISA": "AVX2",
 }
 MARK = "GPTFORGE_BENCH_ISA"  # set once the script runs under the chosen level's variables
 
@@ -28,9 +33,13 @@ def cpu_name() -> str:
 
 
 def add_isa_argument(parser) -> None:
-    parser.add_argument("--isa", choices=("native", "avx2"), default=None,
-                        help="run every engine at this instruction-set level (avx2: emulated on a newer CPU; "
-                             "default: as the environment says)")
+    parser.add_argument(
+        "--isa",
+        choices=("native", "avx2"),
+        default=None,
+        help="run every engine at this instruction-set level (avx2: emulated on a newer CPU; "
+        "default: as the environment says)",
+    )
 
 
 def use_isa(level: str | None) -> None:
@@ -52,8 +61,11 @@ def level_line() -> str:
     if not set_:
         return "instruction set: native (no ISA variables set)"
     emulated = "emulated " if os.environ.get("GPTFORGE_ISA", "native") != "native" else ""
-    return f"instruction set: {emulated}{os.environ.get('GPTFORGE_ISA', 'native')} (" + \
-        ", ".join(f"{k}={v}" for k, v in set_.items()) + ")"
+    return (
+        f"instruction set: {emulated}{os.environ.get('GPTFORGE_ISA', 'native')} ("
+        + ", ".join(f"{k}={v}" for k, v in set_.items())
+        + ")"
+    )
 
 
 def paths_line() -> str:
@@ -63,5 +75,8 @@ def paths_line() -> str:
     calibrate.MEASURES.setdefault("steps", fastdecode.measure_steps)  # as importing fastdecode did
     values = {name: calibrate.decision(name) for name in calibrate.DEFAULTS}
     override = os.environ.get(calibrate.OVERRIDE)
-    return (f"paths: {', '.join(f'{k}={v}' for k, v in values.items())} ("
-            + (f"{calibrate.OVERRIDE}={override}" if override else "measured on this machine") + ")")
+    return (
+        f"paths: {', '.join(f'{k}={v}' for k, v in values.items())} ("
+        + (f"{calibrate.OVERRIDE}={override}" if override else "measured on this machine")
+        + ")"
+    )

@@ -6,6 +6,7 @@ almost all text, and no character is split into bytes.
 
 Characters seen fewer than --min-frequency times become <|unk|>. Blank lines separate documents.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,20 +26,32 @@ def main() -> None:
     ap.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
     args = ap.parse_args()
 
-    tok = train_tokenizer(args.corpus, vocab_size=args.vocab_size, min_frequency=args.min_frequency, kind="char",
-                          out_dir=None)  # kept in memory; training saves it in the model folder
+    tok = train_tokenizer(
+        args.corpus, vocab_size=args.vocab_size, min_frequency=args.min_frequency, kind="char", out_dir=None
+    )  # kept in memory; training saves it in the model folder
     print(f"character vocabulary: {tok.vocab_size} tokens (<|endoftext|>, <|unk|> and the characters)")
     data = TokenDataset(args.corpus, tokenizer=tok, block_size=args.block_size, val_fraction=0.05)
     print(f"data: {len(data.train):,} training characters, {len(data.val):,} validation characters")
-    config = build_gpt2_config(vocab_size=tok.vocab_size, max_length=args.block_size, dropout=0.0,
-                               n_embd=192, n_layer=4, n_head=6)
+    config = build_gpt2_config(
+        vocab_size=tok.vocab_size, max_length=args.block_size, dropout=0.0, n_embd=192, n_layer=4, n_head=6
+    )
     ai = GPTForge(config=config, tokenizer=tok)
     print(ai)
-    result = ai.train(data, batch_size=32, num_steps=None, max_time=args.minutes * 60, output_dir=args.out,
-                      eval_interval=100, sample_prompt=args.prompt, overwrite=args.overwrite)
+    result = ai.train(
+        data,
+        batch_size=32,
+        num_steps=None,
+        max_time=args.minutes * 60,
+        output_dir=args.out,
+        eval_interval=100,
+        sample_prompt=args.prompt,
+        overwrite=args.overwrite,
+    )
     if result.val_perplexity is not None:
-        print(f"validation perplexity {result.val_perplexity:.2f} per character "
-              f"({result.val_bits_per_byte:.3f} bits per byte) after {result.step} steps")
+        print(
+            f"validation perplexity {result.val_perplexity:.2f} per character "
+            f"({result.val_bits_per_byte:.3f} bits per byte) after {result.step} steps"
+        )
     ai.generate(n=3, prompt=args.prompt, max_length=args.block_size, temperature=0.8, top_k=40, seed=0)
     print(f"model folder: {args.out}  (gptforge generate {args.out} --prompt {args.prompt})")
 

@@ -7,8 +7,10 @@
 gpt2-medium, ...; downloaded once, needs `pip install 'gptforge[hub]'` and the network). The text gets a
 seeded 90/10 train/validation split. The same run on the command line:
 
-    gptforge train --init gpt2 --train-file book.txt --block-size 200 --batch-size 1 --grad-accum 4 --max-time 30m --out output
+    gptforge train --init gpt2 --train-file book.txt --block-size 200 --batch-size 1 --grad-accum 4 --max-time 30m
+    --out output
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,16 +34,34 @@ def main() -> None:
 
     before = GPTForge(args.init)
     print(f"pretrained: {before}")
-    result = run_training([args.corpus], init=args.init, out_dir=args.out, max_time=args.minutes * 60,
-                          block_size=min(args.block_size, before.config.n_positions), batch_size=args.batch_size,
-                          grad_accum=args.grad_accum, eval_interval=200, sample_prompt=args.prompt,
-                          overwrite=args.overwrite)
+    result = run_training(
+        [args.corpus],
+        init=args.init,
+        out_dir=args.out,
+        max_time=args.minutes * 60,
+        block_size=min(args.block_size, before.config.n_positions),
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        eval_interval=200,
+        sample_prompt=args.prompt,
+        overwrite=args.overwrite,
+    )
     ai = GPTForge(args.out)
     val = args.out + "/data"  # the validation split that training held out
-    print(f"validation perplexity: pretrained {before.evaluate(val).perplexity:.2f} -> "
-          f"fine-tuned {ai.evaluate(val).perplexity:.2f} after {result.step} steps")
-    ai.generate(n=2, prompt=args.prompt, max_new_tokens=120, temperature=0.8, top_k=40, top_p=0.9,
-                repetition_penalty=1.2, seed=42)
+    print(
+        f"validation perplexity: pretrained {before.evaluate(val).perplexity:.2f} -> "
+        f"fine-tuned {ai.evaluate(val).perplexity:.2f} after {result.step} steps"
+    )
+    ai.generate(
+        n=2,
+        prompt=args.prompt,
+        max_new_tokens=120,
+        temperature=0.8,
+        top_k=40,
+        top_p=0.9,
+        repetition_penalty=1.2,
+        seed=42,
+    )
     print(f"model folder: {args.out}  (gptforge generate {args.out} --prompt {args.prompt!r} --seed 42)")
 
 

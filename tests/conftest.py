@@ -1,4 +1,5 @@
 """Shared fixtures: everything a test needs is made here, nothing is downloaded."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,9 @@ def hf_gpt2_dir(tmp_path_factory):
     """A small random GPT2LMHeadModel saved by transformers (safetensors), vocab 300, context 64."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(1234)
-    config = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+    )
     model = transformers.GPT2LMHeadModel(config).eval()
     path = tmp_path_factory.mktemp("hf_gpt2")
     model.save_pretrained(path)
@@ -76,9 +78,36 @@ def one_thread():
 def sample_text() -> str:
     """A few kilobytes of varied text: English prose, digits, Chinese, emoji, odd whitespace."""
     rng = random.Random(7)
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards",
-             "quietly", "brew", "strong", "coffee", "near", "old", "lighthouses", "and", "42", "recipes", "call",
-             "for", "3.5", "cups", "of", "flour"]
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "while",
+        "seven",
+        "wizards",
+        "quietly",
+        "brew",
+        "strong",
+        "coffee",
+        "near",
+        "old",
+        "lighthouses",
+        "and",
+        "42",
+        "recipes",
+        "call",
+        "for",
+        "3.5",
+        "cups",
+        "of",
+        "flour",
+    ]
     lines = []
     for i in range(400):
         lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(3, 14))).capitalize() + ".")
@@ -123,8 +152,14 @@ class RunningServer:
     def __init__(self, folder: Path, *flags: str, **popen):
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         env.pop("GPTFORGE_API_KEY", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "gptforge.serve", str(folder), "--port", "0", *flags],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **popen)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gptforge.serve", str(folder), "--port", "0", *flags],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            **popen,
+        )
         line = self.proc.stdout.readline()
         if "http://" not in line:
             self.proc.kill()
@@ -162,8 +197,11 @@ class RunningServer:
 
     def post(self, path: str, payload, key: str | None = API_KEY, headers: dict | None = None):
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}),
-             **(headers or {})}
+        h = {
+            "Content-Type": "application/json",
+            **({"Authorization": f"Bearer {key}"} if key else {}),
+            **(headers or {}),
+        }
         status, headers, data = self.raw("POST", path, body, h)
         return status, headers, json.loads(data)
 

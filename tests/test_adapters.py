@@ -1,4 +1,6 @@
-"""LoRA adapters: the same logits as peft both ways, merge, training (adapter-only checkpoints, resume, stop), bad input."""
+"""LoRA adapters: the same logits as peft both ways, merge, training (adapter-only checkpoints, resume, stop), bad
+input."""
+
 from __future__ import annotations
 
 import json
@@ -37,8 +39,15 @@ def base(tmp_path_factory, sample_text):
     (folder.parent / "corpus.txt").write_text(sample_text)
     tok = train_tokenizer([folder.parent / "corpus.txt"], vocab_size=300, out_dir=None)
     torch.manual_seed(3)
-    config = GPTConfig(vocab_size=tok.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                       bos_token_id=tok.eos_id, eos_token_id=tok.eos_id)
+    config = GPTConfig(
+        vocab_size=tok.vocab_size,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=tok.eos_id,
+        eos_token_id=tok.eos_id,
+    )
     save_model(GPT(config), folder, tok)
     return folder
 
@@ -71,8 +80,16 @@ def test_gptforge_adapter_opens_in_peft_with_the_same_logits(base, ids, tmp_path
 
 def test_adapter_trained_with_peft_gives_the_same_logits(base, ids, tmp_path):
     hf = transformers.GPT2LMHeadModel.from_pretrained(base)
-    config = peft.LoraConfig(r=4, lora_alpha=12, lora_dropout=0.0, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
-                             task_type="CAUSAL_LM", alpha_pattern={"h.1.mlp.c_fc": 3}, use_rslora=True)
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=12,
+        lora_dropout=0.0,
+        target_modules=["c_attn", "c_fc"],
+        fan_in_fan_out=True,
+        task_type="CAUSAL_LM",
+        alpha_pattern={"h.1.mlp.c_fc": 3},
+        use_rslora=True,
+    )
     model = peft.get_peft_model(hf, config)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):  # a few real steps, so that B is no longer zero
@@ -147,8 +164,13 @@ def test_bad_lora_options_and_folders(base, tmp_path):
         apply_lora(model, 4, targets="q_proj")
     with pytest.raises(OptionError, match="--lora-r"):
         apply_lora(model, 0)
-    for bad in (dict(lora_r=0), dict(lora_r=-2), dict(lora_r=4, lora_alpha=0), dict(lora_r=4, lora_dropout=1.0),
-                dict(lora_r=4, lora_targets=" , ")):
+    for bad in (
+        dict(lora_r=0),
+        dict(lora_r=-2),
+        dict(lora_r=4, lora_alpha=0),
+        dict(lora_r=4, lora_dropout=1.0),
+        dict(lora_r=4, lora_targets=" , "),
+    ):
         with pytest.raises(OptionError):
             LoRAOptions(**bad)
     with pytest.raises(CheckpointError, match="not an adapter folder"):
@@ -174,18 +196,35 @@ def test_lora_training_saves_the_adapter_only(base, tmp_path, sample_text, one_t
     from gptforge.train.pipeline import run_training
 
     data = _lm_data(tmp_path, base, sample_text)
-    result = run_training(data=str(data), init=str(base), lora=LoRAOptions(lora_r=2, lora_targets="c_attn"), batch_size=2,
-                          block_size=32, eval_interval=0, save_steps=2, plot=False, progress=False, log=lambda m: None,
-                          out_dir=str(tmp_path / "run"), max_steps=4)
+    result = run_training(
+        data=str(data),
+        init=str(base),
+        lora=LoRAOptions(lora_r=2, lora_targets="c_attn"),
+        batch_size=2,
+        block_size=32,
+        eval_interval=0,
+        save_steps=2,
+        plot=False,
+        progress=False,
+        log=lambda m: None,
+        out_dir=str(tmp_path / "run"),
+        max_steps=4,
+    )
     final = tmp_path / "run"
-    assert result.step == 4 and (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
+    assert (
+        result.step == 4
+        and (final / "adapter_model.safetensors").is_file()
+        and not (final / "model.safetensors").exists()
+    )
     ckpt = list_checkpoints(final)[-1]
     assert not (ckpt / "model.safetensors").exists()
     state = load_training_state(ckpt)
     assert len(state["optimizer"]["state"]) == 2 * 2  # lora_A and lora_B of c_attn in 2 layers: nothing of the base
     base_weights = load_model(base).state_dict()
     trained, _ = load_model_and_tokenizer(base, adapter=final, device="cpu")
-    assert not torch.equal(trained.transformer.h[0].attn.c_attn.weight, base_weights["transformer.h.0.attn.c_attn.weight"])
+    assert not torch.equal(
+        trained.transformer.h[0].attn.c_attn.weight, base_weights["transformer.h.0.attn.c_attn.weight"]
+    )
     assert torch.equal(trained.transformer.h[0].mlp.c_fc.weight, base_weights["transformer.h.0.mlp.c_fc.weight"])
 
 
@@ -198,8 +237,19 @@ def test_stopped_lora_run_resumes_exactly(base, tmp_path, sample_text, one_threa
         torch.manual_seed(0)
         model = load_model(base)
         apply_lora(model, 2, dropout=0.1, base=base)
-        return train(model, str(data), out_dir=str(tmp_path / out), max_steps=4, batch_size=2, block_size=32,
-                     eval_interval=0, plot=False, progress=False, finetune=True, **kw)
+        return train(
+            model,
+            str(data),
+            out_dir=str(tmp_path / out),
+            max_steps=4,
+            batch_size=2,
+            block_size=32,
+            eval_interval=0,
+            plot=False,
+            progress=False,
+            finetune=True,
+            **kw,
+        )
 
     run("straight")
     stop_at_two = lambda trainer: trainer.request_stop() if trainer.step == 2 else None  # what Ctrl-C does  # noqa: E731
@@ -218,10 +268,18 @@ def test_lora_options_are_checked_before_any_work(base, tmp_path):
     from gptforge.train.pipeline import run_training
 
     with pytest.raises(OptionError, match="--init"):
-        run_training([str(tmp_path / "missing.txt")], out_dir=str(tmp_path / "r"), lora=LoRAOptions(lora_r=4), max_steps=1)
+        run_training(
+            [str(tmp_path / "missing.txt")], out_dir=str(tmp_path / "r"), lora=LoRAOptions(lora_r=4), max_steps=1
+        )
     with pytest.raises(OptionError, match="--freeze"):
-        run_training([str(tmp_path / "missing.txt")], init=str(base), out_dir=str(tmp_path / "r"), freeze="embeddings",
-                     lora=LoRAOptions(lora_r=4), max_steps=1)
+        run_training(
+            [str(tmp_path / "missing.txt")],
+            init=str(base),
+            out_dir=str(tmp_path / "r"),
+            freeze="embeddings",
+            lora=LoRAOptions(lora_r=4),
+            max_steps=1,
+        )
 
 
 def test_cli_generate_eval_merge_with_adapter(base, tmp_path, capsys):
@@ -233,9 +291,16 @@ def test_cli_generate_eval_merge_with_adapter(base, tmp_path, capsys):
     save_adapter(model, tmp_path / "adapter")
     assert main(["merge", str(base), str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 0
     texts = []
-    for args in ([str(base), "--adapter", str(tmp_path / "adapter")], [str(tmp_path / "merged")], [str(tmp_path / "adapter")]):
+    for args in (
+        [str(base), "--adapter", str(tmp_path / "adapter")],
+        [str(tmp_path / "merged")],
+        [str(tmp_path / "adapter")],
+    ):
         capsys.readouterr()
-        assert main(["generate", *args[:1], "Hello", *args[1:], "--seed", "3", "--max-new-tokens", "12", "--no-stream"]) == 0
+        assert (
+            main(["generate", *args[:1], "Hello", *args[1:], "--seed", "3", "--max-new-tokens", "12", "--no-stream"])
+            == 0
+        )
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] == texts[2]
     (tmp_path / "t.txt").write_text("Hello there, a few words to score.\n")
@@ -243,7 +308,9 @@ def test_cli_generate_eval_merge_with_adapter(base, tmp_path, capsys):
     with_adapter = json.loads(capsys.readouterr().out)
     assert main(["eval", str(tmp_path / "merged"), str(tmp_path / "t.txt"), "--json"]) == 0
     merged = json.loads(capsys.readouterr().out)
-    assert with_adapter[str(tmp_path / "t.txt")]["loss"] == pytest.approx(merged[str(tmp_path / "t.txt")]["loss"], abs=1e-5)
+    assert with_adapter[str(tmp_path / "t.txt")]["loss"] == pytest.approx(
+        merged[str(tmp_path / "t.txt")]["loss"], abs=1e-5
+    )
     assert main(["generate", str(base), "x", "--adapter", str(tmp_path / "missing")]) == 2
     assert "no such adapter folder" in capsys.readouterr().err
 
@@ -265,8 +332,17 @@ def test_python_api_trains_and_reopens_an_adapter(base, tmp_path, sample_text, o
 
     (tmp_path / "t.txt").write_text(sample_text)
     ai = GPTForge(str(base))
-    ai.train(str(tmp_path / "t.txt"), batch_size=2, num_steps=2, output_dir=tmp_path / "run", lora_r=2,
-             lora_targets="c_fc", eval_interval=0, plot=False, progress=False)
+    ai.train(
+        str(tmp_path / "t.txt"),
+        batch_size=2,
+        num_steps=2,
+        output_dir=tmp_path / "run",
+        lora_r=2,
+        lora_targets="c_fc",
+        eval_interval=0,
+        plot=False,
+        progress=False,
+    )
     assert has_lora(ai.model) and (tmp_path / "run" / "adapter_model.safetensors").is_file()
     assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["target_modules"] == ["mlp.c_fc"]
     again = GPTForge(str(tmp_path / "run"))  # the adapter folder: its base with the adapter merged in

@@ -1,6 +1,7 @@
 """The decoding kernel built for ARM64 (csrc/decode.c with NEON) and run under qemu-user: the same step and
 products as torch computes here, within float32's rounding bounds. Needs Debian's gcc-aarch64-linux-gnu and
 qemu-user; skipped without them. Speed on ARM is not measured here."""
+
 from __future__ import annotations
 
 import shutil
@@ -16,8 +17,13 @@ from test_native import assert_product_close
 from gptforge import native
 
 CROSS, QEMU = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (CROSS and QEMU), reason="needs gcc-aarch64-linux-gnu and "
-                                                   "qemu-user (apt-get install gcc-aarch64-linux-gnu qemu-user)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (CROSS and QEMU),
+        reason="needs gcc-aarch64-linux-gnu and qemu-user (apt-get install gcc-aarch64-linux-gnu qemu-user)",
+    ),
+]
 DRIVER = Path(__file__).with_name("csrc") / "step_driver.c"
 
 
@@ -39,9 +45,26 @@ def _padded(t: torch.Tensor) -> torch.Tensor:
 def _inputs(path: Path, model, cache, nxt, pos, x, w, q, scale) -> None:
     c, tr = model.config, model.transformer
     with path.open("wb") as f:
-        _write(f, np.array([c.n_layer, c.n_head, c.n_embd, c.mlp_width, cache.max_len,
-                            native.ACTIVATIONS[c.activation_function], nxt.numel(), cache.length,
-                            c.vocab_size, x.size(0), w.size(0), _padded(x).size(1)], dtype=np.int64))
+        _write(
+            f,
+            np.array(
+                [
+                    c.n_layer,
+                    c.n_head,
+                    c.n_embd,
+                    c.mlp_width,
+                    cache.max_len,
+                    native.ACTIVATIONS[c.activation_function],
+                    nxt.numel(),
+                    cache.length,
+                    c.vocab_size,
+                    x.size(0),
+                    w.size(0),
+                    _padded(x).size(1),
+                ],
+                dtype=np.int64,
+            ),
+        )
         _write(f, np.array([c.layer_norm_epsilon], dtype=np.float32))
         _write(f, nxt.long()), _write(f, pos.reshape(-1).long())
         for t in (tr.wte.weight, tr.wpe.weight, tr.ln_f.weight, tr.ln_f.bias):
@@ -70,13 +93,13 @@ def test_the_kernel_built_for_arm64_gives_the_step_and_products(tmp_path):
     subprocess.run([QEMU, str(program), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")], check=True, timeout=300)
     out = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float32))
     want, cache64, bounds = _in_float64(model, cache, nxt, pos)
-    logits, out = out[:want.numel()].view(want.shape), out[want.numel():]
+    logits, out = out[: want.numel()].view(want.shape), out[want.numel() :]
     _assert_within(logits, want, bounds["lm_head"])
     new, size = cache.length, cache.k[0].numel()
     for i in range(model.config.n_layer):
-        k, v, out = out[:size].view(cache.k[i].shape), out[size:2 * size].view(cache.k[i].shape), out[2 * size:]
+        k, v, out = out[:size].view(cache.k[i].shape), out[size : 2 * size].view(cache.k[i].shape), out[2 * size :]
         qkv = bounds[f"transformer.h.{i}.attn.c_attn"].view(3, 3, model.config.n_head, -1)
         _assert_within(k[:, :, new], cache64.k[i][:, :, new], qkv[:, 1])
         _assert_within(v[:, :, new], cache64.v[i][:, :, new], qkv[:, 2])
-    assert_product_close(out[:37 * 3].view(3, 37), x, w)
-    assert_product_close(out[37 * 3:].view(3, 37), x, q.float() * scale[:, None])
+    assert_product_close(out[: 37 * 3].view(3, 37), x, w)
+    assert_product_close(out[37 * 3 :].view(3, 37), x, q.float() * scale[:, None])

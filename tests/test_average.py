@@ -1,5 +1,6 @@
 """--ema: an exponential moving average of the weights, used for evaluations, best/ and the final model,
 carried exactly through a checkpoint and --resume."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,10 +12,30 @@ from gptforge.errors import CheckpointError, OptionError
 from gptforge.train import TrainConfig, train
 from gptforge.train.average import WeightAverage
 
-SMALL = dict(vocab_size=300, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0,
-             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-OPTS = dict(batch_size=4, block_size=16, log_interval=2, eval_interval=4, eval_tokens=512, sample_interval=0,
-            progress=False, plot=False, save_minutes=None, max_steps=8)
+SMALL = dict(
+    vocab_size=300,
+    n_positions=32,
+    n_embd=32,
+    n_layer=2,
+    n_head=2,
+    bos_token_id=0,
+    eos_token_id=0,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+)
+OPTS = dict(
+    batch_size=4,
+    block_size=16,
+    log_interval=2,
+    eval_interval=4,
+    eval_tokens=512,
+    sample_interval=0,
+    progress=False,
+    plot=False,
+    save_minutes=None,
+    max_steps=8,
+)
 
 
 def _model() -> GPT:
@@ -87,7 +108,10 @@ def test_resuming_with_ema_changed_says_what_happens_to_the_average(tmp_path, da
         result = train(GPT(_model().config), data, tokenizer=tok, out_dir=out, ema=then, resume=True, **OPTS)
         said = capsys.readouterr()
         if then:
-            assert "--ema: the checkpoint holds no weight average, so it starts from the resumed weights" in said.out + said.err
+            assert (
+                "--ema: the checkpoint holds no weight average, so it starts from the resumed weights"
+                in said.out + said.err
+            )
             assert result.val_loss != plain.val_loss  # evaluated on an average of steps 6-8 only
         else:
             assert "weight average (--ema) is dropped" in said.out + said.err

@@ -1,6 +1,7 @@
 """Beam search: token-for-token parity with transformers' generate(num_beams=...) on the same weights, for single
 prompts and left-padded batches, with length_penalty, early_stopping and no_repeat_ngram_size; the options it
 refuses; batching and sliding past the context."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -30,8 +31,9 @@ def _prompts(lengths, seed=0, avoid=()):
 
 def _frequent_token(model) -> int:
     """The token the random model's greedy text repeats most: as end of text, it ends many hypotheses."""
-    counts = Counter(t for row in generate_ids(model, _prompts([3, 7], seed=11), do_sample=False, max_new_tokens=30)
-                     for t in row)
+    counts = Counter(
+        t for row in generate_ids(model, _prompts([3, 7], seed=11), do_sample=False, max_new_tokens=30) for t in row
+    )
     return counts.most_common(1)[0][0]
 
 
@@ -40,8 +42,9 @@ def _hf_beams(hf, prompts, eos, n=1, **kw):
     T = max(map(len, prompts))
     ids = torch.tensor([[PAD] * (T - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
-    out = hf.generate(ids, attention_mask=mask, pad_token_id=PAD, eos_token_id=eos, do_sample=False,
-                      num_return_sequences=n, **kw)[:, T:].tolist()
+    out = hf.generate(
+        ids, attention_mask=mask, pad_token_id=PAD, eos_token_id=eos, do_sample=False, num_return_sequences=n, **kw
+    )[:, T:].tolist()
     return [row[: row.index(eos)] if eos in row else row for row in out]
 
 
@@ -76,8 +79,9 @@ def test_the_parity_test_reaches_end_of_text(models):
     ours, _ = models
     eos = _frequent_token(ours)
     prompts = _prompts([3, 9, 1, 5], seed=4, avoid=(eos, PAD))
-    rows = generate_ids(ours, prompts, eos_id=eos, num_beams=4, num_samples=4, do_sample=False, max_new_tokens=24,
-                        length_penalty=0.0)
+    rows = generate_ids(
+        ours, prompts, eos_id=eos, num_beams=4, num_samples=4, do_sample=False, max_new_tokens=24, length_penalty=0.0
+    )
     assert any(len(r) < 24 for r in rows)
 
 
@@ -86,8 +90,9 @@ def test_num_samples_are_the_best_hypotheses_best_first(models, one_thread):
     eos = _frequent_token(ours)
     prompts = _prompts([2, 6], seed=8, avoid=(eos, PAD))
     ref = _hf_beams(hf, prompts, eos, n=3, num_beams=5, max_new_tokens=20, length_penalty=0.0)
-    got = generate_ids(ours, prompts, eos_id=eos, num_beams=5, num_samples=3, do_sample=False, max_new_tokens=20,
-                       length_penalty=0.0)
+    got = generate_ids(
+        ours, prompts, eos_id=eos, num_beams=5, num_samples=3, do_sample=False, max_new_tokens=20, length_penalty=0.0
+    )
     assert got == ref and len(got) == 6
 
 
@@ -110,13 +115,16 @@ def test_beam_text_is_the_decoded_ids(models, byte_tokenizer):
     assert texts == [p + byte_tokenizer.decode(r) for p, r in zip(["ab", "ab", "xyz", "xyz"], ids)]
 
 
-@pytest.mark.parametrize("kw, words", [
-    (dict(num_beams=4), ("num_beams=4", "do_sample=False")),  # sampling is the default
-    (dict(num_beams=2, num_samples=3, do_sample=False), ("num_samples=3", "num_beams=2")),
-    (dict(num_beams=0), ("num_beams=0",)),
-    (dict(num_beams=2, do_sample=False, early_stopping="sometimes"), ("early_stopping", "never")),
-    (dict(num_beams=2, do_sample=False, length_penalty=float("nan")), ("length_penalty",)),
-])
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(num_beams=4), ("num_beams=4", "do_sample=False")),  # sampling is the default
+        (dict(num_beams=2, num_samples=3, do_sample=False), ("num_samples=3", "num_beams=2")),
+        (dict(num_beams=0), ("num_beams=0",)),
+        (dict(num_beams=2, do_sample=False, early_stopping="sometimes"), ("early_stopping", "never")),
+        (dict(num_beams=2, do_sample=False, length_penalty=float("nan")), ("length_penalty",)),
+    ],
+)
 def test_options_beam_search_cannot_honour_are_refused_by_name(models, kw, words):
     with pytest.raises(OptionError) as e:
         generate_ids(models[0], [1, 2, 3], **kw)

@@ -1,5 +1,6 @@
 """The choice of CPU paths by measurement (calibrate.py): a stored decision is used, the environment's
 override wins, a corrupt file is measured again, and each decision steers its path. Never timings."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,11 @@ def machine(monkeypatch, tmp_path):
     monkeypatch.delenv(calibrate.OVERRIDE, raising=False)
     calls = []
     monkeypatch.setitem(calibrate.MEASURES, "products", lambda: calls.append("products") or ({"onednn": False}, {}))
-    monkeypatch.setitem(calibrate.MEASURES, "steps", lambda: calls.append("steps") or (
-        {"fp32_rows": 8, "int8_rows": 0, "threads": 2}, {"fp32_step_ms": {}}))
+    monkeypatch.setitem(
+        calibrate.MEASURES,
+        "steps",
+        lambda: calls.append("steps") or ({"fp32_rows": 8, "int8_rows": 0, "threads": 2}, {"fp32_step_ms": {}}),
+    )
     calibrate.forget()
     yield calls
     calibrate.forget()

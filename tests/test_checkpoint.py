@@ -1,4 +1,5 @@
 """Model folders: parity with transformers in both directions, every folder variant it writes, and errors."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ transformers = LazyTransformers()  # tests that use it skip one by one without i
 SHAPES = {
     "even": dict(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4),
     "odd_heads": dict(vocab_size=257, n_positions=48, n_embd=48, n_layer=3, n_head=3),
-    "n_inner": dict(vocab_size=311, n_positions=40, n_embd=32, n_layer=2, n_head=2, n_inner=80,
-                    activation_function="gelu"),
+    "n_inner": dict(
+        vocab_size=311, n_positions=40, n_embd=32, n_layer=2, n_head=2, n_inner=80, activation_function="gelu"
+    ),
 }
 
 
@@ -141,8 +143,11 @@ def test_single_weights_file_with_separate_config(tmp_path, config_as):
     weights_dir = tmp_path / "weights"
     weights_dir.mkdir()
     (tmp_path / "hf" / "model.safetensors").rename(weights_dir / "w.safetensors")
-    config = {"folder": tmp_path / "hf", "file": tmp_path / "hf" / "config.json",
-              "object": GPTConfig.load(tmp_path / "hf")}[config_as]
+    config = {
+        "folder": tmp_path / "hf",
+        "file": tmp_path / "hf" / "config.json",
+        "object": GPTConfig.load(tmp_path / "hf"),
+    }[config_as]
     _assert_same_logits(load_model(weights_dir / "w.safetensors", config=config), hf, shape["vocab_size"])
 
 
@@ -190,8 +195,9 @@ def test_saved_folder_layout(tmp_path):
         assert tuple(f.get_slice("transformer.h.0.mlp.c_fc.weight").get_shape()) == (d, h)
         assert tuple(f.get_slice("transformer.h.0.mlp.c_proj.weight").get_shape()) == (h, d)
         assert torch.equal(f.get_tensor("transformer.h.1.mlp.c_fc.weight"), ours.transformer.h[1].mlp.c_fc.weight.t())
-        assert torch.equal(f.get_tensor("transformer.h.0.attn.c_proj.weight"),
-                           ours.transformer.h[0].attn.c_proj.weight.t())
+        assert torch.equal(
+            f.get_tensor("transformer.h.0.attn.c_proj.weight"), ours.transformer.h[0].attn.c_proj.weight.t()
+        )
 
 
 def test_save_load_round_trip_is_exact(tmp_path):
@@ -285,12 +291,15 @@ def test_foreign_tensor_is_named(tmp_path, hf_gpt2_dir):
         from_hf_state_dict(sd, GPTConfig.load(hf_gpt2_dir))
 
 
-@pytest.mark.parametrize("name,content", [
-    ("model.safetensors", b"this is not a weights file at all"),
-    ("model.safetensors", b""),
-    ("pytorch_model.bin", b"PK\x03\x04 truncated zip"),
-    ("pytorch_model.bin", b"plain text"),
-])
+@pytest.mark.parametrize(
+    "name,content",
+    [
+        ("model.safetensors", b"this is not a weights file at all"),
+        ("model.safetensors", b""),
+        ("pytorch_model.bin", b"PK\x03\x04 truncated zip"),
+        ("pytorch_model.bin", b"plain text"),
+    ],
+)
 def test_corrupt_weights_file(tmp_path, hf_gpt2_dir, name, content):
     (tmp_path / "config.json").write_text((hf_gpt2_dir / "config.json").read_text())
     (tmp_path / name).write_bytes(content)

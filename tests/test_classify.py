@@ -1,4 +1,5 @@
 """Text classification: transformers parity both ways, the pipeline, labelled inputs, metrics, training, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,11 @@ from gptforge.train.classification import LabelledBatches, random_span, train_cl
 
 transformers = LazyTransformers()
 LABELS = ["sport", "food", "tech"]
-WORDS = {"sport": "ball goal team match score win player coach league", "food": "bread cheese soup apple cook taste eat",
-         "tech": "computer code bug server data chip network disk"}
+WORDS = {
+    "sport": "ball goal team match score win player coach league",
+    "food": "bread cheese soup apple cook taste eat",
+    "tech": "computer code bug server data chip network disk",
+}
 
 
 def padded(lengths, T, left: bool, seed: int = 1):
@@ -69,21 +73,34 @@ def test_folder_opens_in_transformers_with_the_same_logits_both_paddings(clf_dir
 
 
 def test_texts_and_labels_of_other_lengths_are_one_error(clf_dir, byte_tokenizer):
-    with pytest.raises(DataError, match="2 texts but 1 labels; give one label per text"):  # was torch's batch-size error
+    with pytest.raises(
+        DataError, match="2 texts but 1 labels; give one label per text"
+    ):  # was torch's batch-size error
         evaluate_classifier(load_classifier(clf_dir), byte_tokenizer, ["a", "b"], [LABELS[0]])
 
 
 @pytest.mark.parametrize("max_length", [0, -5, 1000])
 def test_max_length_outside_the_context_is_one_error(clf_dir, byte_tokenizer, max_length):
     # -5 used to fail inside argmax, 1000 deep in the model, and 0 meant "the context" without a word
-    with pytest.raises(OptionError, match=f"--max-length {max_length}: must be a number of tokens from 1 to the model's context"):
+    with pytest.raises(
+        OptionError, match=f"--max-length {max_length}: must be a number of tokens from 1 to the model's context"
+    ):
         predict(load_classifier(clf_dir), byte_tokenizer, ["some text"], max_length=max_length)
 
 
 def test_a_transformers_classifier_folder_loads_and_predicts_the_same(tmp_path):
     torch.manual_seed(5)
-    config = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0,
-                                     eos_token_id=0, pad_token_id=7, num_labels=4)
+    config = transformers.GPT2Config(
+        vocab_size=300,
+        n_positions=64,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=7,
+        num_labels=4,
+    )
     hf = transformers.GPT2ForSequenceClassification(config).eval()
     hf.save_pretrained(tmp_path)
     ours = load_classifier(tmp_path)
@@ -104,13 +121,17 @@ def test_a_transformers_classifier_padding_with_an_id_outside_its_vocabulary_is_
     # built in transformers; padding a batch with it used to end in an IndexError inside the embedding
     config = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=1, n_head=2)
     transformers.GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match=r"pads with eos_token_id=50256, which is not a token of its 300; set \"pad_token_id\""):
+    with pytest.raises(
+        CheckpointError, match=r"pads with eos_token_id=50256, which is not a token of its 300; set \"pad_token_id\""
+    ):
         load_classifier(tmp_path)
 
 
 def test_a_transformers_classifier_of_two_default_labels_loads(tmp_path):
     # transformers writes no id2label for its default two labels; the folder used to be called a language model
-    config = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=1, n_head=2, eos_token_id=0, pad_token_id=0)
+    config = transformers.GPT2Config(
+        vocab_size=300, n_positions=64, n_embd=32, n_layer=1, n_head=2, eos_token_id=0, pad_token_id=0
+    )
     transformers.GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
     assert load_classifier(tmp_path).labels == ["LABEL_0", "LABEL_1"]
 
@@ -132,8 +153,20 @@ def small_lm(tmp_path_factory):
 
     tok = train_tokenizer([], vocab_size=300, texts=[t for t, _ in texts_and_labels(90)] * 3, out_dir=None)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0,
-                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model = GPT(
+        GPTConfig(
+            vocab_size=300,
+            n_positions=64,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=0,
+            eos_token_id=0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
     return save_model(model, tmp_path_factory.mktemp("lm"), tok)
 
 
@@ -142,7 +175,10 @@ def test_pipeline_text_classification_with_batches(small_lm, tmp_path):
     torch.manual_seed(1)
     model = from_language_model(load_model(small_lm), LABELS, tok.pad_id).eval()
     save_classifier(model, tmp_path, tok)
-    texts = [t for t, _ in texts_and_labels(7)] + ["ball", "a much longer text about the coach and the cheese and code " * 3]
+    texts = [t for t, _ in texts_and_labels(7)] + [
+        "ball",
+        "a much longer text about the coach and the cheese and code " * 3,
+    ]
     pipe = transformers.pipeline("text-classification", model=str(tmp_path), device="cpu")
     theirs = pipe(texts, batch_size=4, top_k=None, truncation=True)  # both keep the first 64 tokens
     ours = predict(load_classifier(tmp_path), tok, texts, batch_size=3)
@@ -228,16 +264,29 @@ def write_jsonl(path, rows):
 
 
 def quick(tmp_path, **kw):
-    return dict(out_dir=str(tmp_path / "run"), batch_size=8, eval_interval=4, progress=False, plot=False,
-                learning_rate=3e-3, save_minutes=None, log=lambda m: None, **kw)
+    return dict(
+        out_dir=str(tmp_path / "run"),
+        batch_size=8,
+        eval_interval=4,
+        progress=False,
+        plot=False,
+        learning_rate=3e-3,
+        save_minutes=None,
+        log=lambda m: None,
+        **kw,
+    )
 
 
 def test_train_resume_eval_and_predict(small_lm, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", texts_and_labels(60))
     stop = lambda trainer: trainer.step == 3 and os.kill(os.getpid(), signal.SIGINT)  # noqa: E731 - Ctrl-C at step 3
-    first = train_classifier(data, init=str(small_lm), on_step=stop, **quick(tmp_path, max_steps=8, freeze="embeddings"))
+    first = train_classifier(
+        data, init=str(small_lm), on_step=stop, **quick(tmp_path, max_steps=8, freeze="embeddings")
+    )
     assert first.interrupted and first.step in (3, 4)
-    result = train_classifier(data, init=str(small_lm), **quick(tmp_path, max_steps=8, freeze="embeddings", resume=True))
+    result = train_classifier(
+        data, init=str(small_lm), **quick(tmp_path, max_steps=8, freeze="embeddings", resume=True)
+    )
     assert result.step == 8 and 0 <= result.validation["val_macro_f1"] <= 1
     run = tmp_path / "run"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -255,7 +304,9 @@ def test_resume_refuses_other_classification_options(small_lm, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", texts_and_labels(40))
     began = ClassifyOptions(balance="weights", crop=0.5)
     stop = lambda trainer: trainer.step == 2 and os.kill(os.getpid(), signal.SIGINT)  # noqa: E731 - Ctrl-C at step 2
-    assert train_classifier(data, init=str(small_lm), options=began, on_step=stop, **quick(tmp_path, max_steps=6)).interrupted
+    assert train_classifier(
+        data, init=str(small_lm), options=began, on_step=stop, **quick(tmp_path, max_steps=6)
+    ).interrupted
     with pytest.raises(RunFolderError, match=r"--balance weights then, none now; --crop 0.5 then, 0.0 now"):
         train_classifier(data, init=str(small_lm), **quick(tmp_path, max_steps=6, resume=True))
     result = train_classifier(data, init=str(small_lm), options=began, **quick(tmp_path, max_steps=6, resume=True))
@@ -266,8 +317,13 @@ def test_class_weights_lm_loss_and_left_truncation(small_lm, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", texts_and_labels(30))
     options = ClassifyOptions(balance="weights", truncate="left", lm_weight=0.5, dropout=0.2, crop=0.5)
     said, crops = [], []
-    result = train_classifier(data, init=str(small_lm), options=options, on_step=lambda t: crops.append(t.batches.crop),
-                              **{**quick(tmp_path, max_steps=2, block_size=4), "log": said.append})
+    result = train_classifier(
+        data,
+        init=str(small_lm),
+        options=options,
+        on_step=lambda t: crops.append(t.batches.crop),
+        **{**quick(tmp_path, max_steps=2, block_size=4), "log": said.append},
+    )
     assert result.step == 2 and crops == [0.5, 0.5]
     tok = load_tokenizer(small_lm)
     lengths = {t: len(tok.encode(t)) for t, _ in texts_and_labels(30)}
@@ -281,7 +337,9 @@ def test_class_weights_lm_loss_and_left_truncation(small_lm, tmp_path):
     logits, lm = model(ids, lm_loss=True)
     with torch.no_grad():
         full = model.lm_head(model.hidden(ids))
-    ref = torch.nn.functional.cross_entropy(full[:, :-1].flatten(0, 1), torch.tensor([6, 7, -100, -100, 9, -100, -100, -100]))
+    ref = torch.nn.functional.cross_entropy(
+        full[:, :-1].flatten(0, 1), torch.tensor([6, 7, -100, -100, 9, -100, -100, -100])
+    )
     torch.testing.assert_close(lm, ref)
     torch.testing.assert_close(logits, model(ids))
 
@@ -335,7 +393,9 @@ def test_lora_trains_the_head_saves_merged_and_resumes(small_lm, tmp_path):
     run = tmp_path / "run"
     model, base = load_classifier(run), load_model(small_lm)  # a plain classifier folder: adapters merged in
     assert not torch.equal(model.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
-    assert torch.equal(model.transformer.wte.weight, base.transformer.wte.weight)  # the base outside the adapters: frozen
+    assert torch.equal(
+        model.transformer.wte.weight, base.transformer.wte.weight
+    )  # the base outside the adapters: frozen
     with pytest.raises(OptionError, match="--lora-r"):
         train_classifier(data, init="tiny", lora=lora, **quick(tmp_path / "x", max_steps=1))
 
@@ -344,5 +404,7 @@ def test_from_scratch_trains_a_tokenizer_and_resumes_with_it(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", texts_and_labels(30))
     first = train_classifier(data, init="tiny", vocab_size=300, **quick(tmp_path, max_steps=2, block_size=16))
     assert first.step == 2 and (tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()
-    again = train_classifier(data, init="tiny", vocab_size=300, **quick(tmp_path, max_steps=3, block_size=16, resume=True))
+    again = train_classifier(
+        data, init="tiny", vocab_size=300, **quick(tmp_path, max_steps=3, block_size=16, resume=True)
+    )
     assert again.step == 3 and load_classifier(tmp_path / "run").config.vocab_size == 300

@@ -1,4 +1,5 @@
 """The gptforge command skeleton: --version, --help, info, create, and one-line errors with exit code 2."""
+
 from __future__ import annotations
 
 import json
@@ -69,8 +70,12 @@ def test_create_then_info_then_load(tmp_path, capsys):
     assert f"{model.num_params():,}" in capsys.readouterr().out
 
     # The seed decides the weights.
-    assert main(["create", "tiny", "--out", str(tmp_path / "again"), "--n-layer", "2", "--vocab-size", "500",
-                 "--seed", "3"]) == 0
+    assert (
+        main(
+            ["create", "tiny", "--out", str(tmp_path / "again"), "--n-layer", "2", "--vocab-size", "500", "--seed", "3"]
+        )
+        == 0
+    )
     again = load_model(tmp_path / "again")
     assert all((a == b).all() for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
@@ -87,11 +92,14 @@ def test_create_does_not_overwrite_without_force(tmp_path, capsys):
     assert (out / "config.json").is_file()
 
 
-@pytest.mark.parametrize("argv,words", [
-    (["create", "tiny", "--n-head", "3"], ["n_embd=128", "n_head=3"]),
-    (["create", "tiny", "--n-layer", "0"], ["n_layer", "0"]),
-    (["create", "gpt5"], ["gpt5", "tiny"]),
-])
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["create", "tiny", "--n-head", "3"], ["n_embd=128", "n_head=3"]),
+        (["create", "tiny", "--n-layer", "0"], ["n_layer", "0"]),
+        (["create", "gpt5"], ["gpt5", "tiny"]),
+    ],
+)
 def test_create_with_a_bad_config(tmp_path, capsys, argv, words):
     out = tmp_path / "m"
     assert main(argv + ["--out", str(out)]) == 2
@@ -124,5 +132,7 @@ def test_console_script(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     ok = subprocess.run(cmd + ["info", "tiny"], capture_output=True, text=True, env=env, timeout=120)
     assert ok.returncode == 0 and "n_embd=128" in ok.stdout
-    bad = subprocess.run(cmd + ["info", str(tmp_path / "missing")], capture_output=True, text=True, env=env, timeout=120)
+    bad = subprocess.run(
+        cmd + ["info", str(tmp_path / "missing")], capture_output=True, text=True, env=env, timeout=120
+    )
     assert bad.returncode == 2 and "missing" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,4 +1,5 @@
 """GPTConfig: validation, presets, build_gpt2_config, and transformers' config.json format."""
+
 from __future__ import annotations
 
 import json
@@ -8,21 +9,24 @@ import pytest
 from gptforge import PRESETS, ConfigError, GPTConfig, build_gpt2_config, preset
 
 
-@pytest.mark.parametrize("kwargs,words", [
-    (dict(n_embd=100, n_head=3), ["n_embd=100", "n_head=3", "divisible"]),
-    (dict(n_embd=768, n_head=7), ["n_embd=768", "n_head=7"]),
-    (dict(n_layer=0), ["n_layer", "0"]),
-    (dict(vocab_size=-5), ["vocab_size", "-5"]),
-    (dict(n_positions=0), ["n_positions", "0"]),
-    (dict(n_head=0), ["n_head", "0"]),
-    (dict(n_embd=-8), ["n_embd", "-8"]),
-    (dict(n_inner=0), ["n_inner", "0"]),
-    (dict(n_layer=2.5), ["n_layer", "2.5"]),
-    (dict(n_head=True), ["n_head", "True"]),
-    (dict(resid_pdrop=1.5), ["resid_pdrop", "1.5"]),
-    (dict(attn_pdrop=-0.1), ["attn_pdrop", "-0.1"]),
-    (dict(activation_function="swish"), ["swish", "gelu_new"]),
-])
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        (dict(n_embd=100, n_head=3), ["n_embd=100", "n_head=3", "divisible"]),
+        (dict(n_embd=768, n_head=7), ["n_embd=768", "n_head=7"]),
+        (dict(n_layer=0), ["n_layer", "0"]),
+        (dict(vocab_size=-5), ["vocab_size", "-5"]),
+        (dict(n_positions=0), ["n_positions", "0"]),
+        (dict(n_head=0), ["n_head", "0"]),
+        (dict(n_embd=-8), ["n_embd", "-8"]),
+        (dict(n_inner=0), ["n_inner", "0"]),
+        (dict(n_layer=2.5), ["n_layer", "2.5"]),
+        (dict(n_head=True), ["n_head", "True"]),
+        (dict(resid_pdrop=1.5), ["resid_pdrop", "1.5"]),
+        (dict(attn_pdrop=-0.1), ["attn_pdrop", "-0.1"]),
+        (dict(activation_function="swish"), ["swish", "gelu_new"]),
+    ],
+)
 def test_invalid_configs_name_the_values(kwargs, words):
     with pytest.raises(ConfigError) as e:
         GPTConfig(**kwargs)
@@ -85,8 +89,18 @@ def test_build_gpt2_config_like_older_tools():
 
 
 def test_config_json_round_trip(tmp_path):
-    c = GPTConfig(vocab_size=321, n_positions=40, n_embd=24, n_layer=3, n_head=3, n_inner=50, resid_pdrop=0.05,
-                  bos_token_id=1, eos_token_id=2, extra={"custom": [1, 2]})
+    c = GPTConfig(
+        vocab_size=321,
+        n_positions=40,
+        n_embd=24,
+        n_layer=3,
+        n_head=3,
+        n_inner=50,
+        resid_pdrop=0.05,
+        bos_token_id=1,
+        eos_token_id=2,
+        extra={"custom": [1, 2]},
+    )
     c.save(tmp_path / "config.json")
     d = json.loads((tmp_path / "config.json").read_text())
     assert d["model_type"] == "gpt2" and d["architectures"] == ["GPT2LMHeadModel"]
@@ -97,8 +111,9 @@ def test_config_json_round_trip(tmp_path):
 
 def test_reads_a_transformers_config(tmp_path):
     transformers = pytest.importorskip("transformers")
-    transformers.GPT2Config(vocab_size=99, n_embd=30, n_head=5, n_layer=1, n_inner=7,
-                            activation_function="relu").save_pretrained(tmp_path)
+    transformers.GPT2Config(
+        vocab_size=99, n_embd=30, n_head=5, n_layer=1, n_inner=7, activation_function="relu"
+    ).save_pretrained(tmp_path)
     c = GPTConfig.load(tmp_path / "config.json")
     assert (c.vocab_size, c.n_embd, c.n_head, c.n_layer, c.n_inner, c.activation_function) == (99, 30, 5, 1, 7, "relu")
     # Our config.json is read back by transformers with the same values.

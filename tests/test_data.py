@@ -1,4 +1,6 @@
-"""Datasets: readers, prepare (modes, split, shards, meta, reuse, workers), bad input, Batches, Prefetcher, TokenDataset."""
+"""Datasets: readers, prepare (modes, split, shards, meta, reuse, workers), bad input, Batches, Prefetcher,
+TokenDataset."""
+
 from __future__ import annotations
 
 import json
@@ -113,7 +115,9 @@ def test_single_document_val_is_the_tail(tok, tmp_path):
     assert meta["val_split"] == "tail" and len(val) == int(len(whole) * 0.1)
     assert train.tolist() + val.tolist() == whole
     lengths = tok.token_byte_lengths()
-    assert meta["val"]["bytes"] == int(lengths[val].sum()) and meta["train"]["bytes"] + meta["val"]["bytes"] == len(text.encode())
+    assert meta["val"]["bytes"] == int(lengths[val].sum()) and meta["train"]["bytes"] + meta["val"]["bytes"] == len(
+        text.encode()
+    )
 
 
 def test_folder_glob_csv_tsv_jsonl(tok, tmp_path):
@@ -140,7 +144,16 @@ def test_folder_glob_csv_tsv_jsonl(tok, tmp_path):
 def test_cleaning_options(tok, tmp_path):
     src = tmp_path / "c.txt"
     src.write_text("Cafe\u0301 page\n12\n\nsame doc\n\nsame doc\n\nbell\x07 here\n")
-    prepare(src, tok, tmp_path / "ds", val_fraction=0.0, nfc=True, drop_control=True, remove=[r"^[ \t]*\d+[ \t]*(\n|$)"], dedupe=True)
+    prepare(
+        src,
+        tok,
+        tmp_path / "ds",
+        val_fraction=0.0,
+        nfc=True,
+        drop_control=True,
+        remove=[r"^[ \t]*\d+[ \t]*(\n|$)"],
+        dedupe=True,
+    )
     docs = tok.decode(load_split(tmp_path / "ds", "train")).split(EOS)
     assert [d for d in docs if d] == ["Café page\n", "same doc", "bell here"]
 
@@ -166,7 +179,8 @@ def test_workers_and_shards_match_single_process(tok, sample_text, tmp_path, mon
     src = tmp_path / "c.txt"
     src.write_text(sample_text * 4)
     prepare(src, tok, tmp_path / "one", workers=1, seed=3, dedupe=True)
-    monkeypatch.setattr(data.reading, "JOB_CHARS", 2000); monkeypatch.setattr(data.shards, "JOB_CHARS", 2000)
+    monkeypatch.setattr(data.reading, "JOB_CHARS", 2000)
+    monkeypatch.setattr(data.shards, "JOB_CHARS", 2000)
     meta = prepare(src, tok, tmp_path / "two", workers=2, seed=3, shard_tokens=1000, dedupe=True)
     for split in ("train", "val"):
         a, b = load_split(tmp_path / "one", split), load_split(tmp_path / "two", split)
@@ -284,8 +298,10 @@ def test_random_batches_are_pure_and_shifted():
     assert torch.equal(y - x, torch.ones_like(x))
     assert torch.equal(Batches(tokens, 16, 4, seed=5).batch(7)[0], x)  # fresh object, same step: same batch
     assert not torch.equal(b.batch(8)[0], x)
-    assert not torch.equal(Batches(tokens, 16, 4, seed=5, rank=1, world_size=2).batch(7)[0],
-                           Batches(tokens, 16, 4, seed=5, rank=0, world_size=2).batch(7)[0])
+    assert not torch.equal(
+        Batches(tokens, 16, 4, seed=5, rank=1, world_size=2).batch(7)[0],
+        Batches(tokens, 16, 4, seed=5, rank=0, world_size=2).batch(7)[0],
+    )
     assert int(torch.stack([b.batch(s)[1] for s in range(200)]).max()) == 999  # the last token is reachable
 
 
@@ -342,8 +358,13 @@ def test_token_dataset_like_older_tools(tok, sample_text, tmp_path):
     src = tmp_path / "input.txt"
     src.write_text(sample_text)
     tok.save(tmp_path / "tok")
-    ds = TokenDataset(str(src), vocab_file=str(tmp_path / "tok" / "vocab.json"), merges_file=str(tmp_path / "tok" / "merges.txt"),
-                      block_size=32, cache_dir=tmp_path / "cache")
+    ds = TokenDataset(
+        str(src),
+        vocab_file=str(tmp_path / "tok" / "vocab.json"),
+        merges_file=str(tmp_path / "tok" / "merges.txt"),
+        block_size=32,
+        cache_dir=tmp_path / "cache",
+    )
     assert ds.block_size == 32 and ds.tokenizer.fingerprint == tok.fingerprint
     assert len(ds) == (len(ds.tokens) - 1) // 32
     assert ds[1].tolist() == np.asarray(ds.tokens[32:64]).tolist() and ds[0].dtype == torch.int64
@@ -353,8 +374,9 @@ def test_token_dataset_like_older_tools(tok, sample_text, tmp_path):
     for bad in (0, -4):  # was accepted, then len() divided by zero
         with pytest.raises(DataError, match=f"block_size={bad}: must be a number of tokens"):
             TokenDataset(data_dir=tmp_path / "nowhere", tokenizer=tok, block_size=bad)
-    again = TokenDataset(str(src), tokenizer_file=str(tmp_path / "tok" / "tokenizer.json"), block_size=32,
-                         cache_dir=tmp_path / "cache")
+    again = TokenDataset(
+        str(src), tokenizer_file=str(tmp_path / "tok" / "tokenizer.json"), block_size=32, cache_dir=tmp_path / "cache"
+    )
     assert again.data_dir == ds.data_dir and again.meta["reused"]
     x, y = ds.batches(4, seed=0).batch(0)
     assert x.shape == (4, 32)
@@ -377,13 +399,22 @@ def test_cli_tokenizer_train_and_prepare(sample_text, tmp_path, capsys):
     assert main(["tokenizer", "train", str(src), "--vocab-size", "300", "--out", str(tmp_path / "tok")]) == 0
     assert main(["tokenizer", "train", str(src), "--out", str(tmp_path / "tok")]) == 2
     assert "--force" in capsys.readouterr().err
-    assert main(["prepare", str(src), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "ds"), "--quiet"]) == 0
+    assert (
+        main(["prepare", str(src), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "ds"), "--quiet"]) == 0
+    )
     assert "train:" in capsys.readouterr().out
     meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
     assert meta["vocab_size"] == 300 and meta["train"]["tokens"] > 0
-    assert main(["prepare", str(src), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "ds"), "--quiet"]) == 0
+    assert (
+        main(["prepare", str(src), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "ds"), "--quiet"]) == 0
+    )
     assert "reused" in capsys.readouterr().out
-    assert main(["prepare", str(tmp_path / "nope.txt"), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            ["prepare", str(tmp_path / "nope.txt"), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "x")]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "nope.txt: no such file" in err
 
@@ -419,10 +450,13 @@ def test_tail_split_across_shards(tok, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ds").glob("train_*.bin")) == [s["file"] for s in meta["train"]["shards"]]
 
 
-@pytest.mark.parametrize("text", [
-    " ".join(f"word{i}, it's   (x) {i}" for i in range(150)),  # one line, no line breaks at all
-    "".join(f"床前明月光{i}，疑是地上霜。举头望明月！" for i in range(150)),  # Chinese: no spaces, no line breaks
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        " ".join(f"word{i}, it's   (x) {i}" for i in range(150)),  # one line, no line breaks at all
+        "".join(f"床前明月光{i}，疑是地上霜。举头望明月！" for i in range(150)),  # Chinese: no spaces, no line breaks
+    ],
+)
 def test_enormous_line_is_cut_without_changing_ids(tok, tmp_path, monkeypatch, text):
     monkeypatch.setattr(data.reading, "MAX_PIECE_CHARS", 300)
     monkeypatch.setattr(data.reading, "BLOCK_BYTES", 256)

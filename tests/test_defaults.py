@@ -62,8 +62,11 @@ def test_hand_written_flags_have_the_librarys_defaults():
 
     parser = build_parser()
     tokenizer = _defaults(_command(parser, ("tokenizer", "train")))
-    assert tokenizer["vocab_size"] == DEFAULT_VOCAB_SIZE == inspect.signature(train_tokenizer).parameters[
-        "vocab_size"].default
+    assert (
+        tokenizer["vocab_size"]
+        == DEFAULT_VOCAB_SIZE
+        == inspect.signature(train_tokenizer).parameters["vocab_size"].default
+    )
     signature = inspect.signature(prepare).parameters
     for name, value in _defaults(_command(parser, ("prepare",))).items():
         if name in signature and signature[name].default is not inspect.Parameter.empty and name != "force":

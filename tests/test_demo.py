@@ -1,4 +1,5 @@
 """`gptforge demo`: the whole journey on the standard library's own source, with a tiny time budget."""
+
 from __future__ import annotations
 
 import re

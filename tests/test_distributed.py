@@ -1,5 +1,6 @@
 """Several processes on the CPU (gloo): DDP and FSDP give the single-process result, and checkpoints
 move between world sizes."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,12 @@ import torch
 
 from gptforge.checkpoint import load_model
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed"),
+]
 
-WORKER = textwrap.dedent('''
+WORKER = textwrap.dedent("""
     import json, sys, torch
     from gptforge.config import GPTConfig
     from gptforge.model import GPT
@@ -31,10 +35,20 @@ WORKER = textwrap.dedent('''
             trainer.request_stop()
 
     train(model, args.pop("data"), on_step=on_step, **args)
-''')
+""")
 
-MODEL = dict(vocab_size=300, n_positions=16, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0,
-             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+MODEL = dict(
+    vocab_size=300,
+    n_positions=16,
+    n_embd=32,
+    n_layer=2,
+    n_head=2,
+    bos_token_id=0,
+    eos_token_id=0,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +66,35 @@ def data_dir(tmp_path_factory, sample_text):
 def run(tmp_path, out: str, data_dir, nproc: int = 1, **options) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    args = dict(model=MODEL, data=str(data_dir), out_dir=str(tmp_path / out), block_size=16, max_steps=6,
-                log_interval=1, eval_interval=3, eval_tokens=256, progress=False, plot=False, save_minutes=None,
-                learning_rate=3e-3, warmup_steps=2)
+    args = dict(
+        model=MODEL,
+        data=str(data_dir),
+        out_dir=str(tmp_path / out),
+        block_size=16,
+        max_steps=6,
+        log_interval=1,
+        eval_interval=3,
+        eval_tokens=256,
+        progress=False,
+        plot=False,
+        save_minutes=None,
+        learning_rate=3e-3,
+        warmup_steps=2,
+    )
     args.update(options)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if nproc == 1:
         cmd = [sys.executable, str(script), json.dumps(args)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(script), json.dumps(args)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(script),
+            json.dumps(args),
+        ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -113,9 +146,36 @@ def test_fsdp_trains_resumes_and_saves_a_full_model(tmp_path, data_dir):
 
 def test_cli_nproc_launches_torchrun(tmp_path, data_dir):
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "gptforge", "train", "--nproc", "2", "--data", str(data_dir), "--size", "tiny",
-           "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "16", "--batch-size", "2",
-           "--max-steps", "2", "--no-progress", "--no-plot", "--sample-tokens", "2", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gptforge",
+        "train",
+        "--nproc",
+        "2",
+        "--data",
+        str(data_dir),
+        "--size",
+        "tiny",
+        "--n-layer",
+        "1",
+        "--n-embd",
+        "32",
+        "--n-head",
+        "2",
+        "--block-size",
+        "16",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--no-progress",
+        "--no-plot",
+        "--sample-tokens",
+        "2",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "world size 2" in done.stdout + done.stderr
@@ -124,7 +184,23 @@ def test_cli_nproc_launches_torchrun(tmp_path, data_dir):
 
 def test_nproc_ends_a_failed_run_with_its_one_line_error_and_code(tmp_path):
     # the launcher used to add its own 40-line traceback, exit 1, and each process printed the error
-    proc = subprocess.run([sys.executable, "-m", "gptforge", "train", str(tmp_path / "nosuch.txt"), "--nproc", "2",
-                           "--out", str(tmp_path / "run"), "--max-steps", "2"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gptforge",
+            "train",
+            str(tmp_path / "nosuch.txt"),
+            "--nproc",
+            "2",
+            "--out",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("nosuch.txt: no such file or folder") == 1 and "Traceback" not in proc.stderr

@@ -1,5 +1,6 @@
 """At home in the Hugging Face ecosystem: folder metadata, generation defaults, data formats, --config,
 grouped help, progress lines, external loggers."""
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,9 @@ def model_dir(tmp_path_factory, corpus) -> Path:
     """A tiny model folder (context 32) with a trained tokenizer."""
     tok = train_tokenizer([str(corpus)], vocab_size=300, out_dir=None)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0))
+    model = GPT(
+        GPTConfig(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+    )
     folder = tmp_path_factory.mktemp("model")
     save_model(model, folder, tok)
     return folder
@@ -91,7 +94,10 @@ def test_generate_takes_its_defaults_from_the_folder_and_flags_win(tmp_path, mod
     assert main(["generate", str(folder), "the", "--seed", "1", "--no-stream"]) == 0
     assert seen["top_k"] == 7 and seen["temperature"] == 0.5 and seen["max_new_tokens"] == 12
     # a flag wins, even one given with gptforge's own default value
-    assert main(["generate", str(folder), "the", "--seed", "1", "--top-k", "50", "--max-new-tokens", "3", "--no-stream"]) == 0
+    assert (
+        main(["generate", str(folder), "the", "--seed", "1", "--top-k", "50", "--max-new-tokens", "3", "--no-stream"])
+        == 0
+    )
     assert seen["top_k"] == 50 and seen["max_new_tokens"] == 3 and seen["temperature"] == 0.5
 
 
@@ -104,20 +110,38 @@ def test_fine_tuning_keeps_the_incoming_folder_metadata(tmp_path, model_dir, cor
 
     tok.hf_tokenizer.add_special_tokens([AddedToken("<|pad|>", special=True, normalized=False)])
     tok = Tokenizer(tok.hf_tokenizer)
-    model = GPT(GPTConfig(vocab_size=301, n_positions=32, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0))
+    model = GPT(
+        GPTConfig(vocab_size=301, n_positions=32, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+    )
     save_model(model, base, tok)
     config = json.loads((base / "tokenizer_config.json").read_text())
-    config.update(pad_token="<|pad|>", model_max_length=24, chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
+    config.update(
+        pad_token="<|pad|>", model_max_length=24, chat_template="{% for m in messages %}{{ m.content }}{% endfor %}"
+    )
     (base / "tokenizer_config.json").write_text(json.dumps(config))
     gen = json.loads((base / "generation_config.json").read_text())
     gen.update(top_k=7, repetition_penalty=1.3)
     (base / "generation_config.json").write_text(json.dumps(gen))
 
-    run_training([str(corpus)], init=str(base), out_dir=str(tmp_path / "run"), max_steps=2, batch_size=2, block_size=16,
-                 eval_interval=0, sample_interval=0, progress=False, plot=False, save_minutes=None, log=lambda m: None)
+    run_training(
+        [str(corpus)],
+        init=str(base),
+        out_dir=str(tmp_path / "run"),
+        max_steps=2,
+        batch_size=2,
+        block_size=16,
+        eval_interval=0,
+        sample_interval=0,
+        progress=False,
+        plot=False,
+        save_minutes=None,
+        log=lambda m: None,
+    )
     out = tmp_path / "run"
     config = json.loads((out / "tokenizer_config.json").read_text())
-    assert config["pad_token"] == "<|pad|>" and config["model_max_length"] == 24 and "messages" in config["chat_template"]
+    assert (
+        config["pad_token"] == "<|pad|>" and config["model_max_length"] == 24 and "messages" in config["chat_template"]
+    )
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["top_k"] == 7 and gen["repetition_penalty"] == 1.3 and gen["pad_token_id"] == 300
     assert load_model(out).generation_config["top_k"] == 7
@@ -161,22 +185,45 @@ def test_hf_dataset_from_a_local_folder_offline(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    d = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["one doc", "two doc"]}),
-                              "test": datasets.Dataset.from_dict({"text": ["held out"]})})
+    d = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": ["one doc", "two doc"]}),
+            "test": datasets.Dataset.from_dict({"text": ["held out"]}),
+        }
+    )
     d.save_to_disk(str(tmp_path / "ds"))
     assert list(iter_texts([HFDataset(str(tmp_path / "ds"), "train")])) == ["one doc", "two doc"]
     assert list(iter_texts([HFDataset(str(tmp_path / "ds"), "test")])) == ["held out"]
     with pytest.raises(DataError, match="no split 'validation'"):
         list(iter_texts([HFDataset(str(tmp_path / "ds"), "validation")]))
     a = HFDataset(str(tmp_path / "ds"), "train").fingerprint()
-    assert a == HFDataset(str(tmp_path / "ds"), "train").fingerprint() != HFDataset(str(tmp_path / "ds"), "test").fingerprint()
+    assert (
+        a
+        == HFDataset(str(tmp_path / "ds"), "train").fingerprint()
+        != HFDataset(str(tmp_path / "ds"), "test").fingerprint()
+    )
 
 
 def test_prepare_reads_an_hf_dataset(tmp_path, model_dir):
     datasets = pytest.importorskip("datasets")
-    datasets.Dataset.from_dict({"text": [" ".join(WORDS[i:] + WORDS[:i]) for i in range(16)] * 4}).save_to_disk(str(tmp_path / "ds"))
-    assert main(["prepare", "--hf-dataset", str(tmp_path / "ds"), "--tokenizer", str(model_dir), "--out",
-                 str(tmp_path / "data"), "--quiet"]) == 0
+    datasets.Dataset.from_dict({"text": [" ".join(WORDS[i:] + WORDS[:i]) for i in range(16)] * 4}).save_to_disk(
+        str(tmp_path / "ds")
+    )
+    assert (
+        main(
+            [
+                "prepare",
+                "--hf-dataset",
+                str(tmp_path / "ds"),
+                "--tokenizer",
+                str(model_dir),
+                "--out",
+                str(tmp_path / "data"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
     assert meta["train"]["tokens"] > 0 and meta["inputs"][0]["path"].endswith("[train]")
 
@@ -184,8 +231,19 @@ def test_prepare_reads_an_hf_dataset(tmp_path, model_dir):
 # --- options ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text,seconds", [("1h30m", 5400), ("90min", 5400), ("45s", 45), ("2h", 7200), ("1.5h", 5400),
-                                          ("10m", 600), ("90", 90), ("1h 30m", 5400)])
+@pytest.mark.parametrize(
+    "text,seconds",
+    [
+        ("1h30m", 5400),
+        ("90min", 5400),
+        ("45s", 45),
+        ("2h", 7200),
+        ("1.5h", 5400),
+        ("10m", 600),
+        ("90", 90),
+        ("1h 30m", 5400),
+    ],
+)
 def test_durations_as_people_write_them(text, seconds):
     assert parse_duration(text) == seconds
 
@@ -216,12 +274,25 @@ def test_train_help_is_grouped_with_choices_and_examples(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    for group in ("data:", "reading and cleaning:", "model:", "length:", "batch and optimizer:", "precision and speed:",
-                  "evaluation and samples:", "checkpoints and output:", "logging:", "examples:"):
+    for group in (
+        "data:",
+        "reading and cleaning:",
+        "model:",
+        "length:",
+        "batch and optimizer:",
+        "precision and speed:",
+        "evaluation and samples:",
+        "checkpoints and output:",
+        "logging:",
+        "examples:",
+    ):
         assert f"\n{group}" in out, group
     assert "--size {gpt2," in out and "--schedule {cosine,linear,constant,wsd}" in out and "--field FIELD" in out
     flat = " ".join(out.split())
-    assert "sequences per micro-step (per process) (default: 16)" in flat and "torch.compile the model (default: off)" in flat
+    assert (
+        "sequences per micro-step (per process) (default: 16)" in flat
+        and "torch.compile the model (default: off)" in flat
+    )
     assert "(default: None)" not in flat and "(default: )" not in flat
     assert not re.search(r"\(default[^()]*\)\s*\(default", flat)  # never twice in one help text
 
@@ -231,9 +302,12 @@ def test_config_file_with_flags_winning(tmp_path, monkeypatch):
 
     seen = {}
     monkeypatch.setattr(pipeline, "run_training", lambda inputs, **kw: seen.update(kw, inputs=inputs) or _Result())
-    (tmp_path / "run.yaml").write_text("lr: 3.0e-4\nmax-time: 1h30m\nbatch_size: 8\nfield: body\ndedupe: true\n"
-                                       "inputs: [a.txt, b.txt]\nsize: tiny\n")
-    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--batch-size", "16", "--out", str(tmp_path / "r")]) == 0
+    (tmp_path / "run.yaml").write_text(
+        "lr: 3.0e-4\nmax-time: 1h30m\nbatch_size: 8\nfield: body\ndedupe: true\ninputs: [a.txt, b.txt]\nsize: tiny\n"
+    )
+    assert (
+        main(["train", "--config", str(tmp_path / "run.yaml"), "--batch-size", "16", "--out", str(tmp_path / "r")]) == 0
+    )
     assert seen["learning_rate"] == 3e-4 and seen["max_time"] == 5400 and seen["batch_size"] == 16
     assert seen["inputs"] == ["a.txt", "b.txt"] and seen["size"] == "tiny"
     assert seen["read_options"]["field"] == "body" and seen["read_options"]["dedupe"] is True
@@ -290,8 +364,15 @@ def test_loss_picture_marks_the_final_evaluation(tmp_path, capsys):
     log = RunLog(tmp_path, plot=True)
     for step in (10, 20):
         log.record({"step": step, "loss": 4.0 - step / 10, "lr": 1e-3})
-        log.record({"step": step, "val_loss": 3.9 - step / 10, "val_perplexity": 1.0, "val_bits_per_byte": 1.5,
-                    "val_tokens": 512})
+        log.record(
+            {
+                "step": step,
+                "val_loss": 3.9 - step / 10,
+                "val_perplexity": 1.0,
+                "val_bits_per_byte": 1.5,
+                "val_tokens": 512,
+            }
+        )
     log.record({"step": 20, "val_loss": 1.95, "val_perplexity": 1.0, "val_bits_per_byte": 1.4, "val_tokens": 5000})
     log.plot()
     assert (tmp_path / "loss.png").stat().st_size > 10_000
@@ -303,8 +384,13 @@ def test_missing_matplotlib_is_said_once(tmp_path, monkeypatch, capsys):
     from gptforge.train.logging import RunLog
 
     real = builtins.__import__
-    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
-                        if name.startswith("matplotlib") else real(name, *a, **k))
+    monkeypatch.setattr(
+        builtins,
+        "__import__",
+        lambda name, *a, **k: (
+            (_ for _ in ()).throw(ImportError(name)) if name.startswith("matplotlib") else real(name, *a, **k)
+        ),
+    )
     log = RunLog(tmp_path)
     log.plot()
     log.plot()

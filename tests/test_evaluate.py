@@ -1,4 +1,5 @@
 """Evaluation: sliding-window perplexity equals a transformers-based computation of the same method."""
+
 from __future__ import annotations
 
 import math
@@ -64,7 +65,10 @@ def test_token_containers_agree(models, tmp_path):
     path = tmp_path / "val.bin"
     arr.tofile(path)
     mm = np.memmap(path, dtype=np.uint16, mode="r")
-    results = [evaluate_tokens(ours, t, block_size=48, stride=20).loss for t in (arr, mm, arr.tolist(), torch.from_numpy(arr.astype(np.int64)))]
+    results = [
+        evaluate_tokens(ours, t, block_size=48, stride=20).loss
+        for t in (arr, mm, arr.tolist(), torch.from_numpy(arr.astype(np.int64)))
+    ]
     assert max(results) - min(results) < 1e-9
     short = evaluate_tokens(ours, mm, block_size=48, max_tokens=101)
     assert short.tokens == 100
@@ -99,12 +103,18 @@ def test_evaluate_text_scores_each_text_after_eos(models, tmp_path, sample_text,
     assert r.bits_per_byte == pytest.approx(nats / math.log(2) / (len(a.encode()) + len(b.encode())), rel=1e-9)
     # a string naming a file is read as that file
     assert evaluate_text(ours, tok, str(tmp_path / "a.txt"), block_size=32).loss == pytest.approx(
-        evaluate_text(ours, tok, a, block_size=32).loss, rel=1e-9)
+        evaluate_text(ours, tok, a, block_size=32).loss, rel=1e-9
+    )
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(stride=100, block_size=64), "stride"), (dict(block_size=65), "block_size"), (dict(stride=0), "stride"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(stride=100, block_size=64), "stride"),
+        (dict(block_size=65), "block_size"),
+        (dict(stride=0), "stride"),
+    ],
+)
 def test_bad_window_options(models, kw, match):
     with pytest.raises(ValueError, match=match):
         evaluate_tokens(models[0], list(range(100)), **kw)
@@ -141,28 +151,62 @@ def test_cli_eval_equals_the_api(models, hf_gpt2_dir, tmp_path, sample_text, cap
     hf = Tokenizer(tok_models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    hf.train_from_iterator([sample_text], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    hf.train_from_iterator(
+        [sample_text],
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     hf.save(str(tmp_path / "tokenizer.json"))
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text(sample_text[:1200], encoding="utf-8")
     b.write_text(sample_text[1200:1600], encoding="utf-8")
-    rc = main(["eval", str(hf_gpt2_dir), str(a), str(b), "--tokenizer", str(tmp_path / "tokenizer.json"),
-               "--block-size", "32", "--stride", "16", "--json", "--device", "cpu"])
+    rc = main(
+        [
+            "eval",
+            str(hf_gpt2_dir),
+            str(a),
+            str(b),
+            "--tokenizer",
+            str(tmp_path / "tokenizer.json"),
+            "--block-size",
+            "32",
+            "--stride",
+            "16",
+            "--json",
+            "--device",
+            "cpu",
+        ]
+    )
     got = json.loads(capsys.readouterr().out)
     assert rc == 0
     ref = evaluate_text(models[0], load_tokenizer(tmp_path / "tokenizer.json"), [a, b], block_size=32, stride=16)
     assert got["total"]["loss"] == pytest.approx(ref.loss, rel=1e-6)
     assert got["total"]["tokens"] == ref.tokens == got[str(a)]["tokens"] + got[str(b)]["tokens"]
     assert got["total"]["bits_per_byte"] == pytest.approx(ref.bits_per_byte, rel=1e-6)
-    rc = main(["eval", str(hf_gpt2_dir), str(a), "--tokenizer", str(tmp_path / "tokenizer.json"), "--stride", "100",
-               "--block-size", "32"])
+    rc = main(
+        [
+            "eval",
+            str(hf_gpt2_dir),
+            str(a),
+            "--tokenizer",
+            str(tmp_path / "tokenizer.json"),
+            "--stride",
+            "100",
+            "--block-size",
+            "32",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "stride=100" in err
 
 
-def test_prepared_dataset_matches_its_tokens_and_training_bits_per_byte(models, hf_gpt2_dir, tmp_path, sample_text, capsys):
+def test_prepared_dataset_matches_its_tokens_and_training_bits_per_byte(
+    models, hf_gpt2_dir, tmp_path, sample_text, capsys
+):
     import json
 
     from gptforge.cli import main
@@ -180,5 +224,7 @@ def test_prepared_dataset_matches_its_tokens_and_training_bits_per_byte(models, 
     ref = evaluate_tokens(models[0], np.asarray(val), block_size=32)
     assert r.tokens == ref.tokens == len(val) - 1 and r.loss == pytest.approx(ref.loss, rel=1e-9)
     assert r.bits_per_byte == pytest.approx(r.loss / math.log(2) / (meta["bytes"] / meta["tokens"]), rel=1e-9)
-    assert main(["eval", str(hf_gpt2_dir), str(tmp_path / "data"), "--block-size", "32", "--json", "--device", "cpu"]) == 0
+    assert (
+        main(["eval", str(hf_gpt2_dir), str(tmp_path / "data"), "--block-size", "32", "--json", "--device", "cpu"]) == 0
+    )
     assert json.loads(capsys.readouterr().out)[str(tmp_path / "data")]["loss"] == pytest.approx(r.loss, rel=1e-6)

@@ -1,4 +1,5 @@
 """`gptforge export RUN DIR`: the model files and a model card, never the run's data or checkpoints."""
+
 from __future__ import annotations
 
 import json
@@ -20,24 +21,55 @@ def run(tmp_path_factory):
     rng = random.Random(1)
     root = tmp_path_factory.mktemp("export")
     words = "a recipe calls for flour sugar eggs and butter mixed slowly then baked until golden".split()
-    (root / "recipes.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(14)) for _ in range(200)) + "\n")
-    run_training([str(root / "recipes.txt")], out_dir=str(root / "run"), size="tiny", vocab_size=300, block_size=32,
-                 max_steps=4, batch_size=2, eval_interval=2, eval_tokens=64, sample_tokens=8, progress=False,
-                 save_minutes=None, log=lambda m: None, model_overrides={"n_positions": 32, "n_layer": 1})
+    (root / "recipes.txt").write_text(
+        "\n\n".join(" ".join(rng.choice(words) for _ in range(14)) for _ in range(200)) + "\n"
+    )
+    run_training(
+        [str(root / "recipes.txt")],
+        out_dir=str(root / "run"),
+        size="tiny",
+        vocab_size=300,
+        block_size=32,
+        max_steps=4,
+        batch_size=2,
+        eval_interval=2,
+        eval_tokens=64,
+        sample_tokens=8,
+        progress=False,
+        save_minutes=None,
+        log=lambda m: None,
+        model_overrides={"n_positions": 32, "n_layer": 1},
+    )
     return root / "run"
 
 
 def test_export_has_the_model_and_a_card_but_no_data(run, tmp_path):
     out = export_model(run, tmp_path / "out", license="mit")
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "README.md"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+    } <= names
     assert not names & {"data", "checkpoints", "best", "metrics.jsonl", "samples.txt", "run_config.json", "tokenizer"}
     card = (out / "README.md").read_text()
     front = card.split("---")[1]
-    assert "library_name: transformers" in front and "pipeline_tag: text-generation" in front and "license: mit" in front
-    for needed in ("recipes.txt", "parameters", "perplexity", "bits per byte", "trained from scratch", "## A sample",
-                   "Muon (peak learning rate 0.02) for the block matrices", "moving average of the trained ones (decay 0.995)"):
+    assert (
+        "library_name: transformers" in front and "pipeline_tag: text-generation" in front and "license: mit" in front
+    )
+    for needed in (
+        "recipes.txt",
+        "parameters",
+        "perplexity",
+        "bits per byte",
+        "trained from scratch",
+        "## A sample",
+        "Muon (peak learning rate 0.02) for the block matrices",
+        "moving average of the trained ones (decay 0.995)",
+    ):
         assert needed in card, needed  # the optimizer the run used (the card used to say AdamW whatever it was)
     if (run / "loss.png").is_file():
         assert "loss.png" in names and "](loss.png)" in card

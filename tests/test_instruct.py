@@ -1,5 +1,6 @@
 """Instruction and chat data: chat templates as transformers renders them, answer-only labels, padded batches,
 truncation, bad input, and instruction tuning end to end (with LoRA)."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,13 @@ from gptforge.data.examples import ExampleBatches, encode_example, is_example_fi
 from gptforge.errors import DataError, GPTForgeError, NotFoundError, OptionError
 from gptforge.options import InstructOptions, LoRAOptions
 
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there!"},
-        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Two plus two?"},
-        {"role": "assistant", "content": "Four, I think."}]
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there!"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "Two plus two?"},
+    {"role": "assistant", "content": "Four, I think."},
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +40,21 @@ def base(tmp_path_factory, tokenizer):
 
     folder = tmp_path_factory.mktemp("base")
     torch.manual_seed(0)
-    save_model(GPT(GPTConfig(vocab_size=tokenizer.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                             bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)), folder, tokenizer)
+    save_model(
+        GPT(
+            GPTConfig(
+                vocab_size=tokenizer.vocab_size,
+                n_positions=64,
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                bos_token_id=tokenizer.eos_id,
+                eos_token_id=tokenizer.eos_id,
+            )
+        ),
+        folder,
+        tokenizer,
+    )
     return folder
 
 
@@ -55,7 +73,11 @@ def test_template_stored_in_tokenizer_config_gives_transformers_ids(tokenizer, t
     ids, answer = encode_example({"messages": CHAT}, tokenizer, template, False, "x")
     assert ids == list(theirs.apply_chat_template(CHAT, tokenize=True, return_dict=True)["input_ids"])
     prompt = theirs.apply_chat_template(CHAT[:2], tokenize=False, add_generation_prompt=True)
-    assert prompt == template.render(CHAT[:2], add_generation_prompt=True) == "Be brief.\n\n### User:\nHi there!\n\n### Assistant:\n"
+    assert (
+        prompt
+        == template.render(CHAT[:2], add_generation_prompt=True)
+        == "Be brief.\n\n### User:\nHi there!\n\n### Assistant:\n"
+    )
     # the labelled tokens decode to exactly the two answers, each with its end-of-text token
     text = tokenizer.decode([i for i, a in zip(ids, answer) if a])
     assert text == "Hello.<|endoftext|>Four, I think.<|endoftext|>"
@@ -86,7 +108,10 @@ def test_padded_batches_with_masks_and_answer_labels(tokenizer, tmp_path):
         want = np.where(examples.answer[row][1:], examples.ids[row][1:], -100)
         assert y[row, :n].tolist() == want.tolist()
     batches = ExampleBatches(examples, 3, tokenizer.pad_id, seed=4)
-    assert all(torch.equal(a, b) for a, b in zip(batches.batch(5), ExampleBatches(examples, 3, tokenizer.pad_id, seed=4).batch(5)))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(batches.batch(5), ExampleBatches(examples, 3, tokenizer.pad_id, seed=4).batch(5))
+    )
     # two ranks of batch 3 see what one process of batch 6 sees, without overlap
     one = ExampleBatches(examples, 6, tokenizer.pad_id, seed=4).indices(1)
     ranks = [ExampleBatches(examples, 3, tokenizer.pad_id, seed=4, rank=r, world_size=2).indices(1) for r in (0, 1)]
@@ -94,8 +119,11 @@ def test_padded_batches_with_masks_and_answer_labels(tokenizer, tmp_path):
 
 
 def test_long_examples_are_cut_and_counted_never_split(tokenizer, tmp_path):
-    rows = [{"prompt": "Q ", "completion": "word " * 80}, {"prompt": "long " * 90, "completion": "lost"},
-            {"prompt": "Q ", "completion": "short"}]
+    rows = [
+        {"prompt": "Q ", "completion": "word " * 80},
+        {"prompt": "long " * 90, "completion": "lost"},
+        {"prompt": "Q ", "completion": "short"},
+    ]
     examples = read_examples([_jsonl(tmp_path / "d.jsonl", rows)], tokenizer, max_tokens=33)
     assert len(examples) == 2 and examples.truncated == 2 and examples.dropped == 1
     assert max(len(i) for i in examples.ids) == 33  # one example, cut at the end: not two pieces
@@ -104,17 +132,29 @@ def test_long_examples_are_cut_and_counted_never_split(tokenizer, tmp_path):
 def test_bad_examples_and_templates(tokenizer, tmp_path):
     template = ChatTemplate(DEFAULT_CHAT_TEMPLATE, tokenizer)
     with pytest.raises(DataError, match=r"d.jsonl:2: messages\[1\] has the unknown role 'robot'"):
-        read_examples([_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT},
-                                                     {"messages": [CHAT[1], {"role": "robot", "content": "x"}]}])],
-                      tokenizer, 65, template)
+        read_examples(
+            [
+                _jsonl(
+                    tmp_path / "d.jsonl",
+                    [{"messages": CHAT}, {"messages": [CHAT[1], {"role": "robot", "content": "x"}]}],
+                )
+            ],
+            tokenizer,
+            65,
+            template,
+        )
     with pytest.raises(DataError, match=r"e.jsonl:1: missing field 'completion'"):
         read_examples([_jsonl(tmp_path / "e.jsonl", [{"prompt": "x"}])], tokenizer, 65, template)
     with pytest.raises(DataError, match=r"needs a 'role' and a 'content'"):
         read_examples([_jsonl(tmp_path / "f.jsonl", [{"messages": [{"role": "user"}]}])], tokenizer, 65, template)
     # a conversation without an assistant turn used to be "every example lost its answer when cut to 65 tokens"
     with pytest.raises(DataError, match=r"u.jsonl:2: no answer to train on \(no assistant message"):
-        read_examples([_jsonl(tmp_path / "u.jsonl", [{"messages": CHAT}, {"messages": [{"role": "user", "content": "hi"}]}])],
-                      tokenizer, 65, template)
+        read_examples(
+            [_jsonl(tmp_path / "u.jsonl", [{"messages": CHAT}, {"messages": [{"role": "user", "content": "hi"}]}])],
+            tokenizer,
+            65,
+            template,
+        )
     (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m.content + 5 }}{% endfor %}")
     failing = ChatTemplate(load_template_file(tmp_path / "t.jinja"), tokenizer, "--chat-template t.jinja")
     with pytest.raises(DataError, match="t.jinja failed to render"):
@@ -139,12 +179,24 @@ def test_instruction_tuning_with_lora_end_to_end(base, tmp_path, capsys, one_thr
     from gptforge.cli import main
     from gptforge.train.pipeline import run_training
 
-    rows = [{"messages": [{"role": "user", "content": f"Number {i}?"}, {"role": "assistant", "content": f"It is {i}."}]}
-            for i in range(24)] + [{"prompt": f"Say {i}: ", "completion": f"{i}!"} for i in range(8)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"Number {i}?"}, {"role": "assistant", "content": f"It is {i}."}]}
+        for i in range(24)
+    ] + [{"prompt": f"Say {i}: ", "completion": f"{i}!"} for i in range(8)]
     data = _jsonl(tmp_path / "chat.jsonl", rows)
     logs = []
-    result = run_training([data], init=str(base), out_dir=str(tmp_path / "bot"), lora=LoRAOptions(lora_r=2),
-                          max_steps=6, batch_size=4, eval_interval=3, plot=False, progress=False, log=logs.append)
+    result = run_training(
+        [data],
+        init=str(base),
+        out_dir=str(tmp_path / "bot"),
+        lora=LoRAOptions(lora_r=2),
+        max_steps=6,
+        batch_size=4,
+        eval_interval=3,
+        plot=False,
+        progress=False,
+        log=logs.append,
+    )
     assert any("instruction data: 29 training and 3 validation examples" in line for line in logs)
     assert result.val_loss is not None and result.validation["val_tokens"] > 0
     rows_logged = [json.loads(line) for line in (tmp_path / "bot" / "metrics.jsonl").read_text().splitlines()]
@@ -154,8 +206,23 @@ def test_instruction_tuning_with_lora_end_to_end(base, tmp_path, capsys, one_thr
     _, tok = load_model_and_tokenizer(tmp_path / "bot", device="cpu")
     assert Conversation(tok).ask("Hi") == "### User:\nHi\n\n### Assistant:\n"
     capsys.readouterr()
-    assert main(["generate", str(tmp_path / "bot"), "Number 3?", "--chat", "--seed", "1", "--max-new-tokens", "5",
-                 "--greedy", "--no-stream"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(tmp_path / "bot"),
+                "Number 3?",
+                "--chat",
+                "--seed",
+                "1",
+                "--max-new-tokens",
+                "5",
+                "--greedy",
+                "--no-stream",
+            ]
+        )
+        == 0
+    )
     assert "### User:" not in capsys.readouterr().out  # only the answer is printed
 
 
@@ -169,9 +236,19 @@ def test_instruction_options_are_checked_before_training(base, tmp_path):
     with pytest.raises(DataError, match="cannot be mixed"):
         run_training([data, str(tmp_path / "plain.txt")], init=str(base), out_dir=str(tmp_path / "b"), max_steps=1)
     with pytest.raises(OptionError, match="--chat-template"):
-        run_training([str(tmp_path / "plain.txt")], init=str(base), out_dir=str(tmp_path / "c"), max_steps=1,
-                     instruct=InstructOptions(chat_template="t.jinja"))
+        run_training(
+            [str(tmp_path / "plain.txt")],
+            init=str(base),
+            out_dir=str(tmp_path / "c"),
+            max_steps=1,
+            instruct=InstructOptions(chat_template="t.jinja"),
+        )
     with pytest.raises(NotFoundError, match="--chat-template"):
-        run_training([data], init=str(base), out_dir=str(tmp_path / "d"), max_steps=1,
-                     instruct=InstructOptions(chat_template=str(tmp_path / "missing.jinja")))
+        run_training(
+            [data],
+            init=str(base),
+            out_dir=str(tmp_path / "d"),
+            max_steps=1,
+            instruct=InstructOptions(chat_template=str(tmp_path / "missing.jinja")),
+        )
     assert not (tmp_path / "d" / "checkpoints").exists()

@@ -1,4 +1,5 @@
 """The network: KV cache, padded batches, loss and gradients against transformers, init, checkpointing, dropout."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,9 @@ from gptforge.checkpoint import to_hf_state_dict
 
 transformers = LazyTransformers()  # tests that use it skip one by one without it
 
-SMALL = dict(vocab_size=200, n_positions=48, n_embd=48, n_layer=2, n_head=3,
-             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+SMALL = dict(
+    vocab_size=200, n_positions=48, n_embd=48, n_layer=2, n_head=3, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+)
 
 
 def _model(**overrides) -> GPT:
@@ -102,8 +104,8 @@ def _left_padded(rows: list[torch.Tensor], pad: int = 0):
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids, mask, positions
 
@@ -119,7 +121,7 @@ def test_left_padded_batch_matches_single_rows_and_transformers():
         assert torch.isfinite(batch).all()
         for i, r in enumerate(rows):
             single, _ = model(r[None])
-            torch.testing.assert_close(batch[i, -len(r):], single[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(batch[i, -len(r) :], single[0], atol=1e-5, rtol=0)
     real = mask.bool()
     assert (batch[real] - reference[real]).abs().max().item() <= 1e-4
 
@@ -242,9 +244,15 @@ def test_gpt2_initialisation():
     assert len(list(model.parameters())) == len(model.state_dict()) - 1
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("gpt2", 124_439_808),
+        ("gpt2-medium", 354_823_168),
+        ("gpt2-large", 774_030_080),
+        ("gpt2-xl", 1_557_611_200),
+    ],
+)
 def test_parameter_counts_of_the_gpt2_releases(name, expected):
     config = preset(name)
     assert config.num_params() == expected
@@ -252,11 +260,15 @@ def test_parameter_counts_of_the_gpt2_releases(name, expected):
         model = GPT(config)
     assert model.num_params() == expected
     assert model.num_params(non_embedding=True) == config.num_params(non_embedding=True)
-    assert config.num_params(non_embedding=True) == expected - config.vocab_size * config.n_embd - config.n_positions * config.n_embd
+    assert (
+        config.num_params(non_embedding=True)
+        == expected - config.vocab_size * config.n_embd - config.n_positions * config.n_embd
+    )
 
 
-@pytest.mark.parametrize("overrides", [dict(n_inner=100), dict(n_head=1, n_layer=1), dict(vocab_size=7),
-                                       dict(tie_word_embeddings=False)])
+@pytest.mark.parametrize(
+    "overrides", [dict(n_inner=100), dict(n_head=1, n_layer=1), dict(vocab_size=7), dict(tie_word_embeddings=False)]
+)
 def test_config_and_model_parameter_counts_agree(overrides):
     from gptforge.quantize import quantize_model
 

@@ -1,5 +1,6 @@
 """The decoding kernel (native.gemv): F.linear's numbers, used for a decoding step's few rows, and torch's
 products wherever it cannot be built."""
+
 from __future__ import annotations
 
 import shutil
@@ -13,8 +14,10 @@ from gptforge import batching as generate_module
 from gptforge.errors import OptionError
 from gptforge.generate import generate_ids
 
-needs_kernel = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")) or not native.available(),
-                                  reason="the decoding kernel needs a C compiler on Linux or macOS, x86-64 or ARM64")
+needs_kernel = pytest.mark.skipif(
+    not (shutil.which("cc") or shutil.which("gcc")) or not native.available(),
+    reason="the decoding kernel needs a C compiler on Linux or macOS, x86-64 or ARM64",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +83,10 @@ def test_int8_gemv_gives_the_products_of_its_scaled_weights(rows, level):
     g = torch.Generator().manual_seed(rows)
     for out, inp in ((3, 7), (130, 96), (1501, 3000)):
         x, b = torch.randn(rows, inp, generator=g), torch.randn(out, generator=g)
-        q, scale = torch.randint(-127, 128, (out, inp), generator=g, dtype=torch.int8), torch.rand(out, generator=g) / 50
+        q, scale = (
+            torch.randint(-127, 128, (out, inp), generator=g, dtype=torch.int8),
+            torch.rand(out, generator=g) / 50,
+        )
         for bias in (b, None):
             assert_product_close(native.gemv(x, native.pack_int8(q, scale), bias), x, q.float() * scale[:, None], bias)
     with pytest.raises(TypeError, match="int8 weight"):

@@ -1,6 +1,7 @@
 """int8 weights: logits near fp32, the stored folder round trip, on-load and stored quantization agree, and
 bad input (an already-int8 folder, an unknown --quantize, transformers opening an int8 folder) is refused
 clearly. fp32 exactness against transformers is tested in test_generate.py."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,15 @@ def fp32_dir(tmp_path_factory, sample_text):
 
     tok = train_tokenizer([], kind="char", vocab_size=100, texts=[sample_text], out_dir=None)
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=tok.vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                       bos_token_id=tok.eos_id, eos_token_id=tok.eos_id)
+    config = GPTConfig(
+        vocab_size=tok.vocab_size,
+        n_positions=64,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=tok.eos_id,
+        eos_token_id=tok.eos_id,
+    )
     folder = tmp_path_factory.mktemp("fp32")
     save_model(GPT(config), folder, tok)
     return folder
@@ -110,8 +118,9 @@ def test_stored_int8_generates_what_on_load_quantization_generates(int8_dir, fp3
     kw = dict(do_sample=False, max_new_tokens=30, eos_id=None)
     ours = generate_ids(stored, prompts, **kw)
     assert ours == generate_ids(on_load, prompts, **kw) and all(len(r) == 30 for r in ours)
-    assert generate(stored, tok, "the", do_sample=True, seed=3, max_new_tokens=10) == \
-        generate(on_load, tok, "the", do_sample=True, seed=3, max_new_tokens=10)
+    assert generate(stored, tok, "the", do_sample=True, seed=3, max_new_tokens=10) == generate(
+        on_load, tok, "the", do_sample=True, seed=3, max_new_tokens=10
+    )
 
 
 def test_api_quantize_and_cli(fp32_dir, int8_dir, capsys):
@@ -167,9 +176,14 @@ def test_quantize_out_must_be_new_or_forced(fp32_dir, tmp_path, capsys):
     assert (out / WEIGHTS_NAME).is_file() and not (out / "keep.txt").exists()
 
 
-@pytest.mark.parametrize("argv", [["generate", "{model}", "x", "--quantize", "int4"],
-                                  ["eval", "{model}", "{model}/config.json", "--quantize", "fp8"],
-                                  ["quantize", "{model}", "--out", "{tmp}/q", "--method", "int4"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "{model}", "x", "--quantize", "int4"],
+        ["eval", "{model}", "{model}/config.json", "--quantize", "fp8"],
+        ["quantize", "{model}", "--out", "{tmp}/q", "--method", "int4"],
+    ],
+)
 def test_unknown_quantization_is_a_one_line_error(fp32_dir, tmp_path, capsys, argv):
     from gptforge.cli import main
 

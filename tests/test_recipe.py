@@ -1,5 +1,6 @@
 """The from-scratch recipe's parts: Muon, the warmup-stable-decay schedule, zero-initialised projections,
 an untied output head and squared ReLU (the last two through transformers both ways)."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,8 +16,18 @@ from gptforge.train.optim import Muon, configure_optimizer, orthogonalize
 from gptforge.train.pipeline import zero_output_projections
 
 transformers = LazyTransformers()
-SMALL = dict(vocab_size=300, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0,
-             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+SMALL = dict(
+    vocab_size=300,
+    n_positions=32,
+    n_embd=32,
+    n_layer=2,
+    n_head=2,
+    bos_token_id=0,
+    eos_token_id=0,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+)
 
 
 def _model(**overrides) -> GPT:
@@ -37,9 +48,11 @@ def test_orthogonalize_flattens_the_singular_values(shape):
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     model = _model()
-    opt = configure_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.02, weight_decay=0.1,
-                                                     beta2=0.95),
-                              torch.device("cpu"))
+    opt = configure_optimizer(
+        model,
+        TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.02, weight_decay=0.1, beta2=0.95),
+        torch.device("cpu"),
+    )
     assert isinstance(opt, Muon)
     by_group = {id(p): g for g in opt.param_groups for p in g["params"]}
     names = dict(model.named_parameters())
@@ -53,8 +66,11 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
 
 def test_muon_step_orthogonalises_the_momentum_and_adamw_steps_the_rest():
     model = _model()
-    opt = configure_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-2, muon_lr=0.05, weight_decay=0.0,
-                                                 beta2=0.95), torch.device("cpu"))
+    opt = configure_optimizer(
+        model,
+        TrainConfig(optimizer="muon", learning_rate=1e-2, muon_lr=0.05, weight_decay=0.0, beta2=0.95),
+        torch.device("cpu"),
+    )
     for g in opt.param_groups:
         g["lr"] = 1e-2 * g.get("lr_ratio", 1.0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -73,9 +89,21 @@ def test_muon_step_orthogonalises_the_momentum_and_adamw_steps_the_rest():
 
 def test_muon_trains_and_resumes_exactly(tmp_path, dataset):
     data, tok = dataset
-    opts = dict(batch_size=4, block_size=16, log_interval=2, eval_interval=4, eval_tokens=512, sample_interval=0,
-                progress=False, plot=False, save_minutes=None, optimizer="muon", schedule="wsd", min_lr_ratio=0.0,
-                max_steps=10)
+    opts = dict(
+        batch_size=4,
+        block_size=16,
+        log_interval=2,
+        eval_interval=4,
+        eval_tokens=512,
+        sample_interval=0,
+        progress=False,
+        plot=False,
+        save_minutes=None,
+        optimizer="muon",
+        schedule="wsd",
+        min_lr_ratio=0.0,
+        max_steps=10,
+    )
     full = train(_model(), data, tokenizer=tok, out_dir=str(tmp_path / "full"), **opts)
     assert full.history[0]["loss"] > full.history[-1].get("loss", full.val_loss)
 
@@ -103,7 +131,9 @@ def test_wsd_schedule_is_flat_then_decays_linearly_to_the_floor():
     assert lr_at(cfg, 10, 0.1) == lr_at(cfg, 59, 0.59) == 1.0
     assert lr_at(cfg, 80, 0.8) == pytest.approx(0.5)
     assert lr_at(cfg, 100, 1.0) == pytest.approx(0.0)
-    floor = TrainConfig(max_steps=100, learning_rate=1.0, schedule="wsd", cooldown=0.5, warmup_steps=0, min_lr_ratio=0.2)
+    floor = TrainConfig(
+        max_steps=100, learning_rate=1.0, schedule="wsd", cooldown=0.5, warmup_steps=0, min_lr_ratio=0.2
+    )
     assert lr_at(floor, 75, 0.75) == pytest.approx(0.6) and lr_at(floor, 100, 1.0) == pytest.approx(0.2)
     with pytest.raises(OptionError, match="--cooldown"):
         TrainConfig(cooldown=1.5)
@@ -127,9 +157,34 @@ def test_cli_flags_reach_the_model_and_the_optimizer(tmp_path, corpus):
     from gptforge.cli import main
 
     out = tmp_path / "run"
-    code = main(["train", str(corpus), "--out", str(out), "--max-steps", "3", "--size", "tiny", "--n-layer", "1",
-                 "--block-size", "16", "--batch-size", "2", "--no-progress", "--no-plot", "--vocab-size", "300",
-                 "--activation", "relu2", "--no-tie-embeddings", "--optimizer", "muon", "--zero-init"])
+    code = main(
+        [
+            "train",
+            str(corpus),
+            "--out",
+            str(out),
+            "--max-steps",
+            "3",
+            "--size",
+            "tiny",
+            "--n-layer",
+            "1",
+            "--block-size",
+            "16",
+            "--batch-size",
+            "2",
+            "--no-progress",
+            "--no-plot",
+            "--vocab-size",
+            "300",
+            "--activation",
+            "relu2",
+            "--no-tie-embeddings",
+            "--optimizer",
+            "muon",
+            "--zero-init",
+        ]
+    )
     assert code == 0
     config = GPTConfig.load(out)
     assert config.activation_function == "relu2" and config.tie_word_embeddings is False
@@ -138,8 +193,14 @@ def test_cli_flags_reach_the_model_and_the_optimizer(tmp_path, corpus):
     assert '"optimizer": "muon"' in run and '"zero_init": true' in run, log
 
 
-@pytest.mark.parametrize("overrides", [dict(tie_word_embeddings=False), dict(activation_function="relu2"),
-                                       dict(tie_word_embeddings=False, activation_function="relu2")])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(tie_word_embeddings=False),
+        dict(activation_function="relu2"),
+        dict(tie_word_embeddings=False, activation_function="relu2"),
+    ],
+)
 def test_untied_head_and_relu2_round_trip_through_transformers(tmp_path, overrides):
     model = _model(**overrides).eval()
     with torch.no_grad():
@@ -163,7 +224,7 @@ def test_a_head_that_differs_from_wte_in_a_tied_config_is_an_error(tmp_path):
 
     model = _model(tie_word_embeddings=False)
     save_model(model, tmp_path / "m")
-    config = (tmp_path / "m" / "config.json")
+    config = tmp_path / "m" / "config.json"
     config.write_text(config.read_text().replace('"tie_word_embeddings": false', '"tie_word_embeddings": true'))
     with pytest.raises(CheckpointError, match="tie_word_embeddings"):
         load_model(tmp_path / "m")
@@ -193,12 +254,25 @@ def test_classifier_from_an_untied_language_model_round_trips_through_transforme
 
 def test_from_scratch_defaults_are_muon_wsd_and_fine_tuning_keeps_adamw(tmp_path, dataset, monkeypatch):
     data, tok = dataset
-    quick = dict(max_steps=4, batch_size=2, block_size=16, eval_interval=0, sample_interval=0, progress=False, plot=False,
-                 save_minutes=None)
+    quick = dict(
+        max_steps=4,
+        batch_size=2,
+        block_size=16,
+        eval_interval=0,
+        sample_interval=0,
+        progress=False,
+        plot=False,
+        save_minutes=None,
+    )
 
     def resolved(name, finetune=False, **given):
-        trainer = Trainer(_model(), load_run_data(data), TrainConfig(out_dir=str(tmp_path / name), **quick, **given),
-                          tokenizer=tok, finetune=finetune)
+        trainer = Trainer(
+            _model(),
+            load_run_data(data),
+            TrainConfig(out_dir=str(tmp_path / name), **quick, **given),
+            tokenizer=tok,
+            finetune=finetune,
+        )
         c = trainer.cfg
         return (c.optimizer, c.schedule, c.min_lr_ratio, c.learning_rate, c.ema), trainer
 
@@ -216,10 +290,18 @@ def test_from_scratch_defaults_are_muon_wsd_and_fine_tuning_keeps_adamw(tmp_path
     former = dict(optimizer="adamw", schedule="cosine", min_lr_ratio=0.1, learning_rate=1e-3)
     with monkeypatch.context() as m:
         m.setattr(options, "SCRATCH_DEFAULTS", {**{k: v for k, v in SCRATCH_DEFAULTS.items() if k != "ema"}, **former})
-        train(_model(), data, tokenizer=tok, out_dir=str(tmp_path / "old"), on_step=lambda t: t.step == 2 and t.request_stop(),
-              **quick)
+        train(
+            _model(),
+            data,
+            tokenizer=tok,
+            out_dir=str(tmp_path / "old"),
+            on_step=lambda t: t.step == 2 and t.request_stop(),
+            **quick,
+        )
     former["ema"] = None
-    again = Trainer(_model(), load_run_data(data), TrainConfig(out_dir=str(tmp_path / "old"), resume=True, **quick), tokenizer=tok)
+    again = Trainer(
+        _model(), load_run_data(data), TrainConfig(out_dir=str(tmp_path / "old"), resume=True, **quick), tokenizer=tok
+    )
     c = again.cfg
     assert (c.optimizer, c.schedule, c.min_lr_ratio, c.learning_rate, c.ema) == tuple(former.values())
     assert not isinstance(again.optimizer, Muon) and again.average is None

@@ -2,6 +2,7 @@
 
 Each test here is a row of docs/reliability.md: a bad input or a fault, and what the user gets.
 """
+
 from __future__ import annotations
 
 import _thread
@@ -50,8 +51,20 @@ def corpus(tmp_path_factory, sample_text) -> Path:
 
 def quick(out, **kw) -> dict:
     """Options of a run that takes a second: a few steps of a small batch, no plots, no bars."""
-    opts = dict(out_dir=str(out), batch_size=2, block_size=16, log_interval=1, eval_interval=0, eval_tokens=256,
-                sample_interval=0, sample_tokens=4, progress=False, plot=False, save_minutes=None, max_steps=2)
+    opts = dict(
+        out_dir=str(out),
+        batch_size=2,
+        block_size=16,
+        log_interval=1,
+        eval_interval=0,
+        eval_tokens=256,
+        sample_interval=0,
+        sample_tokens=4,
+        progress=False,
+        plot=False,
+        save_minutes=None,
+        max_steps=2,
+    )
     opts.update(kw)
     return opts
 
@@ -80,7 +93,9 @@ def run_copy(tmp_path, finished_run, corpus) -> tuple[Path, Path]:
 
 def tiny_model_folder(folder: Path, n_positions: int = 32) -> Path:
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=300, n_positions=n_positions, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+    config = GPTConfig(
+        vocab_size=300, n_positions=n_positions, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0
+    )
     save_model(GPT(config), folder)
     return folder
 
@@ -165,8 +180,9 @@ def test_data_with_another_tokenizer_is_refused(tmp_path, two_tokenizers):
 
     prepare([str(two_tokenizers / "a.txt")], two_tokenizers / "a", tmp_path / "data")
     with pytest.raises(TokenizerError, match="not the one the dataset was prepared with"):
-        run_training(data=str(tmp_path / "data"), tokenizer=str(two_tokenizers / "b"), size="tiny",
-                     **quick(tmp_path / "run"))
+        run_training(
+            data=str(tmp_path / "data"), tokenizer=str(two_tokenizers / "b"), size="tiny", **quick(tmp_path / "run")
+        )
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
@@ -191,7 +207,9 @@ def test_second_run_into_the_same_folder_is_refused(tmp_path, corpus):
     out = tmp_path / "run"
     out.mkdir()
     with exclusive_lock(out, "training run"):
-        with pytest.raises(RunFolderError, match=f"another gptforge training run is using this folder .pid {os.getpid()}"):
+        with pytest.raises(
+            RunFolderError, match=f"another gptforge training run is using this folder .pid {os.getpid()}"
+        ):
             run_training([str(corpus)], **TINY, **quick(out))
     assert not (out / "tokenizer").exists()
 
@@ -209,8 +227,10 @@ def test_lock_left_by_a_crash_is_taken_over_with_a_message(tmp_path):
 
 @pytest.mark.slow
 def test_lock_of_a_killed_process_is_released(tmp_path):
-    code = f"from gptforge.fsio import exclusive_lock\nimport time\nwith exclusive_lock({str(tmp_path)!r}):\n" \
-           "    print('held', flush=True)\n    time.sleep(600)\n"
+    code = (
+        f"from gptforge.fsio import exclusive_lock\nimport time\nwith exclusive_lock({str(tmp_path)!r}):\n"
+        "    print('held', flush=True)\n    time.sleep(600)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "held"
@@ -247,7 +267,9 @@ def test_damaged_training_state_falls_back_too(run_copy, capsys):
 def test_leftovers_of_killed_saves_are_cleaned_at_the_next_start(run_copy, capsys):
     out, text = run_copy
     (out / "checkpoints" / ".step-0000003.tmp-gptforge-0a1b2c3d-4242-x1y2z3w4").mkdir()  # names gptforge makes
-    (out / "checkpoints" / ".step-0000003.tmp-gptforge-0a1b2c3d-4242-x1y2z3w4" / "model.safetensors").write_bytes(b"half")
+    (out / "checkpoints" / ".step-0000003.tmp-gptforge-0a1b2c3d-4242-x1y2z3w4" / "model.safetensors").write_bytes(
+        b"half"
+    )
     (out / ".model.safetensors.tmp-gptforge-0a1b2c3d-4242").write_bytes(b"half")
     old = out / ".best.old-gptforge-0a1b2c3d-4242"
     os.replace(out / "best", old) if (out / "best").exists() else old.mkdir()
@@ -268,31 +290,34 @@ def test_clean_leftovers_keeps_everything_else(tmp_path):
 # --- options that train the wrong model ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--grad-clip", "-1"], "--grad-clip"),
-    (["--min-lr-ratio", "-5"], "--min-lr-ratio"),
-    (["--weight-decay", "-1"], "--weight-decay"),
-    (["--warmup-steps", "-1"], "--warmup-steps"),
-    (["--eval-tokens", "-1"], "--eval-tokens"),
-    (["--sample-tokens", "-1"], "--sample-tokens"),
-    (["--seed", "-1"], "--seed"),
-    (["--lr", "-1"], "--lr "),
-    (["--max-time", "nan"], "--max-time"),
-    (["--max-time", "ten minutes"], "90s, 10m"),
-    (["--init", "{pre}", "--size", "small"], "--size"),
-    (["--init", "{pre}", "--n-layer", "3"], "--n-layer"),
-    (["--init", "{pre}", "--attn-dropout", "0"], "--attn-dropout"),
-    (["--dropout", "1"], "--dropout"),
-    (["--attn-dropout", "-0.1"], "--attn-dropout"),
-    (["--data", "{pre}"], "--data"),
-    (["--resume", "--overwrite"], "--resume"),
-    (["--tokenizer", "{pre}", "--vocab-size", "400"], "--vocab-size"),
-    (["--block-size", "10000000"], "--block-size"),
-    (["--batch-size", "4000000"], "--batch-size"),
-    (["--device", "cuda"], "--device"),
-    (["--init", "{pre}", "--freeze", "blocks:5"], "--freeze"),
-    (["--size", "tiny", "--freeze", "fins"], "--freeze"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--grad-clip", "-1"], "--grad-clip"),
+        (["--min-lr-ratio", "-5"], "--min-lr-ratio"),
+        (["--weight-decay", "-1"], "--weight-decay"),
+        (["--warmup-steps", "-1"], "--warmup-steps"),
+        (["--eval-tokens", "-1"], "--eval-tokens"),
+        (["--sample-tokens", "-1"], "--sample-tokens"),
+        (["--seed", "-1"], "--seed"),
+        (["--lr", "-1"], "--lr "),
+        (["--max-time", "nan"], "--max-time"),
+        (["--max-time", "ten minutes"], "90s, 10m"),
+        (["--init", "{pre}", "--size", "small"], "--size"),
+        (["--init", "{pre}", "--n-layer", "3"], "--n-layer"),
+        (["--init", "{pre}", "--attn-dropout", "0"], "--attn-dropout"),
+        (["--dropout", "1"], "--dropout"),
+        (["--attn-dropout", "-0.1"], "--attn-dropout"),
+        (["--data", "{pre}"], "--data"),
+        (["--resume", "--overwrite"], "--resume"),
+        (["--tokenizer", "{pre}", "--vocab-size", "400"], "--vocab-size"),
+        (["--block-size", "10000000"], "--block-size"),
+        (["--batch-size", "4000000"], "--batch-size"),
+        (["--device", "cuda"], "--device"),
+        (["--init", "{pre}", "--freeze", "blocks:5"], "--freeze"),
+        (["--size", "tiny", "--freeze", "fins"], "--freeze"),
+    ],
+)
 def test_bad_options_are_refused_by_name_before_any_work(tmp_path, corpus, capsys, argv, flag):
     if flag == "--device" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -334,7 +359,9 @@ def test_demo_minutes_nan_and_prepare_shard_tokens(tmp_path, corpus, capsys):
         code, err = cli(capsys, "prepare", corpus, "--tokenizer", tok, "--out", tmp_path / "ds", "--shard-tokens", n)
         assert code == 2 and "--shard-tokens" in err and not (tmp_path / "ds").exists()
     code, err = cli(capsys, "prepare", corpus, "--tokenizer", tok, "--out", tmp_path / "ds", "--seed", -1)
-    assert code == 2 and "--seed -1: must be an integer" in err and not (tmp_path / "ds").exists()  # was numpy's traceback
+    assert (
+        code == 2 and "--seed -1: must be an integer" in err and not (tmp_path / "ds").exists()
+    )  # was numpy's traceback
 
 
 def test_generation_length_is_capped():
@@ -434,8 +461,10 @@ def test_disk_full_during_a_checkpoint_keeps_the_earlier_ones(tmp_path, monkeypa
     save_checkpoint(tmp_path, 1, write, {"step": 1}, keep=3)
 
     def torch_save_on_a_full_disk(obj, f, *a, **k):
-        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: "
-                           "file write failed")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: "
+            "file write failed"
+        )
 
     monkeypatch.setattr(torch, "save", torch_save_on_a_full_disk)
     with pytest.raises(OSError) as e:
@@ -455,11 +484,18 @@ def test_disk_full_for_real_in_create_and_prepare(tmp_path, corpus):
     train_tokenizer([str(corpus)], vocab_size=280, out_dir=tok)
     big = tmp_path / "big.txt"
     big.write_text(corpus.read_text() * 40)
-    limit = "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); " \
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (60000, 60000)); from gptforge.cli import main; sys.exit(main(sys.argv[1:]))"
-    for argv, out in ((["create", "tiny", "--out", tmp_path / "model"], tmp_path / "model"),
-                      (["prepare", big, "--tokenizer", tok, "--out", tmp_path / "ds", "--quiet"], tmp_path / "ds")):
-        proc = subprocess.run([sys.executable, "-c", limit, *map(str, argv)], capture_output=True, text=True, timeout=300)
+    limit = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (60000, 60000)); from gptforge.cli import main; "
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    for argv, out in (
+        (["create", "tiny", "--out", tmp_path / "model"], tmp_path / "model"),
+        (["prepare", big, "--tokenizer", tok, "--out", tmp_path / "ds", "--quiet"], tmp_path / "ds"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-c", limit, *map(str, argv)], capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 2 and "disk full" in proc.stderr and str(out) in proc.stderr, proc.stderr
         assert not out.exists() and not list(tmp_path.glob(f".{out.name}.tmp-*"))
 
@@ -490,7 +526,9 @@ def test_ctrl_c_stops_tokenizer_training_at_once(monkeypatch):
     import gptforge.data.reading as reading
 
     rng = random.Random(0)
-    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 12))) for _ in range(100_000)]
+    words = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 12))) for _ in range(100_000)
+    ]
     texts = [" ".join(rng.choice(words) for _ in range(200)) for _ in range(3000)] + ["the end"]
     read_all, real = threading.Event(), reading.split_long
 
@@ -558,10 +596,26 @@ def test_sigterm_stops_the_command_cleanly(tmp_path, sample_text):
         "    if text.startswith('THE END'):\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
         "    return real(text, *a)\n"
-        "reading.split_long = split\nsys.exit(main(sys.argv[1:]))\n")
-    proc = subprocess.run([sys.executable, str(driver), "tokenizer", "train", str(tmp_path / "a.txt"), "--out",
-                           str(tmp_path / "tok"), "--vocab-size", "20000", "--min-frequency", "1"],
-                          capture_output=True, text=True, timeout=300)
+        "reading.split_long = split\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(driver),
+            "tokenizer",
+            "train",
+            str(tmp_path / "a.txt"),
+            "--out",
+            str(tmp_path / "tok"),
+            "--vocab-size",
+            "20000",
+            "--min-frequency",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 130 and "interrupted" in proc.stderr, proc.stderr
     assert not (tmp_path / "tok" / "tokenizer.json").exists()
 
@@ -573,7 +627,9 @@ def test_symlink_loops_in_globs_read_each_file_once(tmp_path):
     (tmp_path / "docs" / "a.txt").write_text("hello")
     (tmp_path / "docs" / "loop").symlink_to(tmp_path / "docs")
     (tmp_path / "docs" / "same.txt").symlink_to(tmp_path / "docs" / "a.txt")
-    found = resolve_inputs([str(tmp_path / "docs" / "**" / "*.txt"), str(tmp_path / "docs"), str(tmp_path / "docs" / "a.txt")])
+    found = resolve_inputs(
+        [str(tmp_path / "docs" / "**" / "*.txt"), str(tmp_path / "docs"), str(tmp_path / "docs" / "a.txt")]
+    )
     assert found == [tmp_path / "docs" / "a.txt"]
 
 
@@ -596,8 +652,13 @@ def test_written_files_honour_the_umask(tmp_path, corpus):
     finally:
         os.umask(old)
     run = tmp_path / "run"
-    for path in (run / "model.safetensors", run / "config.json", list_checkpoints(run)[0] / "model.safetensors",
-                 tmp_path / "ds" / "meta.json", tmp_path / "tok" / "tokenizer.json"):
+    for path in (
+        run / "model.safetensors",
+        run / "config.json",
+        list_checkpoints(run)[0] / "model.safetensors",
+        tmp_path / "ds" / "meta.json",
+        tmp_path / "tok" / "tokenizer.json",
+    ):
         assert path.stat().st_mode & 0o777 == 0o644, path
     for path in (run / "checkpoints", list_checkpoints(run)[0], tmp_path / "ds", tmp_path / "ds" / "tokenizer"):
         assert path.stat().st_mode & 0o777 == 0o755, path
@@ -697,7 +758,9 @@ def test_line_separators_inside_json_and_csv_rows_stay_text(tmp_path):
 
     from gptforge.data.reading import iter_texts
 
-    (tmp_path / "r.jsonl").write_text(json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n" + '{"text": "c"}\n', encoding="utf-8")
+    (tmp_path / "r.jsonl").write_text(
+        json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n" + '{"text": "c"}\n', encoding="utf-8"
+    )
     assert list(iter_texts([str(tmp_path / "r.jsonl")])) == ["a\u2028b", "c"]
     (tmp_path / "r.csv").write_text("id,text\n1,hello\u2028world\n2,plain\n", encoding="utf-8")
     assert list(iter_texts([str(tmp_path / "r.csv")], column="text")) == ["hello\u2028world", "plain"]
@@ -721,8 +784,18 @@ def test_a_model_smaller_than_the_datasets_vocabulary_is_refused_before_training
 
     prepare([str(corpus)], small_tok, tmp_path / "data")
     model = GPT(GPTConfig(vocab_size=200, n_positions=32, n_embd=32, n_layer=1, n_head=2))
-    with pytest.raises(TokenizerError, match=r"data: prepared with a tokenizer of 280 tokens but the model has vocab_size=200"):
-        train(model, str(tmp_path / "data"), out_dir=str(tmp_path / "run"), max_steps=2, batch_size=2, block_size=16, progress=False)
+    with pytest.raises(
+        TokenizerError, match=r"data: prepared with a tokenizer of 280 tokens but the model has vocab_size=200"
+    ):
+        train(
+            model,
+            str(tmp_path / "data"),
+            out_dir=str(tmp_path / "run"),
+            max_steps=2,
+            batch_size=2,
+            block_size=16,
+            progress=False,
+        )
     assert not list((tmp_path / "run").glob("[!.]*"))  # nothing written (the lock file is all there is)
 
 
@@ -738,7 +811,10 @@ def test_a_file_name_that_is_not_utf8_is_read_and_recorded(tmp_path, sample_text
         pytest.skip(f"this filesystem takes no file name that is not UTF-8 ({e})")
     meta = prepare([str(tmp_path / "in")], small_tok, tmp_path / "data")
     assert meta["train"]["tokens"] > 0
-    assert json.loads((tmp_path / "data" / "meta.json").read_text(encoding="utf-8"))["inputs"][0]["path"] == meta["inputs"][0]["path"]
+    assert (
+        json.loads((tmp_path / "data" / "meta.json").read_text(encoding="utf-8"))["inputs"][0]["path"]
+        == meta["inputs"][0]["path"]
+    )
 
 
 def test_out_that_is_a_file_or_the_working_folder(tmp_path, corpus, small_tok, capsys, monkeypatch):
@@ -758,7 +834,9 @@ def test_small_inputs_and_other_encodings_get_true_messages(tmp_path, sample_tex
 
     (tmp_path / "upper").mkdir()
     (tmp_path / "upper" / "A.TXT").write_text(sample_text)
-    assert resolve_inputs([str(tmp_path / "upper")], extensions=ReadOptions(extensions=(".TXT",)).extensions) == [tmp_path / "upper" / "A.TXT"]
+    assert resolve_inputs([str(tmp_path / "upper")], extensions=ReadOptions(extensions=(".TXT",)).extensions) == [
+        tmp_path / "upper" / "A.TXT"
+    ]
     (tmp_path / "hi.txt").write_text("Hello world\n")
     code, err = cli(capsys, "tokenizer", "train", tmp_path / "hi.txt", "--out", tmp_path / "t1")
     assert code == 2 and "too little text (11 characters)" in err and "--min-frequency" in err
@@ -780,8 +858,9 @@ def test_config_file_switches_and_numbers_mean_what_the_flags_do(tmp_path, monke
     seen = {}
     monkeypatch.setattr(pipeline, "run_training", lambda inputs, **kw: seen.update(kw, inputs=inputs) or _NoRun())
     # `no-overwrite: true` is overwrite off (it used to turn overwrite on, and replaced the run in --out)
-    (tmp_path / "run.yaml").write_text("inputs: [a.csv]\nno-overwrite: true\nno-tie-embeddings: true\n"
-                                       "column: 1\nsample-prompt: 1984\nsize: tiny\n")
+    (tmp_path / "run.yaml").write_text(
+        "inputs: [a.csv]\nno-overwrite: true\nno-tie-embeddings: true\ncolumn: 1\nsample-prompt: 1984\nsize: tiny\n"
+    )
     assert main(["train", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "r")]) == 0
     assert seen["overwrite"] is False and seen["model_overrides"]["tie_word_embeddings"] is False
     assert seen["read_options"]["column"] == 1 and seen["sample_prompt"] == "1984"
@@ -811,7 +890,10 @@ def test_prompts_may_follow_the_options(finished_run, capsys):
     # what is not a prompt is still an error, in one line
     assert main(["generate", str(finished_run), "--max-new-tokens", "2", "--bogus", "first"]) == 2
     assert "unrecognized option --bogus" in capsys.readouterr().err
-    assert main(["generate", str(finished_run), "--max-new-tokens", "2", "--greedy", "--no-stream", "--", "-5 degrees"]) == 0
+    assert (
+        main(["generate", str(finished_run), "--max-new-tokens", "2", "--greedy", "--no-stream", "--", "-5 degrees"])
+        == 0
+    )
     assert "-5 degrees" in capsys.readouterr().out  # after `--`, a prompt may start with "-"
 
 
@@ -821,20 +903,43 @@ def test_resume_with_other_frozen_layers_or_adapters_is_refused(tmp_path, corpus
     # each used to end in a traceback (the optimizer's state of other parameters), or, for LoRA's alpha, to
     # rescale the trained adapter without a word
     frozen = tmp_path / "frozen"
-    run_training([str(corpus)], init=str(finished_run), freeze="embeddings,blocks:1", log=lambda m: None, **quick(frozen))
-    run_training([str(corpus)], init=str(finished_run), freeze="all-but:0", log=lambda m: None,
-                 **quick(frozen, max_steps=3, resume=True))  # the same layers named otherwise resume (1 layer)
+    run_training(
+        [str(corpus)], init=str(finished_run), freeze="embeddings,blocks:1", log=lambda m: None, **quick(frozen)
+    )
+    run_training(
+        [str(corpus)],
+        init=str(finished_run),
+        freeze="all-but:0",
+        log=lambda m: None,
+        **quick(frozen, max_steps=3, resume=True),
+    )  # the same layers named otherwise resume (1 layer)
     with pytest.raises(RunFolderError, match="--freeze embeddings,blocks:1 then, none now"):
-        run_training([str(corpus)], init=str(finished_run), log=lambda m: None, **quick(frozen, max_steps=4, resume=True))
+        run_training(
+            [str(corpus)], init=str(finished_run), log=lambda m: None, **quick(frozen, max_steps=4, resume=True)
+        )
     adapter = tmp_path / "adapter"
-    run_training([str(corpus)], init=str(finished_run), lora=LoRAOptions(lora_r=2), log=lambda m: None, **quick(adapter))
+    run_training(
+        [str(corpus)], init=str(finished_run), lora=LoRAOptions(lora_r=2), log=lambda m: None, **quick(adapter)
+    )
     with pytest.raises(RunFolderError, match="--lora-alpha 16.0 then, 64.0 now"):
-        run_training([str(corpus)], init=str(finished_run), lora=LoRAOptions(lora_r=2, lora_alpha=64.0), log=lambda m: None,
-                     **quick(adapter, max_steps=3, resume=True))
+        run_training(
+            [str(corpus)],
+            init=str(finished_run),
+            lora=LoRAOptions(lora_r=2, lora_alpha=64.0),
+            log=lambda m: None,
+            **quick(adapter, max_steps=3, resume=True),
+        )
     with pytest.raises(RunFolderError, match="--lora-r 2 then, none now"):
-        run_training([str(corpus)], init=str(finished_run), log=lambda m: None, **quick(adapter, max_steps=3, resume=True))
-    run_training([str(corpus)], init=str(finished_run), lora=LoRAOptions(lora_r=2), log=lambda m: None,
-                 **quick(adapter, max_steps=3, resume=True))  # the same options resume
+        run_training(
+            [str(corpus)], init=str(finished_run), log=lambda m: None, **quick(adapter, max_steps=3, resume=True)
+        )
+    run_training(
+        [str(corpus)],
+        init=str(finished_run),
+        lora=LoRAOptions(lora_r=2),
+        log=lambda m: None,
+        **quick(adapter, max_steps=3, resume=True),
+    )  # the same options resume
     assert list_checkpoints(adapter)[-1].name == "step-0000003"
 
 
@@ -848,9 +953,13 @@ def test_an_output_folder_never_replaces_what_the_command_reads(tmp_path, corpus
     before = sorted(p.name for p in base.iterdir()), sorted(p.name for p in adapter.iterdir())
     # with --force these used to replace the run folders they read: checkpoints, data and best/ gone
     (tmp_path / "link").symlink_to(base)  # the same folder by another name
-    for argv in (["merge", base, adapter, "--out", base, "--force"], ["merge", base, adapter, "--out", adapter, "--force"],
-                 ["quantize", base / "best", "--out", base, "--force"], ["export", base / "best", tmp_path, "--force"],
-                 ["export", tmp_path / "link" / "best", base, "--force"]):
+    for argv in (
+        ["merge", base, adapter, "--out", base, "--force"],
+        ["merge", base, adapter, "--out", adapter, "--force"],
+        ["quantize", base / "best", "--out", base, "--force"],
+        ["export", base / "best", tmp_path, "--force"],
+        ["export", tmp_path / "link" / "best", base, "--force"],
+    ):
         code, err = cli(capsys, *argv)
         assert code == 2 and "which this command reads and would replace" in err, (argv, err)
     assert (sorted(p.name for p in base.iterdir()), sorted(p.name for p in adapter.iterdir())) == before
@@ -868,8 +977,13 @@ def test_instruction_runs_refuse_plain_text_options_and_a_changed_mask_on_resume
         run_training([str(rows)], init=str(finished_run), line_by_line=True, log=lambda m: None, **quick(out))
     run_training([str(rows)], init=str(finished_run), log=lambda m: None, **quick(out))
     with pytest.raises(RunFolderError, match="--train-on-prompt False then, True now"):  # used to go on, other examples
-        run_training([str(rows)], init=str(finished_run), instruct=InstructOptions(train_on_prompt=True), log=lambda m: None,
-                     **quick(out, max_steps=3, resume=True))
+        run_training(
+            [str(rows)],
+            init=str(finished_run),
+            instruct=InstructOptions(train_on_prompt=True),
+            log=lambda m: None,
+            **quick(out, max_steps=3, resume=True),
+        )
 
 
 def test_a_resumed_run_continues_its_records_without_repeating_steps(tmp_path, corpus):
@@ -887,15 +1001,21 @@ def test_a_resumed_run_continues_its_records_without_repeating_steps(tmp_path, c
     assert [r["step"] for r in result.history if "loss" in r] == [1, 2, 3]  # loss.png draws the whole run
     samples = (out / "samples.txt").read_text()
     assert samples.count("=== step 2 ===") == 1 and samples.count("=== step 1 ===") == 1
-    finals = lambda: sum(1 for line in (out / "metrics.jsonl").read_text().splitlines() if '"val_loss"' in line  # noqa: E731
-                         and json.loads(line)["step"] == 3)
+    finals = lambda: sum(
+        1
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if '"val_loss"' in line  # noqa: E731
+        and json.loads(line)["step"] == 3
+    )
     before = finals()
     run_training([str(corpus)], **TINY, log=lambda m: None, **quick(out, resume=True, **opts))  # a finished run again
     assert finals() == before  # its final evaluation is taken again, not written twice
 
 
 def test_sample_tokens_zero_writes_no_samples(tmp_path, corpus):
-    run_training([str(corpus)], **TINY, log=lambda m: None, **quick(tmp_path / "run", sample_interval=1, sample_tokens=0))
+    run_training(
+        [str(corpus)], **TINY, log=lambda m: None, **quick(tmp_path / "run", sample_interval=1, sample_tokens=0)
+    )
     assert not (tmp_path / "run" / "samples.txt").exists()  # used to hold empty "=== step N ===" blocks
 
 

@@ -1,5 +1,6 @@
 """Model files, export, options and kills, third round (issue 39): what a run folder, an adapter folder, a
 config.json or a --config file may hold, and what the user gets. Each test is a row of docs/reliability.md."""
+
 from __future__ import annotations
 
 import contextlib
@@ -43,8 +44,10 @@ def test_prepare_workers_end_when_prepare_is_killed(tmp_path, sample_text):
     train_tokenizer([], vocab_size=300, texts=[sample_text], out_dir=tmp_path / "tok")
     big = tmp_path / "big.txt"
     big.write_text((sample_text + "\n\n") * (16_000_000 // len(sample_text)), encoding="utf-8")
-    script = (f"from gptforge.data import prepare\n"
-              f"prepare([{str(big)!r}], {str(tmp_path / 'tok')!r}, {str(tmp_path / 'data')!r}, workers=2)\n")
+    script = (
+        f"from gptforge.data import prepare\n"
+        f"prepare([{str(big)!r}], {str(tmp_path / 'tok')!r}, {str(tmp_path / 'data')!r}, workers=2)\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     workers: list[int] = []
@@ -184,6 +187,7 @@ def _edited_adapter(adapter, tmp_path, **fields) -> Path:
 @contextlib.contextmanager
 def _deadline(seconds: int):
     """Fail (instead of hanging the test run) when the block takes longer than `seconds`."""
+
     def stop(*_):
         raise TimeoutError(f"still running after {seconds} s")
 
@@ -211,14 +215,21 @@ BAD_ADAPTER_FIELDS = [
 ]
 
 
-@pytest.mark.parametrize("fields, message", BAD_ADAPTER_FIELDS, ids=[next(iter(f)) + str(i) for i, (f, _) in
-                                                                      enumerate(BAD_ADAPTER_FIELDS)])
+@pytest.mark.parametrize(
+    "fields, message", BAD_ADAPTER_FIELDS, ids=[next(iter(f)) + str(i) for i, (f, _) in enumerate(BAD_ADAPTER_FIELDS)]
+)
 def test_adapter_config_fields_are_checked_and_named(adapter, tmp_path, fields, message):
     from gptforge.errors import CheckpointError
 
     folder = _edited_adapter(adapter, tmp_path, **fields)
-    with _deadline(20), pytest.raises(CheckpointError, match=rf"^{re.escape(str(folder / 'adapter_config.json'))}: "
-                                                             rf"{message}"):
+    with (
+        _deadline(20),
+        pytest.raises(
+            CheckpointError,
+            match=rf"^{re.escape(str(folder / 'adapter_config.json'))}: "
+            rf"{message}",
+        ),
+    ):
         _merged(adapter[0], folder)
 
 
@@ -265,8 +276,10 @@ def test_a_config_of_a_million_layers_beside_small_weights_is_refused_at_once(ad
     config = json.loads((folder / "config.json").read_text())
     config.update(n_layer=1_000_000, n_embd=4096, n_head=32)
     (folder / "config.json").write_text(json.dumps(config))
-    with _deadline(30), pytest.raises(CheckpointError, match="the weights hold 2 blocks but config.json says "
-                                                              "n_layer=1000000"):
+    with (
+        _deadline(30),
+        pytest.raises(CheckpointError, match="the weights hold 2 blocks but config.json says n_layer=1000000"),
+    ):
         load_model(folder)  # built a million blocks first (minutes)
     config.update(n_layer=2)
     (folder / "config.json").write_text(json.dumps(config))
@@ -277,12 +290,18 @@ def test_a_config_of_a_million_layers_beside_small_weights_is_refused_at_once(ad
 # --- 16, 21: options refused before any work, under their own flags --------------------------------------
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--beta1", "1"], "--beta1 1.0: must be a number at least 0 and below 1"),  # was torch's ValueError mid-start
-    (["--beta2", "1"], "--beta2 1.0: must be a number at least 0 and below 1"),
-    (["--sample-tokens", "100000000"], "--sample-tokens 100000000: must be an integer at least 0 and at most 1048576"),
-    (["--lora-r", "8", "--lora-alpha", "1e308"], "--lora-alpha 1e+308: must be a number above 0 and at most 65536"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--beta1", "1"], "--beta1 1.0: must be a number at least 0 and below 1"),  # was torch's ValueError mid-start
+        (["--beta2", "1"], "--beta2 1.0: must be a number at least 0 and below 1"),
+        (
+            ["--sample-tokens", "100000000"],
+            "--sample-tokens 100000000: must be an integer at least 0 and at most 1048576",
+        ),
+        (["--lora-r", "8", "--lora-alpha", "1e308"], "--lora-alpha 1e+308: must be a number above 0 and at most 65536"),
+    ],
+)
 def test_options_torch_or_sampling_would_refuse_are_refused_first(tmp_path, corpus, capsys, argv, message):
     from gptforge.cli import main
 
@@ -296,14 +315,17 @@ def test_options_torch_or_sampling_would_refuse_are_refused_first(tmp_path, corp
 # --- 19: a --config file that cannot be read is one line naming the file and the key -----------------------
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("run.yaml", b"lr: [1, 2\nmax-steps: 3\n", "line 2: not valid YAML"),  # were tracebacks
-    ("run.yaml", b"sample-prompt: caf\xe9\n", "not UTF-8 text (byte 0xe9 at offset 18); save it as UTF-8"),
-    ("run.yaml", b"max-time: .nan\n", "--max-time nan: not a number an option can take"),
-    ("run.yaml", b"max-time: ten\n", "--max-time 'ten': expected a duration"),
-    ("run.json", b'{"lr": NaN}', "--lr nan: not a number an option can take"),
-    ("run.json", b'{"lr": 0.1,}', "cannot be parsed"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("run.yaml", b"lr: [1, 2\nmax-steps: 3\n", "line 2: not valid YAML"),  # were tracebacks
+        ("run.yaml", b"sample-prompt: caf\xe9\n", "not UTF-8 text (byte 0xe9 at offset 18); save it as UTF-8"),
+        ("run.yaml", b"max-time: .nan\n", "--max-time nan: not a number an option can take"),
+        ("run.yaml", b"max-time: ten\n", "--max-time 'ten': expected a duration"),
+        ("run.json", b'{"lr": NaN}', "--lr nan: not a number an option can take"),
+        ("run.json", b'{"lr": 0.1,}', "cannot be parsed"),
+    ],
+)
 def test_a_config_file_that_cannot_be_read_is_one_line(tmp_path, corpus, capsys, name, content, message):
     from gptforge.cli import main
 
@@ -330,8 +352,9 @@ def lm_folder(tmp_path_factory, sample_text):
 
     tok = train_tokenizer([], vocab_size=300, texts=[sample_text + "\n### User:\n### Assistant:\n"], out_dir=None)
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=300, n_positions=64, n_embd=32, n_layer=1, n_head=2, bos_token_id=tok.eos_id,
-                       eos_token_id=tok.eos_id)
+    config = GPTConfig(
+        vocab_size=300, n_positions=64, n_embd=32, n_layer=1, n_head=2, bos_token_id=tok.eos_id, eos_token_id=tok.eos_id
+    )
     return save_model(GPT(config), tmp_path_factory.mktemp("lm"), tok)
 
 
@@ -350,18 +373,41 @@ def _train_task(task: str, out: Path, data: Path, lm: Path, corpus: Path) -> Pat
     from gptforge.train.pipeline import run_training
 
     torch.manual_seed(len(str(out)))  # whatever the process drew before must not matter
-    quick = {"out_dir": str(out), "seed": 7, "max_steps": 2, "batch_size": 4, "progress": False, "plot": False,
-             "save_minutes": None, "eval_interval": 0, "log": lambda m: None}
+    quick = {
+        "out_dir": str(out),
+        "seed": 7,
+        "max_steps": 2,
+        "batch_size": 4,
+        "progress": False,
+        "plot": False,
+        "save_minutes": None,
+        "eval_interval": 0,
+        "log": lambda m: None,
+    }
     if task == "classification":
         words = ["ball goal team", "bread soup cheese"]
-        train_classifier(_rows(data / "labels.jsonl", [{"text": f"{words[i % 2]} {i}", "label": f"c{i % 2}"}
-                                                        for i in range(24)]), init=str(lm), **quick)
+        train_classifier(
+            _rows(data / "labels.jsonl", [{"text": f"{words[i % 2]} {i}", "label": f"c{i % 2}"} for i in range(24)]),
+            init=str(lm),
+            **quick,
+        )
     elif task == "instructions":
-        run_training([_rows(data / "chat.jsonl", [{"prompt": f"Say {i}: ", "completion": f"{i}!"} for i in range(24)])],
-                     init=str(lm), sample_interval=0, **quick)
+        run_training(
+            [_rows(data / "chat.jsonl", [{"prompt": f"Say {i}: ", "completion": f"{i}!"} for i in range(24)])],
+            init=str(lm),
+            sample_interval=0,
+            **quick,
+        )
     else:
-        run_training([str(corpus)], size="tiny", vocab_size=300, block_size=16, sample_interval=0,
-                     model_overrides={"n_layer": 1, "n_embd": 32, "n_head": 2}, **quick)
+        run_training(
+            [str(corpus)],
+            size="tiny",
+            vocab_size=300,
+            block_size=16,
+            sample_interval=0,
+            model_overrides={"n_layer": 1, "n_embd": 32, "n_head": 2},
+            **quick,
+        )
     return out
 
 
@@ -385,9 +431,21 @@ def lm_run(tmp_path_factory, corpus):
     from gptforge.train.pipeline import run_training
 
     out = tmp_path_factory.mktemp("runs") / "run"
-    run_training([str(corpus)], size="tiny", vocab_size=300, block_size=16, out_dir=str(out), max_steps=2, batch_size=2,
-                 model_overrides={"n_layer": 1, "n_embd": 32, "n_head": 2}, progress=False, save_minutes=None,
-                 sample_tokens=4, eval_tokens=256, log=lambda m: None)
+    run_training(
+        [str(corpus)],
+        size="tiny",
+        vocab_size=300,
+        block_size=16,
+        out_dir=str(out),
+        max_steps=2,
+        batch_size=2,
+        model_overrides={"n_layer": 1, "n_embd": 32, "n_head": 2},
+        progress=False,
+        save_minutes=None,
+        sample_tokens=4,
+        eval_tokens=256,
+        log=lambda m: None,
+    )
     return out
 
 
@@ -405,7 +463,9 @@ def test_export_never_copies_what_a_run_links_to_outside_it(lm_run, tmp_path, na
     (run / name).unlink(missing_ok=True)
     (run / name).symlink_to(secret)  # ln -sf ~/.ssh/id_rsa RUN/vocab.json
     exported = run / "best" if name.startswith("best/") else run
-    with pytest.raises(RunFolderError, match=rf"^{re.escape(str(run / name))}: a link to .*id_rsa, outside the run folder"):
+    with pytest.raises(
+        RunFolderError, match=rf"^{re.escape(str(run / name))}: a link to .*id_rsa, outside the run folder"
+    ):
         export_model(exported, tmp_path / "out")  # exited 0, out/vocab.json holding the key
     assert not (tmp_path / "out").exists()
 
@@ -435,10 +495,21 @@ def test_export_of_a_classifier_gets_a_classification_card(lm_folder, tmp_path):
     from gptforge.train.classification import train_classifier
 
     words = ["ball goal team", "bread soup cheese"]
-    data = _rows(tmp_path / "labels.jsonl", [{"text": f"{words[i % 2]} {i}", "label": ["sport", "food"][i % 2]}
-                                               for i in range(24)])
-    train_classifier(data, init=str(lm_folder), out_dir=str(tmp_path / "clf"), max_steps=2, batch_size=4,
-                     progress=False, plot=False, save_minutes=None, log=lambda m: None)
+    data = _rows(
+        tmp_path / "labels.jsonl",
+        [{"text": f"{words[i % 2]} {i}", "label": ["sport", "food"][i % 2]} for i in range(24)],
+    )
+    train_classifier(
+        data,
+        init=str(lm_folder),
+        out_dir=str(tmp_path / "clf"),
+        max_steps=2,
+        batch_size=4,
+        progress=False,
+        plot=False,
+        save_minutes=None,
+        log=lambda m: None,
+    )
     out = export_model(tmp_path / "clf", tmp_path / "out")  # was KeyError: 'val_perplexity'
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])

@@ -1,4 +1,5 @@
 """Device and precision settings, the torch version floor, and the switch of the CPU fast paths."""
+
 from __future__ import annotations
 
 import pytest

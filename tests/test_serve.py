@@ -4,6 +4,7 @@ The engine tests run in-process and fast. The server tests (marked slow) start `
 on a free loopback port with a tiny model made here, and talk to it with the official `openai` client,
 with raw HTTP for the error cases, and with a headless Chromium for the playground.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,10 @@ from gptforge.model import GPT
 from gptforge.serve.engine import Engine, Sequence
 from gptforge.tokenizer import train_tokenizer
 
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant:{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 CHROMIUM = "/usr/bin/chromium"
 
 
@@ -42,8 +45,15 @@ def tiny(sample_text):
     """(model, tokenizer): a random 2-layer GPT with a 300-token BPE trained on the sample text."""
     tok = train_tokenizer([], vocab_size=300, texts=[sample_text], out_dir=None)
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=tok.vocab_size, n_positions=1024, n_embd=64, n_layer=2, n_head=4,
-                       bos_token_id=tok.eos_id, eos_token_id=tok.eos_id)
+    config = GPTConfig(
+        vocab_size=tok.vocab_size,
+        n_positions=1024,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=tok.eos_id,
+        eos_token_id=tok.eos_id,
+    )
     return GPT(config).eval(), tok
 
 
@@ -72,7 +82,14 @@ class Collector:
             self.events[i].append(ev)
             if ev.finish:
                 self.finished.release()
-        return Sequence(prompt, SamplingOptions(max_new_tokens=max_tokens, **opts), emit, choice=i if choice is None else choice, stop=stop)
+
+        return Sequence(
+            prompt,
+            SamplingOptions(max_new_tokens=max_tokens, **opts),
+            emit,
+            choice=i if choice is None else choice,
+            stop=stop,
+        )
 
     def wait(self, n: int, timeout: float = 60) -> None:
         for _ in range(n):
@@ -127,9 +144,14 @@ def test_engine_sampling_is_reproducible_with_a_seed_and_honours_stop(tiny, one_
         c = Collector()
         p = tok.encode("The quick brown fox")
         opts = dict(temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.3, seed=7)
-        engine.submit([c.seq(0, p, 25, **opts), c.seq(1, p, 25, choice=0, **opts),
-                       c.seq(2, p, 25, presence_penalty=0.5, frequency_penalty=1.0, seed=1),
-                       c.seq(3, p, 25, seed=8)])
+        engine.submit(
+            [
+                c.seq(0, p, 25, **opts),
+                c.seq(1, p, 25, choice=0, **opts),
+                c.seq(2, p, 25, presence_penalty=0.5, frequency_penalty=1.0, seed=1),
+                c.seq(3, p, 25, seed=8),
+            ]
+        )
         c.wait(4)
         assert c.text(0) == c.text(1) and c.events[0][-1].completion_tokens > 0
         full = c.text(0)
@@ -137,7 +159,7 @@ def test_engine_sampling_is_reproducible_with_a_seed_and_honours_stop(tiny, one_
         if stop.strip("\ufffd"):
             engine.submit([c.seq(4, p, 25, choice=0, stop=[stop], **opts)])
             c.wait(1)
-            assert c.text(4) == full[:full.index(stop)]
+            assert c.text(4) == full[: full.index(stop)]
             assert c.events[4][-1].finish == "stop"
     finally:
         engine.stop()
@@ -166,9 +188,11 @@ def test_engine_queue_limit_and_cancel(tiny, one_thread):
 
 
 def test_serve_face_needs_no_torch():
-    code = ("import sys, argparse, gptforge.serve as s; p = s.add_serve_arguments(argparse.ArgumentParser()); "
-            "a = p.parse_args(['m']); assert a.host == '127.0.0.1' and a.port == 8000; "
-            "assert 'torch' not in sys.modules and 'starlette' not in sys.modules")
+    code = (
+        "import sys, argparse, gptforge.serve as s; p = s.add_serve_arguments(argparse.ArgumentParser()); "
+        "a = p.parse_args(['m']); assert a.host == '127.0.0.1' and a.port == 8000; "
+        "assert 'torch' not in sys.modules and 'starlette' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -242,14 +266,21 @@ def test_openai_client_completions_plain_and_streaming(client, tiny):
     model, tok = tiny
     assert [m.id for m in client.models.list().data] == ["tiny-chat"]
     r = client.completions.create(model="tiny-chat", prompt="The quick brown", max_tokens=12, temperature=0)
-    ref = tok.decode(generate_ids(model, tok.encode("The quick brown"), max_new_tokens=12, do_sample=False,
-                                  eos_id=tok.eos_id)[0])
+    ref = tok.decode(
+        generate_ids(model, tok.encode("The quick brown"), max_new_tokens=12, do_sample=False, eos_id=tok.eos_id)[0]
+    )
     assert r.choices[0].text == ref
     assert r.choices[0].finish_reason in ("stop", "length")
     assert r.usage.prompt_tokens == len(tok.encode("The quick brown"))
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
-    stream = client.completions.create(model="tiny-chat", prompt="The quick brown", max_tokens=12, temperature=0,
-                                       stream=True, stream_options={"include_usage": True})
+    stream = client.completions.create(
+        model="tiny-chat",
+        prompt="The quick brown",
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == ref
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
@@ -267,10 +298,14 @@ def test_int8_server_answers_as_the_int8_model_generates(folders, tiny):
     q = quantize_model(model, "int8", inplace=False)
     server = RunningServer(folders[0], "--quantize", "int8")
     try:
-        status, _, body = server.post("/v1/completions", {"prompt": "The quick brown", "max_tokens": 10, "temperature": 0})
+        status, _, body = server.post(
+            "/v1/completions", {"prompt": "The quick brown", "max_tokens": 10, "temperature": 0}
+        )
     finally:
         server.stop()
-    ref = tok.decode(generate_ids(q, tok.encode("The quick brown"), max_new_tokens=10, do_sample=False, eos_id=tok.eos_id)[0])
+    ref = tok.decode(
+        generate_ids(q, tok.encode("The quick brown"), max_new_tokens=10, do_sample=False, eos_id=tok.eos_id)[0]
+    )
     assert status == 200 and body["choices"][0]["text"] == ref
 
 
@@ -307,8 +342,9 @@ def test_openai_client_chat_plain_and_streaming(client, tiny):
     ref = tok.decode(generate_ids(model, tok.encode(text), max_new_tokens=10, do_sample=False, eos_id=tok.eos_id)[0])
     assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == ref
     assert r.usage.prompt_tokens == len(tok.encode(text))
-    chunks = list(client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=10, temperature=0,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=10, temperature=0, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == ref
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
@@ -379,11 +415,16 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(chat_server
     # A chat prompt that fits, without max_tokens: the default is the room it leaves, not a cut into it (a
     # default of 256 used to cut such a prompt, on a 128-token model down to its last token).
     ask = lambda n, **kw: s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "fox " * n}], **kw})
-    per_word = (ask(200, max_tokens=1)[2]["usage"]["prompt_tokens"] - ask(100, max_tokens=1)[2]["usage"]["prompt_tokens"]) / 100
+    per_word = (
+        ask(200, max_tokens=1)[2]["usage"]["prompt_tokens"] - ask(100, max_tokens=1)[2]["usage"]["prompt_tokens"]
+    ) / 100
     n = int(100 + (1024 - 100 - ask(100, max_tokens=1)[2]["usage"]["prompt_tokens"]) / per_word)  # ~100 tokens of room
     status, _, r = ask(n, temperature=0)
     assert status == 200 and not r["usage"].get("truncated_prompt_tokens")
-    assert 1024 - 256 < r["usage"]["prompt_tokens"] and r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] <= 1024
+    assert (
+        1024 - 256 < r["usage"]["prompt_tokens"]
+        and r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] <= 1024
+    )
 
 
 @pytest.mark.slow
@@ -404,8 +445,9 @@ def test_chat_without_a_template_uses_gpt2s_template_as_generate_chat_does(small
     from gptforge.generate import generate
 
     model, tok = tiny
-    status, _, r = small_server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                                              "max_tokens": 10, "temperature": 0})
+    status, _, r = small_server.post(
+        "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10, "temperature": 0}
+    )
     assert status == 200, r  # used to be a 400: the server refused what `generate --chat` does
     ref = generate(model, tok, Conversation(tok).ask("hi"), do_sample=False, max_new_tokens=10, include_prompt=False)
     assert r["choices"][0]["message"]["content"] == ref[0]
@@ -417,8 +459,10 @@ def open_stream(server: RunningServer, prompt: str, max_tokens: int) -> socket.s
     """Start a streaming completion on a raw socket and read until its first event; returns the socket."""
     body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
     sock = socket.create_connection((server.host, int(server.port)), timeout=30)
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
     data = b""
     while b"data:" not in data:
         data += sock.recv(4096)
@@ -457,8 +501,10 @@ def test_a_slow_stream_reader_does_not_hold_others_back(chat_server, long_prompt
     body = json.dumps({"prompt": prompt, "max_tokens": 1000, "temperature": 0, "stream": True}).encode()
     lazy = socket.create_connection((s.host, int(s.port)), timeout=30)
     lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    lazy.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nAuthorization: "
-                 b"Bearer " + API_KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    lazy.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nAuthorization: "
+        b"Bearer " + API_KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
     try:
         # The lazy stream is never read. A server whose loop waited on it would never answer these: the
         # client's socket timeout (30 s, RunningServer.raw) turns that into a failure, no clock needed.
@@ -476,9 +522,18 @@ def test_playground_streams_in_headless_chromium(chat_server, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no browser at {CHROMIUM}: apt-get install -y chromium")
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         try:
             page = browser.new_page()
             errors: list[str] = []
@@ -510,8 +565,12 @@ def _server_texts(server: RunningServer, body: dict) -> tuple[list[str], list[st
     """The choices' texts of one completion request, answered whole and streamed (index order)."""
     status, _, whole = server.post("/v1/completions", body)
     assert status == 200, whole
-    raw = server.raw("POST", "/v1/completions", json.dumps({**body, "stream": True}).encode(),
-                     {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})[2].decode()
+    raw = server.raw(
+        "POST",
+        "/v1/completions",
+        json.dumps({**body, "stream": True}).encode(),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
+    )[2].decode()
     streamed: dict[int, str] = {}
     for line in raw.splitlines():
         if line.startswith("data: {"):
@@ -521,13 +580,16 @@ def _server_texts(server: RunningServer, body: dict) -> tuple[list[str], list[st
     return texts, [streamed.get(i, "") for i in range(len(texts))]
 
 
-@pytest.mark.parametrize("options", [
-    dict(temperature=0.9, top_k=20, top_p=0.9, seed=7),
-    dict(temperature=1.3, top_k=0, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.8, seed=3),
-    dict(temperature=0.8, min_new_tokens=6, no_repeat_ngram_size=2, seed=11, stop=["e "]),
-    dict(temperature=1e-39, seed=5),
-    dict(do_sample=False, repetition_penalty=1.5, stop=["th"]),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(temperature=0.9, top_k=20, top_p=0.9, seed=7),
+        dict(temperature=1.3, top_k=0, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.8, seed=3),
+        dict(temperature=0.8, min_new_tokens=6, no_repeat_ngram_size=2, seed=11, stop=["e "]),
+        dict(temperature=1e-39, seed=5),
+        dict(do_sample=False, repetition_penalty=1.5, stop=["th"]),
+    ],
+)
 def test_the_server_the_cli_and_the_api_give_the_same_text(chat_server, folders, options, capsys):
     from gptforge import GPTForge
     from gptforge.cli import main
@@ -535,24 +597,56 @@ def test_the_server_the_cli_and_the_api_give_the_same_text(chat_server, folders,
     prompt, n, new = "The quick brown", 3, 24
     o = dict(options)
     stop = o.pop("stop", [])
-    body = {"prompt": prompt, "max_tokens": new, "n": n, "stop": stop or None,
-            "temperature": 0 if o.get("do_sample") is False else o.get("temperature", 1.0),
-            **{k: v for k, v in o.items() if k in ("top_k", "top_p", "seed", "repetition_penalty", "presence_penalty",
-                                                   "frequency_penalty", "no_repeat_ngram_size")}}
+    body = {
+        "prompt": prompt,
+        "max_tokens": new,
+        "n": n,
+        "stop": stop or None,
+        "temperature": 0 if o.get("do_sample") is False else o.get("temperature", 1.0),
+        **{
+            k: v
+            for k, v in o.items()
+            if k
+            in (
+                "top_k",
+                "top_p",
+                "seed",
+                "repetition_penalty",
+                "presence_penalty",
+                "frequency_penalty",
+                "no_repeat_ngram_size",
+            )
+        },
+    }
     if "min_new_tokens" in o:
         body["min_tokens"] = o["min_new_tokens"]
     whole, streamed = _server_texts(chat_server, body)
     assert whole == streamed
 
-    api = GPTForge(str(folders[1])).generate(n=n, prompt=prompt, max_new_tokens=new, return_as_list=True, stop=stop,
-                                            include_prompt=False, **{"top_k": 50, **o})
+    api = GPTForge(str(folders[1])).generate(
+        n=n,
+        prompt=prompt,
+        max_new_tokens=new,
+        return_as_list=True,
+        stop=stop,
+        include_prompt=False,
+        **{"top_k": 50, **o},
+    )
     assert api == whole
 
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {"top_k": 50, **o}.items() if k != "do_sample"]
     flags += ["--greedy"] if o.get("do_sample") is False else []
     flags += [f"--stop={s}" for s in stop]
-    argv = ["generate", str(folders[1]), prompt, f"--num-samples={n}", f"--max-new-tokens={new}", "--no-prompt",
-            "--delimiter=\n<>\n", *flags]
+    argv = [
+        "generate",
+        str(folders[1]),
+        prompt,
+        f"--num-samples={n}",
+        f"--max-new-tokens={new}",
+        "--no-prompt",
+        "--delimiter=\n<>\n",
+        *flags,
+    ]
     assert main(argv) == 0
     assert capsys.readouterr().out == "\n<>\n".join(whole) + "\n"
     assert main([*argv, "--batch-size=1"]) == 0  # streamed one sample at a time, and the batch size changes nothing
@@ -575,8 +669,13 @@ def test_one_failing_choice_does_not_fail_the_others(tiny, one_thread, monkeypat
     try:
         c = Collector()
         p = tok.encode("The quick brown fox")
-        engine.submit([c.seq(0, p, 10, do_sample=False), c.seq(1, p, 10, temperature=0.123, seed=1),
-                       c.seq(2, p, 10, do_sample=False)])
+        engine.submit(
+            [
+                c.seq(0, p, 10, do_sample=False),
+                c.seq(1, p, 10, temperature=0.123, seed=1),
+                c.seq(2, p, 10, do_sample=False),
+            ]
+        )
         c.wait(3)
         assert c.events[1][-1].finish == "error" and "broke" in c.events[1][-1].error
         ref = tok.decode(generate_ids(model, p, max_new_tokens=10, do_sample=False, eos_id=tok.eos_id)[0])
@@ -632,16 +731,28 @@ def test_generated_log_probabilities_are_the_models_own_plain_and_streamed(chat_
     assert texts["choices"][0]["logprobs"]["tokens"] == [tok.decode([t]) for t in new]
     offsets = texts["choices"][0]["logprobs"]["text_offset"]
     assert offsets == [sum(len(tok.decode([t])) for t in new[:i]) for i in range(len(new))]
-    raw = chat_server.raw("POST", "/v1/completions", json.dumps({**body, "stream": True}).encode(),
-                          {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})[2].decode()
-    streamed = [json.loads(line[6:])["choices"][0]["logprobs"] for line in raw.splitlines() if line.startswith("data: {")]
+    raw = chat_server.raw(
+        "POST",
+        "/v1/completions",
+        json.dumps({**body, "stream": True}).encode(),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
+    )[2].decode()
+    streamed = [
+        json.loads(line[6:])["choices"][0]["logprobs"] for line in raw.splitlines() if line.startswith("data: {")
+    ]
     tokens = [t for chunk in streamed if chunk for t in chunk["tokens"]]
     assert tokens == texts["choices"][0]["logprobs"]["tokens"]
 
 
 def test_chat_log_probabilities_in_openais_shape(client):
-    r = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hello"}],
-                                       max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(
+        model="tiny-chat",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     for item in content:
@@ -656,30 +767,44 @@ def test_chat_log_probabilities_in_openais_shape(client):
 def test_structured_output_over_http(chat_server):
     jsonschema = pytest.importorskip("jsonschema")
     pytest.importorskip("llguidance")
-    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
-                                               "yes": {"type": "boolean"}},
-              "required": ["n", "yes"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "yes": {"type": "boolean"}},
+        "required": ["n", "yes"],
+        "additionalProperties": False,
+    }
     fmt = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
-    status, _, r = chat_server.post("/v1/completions", {"prompt": "Reply:", "max_tokens": 60, "n": 4, "seed": 1,
-                                                        "response_format": fmt})
+    status, _, r = chat_server.post(
+        "/v1/completions", {"prompt": "Reply:", "max_tokens": 60, "n": 4, "seed": 1, "response_format": fmt}
+    )
     assert status == 200, r
     for c in r["choices"]:
         jsonschema.validate(json.loads(c["text"]), schema)
-    status, _, r = chat_server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                                             "max_tokens": 80, "seed": 2,
-                                                             "response_format": {"type": "json_object"}})
+    status, _, r = chat_server.post(
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 80,
+            "seed": 2,
+            "response_format": {"type": "json_object"},
+        },
+    )
     assert status == 200, r
     text, finish = r["choices"][0]["message"]["content"], r["choices"][0]["finish_reason"]
     assert text.startswith("{")  # any object: a random model may still be inside a key when max_tokens runs out
     assert finish == "length" or isinstance(json.loads(text), dict)
-    status, _, r = chat_server.post("/v1/completions", {"prompt": "Pick:", "max_tokens": 8, "n": 6, "seed": 3,
-                                                        "guided_choice": ["red", "green", "blue"]})
+    status, _, r = chat_server.post(
+        "/v1/completions",
+        {"prompt": "Pick:", "max_tokens": 8, "n": 6, "seed": 3, "guided_choice": ["red", "green", "blue"]},
+    )
     assert status == 200 and {c["text"] for c in r["choices"]} <= {"red", "green", "blue"}, r
     status, _, r = chat_server.post("/v1/completions", {"prompt": "x", "max_tokens": 8, "guided_regex": "[0-9]{3}"})
     assert status == 200 and re.fullmatch("[0-9]{3}", r["choices"][0]["text"]), r
-    for bad, field in (({"guided_regex": "(unclosed"}, "guided_regex"),
-                       ({"response_format": {"type": "json_schema", "json_schema": {"schema": [1]}}}, "response_format"),
-                       ({"response_format": {"type": "yaml"}}, "response_format"),
-                       ({"guided_choice": ["a"], "guided_regex": "b"}, "guided_choice")):
+    for bad, field in (
+        ({"guided_regex": "(unclosed"}, "guided_regex"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": [1]}}}, "response_format"),
+        ({"response_format": {"type": "yaml"}}, "response_format"),
+        ({"guided_choice": ["a"], "guided_regex": "b"}, "guided_choice"),
+    ):
         status, _, err = chat_server.post("/v1/completions", {"prompt": "x", "max_tokens": 4, **bad})
         assert status == 400 and err["error"]["param"] == field, err

@@ -1,5 +1,6 @@
 """`gptforge serve` against a hostile client, a hostile web page and a hostile model folder: each case runs
 against a real server on 127.0.0.1 (issue 39's server items), in the fast test set."""
+
 from __future__ import annotations
 
 import json
@@ -24,11 +25,13 @@ from gptforge.tokenizer import train_tokenizer
 
 N_CTX = 128  # the context of `tiny`, the smallest preset: a long chat does not fit
 # A template that behaves until a message asks it not to: loops for good, or makes a 20M-character string.
-HOSTILE_TEMPLATE = ("{% if messages[0]['content'] == 'loop' %}{% for i in range(100000) %}{% for j in range(100000) %}"
-                    "{% endfor %}{% endfor %}{% endif %}"
-                    "{% if messages[0]['content'] == 'huge' %}{{ messages[0]['content'] * 10000000 }}{% endif %}"
-                    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                    "{% if add_generation_prompt %}assistant:{% endif %}")
+HOSTILE_TEMPLATE = (
+    "{% if messages[0]['content'] == 'loop' %}{% for i in range(100000) %}{% for j in range(100000) %}"
+    "{% endfor %}{% endfor %}{% endif %}"
+    "{% if messages[0]['content'] == 'huge' %}{{ messages[0]['content'] * 10000000 }}{% endif %}"
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +41,15 @@ def tok(sample_text):
 
 def lm_folder(tok, path, n_positions: int, n_embd: int = 32, n_layer: int = 1, eos_never: bool = False):
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=tok.vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=2,
-                       bos_token_id=tok.eos_id, eos_token_id=tok.eos_id)
+    config = GPTConfig(
+        vocab_size=tok.vocab_size,
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=2,
+        bos_token_id=tok.eos_id,
+        eos_token_id=tok.eos_id,
+    )
     model = GPT(config).eval()
     if eos_never:  # the final norm points every state one way, and <|endoftext|> far the other: answers run long
         with torch.no_grad():
@@ -76,15 +86,27 @@ JSON = "application/json"
 def test_a_web_page_cannot_use_the_local_server(hostile):
     s = hostile
     # the issue's request: a rebound name, its page's origin, a text/plain body
-    status, _, err = ask(s, "/v1/completions", COMPLETION, Host="attacker.example:8000",
-                         Origin="http://attacker.example:8000", Content_Type="text/plain")
+    status, _, err = ask(
+        s,
+        "/v1/completions",
+        COMPLETION,
+        Host="attacker.example:8000",
+        Origin="http://attacker.example:8000",
+        Content_Type="text/plain",
+    )
     assert status == 400 and err["error"]["code"] == "invalid_host"
     assert "--allowed-hosts attacker.example" in err["error"]["message"]
     # the right host, but a page of another origin: refused, preflight included
     status, _, err = ask(s, "/v1/completions", COMPLETION, Origin="http://attacker.example", Content_Type=JSON)
     assert status == 403 and err["error"]["code"] == "cross_origin_refused"
-    assert s.raw("OPTIONS", "/v1/completions", headers={"Origin": "http://attacker.example",
-                                                        "Access-Control-Request-Method": "POST"})[0] == 403
+    assert (
+        s.raw(
+            "OPTIONS",
+            "/v1/completions",
+            headers={"Origin": "http://attacker.example", "Access-Control-Request-Method": "POST"},
+        )[0]
+        == 403
+    )
     # a body that is not declared JSON (a form or text/plain post needs no preflight)
     for kind in ("text/plain", "application/x-www-form-urlencoded", None):
         status, _, err = ask(s, "/v1/completions", COMPLETION, **({"Content_Type": kind} if kind else {}))
@@ -94,26 +116,35 @@ def test_a_web_page_cannot_use_the_local_server(hostile):
         assert ask(s, "/v1/completions", COMPLETION, Host=host, Content_Type=f"{JSON}; charset=utf-8")[0] == 200
     assert s.raw("GET", "/", headers={"Host": f"localhost:{s.port}"})[0] == 200
     assert ask(s, "/v1/completions", COMPLETION, Origin=s.base, Content_Type=JSON)[0] == 200
-    status, head, _ = s.raw("OPTIONS", "/v1/completions", headers={
-        "Origin": "http://app.example:3000", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "content-type, authorization"})
+    status, head, _ = s.raw(
+        "OPTIONS",
+        "/v1/completions",
+        headers={
+            "Origin": "http://app.example:3000",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, authorization",
+        },
+    )
     assert status == 200 and head["access-control-allow-origin"] == "http://app.example:3000"
     status, head, _ = ask(s, "/v1/completions", COMPLETION, Origin="http://app.example:3000", Content_Type=JSON)
     assert status == 200 and head["access-control-allow-origin"] == "http://app.example:3000"
 
 
 def test_lone_surrogates_in_any_field_are_a_400_naming_it(hostile):
-    cases = [(b'{"prompt": "half \\ud83d emoji", "echo": true}', "prompt", "'prompt'"),
-             (b'{"prompt": "half \\ud83d emoji", "echo": true, "stream": true}', "prompt", "'prompt'"),
-             (b'{"model": "\\udc80", "prompt": "hi"}', "model", "'model'"),
-             (b'{"\\ud800x": 1, "prompt": "hi"}', "\\ud800x", "field name '\\ud800x'"),
-             (b'{"prompt": "hi", "stop": ["ok", "\\udfff"]}', "stop", "'stop[1]'")]
+    cases = [
+        (b'{"prompt": "half \\ud83d emoji", "echo": true}', "prompt", "'prompt'"),
+        (b'{"prompt": "half \\ud83d emoji", "echo": true, "stream": true}', "prompt", "'prompt'"),
+        (b'{"model": "\\udc80", "prompt": "hi"}', "model", "'model'"),
+        (b'{"\\ud800x": 1, "prompt": "hi"}', "\\ud800x", "field name '\\ud800x'"),
+        (b'{"prompt": "hi", "stop": ["ok", "\\udfff"]}', "stop", "'stop[1]'"),
+    ]
     for body, param, named in cases:
         status, _, err = ask(hostile, "/v1/completions", body, Content_Type=JSON)
         assert status == 400 and err["error"]["code"] == "invalid_encoding", body
         assert err["error"]["param"] == param and named in err["error"]["message"], body
-    status, _, err = ask(hostile, "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\udc00"}]}',
-                         Content_Type=JSON)
+    status, _, err = ask(
+        hostile, "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\udc00"}]}', Content_Type=JSON
+    )
     assert status == 400 and "'messages[0].content'" in err["error"]["message"]
     # a whole pair is a character like any other
     pair = b'{"prompt": "\\ud83d\\ude00", "max_tokens": 2}'
@@ -124,8 +155,10 @@ def test_a_chat_template_that_loops_or_grows_fails_that_request_alone(hostile):
     s = hostile
     body = json.dumps({"messages": [{"role": "user", "content": "loop"}], "max_tokens": 2}).encode()
     looping = socket.create_connection((s.host, int(s.port)), timeout=60)
-    looping.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    looping.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
     try:
         # while the template loops, the server answers others (a template run on the event loop blocked them
         # for good: the client's socket timeout turns that into a failure)
@@ -227,8 +260,10 @@ def test_ctrl_c_ends_running_streams_cleanly_and_exits_0(tok, tmp_path):
         readers = []
         for _ in range(3):
             c = socket.create_connection((s.host, int(s.port)), timeout=60)
-            c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            c.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
             first = b""
             while b"data:" not in first:
                 first += c.recv(4096)

@@ -1,4 +1,5 @@
 """Tokenizers: training, files transformers opens, loading every layout, and the exact fast encoding paths."""
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,18 @@ VARIED = [
 def random_texts(n: int, seed: int = 0) -> list[str]:
     """Random strings over an alphabet that mixes scripts, whitespace, punctuation and the special token."""
     rng = random.Random(seed)
-    pieces = list("abcdefghij ABC  \n\t.,;'!?0123456789") + ["的", "是", "月", "🙂", "é", "'s", " the", "\n\n", EOS, "  "]
+    pieces = list("abcdefghij ABC  \n\t.,;'!?0123456789") + [
+        "的",
+        "是",
+        "月",
+        "🙂",
+        "é",
+        "'s",
+        " the",
+        "\n\n",
+        EOS,
+        "  ",
+    ]
     return ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 200))) for _ in range(n)]
 
 
@@ -135,7 +147,9 @@ def test_pretrained_gpt2_layout_eos_last(bpe, tmp_path):
     assert gpt2.fast_path == "tiktoken"
     texts = VARIED + random_texts(100, seed=2)
     assert gpt2.encode_batch(texts) == gpt2.reference_encode_batch(texts)
-    assert [[i + 1 if i != gpt2.eos_id else 0 for i in ids] for ids in gpt2.encode_batch(texts)] == tok.encode_batch(texts)
+    assert [[i + 1 if i != gpt2.eos_id else 0 for i in ids] for ids in gpt2.encode_batch(texts)] == tok.encode_batch(
+        texts
+    )
 
 
 def test_char_tokenizer(tmp_path):
@@ -209,6 +223,8 @@ def test_train_reads_inputs_like_prepare(tmp_path):
     tok = train_tokenizer([tmp_path / "t.csv"], vocab_size=300, out_dir=None, column="text")
     vocab = tok.hf_tokenizer.get_vocab()
     assert "Ġzqx" in vocab and "ignored" not in vocab and "Ġwords" not in vocab
-    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps({"body": "plover plover", "x": "unused"}) for _ in range(20)))
+    (tmp_path / "t.jsonl").write_text(
+        "\n".join(json.dumps({"body": "plover plover", "x": "unused"}) for _ in range(20))
+    )
     tok = train_tokenizer([tmp_path / "t.jsonl"], vocab_size=300, out_dir=None, field="body")
     assert "Ġplover" in tok.hf_tokenizer.get_vocab() and "unused" not in tok.hf_tokenizer.get_vocab()

@@ -1,4 +1,5 @@
 """The training engine: schedule, exact resume, checkpoints, bad input, fine-tuning, the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -27,13 +28,36 @@ from gptforge.train.optim import configure_optimizer
 
 def tiny_model(vocab: int = 300, dropout: float = 0.1) -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
-                         eos_token_id=0, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout))
+    return GPT(
+        GPTConfig(
+            vocab_size=vocab,
+            n_positions=32,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=0,
+            eos_token_id=0,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+        )
+    )
 
 
 def quick(tmp_path, name="run", **kw) -> dict:
-    opts = dict(out_dir=str(tmp_path / name), batch_size=4, block_size=16, log_interval=2, eval_interval=4,
-                eval_tokens=512, sample_interval=0, sample_tokens=8, progress=False, plot=False, save_minutes=None)
+    opts = dict(
+        out_dir=str(tmp_path / name),
+        batch_size=4,
+        block_size=16,
+        log_interval=2,
+        eval_interval=4,
+        eval_tokens=512,
+        sample_interval=0,
+        sample_tokens=8,
+        progress=False,
+        plot=False,
+        save_minutes=None,
+    )
     opts.update(kw)
     return opts
 
@@ -77,7 +101,9 @@ def test_resume_is_the_same_run(tmp_path, dataset):
     assert (tmp_path / "split" / "checkpoints" / "step-0000006" / "trainer_state.pt").is_file()
     # the resumed process starts from a differently initialised model: everything must come from the checkpoint
     torch.manual_seed(99)
-    resumed = train(GPT(tiny_model().config), data, tokenizer=tok, **quick(tmp_path, "split", max_steps=12, resume=True))
+    resumed = train(
+        GPT(tiny_model().config), data, tokenizer=tok, **quick(tmp_path, "split", max_steps=12, resume=True)
+    )
     assert resumed.step == 12 and not resumed.interrupted
 
     a = load_model(tmp_path / "full").state_dict()
@@ -113,8 +139,12 @@ def test_run_folder_is_a_transformers_model_with_metrics(tmp_path, dataset):
 
 def test_training_lowers_the_loss(tmp_path, dataset):
     data, tok = dataset
-    result = train(tiny_model(dropout=0.0), data, tokenizer=tok,
-                   **quick(tmp_path, max_steps=60, learning_rate=3e-3, eval_interval=None))
+    result = train(
+        tiny_model(dropout=0.0),
+        data,
+        tokenizer=tok,
+        **quick(tmp_path, max_steps=60, learning_rate=3e-3, eval_interval=None),
+    )
     rows = [r for r in result.history if "loss" in r]
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
     assert result.val_loss < math.log(300)
@@ -127,12 +157,22 @@ def test_a_run_past_its_best_says_which_folder_is_better(tmp_path, dataset, monk
 
     data, tok = dataset
     # the last case: periodic evaluations on a part of the validation tokens, the final one on all (not comparable)
-    for name, losses, said in (("overfit", [5.0, 4.0, 4.3], True), ("close", [5.0, 4.0, 4.05], False),
-                               ("still_learning", [5.0, 4.5, 4.0], False), ("part", [5.0, 4.0, 4.3], False)):
+    for name, losses, said in (
+        ("overfit", [5.0, 4.0, 4.3], True),
+        ("close", [5.0, 4.0, 4.05], False),
+        ("still_learning", [5.0, 4.5, 4.0], False),
+        ("part", [5.0, 4.0, 4.3], False),
+    ):
         scripted = iter(losses)  # the evaluations at steps 4 and 8, then the final one at step 10
-        monkeypatch.setattr(LanguageModelling, "evaluate", lambda self, model, *, full, trainer: {
-            "val_loss": (v := next(scripted)), "val_perplexity": math.exp(v),
-            "val_tokens": 4096 if full and name == "part" else 512})
+        monkeypatch.setattr(
+            LanguageModelling,
+            "evaluate",
+            lambda self, model, *, full, trainer: {
+                "val_loss": (v := next(scripted)),
+                "val_perplexity": math.exp(v),
+                "val_tokens": 4096 if full and name == "part" else 512,
+            },
+        )
         result = train(tiny_model(), data, tokenizer=tok, **quick(tmp_path, name, max_steps=10))
         out = capsys.readouterr().out
         assert result.best_val_loss == min(losses)
@@ -155,7 +195,10 @@ def test_a_run_past_its_best_says_which_folder_is_better(tmp_path, dataset, monk
     assert result.best_step == 8 and "note: the model of step 8 (val_loss 4.0000)" in capsys.readouterr().out
     assert (tmp_path / "further" / "best" / "model.safetensors").read_bytes() == saved
     assert json.loads((tmp_path / "further" / "best" / "best_validation.json").read_text()) == {
-        "step": 8, "metric": "val_loss", "score": 4.0}
+        "step": 8,
+        "metric": "val_loss",
+        "score": 4.0,
+    }
 
 
 def _fake_clock(monkeypatch, tick: float = 0.01) -> list[float]:
@@ -183,8 +226,13 @@ def test_tokens_per_second_leave_out_callbacks(tmp_path, dataset, monkeypatch):
     def slow_callback(trainer) -> None:
         now[0] += 100.0
 
-    result = train(tiny_model(), data, tokenizer=tok, on_step=slow_callback,
-                   **quick(tmp_path, max_steps=4, log_interval=1, eval_interval=None))
+    result = train(
+        tiny_model(),
+        data,
+        tokenizer=tok,
+        on_step=slow_callback,
+        **quick(tmp_path, max_steps=4, log_interval=1, eval_interval=None),
+    )
     rows = [r for r in result.history if "tokens_per_s" in r]
     step_seconds = [4 * 16 / r["tokens_per_s"] for r in rows]  # batch 4 x block 16 per step
     assert len(rows) == 4 and max(step_seconds) < 1.0, step_seconds
@@ -195,8 +243,12 @@ def test_schedule_follows_whichever_limit_ends_the_run(tmp_path, dataset, monkey
     be laid over 100 steps the run never takes (it peaked at a fraction of the learning rate)."""
     _fake_clock(monkeypatch)
     data, tok = dataset
-    result = train(tiny_model(), data, tokenizer=tok,
-                   **quick(tmp_path, max_steps=5000, max_time=1.0, learning_rate=1e-3, log_interval=1, eval_interval=None))
+    result = train(
+        tiny_model(),
+        data,
+        tokenizer=tok,
+        **quick(tmp_path, max_steps=5000, max_time=1.0, learning_rate=1e-3, log_interval=1, eval_interval=None),
+    )
     lrs = [r["lr"] for r in result.history if "lr" in r]
     assert result.step < 100 and max(lrs) > 0.9e-3, (result.step, max(lrs))
     assert lrs[-1] < 0.2e-3  # and it still ends decayed at the deadline
@@ -223,7 +275,9 @@ def test_refuses_to_overwrite_another_run(tmp_path, dataset):
 def test_resume_with_another_config_names_the_difference(tmp_path, dataset):
     data, tok = dataset
     train(tiny_model(), data, tokenizer=tok, **quick(tmp_path, max_steps=2))
-    other = GPT(GPTConfig(vocab_size=300, n_positions=32, n_embd=64, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0))
+    other = GPT(
+        GPTConfig(vocab_size=300, n_positions=32, n_embd=64, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    )
     with pytest.raises(RunFolderError, match="n_embd: checkpoint 32 vs now 64"):
         train(other, data, tokenizer=tok, **quick(tmp_path, max_steps=4, resume=True))
 
@@ -277,7 +331,9 @@ def test_freeze_keeps_frozen_weights(tmp_path, dataset):
     with pytest.raises(ValueError, match="--freeze 'blocks:9'"):
         apply_freeze(tiny_model(), "blocks:9")
     assert apply_freeze(tiny_model(), "all-but:1") == sum(
-        p.numel() for n, p in tiny_model().named_parameters() if not n.startswith(("transformer.h.1.", "transformer.ln_f"))
+        p.numel()
+        for n, p in tiny_model().named_parameters()
+        if not n.startswith(("transformer.h.1.", "transformer.ln_f"))
     )
 
 
@@ -285,8 +341,12 @@ def test_max_time_ends_decayed_at_the_deadline(tmp_path, dataset, monkeypatch):
     """The schedule runs over the clock: a fake clock that advances 0.01 s per reading makes it exact."""
     _fake_clock(monkeypatch)
     data, tok = dataset
-    result = train(tiny_model(), data, tokenizer=tok,
-                   **quick(tmp_path, max_time=2.0, learning_rate=1e-3, warmup_steps=0, log_interval=1, eval_interval=None))
+    result = train(
+        tiny_model(),
+        data,
+        tokenizer=tok,
+        **quick(tmp_path, max_time=2.0, learning_rate=1e-3, warmup_steps=0, log_interval=1, eval_interval=None),
+    )
     rows = [r for r in result.history if "loss" in r]
     assert result.step > 5 and rows[-1]["elapsed"] >= 2.0 > rows[-2]["elapsed"]
     lrs = [r["lr"] for r in rows]
@@ -298,9 +358,34 @@ def test_cli_trains_from_raw_text(tmp_path, corpus):
     from gptforge.cli import main
 
     out = tmp_path / "cli_run"
-    rc = main(["train", str(corpus), "--out", str(out), "--size", "tiny", "--n-layer", "1", "--vocab-size", "300",
-               "--max-steps", "4", "--batch-size", "2", "--block-size", "32", "--no-progress", "--no-plot",
-               "--sample-tokens", "4", "--dropout", "0.2", "--attn-dropout", "0.05"])
+    rc = main(
+        [
+            "train",
+            str(corpus),
+            "--out",
+            str(out),
+            "--size",
+            "tiny",
+            "--n-layer",
+            "1",
+            "--vocab-size",
+            "300",
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--block-size",
+            "32",
+            "--no-progress",
+            "--no-plot",
+            "--sample-tokens",
+            "4",
+            "--dropout",
+            "0.2",
+            "--attn-dropout",
+            "0.05",
+        ]
+    )
     assert rc == 0
     model = load_model(out)
     assert model.config.n_layer == 1 and model.config.n_positions == 32
@@ -327,8 +412,10 @@ def test_choose_size_follows_the_budget_and_the_data():
         probed.append(config.n_embd)
         return 0.4 * cpu / config.flops_per_token(block)
 
-    order = [choose_size(10**9, TrainConfig(max_time=t), 5000, flops_per_s=cpu, rate=rate)[0]
-             for t in (60, 3 * 3600, 30 * 24 * 3600)]
+    order = [
+        choose_size(10**9, TrainConfig(max_time=t), 5000, flops_per_s=cpu, rate=rate)[0]
+        for t in (60, 3 * 3600, 30 * 24 * 3600)
+    ]
     assert order[0] == "tiny" and SCRATCH_SIZES.index(order[1]) > 0 and order[2] == "gpt2"
     # More time cannot buy a bigger model for data that a small one already sees many times over.
     assert choose_size(100_000, TrainConfig(max_time=30 * 24 * 3600), 5000, flops_per_s=cpu, rate=rate)[0] == "tiny"
@@ -338,8 +425,9 @@ def test_choose_size_follows_the_budget_and_the_data():
     assert size == "tiny" and probed == [128] and "'mini' would see at most" in why
     # The measured rate decides: a machine twice as slow as its matrix products suggest gets a smaller model.
     slow = lambda config, block: rate(config, block) / 8  # noqa: E731
-    assert SCRATCH_SIZES.index(choose_size(10**9, TrainConfig(max_time=3 * 3600), 5000, flops_per_s=cpu, rate=slow)[0]) \
-        < SCRATCH_SIZES.index(order[1])
+    assert SCRATCH_SIZES.index(
+        choose_size(10**9, TrainConfig(max_time=3 * 3600), 5000, flops_per_s=cpu, rate=slow)[0]
+    ) < SCRATCH_SIZES.index(order[1])
     # Without a time budget the count of tokens is exact: steps x batch x block, or epochs x data.
     # 1,000 steps x 16 x 128 = 2.0M tokens for tiny (1.45M parameters: 1.4 each, the smallest is always
     # allowed); mini would see 1,000 x 16 x 256 = 4.1M for 7.7M parameters: 0.53 each, below TOKENS_PER_PARAM.

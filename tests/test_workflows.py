@@ -1,5 +1,6 @@
 """The two classic GPT-2 workflows end to end: a new model from scratch in Python (GPTForge), and fine-tuning
 a pretrained GPT-2 folder on the command line (train -> eval -> generate)."""
+
 from __future__ import annotations
 
 import json
@@ -34,9 +35,13 @@ def _write_corpus(path: Path, lines: int, seed: int = 0) -> Path:
     import random
 
     rng = random.Random(seed)
-    words = ("the cat sat on a mat while dogs ran to old red barns and fish swim in blue water "
-             "under seven bright stars the keeper of the lighthouse wrote long letters").split()
-    text = "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + "." for _ in range(lines))
+    words = (
+        "the cat sat on a mat while dogs ran to old red barns and fish swim in blue water "
+        "under seven bright stars the keeper of the lighthouse wrote long letters"
+    ).split()
+    text = "\n".join(
+        " ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + "." for _ in range(lines)
+    )
     path.write_text(text + "\n", encoding="utf-8")
     return path
 
@@ -61,19 +66,24 @@ def test_workflow_scratch_train_reload_in_new_process(tmp_path, monkeypatch):
     _write_corpus(tmp_path / "input.txt", 300)
     tok = train_tokenizer("input.txt", vocab_size=300)  # vocab.json, merges.txt, tokenizer.json in the current folder
     assert {"vocab.json", "merges.txt", "tokenizer.json"} <= {p.name for p in tmp_path.iterdir()}
-    data = TokenDataset("input.txt", vocab_file="vocab.json", merges_file="merges.txt", block_size=32,
-                        cache_dir=tmp_path / "cache")
+    data = TokenDataset(
+        "input.txt", vocab_file="vocab.json", merges_file="merges.txt", block_size=32, cache_dir=tmp_path / "cache"
+    )
     config = build_gpt2_config(vocab_size=tok.vocab_size, max_length=32, dropout=0.0, n_embd=32, n_layer=2, n_head=2)
     ai = GPTForge(vocab_file="vocab.json", merges_file="merges.txt", config=config)
     assert not ai.pretrained and ai.config.vocab_size == tok.vocab_size
     before = ai.evaluate("input.txt").loss
 
-    result = ai.train(data, batch_size=8, num_steps=12, learning_rate=3e-3, progress=False, plot=False, save_minutes=None)
+    result = ai.train(
+        data, batch_size=8, num_steps=12, learning_rate=3e-3, progress=False, plot=False, save_minutes=None
+    )
 
     assert result.step == 12 and not result.interrupted
     assert ai.evaluate("input.txt").loss < before  # it learned something
     folder = tmp_path / "trained_model"
-    assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt"} <= {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt"} <= {
+        p.name for p in folder.iterdir()
+    }
     assert not (folder / "pytorch_model.bin").exists()  # the legacy name still works when reloading (below)
     kw = dict(n=2, prompt="The cat", max_length=24, temperature=0.9, top_p=0.95, seed=11, return_as_list=True)
     texts = ai.generate(**kw)
@@ -81,7 +91,9 @@ def test_workflow_scratch_train_reload_in_new_process(tmp_path, monkeypatch):
     assert texts == ai.generate(**kw)  # the seed decides
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", RELOAD], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", RELOAD], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
+    )
     assert out.returncode == 0, out.stderr
     first, second = json.loads(out.stdout.strip().splitlines()[-1])
     assert first == texts and second == texts
@@ -147,9 +159,31 @@ def test_workflow_finetune_on_the_command_line(tmp_path, pretrained, capsys):
     train_file = _write_corpus(tmp_path / "train.txt", 24, seed=1)
     val_file = _write_corpus(tmp_path / "val.txt", 15, seed=2)
     out = tmp_path / "output"
-    rc = main(["train", "--init", str(pretrained), "--train-file", str(train_file), "--eval-file", str(val_file),
-               "--block-size", "32", "--batch-size", "1", "--grad-accum", "4", "--save-steps", "2", "--epochs", "1",
-               "--out", str(out), "--no-progress", "--no-plot"])
+    rc = main(
+        [
+            "train",
+            "--init",
+            str(pretrained),
+            "--train-file",
+            str(train_file),
+            "--eval-file",
+            str(val_file),
+            "--block-size",
+            "32",
+            "--batch-size",
+            "1",
+            "--grad-accum",
+            "4",
+            "--save-steps",
+            "2",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-plot",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "fine-tuning" in printed and re.search(r"validation: loss [\d.]+, perplexity [\d.]+", printed)
@@ -168,12 +202,32 @@ def test_workflow_finetune_on_the_command_line(tmp_path, pretrained, capsys):
     ppl = float(re.search(r"perplexity ([\d.]+)", line).group(1))
     assert ppl == pytest.approx(GPTForge(str(out)).evaluate(str(val_file)).perplexity, rel=1e-3)
 
-    options = ["--max-new-tokens", "20", "--temperature", "0.8", "--top-k", "40", "--top-p", "0.9",
-               "--repetition-penalty", "1.2", "--seed", "42"]
+    options = [
+        "--max-new-tokens",
+        "20",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "40",
+        "--top-p",
+        "0.9",
+        "--repetition-penalty",
+        "1.2",
+        "--seed",
+        "42",
+    ]
     assert main(["generate", str(out), "--prompt", "The old lighthouse keeper", *options, "--no-stream"]) == 0
     cli_text = capsys.readouterr().out.rstrip("\n")
-    api_text = GPTForge(str(out)).generate(prompt="The old lighthouse keeper", max_new_tokens=20, temperature=0.8,
-                                           top_k=40, top_p=0.9, repetition_penalty=1.2, seed=42, return_as_list=True)[0]
+    api_text = GPTForge(str(out)).generate(
+        prompt="The old lighthouse keeper",
+        max_new_tokens=20,
+        temperature=0.8,
+        top_k=40,
+        top_p=0.9,
+        repetition_penalty=1.2,
+        seed=42,
+        return_as_list=True,
+    )[0]
     assert cli_text == api_text and cli_text.startswith("The old lighthouse keeper")
 
     transformers = pytest.importorskip("transformers")
@@ -186,8 +240,25 @@ def test_workflow_finetune_on_the_command_line(tmp_path, pretrained, capsys):
 def test_single_train_file_gets_a_90_10_split(tmp_path, pretrained, capsys):
     train_file = tmp_path / "book.txt"
     train_file.write_text("\n\n".join(_write_corpus(tmp_path / "p.txt", 4, seed=i).read_text() for i in range(40)))
-    rc = main(["train", "--init", str(pretrained), "--train-file", str(train_file), "--block-size", "16",
-               "--max-steps", "1", "--batch-size", "2", "--out", str(tmp_path / "o"), "--no-progress", "--no-plot"])
+    rc = main(
+        [
+            "train",
+            "--init",
+            str(pretrained),
+            "--train-file",
+            str(train_file),
+            "--block-size",
+            "16",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+            "--no-plot",
+        ]
+    )
     assert rc == 0
     meta = json.loads((tmp_path / "o" / "data" / "meta.json").read_text())
     share = meta["val"]["documents"] / (meta["val"]["documents"] + meta["train"]["documents"])
@@ -202,8 +273,9 @@ def test_readme_cli_reference_is_up_to_date():
     import runpy
 
     script = runpy.run_path(str(ROOT / "docs" / "cli_reference.py"))
-    assert script["main"](["--check", str(ROOT / "docs" / "cli.md")]) == 0, \
+    assert script["main"](["--check", str(ROOT / "docs" / "cli.md")]) == 0, (
         "docs/cli.md is out of date: run `python docs/cli_reference.py --write docs/cli.md`"
+    )
     block = script["reference"]()
     for option in ("`--grad-accum`", "`--max-new-tokens`", "`--minutes`", "`--val-fraction`"):
         assert option in block
@@ -231,13 +303,22 @@ def test_python_finetune_of_a_pretrained_folder(tmp_path, pretrained, monkeypatc
     ai = GPTForge(str(pretrained))
     assert ai.pretrained and ai.tokenizer.vocab_size == ai.config.vocab_size == 300
     book = _write_corpus(tmp_path / "book.txt", 40)
-    result = ai.train(str(book), num_steps=2, batch_size=2, block_size=16, output_dir=tmp_path / "ft",
-                      progress=False, plot=False, save_minutes=None)
+    result = ai.train(
+        str(book),
+        num_steps=2,
+        batch_size=2,
+        block_size=16,
+        output_dir=tmp_path / "ft",
+        progress=False,
+        plot=False,
+        save_minutes=None,
+    )
     assert result.step == 2
     rows = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["lr"] for r in rows if "lr" in r) <= 5e-5  # not the from-scratch 1e-3
     assert list((tmp_path / "cache").glob("datasets/*/meta.json"))
     with pytest.raises(GPTForgeError, match="block_size is 128 but the model's context .n_positions. is only 64"):
         ai.train(str(book), num_steps=1, block_size=128, output_dir=tmp_path / "ft2")
-    assert GPTForge(str(tmp_path / "ft")).generate(prompt="The", max_new_tokens=5, seed=0, return_as_list=True) == \
-        ai.generate(prompt="The", max_new_tokens=5, seed=0, return_as_list=True)
+    assert GPTForge(str(tmp_path / "ft")).generate(
+        prompt="The", max_new_tokens=5, seed=0, return_as_list=True
+    ) == ai.generate(prompt="The", max_new_tokens=5, seed=0, return_as_list=True)

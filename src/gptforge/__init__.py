@@ -4,6 +4,7 @@ The public API is imported on first use, so that `gptforge --help` and `import g
 (torch is imported only when a name that needs it is used). The functions `generate` and `train` share
 their names with their modules: import them from there (`from gptforge.generate import generate`).
 """
+
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
@@ -14,8 +15,15 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+local"
 
 _EXPORTS = {
-    "errors": ["GPTForgeError", "CheckpointError", "ConfigError", "DataError", "OptionError", "TokenizerError",
-               "TrainingError"],
+    "errors": [
+        "GPTForgeError",
+        "CheckpointError",
+        "ConfigError",
+        "DataError",
+        "OptionError",
+        "TokenizerError",
+        "TrainingError",
+    ],
     "options": ["TrainConfig", "SamplingOptions", "EvalOptions"],
     "config": ["GPTConfig", "PRESETS", "preset", "build_gpt2_config"],
     "model": ["GPT", "KVCache"],

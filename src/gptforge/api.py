@@ -9,6 +9,7 @@ The object only holds a model, its tokenizer and whether the model is fresh or p
 operation is a call into the modules that own it (train.train, generate.generate, checkpoint, evaluate),
 so the Python API and the `gptforge` command behave alike.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -82,11 +83,15 @@ class GPTForge:
         if model is None:
             # A model from a config: fresh GPT-2 weights.
             if config is None:
-                raise OptionError("GPTForge needs model= (a model folder, weights file or hub id such as 'gpt2') "
-                                    "or config= (a GPTConfig from build_gpt2_config, for a new model)")
+                raise OptionError(
+                    "GPTForge needs model= (a model folder, weights file or hub id such as 'gpt2') "
+                    "or config= (a GPTConfig from build_gpt2_config, for a new model)"
+                )
             if tokenizer is None:
-                raise OptionError("a new model needs its tokenizer: pass vocab_file= and merges_file=, tokenizer_file= "
-                                    "or tokenizer= (train one with gptforge.train_tokenizer)")
+                raise OptionError(
+                    "a new model needs its tokenizer: pass vocab_file= and merges_file=, tokenizer_file= "
+                    "or tokenizer= (train one with gptforge.train_tokenizer)"
+                )
             config = resolve_config(config)
             if tokenizer.vocab_size != config.vocab_size:
                 raise OptionError(
@@ -103,8 +108,9 @@ class GPTForge:
             # The folder's own tokenizer; fp32 weights, since this model may be trained further.
             from .checkpoint import load_model_and_tokenizer  # a LoRA run's adapter folder opens merged into its base
 
-            self.model, tokenizer = load_model_and_tokenizer(_weights_path(model), device=str(self.device),
-                                                             dtype=torch.float32)
+            self.model, tokenizer = load_model_and_tokenizer(
+                _weights_path(model), device=str(self.device), dtype=torch.float32
+            )
             self.pretrained = True
         else:
             path = resolve_model_path(_weights_path(model))
@@ -117,7 +123,9 @@ class GPTForge:
         if quantize:
             quantize_model(self.model, quantize)
         self.tokenizer: Tokenizer = tokenizer
-        self.source = str(model) if isinstance(model, (str, os.PathLike)) else None  # what a LoRA adapter names as its base
+        self.source = (
+            str(model) if isinstance(model, (str, os.PathLike)) else None
+        )  # what a LoRA adapter names as its base
 
     @property
     def config(self) -> GPTConfig:
@@ -125,8 +133,11 @@ class GPTForge:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"GPTForge({self.model.num_params() / 1e6:.2f}M parameters, n_layer={c.n_layer}, n_embd={c.n_embd}, "
-                f"context {c.n_positions}, vocab {c.vocab_size}, {'pretrained' if self.pretrained else 'fresh'}, {self.device})")
+        return (
+            f"GPTForge({self.model.num_params() / 1e6:.2f}M parameters, n_layer={c.n_layer}, n_embd={c.n_embd}, "
+            f"context {c.n_positions}, vocab {c.vocab_size}, {'pretrained' if self.pretrained else 'fresh'}, "
+            f"{self.device})"
+        )
 
     # -- training
 
@@ -134,18 +145,27 @@ class GPTForge:
         """A TokenDataset of `files` encoded with this model's tokenizer (block size: the model's context)."""
         from .data.dataset import TokenDataset
 
-        return TokenDataset(files, tokenizer=self.tokenizer, block_size=block_size or self.config.n_positions,
-                            line_by_line=line_by_line, **options)
+        return TokenDataset(
+            files,
+            tokenizer=self.tokenizer,
+            block_size=block_size or self.config.n_positions,
+            line_by_line=line_by_line,
+            **options,
+        )
 
     def _check_block_size(self, block_size: int) -> None:
         n_ctx = self.config.n_positions
         if not self.pretrained and block_size != n_ctx:
-            raise OptionError(f"the dataset's block_size is {block_size} but the config's max_length (n_positions) is "
-                                f"{n_ctx}; make them equal (TokenDataset(..., block_size={n_ctx}) or "
-                                f"build_gpt2_config(max_length={block_size}))")
+            raise OptionError(
+                f"the dataset's block_size is {block_size} but the config's max_length (n_positions) is "
+                f"{n_ctx}; make them equal (TokenDataset(..., block_size={n_ctx}) or "
+                f"build_gpt2_config(max_length={block_size}))"
+            )
         if block_size > n_ctx:
-            raise OptionError(f"the dataset's block_size is {block_size} but the model's context (n_positions) is "
-                                f"only {n_ctx}; use block_size <= {n_ctx}")
+            raise OptionError(
+                f"the dataset's block_size is {block_size} but the model's context (n_positions) is "
+                f"only {n_ctx}; use block_size <= {n_ctx}"
+            )
 
     def train(
         self,
@@ -178,8 +198,10 @@ class GPTForge:
         from .train.pipeline import train
 
         if is_quantized(self.model):
-            raise OptionError("this model has int8 weights, which are for generation; train the fp32 model "
-                              "(GPTForge without quantize=) and quantize it afterwards")
+            raise OptionError(
+                "this model has int8 weights, which are for generation; train the fp32 model "
+                "(GPTForge without quantize=) and quantize it afterwards"
+            )
         fields = {f.name for f in dataclasses.fields(TrainConfig)} | {f.name for f in dataclasses.fields(LoRAOptions)}
         options = rename_keywords(options, fields | set(CALLBACKS), "train()")  # other tools' names (aliases.py)
         hooks = {k: options.pop(k) for k in CALLBACKS if k in options}
@@ -187,7 +209,9 @@ class GPTForge:
         num_steps = options.pop("max_steps", num_steps)
         if num_steps is None and not (options.get("epochs") or options.get("max_time")):
             num_steps = 5000  # older tools' default length
-        lora = LoRAOptions(**{k: options.pop(k) for k in [f.name for f in dataclasses.fields(LoRAOptions)] if k in options})
+        lora = LoRAOptions(
+            **{k: options.pop(k) for k in [f.name for f in dataclasses.fields(LoRAOptions)] if k in options}
+        )
         if fp16:
             options["precision"] = "fp16"
         block_size = getattr(data, "block_size", None) or options.get("block_size") or self.config.n_positions
@@ -196,8 +220,10 @@ class GPTForge:
             data = self.dataset(data, block_size=block_size, line_by_line=line_by_line)
         data_tok = getattr(data, "tokenizer", None)
         if data_tok is not None and data_tok.fingerprint != self.tokenizer.fingerprint:
-            raise OptionError(f"the dataset was encoded with another tokenizer ({data_tok.source}) than the model's "
-                                f"({self.tokenizer.source}); build the TokenDataset with the model's vocab_file/merges_file")
+            raise OptionError(
+                f"the dataset was encoded with another tokenizer ({data_tok.source}) than the model's "
+                f"({self.tokenizer.source}); build the TokenDataset with the model's vocab_file/merges_file"
+            )
         if self.device.type != "cpu":
             options.setdefault("device", str(self.device))
         options.update(out_dir=str(output_dir), batch_size=batch_size, block_size=block_size)
@@ -236,12 +262,23 @@ class GPTForge:
         if max_new_tokens is None:
             used = len(self.tokenizer.encode(prompt)) if prompt else 0
             if max_length is None or max_length <= used:
-                raise OptionError(f"max_length={max_length} leaves no room after the prompt's {used} tokens; "
-                                    "raise max_length or pass max_new_tokens=")
+                raise OptionError(
+                    f"max_length={max_length} leaves no room after the prompt's {used} tokens; "
+                    "raise max_length or pass max_new_tokens="
+                )
             max_new_tokens = max_length - used
         chosen = {k: v for k, v in dict(top_k=top_k, top_p=top_p).items() if v is not None}
-        texts = generate(self.model.eval(), self.tokenizer, prompt, num_samples=n, max_new_tokens=max_new_tokens,
-                         temperature=temperature, seed=seed, **chosen, **options)
+        texts = generate(
+            self.model.eval(),
+            self.tokenizer,
+            prompt,
+            num_samples=n,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            **chosen,
+            **options,
+        )
         if return_as_list:
             return texts
         print(("\n" + "=" * 10 + "\n").join(texts))
@@ -290,7 +327,9 @@ class GPTForge:
         holds a model is replaced only with `overwrite=True`."""
         folder = Path(folder)
         if (folder / "config.json").exists() and not overwrite:
-            raise OptionError(f"{folder}: already holds a model; pass overwrite=True to replace it or choose another folder")
+            raise OptionError(
+                f"{folder}: already holds a model; pass overwrite=True to replace it or choose another folder"
+            )
         from .checkpoint import save_trained  # a model with LoRA layers saves its adapter alone
 
         return save_trained(self.model, folder, self.tokenizer)
@@ -319,15 +358,19 @@ class GPTForgeClassifier:
         return list(self.model.labels)
 
     def __repr__(self) -> str:
-        return f"GPTForgeClassifier({self.model.num_params() / 1e6:.2f}M parameters, labels {self.labels}, {self.device})"
+        return (
+            f"GPTForgeClassifier({self.model.num_params() / 1e6:.2f}M parameters, labels {self.labels}, {self.device})"
+        )
 
     @classmethod
-    def train(cls, data, init: str, output_dir: str | os.PathLike = "classifier", eval_data=None,
-              **options) -> "GPTForgeClassifier":
+    def train(
+        cls, data, init: str, output_dir: str | os.PathLike = "classifier", eval_data=None, **options
+    ) -> "GPTForgeClassifier":
         """Train on labelled files (.csv/.tsv, .jsonl/.json, or a folder with a sub-folder per label) and open the
         result. `init`: a language-model folder or hub id, a classifier folder, or a preset (from scratch).
         `options` are ClassifyOptions fields (text_field, label_field, truncate, val_fraction, balance, lm_weight,
-        crop), TrainConfig fields (max_time, epochs, learning_rate, freeze, resume, ...), LoRAOptions fields (lora_r, ...),
+        crop), TrainConfig fields (max_time, epochs, learning_rate, freeze, resume, ...), LoRAOptions fields (lora_r,
+        ...),
         tokenizer/vocab_size, the callbacks (on_step, on_log, on_evaluate, on_save) and
         compute_metrics(probabilities, label_ids) -> {name: number}, added to each evaluation as val_<name>."""
         from .options import ClassifyOptions, LoRAOptions
@@ -346,8 +389,9 @@ class GPTForgeClassifier:
             from .options import parse_duration
 
             options["max_time"] = parse_duration(options["max_time"])
-        result = train_classifier(data, init=init, eval_inputs=eval_data, options=clf_opts, lora=lora, out_dir=str(output_dir),
-                                  **options)
+        result = train_classifier(
+            data, init=init, eval_inputs=eval_data, options=clf_opts, lora=lora, out_dir=str(output_dir), **options
+        )
         clf = cls(output_dir, device=options.get("device", "auto"))
         clf.result = result
         return clf
@@ -359,8 +403,16 @@ class GPTForgeClassifier:
         texts = [texts] if isinstance(texts, str) else list(texts)
         return predict(self.model, self.tokenizer, texts, batch_size=batch_size, truncate=truncate)
 
-    def evaluate(self, data, labels: list[str] | None = None, batch_size: int = 32, truncate: str = "right",
-                 text_field: str = "text", label_field: str = "label", header: bool = True) -> dict:
+    def evaluate(
+        self,
+        data,
+        labels: list[str] | None = None,
+        batch_size: int = 32,
+        truncate: str = "right",
+        text_field: str = "text",
+        label_field: str = "label",
+        header: bool = True,
+    ) -> dict:
         """Accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix and the loss, on labelled files
         (`data`), or on texts `data` with their `labels`."""
         from .classify import evaluate_classifier
@@ -371,8 +423,9 @@ class GPTForgeClassifier:
             texts, labels, where = d.texts, d.labels, d.where
         else:
             texts, where = ([data] if isinstance(data, str) else list(data)), None
-        return evaluate_classifier(self.model, self.tokenizer, texts, list(labels), where=where, batch_size=batch_size,
-                                   truncate=truncate)
+        return evaluate_classifier(
+            self.model, self.tokenizer, texts, list(labels), where=where, batch_size=batch_size, truncate=truncate
+        )
 
     def save(self, folder: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the classifier folder (transformers' GPT2ForSequenceClassification format, tokenizer included)."""
@@ -380,7 +433,9 @@ class GPTForgeClassifier:
 
         folder = Path(folder)
         if (folder / "config.json").exists() and not overwrite:
-            raise OptionError(f"{folder}: already holds a model; pass overwrite=True to replace it or choose another folder")
+            raise OptionError(
+                f"{folder}: already holds a model; pass overwrite=True to replace it or choose another folder"
+            )
         return save_classifier(self.model, folder, self.tokenizer)
 
 

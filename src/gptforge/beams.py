@@ -140,8 +140,9 @@ class BeamSearch:
         return out
 
 
-def beam_search(model: GPT, prompts: list[list[int]], opts: SamplingOptions, eos_id: int | None, keep: int,
-                bar=None) -> list[list[int]]:
+def beam_search(
+    model: GPT, prompts: list[list[int]], opts: SamplingOptions, eos_id: int | None, keep: int, bar=None
+) -> list[list[int]]:
     """The num_samples best hypotheses of each prompt (prompt 0's first, best first), as new token ids without
     end of text. `batch_size` rows run together: batch_size // num_beams prompts (at least one) at a time;
     `keep` is the tokens kept when a beam reaches the context (generate_ids' context_keep)."""

@@ -9,7 +9,8 @@ Four decisions, each between paths that give the same numbers up to rounding:
 
 A decision is measured the first time it is wanted (a fraction of a second to a few seconds, on shapes like
 gpt2's: the products a training step multiplies, and whole decoding steps of a two-block gpt2-wide model at
-each row count), the other path chosen over the default (torch's products; the C step; torch's threads) only where its best
+each row count), the other path chosen over the default (torch's products; the C step; torch's threads) only where its
+best
 time beats the default's by more than the noise of the timings (`beats`). It is kept in a JSON file beside the
 compiled kernel (`native.cache_dir()`), one per processor, instruction-set level (`GPTFORGE_ISA`), torch
 version, CPU count and torch's own ISA variables; a file that cannot be read is measured again.
@@ -17,6 +18,7 @@ version, CPU count and torch's own ISA variables; a file that cannot be read is 
 ("onednn=0,fp32_rows=8,int8_rows=3,threads=2") fix those decisions and leave the others measured.
 `gptforge info` shows them; `gptforge info --calibrate` measures them again.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -40,8 +42,13 @@ OVERRIDE = "GPTFORGE_CALIBRATION"
 # count it takes, as many threads as torch uses
 DEFAULTS = {"onednn": False, "fp32_rows": native.MAX_ROWS, "int8_rows": native.MAX_ROWS, "threads": 0}
 # the variables that change torch's own speed: a measurement holds only under the same values
-TORCH_ISA = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "FBGEMM_ENABLE_INSTRUCTIONS",
-             "OMP_NUM_THREADS")
+TORCH_ISA = (
+    "ATEN_CPU_CAPABILITY",
+    "ONEDNN_MAX_CPU_ISA",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "FBGEMM_ENABLE_INSTRUCTIONS",
+    "OMP_NUM_THREADS",
+)
 
 
 def _valid(name: str, value) -> bool:
@@ -64,14 +71,25 @@ def _parse(text: str) -> dict | None:
     fixed = {}
     for pair in filter(None, (p.strip() for p in text.split(","))):
         name, _, value = (part.strip() for part in pair.partition("="))
-        flags = {"1": True, "on": True, "yes": True, "true": True, "0": False, "off": False, "no": False, "false": False}
+        flags = {
+            "1": True,
+            "on": True,
+            "yes": True,
+            "true": True,
+            "0": False,
+            "off": False,
+            "no": False,
+            "false": False,
+        }
         try:
             parsed = flags.get(value) if name == "onednn" else int(value)
         except ValueError:
             parsed = None
         if name not in DEFAULTS or not _valid(name, parsed):
-            raise OptionError(f"{OVERRIDE}: {pair!r} is not one of onednn=0|1, fp32_rows=0-{native.MAX_ROWS}, "
-                              f"int8_rows=0-{native.MAX_ROWS}, threads=N (0: torch's), comma-separated, or off")
+            raise OptionError(
+                f"{OVERRIDE}: {pair!r} is not one of onednn=0|1, fp32_rows=0-{native.MAX_ROWS}, "
+                f"int8_rows=0-{native.MAX_ROWS}, threads=N (0: torch's), comma-separated, or off"
+            )
         fixed[name] = parsed
     return fixed
 
@@ -101,9 +119,13 @@ def load() -> dict:
 
 
 def _store(data: dict) -> None:
-    data.update(processor=native.cpu_info("model name") or platform.processor() or platform.machine(),
-                load=round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None, cpus=os.cpu_count(),
-                isa=native.isa(), measured=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    data.update(
+        processor=native.cpu_info("model name") or platform.processor() or platform.machine(),
+        load=round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None,
+        cpus=os.cpu_count(),
+        isa=native.isa(),
+        measured=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
     try:
         path().parent.mkdir(parents=True, exist_ok=True)
         write_text(path(), json.dumps(data, indent=1, sort_keys=True) + "\n")
@@ -145,6 +167,7 @@ def compare_products(fast: Callable[[torch.Tensor, torch.Tensor], torch.Tensor])
 
     def step(mm):
         return lambda: (mm(x, w.t()), mm(grad, w), mm(grad.t(), x))
+
     t = timings({"torch": step(torch.matmul), "onednn": step(fast)}, 3)
     return {"onednn": beats(t, "onednn", "torch")}, {"products_ms": best_ms(t)}
 
@@ -207,8 +230,10 @@ def describe() -> list[str]:
         else:
             lines.append(f"  {name}: not measured yet (measured at first use, or by `gptforge info --calibrate`)")
     if (stored.get("load") or 0) > (stored.get("cpus") or 1):
-        lines.append(f"  measured under load {stored['load']} on {stored['cpus']} CPUs: noisy timings keep the "
-                     "defaults; measure again on a quiet machine with `gptforge info --calibrate`")
+        lines.append(
+            f"  measured under load {stored['load']} on {stored['cpus']} CPUs: noisy timings keep the "
+            "defaults; measure again on a quiet machine with `gptforge info --calibrate`"
+        )
     return lines
 
 

@@ -1,5 +1,6 @@
 """Chat templates: the Jinja `chat_template` of a tokenizer folder, rendered the way transformers'
 `apply_chat_template` renders it (a sandboxed environment, `raise_exception` available to templates)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -45,8 +46,10 @@ def compile_template(source: str):
     try:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
-        raise GPTForgeError("the model folder has a chat template, and rendering it needs jinja2: "
-                            "pip install jinja2 (or 'gptforge[serve]')") from None
+        raise GPTForgeError(
+            "the model folder has a chat template, and rendering it needs jinja2: "
+            "pip install jinja2 (or 'gptforge[serve]')"
+        ) from None
 
     class Sandbox(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset({"*", "+", "**"})
@@ -168,7 +171,7 @@ def check_messages(messages, where: str) -> list[dict]:
     """A conversation as a list of {role, content} with known roles and string contents (OpenAI's text parts are
     joined); else a DataError at `where`. Training data, `generate --chat` and the server check them here."""
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\": ..., \"content\": ...}} objects")
+        raise DataError(f'{where}: \'messages\' must be a non-empty list of {{"role": ..., "content": ...}} objects')
     clean = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
@@ -190,16 +193,23 @@ class ChatTemplate:
         self.template = compile_template(source)
         self.tokens = special_tokens(tokenizer)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False, where: str = "",
-               seconds: float | None = None, max_chars: int | None = None) -> str:
+    def render(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = False,
+        where: str = "",
+        seconds: float | None = None,
+        max_chars: int | None = None,
+    ) -> str:
         """The conversation as text; with `seconds` or `max_chars`, a TemplateLimitError once the template runs
         longer or writes more (a server renders templates that came with a model, so it bounds both)."""
         prefix = f"{where}: " if where else ""
         try:
             with _bounded(seconds, max_chars):
                 parts, size = [], 0
-                for part in self.template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                   **self.tokens):
+                for part in self.template.generate(
+                    messages=messages, add_generation_prompt=add_generation_prompt, **self.tokens
+                ):
                     size += len(part)
                     if max_chars is not None and size > max_chars:
                         raise _OverLimit(f"writes more than {max_chars} characters")
@@ -219,10 +229,12 @@ class ChatTemplate:
             if m["role"] != "assistant":
                 continue
             asked = self.render(messages[:i], add_generation_prompt=True, where=where) if i else ""
-            upto = self.render(messages[:i + 1], where=where)
+            upto = self.render(messages[: i + 1], where=where)
             if not (text.startswith(upto) and upto.startswith(asked)):
-                raise DataError(f"{where}: {self.name} does not render a conversation as its turns one after another, "
-                                "so the answers cannot be found; use a template that does, or --train-on-prompt")
+                raise DataError(
+                    f"{where}: {self.name} does not render a conversation as its turns one after another, "
+                    "so the answers cannot be found; use a template that does, or --train-on-prompt"
+                )
             spans.append((len(asked), len(upto)))
         return text, spans
 

@@ -10,6 +10,7 @@ A run's checkpoints are model folders under `checkpoints/step-NNNNNNN/` with the
 (`trainer_state.pt`: optimizer, step, RNG, clock) beside the weights, each written under a temporary
 name and renamed, so an interrupted save never leaves a checkpoint that looks complete.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,7 +59,9 @@ def expected_shapes(config: GPTConfig) -> dict[str, tuple]:
     return shapes
 
 
-def from_hf_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig, source: str = "weights") -> dict[str, torch.Tensor]:
+def from_hf_state_dict(
+    sd: dict[str, torch.Tensor], config: GPTConfig, source: str = "weights"
+) -> dict[str, torch.Tensor]:
     """Map any transformers GPT-2 state dict variant onto our names and layouts; check every shape."""
     check_block_count(sd, config, source)
     expected = expected_shapes(config)
@@ -110,7 +113,9 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         ) from None
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: cannot read weights ({msg}); the file is damaged or not a weights file") from None
+        raise CheckpointError(
+            f"{path}: cannot read weights ({msg}); the file is damaged or not a weights file"
+        ) from None
 
 
 def weights_files(folder: Path) -> list[Path]:
@@ -121,16 +126,22 @@ def weights_files(folder: Path) -> list[Path]:
             root = folder.resolve()
             for name in shards:  # an index names files of this folder, nothing else
                 if Path(name).is_absolute() or root not in (folder / name).resolve().parents:
-                    raise CheckpointError(f"{index}: names {name!r}, a file outside the model folder; refusing to read it")
+                    raise CheckpointError(
+                        f"{index}: names {name!r}, a file outside the model folder; refusing to read it"
+                    )
             return [folder / s for s in shards]
     for name in (WEIGHTS_NAME, "pytorch_model.bin"):
         if (folder / name).is_file():
             return [folder / name]
     if (folder / "adapter_config.json").is_file():  # adapters.CONFIG_NAME
-        raise CheckpointError(f"{folder}: a LoRA adapter folder, not a model; give it as --adapter with its base model, "
-                              f"or merge it first (gptforge merge BASE {folder} --out FOLDER)")
+        raise CheckpointError(
+            f"{folder}: a LoRA adapter folder, not a model; give it as --adapter with its base model, "
+            f"or merge it first (gptforge merge BASE {folder} --out FOLDER)"
+        )
     if (folder / "model-int8.safetensors").is_file():  # quantize.WEIGHTS_NAME
-        raise CheckpointError(f"{folder}: an int8 folder of `gptforge quantize`; this needs the fp32 model it was made from")
+        raise CheckpointError(
+            f"{folder}: an int8 folder of `gptforge quantize`; this needs the fp32 model it was made from"
+        )
     raise CheckpointError(
         f"{folder}: no weights found (looked for model.safetensors, model.safetensors.index.json, pytorch_model.bin)"
     )
@@ -181,9 +192,20 @@ def fetch_from_hub(repo_id: str) -> Path:
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     """A local folder or weights file as given, or a hub id downloaded to the local cache."""
     path = Path(name_or_path)
-    if path.is_file() and path.suffix.lower() in (".txt", ".md", ".text", ".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"):
-        raise CheckpointError(f"{path}: a text file, not a model; give a model folder (a run folder, or one written "
-                              "by transformers) or its weights file (.safetensors, .bin)")
+    if path.is_file() and path.suffix.lower() in (
+        ".txt",
+        ".md",
+        ".text",
+        ".csv",
+        ".tsv",
+        ".jsonl",
+        ".ndjson",
+        ".parquet",
+    ):
+        raise CheckpointError(
+            f"{path}: a text file, not a model; give a model folder (a run folder, or one written "
+            "by transformers) or its weights file (.safetensors, .bin)"
+        )
     if path.exists():
         return path
     # `runs/model` whose `runs/` exists is a mistyped local path, not a hub id to download.
@@ -252,8 +274,9 @@ def save_model(model: GPT, folder: str | os.PathLike, tokenizer=None, *, state_d
         save_quantized_weights(model, folder)
         stored = None
     else:
-        weights = to_hf_state_dict(state_dict if state_dict is not None else model.state_dict(),
-                                   tied=model.config.tie_word_embeddings)
+        weights = to_hf_state_dict(
+            state_dict if state_dict is not None else model.state_dict(), tied=model.config.tie_word_embeddings
+        )
         atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
         kinds = {v.dtype for v in weights.values() if v.is_floating_point()}
         stored = str(kinds.pop()).removeprefix("torch.") if len(kinds) == 1 else None  # transformers' torch_dtype
@@ -261,14 +284,24 @@ def save_model(model: GPT, folder: str | os.PathLike, tokenizer=None, *, state_d
     atomic_write(folder / "generation_config.json", lambda p: p.write_text(json.dumps(gen, indent=2) + "\n"))
     if tokenizer is not None:
         tokenizer.save(folder, model_max_length=config.n_positions)
-    atomic_write(folder / "config.json", lambda p: config.save(p, torch_dtype=stored))  # last: it says what the weights are
+    atomic_write(
+        folder / "config.json", lambda p: config.save(p, torch_dtype=stored)
+    )  # last: it says what the weights are
     # A stale legacy file would shadow nothing (safetensors wins) but confuses people; leave theirs alone.
     return folder
 
 
 # generation_config.json entries that are gptforge sampling options of the same name and meaning
-GENERATION_KEYS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                   "repetition_penalty", "no_repeat_ngram_size")
+GENERATION_KEYS = (
+    "max_new_tokens",
+    "min_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+)
 
 
 def read_generation_config(folder: str | os.PathLike) -> dict:
@@ -277,7 +310,11 @@ def read_generation_config(folder: str | os.PathLike) -> dict:
         gen = json.loads((Path(folder) / "generation_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return {k: v for k, v in gen.items() if k not in ("transformers_version", "_from_model_config")} if isinstance(gen, dict) else {}
+    return (
+        {k: v for k, v in gen.items() if k not in ("transformers_version", "_from_model_config")}
+        if isinstance(gen, dict)
+        else {}
+    )
 
 
 def generation_config(model: GPT, tokenizer=None) -> dict:
@@ -306,7 +343,9 @@ def model_info(name_or_path: str | os.PathLike) -> dict:
     """Config, parameter counts and files of a model folder (no weights loaded)."""
     folder = folder_of(resolve_model_path(name_or_path))
     config = GPTConfig.load(folder)
-    files = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))  # not locks, temporaries
+    files = sorted(
+        p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+    )  # not locks, temporaries
     return {
         "path": str(folder),
         "config": config,
@@ -316,8 +355,14 @@ def model_info(name_or_path: str | os.PathLike) -> dict:
     }
 
 
-def load_model_and_tokenizer(model_path, tokenizer_path=None, device: str = "auto", dtype: torch.dtype | None = None,
-                             quantize: str | None = None, adapter=None):
+def load_model_and_tokenizer(
+    model_path,
+    tokenizer_path=None,
+    device: str = "auto",
+    dtype: torch.dtype | None = None,
+    quantize: str | None = None,
+    adapter=None,
+):
     """The one door: a model folder (or hub id, int8 folder, or adapter folder naming its base) and its tokenizer,
     ready to generate: eval mode, on `device`. Every command, `GPTForge` and the server open models here.
 
@@ -346,7 +391,9 @@ def load_model_and_tokenizer(model_path, tokenizer_path=None, device: str = "aut
         model = load_model(path, device=dev, dtype=dtype, quantize=quantize)
     else:
         model = load_model(path, device=dev, dtype=torch.float32)
-        refuse_quantized(model.config, model_path, "take an adapter", " (and --quantize int8 to quantize after merging)")
+        refuse_quantized(
+            model.config, model_path, "take an adapter", " (and --quantize int8 to quantize after merging)"
+        )
         load_adapter(model, adapter)
         merge_lora(model).to(dtype=dtype).eval()
         if quantize:
@@ -393,8 +440,9 @@ def load_trained(model: GPT, folder: str | os.PathLike) -> None:
         model.load_state_dict(load_model(folder).state_dict())
 
 
-def quantize_folder(model_path: str | os.PathLike, out: str | os.PathLike, method: str = "int8",
-                    force: bool = False) -> Path:
+def quantize_folder(
+    model_path: str | os.PathLike, out: str | os.PathLike, method: str = "int8", force: bool = False
+) -> Path:
     """`gptforge quantize`: read an fp32 model folder (or hub id) and write its int8 folder, with the
     tokenizer and sampling defaults, to `out` (replaced whole, and only with `force`)."""
     from .quantize import check_method, quantization_of, quantize_model
@@ -413,7 +461,6 @@ def quantize_folder(model_path: str | os.PathLike, out: str | os.PathLike, metho
     with atomic_dir(out) as tmp:
         save_model(model, tmp, tokenizer)
     return out
-
 
 
 __all__ = [

@@ -13,6 +13,7 @@ positions count real tokens only and a left-padded batch gives the logits of the
 each text alone). transformers agrees for right padding, its tokenizer's default; for left padding it
 numbers the positions from the first pad unless given `position_ids`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,9 +47,13 @@ def classifier_config(config: GPTConfig, labels: Sequence[str], pad_token_id: in
     if len(set(labels)) != len(labels) or len(labels) < 2:
         raise OptionError(f"labels {labels}: a classifier needs at least two distinct labels")
     extra = {k: v for k, v in config.extra.items() if k not in ("architectures", "problem_type")}
-    extra.update(num_labels=len(labels), id2label={str(i): name for i, name in enumerate(labels)},
-                 label2id={name: i for i, name in enumerate(labels)}, pad_token_id=int(pad_token_id),
-                 problem_type="single_label_classification")
+    extra.update(
+        num_labels=len(labels),
+        id2label={str(i): name for i, name in enumerate(labels)},
+        label2id={name: i for i, name in enumerate(labels)},
+        pad_token_id=int(pad_token_id),
+        problem_type="single_label_classification",
+    )
     return dataclasses.replace(config, extra=extra)
 
 
@@ -68,8 +73,10 @@ def pad_id_of(config: GPTConfig) -> int:
     pad = config.extra.get("pad_token_id")
     name, pad = ("eos_token_id", config.eos_token_id) if pad is None else ("pad_token_id", pad)
     if not (isinstance(pad, int) and 0 <= pad < config.vocab_size):  # transformers' default 50256 in a small vocabulary
-        raise CheckpointError(f"the classifier pads with {name}={pad!r}, which is not a token of its {config.vocab_size:,}; "
-                              "set \"pad_token_id\" in its config.json to the tokenizer's end-of-text id")
+        raise CheckpointError(
+            f"the classifier pads with {name}={pad!r}, which is not a token of its {config.vocab_size:,}; "
+            'set "pad_token_id" in its config.json to the tokenizer\'s end-of-text id'
+        )
     return pad
 
 
@@ -99,7 +106,9 @@ class GPTClassifier(GPT):
             input_ids = torch.where(keep.gather(1, order), input_ids.gather(1, order), self.pad_token_id)
             input_ids = input_ids[:, : max(1, int(keep.sum(1).max()))]
         hidden = self.hidden(input_ids)
-        logits = self.score(hidden[torch.arange(len(input_ids), device=hidden.device), last_token(input_ids, self.pad_token_id)])
+        logits = self.score(
+            hidden[torch.arange(len(input_ids), device=hidden.device), last_token(input_ids, self.pad_token_id)]
+        )
         if not lm_loss:
             return logits
         targets = input_ids[:, 1:].masked_fill(input_ids[:, 1:] == self.pad_token_id, -100)
@@ -135,7 +144,9 @@ def from_language_model(lm: GPT, labels: Sequence[str], pad_token_id: int) -> GP
 # --- folders ----------------------------------------------------------------------------------------------
 
 
-def save_classifier(model: GPTClassifier, folder: str | os.PathLike, tokenizer=None, *, state_dict: dict | None = None) -> Path:
+def save_classifier(
+    model: GPTClassifier, folder: str | os.PathLike, tokenizer=None, *, state_dict: dict | None = None
+) -> Path:
     """A transformers GPT2ForSequenceClassification folder (plus gptforge's tokenizer files)."""
     folder = save_model(model, folder, tokenizer, state_dict=state_dict)
     stored = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("torch_dtype")  # the weights' dtype
@@ -160,19 +171,27 @@ def load_classifier(name_or_path: str | os.PathLike, device: str | torch.device 
     path = resolve_model_path(name_or_path)
     folder = folder_of(path)
     config = GPTConfig.load(folder)
-    if is_classifier_folder(folder) and labels_of(config) is None:  # transformers saves no id2label for its 2 default labels
+    if (
+        is_classifier_folder(folder) and labels_of(config) is None
+    ):  # transformers saves no id2label for its 2 default labels
         n = config.extra.get("num_labels", 2)
-        config.extra.update(id2label={str(i): f"LABEL_{i}" for i in range(n)}, label2id={f"LABEL_{i}": i for i in range(n)})
+        config.extra.update(
+            id2label={str(i): f"LABEL_{i}" for i in range(n)}, label2id={f"LABEL_{i}": i for i in range(n)}
+        )
     if not is_classifier_folder(folder) or labels_of(config) is None:
         raise CheckpointError(
-            f"{folder}: a language-model folder, not a classifier (config.json names no {ARCHITECTURE} and no id2label); "
-            f"train one with `gptforge classify train DATA --init {folder} --out CLASSIFIER`")
+            f"{folder}: a language-model folder, not a classifier (config.json names no {ARCHITECTURE} and no "
+            "id2label); "
+            f"train one with `gptforge classify train DATA --init {folder} --out CLASSIFIER`"
+        )
     sd = read_state_dict(path)
     score = sd.pop("score.weight", None)
     if score is None or tuple(score.shape) != (len(labels_of(config)), config.n_embd):
         found = "no score.weight" if score is None else f"score.weight of shape {tuple(score.shape)}"
-        raise CheckpointError(f"{folder}: {found}; a classifier of {len(labels_of(config))} labels and n_embd={config.n_embd} "
-                              f"needs score.weight of shape ({len(labels_of(config))}, {config.n_embd})")
+        raise CheckpointError(
+            f"{folder}: {found}; a classifier of {len(labels_of(config))} labels and n_embd={config.n_embd} "
+            f"needs score.weight of shape ({len(labels_of(config))}, {config.n_embd})"
+        )
     if not config.tie_word_embeddings and "lm_head.weight" not in sd:  # transformers' classifiers keep no LM head
         wte = sd.get("transformer.wte.weight", sd.get("wte.weight"))
         if wte is not None:
@@ -187,7 +206,9 @@ def load_classifier(name_or_path: str | os.PathLike, device: str | torch.device 
     return model.to(device).eval()
 
 
-def build_classifier(init: str, labels: Sequence[str], pad_token_id: int | None, vocab_size: int | None = None) -> GPTClassifier:
+def build_classifier(
+    init: str, labels: Sequence[str], pad_token_id: int | None, vocab_size: int | None = None
+) -> GPTClassifier:
     """The classifier to train from `init`: a classification folder (its labels must cover `labels`, and
     keep their ids), a language-model folder or hub id (its body, a new head), or a preset (fresh weights;
     `vocab_size` is the tokenizer's)."""
@@ -198,8 +219,10 @@ def build_classifier(init: str, labels: Sequence[str], pad_token_id: int | None,
         model = load_classifier(init)
         unknown = sorted(set(labels) - set(model.labels))
         if unknown:
-            raise DataError(f"--init {init}: the classifier knows {', '.join(model.labels)}, not {', '.join(unknown)}; "
-                            "start from its language model, or train a new head with a language-model --init")
+            raise DataError(
+                f"--init {init}: the classifier knows {', '.join(model.labels)}, not {', '.join(unknown)}; "
+                "start from its language model, or train a new head with a language-model --init"
+            )
         return model.train()
     from .checkpoint import load_model
     from .quantize import refuse_quantized
@@ -217,11 +240,14 @@ def cut(ids, max_length: int, truncate: str = "right"):
     return ids[:max_length] if truncate == "right" else ids[-max_length:]
 
 
-def encode_texts(tokenizer, texts: Sequence[str], max_length: int | None, truncate: str = "right",
-                 where: Sequence[str] | None = None) -> list[np.ndarray]:
+def encode_texts(
+    tokenizer, texts: Sequence[str], max_length: int | None, truncate: str = "right", where: Sequence[str] | None = None
+) -> list[np.ndarray]:
     """Token ids of each text, `cut` to `max_length` (None: whole). A text with no tokens is an error naming it."""
     if truncate not in TRUNCATE:
-        raise OptionError(f"--truncate {truncate!r}: choose right (keep the start of a long text) or left (keep its end)")
+        raise OptionError(
+            f"--truncate {truncate!r}: choose right (keep the start of a long text) or left (keep its end)"
+        )
     out = []
     for i, ids in enumerate(tokenizer.encode_batch(list(texts))):
         if not ids:
@@ -241,15 +267,25 @@ def pad_batch(seqs: Sequence[np.ndarray], pad_token_id: int) -> tuple[torch.Tens
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
-def predict_proba(model: GPTClassifier, tokenizer, texts: Sequence[str], *, batch_size: int = 32,
-                  max_length: int | None = None, truncate: str = "right", where: Sequence[str] | None = None) -> torch.Tensor:
+def predict_proba(
+    model: GPTClassifier,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 32,
+    max_length: int | None = None,
+    truncate: str = "right",
+    where: Sequence[str] | None = None,
+) -> torch.Tensor:
     """Class probabilities (N, num_labels) of `texts`, cut to `max_length` tokens (default: the context) by the
     `truncate` policy."""
     if batch_size < 1:
         raise OptionError(f"--batch-size {batch_size}: must be at least 1")
     n_ctx = model.config.n_positions
     if max_length is not None and not (isinstance(max_length, int) and 0 < max_length <= n_ctx):
-        raise OptionError(f"--max-length {max_length!r}: must be a number of tokens from 1 to the model's context, {n_ctx}")
+        raise OptionError(
+            f"--max-length {max_length!r}: must be a number of tokens from 1 to the model's context, {n_ctx}"
+        )
     seqs = encode_texts(tokenizer, texts, max_length or n_ctx, truncate, where)
     return probabilities(model, seqs, batch_size)
 
@@ -267,7 +303,7 @@ def probabilities(model: GPTClassifier, seqs: Sequence[np.ndarray], batch_size: 
     model.eval()
     with cpu_inference_weights(model, keep=not was_training):  # a model in training keeps no packed copies
         for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             ids, _ = pad_batch([seqs[i] for i in rows], model.pad_token_id)  # right-padded: no mask needed
             probs[torch.from_numpy(rows)] = F.softmax(model(ids.to(device)).float(), dim=-1).cpu()
     model.train(was_training)
@@ -300,15 +336,34 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels:
     recall = np.divide(tp, actual, out=np.zeros(k), where=actual > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=precision + recall > 0)
     present = actual > 0  # classes absent from the data do not drag the macro average down
-    per_class = {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                        "support": int(actual[i])} for i, name in enumerate(labels)}
-    return {"accuracy": float(tp.sum() / max(1, confusion.sum())),
-            "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-            "examples": int(confusion.sum()), "per_class": per_class, "labels": list(labels), "confusion": confusion.tolist()}
+    per_class = {
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(actual[i]),
+        }
+        for i, name in enumerate(labels)
+    }
+    return {
+        "accuracy": float(tp.sum() / max(1, confusion.sum())),
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "examples": int(confusion.sum()),
+        "per_class": per_class,
+        "labels": list(labels),
+        "confusion": confusion.tolist(),
+    }
 
 
-def evaluate_classifier(model: GPTClassifier, tokenizer, texts: Sequence[str], labels: Sequence[str], *,
-                        where: Sequence[str] | None = None, **options) -> dict:
+def evaluate_classifier(
+    model: GPTClassifier,
+    tokenizer,
+    texts: Sequence[str],
+    labels: Sequence[str],
+    *,
+    where: Sequence[str] | None = None,
+    **options,
+) -> dict:
     """`classification_metrics` of the model's predictions on labelled texts, plus the mean loss."""
     if len(labels) != len(texts):
         raise DataError(f"{len(texts)} texts but {len(labels)} labels; give one label per text")
@@ -316,7 +371,9 @@ def evaluate_classifier(model: GPTClassifier, tokenizer, texts: Sequence[str], l
     for i, label in enumerate(labels):
         if label not in label2id:
             at = where[i] if where is not None else f"example {i + 1}"
-            raise DataError(f"{at}: label {label!r} was never seen in training; the model knows {', '.join(model.labels)}")
+            raise DataError(
+                f"{at}: label {label!r} was never seen in training; the model knows {', '.join(model.labels)}"
+            )
     probs = predict_proba(model, tokenizer, texts, where=where, **options)
     return metrics_of(probs, [label2id[label] for label in labels], model.labels)
 
@@ -331,9 +388,12 @@ def metrics_of(probs: torch.Tensor, y_true: Sequence[int], labels: Sequence[str]
 def format_metrics(m: dict) -> str:
     """The metrics as a plain-text report: headline figures, a per-class table, the confusion matrix."""
     width = max(8, *(len(name) for name in m["labels"]))
-    lines = [f"examples {m['examples']}, accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}"
-             + (f", loss {m['loss']:.4f}" if "loss" in m else ""), "",
-             f"{'label':<{width}}  precision  recall      f1  support"]
+    lines = [
+        f"examples {m['examples']}, accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}"
+        + (f", loss {m['loss']:.4f}" if "loss" in m else ""),
+        "",
+        f"{'label':<{width}}  precision  recall      f1  support",
+    ]
     for name, c in m["per_class"].items():
         lines.append(f"{name:<{width}}  {c['precision']:9.4f}  {c['recall']:6.4f}  {c['f1']:6.4f}  {c['support']:7d}")
     lines += ["", "confusion matrix (rows: true label, columns: predicted, in the order above)"]
@@ -341,8 +401,27 @@ def format_metrics(m: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ARCHITECTURE", "GPTClassifier", "TRUNCATE", "build_classifier", "classification_metrics", "classifier_config", "cut",
-           "encode_texts", "evaluate_classifier", "format_metrics", "from_language_model", "is_classifier_folder",
-           "labels_of", "last_token", "load_classifier", "metrics_of", "pad_batch", "predict", "predict_proba", "probabilities",
-           "set_dropout",
-           "save_classifier"]
+__all__ = [
+    "ARCHITECTURE",
+    "GPTClassifier",
+    "TRUNCATE",
+    "build_classifier",
+    "classification_metrics",
+    "classifier_config",
+    "cut",
+    "encode_texts",
+    "evaluate_classifier",
+    "format_metrics",
+    "from_language_model",
+    "is_classifier_folder",
+    "labels_of",
+    "last_token",
+    "load_classifier",
+    "metrics_of",
+    "pad_batch",
+    "predict",
+    "predict_proba",
+    "probabilities",
+    "set_dropout",
+    "save_classifier",
+]

@@ -1,5 +1,6 @@
 """The command line's option builders that several commands share: flags made from options dataclasses,
 the reading and cleaning group (tokenizer train, prepare, train), and `gptforge train`'s grouped options."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,16 +20,18 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, groups: dict | N
         flag = "--" + (meta.get("flag") or f.name).replace("_", "-")
         where = (groups or {}).get(group_of.get(f.name), parser)
         if f.type in ("bool", bool, "bool | None"):
-            action = where.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                                        help=meta.get("help", ""))
+            action = where.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=meta.get("help", "")
+            )
             shown = None if f.default is None else "on" if f.default else "off"
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
             if f.name == "max_time":
                 kind = _argparse_type(parse_duration)
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            action = where.add_argument(flag, dest=f.name, type=kind, default=default, choices=meta.get("choices"),
-                                        help=meta.get("help", ""))
+            action = where.add_argument(
+                flag, dest=f.name, type=kind, default=default, choices=meta.get("choices"), help=meta.get("help", "")
+            )
             shown = default if default != [] else None
         if shown is not None and shown != "" and "default" not in action.help:
             action.help += f" (default: {shown})"
@@ -36,6 +39,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, groups: dict | N
 
 def _argparse_type(parse):
     """`parse` as an argparse type whose error message is shown (argparse hides a ValueError's own words)."""
+
     def kind(text: str):
         try:
             return parse(text)
@@ -65,8 +69,16 @@ def read_options(args: argparse.Namespace) -> dict:
     column = args.column
     if column is not None and column.isdigit():
         column = int(column)
-    opts = dict(column=column, header=not args.no_header, field=args.field, encoding_errors=args.encoding_errors,
-                nfc=args.nfc, drop_control=args.drop_control, remove=tuple(args.remove or ()), dedupe=args.dedupe)
+    opts = dict(
+        column=column,
+        header=not args.no_header,
+        field=args.field,
+        encoding_errors=args.encoding_errors,
+        nfc=args.nfc,
+        drop_control=args.drop_control,
+        remove=tuple(args.remove or ()),
+        dedupe=args.dedupe,
+    )
     if args.ext:
         opts["extensions"] = tuple(e.strip() for e in args.ext.split(",") if e.strip())
     return opts
@@ -78,19 +90,38 @@ def read_flags(p: argparse.ArgumentParser, g=None) -> None:
     from .data.reading import TEXT_EXTENSIONS
 
     g = g or p.add_argument_group("reading and cleaning")
-    g.add_argument("--hf-dataset", metavar="NAME_OR_PATH", help="also read this `datasets` dataset: a local folder "
-                   "(save_to_disk; works offline) or a hub name (needs the datasets package)")
+    g.add_argument(
+        "--hf-dataset",
+        metavar="NAME_OR_PATH",
+        help="also read this `datasets` dataset: a local folder "
+        "(save_to_disk; works offline) or a hub name (needs the datasets package)",
+    )
     g.add_argument("--split", default="train", help="--hf-dataset: the split to read (default: train)")
     g.add_argument("--column", help="CSV/TSV: text column, by header name or 0-based index; Parquet: column name")
     g.add_argument("--no-header", action="store_true", help="CSV/TSV: the first row is data, not column names")
-    g.add_argument("--field", default="text", help="JSON Lines, JSON arrays, Parquet, --hf-dataset: field holding the text (default: text)")
-    g.add_argument("--ext", help=f"file types taken from folders, comma-separated (default: {','.join(TEXT_EXTENSIONS)})")
-    g.add_argument("--encoding-errors", choices=("strict", "replace"), default="strict",
-                   help="invalid UTF-8: stop with the file and byte offset (strict), or replace it with U+FFFD")
+    g.add_argument(
+        "--field",
+        default="text",
+        help="JSON Lines, JSON arrays, Parquet, --hf-dataset: field holding the text (default: text)",
+    )
+    g.add_argument(
+        "--ext", help=f"file types taken from folders, comma-separated (default: {','.join(TEXT_EXTENSIONS)})"
+    )
+    g.add_argument(
+        "--encoding-errors",
+        choices=("strict", "replace"),
+        default="strict",
+        help="invalid UTF-8: stop with the file and byte offset (strict), or replace it with U+FFFD",
+    )
     g.add_argument("--nfc", action="store_true", help="Unicode NFC normalisation")
     g.add_argument("--drop-control", action="store_true", help="remove control characters (keeps tabs and newlines)")
-    g.add_argument("--remove", action="append", metavar="REGEX", help="delete matches of this regex (repeatable), "
-                   "e.g. --remove '^[ \\t]*\\d+[ \\t]*(\\n|$)' for page-number lines")
+    g.add_argument(
+        "--remove",
+        action="append",
+        metavar="REGEX",
+        help="delete matches of this regex (repeatable), "
+        "e.g. --remove '^[ \\t]*\\d+[ \\t]*(\\n|$)' for page-number lines",
+    )
     g.add_argument("--dedupe", action="store_true", help="drop exact duplicate documents / lines")
 
 
@@ -111,8 +142,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     from .config import ACTIVATIONS, PRESETS
     from .options import DEFAULT_VOCAB_SIZE, TRAIN_GROUPS, InstructOptions, LoRAOptions, TrainConfig
 
-    p.add_argument("--config", metavar="FILE", help="read options from a YAML or JSON file with the flags' names "
-                   "(e.g. `lr: 3e-4`); flags given here win; a run's run_config.json works too")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read options from a YAML or JSON file with the flags' names "
+        "(e.g. `lr: 3e-4`); flags given here win; a run's run_config.json works too",
+    )
     groups = {title: p.add_argument_group(title) for title in TRAIN_GROUPS}
     g = groups["data"]
     g.add_argument("inputs", nargs="*", help="text files, folders, globs, .csv/.tsv, .jsonl, .json or .parquet")
@@ -121,22 +156,50 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", help="a dataset folder written by `gptforge prepare`")
     g.add_argument("--line-by-line", action="store_true", help="each line is one short sample (tweets, titles, jokes)")
     g.add_argument("--tokenizer", help="use this tokenizer (folder or tokenizer.json) instead of training one")
-    g.add_argument("--vocab-size", type=int, help=f"vocabulary of the tokenizer trained for the run (default: {DEFAULT_VOCAB_SIZE})")
-    g.add_argument("--tokenizer-kind", choices=("bpe", "char"), default="bpe", help="byte-level BPE or characters (default: bpe)")
+    g.add_argument(
+        "--vocab-size",
+        type=int,
+        help=f"vocabulary of the tokenizer trained for the run (default: {DEFAULT_VOCAB_SIZE})",
+    )
+    g.add_argument(
+        "--tokenizer-kind", choices=("bpe", "char"), default="bpe", help="byte-level BPE or characters (default: bpe)"
+    )
     read_flags(p, groups["reading and cleaning"])
     g = groups["model"]
     g.add_argument("--init", help="fine-tune this model folder, weights file or hub id (gpt2, gpt2-medium, ...)")
     g.add_argument("--size", choices=tuple(PRESETS), help="from scratch: a preset (default: chosen for the data)")
     for name in ("n_layer", "n_embd", "n_head", "n_positions"):
-        g.add_argument("--" + name.replace("_", "-"), dest=name, type=int, help=f"from scratch: override the preset's {name}")
-    g.add_argument("--dropout", type=float, help="from scratch: residual, embedding and attention dropout (default: the preset's; 0 for tiny/mini/small, 0.1 for gpt2 sizes)")
-    g.add_argument("--attn-dropout", type=float, help="from scratch: dropout on the attention probabilities alone (default: --dropout's "
-                   "value, else the preset's); 0 with --dropout keeps the cheaper residual and embedding dropout only")
-    g.add_argument("--activation", dest="activation_function", choices=ACTIVATIONS,
-                   help="from scratch: the MLP's activation_function (default: the preset's)")
-    g.add_argument("--tie-embeddings", dest="tie_word_embeddings", action=argparse.BooleanOptionalAction, default=None,
-                   help="from scratch: the output head shares the token embedding's matrix (default: the preset's)")
-    groups["precision and speed"].add_argument("--nproc", type=int, help="launch this many processes with torchrun (data parallel)")
+        g.add_argument(
+            "--" + name.replace("_", "-"), dest=name, type=int, help=f"from scratch: override the preset's {name}"
+        )
+    g.add_argument(
+        "--dropout",
+        type=float,
+        help="from scratch: residual, embedding and attention dropout (default: the preset's; 0 for tiny/mini/small, "
+        "0.1 for gpt2 sizes)",
+    )
+    g.add_argument(
+        "--attn-dropout",
+        type=float,
+        help="from scratch: dropout on the attention probabilities alone (default: --dropout's "
+        "value, else the preset's); 0 with --dropout keeps the cheaper residual and embedding dropout only",
+    )
+    g.add_argument(
+        "--activation",
+        dest="activation_function",
+        choices=ACTIVATIONS,
+        help="from scratch: the MLP's activation_function (default: the preset's)",
+    )
+    g.add_argument(
+        "--tie-embeddings",
+        dest="tie_word_embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="from scratch: the output head shares the token embedding's matrix (default: the preset's)",
+    )
+    groups["precision and speed"].add_argument(
+        "--nproc", type=int, help="launch this many processes with torchrun (data parallel)"
+    )
     add_dataclass_options(p, TrainConfig, groups)
     add_dataclass_options(p, LoRAOptions, groups)
     add_dataclass_options(p, InstructOptions, groups)

@@ -1,4 +1,5 @@
 """The `gptforge` commands that use a trained model: generate, eval, quantize, merge."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,9 @@ from pathlib import Path
 from .cli_args import add_dataclass_options, option_values
 from .errors import NotFoundError, OptionError
 
-ADAPTER_HELP = "a LoRA adapter folder (gptforge's or peft's) to apply to the model, merged on load; see docs/adapters.md"
+ADAPTER_HELP = (
+    "a LoRA adapter folder (gptforge's or peft's) to apply to the model, merged on load; see docs/adapters.md"
+)
 QUANTIZE_HELP = "int8: int8 weights made on load (faster on CPUs, slightly different numbers); see docs/guide.md"
 
 
@@ -45,20 +48,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
         options["seed"] = random.randrange(2**31)
         print(f"seed {options['seed']} (pass --seed {options['seed']} to get this text again)", file=sys.stderr)
     if args.interactive and (args.prompt or args.prompt_option or args.out_dir or args.lines):
-        given = [f for f, v in (("a prompt", args.prompt or args.prompt_option), ("--out-dir", args.out_dir),
-                                ("--lines", args.lines)) if v]
-        raise OptionError(f"--interactive reads its prompts from stdin and prints the answers; leave out {', '.join(given)}")
+        given = [
+            f
+            for f, v in (
+                ("a prompt", args.prompt or args.prompt_option),
+                ("--out-dir", args.out_dir),
+                ("--lines", args.lines),
+            )
+            if v
+        ]
+        raise OptionError(
+            f"--interactive reads its prompts from stdin and prints the answers; leave out {', '.join(given)}"
+        )
     if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         raise OptionError(f"--out-dir {args.out_dir}: is a file, not a folder")
     prompts = [] if args.interactive else _gather_prompts(args)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device, quantize=args.quantize,
-                                                adapter=args.adapter)
+    model, tokenizer = load_model_and_tokenizer(
+        args.model, args.tokenizer, device=args.device, quantize=args.quantize, adapter=args.adapter
+    )
     chat = Conversation(tokenizer, keep_history=args.interactive) if args.chat else None
     prompts = [chat.ask(p) for p in prompts] if chat else prompts
     given = given_on_command_line(args.parser, args.argv)  # the folder's generation_config.json sets the defaults
     options.update({k: v for k, v in sampling_defaults(model).items() if k not in given})
     SamplingOptions(**options).validate()
-    common = dict(stop=args.stop, include_prompt=not (args.no_prompt or chat), context_keep=args.context_keep, **options)
+    common = dict(
+        stop=args.stop, include_prompt=not (args.no_prompt or chat), context_keep=args.context_keep, **options
+    )
 
     def run(batch: list[str], live: bool) -> list[str]:
         current = [None]
@@ -70,8 +85,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        texts = generate(model, tokenizer, batch, stream=show if live else None,
-                         progress=not live and len(batch) * options["num_samples"] > 1, **common)
+        texts = generate(
+            model,
+            tokenizer,
+            batch,
+            stream=show if live else None,
+            progress=not live and len(batch) * options["num_samples"] > 1,
+            **common,
+        )
         if live:
             sys.stdout.write("\n")
         return texts
@@ -117,7 +138,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .checkpoint import merge_to_folder
 
     out = merge_to_folder(args.base, args.adapter, args.out, force=args.force)
-    print(f"wrote {out}: {args.base} with the adapter {args.adapter} merged in (a plain model folder, no adapter code needed)")
+    print(
+        f"wrote {out}: {args.base} with the adapter {args.adapter} merged in (a plain model folder, no adapter code "
+        "needed)"
+    )
     return 0
 
 
@@ -146,15 +170,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     prepared = [(Path(f) / "meta.json").is_file() for f in args.files]
     for f, is_prepared in zip(args.files, prepared):
         if Path(f).is_dir() and not is_prepared:
-            raise NotFoundError(f"{f}: a folder without meta.json, not data prepared by `gptforge prepare`; give its "
-                                "text files, or a run's RUN/data")
+            raise NotFoundError(
+                f"{f}: a folder without meta.json, not data prepared by `gptforge prepare`; give its "
+                "text files, or a run's RUN/data"
+            )
     if all(prepared) and not (args.adapter or is_adapter(args.model)):
         model = load_model(args.model, device=resolve_device(args.device), quantize=args.quantize)
         tokenizer = None  # token shards need no tokenizer
     else:
-        model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, adapter=args.adapter, device=args.device,
-                                                    dtype=torch.float32,
-                                             quantize=args.quantize)
+        model, tokenizer = load_model_and_tokenizer(
+            args.model,
+            args.tokenizer,
+            adapter=args.adapter,
+            device=args.device,
+            dtype=torch.float32,
+            quantize=args.quantize,
+        )
     precision = pick_precision(args.precision, model.transformer.wte.weight.device)
     kw = dict(autocast_dtype=None if precision == torch.float32 else precision, progress=True)
     results = {}
@@ -181,12 +212,18 @@ def _memorization(args: argparse.Namespace) -> int:
     from .options import MemorizationOptions
 
     if args.files or args.adapter or args.quantize:
-        given = [f for f, v in (("files to score", args.files), ("--adapter", args.adapter), ("--quantize", args.quantize))
-                 if v]
-        raise OptionError(f"--memorization reports on the model folder alone; leave out {', '.join(given)} (run the "
-                          "perplexity evaluation separately)")
-    result = report(args.model, args.train_data, MemorizationOptions(**option_values(args, MemorizationOptions)),
-                    device=args.device)
+        given = [
+            f
+            for f, v in (("files to score", args.files), ("--adapter", args.adapter), ("--quantize", args.quantize))
+            if v
+        ]
+        raise OptionError(
+            f"--memorization reports on the model folder alone; leave out {', '.join(given)} (run the "
+            "perplexity evaluation separately)"
+        )
+    result = report(
+        args.model, args.train_data, MemorizationOptions(**option_values(args, MemorizationOptions)), device=args.device
+    )
     print(json.dumps(result.as_dict(), indent=2, ensure_ascii=False) if args.json else result)
     return 0
 
@@ -194,21 +231,36 @@ def _memorization(args: argparse.Namespace) -> int:
 def add_generate_commands(sub) -> None:
     from .options import EvalOptions, MemorizationOptions, SamplingOptions
 
-    p = sub.add_parser("generate", help="generate text from a model folder",
-                       description="Sample text with transformers' generation options. Prompts come from arguments, "
-                                   "--prompt-file, or stdin ('-' or a pipe); an empty prompt starts from <|endoftext|>.")
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a model folder",
+        description="Sample text with transformers' generation options. Prompts come from arguments, "
+        "--prompt-file, or stdin ('-' or a pipe); an empty prompt starts from <|endoftext|>.",
+    )
     p.add_argument("model", help="model folder (with its tokenizer) or hub id")
     p.add_argument("prompt", nargs="*", help="prompt text; several give several prompts; '-' reads stdin")
-    p.add_argument("-p", "--prompt", dest="prompt_option", action="append", default=[],
-                   help="a prompt, as an option (repeatable; may come after other options; '-' reads stdin)")
+    p.add_argument(
+        "-p",
+        "--prompt",
+        dest="prompt_option",
+        action="append",
+        default=[],
+        help="a prompt, as an option (repeatable; may come after other options; '-' reads stdin)",
+    )
     p.add_argument("--prompt-file", action="append", help="a file whose text is one prompt (repeatable)")
     p.add_argument("--lines", action="store_true", help="every non-empty line of the prompts is a prompt of its own")
-    p.add_argument("--interactive", action="store_true", help="read prompts line by line from stdin, stream each answer")
+    p.add_argument(
+        "--interactive", action="store_true", help="read prompts line by line from stdin, stream each answer"
+    )
     add_dataclass_options(p, SamplingOptions)
     p.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy decoding (same as --no-do-sample)")
-    p.add_argument("--stop", action="append", default=[], help="stop a sample at this string, not included (repeatable)")
+    p.add_argument(
+        "--stop", action="append", default=[], help="stop a sample at this string, not included (repeatable)"
+    )
     p.add_argument("--no-prompt", action="store_true", help="print only the generated text, not the prompt")
-    p.add_argument("--context-keep", type=int, help="tokens kept when the text outgrows the context (default: 3/4 of it)")
+    p.add_argument(
+        "--context-keep", type=int, help="tokens kept when the text outgrows the context (default: 3/4 of it)"
+    )
     p.add_argument("--out-dir", help="write the samples to a file in this folder, named with the date and seed")
     p.add_argument("--delimiter", default="\n" + "=" * 40 + "\n", help="printed between samples")
     p.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
@@ -216,47 +268,77 @@ def add_generate_commands(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda, else mps on a Mac, else cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--quantize", metavar="int8", help=QUANTIZE_HELP)
     p.add_argument("--adapter", metavar="DIR", help=ADAPTER_HELP)
-    p.add_argument("--chat", action="store_true", help="each prompt is a user message put through the model's chat template "
-                   "(gptforge's GPT-2 template if it has none); only the answer is printed; --interactive keeps the conversation")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="each prompt is a user message put through the model's chat template "
+        "(gptforge's GPT-2 template if it has none); only the answer is printed; --interactive keeps the conversation",
+    )
     p.set_defaults(func=cmd_generate, parser=p)
 
-    p = sub.add_parser("eval", help="perplexity, loss and bits per byte of text files or prepared datasets; "
-                                    "--memorization: how much the model copies its training text",
-                       description="Sliding-window evaluation: windows of --block-size tokens every --stride tokens, "
-                                   "each scoring only tokens not scored before. With --memorization: continuations "
-                                   "sampled after validation prompts, checked for verbatim copies of the training text "
-                                   "(docs/guide.md, 'Is it copying?').")
+    p = sub.add_parser(
+        "eval",
+        help="perplexity, loss and bits per byte of text files or prepared datasets; "
+        "--memorization: how much the model copies its training text",
+        description="Sliding-window evaluation: windows of --block-size tokens every --stride tokens, "
+        "each scoring only tokens not scored before. With --memorization: continuations "
+        "sampled after validation prompts, checked for verbatim copies of the training text "
+        "(docs/guide.md, 'Is it copying?').",
+    )
     p.add_argument("model", help="model folder or hub id")
     p.add_argument("files", nargs="*", help="UTF-8 text files, or dataset folders written by `gptforge prepare`")
     add_dataclass_options(p, EvalOptions)
-    p.add_argument("--memorization", action="store_true", help="report how much of the model's text copies its "
-                   "training text, against the baseline of the validation text")
-    p.add_argument("--train-data", action="append", metavar="PATH", help="--memorization of a model that is not a run "
-                   "folder: its training text (text files, repeatable, or a folder written by `gptforge prepare`)")
+    p.add_argument(
+        "--memorization",
+        action="store_true",
+        help="report how much of the model's text copies its "
+        "training text, against the baseline of the validation text",
+    )
+    p.add_argument(
+        "--train-data",
+        action="append",
+        metavar="PATH",
+        help="--memorization of a model that is not a run "
+        "folder: its training text (text files, repeatable, or a folder written by `gptforge prepare`)",
+    )
     add_dataclass_options(p, MemorizationOptions)
-    p.add_argument("--split", default="val", choices=("train", "val"), help="split of a prepared dataset (default: val)")
+    p.add_argument(
+        "--split", default="val", choices=("train", "val"), help="split of a prepared dataset (default: val)"
+    )
     p.add_argument("--tokenizer", help="tokenizer folder or tokenizer.json (default: the model folder's)")
     p.add_argument("--device", default="auto", help="auto (cuda, else mps on a Mac, else cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="autocast dtype (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="autocast dtype (default: fp32 on CPU, bf16 on CUDA)",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--quantize", metavar="int8", help=QUANTIZE_HELP)
     p.add_argument("--adapter", metavar="DIR", help=ADAPTER_HELP)
     p.set_defaults(func=cmd_eval, parser=p)
 
-    p = sub.add_parser("merge", help="merge a LoRA adapter into its base model: a plain model folder",
-                       description="Fold the adapter's low-rank updates into the base model's weights and write a model "
-                                   "folder that gptforge and transformers open without any adapter code.")
+    p = sub.add_parser(
+        "merge",
+        help="merge a LoRA adapter into its base model: a plain model folder",
+        description="Fold the adapter's low-rank updates into the base model's weights and write a model "
+        "folder that gptforge and transformers open without any adapter code.",
+    )
     p.add_argument("base", help="the base model folder or hub id the adapter was trained on")
-    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors, from gptforge or peft)")
+    p.add_argument(
+        "adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors, from gptforge or peft)"
+    )
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--force", action="store_true", help="replace --out if it already holds files")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("quantize", help="write an int8 copy of a model folder, for faster generation on CPUs",
-                       description="Store the linear layers and the output head with int8 weights (one scale per "
-                                   "output channel). The folder opens in gptforge (generate, eval, serve, GPTForge) "
-                                   "but not in transformers: keep the fp32 folder to share.")
+    p = sub.add_parser(
+        "quantize",
+        help="write an int8 copy of a model folder, for faster generation on CPUs",
+        description="Store the linear layers and the output head with int8 weights (one scale per "
+        "output channel). The folder opens in gptforge (generate, eval, serve, GPTForge) "
+        "but not in transformers: keep the fp32 folder to share.",
+    )
     p.add_argument("model", help="fp32 model folder or hub id")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--method", default="int8", help="quantization (default and only choice: int8)")

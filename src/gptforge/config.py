@@ -1,4 +1,5 @@
 """GPT-2 model configuration: one dataclass, named presets, transformers' config.json format."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,7 +59,8 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                f"choose n_embd a multiple of n_head (e.g. n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))})"
+                f"choose n_embd a multiple of n_head (e.g. "
+                f"n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))})"
             )
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
             value = getattr(self, name)
@@ -79,7 +81,13 @@ class GPTConfig:
 
     def to_dict(self) -> dict:
         d = dict(_HF_DEFAULTS)
-        d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "gradient_checkpointing")})
+        d.update(
+            {
+                f.name: getattr(self, f.name)
+                for f in dataclasses.fields(self)
+                if f.name not in ("extra", "gradient_checkpointing")
+            }
+        )
         d.update(self.extra)
         d.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_ctx=self.n_positions)
         return d
@@ -91,7 +99,9 @@ class GPTConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         ignored = {"model_type", "architectures", "n_ctx", "use_cache", "transformers_version", "torch_dtype", "dtype"}
-        extra = {k: v for k, v in d.items() if k not in names and k not in ignored and _HF_DEFAULTS.get(k, _MISSING) != v}
+        extra = {
+            k: v for k, v in d.items() if k not in names and k not in ignored and _HF_DEFAULTS.get(k, _MISSING) != v
+        }
         return cls(**known, extra=extra)
 
     def save(self, path: str | os.PathLike, torch_dtype: str | None = None) -> None:
@@ -136,8 +146,14 @@ class GPTConfig:
 
 
 # GPT2Config fields gptforge does not use, written with transformers' defaults; other values are kept in `extra`.
-_HF_DEFAULTS = dict(summary_type="cls_index", summary_use_proj=True, summary_activation=None,
-                    summary_proj_to_labels=True, summary_first_dropout=0.1, use_cache=True)
+_HF_DEFAULTS = dict(
+    summary_type="cls_index",
+    summary_use_proj=True,
+    summary_activation=None,
+    summary_proj_to_labels=True,
+    summary_first_dropout=0.1,
+    use_cache=True,
+)
 _MISSING = object()
 
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "relu2", "gelu_fast", "quick_gelu")
@@ -146,7 +162,9 @@ ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "relu2", "gelu_f
 # The laptop presets train from scratch without dropout: a model that sees its data a few times is short
 # of capacity, not overfitting (ten minutes of `tiny` on English fortunes, 11 passes over the data:
 # 2.11 bits per byte without dropout, 2.17 with 0.1; docs/benchmarks.md). The GPT-2 sizes keep GPT-2's 0.1.
-_LAPTOP = dict(vocab_size=DEFAULT_VOCAB_SIZE, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+_LAPTOP = dict(
+    vocab_size=DEFAULT_VOCAB_SIZE, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+)
 
 PRESETS: dict[str, dict] = {
     "gpt2": dict(n_embd=768, n_layer=12, n_head=12),
@@ -220,5 +238,7 @@ def check_block_count(names, config: GPTConfig, source: str = "weights") -> None
     found = {int(m[1]) for name in names if (m := BLOCK_KEY.match(name))}
     blocks = max(found) + 1 if found else 0
     if blocks != config.n_layer:
-        raise CheckpointError(f"{source}: the weights hold {blocks} blocks but config.json says n_layer={config.n_layer}; "
-                              "the config does not belong to these weights")
+        raise CheckpointError(
+            f"{source}: the weights hold {blocks} blocks but config.json says n_layer={config.n_layer}; "
+            "the config does not belong to these weights"
+        )

@@ -4,6 +4,7 @@ Precedence, lowest first: the defaults, the file, the flags given on the command
 given is found by parsing the command line again with every default suppressed, so a flag given with its
 default value still wins over the file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,9 @@ def read_config_file(path: str) -> dict:
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise OptionError(f"--config {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                          "save it as UTF-8") from None
+        raise OptionError(
+            f"--config {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8"
+        ) from None
     if file.suffix.lower() in (".yaml", ".yml"):
         data = _yaml(text, path)
     else:
@@ -43,7 +45,9 @@ def _yaml(text: str, path: str):
     try:
         import yaml
     except ImportError:
-        raise OptionError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml), or write it as JSON") from None
+        raise OptionError(
+            f"--config {path}: reading YAML needs PyYAML (pip install pyyaml), or write it as JSON"
+        ) from None
     try:
         return yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
@@ -133,7 +137,8 @@ def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser,
         by_name.setdefault(action.dest, (action, False))
         for s in action.option_strings:  # --no-x of a switch, and store_false flags (--greedy), say "off"
             off = isinstance(action, argparse._StoreFalseAction) or (
-                isinstance(action, argparse.BooleanOptionalAction) and s.startswith("--no-"))
+                isinstance(action, argparse.BooleanOptionalAction) and s.startswith("--no-")
+            )
             by_name[s.lstrip("-").replace("-", "_")] = (action, off)
     given = given_on_command_line(parser, argv)
     taken = {}

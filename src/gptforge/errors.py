@@ -5,6 +5,7 @@ message says what is wrong and what to do; the `gptforge` command prints it as o
 exception is a bug and keeps its traceback. Each class also derives from the built-in error that
 describes it, so `except ValueError` / `except FileNotFoundError` keep working.
 """
+
 from __future__ import annotations
 
 
@@ -44,5 +45,14 @@ class TrainingError(GPTForgeError, RuntimeError):
     """Training cannot go on (diverged, out of memory); the message says what to change."""
 
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "GPTForgeError", "NotFoundError", "OptionError",
-           "RunFolderError", "TokenizerError", "TrainingError"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "GPTForgeError",
+    "NotFoundError",
+    "OptionError",
+    "RunFolderError",
+    "TokenizerError",
+    "TrainingError",
+]

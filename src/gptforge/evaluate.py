@@ -10,6 +10,7 @@ more context (lower, more honest perplexity) for proportionally more compute.
 Bits per byte (total nats / ln 2 / UTF-8 bytes) does not depend on the tokenizer, so it compares models
 with different vocabularies, which perplexity per token cannot.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,8 +53,12 @@ def bits_per_byte(loss: float, bytes_per_token: float | None) -> float | None:
 
 def _result(nats: float, count: int, bytes_count: int | None) -> EvalResult:
     loss = nats / count
-    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)),
-                      bits_per_byte=bits_per_byte(loss, bytes_count / count if bytes_count else None), tokens=count)
+    return EvalResult(
+        loss=loss,
+        perplexity=math.exp(min(loss, 700.0)),
+        bits_per_byte=bits_per_byte(loss, bytes_count / count if bytes_count else None),
+        tokens=count,
+    )
 
 
 def combine(results: Sequence[EvalResult]) -> EvalResult:
@@ -82,8 +87,9 @@ def _as_tensor(tokens, start: int, end: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(tokens[start:end], dtype=np.int64))
 
 
-def _score(model: GPT, tokens, opts: EvalOptions, max_tokens: int | None, device, autocast_dtype,
-           progress: bool = False) -> tuple[float, int]:
+def _score(
+    model: GPT, tokens, opts: EvalOptions, max_tokens: int | None, device, autocast_dtype, progress: bool = False
+) -> tuple[float, int]:
     """Total nats and number of predictions scored over one token stream."""
     n_ctx = model.config.n_positions
     block_size = n_ctx if opts.block_size is None else opts.block_size
@@ -121,8 +127,10 @@ def _score(model: GPT, tokens, opts: EvalOptions, max_tokens: int | None, device
         y = torch.stack([_as_tensor(tokens, s + 1, e + 1) for s, e, _ in group])[:, -keep:].clone()
         lo, hi = min(x.min(), y.min()).item(), max(x.max(), y.max()).item()  # on the host: no device sync
         if lo < 0 or hi >= model.config.vocab_size:
-            raise DataError(f"token ids {lo}..{hi} fall outside the model's vocab_size={model.config.vocab_size}; "
-                             "were these tokens made with another tokenizer?")
+            raise DataError(
+                f"token ids {lo}..{hi} fall outside the model's vocab_size={model.config.vocab_size}; "
+                "were these tokens made with another tokenizer?"
+            )
         x = x.to(device, non_blocking=True)
         for row, (_, _, scored) in enumerate(group):
             y[row, : keep - scored] = -100  # already scored by an earlier window
@@ -186,8 +194,10 @@ def _is_file_name(item) -> bool:
     if not (isinstance(item, str) and len(item) < 4096 and "\n" not in item):
         return False
     if os.sep in item and os.path.isdir(item):  # "corpus" alone may be a one-word text; "data/corpus" is a path
-        raise DataError(f"{item}: a folder; give the text files in it (or, for data prepared by `gptforge prepare`, "
-                        "evaluate_prepared / `gptforge eval MODEL FOLDER`)")
+        raise DataError(
+            f"{item}: a folder; give the text files in it (or, for data prepared by `gptforge prepare`, "
+            "evaluate_prepared / `gptforge eval MODEL FOLDER`)"
+        )
     if not os.path.isfile(item) and re.fullmatch(r"\S+\.(txt|md|text|jsonl|ndjson|json|csv|tsv)", item, re.I):
         raise NotFoundError(f"{item}: no such file (a text to score, not a file name, is passed as the text itself)")
     return os.path.isfile(item)
@@ -225,15 +235,23 @@ def evaluate_text(
             if not text:
                 continue
             ids = None
-            if left is not None and len(text) > 64 * left:  # encode only the start of a long text (64 chars a token is plenty)
+            if (
+                left is not None and len(text) > 64 * left
+            ):  # encode only the start of a long text (64 chars a token is plenty)
                 ids = [tokenizer.eos_id] + list(tokenizer.encode(text[: 64 * left]))
                 text = text[: 64 * left] if len(ids) > left + 1 else text  # the last token may end mid-word
             if ids is None or len(ids) <= left + 1:
                 ids = [tokenizer.eos_id] + list(tokenizer.encode(text))
-            n, c = _score(model, ids, opts, None if left is None else left + 1, device, autocast_dtype, progress)  # + the <|endoftext|>
+            n, c = _score(
+                model, ids, opts, None if left is None else left + 1, device, autocast_dtype, progress
+            )  # + the <|endoftext|>
             nats, count = nats + n, count + c
             # Bytes of the text actually scored (all of it unless max_tokens cut it short).
-            nbytes += len(text.encode("utf-8")) if c == len(ids) - 1 else len(tokenizer.decode(ids[1:c + 1]).encode("utf-8"))
+            nbytes += (
+                len(text.encode("utf-8"))
+                if c == len(ids) - 1
+                else len(tokenizer.decode(ids[1 : c + 1]).encode("utf-8"))
+            )
     if count == 0:
         raise DataError("the texts are empty; there is nothing to evaluate")
     return _result(nats, count, nbytes)
@@ -260,5 +278,14 @@ def evaluate_prepared(model: GPT, folder: str | os.PathLike, split: str = "val",
     return r
 
 
-__all__ = ["EvalOptions", "EvalResult", "bits_per_byte", "combine", "evaluate_prepared", "evaluate_text", "evaluate_tokens",
-           "read_text_file", "sliding_windows"]
+__all__ = [
+    "EvalOptions",
+    "EvalResult",
+    "bits_per_byte",
+    "combine",
+    "evaluate_prepared",
+    "evaluate_text",
+    "evaluate_tokens",
+    "read_text_file",
+    "sliding_windows",
+]

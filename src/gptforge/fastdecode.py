@@ -14,9 +14,11 @@ It applies to a model in eval mode on the CPU with fp32 embeddings, blocks of pl
 (`nn.Linear` or `Int8Linear`: no adapters) and LayerNorms, an activation the C code knows, and where the
 kernel is built and the kernels switch is on; for as many rows as it was measured faster than the model's
 torch forward on this machine (calibrate.py's `fp32_rows` and `int8_rows`, at most native.MAX_ROWS), on the
-measured number of threads (`threads`). Its numbers are the model's up to float rounding (sums in another order); an int8 model's are those of
+measured number of threads (`threads`). Its numbers are the model's up to float rounding (sums in another order); an
+int8 model's are those of
 its int8 weights times their scales, without fbgemm's rounding of each input to 8 bits.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,13 +48,24 @@ def applies(model: GPT) -> bool:
     """Whether the C step can run this model (see the module's docstring); `Decoder.takes` says for how many
     rows."""
     wte = model.transformer.wte.weight
-    if (model.training or wte.device.type != "cpu" or wte.dtype != torch.float32
-            or model.config.activation_function not in native.ACTIVATIONS or not kernels.enabled()):
+    if (
+        model.training
+        or wte.device.type != "cpu"
+        or wte.dtype != torch.float32
+        or model.config.activation_function not in native.ACTIVATIONS
+        or not kernels.enabled()
+    ):
         return False
     blocks = model.transformer.h
-    if not all(_plain_norm(b.ln_1) and _plain_norm(b.ln_2) and _plain_linear(b.attn.c_attn)
-               and _plain_linear(b.attn.c_proj) and _plain_linear(b.mlp.c_fc) and _plain_linear(b.mlp.c_proj)
-               for b in blocks):
+    if not all(
+        _plain_norm(b.ln_1)
+        and _plain_norm(b.ln_2)
+        and _plain_linear(b.attn.c_attn)
+        and _plain_linear(b.attn.c_proj)
+        and _plain_linear(b.mlp.c_fc)
+        and _plain_linear(b.mlp.c_proj)
+        for b in blocks
+    ):
         return False
     return _plain_norm(model.transformer.ln_f) and _plain_linear(model.lm_head) and native.available()
 
@@ -86,13 +99,38 @@ class Decoder:
             self._keep += [packed, bias]
             return packed.struct(bias)
 
-        self.layers = (native.Layer * cfg.n_layer)(*(
-            native.Layer(ptr(b.ln_1.weight), ptr(b.ln_1.bias), weight(b.attn.c_attn), weight(b.attn.c_proj),
-                         ptr(b.ln_2.weight), ptr(b.ln_2.bias), weight(b.mlp.c_fc), weight(b.mlp.c_proj), None, None)
-            for b in tr.h))
-        self.model = native.Model(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.mlp_width, 0, cfg.layer_norm_epsilon,
-                                  native.ACTIVATIONS[cfg.activation_function], ptr(tr.wte.weight), ptr(tr.wpe.weight),
-                                  ptr(tr.ln_f.weight), ptr(tr.ln_f.bias), weight(model.lm_head), self.layers)
+        self.layers = (native.Layer * cfg.n_layer)(
+            *(
+                native.Layer(
+                    ptr(b.ln_1.weight),
+                    ptr(b.ln_1.bias),
+                    weight(b.attn.c_attn),
+                    weight(b.attn.c_proj),
+                    ptr(b.ln_2.weight),
+                    ptr(b.ln_2.bias),
+                    weight(b.mlp.c_fc),
+                    weight(b.mlp.c_proj),
+                    None,
+                    None,
+                )
+                for b in tr.h
+            )
+        )
+        self.model = native.Model(
+            cfg.n_layer,
+            cfg.n_head,
+            cfg.n_embd,
+            cfg.mlp_width,
+            0,
+            cfg.layer_norm_epsilon,
+            native.ACTIVATIONS[cfg.activation_function],
+            ptr(tr.wte.weight),
+            ptr(tr.wpe.weight),
+            ptr(tr.ln_f.weight),
+            ptr(tr.ln_f.bias),
+            weight(model.lm_head),
+            self.layers,
+        )
         self.n_positions, self.vocab = cfg.n_positions, model.lm_head.out_features
         self.heads, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
         self.int8 = _int8(model)
@@ -102,16 +140,18 @@ class Decoder:
         forward."""
         return 0 < rows <= calibrate.decision("int8_rows" if self.int8 else "fp32_rows")
 
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache,
-                 visible: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, visible: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits (rows, vocab) for token ids (rows,) at positions pos (rows or rows x 1), continuing `cache`
         (whose length grows by one): a `KVCache`, or any object with its `k`, `v` (lists of contiguous fp32
         (at least rows, heads, positions, head_dim) buffers, sequence r in row r) and `length`. `visible`
         (rows, cache.length + 1; bool): which positions each row attends to (False: padding), None for all."""
         return self.run(ids, pos, cache, visible, calibrate.decision("threads"))
 
-    def run(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, visible: torch.Tensor | None,
-            threads: int) -> torch.Tensor:
+    def run(
+        self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, visible: torch.Tensor | None, threads: int
+    ) -> torch.Tensor:
         """The step (see __call__) on `threads` threads (0: torch's number), whatever the measured choices."""
         rows, past = ids.numel(), cache.length
         max_len = cache.k[0].size(2)
@@ -120,13 +160,21 @@ class Decoder:
         if pos.numel() != rows:
             raise ValueError(f"{pos.numel()} positions for {rows} token ids")
         if past + 1 > max_len or not 0 <= int(pos.min()) <= int(pos.max()) < self.n_positions:
-            raise ValueError(f"position {int(pos.max())} or cache length {past + 1} beyond the context "
-                             f"({self.n_positions}) or the cache ({max_len})")
+            raise ValueError(
+                f"position {int(pos.max())} or cache length {past + 1} beyond the context "
+                f"({self.n_positions}) or the cache ({max_len})"
+            )
         if not 0 <= int(ids.min()) <= int(ids.max()) < self.vocab:
             raise ValueError(f"token ids must be in [0, {self.vocab})")
         for layer, k, v in zip(self.layers, cache.k, cache.v, strict=True):
-            if not (k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype == torch.float32
-                    and k.shape == v.shape and k.size(0) >= rows and k.shape[1:] == (self.heads, max_len, self.head_dim)):
+            if not (
+                k.is_contiguous()
+                and v.is_contiguous()
+                and k.dtype == v.dtype == torch.float32
+                and k.shape == v.shape
+                and k.size(0) >= rows
+                and k.shape[1:] == (self.heads, max_len, self.head_dim)
+            ):
                 raise ValueError("the KV cache must be contiguous fp32 buffers with a row per sequence")
             layer.k, layer.v = k.data_ptr(), v.data_ptr()
         self.model.max_len = max_len
@@ -163,7 +211,9 @@ def _step_times(steps: dict, model: GPT, rows: int) -> dict[str, list[float]]:
         def run():
             cache.length = 32
             step(ids, pos, cache)
+
         return run
+
     return calibrate.timings({name: once(step) for name, step in steps.items()})
 
 
@@ -171,8 +221,10 @@ def _rows_in_c(model: GPT, name: str, timings: dict) -> int:
     """Up to how many rows the C step is not beaten by the model's torch forward (stopping at the first where
     it is)."""
     c_step = Decoder(model)
-    steps = {"c": lambda i, p, c: c_step.run(i, p, c, None, 0),
-             "torch": lambda i, p, c: model(i[:, None], cache=c, position_ids=p, logits_to_keep=1)}
+    steps = {
+        "c": lambda i, p, c: c_step.run(i, p, c, None, 0),
+        "torch": lambda i, p, c: model(i[:, None], cache=c, position_ids=p, logits_to_keep=1),
+    }
     timings[f"{name}_step_ms"] = table = {}
     with kernels.cpu_inference_weights(model):
         for rows in range(1, native.MAX_ROWS + 1):

@@ -1,6 +1,7 @@
 """The exact fast encoders behind `Tokenizer.encode_batch`: tiktoken for byte-level BPEs that qualify, a numpy
 table for character vocabularies. Each is used only where it gives exactly the ids `tokenizers` gives (the
 Tokenizer checks that on PROBE and a sample of its vocabulary before using one)."""
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,9 @@ def byte_to_unicode() -> dict[int, str]:
     Printable Latin-1 bytes map to themselves; the other 68 bytes map to code points from 256 up, so
     every token is a readable string in vocab.json.
     """
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -65,8 +68,12 @@ def tiktoken_encoding(tok):
         pre = pre["pretokenizers"][0]
     if (
         spec.get("normalizer") is not None
-        or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True)
-        or model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")
+        or pre.get("type") != "ByteLevel"
+        or pre.get("add_prefix_space")
+        or not pre.get("use_regex", True)
+        or model.get("dropout")
+        or model.get("continuing_subword_prefix")
+        or model.get("end_of_word_suffix")
         or model.get("byte_fallback")
         or [t["content"] for t in spec.get("added_tokens", [])] != [EOS]
     ):
@@ -91,8 +98,9 @@ def tiktoken_encoding(tok):
         last = i
     if len(model["merges"]) != len(ranks) - 256:
         return None
-    return tiktoken.Encoding(f"gptforge-{tok.fingerprint}", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={EOS: tok.eos_id})
+    return tiktoken.Encoding(
+        f"gptforge-{tok.fingerprint}", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOS: tok.eos_id}
+    )
 
 
 def char_table(tok):
@@ -111,7 +119,6 @@ def char_table(tok):
 
 
 _CHAR_SPLIT = "[\\\\s\\\\S]"  # the character-isolating regex, as it appears in tokenizer.json
-
 
 
 __all__ = ["GPT2_PATTERN", "PROBE", "byte_to_unicode", "char_table", "tiktoken_encoding"]

@@ -1,5 +1,6 @@
 """Faults of the machine that the user can fix, and stopping: one line for permission denied, disk full or
 out of memory; SIGTERM handled as Ctrl-C; Ctrl-C for native code that never looks at signals."""
+
 from __future__ import annotations
 
 import os
@@ -24,12 +25,15 @@ def describe_fault(e: BaseException) -> str | None:
 
     if not out_of_memory(e):
         return None
-    return (f"out of memory ({str(e).splitlines()[0][:160]}); lower --batch-size (raise --grad-accum to keep the "
-            "tokens per step), lower --block-size, or pick a smaller model")
+    return (
+        f"out of memory ({str(e).splitlines()[0][:160]}); lower --batch-size (raise --grad-accum to keep the "
+        "tokens per step), lower --block-size, or pick a smaller model"
+    )
 
 
 def stop_on_sigterm() -> None:
     """Make SIGTERM (`kill`) stop every stage as Ctrl-C does, with its clean-up; a handler already set stays."""
+
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 

@@ -4,6 +4,7 @@ The only place that knows how a file is written so that a crash, a full disk or 
 half-written file under the final name: everything is written to a temporary name next to the target
 and renamed onto it in one step.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +25,14 @@ from .errors import OptionError, RunFolderError
 # Writes that fail because the disk (or quota, or file size limit) is full, as the OS and the libraries
 # that write in native code (safetensors, torch.save) word it.
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-_FULL_WORDS = ("No space left on device", "StorageFull", "Disk quota exceeded", "File too large", "file write failed",
-               "unexpected pos")  # the last two: torch.save's writer after a short write
+_FULL_WORDS = (
+    "No space left on device",
+    "StorageFull",
+    "Disk quota exceeded",
+    "File too large",
+    "file write failed",
+    "unexpected pos",
+)  # the last two: torch.save's writer after a short write
 
 
 def umask() -> int:
@@ -66,10 +73,14 @@ def describe_os_error(e: OSError) -> str | None:
     folder should be), naming the path; None for anything else."""
     where = e.filename or "a file"
     if e.errno in (errno.EACCES, errno.EPERM):
-        return f"{where}: permission denied; give yourself access to it, or use a path you can read (and write, for --out)"
+        return (
+            f"{where}: permission denied; give yourself access to it, or use a path you can read (and write, for --out)"
+        )
     if e.errno in _FULL:
-        return (f"{where}: disk full (no space left on the device); free some space or write elsewhere. "
-                "Nothing was half-written: files saved before are intact")
+        return (
+            f"{where}: disk full (no space left on the device); free some space or write elsewhere. "
+            "Nothing was half-written: files saved before are intact"
+        )
     if e.errno == errno.EROFS:
         return f"{where}: the file system is read-only; write somewhere else"
     if e.errno == errno.ENOTDIR:
@@ -88,11 +99,14 @@ def check_out_folder(out: str | os.PathLike, force: bool, reads=()) -> Path:
     for source in (r for r in reads if r is not None and Path(r).exists()):
         real = Path(os.path.realpath(source))
         if where == real or where in real.parents:
-            raise RunFolderError(f"--out {out}: {'is' if where == real else 'holds'} {source}, which this command reads "
-                                 "and would replace; write to another folder")
+            raise RunFolderError(
+                f"--out {out}: {'is' if where == real else 'holds'} {source}, which this command reads "
+                "and would replace; write to another folder"
+            )
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise RunFolderError(f"--out {out}: already exists and is not empty; choose another folder or add --force to "
-                             "replace it")
+        raise RunFolderError(
+            f"--out {out}: already exists and is not empty; choose another folder or add --force to replace it"
+        )
     return out
 
 
@@ -119,7 +133,7 @@ def remove_stale(target: str | os.PathLike) -> None:
     target = Path(os.path.abspath(target))
     stem = _set_aside(target, "tmp")
     for tmp in target.parent.glob(f"{glob_escape(stem)}*-*"):
-        pid = tmp.name[len(stem):].split("-", 1)[0]
+        pid = tmp.name[len(stem) :].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)) and _LEFTOVER.fullmatch(tmp.name):
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -145,8 +159,10 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         target = Path(os.path.realpath(target))
     here = Path.cwd()
     if target == here or target in here.parents:  # replacing it would leave the shell in a deleted folder
-        raise OptionError(f"{given}: is the folder you are working in (or holds it), and an output folder is replaced "
-                          "as a whole; name a new folder for it (e.g. ./out)")
+        raise OptionError(
+            f"{given}: is the folder you are working in (or holds it), and an output folder is replaced "
+            "as a whole; name a new folder for it (e.g. ./out)"
+        )
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -237,8 +253,12 @@ def clean_leftovers(folder: str | os.PathLike) -> list[str]:
 
 
 @contextlib.contextmanager
-def exclusive_lock(folder: str | os.PathLike, what: str = "run", log: Callable[[str], None] = print,
-                   remove: Callable[[], bool] | None = None) -> Iterator[Path]:
+def exclusive_lock(
+    folder: str | os.PathLike,
+    what: str = "run",
+    log: Callable[[str], None] = print,
+    remove: Callable[[], bool] | None = None,
+) -> Iterator[Path]:
     """Hold an exclusive lock on `folder` (the file `.gptforge.lock` in it) until the block exits.
 
     Another process holding it gets an error naming its process id. The operating system drops the lock
@@ -275,8 +295,10 @@ def _open_lock(path: Path, folder: Path, what: str) -> int:
         if not _try_lock(fd):
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise RunFolderError(f"{folder}: another gptforge {what} is using this folder ({holder}); wait for it "
-                                 "to finish or choose another --out")
+            raise RunFolderError(
+                f"{folder}: another gptforge {what} is using this folder ({holder}); wait for it "
+                "to finish or choose another --out"
+            )
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 return fd
@@ -302,5 +324,18 @@ def _try_lock(fd: int) -> bool:
         return False
 
 
-__all__ = ["LOCK_NAME", "atomic_dir", "atomic_write", "clean_leftovers", "dated_path", "describe_os_error", "disk_full",
-           "exclusive_lock", "folder_of", "honour_umask", "remove_stale", "umask", "write_text"]
+__all__ = [
+    "LOCK_NAME",
+    "atomic_dir",
+    "atomic_write",
+    "clean_leftovers",
+    "dated_path",
+    "describe_os_error",
+    "disk_full",
+    "exclusive_lock",
+    "folder_of",
+    "honour_umask",
+    "remove_stale",
+    "umask",
+    "write_text",
+]

@@ -10,6 +10,7 @@ build has them, when they agree with `F.linear` on a small check the first time 
 the environment does not say `GPTFORGE_KERNELS=0` (which turns every fast path here off). Elsewhere (CUDA,
 ARM, autocast, torch.compile) each function is the plain torch call.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,8 +66,13 @@ def onednn() -> bool:
 
 def _fp32_cpu(x: torch.Tensor) -> bool:
     """An fp32 CPU input that the fast paths may take (not under autocast or torch.compile)."""
-    return (enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling())
+    return (
+        enabled()
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
 
 
 def _onednn_ok(x: torch.Tensor) -> bool:
@@ -279,11 +285,23 @@ class _DropoutAttention(torch.autograd.Function):
         return (grad_scores @ k).mul_(scale), (grad_scores.transpose(-2, -1) @ q).mul_(scale), grad_v, None, None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              dropout_p: float = 0.0, is_causal: bool = False) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+) -> torch.Tensor:
     """`F.scaled_dot_product_attention` (boolean or no mask); in CPU training with dropout, `_DropoutAttention`."""
-    if (dropout_p > 0 and _cpu_path(q) and q.dtype == torch.float32 and torch.is_grad_enabled() and q.requires_grad
-            and (mask is None or mask.dtype == torch.bool)):
+    if (
+        dropout_p > 0
+        and _cpu_path(q)
+        and q.dtype == torch.float32
+        and torch.is_grad_enabled()
+        and q.requires_grad
+        and (mask is None or mask.dtype == torch.bool)
+    ):
         if mask is not None:
             blocked = ~mask
         elif is_causal:  # SDPA's is_causal: query i sees keys 0..i
@@ -379,8 +397,11 @@ def cpu_inference_weights(model: nn.Module, keep: bool = True):
     cost as much memory as the weights, made on first use (~0.15 s for `gpt2`) and, with `keep`, reused while
     the weights stay unchanged; without it (a model in training) dropped on exit. Elsewhere it does nothing.
     """
-    layers = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.device.type == "cpu"
-              and m.weight.dtype == torch.float32]
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.Linear) and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+    ]
     if not layers or not (onednn() or (enabled() and native.available())):
         yield model
         return
@@ -395,6 +416,7 @@ def cpu_inference_weights(model: nn.Module, keep: bool = True):
                 return type(layer).forward(layer, x)  # a prompt: torch's product
             # a prompt: oneDNN's GEMM, on its packed copy only where there is no kernel's copy to keep instead
             return onednn_linear(x, layer.weight if native.available() else _packed_weight(layer), layer.bias)
+
         return forward
 
     try:
@@ -446,7 +468,9 @@ def _fbgemm_reduce_range() -> bool | None:
         x, w, b = torch.randn(5, 64, generator=g), torch.randn(24, 64, generator=g), torch.randn(24, generator=g)
         q, scale = quantize_rows(w)
         got = torch.ops.quantized.linear_dynamic(x, _fbgemm_pack(q, scale, b), True)
-        full = torch.ops.quantized.linear_dynamic(torch.ones(1, 64), _fbgemm_pack(*quantize_rows(torch.ones(2, 64)), None), False)
+        full = torch.ops.quantized.linear_dynamic(
+            torch.ones(1, 64), _fbgemm_pack(*quantize_rows(torch.ones(2, 64)), None), False
+        )
     except (AttributeError, RuntimeError):
         return None
     ref = F.linear(x, q.float() * scale[:, None], b)
@@ -485,9 +509,15 @@ class Int8Linear(nn.Module):
         return self._packed[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.device.type == "cpu" and enabled()
-                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and (reduce := _fbgemm_reduce_range()) is not None):
+        if (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and self.weight.device.type == "cpu"
+            and enabled()
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and (reduce := _fbgemm_reduce_range()) is not None
+        ):
             return torch.ops.quantized.linear_dynamic(x, self._fbgemm_weight(), reduce)
         y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         return y + self.bias.to(x.dtype) if self.bias is not None else y
@@ -496,5 +526,18 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-__all__ = ["SWITCH", "Int8Linear", "Linear", "cpu_inference_weights", "decoding_weight", "enabled", "is_packed",
-           "linear", "linear_cross_entropy", "matmul", "onednn", "onednn_linear", "quantize_rows"]
+__all__ = [
+    "SWITCH",
+    "Int8Linear",
+    "Linear",
+    "cpu_inference_weights",
+    "decoding_weight",
+    "enabled",
+    "is_packed",
+    "linear",
+    "linear_cross_entropy",
+    "matmul",
+    "onednn",
+    "onednn_linear",
+    "quantize_rows",
+]

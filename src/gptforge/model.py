@@ -6,6 +6,7 @@ so that a state dict maps one to one; the only difference is that our projection
 transposes those on the way in and out. The products and the loss head go through `kernels.py`, which
 holds the CPU fast paths; this file is the network alone.
 """
+
 from __future__ import annotations
 
 import math
@@ -226,7 +227,8 @@ class GPT(nn.Module):
         past = cache.length if cache is not None else 0
         if past + T > self.config.n_positions:
             raise ValueError(
-                f"sequence of {past + T} tokens is longer than the model's context n_positions={self.config.n_positions}"
+                f"sequence of {past + T} tokens is longer than the model's context "
+                f"n_positions={self.config.n_positions}"
             )
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)

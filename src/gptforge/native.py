@@ -11,6 +11,7 @@ the cache folder (`$GPTFORGE_CACHE`, else `~/.cache/gptforge`) with `-march=nati
 OpenMP runtime torch has loaded so that both share one thread pool, and checked against F.linear before
 use. Without a C compiler, or on other systems, `available()` is False and callers keep torch's products.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -38,8 +39,10 @@ MAX_ROWS = 8  # a decoding batch's rows (measured at 1 and 8 by bench_gemv); lon
 FLAGS = ["-O3", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-fPIC"]
 ISA = "GPTFORGE_ISA"  # the instruction-set level the kernel is built for: native (default), avx2 or avx512
 # x86-64 levels: what the compiler may use, and the /proc/cpuinfo flags a processor needs to run the result
-LEVELS = {"avx2": ("-march=x86-64-v3", ("avx2", "fma", "bmi2", "f16c", "movbe")),
-          "avx512": ("-march=x86-64-v4", ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"))}
+LEVELS = {
+    "avx2": ("-march=x86-64-v3", ("avx2", "fma", "bmi2", "f16c", "movbe")),
+    "avx512": ("-march=x86-64-v4", ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")),
+}
 
 
 def isa() -> str:
@@ -131,32 +134,57 @@ def _build(level: str) -> Path:
     return target
 
 
-
 class Weight(ctypes.Structure):
     """csrc/decode.c's Weight: a packed weight as the C code sees it."""
-    _fields_ = [("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("out", ctypes.c_long), ("in_", ctypes.c_long)]
+
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("out", ctypes.c_long),
+        ("in_", ctypes.c_long),
+    ]
 
 
 class Layer(ctypes.Structure):
     """csrc/decode.c's Layer: one block's parameters and its KV cache."""
-    _fields_ = [("ln1_w", ctypes.c_void_p), ("ln1_b", ctypes.c_void_p), ("attn", Weight), ("attn_proj", Weight),
-                ("ln2_w", ctypes.c_void_p), ("ln2_b", ctypes.c_void_p), ("fc", Weight), ("mlp_proj", Weight),
-                ("k", ctypes.c_void_p), ("v", ctypes.c_void_p)]
+
+    _fields_ = [
+        ("ln1_w", ctypes.c_void_p),
+        ("ln1_b", ctypes.c_void_p),
+        ("attn", Weight),
+        ("attn_proj", Weight),
+        ("ln2_w", ctypes.c_void_p),
+        ("ln2_b", ctypes.c_void_p),
+        ("fc", Weight),
+        ("mlp_proj", Weight),
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+    ]
 
 
 class Model(ctypes.Structure):
     """csrc/decode.c's Model: the whole network for `step`."""
-    _fields_ = [("n_layer", ctypes.c_long), ("n_head", ctypes.c_long), ("n_embd", ctypes.c_long),
-                ("mlp_width", ctypes.c_long), ("max_len", ctypes.c_long), ("eps", ctypes.c_float),
-                ("act", ctypes.c_long), ("wte", ctypes.c_void_p), ("wpe", ctypes.c_void_p),
-                ("lnf_w", ctypes.c_void_p), ("lnf_b", ctypes.c_void_p), ("head", Weight),
-                ("layers", ctypes.POINTER(Layer))]
+
+    _fields_ = [
+        ("n_layer", ctypes.c_long),
+        ("n_head", ctypes.c_long),
+        ("n_embd", ctypes.c_long),
+        ("mlp_width", ctypes.c_long),
+        ("max_len", ctypes.c_long),
+        ("eps", ctypes.c_float),
+        ("act", ctypes.c_long),
+        ("wte", ctypes.c_void_p),
+        ("wpe", ctypes.c_void_p),
+        ("lnf_w", ctypes.c_void_p),
+        ("lnf_b", ctypes.c_void_p),
+        ("head", Weight),
+        ("layers", ctypes.POINTER(Layer)),
+    ]
 
 
 # model.py's activation names, as csrc/decode.c numbers them
-ACTIVATIONS = {"gelu_new": 0, "gelu_pytorch_tanh": 0, "gelu_fast": 0, "gelu": 1, "relu": 2, "relu2": 3,
-               "quick_gelu": 4}
+ACTIVATIONS = {"gelu_new": 0, "gelu_pytorch_tanh": 0, "gelu_fast": 0, "gelu": 1, "relu": 2, "relu2": 3, "quick_gelu": 4}
 
 
 def _library():
@@ -181,8 +209,15 @@ def _load(level: str):
         warnings.warn("gptforge's decoding kernel is built without OpenMP (torch ships no libgomp here): one thread")
     lib.gptforge_gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3
     lib.gptforge_gemv.restype = None
-    lib.gptforge_step.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
-                                  ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    lib.gptforge_step.argtypes = [
+        ctypes.POINTER(Model),
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_long,
+        ctypes.c_long,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+    ]
     lib.gptforge_step.restype = ctypes.c_int
     if not _agrees(lib):
         warnings.warn("gptforge's decoding kernel disagrees with F.linear on this machine; using torch's products")
@@ -207,7 +242,7 @@ def _huge_pages_empty(shape, dtype: torch.dtype) -> torch.Tensor:
         warnings.simplefilter("ignore")  # frombuffer's note that the buffer is shared: it is ours alone
         raw = torch.frombuffer(memory, dtype=torch.uint8)  # keeps `memory` alive
     start = -raw.data_ptr() % HUGE_PAGE
-    return raw[start:start + size].view(dtype).view(shape)
+    return raw[start : start + size].view(dtype).view(shape)
 
 
 VECTOR = 16  # values per vector in the packed layout (W in csrc/decode.c)
@@ -230,8 +265,13 @@ class Packed:
 
     def struct(self, bias: torch.Tensor | None) -> Weight:
         """The C view of this weight with `bias` (contiguous fp32, or None); the tensors must outlive it."""
-        return Weight(self.data.data_ptr(), None if self.scale is None else self.scale.data_ptr(),
-                      None if bias is None else bias.data_ptr(), self.out, self.width)
+        return Weight(
+            self.data.data_ptr(),
+            None if self.scale is None else self.scale.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            self.out,
+            self.width,
+        )
 
 
 def pack(weight: torch.Tensor, huge_pages: bool = True) -> Packed:
@@ -253,8 +293,16 @@ def _call(lib, x: torch.Tensor, w: Packed, bias: torch.Tensor | None) -> torch.T
         x = F.pad(x, (0, w.width - w.in_features))
     x = x.contiguous()
     y = torch.empty(*lead, w.out)
-    lib.gptforge_gemv(w.data.data_ptr(), None if w.scale is None else w.scale.data_ptr(), x.data_ptr(),
-                      None if bias is None else bias.data_ptr(), y.data_ptr(), w.out, w.width, x.shape[0])
+    lib.gptforge_gemv(
+        w.data.data_ptr(),
+        None if w.scale is None else w.scale.data_ptr(),
+        x.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        y.data_ptr(),
+        w.out,
+        w.width,
+        x.shape[0],
+    )
     return y
 
 
@@ -288,8 +336,10 @@ def describe() -> list[str]:
     name = cpu_info("model name") or platform.processor() or "unknown processor"
     runs = ", ".join(level for level in LEVELS if runs_here(level)) or "none of " + ", ".join(LEVELS)
     level = isa()
-    lines = [f"processor: {name} ({platform.machine()}, {os.cpu_count()} CPUs)",
-             f"instruction set: {level} ({ISA}; this processor runs native, {runs})"]
+    lines = [
+        f"processor: {name} ({platform.machine()}, {os.cpu_count()} CPUs)",
+        f"instruction set: {level} ({ISA}; this processor runs native, {runs})",
+    ]
     if not available():
         return [*lines, "decoding kernel: not available here (torch's products are used)"]
     threads = "one thread (no OpenMP)" if _torch_openmp() is None else "OpenMP shared with torch"
@@ -303,8 +353,13 @@ def available() -> bool:
 
 def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `gemv` takes x times this weight: fp32 CPU tensors, at most MAX_ROWS rows, no gradients."""
-    return (x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
-            and 0 < x.numel() // max(x.shape[-1], 1) <= MAX_ROWS and not torch.is_grad_enabled() and available())
+    return (
+        x.dtype == weight.dtype == torch.float32
+        and x.device.type == weight.device.type == "cpu"
+        and 0 < x.numel() // max(x.shape[-1], 1) <= MAX_ROWS
+        and not torch.is_grad_enabled()
+        and available()
+    )
 
 
 def gemv(x: torch.Tensor, weight: Packed, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -313,16 +368,45 @@ def gemv(x: torch.Tensor, weight: Packed, bias: torch.Tensor | None = None) -> t
     return _call(_library(), x, weight, bias if bias is None else bias.contiguous())
 
 
-def step(model: Model, ids: torch.Tensor, pos: torch.Tensor, past: int, visible: torch.Tensor | None,
-         logits: torch.Tensor) -> None:
+def step(
+    model: Model, ids: torch.Tensor, pos: torch.Tensor, past: int, visible: torch.Tensor | None, logits: torch.Tensor
+) -> None:
     """csrc/decode.c's gptforge_step: one token for each of ids' rows (int64, contiguous; `pos` likewise), the
     cache holding `past` positions; `visible` (rows x past+1 bool, contiguous) or None; logits (rows x
     vocab fp32) are written."""
-    if _library().gptforge_step(ctypes.byref(model), ids.data_ptr(), pos.data_ptr(), ids.numel(), past,
-                                None if visible is None else visible.data_ptr(), logits.data_ptr()):
+    if _library().gptforge_step(
+        ctypes.byref(model),
+        ids.data_ptr(),
+        pos.data_ptr(),
+        ids.numel(),
+        past,
+        None if visible is None else visible.data_ptr(),
+        logits.data_ptr(),
+    ):
         raise MemoryError("gptforge's decoding step could not allocate its buffers")
 
 
-__all__ = ["ACTIVATIONS", "ISA", "LEVELS", "MAX_ROWS", "Layer", "Model", "Packed", "Weight", "available",
-           "build_key", "cache_dir", "cpu_info", "describe", "fits", "gemv", "isa", "pack", "pack_int8", "rounding_bound",
-           "runs_here", "step", "supported"]
+__all__ = [
+    "ACTIVATIONS",
+    "ISA",
+    "LEVELS",
+    "MAX_ROWS",
+    "Layer",
+    "Model",
+    "Packed",
+    "Weight",
+    "available",
+    "build_key",
+    "cache_dir",
+    "cpu_info",
+    "describe",
+    "fits",
+    "gemv",
+    "isa",
+    "pack",
+    "pack_int8",
+    "rounding_bound",
+    "runs_here",
+    "step",
+    "supported",
+]

@@ -1,6 +1,7 @@
 """Padding and truncation of encoded texts, with the meaning transformers' tokenizers give them:
 `Tokenizer.encode_batch(texts, padding=True, truncation=True, max_length=128)` -> input_ids and
 attention_mask (1 for a text's tokens, 0 for padding)."""
+
 from __future__ import annotations
 
 from .errors import OptionError
@@ -13,7 +14,9 @@ def _check(padding, truncation, max_length, side: str) -> str | bool:
         raise OptionError(f"padding={padding!r}: choose True or 'longest' (to the longest text), 'max_length' or False")
     if truncation not in (True, False, "longest_first", "only_first", "do_not_truncate"):
         raise OptionError(f"truncation={truncation!r}: choose True (cut each text to max_length) or False")
-    if max_length is not None and not (isinstance(max_length, int) and not isinstance(max_length, bool) and max_length > 0):
+    if max_length is not None and not (
+        isinstance(max_length, int) and not isinstance(max_length, bool) and max_length > 0
+    ):
         raise OptionError(f"max_length={max_length!r}: must be a positive number of tokens")
     if side not in ("right", "left"):
         raise OptionError(f"padding_side={side!r}: choose 'right' or 'left' (left for generating after the texts)")
@@ -24,8 +27,15 @@ def _check(padding, truncation, max_length, side: str) -> str | bool:
     return mode
 
 
-def pad_batch(ids: list[list[int]], pad_id: int, padding=False, truncation=False, max_length: int | None = None,
-              padding_side: str = "right", return_tensors: str | None = None) -> dict:
+def pad_batch(
+    ids: list[list[int]],
+    pad_id: int,
+    padding=False,
+    truncation=False,
+    max_length: int | None = None,
+    padding_side: str = "right",
+    return_tensors: str | None = None,
+) -> dict:
     """{"input_ids", "attention_mask"} of the encoded texts `ids`: cut to `max_length` (truncation keeps the
     start), padded with `pad_id` to the longest text (padding=True) or to `max_length` (padding="max_length")
     on `padding_side`; `return_tensors="pt"` gives torch tensors (which need rows of one length)."""
@@ -46,7 +56,9 @@ def pad_batch(ids: list[list[int]], pad_id: int, padding=False, truncation=False
     if return_tensors != "pt":
         raise OptionError(f"return_tensors={return_tensors!r}: gptforge gives 'pt' (torch tensors) or lists (None)")
     if len({len(r) for r in rows}) > 1:
-        raise OptionError("return_tensors='pt' needs rows of one length: pass padding=True (or truncation with padding)")
+        raise OptionError(
+            "return_tensors='pt' needs rows of one length: pass padding=True (or truncation with padding)"
+        )
     import torch
 
     return {"input_ids": torch.tensor(rows, dtype=torch.long), "attention_mask": torch.tensor(masks, dtype=torch.long)}

@@ -3,6 +3,7 @@
 A bar redrawn with carriage returns is unreadable in a log file, a CI job or a notebook's captured
 output, so when stderr is not a terminal the same bar is written as a plain line now and then.
 """
+
 from __future__ import annotations
 
 import sys

@@ -12,6 +12,7 @@ them, `<layer>.scale` beside each int8 `<layer>.weight`) and a `config.json` who
 says `gptforge-int8`. `load_model` opens it; transformers does not (it finds no `model.safetensors`),
 so the fp32 folder stays the one to share.
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,15 +52,18 @@ def quantization_of(config: GPTConfig) -> str | None:
     if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD:
         return "int8"
     method = qc.get("quant_method") if isinstance(qc, dict) else qc
-    raise CheckpointError(f"the model is quantized with {method!r}, which gptforge cannot open; "
-                          "use its fp32 folder (gptforge quantizes to int8 itself with --quantize int8)")
+    raise CheckpointError(
+        f"the model is quantized with {method!r}, which gptforge cannot open; "
+        "use its fp32 folder (gptforge quantizes to int8 itself with --quantize int8)"
+    )
 
 
 def refuse_quantized(config: GPTConfig, where, doing: str, hint: str = "") -> None:
     """Refuse an int8 folder where fp32 weights are needed: training, classification, adapters."""
     if quantization_of(config) is not None:
-        raise OptionError(f"{where}: an int8 model folder cannot {doing}; give the fp32 base model it was quantized "
-                          f"from{hint}")
+        raise OptionError(
+            f"{where}: an int8 model folder cannot {doing}; give the fp32 base model it was quantized from{hint}"
+        )
 
 
 def is_quantized(model: GPT) -> bool:
@@ -68,13 +72,21 @@ def is_quantized(model: GPT) -> bool:
 
 def _linear_layers(model: GPT) -> list[tuple[nn.Module, str, nn.Linear]]:
     """(parent, attribute, layer) for every nn.Linear of the model, the tied head included."""
-    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-            if isinstance(child, nn.Linear)]
+    return [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear)
+    ]
 
 
 def _declare(config: GPTConfig) -> GPTConfig:
-    qc = {"quant_method": QUANT_METHOD, "bits": 8, "weights": "symmetric per output channel, fp32 scales",
-          "layers": "attention, MLP and output head; embeddings, LayerNorms and biases fp32"}
+    qc = {
+        "quant_method": QUANT_METHOD,
+        "bits": 8,
+        "weights": "symmetric per output channel, fp32 scales",
+        "layers": "attention, MLP and output head; embeddings, LayerNorms and biases fp32",
+    }
     return dataclasses.replace(config, extra={**config.extra, "quantization_config": qc})
 
 
@@ -125,11 +137,22 @@ def load_quantized(folder: str | os.PathLike, config: GPTConfig) -> GPT:
     expected = model.state_dict()
     problems = sorted(set(expected) ^ set(sd)) or [k for k in sd if sd[k].shape != expected[k].shape]
     if problems:
-        raise CheckpointError(f"{path}: tensors do not match the config ({', '.join(problems[:4])}); "
-                              "the folder was not written by `gptforge quantize` for this config")
+        raise CheckpointError(
+            f"{path}: tensors do not match the config ({', '.join(problems[:4])}); "
+            "the folder was not written by `gptforge quantize` for this config"
+        )
     model.load_state_dict(sd, assign=True)
     return model.eval()
 
 
-__all__ = ["METHODS", "QUANT_METHOD", "WEIGHTS_NAME", "check_method", "is_quantized", "load_quantized",
-           "quantization_of", "quantize_model", "save_quantized_weights"]
+__all__ = [
+    "METHODS",
+    "QUANT_METHOD",
+    "WEIGHTS_NAME",
+    "check_method",
+    "is_quantized",
+    "load_quantized",
+    "quantization_of",
+    "quantize_model",
+    "save_quantized_weights",
+]

@@ -1,4 +1,5 @@
 """Where and how the numbers are computed: device, precision, TF32, and the distributed set-up (DDP, FSDP)."""
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,10 @@ def torch_version(version: str | None = None) -> tuple[int, int]:
 def require_torch(floor: tuple[int, int], feature: str, version: str | None = None) -> None:
     """Raise a clear error when the installed torch is older than `floor` for `feature`."""
     if torch_version(version) < floor:
-        raise OptionError(f"{feature} needs torch>={floor[0]}.{floor[1]} (installed: {version or torch.__version__}); "
-                          "upgrade torch or leave the option out")
+        raise OptionError(
+            f"{feature} needs torch>={floor[0]}.{floor[1]} (installed: {version or torch.__version__}); "
+            "upgrade torch or leave the option out"
+        )
 
 
 DEVICE_TYPES = ("cpu", "cuda", "mps")  # where gptforge trains and generates; torch names more (xla, xpu, meta, ...)
@@ -44,15 +47,19 @@ def resolve_device(name: str = "auto") -> torch.device:
         except (RuntimeError, TypeError):
             raise OptionError(f"--device {name!r}: not a device name; use auto, cpu, cuda, cuda:N or mps") from None
         if device.type not in DEVICE_TYPES:
-            raise OptionError(f"--device {name}: gptforge runs on cpu, cuda (NVIDIA and ROCm GPUs) and mps (Apple GPUs), "
-                              f"not on {device.type}; use --device auto")
+            raise OptionError(
+                f"--device {name}: gptforge runs on cpu, cuda (NVIDIA and ROCm GPUs) and mps (Apple GPUs), "
+                f"not on {device.type}; use --device auto"
+            )
         if device.type == "cuda" and not torch.cuda.is_available():
             raise OptionError(f"--device {name}: this machine has no CUDA GPU that torch can use; use --device cpu")
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
             raise OptionError(f"--device {name}: there are only {torch.cuda.device_count()} GPU(s)")
         if device.type == "mps" and not mps_available():
-            raise OptionError(f"--device {name}: this machine has no Apple GPU that torch can use (mps needs torch for "
-                              "macOS on Apple silicon); use --device cpu")
+            raise OptionError(
+                f"--device {name}: this machine has no Apple GPU that torch can use (mps needs torch for "
+                "macOS on Apple silicon); use --device cpu"
+            )
     configure(device)
     return device
 
@@ -87,8 +94,9 @@ def pick_precision(precision: str, device: torch.device) -> torch.dtype:
     if precision not in choices:
         raise OptionError(f"--precision {precision!r}: choose auto, fp32, bf16 or fp16")
     if device.type == "mps" and precision != "fp32":
-        raise OptionError(f"--precision {precision}: on mps (Apple GPUs) gptforge trains in fp32; leave --precision "
-                          "auto or give fp32")
+        raise OptionError(
+            f"--precision {precision}: on mps (Apple GPUs) gptforge trains in fp32; leave --precision auto or give fp32"
+        )
     return choices[precision]
 
 
@@ -125,7 +133,8 @@ class Dist:
 def out_of_memory(e: BaseException) -> bool:
     """Whether `e` is a failed allocation: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
     return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "not enough memory" in str(e)))
+        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "not enough memory" in str(e))
+    )
 
 
 def world_size() -> int:
@@ -159,6 +168,19 @@ def shard_model(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
-__all__ = ["DEVICE_TYPES", "TORCH_FLOOR", "Dist", "configure", "fused_optimizer", "init_distributed", "mps_available",
-           "out_of_memory", "pick_precision", "require_torch", "resolve_device", "shard_model", "torch_version",
-           "world_size"]
+__all__ = [
+    "DEVICE_TYPES",
+    "TORCH_FLOOR",
+    "Dist",
+    "configure",
+    "fused_optimizer",
+    "init_distributed",
+    "mps_available",
+    "out_of_memory",
+    "pick_precision",
+    "require_torch",
+    "resolve_device",
+    "shard_model",
+    "torch_version",
+    "world_size",
+]

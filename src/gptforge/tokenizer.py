@@ -16,6 +16,7 @@ Bulk encoding is the bottleneck of data preparation, so `encode_batch` takes the
 exactly the ids `tokenizers` gives: tiktoken for byte-level BPEs that qualify (see `fastencode.tiktoken_encoding`),
 a numpy table lookup for char vocabularies, and `tokenizers` itself otherwise.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,6 +35,8 @@ from .options import DEFAULT_VOCAB_SIZE
 
 UNK = "<|unk|>"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
 class Tokenizer:
     """One object for both kinds: encode, decode, special tokens, save, fingerprint.
 
@@ -50,10 +53,15 @@ class Tokenizer:
         elif model.get("type") == "WordLevel":
             self.kind = "char"
         else:
-            raise TokenizerError(f"{source}: a {model.get('type')} tokenizer is not supported; gptforge uses byte-level BPE or char vocabularies")
+            raise TokenizerError(
+                f"{source}: a {model.get('type')} tokenizer is not supported; gptforge uses byte-level BPE or char "
+                "vocabularies"
+            )
         eos = hf_tokenizer.token_to_id(EOS)
         if eos is None:
-            raise TokenizerError(f"{source}: the vocabulary has no {EOS} token; GPT-2 tokenizers need it as end of text")
+            raise TokenizerError(
+                f"{source}: the vocabulary has no {EOS} token; GPT-2 tokenizers need it as end of text"
+            )
         self.eos_id: int = eos
         self.bos_id = self.unk_id = eos
         if self.kind == "char":
@@ -75,7 +83,9 @@ class Tokenizer:
         self.__init__(HFTokenizer.from_str(state["json"]), state["source"])
 
     def __repr__(self) -> str:
-        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id}, fast={self.fast_path})"
+        return (
+            f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id}, fast={self.fast_path})"
+        )
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -113,16 +123,32 @@ class Tokenizer:
         """Token ids of `text`; a literal `<|endoftext|>` in the text becomes `eos_id`, as in `tokenizers`."""
         return self.encode_batch([text])[0]
 
-    def encode_batch(self, texts: Sequence[str], num_threads: int = 1, *, padding=False, truncation=False,
-                     max_length: int | None = None, padding_side: str = "right", return_tensors: str | None = None):
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        num_threads: int = 1,
+        *,
+        padding=False,
+        truncation=False,
+        max_length: int | None = None,
+        padding_side: str = "right",
+        return_tensors: str | None = None,
+    ):
         """Ids of many texts at once, through the fastest path proven identical to `tokenizers`. With padding,
         truncation, max_length or return_tensors (as transformers' tokenizers mean them), a dict of input_ids
         and attention_mask instead, padded with `pad_id` (gptforge.padding)."""
         if padding or truncation or max_length is not None or return_tensors is not None:
             from .padding import pad_batch
 
-            return pad_batch(self.encode_batch(texts, num_threads), self.pad_id, padding, truncation, max_length,
-                             padding_side, return_tensors)
+            return pad_batch(
+                self.encode_batch(texts, num_threads),
+                self.pad_id,
+                padding,
+                truncation,
+                max_length,
+                padding_side,
+                return_tensors,
+            )
         self._ensure_fast()
         if self._fast is False:
             return [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=False)]
@@ -180,7 +206,11 @@ class Tokenizer:
     @property
     def special_tokens(self) -> list[str]:
         """The special tokens besides <|endoftext|> and <|unk|> (`train_tokenizer(special_tokens=...)`)."""
-        return [t["content"] for t in self._spec.get("added_tokens", []) if t.get("special") and t["content"] not in (EOS, UNK)]
+        return [
+            t["content"]
+            for t in self._spec.get("added_tokens", [])
+            if t.get("special") and t["content"] not in (EOS, UNK)
+        ]
 
     def token_byte_lengths(self) -> np.ndarray:
         """UTF-8 length of each token id's text (0 for special tokens): bytes of a token array without decoding."""
@@ -190,7 +220,9 @@ class Tokenizer:
         for token, i in self._hf.get_vocab(with_added_tokens=True).items():
             if i in specials or i >= self.vocab_size:
                 continue
-            lengths[i] = len(token) if (self.kind == "bpe" and all(c in inverse for c in token)) else len(token.encode())
+            lengths[i] = (
+                len(token) if (self.kind == "bpe" and all(c in inverse for c in token)) else len(token.encode())
+            )
         return lengths
 
     # --- files ---
@@ -273,7 +305,9 @@ def _bpe_from_vocab_merges(vocab_file: Path, merges_file: Path):
             raise TokenizerError(f"{merges_file}:{n}: expected two tokens separated by one space, got {line!r}")
         merges.append((parts[0], parts[1]))
     if EOS not in vocab:
-        raise TokenizerError(f"{vocab_file}: the vocabulary has no {EOS} token; GPT-2 tokenizers need it as end of text")
+        raise TokenizerError(
+            f"{vocab_file}: the vocabulary has no {EOS} token; GPT-2 tokenizers need it as end of text"
+        )
     hf = HFTokenizer(models.BPE(vocab, merges))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
@@ -298,8 +332,10 @@ def load_tokenizer(path: str | os.PathLike, merges_file: str | os.PathLike | Non
         elif (path / "vocab.json").is_file():
             path = path / "vocab.json"
         else:
-            raise NotFoundError(f"{path}: no tokenizer here (looked for tokenizer.json, vocab.json + merges.txt); "
-                                    "train one with `gptforge tokenizer train`")
+            raise NotFoundError(
+                f"{path}: no tokenizer here (looked for tokenizer.json, vocab.json + merges.txt); "
+                "train one with `gptforge tokenizer train`"
+            )
     if path.name.endswith(".json") and merges_file is None and path.name != "vocab.json":
         try:
             hf = HFTokenizer.from_file(str(path))
@@ -322,7 +358,11 @@ def _folder_meta(folder: Path) -> dict:
         config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         config = {}
-    meta = {k: config[k] for k in ("pad_token", "model_max_length") if config.get(k) is not None} if isinstance(config, dict) else {}
+    meta = (
+        {k: config[k] for k in ("pad_token", "model_max_length") if config.get(k) is not None}
+        if isinstance(config, dict)
+        else {}
+    )
     template = read_chat_template(folder)
     if template:
         meta["chat_template"] = template
@@ -337,10 +377,15 @@ def _check_arguments(kind: str, vocab_size: int, min_frequency: int, out_dir) ->
     if kind not in ("bpe", "char"):
         raise TokenizerError(f"kind={kind!r} is not a tokenizer kind; choose 'bpe' or 'char'")
     if not isinstance(vocab_size, int) or vocab_size < (258 if kind == "bpe" else 3):
-        raise TokenizerError(f"vocab_size={vocab_size} is too small for a {kind} tokenizer; "
-                             f"use at least {258 if kind == 'bpe' else 3} (e.g. --vocab-size {DEFAULT_VOCAB_SIZE})")
+        raise TokenizerError(
+            f"vocab_size={vocab_size} is too small for a {kind} tokenizer; "
+            f"use at least {258 if kind == 'bpe' else 3} (e.g. --vocab-size {DEFAULT_VOCAB_SIZE})"
+        )
     if vocab_size > MAX_VOCAB:  # the trainer would try to allocate for it (1e9 aborts the process)
-        raise TokenizerError(f"vocab_size={vocab_size:,} is more than {MAX_VOCAB:,} tokens; GPT-2 has 50,257 (e.g. --vocab-size {DEFAULT_VOCAB_SIZE})")
+        raise TokenizerError(
+            f"vocab_size={vocab_size:,} is more than {MAX_VOCAB:,} tokens; GPT-2 has 50,257 (e.g. --vocab-size "
+            f"{DEFAULT_VOCAB_SIZE})"
+        )
     if not (isinstance(min_frequency, int) and 1 <= min_frequency < 2**32):
         raise TokenizerError(f"min_frequency={min_frequency} must be a whole number from 1 to 2**32 - 1")
     if out_dir is not None and Path(out_dir).is_file():
@@ -354,7 +399,9 @@ def _check_specials(tokens: Sequence[str], pad_token: str | None) -> list[str]:
     tokens = [*tokens, *([pad_token] if pad_token is not None else [])]
     for t in tokens:
         if not isinstance(t, str) or not t or t.isspace():
-            raise TokenizerError(f"special_tokens: {t!r} is not a token; give non-empty strings such as '<|startoftext|>'")
+            raise TokenizerError(
+                f"special_tokens: {t!r} is not a token; give non-empty strings such as '<|startoftext|>'"
+            )
     return [t for t in dict.fromkeys(tokens) if t not in (EOS, UNK)]
 
 
@@ -418,8 +465,13 @@ def train_tokenizer(
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS, *specials],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=[EOS, *specials],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
         run_interruptibly(lambda: hf.train_from_iterator(everything(), trainer), stop)
     else:
         from collections import Counter
@@ -437,13 +489,17 @@ def train_tokenizer(
     tok = Tokenizer(hf, source=f"trained {kind}")
     if pad_token is not None:
         tok.meta["pad_token"] = pad_token
-    if tok.vocab_size - len(specials) <= (257 if kind == "bpe" else 2):  # bytes and <|endoftext|>; <|endoftext|> and <|unk|>
+    if tok.vocab_size - len(specials) <= (
+        257 if kind == "bpe" else 2
+    ):  # bytes and <|endoftext|>; <|endoftext|> and <|unk|>
         where = ", ".join(map(str, paths)) or "texts"
         if not seen[0]:
             raise TokenizerError(f"no text to train on in {where}; give files with text")
         what = "pair of symbols" if kind == "bpe" else "character"
-        raise TokenizerError(f"{where}: too little text ({seen[0]:,} characters) for a {kind} tokenizer: no {what} occurs "
-                             f"{min_frequency} times (--min-frequency); give more text, or lower --min-frequency")
+        raise TokenizerError(
+            f"{where}: too little text ({seen[0]:,} characters) for a {kind} tokenizer: no {what} occurs "
+            f"{min_frequency} times (--min-frequency); give more text, or lower --min-frequency"
+        )
     if out_dir is not None:
         tok.save(out_dir, model_max_length=model_max_length)
         tok.source = str(out_dir)
@@ -454,7 +510,8 @@ def check_vocab_fits(tokenizer: Tokenizer, model_vocab_size: int, what: str = "t
     """Raise if the tokenizer can produce ids the model's embedding table does not have."""
     if tokenizer.vocab_size > model_vocab_size:
         raise TokenizerError(
-            f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but {what} has vocab_size={model_vocab_size}; "
+            f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but {what} has "
+            f"vocab_size={model_vocab_size}; "
             f"build the model with vocab_size >= {tokenizer.vocab_size} (e.g. --vocab-size {tokenizer.vocab_size}) "
             "or use the tokenizer the model was trained with"
         )

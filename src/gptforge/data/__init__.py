@@ -2,11 +2,20 @@
 
 Names are imported on first use, so that reading text does not import numpy's or torch's users.
 """
+
 from importlib import import_module
 
 _EXPORTS = {
-    "reading": ["ReadOptions", "TEXT_EXTENSIONS", "clean", "fingerprint_file", "iter_pieces", "iter_texts",
-                "read_text_file", "resolve_inputs"],
+    "reading": [
+        "ReadOptions",
+        "TEXT_EXTENSIONS",
+        "clean",
+        "fingerprint_file",
+        "iter_pieces",
+        "iter_texts",
+        "read_text_file",
+        "resolve_inputs",
+    ],
     "shards": ["FORMAT", "ShardedTokens", "load_meta", "load_split", "prepare", "token_dtype"],
     "batches": ["Batches", "Prefetcher"],
     "dataset": ["RunData", "TokenDataset", "default_cache_dir", "load_run_data"],

@@ -1,4 +1,5 @@
 """Training batches: windows of a token array as a pure function of the step, and a background prefetcher."""
+
 from __future__ import annotations
 
 import queue
@@ -22,8 +23,19 @@ class Batches:
     have had, and each rank of a distributed run draws its own share without communication.
     """
 
-    def __init__(self, tokens, block_size: int, batch_size: int, *, mode: str = "random", stride: int | None = None,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+    def __init__(
+        self,
+        tokens,
+        block_size: int,
+        batch_size: int,
+        *,
+        mode: str = "random",
+        stride: int | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ):
         if mode not in ("random", "sequential"):
             raise DataError(f"mode={mode!r}: choose 'random' or 'sequential'")
         if block_size < 1 or batch_size < 1:
@@ -33,8 +45,14 @@ class Batches:
         n = len(tokens)
         if n < block_size + 1:
             hint = 1 << max(0, (n - 2).bit_length() - 1) if n > 2 else 0
-            raise DataError(f"the text has {n} tokens, fewer than one block of block_size + 1 = {block_size + 1}; "
-                            + (f"use a block size of at most {n - 1} (e.g. --block-size {hint}) or add text" if hint else "add more text"))
+            raise DataError(
+                f"the text has {n} tokens, fewer than one block of block_size + 1 = {block_size + 1}; "
+                + (
+                    f"use a block size of at most {n - 1} (e.g. --block-size {hint}) or add text"
+                    if hint
+                    else "add more text"
+                )
+            )
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.mode, self.seed, self.rank, self.world_size, self.shuffle = mode, seed, rank, world_size, shuffle
         self.stride = stride or block_size
@@ -43,8 +61,10 @@ class Batches:
         self.num_windows = (n - block_size - 1) // self.stride + 1
         self.steps_per_epoch = self.num_windows // (batch_size * world_size)
         if mode == "sequential" and self.steps_per_epoch == 0:
-            raise DataError(f"the text has {self.num_windows} windows of {block_size} tokens, fewer than one batch of "
-                            f"batch_size * world_size = {batch_size * world_size}; lower --batch-size or --block-size")
+            raise DataError(
+                f"the text has {self.num_windows} windows of {block_size} tokens, fewer than one batch of "
+                f"batch_size * world_size = {batch_size * world_size}; lower --batch-size or --block-size"
+            )
         self._perm: tuple[int, np.ndarray] | None = None
 
     def starts(self, step: int) -> np.ndarray:
@@ -54,20 +74,25 @@ class Batches:
             # process of batch N*B sees, so runs and checkpoints move between world sizes unchanged.
             rng = np.random.default_rng([self.seed, step])
             starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size * self.world_size)
-            return starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            return starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         epoch, i = divmod(step, self.steps_per_epoch)
         if self._perm is None or self._perm[0] != epoch:
-            order = (np.random.default_rng([self.seed, epoch]).permutation(self.num_windows) if self.shuffle
-                     else np.arange(self.num_windows))
+            order = (
+                np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+                if self.shuffle
+                else np.arange(self.num_windows)
+            )
             self._perm = (epoch, order)
         first = (i * self.world_size + self.rank) * self.batch_size
-        return self._perm[1][first:first + self.batch_size] * self.stride
+        return self._perm[1][first : first + self.batch_size] * self.stride
 
     def batch(self, step: int):
         """(x, y) int64 tensors of shape (batch_size, block_size); y is x shifted by one token."""
         import torch
 
-        rows = np.stack([np.asarray(self.tokens[s:s + self.block_size + 1]) for s in self.starts(step)]).astype(np.int64)
+        rows = np.stack([np.asarray(self.tokens[s : s + self.block_size + 1]) for s in self.starts(step)]).astype(
+            np.int64
+        )
         data = torch.from_numpy(rows)
         return data[:, :-1], data[:, 1:]
 

@@ -1,5 +1,6 @@
 """Datasets as objects: `TokenDataset` (text tokenized once and cut into blocks, as older GPT-2 tools have
 it) and `RunData` (what a training run reads from a prepared folder)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -31,9 +32,21 @@ class TokenDataset:
     non-overlapping block of `block_size` tokens of the training split; `batches()` gives `Batches`.
     """
 
-    def __init__(self, file_path=None, vocab_file=None, merges_file=None, tokenizer_file=None, block_size: int = 1024,
-                 line_by_line: bool = False, *, tokenizer: Tokenizer | None = None, val_fraction: float = 0.0,
-                 cache_dir: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None, **prepare_options):
+    def __init__(
+        self,
+        file_path=None,
+        vocab_file=None,
+        merges_file=None,
+        tokenizer_file=None,
+        block_size: int = 1024,
+        line_by_line: bool = False,
+        *,
+        tokenizer: Tokenizer | None = None,
+        val_fraction: float = 0.0,
+        cache_dir: str | os.PathLike | None = None,
+        data_dir: str | os.PathLike | None = None,
+        **prepare_options,
+    ):
         if not (isinstance(block_size, int) and not isinstance(block_size, bool) and block_size > 0):
             raise DataError(f"block_size={block_size!r}: must be a number of tokens, at least 1")
         if tokenizer is None:
@@ -44,22 +57,36 @@ class TokenDataset:
             elif data_dir is not None:
                 tokenizer = load_tokenizer(Path(data_dir) / "tokenizer")
             else:
-                raise DataError("TokenDataset needs a tokenizer: tokenizer_file=, vocab_file= + merges_file=, or tokenizer=")
+                raise DataError(
+                    "TokenDataset needs a tokenizer: tokenizer_file=, vocab_file= + merges_file=, or tokenizer="
+                )
         self.tokenizer, self.block_size = tokenizer, block_size
         if file_path is not None:
             if data_dir is None:
                 files = resolve_inputs(file_path)
-                key = json.dumps([tokenizer.fingerprint, [str(p.resolve()) for p in files], line_by_line, val_fraction,
-                                  sorted(prepare_options.items())], default=str)
+                key = json.dumps(
+                    [
+                        tokenizer.fingerprint,
+                        [str(p.resolve()) for p in files],
+                        line_by_line,
+                        val_fraction,
+                        sorted(prepare_options.items()),
+                    ],
+                    default=str,
+                )
                 data_dir = Path(cache_dir or default_cache_dir()) / hashlib.sha256(key.encode()).hexdigest()[:16]
-            self.meta = prepare(file_path, tokenizer, data_dir, line_by_line=line_by_line, val_fraction=val_fraction,
-                                **prepare_options)
+            self.meta = prepare(
+                file_path, tokenizer, data_dir, line_by_line=line_by_line, val_fraction=val_fraction, **prepare_options
+            )
         elif data_dir is None:
             raise DataError("TokenDataset needs file_path= (text to tokenize) or data_dir= (a prepared folder)")
         else:
             self.meta = load_meta(data_dir)
         if self.meta["tokenizer"]["fingerprint"] != tokenizer.fingerprint:
-            raise DataError(f"{data_dir}: prepared with a different tokenizer ({self.meta['tokenizer']['source']}); prepare it again")
+            raise DataError(
+                f"{data_dir}: prepared with a different tokenizer ({self.meta['tokenizer']['source']}); prepare it "
+                "again"
+            )
         self.data_dir = Path(data_dir)
         self.tokens = self.train = load_split(self.data_dir, "train")
         self.val = load_split(self.data_dir, "val")
@@ -75,7 +102,9 @@ class TokenDataset:
         if not -len(self) <= i < len(self):
             raise IndexError(f"block {i} of a dataset of {len(self)} blocks")
         i %= len(self)  # ds[-1] is the last block, as for a list
-        return torch.from_numpy(np.asarray(self.tokens[i * self.block_size:(i + 1) * self.block_size]).astype(np.int64))
+        return torch.from_numpy(
+            np.asarray(self.tokens[i * self.block_size : (i + 1) * self.block_size]).astype(np.int64)
+        )
 
     def batches(self, batch_size: int, split: str = "train", **kwargs) -> Batches:
         return Batches(self.train if split == "train" else self.val, self.block_size, batch_size, **kwargs)
@@ -105,8 +134,15 @@ def load_run_data(data) -> RunData:
     val = load_split(folder, "val") if val_meta.get("tokens") else None
     bpt = val_meta["bytes"] / val_meta["tokens"] if val_meta.get("tokens") else None
     fingerprint = json.dumps(meta.get("fingerprint") or meta.get("inputs") or "", sort_keys=True)
-    return RunData(load_split(folder, "train"), val, bpt, fingerprint, (meta.get("tokenizer") or {}).get("fingerprint", ""),
-                   meta.get("vocab_size"), str(folder))
+    return RunData(
+        load_split(folder, "train"),
+        val,
+        bpt,
+        fingerprint,
+        (meta.get("tokenizer") or {}).get("fingerprint", ""),
+        meta.get("vocab_size"),
+        str(folder),
+    )
 
 
 __all__ = ["RunData", "TokenDataset", "default_cache_dir", "load_run_data"]

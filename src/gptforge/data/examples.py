@@ -8,6 +8,7 @@ everywhere but on the answers (`train_on_prompt` labels every token), so the los
 example longer than the context is cut at the end, never split into two, and counted; one with no answer token
 left is dropped.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,7 +48,8 @@ def _records(path: Path) -> Iterator[tuple[str, object]]:
 
 
 def is_example_file(path) -> bool:
-    """A .jsonl/.json file whose first record is an instruction example (has `messages`, or `prompt` and `completion`)."""
+    """A .jsonl/.json file whose first record is an instruction example (has `messages`, or `prompt` and
+    `completion`)."""
     path = Path(path)
     if path.suffix not in EXAMPLE_SUFFIXES or not path.is_file():
         return False
@@ -96,20 +98,26 @@ def encode_example(record, tokenizer, template, train_on_prompt: bool, where: st
         raise DataError(f"{where}: an example must be an object with 'prompt' and 'completion', or 'messages'")
     if "messages" in record:
         messages = check_messages(record["messages"], where)
-        text, spans = (template.render(messages, where=where), []) if train_on_prompt else template.answer_spans(messages, where)
+        text, spans = (
+            (template.render(messages, where=where), []) if train_on_prompt else template.answer_spans(messages, where)
+        )
         enc = tokenizer.hf_tokenizer.encode(text, add_special_tokens=False)
         answer = [train_on_prompt or any(a <= start < b for a, b in spans) for start, _ in enc.offsets]
         return list(enc.ids), answer
     for name in ("prompt", "completion"):
         if name not in record:
-            raise DataError(f"{where}: missing field {name!r} (an example has 'prompt' and 'completion', or 'messages')")
+            raise DataError(
+                f"{where}: missing field {name!r} (an example has 'prompt' and 'completion', or 'messages')"
+            )
         if not isinstance(record[name], str):
             raise DataError(f"{where}: field {name!r} must be a string")
     prompt, completion = tokenizer.encode(record["prompt"]), tokenizer.encode(record["completion"]) + [tokenizer.eos_id]
     return prompt + completion, [train_on_prompt] * len(prompt) + [True] * len(completion)
 
 
-def read_examples(files: Sequence, tokenizer, max_tokens: int, template=None, train_on_prompt: bool = False) -> Examples:
+def read_examples(
+    files: Sequence, tokenizer, max_tokens: int, template=None, train_on_prompt: bool = False
+) -> Examples:
     """Every example of `files`, each cut to `max_tokens` tokens (the context plus the one predicted last)."""
     out, h = Examples(), hashlib.sha256()
     for path in map(Path, files):
@@ -117,8 +125,10 @@ def read_examples(files: Sequence, tokenizer, max_tokens: int, template=None, tr
         for where, record in _records(path):
             ids, answer = encode_example(record, tokenizer, template, train_on_prompt, where)
             if not any(answer[1:]):  # before any cut: an example with nothing to learn, not one cut too short
-                raise DataError(f"{where}: no answer to train on (no assistant message after the prompt); give each "
-                                "example an assistant turn, or remove it")
+                raise DataError(
+                    f"{where}: no answer to train on (no assistant message after the prompt); give each "
+                    "example an assistant turn, or remove it"
+                )
             h.update(json.dumps(record, sort_keys=True).encode())
             if len(ids) > max_tokens:
                 ids, answer = ids[:max_tokens], answer[:max_tokens]
@@ -131,8 +141,10 @@ def read_examples(files: Sequence, tokenizer, max_tokens: int, template=None, tr
         if len(out.ids) + out.dropped == before:
             raise DataError(f"{path}: holds no examples")
     if not out.ids:
-        raise DataError(f"{', '.join(map(str, files))}: every example lost its answer when cut to the context of "
-                        f"{max_tokens - 1} tokens; raise --block-size or shorten the prompts")
+        raise DataError(
+            f"{', '.join(map(str, files))}: every example lost its answer when cut to the context of "
+            f"{max_tokens - 1} tokens; raise --block-size or shorten the prompts"
+        )
     out.fingerprint = h.hexdigest()[:20]
     return out
 
@@ -141,8 +153,10 @@ def truncation_note(examples: Examples, context: int) -> str | None:
     """The warning for examples cut to the context, or None."""
     if not (examples.truncated or examples.dropped):
         return None
-    return (f"warning: {examples.truncated} example(s) were longer than the context of {context} tokens and were cut at "
-            f"the end; {examples.dropped} of them were dropped (no answer token left)")
+    return (
+        f"warning: {examples.truncated} example(s) were longer than the context of {context} tokens and were cut at "
+        f"the end; {examples.dropped} of them were dropped (no answer token left)"
+    )
 
 
 def pad_examples(ids: Sequence[np.ndarray], answer: Sequence[np.ndarray], pad_id: int):
@@ -165,8 +179,9 @@ class ExampleBatches:
     """Batches of whole examples, `batch(step)` a pure function of (seed, step, rank, world_size): epochs over the
     examples in a seeded order, a global batch of batch_size * world_size examples cut into one slice per rank."""
 
-    def __init__(self, examples: Examples, batch_size: int, pad_id: int, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(
+        self, examples: Examples, batch_size: int, pad_id: int, *, seed: int = 0, rank: int = 0, world_size: int = 1
+    ):
         self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.steps_per_epoch = max(1, len(examples) // (batch_size * world_size))
@@ -178,15 +193,25 @@ class ExampleBatches:
         size = self.batch_size * self.world_size
         order = np.resize(order, max(size, len(order)))  # fewer examples than a batch: repeat them
         first = i * size + self.rank * self.batch_size
-        return order[first:first + self.batch_size]
+        return order[first : first + self.batch_size]
 
     def batch(self, step: int):
         index = self.indices(step)
-        return pad_examples([self.examples.ids[i] for i in index], [self.examples.answer[i] for i in index], self.pad_id)
+        return pad_examples(
+            [self.examples.ids[i] for i in index], [self.examples.answer[i] for i in index], self.pad_id
+        )
 
     def epoch(self, step: int) -> float:
         return step / self.steps_per_epoch
 
 
-__all__ = ["ExampleBatches", "Examples", "IGNORE", "encode_example", "is_example_file", "pad_examples", "read_examples",
-           "truncation_note"]
+__all__ = [
+    "ExampleBatches",
+    "Examples",
+    "IGNORE",
+    "encode_example",
+    "is_example_file",
+    "pad_examples",
+    "read_examples",
+    "truncation_note",
+]

@@ -5,6 +5,7 @@ Every example remembers where it came from (`file:row`), so that a missing label
 that tokenizes to nothing is reported at its place. Labels are strings (numbers in JSON become strings);
 their order is sorted, never the order of appearance, so the same data gives the same label ids.
 """
+
 from __future__ import annotations
 
 import csv
@@ -58,11 +59,14 @@ def _label_text(value, where: str, option: str) -> str | None:
         return None
     if isinstance(value, (str, int)) and not isinstance(value, bool):
         return str(value).strip()
-    raise DataError(f"{where}: the label is {type(value).__name__} {value!r}; a label is a string or an integer ({option})")
+    raise DataError(
+        f"{where}: the label is {type(value).__name__} {value!r}; a label is a string or an integer ({option})"
+    )
 
 
-def _csv_rows(path: Path, delimiter: str, text_key, label_key, header: bool, errors: str,
-              need_labels: bool = True) -> Iterator[tuple]:
+def _csv_rows(
+    path: Path, delimiter: str, text_key, label_key, header: bool, errors: str, need_labels: bool = True
+) -> Iterator[tuple]:
     csv.field_size_limit(sys.maxsize)
     reader = csv.reader(read_lines(path, errors), delimiter=delimiter)
     names = (next(reader, None) or []) if header else []
@@ -73,10 +77,13 @@ def _csv_rows(path: Path, delimiter: str, text_key, label_key, header: bool, err
         elif option == "--label-field" and not need_labels and key not in names:  # texts to predict: no labels
             index.append(None)
         elif not header:
-            raise DataError(f"{path}: {option} {key!r} is a name but --no-header says the file has no header; "
-                            "pass a 0-based index")
+            raise DataError(
+                f"{path}: {option} {key!r} is a name but --no-header says the file has no header; pass a 0-based index"
+            )
         elif key not in names:
-            raise DataError(f"{path}: no column {key!r}; the header has {names}; choose it with {option} NAME or a 0-based index")
+            raise DataError(
+                f"{path}: no column {key!r}; the header has {names}; choose it with {option} NAME or a 0-based index"
+            )
         else:
             index.append(names.index(key))
     for row in reader:
@@ -106,16 +113,21 @@ def _json_rows(path: Path, fmt: str, text_key, label_key, errors: str) -> Iterat
             try:
                 row = json.loads(row)
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg}); each line of a .jsonl file must be one JSON "
-                                "object") from None
+                raise DataError(
+                    f"{where}: not valid JSON ({e.msg}); each line of a .jsonl file must be one JSON object"
+                ) from None
         if not isinstance(row, dict):
             raise DataError(f"{where}: holds a JSON {type(row).__name__}, not an object with a text and a label field")
         if str(text_key) not in row:
-            raise DataError(f"{where}: no text field {text_key!r} (found {sorted(row)}); choose it with --text-field NAME")
+            raise DataError(
+                f"{where}: no text field {text_key!r} (found {sorted(row)}); choose it with --text-field NAME"
+            )
         text = row[str(text_key)]
         if not isinstance(text, str):
-            raise DataError(f"{where}: the field {text_key!r} holds {type(text).__name__}, not text; "
-                            "choose it with --text-field NAME")
+            raise DataError(
+                f"{where}: the field {text_key!r} holds {type(text).__name__}, not text; "
+                "choose it with --text-field NAME"
+            )
         yield text, row.get(str(label_key)), where
 
 
@@ -124,7 +136,9 @@ def _folder_rows(folder: Path, extensions: Sequence[str], errors: str) -> Iterat
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = sorted(p for p in sub.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
         if not files:
-            raise NotFoundError(f"{sub}: the folder of label {sub.name!r} holds no files ending in {', '.join(extensions)}")
+            raise NotFoundError(
+                f"{sub}: the folder of label {sub.name!r} holds no files ending in {', '.join(extensions)}"
+            )
         for f in files:
             yield read_text_file(f, errors).strip("\r\n"), sub.name, str(f)
 
@@ -147,7 +161,9 @@ def read_labelled(
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     if not inputs:
-        raise DataError("no inputs given; name .csv, .tsv, .jsonl or .json files, or a folder with a sub-folder per label")
+        raise DataError(
+            "no inputs given; name .csv, .tsv, .jsonl or .json files, or a folder with a sub-folder per label"
+        )
     text_key, label_key = _key(text_field, "text"), _key(label_field, "label")
     out = Labelled()
     for item in inputs:
@@ -157,19 +173,30 @@ def read_labelled(
         elif not path.is_file():
             raise NotFoundError(f"{path}: no such file or folder")
         elif path.suffix.lower() not in TABLE_FORMATS:
-            raise DataError(f"{path}: labelled examples come in .csv, .tsv, .jsonl or .json files, or a folder with a "
-                            "sub-folder of text files per label")
+            raise DataError(
+                f"{path}: labelled examples come in .csv, .tsv, .jsonl or .json files, or a folder with a "
+                "sub-folder of text files per label"
+            )
         elif TABLE_FORMATS[path.suffix.lower()] in ("csv", "tsv"):
-            rows = _csv_rows(path, "," if path.suffix.lower() == ".csv" else "\t", text_key, label_key, header, encoding_errors,
-                             need_labels)
+            rows = _csv_rows(
+                path,
+                "," if path.suffix.lower() == ".csv" else "\t",
+                text_key,
+                label_key,
+                header,
+                encoding_errors,
+                need_labels,
+            )
         else:
             rows = _json_rows(path, TABLE_FORMATS[path.suffix.lower()], text_key, label_key, encoding_errors)
         before = len(out)
         for text, label, where in rows:
             label = _label_text(label, where, "--label-field")
             if label is None and need_labels:
-                raise DataError(f"{where}: no label (the {label_field!r} field is missing or empty); give every row a "
-                                "label, or choose the label column with --label-field")
+                raise DataError(
+                    f"{where}: no label (the {label_field!r} field is missing or empty); give every row a "
+                    "label, or choose the label column with --label-field"
+                )
             out.texts.append(text)
             out.labels.append(label)
             out.where.append(where)
@@ -192,8 +219,9 @@ def check_known(data: Labelled, known: Sequence[str], source: str) -> None:
     known_set = set(known)
     for label, where in zip(data.labels, data.where):
         if label is not None and label not in known_set:
-            raise DataError(f"{where}: label {label!r} was never seen in training; the model knows {', '.join(known)} "
-                            f"({source})")
+            raise DataError(
+                f"{where}: label {label!r} was never seen in training; the model knows {', '.join(known)} ({source})"
+            )
 
 
 def stratified_split(labels: Sequence[str], fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:

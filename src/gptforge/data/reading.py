@@ -5,6 +5,7 @@ Files are read in blocks of whole lines, so memory stays bounded whatever their 
 reported with its exact byte offset, binary and empty files by name. A document is a blank-line block
 of a text file (a line with `line_by_line`), a CSV row's column, or a row's field (JSON, Parquet, datasets).
 """
+
 from __future__ import annotations
 
 import codecs
@@ -24,7 +25,11 @@ from ..errors import DataError, NotFoundError
 
 TEXT_EXTENSIONS = (".txt", ".md", ".text", ".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
 # a folder holding both files of a pair is a model or tokenizer (transformers', gptforge's) or a gptforge run: not text
-WRITTEN_MARKERS = (("tokenizer.json", "tokenizer_config.json"), ("tokenizer.json", "config.json"), ("run_config.json", "metrics.jsonl"))
+WRITTEN_MARKERS = (
+    ("tokenizer.json", "tokenizer_config.json"),
+    ("tokenizer.json", "config.json"),
+    ("run_config.json", "metrics.jsonl"),
+)
 BLOCK_BYTES = 1 << 20  # bytes read at a time
 JOB_CHARS = 1 << 20  # characters of text per batch of documents handed on
 MAX_PIECE_CHARS = 16 << 20  # a document longer than this is passed on in pieces (cut where the ids cannot change)
@@ -55,7 +60,9 @@ class ReadOptions:
     def __post_init__(self) -> None:
         if self.encoding_errors not in ("strict", "replace"):
             raise DataError(f"--encoding-errors {self.encoding_errors!r}: choose 'strict' or 'replace'")
-        self.extensions = tuple((e if e.startswith(".") else "." + e).lower() for e in self.extensions)  # as the files' suffixes
+        self.extensions = tuple(
+            (e if e.startswith(".") else "." + e).lower() for e in self.extensions
+        )  # as the files' suffixes
         self.remove = tuple(self.remove)
         for pattern in self.remove:
             try:
@@ -67,8 +74,11 @@ class ReadOptions:
 # --- finding and fingerprinting inputs -------------------------------------------------------------------
 
 
-def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], extensions: Sequence[str] = TEXT_EXTENSIONS,
-                   exclude: Sequence[str | os.PathLike] = ()) -> list[Path]:
+def resolve_inputs(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    extensions: Sequence[str] = TEXT_EXTENSIONS,
+    exclude: Sequence[str | os.PathLike] = (),
+) -> list[Path]:
     """Files named by `inputs`: files as given, folders searched recursively by extension, glob patterns.
     A folder or pattern never descends into a folder of `exclude` that lies inside it (the folders a command
     writes: `gptforge train .` must not read its own run folder's tokenizer and checkpoints as text; a folder
@@ -111,19 +121,30 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], exte
         path = Path(item)
         if path.is_dir():
             skip = inside(path)
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts) and not ours(p, skip)
-                           and not in_written(p, path))
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in extensions
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                and not ours(p, skip)
+                and not in_written(p, path)
+            )
             if not found:
-                raise NotFoundError(f"{path}: folder has no files ending in {', '.join(extensions)}; "
-                                        "add --ext for other extensions")
+                raise NotFoundError(
+                    f"{path}: folder has no files ending in {', '.join(extensions)}; add --ext for other extensions"
+                )
             files += found
         elif path.is_file():
             files.append(path)
         elif any(c in str(item) for c in "*?["):
             root = Path(re.split(r"[*?\[]", str(item))[0] or ".")  # the folder the pattern starts from
             skip = inside(root if root.is_dir() else root.parent)
-            found = sorted(Path(p) for p in globlib.glob(str(item), recursive=True) if os.path.isfile(p) and not ours(Path(p), skip))
+            found = sorted(
+                Path(p)
+                for p in globlib.glob(str(item), recursive=True)
+                if os.path.isfile(p) and not ours(Path(p), skip)
+            )
             if not found:
                 raise NotFoundError(f"{item}: the pattern matches no files")
             files += found
@@ -160,8 +181,14 @@ def fingerprint_file(path: Path) -> dict:
 
 def _format_of(path: Path) -> str:
     suffix = path.suffix.lower()
-    return {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
-            ".parquet": "parquet"}.get(suffix, "text")
+    return {
+        ".csv": "csv",
+        ".tsv": "tsv",
+        ".jsonl": "jsonl",
+        ".ndjson": "jsonl",
+        ".json": "json",
+        ".parquet": "parquet",
+    }.get(suffix, "text")
 
 
 def _decoded_blocks(path: Path, errors: str, split_long_lines: bool = False) -> Iterator[str]:
@@ -178,17 +205,23 @@ def _decoded_blocks(path: Path, errors: str, split_long_lines: bool = False) -> 
         while True:
             block = f.read(BLOCK_BYTES)
             if offset == 0 and block[:2] in (b"\xff\xfe", b"\xfe\xff"):
-                raise DataError(f"{path}: UTF-16 text (it starts with a UTF-16 byte order mark); save it as UTF-8 "
-                                "(e.g. iconv -f UTF-16 -t UTF-8), which gptforge reads")
+                raise DataError(
+                    f"{path}: UTF-16 text (it starts with a UTF-16 byte order mark); save it as UTF-8 "
+                    "(e.g. iconv -f UTF-16 -t UTF-8), which gptforge reads"
+                )
             if NUL in block:
-                raise DataError(f"{path}: NUL byte at byte {offset + block.index(NUL)}; this looks like a binary "
-                                "file, not text (remove it from the inputs)")
+                raise DataError(
+                    f"{path}: NUL byte at byte {offset + block.index(NUL)}; this looks like a binary "
+                    "file, not text (remove it from the inputs)"
+                )
             pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
             try:
                 text = carry + decoder.decode(block, final=not block)
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}: invalid UTF-8 at byte {offset - pending + e.start}; "
-                                "convert the file to UTF-8 or pass --encoding-errors replace") from None
+                raise DataError(
+                    f"{path}: invalid UTF-8 at byte {offset - pending + e.start}; "
+                    "convert the file to UTF-8 or pass --encoding-errors replace"
+                ) from None
             if offset == 0 and text.startswith("\ufeff"):
                 text = text[1:]  # byte order mark
             offset += len(block)
@@ -230,7 +263,7 @@ def _text_pieces(path: Path, opts: ReadOptions) -> Iterator[tuple[list[str], lis
             if m:
                 texts.append(carry[: m.end()].lstrip("\r\n"))
                 ends.append(False)
-                carry = carry[m.end():]
+                carry = carry[m.end() :]
         yield texts, ends
     carry = carry.strip("\r\n")
     if carry and not carry.isspace():
@@ -258,7 +291,9 @@ def _csv_rows(path: Path, opts: ReadOptions, delimiter: str) -> Iterator[str]:
         header = next(reader, None) or []
         if isinstance(opts.column, str):
             if opts.column not in header:
-                raise DataError(f"{path}: no column {opts.column!r}; the header has {header}; pass --column NAME or an index")
+                raise DataError(
+                    f"{path}: no column {opts.column!r}; the header has {header}; pass --column NAME or an index"
+                )
             index = header.index(opts.column)
         elif opts.column is None:
             if len(header) != 1:
@@ -266,8 +301,10 @@ def _csv_rows(path: Path, opts: ReadOptions, delimiter: str) -> Iterator[str]:
             index = 0
     else:
         if isinstance(opts.column, str):
-            raise DataError(f"{path}: --column {opts.column!r} is a name but --no-header says the file has no header; "
-                            "pass a 0-based index instead")
+            raise DataError(
+                f"{path}: --column {opts.column!r} is a name but --no-header says the file has no header; "
+                "pass a 0-based index instead"
+            )
         index = index or 0
     for row in reader:
         if not row:
@@ -288,7 +325,9 @@ def _jsonl_rows(path: Path, opts: ReadOptions) -> Iterator[str]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); each line of a .jsonl file must be one JSON value") from None
+                raise DataError(
+                    f"{path}:{n}: not valid JSON ({e.msg}); each line of a .jsonl file must be one JSON value"
+                ) from None
             text = _row_text(row, opts.field, f"{path}:{n}", opts.encoding_errors)
             if text.strip():
                 yield text
@@ -311,8 +350,10 @@ def _row_text(row, field: str, where: str, errors: str = "strict") -> str:
         return row
     if errors == "replace":
         return _SURROGATE.sub("\ufffd", row)
-    raise DataError(f"{where}: a lone surrogate escape (\\u{ord(bad.group()):04x}) in the text, half of a character; "
-                    "fix the row, or pass --encoding-errors replace to read it as U+FFFD")
+    raise DataError(
+        f"{where}: a lone surrogate escape (\\u{ord(bad.group()):04x}) in the text, half of a character; "
+        "fix the row, or pass --encoding-errors replace to read it as U+FFFD"
+    )
 
 
 def _text_value(value, field: str, where: str) -> str:
@@ -321,10 +362,14 @@ def _text_value(value, field: str, where: str) -> str:
     if value is None:
         return ""
     if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
-        raise DataError(f"{where}: the field {field!r} holds a list of chat messages, not text; gptforge trains on "
-                        "plain text: write each conversation as one string (e.g. 'role: content' lines, or its chat "
-                        "template applied) into a field of its own and pass --field NAME")
-    raise DataError(f"{where}: the field {field!r} holds {type(value).__name__}, not text; choose a text field with --field NAME")
+        raise DataError(
+            f"{where}: the field {field!r} holds a list of chat messages, not text; gptforge trains on "
+            "plain text: write each conversation as one string (e.g. 'role: content' lines, or its chat "
+            "template applied) into a field of its own and pass --field NAME"
+        )
+    raise DataError(
+        f"{where}: the field {field!r} holds {type(value).__name__}, not text; choose a text field with --field NAME"
+    )
 
 
 def _json_rows(path: Path, opts: ReadOptions) -> Iterator[str]:
@@ -335,12 +380,15 @@ def _json_rows(path: Path, opts: ReadOptions) -> Iterator[str]:
         if e.msg == "Extra data":
             yield from _jsonl_rows(path, opts)
             return
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); a .json input holds an array of "
-                        "strings or objects") from None
+        raise DataError(
+            f"{path}: not valid JSON ({e.msg} at line {e.lineno}); a .json input holds an array of strings or objects"
+        ) from None
     if not isinstance(data, list):
         found = f"an object with keys {sorted(data)[:8]}" if isinstance(data, dict) else type(data).__name__
-        raise DataError(f"{path}: holds {found}, not an array; gptforge reads an array of strings or of objects "
-                        "(with --field NAME), or JSON Lines")
+        raise DataError(
+            f"{path}: holds {found}, not an array; gptforge reads an array of strings or of objects "
+            "(with --field NAME), or JSON Lines"
+        )
     for i, row in enumerate(data):
         text = _row_text(row, opts.field, f"{path}[{i}]", opts.encoding_errors)
         if text.strip():
@@ -386,18 +434,24 @@ class HFDataset:
         try:
             import datasets
         except ImportError:
-            raise DataError(f"--hf-dataset {self.name}: needs the datasets package: pip install 'gptforge[data]'") from None
+            raise DataError(
+                f"--hf-dataset {self.name}: needs the datasets package: pip install 'gptforge[data]'"
+            ) from None
         try:
             if (Path(self.name) / "dataset_info.json").is_file() or (Path(self.name) / "dataset_dict.json").is_file():
                 ds = datasets.load_from_disk(self.name)
             else:
                 ds = datasets.load_dataset(self.name, split=self.split)
         except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
-            raise DataError(f"--hf-dataset {self.name}: cannot load it ({str(e).splitlines()[0][:200]}); without network "
-                            "access, save it elsewhere with `Dataset.save_to_disk(DIR)` and pass the local folder") from None
+            raise DataError(
+                f"--hf-dataset {self.name}: cannot load it ({str(e).splitlines()[0][:200]}); without network "
+                "access, save it elsewhere with `Dataset.save_to_disk(DIR)` and pass the local folder"
+            ) from None
         if isinstance(ds, datasets.DatasetDict):
             if self.split not in ds:
-                raise DataError(f"--hf-dataset {self.name}: no split {self.split!r}; it has {list(ds)}; choose one with --split")
+                raise DataError(
+                    f"--hf-dataset {self.name}: no split {self.split!r}; it has {list(ds)}; choose one with --split"
+                )
             ds = ds[self.split]
         return ds
 
@@ -454,7 +508,7 @@ def split_long(text: str, limit: int = JOB_CHARS) -> Iterator[str]:
         m = _SAFE_CUT.search(text, start + limit // 2, start + limit) or _SAFE_CUT.search(text, start + limit)
         if m is None:
             break
-        yield text[start:m.end()]
+        yield text[start : m.end()]
         start = m.end()
     yield text[start:]
 
@@ -518,5 +572,17 @@ def read_lines(path: str | os.PathLike, errors: str = "strict") -> Iterator[str]
         yield from _lines(block)
 
 
-__all__ = ["HFDataset", "JOB_CHARS", "ReadOptions", "TEXT_EXTENSIONS", "clean", "fingerprint_file", "iter_pieces", "iter_texts",
-           "read_lines", "read_text_file", "resolve_inputs", "split_long"]
+__all__ = [
+    "HFDataset",
+    "JOB_CHARS",
+    "ReadOptions",
+    "TEXT_EXTENSIONS",
+    "clean",
+    "fingerprint_file",
+    "iter_pieces",
+    "iter_texts",
+    "read_lines",
+    "read_text_file",
+    "resolve_inputs",
+    "split_long",
+]

@@ -10,6 +10,7 @@ Only a bounded window of jobs is in flight, so peak memory depends on the job si
 workers, not on the corpus. Each split's stream starts with `<|endoftext|>` and every document (or
 line-by-line sample) is followed by one, so every sample is wrapped in `<|endoftext|>` on both sides.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -88,8 +89,13 @@ def _encode_job(texts: list[str], ends: list[bool]) -> tuple[np.ndarray, np.ndar
     nbytes = np.array([len(t.encode("utf-8", "surrogatepass")) for t in texts], dtype=np.int64)
     hashes = None
     if opts.dedupe:
-        hashes = np.array([int.from_bytes(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-                           for t in texts], dtype=np.uint64)
+        hashes = np.array(
+            [
+                int.from_bytes(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+                for t in texts
+            ],
+            dtype=np.uint64,
+        )
     return ids.astype(_worker["dtype"]), counts, nbytes, hashes
 
 
@@ -105,8 +111,12 @@ def _run_jobs(jobs, tokenizer: Tokenizer, opts: ReadOptions, dtype: str, workers
 
     # fork: workers start in milliseconds and a user's script needs no `if __name__ == "__main__"` guard
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_init_worker,
-                             initargs=(tokenizer, opts, dtype, os.getpid())) as pool:
+    with ProcessPoolExecutor(
+        workers,
+        mp_context=mp.get_context(method),
+        initializer=_init_worker,
+        initargs=(tokenizer, opts, dtype, os.getpid()),
+    ) as pool:
         window: deque = deque()
         try:
             for job in jobs:
@@ -147,7 +157,7 @@ class _ShardWriter:
             self._in_shard += len(take)
             self.shards[-1]["tokens"] += len(take)
             self.tokens += len(take)
-            ids = ids[len(take):]
+            ids = ids[len(take) :]
 
     def _open(self) -> None:
         if self._file:
@@ -177,13 +187,15 @@ def _val_to_train(folder: Path, train: dict, val: dict) -> None:
     val["shards"] = []
 
 
-def _carve_tail(folder: Path, train: dict, val: dict, fraction: float, dtype: np.dtype, byte_lengths: np.ndarray) -> None:
+def _carve_tail(
+    folder: Path, train: dict, val: dict, fraction: float, dtype: np.dtype, byte_lengths: np.ndarray
+) -> None:
     """Move the last `fraction` of the train tokens into val (for corpora with too few documents to split)."""
     k = int(train["tokens"] * fraction)
     if k < 2:
         return
     tail = load_split_from(folder, train, dtype)
-    tail = np.asarray(tail[len(tail) - k:]).copy()
+    tail = np.asarray(tail[len(tail) - k :]).copy()
     name = "val_0000.bin"
     tail.tofile(folder / name)
     val.update(tokens=k, documents=1, shards=[{"file": name, "tokens": k}], bytes=int(byte_lengths[tail].sum()))
@@ -302,10 +314,15 @@ def prepare(
     stamps = {p: p.stat().st_mtime_ns for p in files + val_files if isinstance(p, Path)}  # before the hash is taken
     inputs_fp = [fingerprint_file(p) for p in files]
     val_fp = [fingerprint_file(p) for p in val_files]
-    key = json.dumps([FORMAT, tok.fingerprint, [f["blake2b"] for f in inputs_fp], [f["blake2b"] for f in val_fp], options], sort_keys=True)
+    key = json.dumps(
+        [FORMAT, tok.fingerprint, [f["blake2b"] for f in inputs_fp], [f["blake2b"] for f in val_fp], options],
+        sort_keys=True,
+    )
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
 
-    old = _previous(out_dir, fingerprint, force, expect_same, lambda m: _what_changed(m, tok, inputs_fp + val_fp, options))
+    old = _previous(
+        out_dir, fingerprint, force, expect_same, lambda m: _what_changed(m, tok, inputs_fp + val_fp, options)
+    )
     if old is not None:
         remove_stale(out_dir)  # a killed run's temporary folder beside the reused one
         return {**old, "reused": True}
@@ -331,10 +348,22 @@ def prepare(
         _refuse_changed(files + val_files, [*inputs_fp, *val_fp], stamps)
         train, val = writers["train"].summary(), writers["val"].summary()
         val_split = _settle_split(tmp, train, val, files, bool(val_files), val_fraction, np.dtype(dtype), tok)
-        meta = dict(format=FORMAT, fingerprint=fingerprint, dtype=dtype, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
-                    tokenizer={"fingerprint": tok.fingerprint, "kind": tok.kind, "source": tok.source},
-                    inputs=inputs_fp, val_inputs=val_fp, options=options, val_split=val_split, workers=workers,
-                    train=train, val=val, seconds=round(time.time() - started, 3))
+        meta = dict(
+            format=FORMAT,
+            fingerprint=fingerprint,
+            dtype=dtype,
+            vocab_size=tok.vocab_size,
+            eos_id=tok.eos_id,
+            tokenizer={"fingerprint": tok.fingerprint, "kind": tok.kind, "source": tok.source},
+            inputs=inputs_fp,
+            val_inputs=val_fp,
+            options=options,
+            val_split=val_split,
+            workers=workers,
+            train=train,
+            val=val,
+            seconds=round(time.time() - started, 3),
+        )
         _write_meta(tmp, meta)
         tok.save(tmp / "tokenizer")  # the exact tokenizer the ids belong to
     return {**meta, "reused": False}
@@ -346,7 +375,9 @@ def _check_arguments(val_fraction: float, seed: int, shard_tokens: int) -> None:
     if not (isinstance(seed, int) and 0 <= seed < 2**63):
         raise DataError(f"--seed {seed!r}: must be an integer from 0 to 2**63 - 1")
     if not (isinstance(shard_tokens, int) and shard_tokens > 0):
-        raise DataError(f"--shard-tokens {shard_tokens!r}: must be a positive number of tokens (default {SHARD_TOKENS:,})")
+        raise DataError(
+            f"--shard-tokens {shard_tokens!r}: must be a positive number of tokens (default {SHARD_TOKENS:,})"
+        )
 
 
 def _refuse_changed(paths: list, fingerprints: list[dict], stamps: dict) -> None:
@@ -354,12 +385,22 @@ def _refuse_changed(paths: list, fingerprints: list[dict], stamps: dict) -> None
     for path, before in zip(paths, fingerprints):
         now = path.stat() if isinstance(path, Path) else None
         if now is not None and (now.st_size != before["bytes"] or now.st_mtime_ns != stamps[path]):
-            raise DataError(f"{path}: changed while it was read ({before['bytes']:,} bytes before, "
-                            f"{now.st_size:,} now); prepare again once it is complete")
+            raise DataError(
+                f"{path}: changed while it was read ({before['bytes']:,} bytes before, "
+                f"{now.st_size:,} now); prepare again once it is complete"
+            )
 
 
-def _settle_split(folder: Path, train: dict, val: dict, files: list, val_file: bool, val_fraction: float,
-                  dtype: np.dtype, tok: Tokenizer) -> str:
+def _settle_split(
+    folder: Path,
+    train: dict,
+    val: dict,
+    files: list,
+    val_file: bool,
+    val_fraction: float,
+    dtype: np.dtype,
+    tok: Tokenizer,
+) -> str:
     """meta's "val_split": "file" (--val-file), "documents", or "tail" where the draw left a side empty."""
     if train["tokens"] == 0 and not val_file:
         _val_to_train(folder, train, val)  # then the tail split below, as for one document
@@ -382,8 +423,10 @@ def _write_meta(folder: Path, meta: dict) -> None:
 def _refuse_overlap(files: list, val_files: list) -> None:
     both = {p.resolve() for p in files if isinstance(p, Path)} & {p.resolve() for p in val_files if isinstance(p, Path)}
     if both:
-        raise DataError(f"{sorted(both)[0]}: is both a training and a validation input; a model is never validated on "
-                        "what it trained on, so remove it from one of them")
+        raise DataError(
+            f"{sorted(both)[0]}: is both a training and a validation input; a model is never validated on "
+            "what it trained on, so remove it from one of them"
+        )
 
 
 def _previous(out_dir: Path, fingerprint: str, force: bool, expect_same: bool, what_changed) -> dict | None:
@@ -393,13 +436,17 @@ def _previous(out_dir: Path, fingerprint: str, force: bool, expect_same: bool, w
         return None
     old = _read_meta(out_dir) if (out_dir / "meta.json").is_file() else None
     if old is None:
-        raise DataError(f"{out_dir}: folder exists and is not a prepared dataset (no meta.json); "
-                        "choose a new or empty --out folder so nothing of yours is overwritten")
+        raise DataError(
+            f"{out_dir}: folder exists and is not a prepared dataset (no meta.json); "
+            "choose a new or empty --out folder so nothing of yours is overwritten"
+        )
     if old.get("fingerprint") == fingerprint and not force and _complete(out_dir, old):
         return old
     if expect_same and old.get("fingerprint") != fingerprint:
-        raise DataError(f"{out_dir}: {what_changed(old)} since the run started; resume with the same inputs, "
-                        "options and tokenizer, or start a new run (--overwrite or another --out)")
+        raise DataError(
+            f"{out_dir}: {what_changed(old)} since the run started; resume with the same inputs, "
+            "options and tokenizer, or start a new run (--overwrite or another --out)"
+        )
     return None
 
 
@@ -408,9 +455,11 @@ def _what_changed(old: dict, tok: Tokenizer, inputs_fp: list[dict], options: dic
     said = [] if (old.get("tokenizer") or {}).get("fingerprint") == tok.fingerprint else ["the tokenizer changed"]
     before = {f["path"]: f["blake2b"] for f in old.get("inputs", []) + old.get("val_inputs", [])}
     now = {f["path"]: f["blake2b"] for f in inputs_fp}
-    for words, paths in (("changed", [p for p in now if p in before and before[p] != now[p]]),
-                         ("new inputs", [p for p in now if p not in before]),
-                         ("inputs no longer given", [p for p in before if p not in now])):
+    for words, paths in (
+        ("changed", [p for p in now if p in before and before[p] != now[p]]),
+        ("new inputs", [p for p in now if p not in before]),
+        ("inputs no longer given", [p for p in before if p not in now]),
+    ):
         if paths:
             said.append(f"{words}: {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}")
     then = old.get("options") or {}
@@ -433,8 +482,11 @@ def _read_meta(data_dir: Path) -> dict:
 
 def _complete(data_dir: Path, meta: dict) -> bool:
     size = np.dtype(meta["dtype"]).itemsize
-    return all((data_dir / s["file"]).is_file() and (data_dir / s["file"]).stat().st_size == s["tokens"] * size
-               for split in ("train", "val") for s in meta[split]["shards"])
+    return all(
+        (data_dir / s["file"]).is_file() and (data_dir / s["file"]).stat().st_size == s["tokens"] * size
+        for split in ("train", "val")
+        for s in meta[split]["shards"]
+    )
 
 
 # --- reading shards back ------------------------------------------------------------------------------
@@ -463,7 +515,7 @@ class ShardedTokens:
         while start < stop:
             i = int(np.searchsorted(self.starts, start, side="right")) - 1
             end = min(stop, int(self.starts[i + 1]))
-            parts.append(self.arrays[i][start - self.starts[i]:end - self.starts[i]])
+            parts.append(self.arrays[i][start - self.starts[i] : end - self.starts[i]])
             start = end
         return np.concatenate(parts) if len(parts) != 1 else parts[0]
 
@@ -473,7 +525,11 @@ class ShardedTokens:
 
 
 def load_split_from(data_dir: Path, split_meta: dict, dtype) -> np.ndarray | ShardedTokens:
-    arrays = [np.memmap(data_dir / s["file"], dtype=dtype, mode="r", shape=(s["tokens"],)) for s in split_meta["shards"] if s["tokens"]]
+    arrays = [
+        np.memmap(data_dir / s["file"], dtype=dtype, mode="r", shape=(s["tokens"],))
+        for s in split_meta["shards"]
+        if s["tokens"]
+    ]
     if not arrays:
         return np.zeros(0, dtype=dtype)
     return arrays[0] if len(arrays) == 1 else ShardedTokens(arrays)

@@ -1,5 +1,6 @@
 """Training: the loop (`loop`), optimizer and schedule (`optim`), reporting (`logging`), and the whole
 text-to-model workflow with its size choice (`pipeline`). Names are imported on first use."""
+
 from importlib import import_module
 
 _EXPORTS = {
@@ -10,8 +11,18 @@ _EXPORTS = {
     ".optim": ["apply_freeze", "configure_optimizer", "lr_at"],
     ".logging": ["RunLog"],
     ".loop": ["TrainResult", "Trainer", "refuse_previous_run"],
-    ".pipeline": ["MAX_EPOCHS_COUNTED", "SCRATCH_SIZES", "TOKENS_PER_PARAM", "build_model", "choose_size",
-                  "load_model_folder", "matmul_flops", "run_training", "train", "training_rate"],
+    ".pipeline": [
+        "MAX_EPOCHS_COUNTED",
+        "SCRATCH_SIZES",
+        "TOKENS_PER_PARAM",
+        "build_model",
+        "choose_size",
+        "load_model_folder",
+        "matmul_flops",
+        "run_training",
+        "train",
+        "training_rate",
+    ],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

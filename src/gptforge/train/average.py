@@ -6,6 +6,7 @@ initial weights for long. Evaluations, `best/` and the final model folder use th
 steps, and the model folder inside each checkpoint (what `--resume` continues from), use the weights
 themselves, and the checkpoint's training state holds the average, so a resumed run averages on exactly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,13 +54,18 @@ class WeightAverage:
                 p.copy_(a)
 
     def state_dict(self) -> dict:
-        return {"updates": self.updates, "average": {n: a.detach().cpu().clone() for (n, _), a in zip(self.named, self.average)}}
+        return {
+            "updates": self.updates,
+            "average": {n: a.detach().cpu().clone() for (n, _), a in zip(self.named, self.average)},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         missing = [n for n, _ in self.named if n not in state["average"]]
         if missing:
-            raise CheckpointError(f"the checkpoint's weight average (--ema) lacks {', '.join(missing[:3])}: resume with the "
-                                  "--freeze and --lora-* options the run began with")
+            raise CheckpointError(
+                f"the checkpoint's weight average (--ema) lacks {', '.join(missing[:3])}: resume with the "
+                "--freeze and --lora-* options the run began with"
+            )
         self.updates = state["updates"]
         with torch.no_grad():
             for (n, _), a in zip(self.named, self.average):

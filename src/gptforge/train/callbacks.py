@@ -11,6 +11,7 @@ tokens_per_s, elapsed: every --log-interval steps); `on_evaluate(trainer, row)` 
 process that does the work (with torchrun: every rank logs and saves, rank 0 evaluates) and their time is not
 counted as training time.
 """
+
 from __future__ import annotations
 
 import dataclasses

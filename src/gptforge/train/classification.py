@@ -1,5 +1,6 @@
 """Training a text classifier: the classification task the Trainer runs, and labelled files to a trained
 classifier folder in one call (`train_classifier`, behind `gptforge classify train`)."""
+
 from __future__ import annotations
 
 import copy
@@ -53,10 +54,27 @@ class LabelledBatches:
     draw, so that a batch wastes little on padding; the batches of a draw come in a seeded order. `crop` is
     the share of rows given as a random contiguous span of at least half their tokens (augmentation)."""
 
-    def __init__(self, seqs: Sequence[np.ndarray], labels: np.ndarray, batch_size: int, pad_token_id: int, *,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, balanced: bool = False, crop: float = 0.0):
+    def __init__(
+        self,
+        seqs: Sequence[np.ndarray],
+        labels: np.ndarray,
+        batch_size: int,
+        pad_token_id: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        balanced: bool = False,
+        crop: float = 0.0,
+    ):
         self.seqs, self.labels, self.pad, self.crop = seqs, labels, pad_token_id, crop
-        self.batch_size, self.seed, self.rank, self.world_size, self.balanced = batch_size, seed, rank, world_size, balanced
+        self.batch_size, self.seed, self.rank, self.world_size, self.balanced = (
+            batch_size,
+            seed,
+            rank,
+            world_size,
+            balanced,
+        )
         self.global_batch = batch_size * world_size
         self.steps_per_epoch = max(1, len(seqs) // self.global_batch)
         self.lengths = np.array([len(s) for s in seqs])
@@ -74,7 +92,7 @@ class LabelledBatches:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.seqs))
             if len(order) < self.global_batch:  # fewer examples than one batch: repeat them
                 order = np.resize(order, self.global_batch)
-            idx = order[bucket * n:(bucket + 1) * n]
+            idx = order[bucket * n : (bucket + 1) * n]
         return idx[np.argsort(self.lengths[idx], kind="stable")]
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,8 +100,8 @@ class LabelledBatches:
         bucket, j = divmod(i, BUCKET)
         idx = self._draw(epoch, bucket)
         which = np.random.default_rng([self.seed, epoch, bucket, 1]).permutation(max(1, len(idx) // self.global_batch))
-        rows = idx[which[j % len(which)] * self.global_batch:][: self.global_batch]  # full batches only
-        rows = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        rows = idx[which[j % len(which)] * self.global_batch :][: self.global_batch]  # full batches only
+        rows = rows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         seqs = [self.seqs[r] for r in rows]
         if self.crop:
             rng = np.random.default_rng([self.seed, step, self.rank, 2])
@@ -99,7 +117,7 @@ def random_span(seq: np.ndarray, rng: np.random.Generator, shortest: int = 8) ->
         return seq
     n = int(rng.integers(len(seq) // 2, len(seq) + 1))
     start = int(rng.integers(0, len(seq) - n + 1))
-    return seq[start:start + n]
+    return seq[start : start + n]
 
 
 class ClassificationTask(Task):
@@ -109,25 +127,48 @@ class ClassificationTask(Task):
     metric = "val_macro_f1"
     higher_is_better = True
 
-    def __init__(self, train: tuple[list, np.ndarray], val: tuple[list, np.ndarray] | None, labels: list[str],
-                 pad_token_id: int, balance: str = "none", fingerprint: str = "", tokenizer_fingerprint: str = "",
-                 lm_weight: float = 0.0, crop: float = 0.0, compute_metrics: Callable | None = None):
+    def __init__(
+        self,
+        train: tuple[list, np.ndarray],
+        val: tuple[list, np.ndarray] | None,
+        labels: list[str],
+        pad_token_id: int,
+        balance: str = "none",
+        fingerprint: str = "",
+        tokenizer_fingerprint: str = "",
+        lm_weight: float = 0.0,
+        crop: float = 0.0,
+        compute_metrics: Callable | None = None,
+    ):
         self.train, self.val, self.labels, self.pad, self.balance = train, val, labels, pad_token_id, balance
         self.compute_metrics = compute_metrics
         self.lm_weight, self.crop = lm_weight, crop
-        self.options = {flag_of(ClassifyOptions, k): v for k, v in
-                        dict(balance=balance, lm_weight=lm_weight, crop=crop).items()}
+        self.options = {
+            flag_of(ClassifyOptions, k): v for k, v in dict(balance=balance, lm_weight=lm_weight, crop=crop).items()
+        }
         self.report: dict | None = None  # the latest evaluation in full: per class, confusion matrix
         counts = np.bincount(train[1], minlength=len(labels)).astype(float)
-        self.class_weights = (torch.tensor(counts.sum() / (len(labels) * np.maximum(counts, 1)), dtype=torch.float32)
-                              if balance == "weights" else None)
+        self.class_weights = (
+            torch.tensor(counts.sum() / (len(labels) * np.maximum(counts, 1)), dtype=torch.float32)
+            if balance == "weights"
+            else None
+        )
         # what the Trainer checks a resumed run against: the examples and the tokenizer
         self.data = RunData(None, None, None, fingerprint, tokenizer_fingerprint)
         self.mean_tokens = float(np.mean([len(s) for s in train[0]]))
 
     def make_batches(self, cfg, block_size: int, rank: int, world_size: int) -> LabelledBatches:
-        return LabelledBatches(self.train[0], self.train[1], cfg.batch_size, self.pad, seed=cfg.seed, rank=rank,
-                              world_size=world_size, balanced=self.balance == "sampling", crop=self.crop)
+        return LabelledBatches(
+            self.train[0],
+            self.train[1],
+            cfg.batch_size,
+            self.pad,
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world_size,
+            balanced=self.balance == "sampling",
+            crop=self.crop,
+        )
 
     def tokens_per_batch(self, cfg, block_size: int) -> int:
         return max(1, round(cfg.batch_size * self.mean_tokens))
@@ -147,8 +188,12 @@ class ClassificationTask(Task):
     def evaluate(self, model: torch.nn.Module, *, full: bool, trainer) -> dict:
         probs = probabilities(model, self.val[0], trainer.cfg.batch_size)
         m = self.report = metrics_of(probs, self.val[1].tolist(), self.labels)
-        row = {"val_loss": m["loss"], "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"],
-               "val_examples": m["examples"]}
+        row = {
+            "val_loss": m["loss"],
+            "val_accuracy": m["accuracy"],
+            "val_macro_f1": m["macro_f1"],
+            "val_examples": m["examples"],
+        }
         return {**row, **self._own_metrics(probs)}
 
     def _own_metrics(self, probs: torch.Tensor) -> dict:
@@ -156,7 +201,9 @@ class ClassificationTask(Task):
         if self.compute_metrics is None:
             return {}
         got = self.compute_metrics(probs.float().cpu().numpy(), np.asarray(self.val[1]))
-        if not isinstance(got, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in got.values()):
+        if not isinstance(got, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in got.values()
+        ):
             raise OptionError(f"compute_metrics returned {got!r}: it must return a dict of names to numbers")
         return {k if k.startswith("val_") else f"val_{k}": float(v) for k, v in got.items()}
 
@@ -177,11 +224,15 @@ class ClassificationTask(Task):
             model.load_state_dict(load_classifier(folder).state_dict())
             return
         if not (folder / LORA_STATE).is_file():
-            raise RunFolderError(f"{folder}: no {LORA_STATE}; this checkpoint was not trained with --lora-r, resume without it")
+            raise RunFolderError(
+                f"{folder}: no {LORA_STATE}; this checkpoint was not trained with --lora-r, resume without it"
+            )
         tensors = load_file(str(folder / LORA_STATE))
         missing = set(lora_state_dict(model)) - set(tensors)
         if missing:
-            raise RunFolderError(f"{folder}: its adapters cover other layers than --lora-targets; resume with the run's options")
+            raise RunFolderError(
+                f"{folder}: its adapters cover other layers than --lora-targets; resume with the run's options"
+            )
         model.load_state_dict(tensors, strict=False)
 
     def size(self) -> str:
@@ -224,11 +275,21 @@ def _split(train: Labelled, eval_inputs, opts: ClassifyOptions, seed: int, read)
     return train.subset(keep), train.subset(val)
 
 
-def train_classifier(inputs, *, init: str | None = None, eval_inputs=None, tokenizer: str | None = None,
-                     vocab_size: int | None = None, options: ClassifyOptions | None = None, encoding_errors: str = "strict",
-                     lora: LoRAOptions | None = None, log: Callable[[str], None] = print,
-                     on_step: Callable[[Trainer], None] | None = None, compute_metrics: Callable | None = None,
-                     **train_options) -> TrainResult:
+def train_classifier(
+    inputs,
+    *,
+    init: str | None = None,
+    eval_inputs=None,
+    tokenizer: str | None = None,
+    vocab_size: int | None = None,
+    options: ClassifyOptions | None = None,
+    encoding_errors: str = "strict",
+    lora: LoRAOptions | None = None,
+    log: Callable[[str], None] = print,
+    on_step: Callable[[Trainer], None] | None = None,
+    compute_metrics: Callable | None = None,
+    **train_options,
+) -> TrainResult:
     """Train a classifier on labelled files (see data.labelled.read_labelled) and save its folder in `out_dir`.
 
     `init` is a language-model folder or hub id (its body, a new head), a classification folder (continue
@@ -247,18 +308,30 @@ def train_classifier(inputs, *, init: str | None = None, eval_inputs=None, token
         raise OptionError(f"compute_metrics={compute_metrics!r}: must be a function of (probabilities, label_ids)")
     opts = options or ClassifyOptions()
     cfg = TrainConfig(**train_options)
-    unused = [flag_of(TrainConfig, f.name) for f in dataclasses.fields(TrainConfig)
-              if f.name in LANGUAGE_MODELLING_ONLY and getattr(cfg, f.name) != f.default]
+    unused = [
+        flag_of(TrainConfig, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if f.name in LANGUAGE_MODELLING_ONLY and getattr(cfg, f.name) != f.default
+    ]
     if unused:
-        raise OptionError(f"{', '.join(unused)}: only for language modelling; a classifier trains on whole examples "
-                          "and samples no text, so leave it out")
+        raise OptionError(
+            f"{', '.join(unused)}: only for language modelling; a classifier trains on whole examples "
+            "and samples no text, so leave it out"
+        )
     if init is None:
-        raise OptionError("say what to start from: --init a language-model folder or hub id (e.g. gpt2), a classifier "
-                          "folder to train further, or a preset (tiny, mini, small) to train from scratch")
+        raise OptionError(
+            "say what to start from: --init a language-model folder or hub id (e.g. gpt2), a classifier "
+            "folder to train further, or a preset (tiny, mini, small) to train from scratch"
+        )
     out = Path(cfg.out_dir)
     refuse_previous_run(out, cfg, None if is_preset(init) else init)
-    read = lambda files: read_labelled(files, opts.text_field, opts.label_field, header=opts.header,  # noqa: E731
-                                       encoding_errors=encoding_errors)
+    read = lambda files: read_labelled(
+        files,
+        opts.text_field,
+        opts.label_field,
+        header=opts.header,  # noqa: E731
+        encoding_errors=encoding_errors,
+    )
     train_data = read(inputs)
     labels = check_classes(train_data, ", ".join(map(str, [inputs] if isinstance(inputs, (str, Path)) else inputs)))
     train_data, val_data = _split(train_data, eval_inputs, opts, cfg.seed, read)
@@ -276,15 +349,29 @@ def train_classifier(inputs, *, init: str | None = None, eval_inputs=None, token
             model.score.requires_grad_(True)  # the new head trains in full
         max_length = cfg.block_size or model.config.n_positions
         encode = lambda d, say=None: _encode(tok, d, labels, max_length, opts.truncate, say)  # noqa: E731
-        task = ClassificationTask(encode(train_data, log), encode(val_data) if val_data is not None else None, labels,
-                                  model.pad_token_id, opts.balance, _fingerprint(train_data), getattr(tok, "fingerprint", ""),
-                                  opts.lm_weight, opts.crop, compute_metrics)
+        task = ClassificationTask(
+            encode(train_data, log),
+            encode(val_data) if val_data is not None else None,
+            labels,
+            model.pad_token_id,
+            opts.balance,
+            _fingerprint(train_data),
+            getattr(tok, "fingerprint", ""),
+            opts.lm_weight,
+            opts.crop,
+            compute_metrics,
+        )
         counts = ", ".join(f"{k} {v}" for k, v in sorted(train_data.counts().items()))
-        log(f"classes: {counts}" + (f"; validation: {len(val_data):,} examples" if val_data is not None else "; no validation"))
+        log(
+            f"classes: {counts}"
+            + (f"; validation: {len(val_data):,} examples" if val_data is not None else "; no validation")
+        )
         if cfg.max_steps is None and cfg.epochs is None and cfg.max_time is None:
             cfg = dataclasses.replace(cfg, epochs=3.0)
             log("length: 3 epochs (set --max-steps, --epochs or --max-time)")
-        trainer = Trainer(model, task.data, cfg, tokenizer=tok, finetune=not is_preset(init), task=task, callbacks=callbacks)
+        trainer = Trainer(
+            model, task.data, cfg, tokenizer=tok, finetune=not is_preset(init), task=task, callbacks=callbacks
+        )
         result = trainer.run()
     if task.report is not None and not result.interrupted:  # the final evaluation's, in full
         write_text(out / "val_metrics.json", json.dumps(task.report, indent=2) + "\n")
@@ -292,7 +379,9 @@ def train_classifier(inputs, *, init: str | None = None, eval_inputs=None, token
     return result
 
 
-def _encode(tok, data: Labelled, labels: list[str], max_length: int, truncate: str, log=None) -> tuple[list, np.ndarray]:
+def _encode(
+    tok, data: Labelled, labels: list[str], max_length: int, truncate: str, log=None
+) -> tuple[list, np.ndarray]:
     """Token ids cut to the context, and label ids; `log` hears how many texts were cut (a classifier reads only
     what fits: on fortunes_topics a 64-token context cut 28% of the texts, and 256 scored better)."""
     index = {name: i for i, name in enumerate(labels)}
@@ -300,8 +389,10 @@ def _encode(tok, data: Labelled, labels: list[str], max_length: int, truncate: s
     longer = sum(len(s) > max_length for s in seqs)
     if longer and log is not None:
         kept = "start" if truncate == "right" else "end"
-        log(f"{longer:,} of {len(seqs):,} training texts are longer than the context ({max_length} tokens) and are cut "
-            f"to their {kept} (--truncate); a longer --block-size, or a model with a longer context, reads them whole")
+        log(
+            f"{longer:,} of {len(seqs):,} training texts are longer than the context ({max_length} tokens) and are cut "
+            f"to their {kept} (--truncate); a longer --block-size, or a model with a longer context, reads them whole"
+        )
     return [cut(s, max_length, truncate) for s in seqs], np.array([index[y] for y in data.labels])
 
 

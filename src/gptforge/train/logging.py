@@ -1,5 +1,6 @@
 """Where a run reports: plain messages, progress, metrics.jsonl rows, external loggers (TensorBoard, Weights &
 Biases, MLflow), samples.txt and loss.png."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -65,8 +66,10 @@ class RunLog:
             except Exception as e:  # noqa: BLE001 - a logger's own failure (its store, its server) never ends a run
                 self.reporters.remove(name)
                 first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-                self.message(f"warning: --report-to {name} failed ({type(e).__name__}: {first}); the run goes on without "
-                             f"it (metrics.jsonl has every row)")
+                self.message(
+                    f"warning: --report-to {name} failed ({type(e).__name__}: {first}); the run goes on without "
+                    f"it (metrics.jsonl has every row)"
+                )
 
     def _to_tensorboard(self, scalars: dict, step: int) -> None:
         if "tensorboard" not in self._open:
@@ -80,8 +83,12 @@ class RunLog:
         import wandb
 
         if "wandb" not in self._open:  # WANDB_MODE=offline keeps the run on disk, under the run folder
-            self._open["wandb"] = wandb.init(project=os.environ.get("WANDB_PROJECT", "gptforge"), name=self.out.name,
-                                             dir=str(self.out), config=self.config)
+            self._open["wandb"] = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "gptforge"),
+                name=self.out.name,
+                dir=str(self.out),
+                config=self.config,
+            )
         self._open["wandb"].log(scalars, step=step)
 
     def _to_mlflow(self, scalars: dict, step: int) -> None:
@@ -106,14 +113,24 @@ class RunLog:
                     rows.append(json.loads(line))
                 except ValueError:  # a line cut short by the kill that ended the run
                     continue
-            self.history = [r for r in rows if isinstance(r, dict) and (r.get("step", 0) < step or r.get("step", 0) == step
-                                                                        and not (final_again and "val_loss" in r))]
+            self.history = [
+                r
+                for r in rows
+                if isinstance(r, dict)
+                and (r.get("step", 0) < step or r.get("step", 0) == step and not (final_again and "val_loss" in r))
+            ]
             if self.main and len(self.history) != len(rows):
                 write_text(metrics, "".join(json.dumps(r) + "\n" for r in self.history))
         if self.main and samples.is_file():
             text = samples.read_text(encoding="utf-8")
-            later = next((m.start() for m in re.finditer(r"(?m)^=== step (\d+) ===$", text)
-                          if int(m.group(1)) > step or final_again and int(m.group(1)) == step), None)
+            later = next(
+                (
+                    m.start()
+                    for m in re.finditer(r"(?m)^=== step (\d+) ===$", text)
+                    if int(m.group(1)) > step or final_again and int(m.group(1)) == step
+                ),
+                None,
+            )
             if later is not None:
                 write_text(samples, text[:later])
 
@@ -136,8 +153,10 @@ class RunLog:
         except (ImportError, OSError, RuntimeError, ValueError) as e:
             if not self._said_no_plot:
                 why = "matplotlib cannot be imported" if isinstance(e, ImportError) else "drawing failed"
-                self.message(f"loss.png is not drawn: {why} ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); "
-                             "reinstall gptforge (matplotlib is one of its dependencies) or pass --no-plot")
+                self.message(
+                    f"loss.png is not drawn: {why} ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); "
+                    "reinstall gptforge (matplotlib is one of its dependencies) or pass --no-plot"
+                )
                 self._said_no_plot = True
 
     def close(self) -> None:
@@ -160,7 +179,11 @@ def draw_loss(history: list[dict], path: Path, title: str = "loss") -> None:
     train = [(r["step"], r["loss"]) for r in history if "loss" in r]
     vals = [r for r in history if "val_loss" in r]
     lrs = [(r["step"], r["lr"]) for r in history if "lr" in r]
-    final = vals[-1] if len(vals) > 1 and vals[-1].get("val_tokens", 0) > max(r.get("val_tokens", 0) for r in vals[:-1]) else None
+    final = (
+        vals[-1]
+        if len(vals) > 1 and vals[-1].get("val_tokens", 0) > max(r.get("val_tokens", 0) for r in vals[:-1])
+        else None
+    )
     periodic = [r for r in vals if r is not final]
     fig, (ax, ax_lr) = plt.subplots(2, 1, sharex=True, figsize=(8, 6), gridspec_kw={"height_ratios": [3, 1]})
     if train:
@@ -169,14 +192,22 @@ def draw_loss(history: list[dict], path: Path, title: str = "loss") -> None:
         ax.plot([r["step"] for r in periodic], [r["val_loss"] for r in periodic], "o-", label="validation")
     if final is not None:
         ax.plot([final["step"]], [final["val_loss"]], "*", markersize=12, label="final validation (all tokens)")
-        ax.annotate(f"final: {final['val_loss']:.3f} on {final['val_tokens']:,} tokens\n"
-                    f"(periodic: {periodic[-1]['val_loss']:.3f} on {periodic[-1]['val_tokens']:,})",
-                    (final["step"], final["val_loss"]), textcoords="offset points", xytext=(-10, 15), ha="right", fontsize=8)
+        ax.annotate(
+            f"final: {final['val_loss']:.3f} on {final['val_tokens']:,} tokens\n"
+            f"(periodic: {periodic[-1]['val_loss']:.3f} on {periodic[-1]['val_tokens']:,})",
+            (final["step"], final["val_loss"]),
+            textcoords="offset points",
+            xytext=(-10, 15),
+            ha="right",
+            fontsize=8,
+        )
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
-    scale = next((r["val_bits_per_byte"] / r["val_loss"] for r in vals if r.get("val_bits_per_byte") and r["val_loss"]), None)
+    scale = next(
+        (r["val_bits_per_byte"] / r["val_loss"] for r in vals if r.get("val_bits_per_byte") and r["val_loss"]), None
+    )
     if scale:  # bits per byte is loss x a constant: a second scale on the same axis
         right = ax.twinx()
         low, high = ax.get_ylim()
@@ -196,15 +227,21 @@ class StepProgress:
     """Training progress: a bar on a terminal or in a notebook (steps; seconds of the budget under
     --max-time), and plain lines on stderr when it is neither or the bar is off."""
 
-    def __init__(self, max_steps: int | None, max_time: float | None, step: int = 0, main: bool = True, bar: bool = True):
+    def __init__(
+        self, max_steps: int | None, max_time: float | None, step: int = 0, main: bool = True, bar: bool = True
+    ):
         self.max_steps, self.max_time, self.main = max_steps, max_time, main
         self.lines = main and (not bar or display() == "lines")
         self.timed = max_time is not None
         self.bar = None
         if main and bar and not self.lines:
             total, unit = (max_time, "s") if self.timed else (max_steps, "step")
-            self.bar = progress_bar(total, unit=unit, initial=0 if self.timed else step,
-                                    bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}" if self.timed else None)
+            self.bar = progress_bar(
+                total,
+                unit=unit,
+                initial=0 if self.timed else step,
+                bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}" if self.timed else None,
+            )
         self._printed, self._pending = -math.inf, ""
 
     def left(self, step: int, elapsed: float) -> float | None:
@@ -234,8 +271,10 @@ class StepProgress:
             self.bar.set_postfix(**post, **({"left": clock(left)} if left is not None else {}))
         if self.lines:
             of = f"/{self.max_steps:,}" if self.max_steps else ""
-            self._pending = (f"step {step:,}{of} | loss {loss:.2f} | lr {lr:.1e} | {tokens_per_s:,.0f} tok/s | "
-                             f"{clock(elapsed)} elapsed" + (f" | {clock(left)} left" if left is not None else ""))
+            self._pending = (
+                f"step {step:,}{of} | loss {loss:.2f} | lr {lr:.1e} | {tokens_per_s:,.0f} tok/s | "
+                f"{clock(elapsed)} elapsed" + (f" | {clock(left)} left" if left is not None else "")
+            )
             if time.monotonic() - self._printed >= LINE_SECONDS:
                 self._flush()
 
@@ -253,8 +292,14 @@ class StepProgress:
 def describe_run(trainer) -> str:
     """What a run is about to do, in a few lines: model, device, batch, optimizer, length, data, output."""
     cfg, c = trainer.cfg, trainer.model.config
-    length = " and ".join(s for s in (f"{trainer.max_steps} steps" if trainer.max_steps else "",
-                                      f"{cfg.max_time:.0f}s" if cfg.max_time else "") if s)
+    length = " and ".join(
+        s
+        for s in (
+            f"{trainer.max_steps} steps" if trainer.max_steps else "",
+            f"{cfg.max_time:.0f}s" if cfg.max_time else "",
+        )
+        if s
+    )
     warmup = f"{trainer.warmup_share:.0%} of the run" if trainer.warmup_share else f"{cfg.warmup_steps} steps"
     world = trainer.dist.world_size
     frozen = f", {trainer.frozen:,} frozen" if trainer.frozen else ""

@@ -3,7 +3,8 @@
 A run folder (`out_dir`) ends up as a model folder transformers can open, plus:
 
     checkpoints/step-0000100/   complete model folder + trainer_state.pt (optimizer, step, RNG, clock)
-    best/                       model folder with the lowest validation loss so far (best_validation.json: its step, score)
+    best/                       model folder with the lowest validation loss so far (best_validation.json: its step,
+    score)
     metrics.jsonl               one JSON object per log line and per evaluation
     loss.png                    train / validation loss curves (drawn with matplotlib, a dependency)
     samples.txt                 text sampled from the model during training
@@ -13,6 +14,7 @@ function of (seed, micro-step, rank, world size) (`data.batches.Batches` for lan
 and the checkpoint holds every other piece of state, so a run stopped at step N and resumed reaches the
 same parameters as a run that never stopped.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,9 +72,17 @@ class TrainResult:
 class Trainer:
     """One training run. `run()` trains; `request_stop()` (also wired to Ctrl-C / SIGTERM) makes it save and return."""
 
-    def __init__(self, model: GPT, data: RunData, cfg: TrainConfig, tokenizer=None, finetune: bool = False,
-                 on_step: Callable[["Trainer"], None] | None = None, task: Task | None = None,
-                 callbacks: Callbacks | None = None):
+    def __init__(
+        self,
+        model: GPT,
+        data: RunData,
+        cfg: TrainConfig,
+        tokenizer=None,
+        finetune: bool = False,
+        on_step: Callable[["Trainer"], None] | None = None,
+        task: Task | None = None,
+        callbacks: Callbacks | None = None,
+    ):
         unset = unset_defaults(cfg, finetune)
         self.cfg = cfg = dataclasses.replace(cfg, **unset)
         self.out = Path(cfg.out_dir)
@@ -90,8 +100,10 @@ class Trainer:
             check_vocab_fits(tokenizer, config.vocab_size)
             check_tokenizer_of_data(tokenizer, data)
         elif (data.vocab_size or 0) > config.vocab_size:  # a dataset folder and a model, no tokenizer to compare
-            raise TokenizerError(f"{data.source}: prepared with a tokenizer of {data.vocab_size} tokens but the model has "
-                                 f"vocab_size={config.vocab_size}; build the model with vocab_size >= {data.vocab_size}")
+            raise TokenizerError(
+                f"{data.source}: prepared with a tokenizer of {data.vocab_size} tokens but the model has "
+                f"vocab_size={config.vocab_size}; build the model with vocab_size >= {data.vocab_size}"
+            )
         check_fits_memory(config, cfg, self.block_size, self.device)
         self.log = RunLog(self.out, self.dist.main, cfg.reporters, cfg.plot, config=dataclasses.asdict(cfg))
         self._check_out_dir()
@@ -117,7 +129,9 @@ class Trainer:
         if self.dist.world_size > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.forward_model = DDP(self.forward_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.forward_model = DDP(
+                self.forward_model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
 
         self.batches = self.task.make_batches(cfg, self.block_size, self.dist.rank, self.dist.world_size)
         self.tokens_per_step = self.task.tokens_per_batch(cfg, self.block_size) * cfg.grad_accum * self.dist.world_size
@@ -175,10 +189,14 @@ class Trainer:
             raise RunFolderError(f"{path}: was trained with a different model config ({'; '.join(differ)})")
         theirs, mine = saved.get("task_options") or {}, self.resume_options()
         show = lambda v: "none" if v is None else v  # noqa: E731
-        differ = [f"{k} {show(theirs[k])} then, {show(mine[k])} now" for k in mine if k in theirs and mine[k] != theirs[k]]
+        differ = [
+            f"{k} {show(theirs[k])} then, {show(mine[k])} now" for k in mine if k in theirs and mine[k] != theirs[k]
+        ]
         if differ:
-            raise RunFolderError(f"{path}: this run was begun with other options ({'; '.join(differ)}); resume with "
-                                 "the options it began with")
+            raise RunFolderError(
+                f"{path}: this run was begun with other options ({'; '.join(differ)}); resume with "
+                "the options it began with"
+            )
         return path, saved
 
     def resume_options(self) -> dict:
@@ -190,14 +208,21 @@ class Trainer:
             parts = freeze_parts(self.cfg.freeze, self.model.config.n_layer)
             embeddings, blocks = any(e for e, _ in parts), max(b for _, b in parts)
             freeze = ",".join(["embeddings"] * embeddings + [f"blocks:{blocks}"] * (blocks > 0)) or None
-        return {**self.task.options, "--freeze": freeze, "--lora-r": lora.get("r"),
-                "--lora-alpha": lora.get("alpha"), "--lora-targets": ",".join(sorted(lora.get("targets", []))) or None,
-                "the base model": lora.get("fingerprint")}
+        return {
+            **self.task.options,
+            "--freeze": freeze,
+            "--lora-r": lora.get("r"),
+            "--lora-alpha": lora.get("alpha"),
+            "--lora-targets": ",".join(sorted(lora.get("targets", []))) or None,
+            "the base model": lora.get("fingerprint"),
+        }
 
     def _full_state(self) -> tuple[dict, dict]:
         return state.gather(self.model, self.optimizer, self.fsdp)  # every rank takes part when sharded
 
-    def save_model_folder(self, folder: Path, model_state: dict | None = None, record: tuple[str, float] | None = None) -> None:
+    def save_model_folder(
+        self, folder: Path, model_state: dict | None = None, record: tuple[str, float] | None = None
+    ) -> None:
         """Write a model folder atomically (rank 0 writes; with FSDP every rank helps gather); `record`
         (metric, score): the evaluation a best/ folder's model won, written inside it."""
         if model_state is None and self.fsdp:
@@ -236,15 +261,22 @@ class Trainer:
         self.log.continue_from(self.step, final_again=self._done())  # a finished run evaluates its last step again
         self._last_ckpt = path
         ranks = saved.get("world_size", 1)
-        self.log.message(f"resumed from {path} at step {self.step}"
-                         + (f" (saved by {ranks} processes, now {self.dist.world_size})" if ranks != self.dist.world_size else "")
-                         + average)
+        self.log.message(
+            f"resumed from {path} at step {self.step}"
+            + (f" (saved by {ranks} processes, now {self.dist.world_size})" if ranks != self.dist.world_size else "")
+            + average
+        )
         began = saved.get("train_config") or {}
-        changed = [f"--{k.replace('_', '-')} {began[k]} then, {getattr(self.cfg, k)} now" for k in ("batch_size", "grad_accum")
-                   if began.get(k) is not None and began[k] != getattr(self.cfg, k)]
+        changed = [
+            f"--{k.replace('_', '-')} {began[k]} then, {getattr(self.cfg, k)} now"
+            for k in ("batch_size", "grad_accum")
+            if began.get(k) is not None and began[k] != getattr(self.cfg, k)
+        ]
         if changed:
-            self.log.message(f"note: {'; '.join(changed)}: the run goes on with another batch, so it will not end as the "
-                             "stopped run would have; resume with the command it began with to continue it exactly")
+            self.log.message(
+                f"note: {'; '.join(changed)}: the run goes on with another batch, so it will not end as the "
+                "stopped run would have; resume with the command it began with to continue it exactly"
+            )
 
     # -- evaluation and samples
 
@@ -260,7 +292,11 @@ class Trainer:
         return self.average.applied() if self.average is not None else contextlib.nullcontext()
 
     def _evaluate(self, full: bool) -> dict:
-        row = {"step": self.step, **self.task.evaluate(self.model, full=full, trainer=self), "elapsed": round(self.elapsed, 2)}
+        row = {
+            "step": self.step,
+            **self.task.evaluate(self.model, full=full, trainer=self),
+            "elapsed": round(self.elapsed, 2),
+        }
         self.log.record(row)
         self.log.message(f"step {self.step}: {self.task.describe(row)}")
         score = row[self.task.metric]
@@ -274,14 +310,24 @@ class Trainer:
         return row
 
     def sample(self) -> None:
-        if (self.tokenizer is None or not self.task.can_sample or not self.cfg.sample_tokens  # --sample-tokens 0: none
-                or not (self.dist.main or self.fsdp)):
+        if (
+            self.tokenizer is None
+            or not self.task.can_sample
+            or not self.cfg.sample_tokens  # --sample-tokens 0: none
+            or not (self.dist.main or self.fsdp)
+        ):
             return
         from ..generate import generate
 
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            text = generate(self.model, self.tokenizer, self.cfg.sample_prompt, max_new_tokens=self.cfg.sample_tokens,
-                            seed=self.step, **PREVIEW_SAMPLING)[0]
+            text = generate(
+                self.model,
+                self.tokenizer,
+                self.cfg.sample_prompt,
+                max_new_tokens=self.cfg.sample_tokens,
+                seed=self.step,
+                **PREVIEW_SAMPLING,
+            )[0]
         self.log.sample(self.step, text)
 
     # -- the loop
@@ -293,7 +339,9 @@ class Trainer:
         model = self.forward_model
         if self.fsdp:
             self.model.set_requires_gradient_sync(sync)  # reduce-scatter only on the last micro-step
-        no_sync = model.no_sync() if self.dist.world_size > 1 and not self.fsdp and not sync else contextlib.nullcontext()
+        no_sync = (
+            model.no_sync() if self.dist.world_size > 1 and not self.fsdp and not sync else contextlib.nullcontext()
+        )
         with no_sync:
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 loss = self.task.loss(model, batch)
@@ -329,8 +377,10 @@ class Trainer:
             if not out_of_memory(e):
                 raise
             raise TrainingError(
-                f"out of memory at step {self.step} (batch {self.cfg.batch_size} x {self.block_size}). Lower --batch-size and "
-                "raise --grad-accum to keep the tokens per step, lower --block-size, add --gradient-checkpointing, or pick a smaller model"
+                f"out of memory at step {self.step} (batch {self.cfg.batch_size} x {self.block_size}). Lower "
+                "--batch-size and "
+                "raise --grad-accum to keep the tokens per step, lower --block-size, add --gradient-checkpointing, or "
+                "pick a smaller model"
             ) from None
         finally:
             feed.close()
@@ -380,7 +430,13 @@ class Trainer:
             )
         now = time.perf_counter()
         tps = window["tokens"] / max(now - window["start"], 1e-9)
-        row = {"step": self.step, "loss": train_loss, "lr": lr, "tokens_per_s": round(tps, 1), "elapsed": round(self.elapsed, 2)}
+        row = {
+            "step": self.step,
+            "loss": train_loss,
+            "lr": lr,
+            "tokens_per_s": round(tps, 1),
+            "elapsed": round(self.elapsed, 2),
+        }
         self.log.record(row)
         bar.show(self.step, train_loss, lr, tps, self.elapsed)
         self.callbacks.call("on_log", self, row)
@@ -398,8 +454,10 @@ class Trainer:
         cfg = self.cfg
         if cfg.save_strategy != "steps":
             return cfg.save_strategy == "epoch" and epoch_end
-        return bool((cfg.save_steps and self.step % cfg.save_steps == 0)
-                    or (cfg.save_minutes and time.perf_counter() - last_save >= cfg.save_minutes * 60))
+        return bool(
+            (cfg.save_steps and self.step % cfg.save_steps == 0)
+            or (cfg.save_minutes and time.perf_counter() - last_save >= cfg.save_minutes * 60)
+        )
 
     def _between_steps(self, epoch_end: bool = False) -> bool:
         """Periodic evaluation (--eval-strategy: every --eval-interval steps, each epoch, or no) and samples;
@@ -425,7 +483,9 @@ class Trainer:
         self.save_checkpoint()
         result = TrainResult(self.step, self.out, train_loss, interrupted=interrupted, history=self.history)
         if interrupted:
-            self.log.message(f"stopped at step {self.step}; checkpoint saved to {self._last_ckpt}; continue with --resume")
+            self.log.message(
+                f"stopped at step {self.step}; checkpoint saved to {self._last_ckpt}; continue with --resume"
+            )
         else:
             row = self.evaluate(full=True)
             if row:
@@ -438,8 +498,10 @@ class Trainer:
             model_state = self._full_state()[0] if self.fsdp else None
             if self.dist.main:
                 self.task.save(self.model, self.out, self.tokenizer, state_dict=self._in_save_dtype(model_state))
-                self.log.message(f"saved the final model to {self.out}"
-                                 + (f" (the average of its weights, --ema {self.cfg.ema:g})" if self.average else ""))
+                self.log.message(
+                    f"saved the final model to {self.out}"
+                    + (f" (the average of its weights, --ema {self.cfg.ema:g})" if self.average else "")
+                )
                 self.callbacks.call("on_save", self, self.out)
         if math.isfinite(self.best_val):
             result.best_val_loss, result.best_step = self.best_val, self.best_step
@@ -455,10 +517,15 @@ class Trainer:
         best, final, higher = self.best_val, row[self.task.metric], self.task.higher_is_better
         whole = not self.cfg.eval_tokens or row.get("val_tokens", 0) <= self.cfg.eval_tokens
         if whole and self.best_step != self.step and (final < best * 0.98 if higher else final > best * 1.02):
-            metric, which = self.task.metric, "an earlier evaluation" if self.best_step is None else f"step {self.best_step}"
-            self.log.message(f"note: the model of {which} ({metric} {best:.4f}) is better on validation than "
-                             f"the final one ({metric} {final:.4f}); it is in {self.out / 'best'}. The run went on past "
-                             "its best: use that folder, or train for less time or with --dropout")
+            metric, which = (
+                self.task.metric,
+                "an earlier evaluation" if self.best_step is None else f"step {self.best_step}",
+            )
+            self.log.message(
+                f"note: the model of {which} ({metric} {best:.4f}) is better on validation than "
+                f"the final one ({metric} {final:.4f}); it is in {self.out / 'best'}. The run went on past "
+                "its best: use that folder, or train for less time or with --dropout"
+            )
 
     def _install_signal_handlers(self):
         """Ctrl-C and SIGTERM finish the current step, save a checkpoint and return."""

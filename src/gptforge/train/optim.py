@@ -1,4 +1,5 @@
 """What trains and how fast: frozen parts, the optimizers (AdamW, Muon) and the learning-rate schedule."""
+
 from __future__ import annotations
 
 import math
@@ -60,8 +61,10 @@ def configure_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device
     hidden = [(n, p) for n, p in named if p.dim() == 2 and ".h." in f".{n}"]  # block matrices, not wte/wpe
     ids = {id(p) for _, p in hidden}
     embed = {"params": [p for _, p in named if p.dim() >= 2 and id(p) not in ids], "weight_decay": cfg.weight_decay}
-    muon = [{"params": [p for n, p in hidden if n.endswith("c_attn.weight")], "muon": True, "split": 3},
-            {"params": [p for n, p in hidden if not n.endswith("c_attn.weight")], "muon": True, "split": 1}]
+    muon = [
+        {"params": [p for n, p in hidden if n.endswith("c_attn.weight")], "muon": True, "split": 3},
+        {"params": [p for n, p in hidden if not n.endswith("c_attn.weight")], "muon": True, "split": 1},
+    ]
     muon_lr = cfg.muon_lr or MUON_LR_RATIO * cfg.learning_rate  # unset: moves with --lr (options.unset_defaults)
     for group in muon:
         group.update(weight_decay=cfg.weight_decay, lr_ratio=muon_lr / cfg.learning_rate)

@@ -1,4 +1,5 @@
 """From raw text (or a prepared dataset) to a trained model folder in one call, and the choice of model size."""
+
 from __future__ import annotations
 
 import contextlib
@@ -57,8 +58,16 @@ def zero_output_projections(model: GPT) -> None:
             p.zero_()
 
 
-def train(model: GPT, data, config: TrainConfig | None = None, *, tokenizer=None, finetune: bool = False,
-          on_step: Callable[[Trainer], None] | None = None, **options) -> TrainResult:
+def train(
+    model: GPT,
+    data,
+    config: TrainConfig | None = None,
+    *,
+    tokenizer=None,
+    finetune: bool = False,
+    on_step: Callable[[Trainer], None] | None = None,
+    **options,
+) -> TrainResult:
     """Train `model` on `data` (a prepared dataset folder or TokenDataset). Options are TrainConfig fields and
     the callbacks of train/callbacks.py (on_step, on_log, on_evaluate, on_save)."""
     callbacks = Callbacks.take(options)
@@ -122,8 +131,14 @@ TOKENS_PER_PARAM = 2.0  # a size is picked only if the run shows it at least thi
 MAX_EPOCHS_COUNTED = 10  # passes over the data beyond this many teach a model little more
 
 
-def choose_size(train_tokens: int, cfg: TrainConfig, vocab_size: int, *, flops_per_s: float | None = None,
-                rate: Callable[[GPTConfig, int], float] | None = None) -> tuple[str, str]:
+def choose_size(
+    train_tokens: int,
+    cfg: TrainConfig,
+    vocab_size: int,
+    *,
+    flops_per_s: float | None = None,
+    rate: Callable[[GPTConfig, int], float] | None = None,
+) -> tuple[str, str]:
     """The preset for a from-scratch run where the user named none, and the reason, in words.
 
     The largest of SCRATCH_SIZES that the run can feed: one that will see at least TOKENS_PER_PARAM
@@ -171,7 +186,9 @@ def load_model_folder(name_or_path: str) -> Path:
     return folder_of(resolve_model_path(name_or_path))
 
 
-def _run_tokenizer(inputs, out: Path, init, tokenizer, data, vocab_size, kind, names: str, log, progress: bool, read: dict):
+def _run_tokenizer(
+    inputs, out: Path, init, tokenizer, data, vocab_size, kind, names: str, log, progress: bool, read: dict
+):
     """The tokenizer of a run: the model's (fine-tuning), the one named, the dataset's, or one trained on the inputs."""
     from ..tokenizer import load_tokenizer, train_tokenizer
 
@@ -190,14 +207,22 @@ def _run_tokenizer(inputs, out: Path, init, tokenizer, data, vocab_size, kind, n
     else:
         tok_dir = out / "tokenizer"
         log(f"training a {kind} tokenizer on {names} -> {tok_dir}")
-        tok = train_tokenizer(inputs, vocab_size=vocab_size or DEFAULT_VOCAB_SIZE, kind=kind, out_dir=tok_dir, progress=progress,
-                              exclude=[out], **read)
+        tok = train_tokenizer(
+            inputs,
+            vocab_size=vocab_size or DEFAULT_VOCAB_SIZE,
+            kind=kind,
+            out_dir=tok_dir,
+            progress=progress,
+            exclude=[out],
+            **read,
+        )
         log(f"tokenizer: {tok.vocab_size:,} tokens")
     return tok
 
 
-def _check_before_work(cfg: TrainConfig, inputs, data, eval_inputs, init, size, overrides, tokenizer, vocab_size,
-                       line_by_line) -> None:
+def _check_before_work(
+    cfg: TrainConfig, inputs, data, eval_inputs, init, size, overrides, tokenizer, vocab_size, line_by_line
+) -> None:
     """Everything that can be refused now rather than after minutes of tokenizer training and preparation."""
     if not inputs and not data:
         raise DataError("nothing to train on: give text files or folders, or --data with a prepared dataset")
@@ -245,16 +270,25 @@ def _restart_hint(out: Path, log: Callable[[str], None]):
     except KeyboardInterrupt:
         if not state.list_checkpoints(out):
             again = " with --overwrite" if (out / "metrics.jsonl").exists() else ""
-            log(f"interrupted before the first checkpoint, so there is nothing to resume: run the same command again{again}")
+            log(
+                f"interrupted before the first checkpoint, so there is nothing to resume: run the same command "
+                f"again{again}"
+            )
         raise
 
 
 def _write_run_config(out: Path, given: dict, trainer: Trainer, size: str | None, tok, lora) -> None:
     """run_config.json: the options as given (usable as `--config`) and as resolved."""
-    resolved = {"train": dataclasses.asdict(trainer.cfg), "model": trainer.model.config.to_dict(), "size": size,
-                "lora": dataclasses.asdict(lora) if lora and lora.enabled else None,
-                "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "source": tok.source}}
-    write_text(out / "run_config.json", json.dumps({"options": given, "resolved": resolved}, indent=2, default=str) + "\n")
+    resolved = {
+        "train": dataclasses.asdict(trainer.cfg),
+        "model": trainer.model.config.to_dict(),
+        "size": size,
+        "lora": dataclasses.asdict(lora) if lora and lora.enabled else None,
+        "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "source": tok.source},
+    }
+    write_text(
+        out / "run_config.json", json.dumps({"options": given, "resolved": resolved}, indent=2, default=str) + "\n"
+    )
 
 
 def run_training(
@@ -292,31 +326,75 @@ def run_training(
     out = Path(cfg.out_dir)
     _check_before_work(cfg, inputs, data, eval_inputs, init, size, model_overrides, tokenizer, vocab_size, line_by_line)
     check_reporters(cfg.reporters)  # likewise a logger that is not installed
-    examples = example_inputs(inputs, eval_inputs, data, instruct, [flag for flag, on in (
-        ("--line-by-line", line_by_line), ("--batch-mode sequential", cfg.batch_mode == "sequential")) if on])
+    examples = example_inputs(
+        inputs,
+        eval_inputs,
+        data,
+        instruct,
+        [
+            flag
+            for flag, on in (
+                ("--line-by-line", line_by_line),
+                ("--batch-mode sequential", cfg.batch_mode == "sequential"),
+            )
+            if on
+        ],
+    )
     check_lora(lora, cfg, init, examples)
     _refuse_missing(inputs, eval_inputs)
-    given = record if record is not None else dict(inputs=inputs, data=data, eval_inputs=eval_inputs, init=init, size=size,
-                                                   tokenizer=tokenizer, vocab_size=vocab_size, tokenizer_kind=tokenizer_kind,
-                                                   line_by_line=line_by_line, **(model_overrides or {}), **(read_options or {}), **options)
+    given = (
+        record
+        if record is not None
+        else dict(
+            inputs=inputs,
+            data=data,
+            eval_inputs=eval_inputs,
+            init=init,
+            size=size,
+            tokenizer=tokenizer,
+            vocab_size=vocab_size,
+            tokenizer_kind=tokenizer_kind,
+            line_by_line=line_by_line,
+            **(model_overrides or {}),
+            **(read_options or {}),
+            **options,
+        )
+    )
     read = dict(read_options or {})
     main = world_size() == 1 or int(__import__("os").environ.get("RANK", "0")) == 0
     if world_size() > 1 and int(__import__("os").environ.get("RANK", "0")) != 0:
         log = lambda message: None  # noqa: E731 - only rank 0 talks
     with claim_run_folder(out, log), _restart_hint(out, log):
-        names = ", ".join(map(str, inputs or [])) if len(inputs or []) <= 3 else f"{len(inputs)} inputs ({inputs[0]}, ...)"
+        names = (
+            ", ".join(map(str, inputs or [])) if len(inputs or []) <= 3 else f"{len(inputs)} inputs ({inputs[0]}, ...)"
+        )
         torch.manual_seed(cfg.seed)  # before any random draw; fresh weights are seeded again after the size is measured
         model = build_model(str(load_model_folder(init)))[0] if init is not None else None
         if cfg.resume and init is None and tokenizer is None and data is None:
             tokenizer = resume_tokenizer(out)  # the run's own: never train a new one over it
-        tok = _run_tokenizer(inputs, out, init, tokenizer, data, vocab_size, tokenizer_kind, names, log, cfg.progress and main, read)
-        task = instruction_task(inputs, eval_inputs, tok, cfg.block_size or model.config.n_positions, cfg, instruct,
-                                log) if examples else None
+        tok = _run_tokenizer(
+            inputs, out, init, tokenizer, data, vocab_size, tokenizer_kind, names, log, cfg.progress and main, read
+        )
+        task = (
+            instruction_task(inputs, eval_inputs, tok, cfg.block_size or model.config.n_positions, cfg, instruct, log)
+            if examples
+            else None
+        )
         if data is None and task is None:
             data = out / "data"
             log(f"preparing {names} -> {data}")
-            meta = prepare(inputs, tok, data, line_by_line=line_by_line, val_inputs=eval_inputs, seed=cfg.seed,
-                           progress=cfg.progress and main, expect_same=cfg.resume, exclude=[out], **read)
+            meta = prepare(
+                inputs,
+                tok,
+                data,
+                line_by_line=line_by_line,
+                val_inputs=eval_inputs,
+                seed=cfg.seed,
+                progress=cfg.progress and main,
+                expect_same=cfg.resume,
+                exclude=[out],
+                **read,
+            )
             log(f"data: {meta['train']['tokens']:,} training tokens, {meta['val']['tokens']:,} validation tokens")
         run_data = task.data if task is not None else load_run_data(data)
         if model is None:
@@ -329,8 +407,11 @@ def run_training(
             if size is None:
                 size, why = choose_size(len(run_data.train), cfg, overrides["vocab_size"])
                 given = all(k in overrides for k in ("n_layer", "n_embd", "n_head", "n_positions"))
-                log(f"model size: as given (n_layer, n_embd, n_head, n_positions); dropout and the rest from {size!r}"
-                    if given else f"model size: {size!r}: {why} (choose another with --size)")
+                log(
+                    f"model size: as given (n_layer, n_embd, n_head, n_positions); dropout and the rest from {size!r}"
+                    if given
+                    else f"model size: {size!r}: {why} (choose another with --size)"
+                )
             torch.manual_seed(cfg.seed)  # the same fresh weights on every rank and every rerun
             model, _ = build_model(size=size, **overrides)
             if unset_defaults(cfg, finetune=False).get("zero_init", cfg.zero_init):  # the default, or as given
@@ -345,5 +426,16 @@ def run_training(
         return trainer.run()
 
 
-__all__ = ["MAX_EPOCHS_COUNTED", "SCRATCH_SIZES", "TOKENS_PER_PARAM", "build_model", "choose_size", "load_model_folder",
-           "matmul_flops", "run_training", "train", "training_rate", "zero_output_projections"]
+__all__ = [
+    "MAX_EPOCHS_COUNTED",
+    "SCRATCH_SIZES",
+    "TOKENS_PER_PARAM",
+    "build_model",
+    "choose_size",
+    "load_model_folder",
+    "matmul_flops",
+    "run_training",
+    "train",
+    "training_rate",
+    "zero_output_projections",
+]

@@ -8,6 +8,7 @@
   intact checkpoint.
 - Options that contradict each other, or a batch that cannot fit in memory, are refused by name.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,18 @@ from . import state as ckpt_state
 
 PREVIOUS = ("metrics.jsonl", ckpt_state.CHECKPOINTS)  # what an earlier run leaves as soon as it has trained
 # what a run writes into its folder, removed by --overwrite (the prepared data/ is kept: it is reused when it fits)
-RUN_FILES = (ckpt_state.CHECKPOINTS, "best", "metrics.jsonl", "samples.txt", "loss.png", "tensorboard", "run_config.json",
-             "config.json", ckpt.WEIGHTS_NAME, "generation_config.json")
+RUN_FILES = (
+    ckpt_state.CHECKPOINTS,
+    "best",
+    "metrics.jsonl",
+    "samples.txt",
+    "loss.png",
+    "tensorboard",
+    "run_config.json",
+    "config.json",
+    ckpt.WEIGHTS_NAME,
+    "generation_config.json",
+)
 
 
 def is_run_folder(out: Path) -> bool:
@@ -44,15 +55,23 @@ def refuse_previous_run(out: Path, cfg, init: str | None = None) -> list[str]:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"--out {out}: is a file, not a folder; choose a folder name for the run")
-    if init is not None and Path(init).exists() and _inside(out, Path(init) if Path(init).is_dir() else Path(init).parent):
-        raise RunFolderError(f"--out {out} is inside --init {init}: the run would overwrite the model it starts from; "
-                             "choose another --out")
+    if (
+        init is not None
+        and Path(init).exists()
+        and _inside(out, Path(init) if Path(init).is_dir() else Path(init).parent)
+    ):
+        raise RunFolderError(
+            f"--out {out} is inside --init {init}: the run would overwrite the model it starts from; "
+            "choose another --out"
+        )
     if out.is_dir() and not is_run_folder(out):
         names = sorted(p.name for p in out.iterdir())
         if names:
             shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-            raise RunFolderError(f"{out}: holds files that are not a gptforge run ({shown}); choose a new or empty "
-                                 "--out so nothing of yours is overwritten")
+            raise RunFolderError(
+                f"{out}: holds files that are not a gptforge run ({shown}); choose a new or empty "
+                "--out so nothing of yours is overwritten"
+            )
     previous = [n for n in PREVIOUS if (out / n).exists()]
     if previous and not cfg.resume and not cfg.overwrite:
         raise RunFolderError(
@@ -60,8 +79,10 @@ def refuse_previous_run(out: Path, cfg, init: str | None = None) -> list[str]:
             "--overwrite to replace it, or choose another --out"
         )
     if cfg.resume and not ckpt_state.list_checkpoints(out):
-        raise RunFolderError(f"{out}: no checkpoint to resume from (looked in {out / ckpt_state.CHECKPOINTS}); "
-                             "start the run without --resume")
+        raise RunFolderError(
+            f"{out}: no checkpoint to resume from (looked in {out / ckpt_state.CHECKPOINTS}); "
+            "start the run without --resume"
+        )
     return previous
 
 
@@ -80,6 +101,7 @@ def claim_run_folder(out: Path, log: Callable[[str], None] = print) -> Iterator[
     if int(os.environ.get("RANK", "0")) != 0:
         yield
         return
+
     def trained() -> bool:  # the folder is known as a run's without its lock file
         return any((Path(out) / name).exists() for name in PREVIOUS)
 
@@ -114,14 +136,16 @@ def check_same_run(path: Path, state: dict, data, tokenizer) -> None:
         show = lambda fp: str(json.loads(fp) if fp.startswith('"') else fp)[:40]  # noqa: E731 - two uses
         raise RunFolderError(
             f"{path}: the training data changed since this checkpoint (dataset {show(theirs)} then, {show(mine)} now); "
-            "resume with the data the run started on, or start a new run (--overwrite or another --out)")
+            "resume with the data the run started on, or start a new run (--overwrite or another --out)"
+        )
     mine = getattr(tokenizer, "fingerprint", None) or getattr(data, "tokenizer_fingerprint", "")
     saved = _checkpoint_tokenizer(path)
     theirs = state.get("tokenizer") or getattr(saved, "fingerprint", None)
     if mine and theirs and mine != theirs:
         raise RunFolderError(
             f"{path}: the tokenizer changed since this checkpoint (fingerprint {theirs} then, {mine} now); resume with "
-            f"the tokenizer the run started with (a copy is in {path}), or start a new run")
+            f"the tokenizer the run started with (a copy is in {path}), or start a new run"
+        )
 
 
 def check_tokenizer_of_data(tokenizer, data) -> None:
@@ -131,7 +155,8 @@ def check_tokenizer_of_data(tokenizer, data) -> None:
         raise TokenizerError(
             f"the tokenizer {getattr(tokenizer, 'source', '')} is not the one the dataset was prepared with "
             f"(fingerprint {mine} vs {theirs}); train with the dataset's own tokenizer (its tokenizer/ folder) "
-            "or prepare the data again with this one")
+            "or prepare the data again with this one"
+        )
 
 
 # --- options -------------------------------------------------------------------------------------------
@@ -144,33 +169,47 @@ def _flag(key: str, overrides: dict) -> str:
     return "--dropout" if key.endswith("_pdrop") else "--" + key.replace("_", "-")
 
 
-def refuse_conflicts(inputs, data, eval_inputs, init, size, overrides: dict, tokenizer, vocab_size, line_by_line) -> None:
+def refuse_conflicts(
+    inputs, data, eval_inputs, init, size, overrides: dict, tokenizer, vocab_size, line_by_line
+) -> None:
     """Options that contradict each other are refused, never silently ignored."""
     if init is not None:
         scratch = (["--size"] if size else []) + sorted({_flag(k, overrides) for k in overrides or {}})
         if scratch:
-            raise OptionError(f"--init {init} fine-tunes that model as it is; {', '.join(scratch)} only apply when "
-                              "training from scratch (drop them, or drop --init)")
+            raise OptionError(
+                f"--init {init} fine-tunes that model as it is; {', '.join(scratch)} only apply when "
+                "training from scratch (drop them, or drop --init)"
+            )
     if data is not None:
         if inputs:
-            raise OptionError(f"--data {data} is a prepared dataset, so the input files ({inputs[0]}, ...) would be "
-                              "ignored; give either --data or input files")
+            raise OptionError(
+                f"--data {data} is a prepared dataset, so the input files ({inputs[0]}, ...) would be "
+                "ignored; give either --data or input files"
+            )
         if eval_inputs:
-            raise OptionError(f"--eval-file with --data: the dataset {data} has its own validation split; prepare it "
-                              "with `gptforge prepare --val-file` instead")
+            raise OptionError(
+                f"--eval-file with --data: the dataset {data} has its own validation split; prepare it "
+                "with `gptforge prepare --val-file` instead"
+            )
         if line_by_line:
-            raise OptionError(f"--line-by-line with --data: the dataset {data} is already prepared; prepare it with "
-                              "`gptforge prepare --line-by-line` instead")
+            raise OptionError(
+                f"--line-by-line with --data: the dataset {data} is already prepared; prepare it with "
+                "`gptforge prepare --line-by-line` instead"
+            )
     if vocab_size is not None and (init is not None or tokenizer is not None or data is not None):
         used = "--init" if init is not None else "--tokenizer" if tokenizer is not None else "--data"
-        raise OptionError(f"--vocab-size sizes a tokenizer trained for the run, but {used} brings its own tokenizer; "
-                          "drop --vocab-size")
+        raise OptionError(
+            f"--vocab-size sizes a tokenizer trained for the run, but {used} brings its own tokenizer; "
+            "drop --vocab-size"
+        )
 
 
 def check_block_size(block_size: int, config: GPTConfig) -> None:
     if block_size > config.n_positions:
-        raise OptionError(f"--block-size {block_size} is larger than the model's context n_positions={config.n_positions}; "
-                          "lower --block-size")
+        raise OptionError(
+            f"--block-size {block_size} is larger than the model's context n_positions={config.n_positions}; "
+            "lower --block-size"
+        )
 
 
 def memory_of(device) -> int | None:
@@ -198,10 +237,25 @@ def check_fits_memory(config: GPTConfig, cfg, block_size: int, device) -> None:
     need = 16 * params + tokens * per_token
     if need > total:
         raise OptionError(
-            f"--batch-size {cfg.batch_size} x --block-size {block_size} with a {params / 1e6:,.0f}M-parameter model needs "
+            f"--batch-size {cfg.batch_size} x --block-size {block_size} with a {params / 1e6:,.0f}M-parameter model "
+            "needs "
             f"at least {need / 2**30:,.1f} GiB, and {device} has {total / 2**30:,.1f} GiB; lower --batch-size (raise "
-            "--grad-accum to keep the tokens per step), lower --block-size, add --gradient-checkpointing, or pick a smaller model")
+            "--grad-accum to keep the tokens per step), lower --block-size, add --gradient-checkpointing, or pick a "
+            "smaller model"
+        )
 
 
-__all__ = ["RUN_FILES", "check_block_size", "check_fits_memory", "check_same_run", "check_tokenizer_of_data", "claim_run_folder",
-           "clear_previous_run", "is_run_folder", "memory_of", "refuse_conflicts", "refuse_previous_run", "resume_tokenizer"]
+__all__ = [
+    "RUN_FILES",
+    "check_block_size",
+    "check_fits_memory",
+    "check_same_run",
+    "check_tokenizer_of_data",
+    "claim_run_folder",
+    "clear_previous_run",
+    "is_run_folder",
+    "memory_of",
+    "refuse_conflicts",
+    "refuse_previous_run",
+    "resume_tokenizer",
+]

@@ -5,6 +5,7 @@ Model and optimizer state are whole and keyed by parameter name, gathered from e
 is sharded (so all ranks call `gather`): the same format for 1, N or sharded ranks is what lets a
 checkpoint resume on any number of processes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,13 +55,21 @@ def pack(trainer, optim_state: dict) -> dict:
     """Everything but the weights that a resumed run needs to continue exactly: step, clock, best score,
     optimizer and scaler, random generators, options, and what the data and tokenizer were."""
     return {
-        "step": trainer.step, "elapsed": trainer.elapsed, "best_val": trainer.best_val, "best_step": trainer.best_step,
-        "evals_since_best": trainer.evals_since_best, "optimizer": optim_state, "scaler": trainer.scaler.state_dict(),
+        "step": trainer.step,
+        "elapsed": trainer.elapsed,
+        "best_val": trainer.best_val,
+        "best_step": trainer.best_step,
+        "evals_since_best": trainer.evals_since_best,
+        "optimizer": optim_state,
+        "scaler": trainer.scaler.state_dict(),
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "train_config": dataclasses.asdict(trainer.cfg), "data": trainer.data.fingerprint,
-        "tokenizer": getattr(trainer.tokenizer, "fingerprint", None) or getattr(trainer.data, "tokenizer_fingerprint", ""),
-        "world_size": trainer.dist.world_size, "task_options": trainer.resume_options(),
+        "train_config": dataclasses.asdict(trainer.cfg),
+        "data": trainer.data.fingerprint,
+        "tokenizer": getattr(trainer.tokenizer, "fingerprint", None)
+        or getattr(trainer.data, "tokenizer_fingerprint", ""),
+        "world_size": trainer.dist.world_size,
+        "task_options": trainer.resume_options(),
         "average": trainer.average.state_dict() if trainer.average is not None else None,
     }
 
@@ -70,8 +79,9 @@ def restore(trainer, state: dict) -> str:
     about a weight average (--ema) that only one of the run and its checkpoint has, for the resume line."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(trainer.model, trainer.optimizer, state["optimizer"],
-                             options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(
+        trainer.model, trainer.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
+    )
     trainer.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng_cpu"])
     if state["rng_cuda"] and torch.cuda.is_available():
@@ -83,8 +93,12 @@ def restore(trainer, state: dict) -> str:
     # checkpoint): keep it from being overwritten. One of a later step (a kill between best/ and that step's
     # checkpoint) is not adopted: the resumed run evaluates that step again, to the same score, as it did.
     disk = best_on_disk(trainer.out / "best", trainer.task.metric)
-    if (disk and math.isfinite(disk[0]) and (disk[1] is None or disk[1] <= trainer.step)
-            and trainer.task.better(disk[0], trainer.best_val)):
+    if (
+        disk
+        and math.isfinite(disk[0])
+        and (disk[1] is None or disk[1] <= trainer.step)
+        and trainer.task.better(disk[0], trainer.best_val)
+    ):
         trainer.best_val, trainer.best_step = disk
     if trainer.average is not None and state.get("average"):
         trainer.average.load_state_dict(state["average"])
@@ -92,7 +106,10 @@ def restore(trainer, state: dict) -> str:
         trainer.average.restart()
         return "; --ema: the checkpoint holds no weight average, so it starts from the resumed weights"
     elif state.get("average"):
-        return "; the checkpoint's weight average (--ema) is dropped: this run keeps none (--ema 0), so it uses the weights"
+        return (
+            "; the checkpoint's weight average (--ema) is dropped: this run keeps none (--ema 0), so it uses the "
+            "weights"
+        )
     return ""
 
 
@@ -108,8 +125,9 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / STATE_NAME).is_file()) if root.is_dir() else []
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, write_model: Callable[[Path], None], state: dict,
-                    keep: int) -> Path:
+def save_checkpoint(
+    run_dir: str | os.PathLike, step: int, write_model: Callable[[Path], None], state: dict, keep: int
+) -> Path:
     """Write `checkpoints/step-N/` (the model folder `write_model(folder)` makes, plus the training state)
     under a temporary name, rename it into place, then delete all but the `keep` newest checkpoints."""
     target = Path(run_dir) / CHECKPOINTS / f"step-{step:07d}"
@@ -143,8 +161,11 @@ def newest_intact_checkpoint(run_dir: str | os.PathLike, log: Callable[[str], No
             log(f"resuming from {path.name}, the newest checkpoint that is intact")
         return path, state
     where = Path(run_dir) / CHECKPOINTS
-    raise CheckpointError(f"{where}: no intact checkpoint to resume from" if found else
-                          f"{Path(run_dir)}: no checkpoint to resume from (looked in {where})")
+    raise CheckpointError(
+        f"{where}: no intact checkpoint to resume from"
+        if found
+        else f"{Path(run_dir)}: no checkpoint to resume from (looked in {where})"
+    )
 
 
 def load_training_state(path: str | os.PathLike) -> dict:
@@ -157,5 +178,14 @@ def load_training_state(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{file}: the training state cannot be read ({msg}); the checkpoint is damaged") from None
 
 
-__all__ = ["CHECKPOINTS", "STATE_NAME", "gather", "list_checkpoints", "load_training_state", "newest_intact_checkpoint",
-           "pack", "restore", "save_checkpoint"]
+__all__ = [
+    "CHECKPOINTS",
+    "STATE_NAME",
+    "gather",
+    "list_checkpoints",
+    "load_training_state",
+    "newest_intact_checkpoint",
+    "pack",
+    "restore",
+    "save_checkpoint",
+]

@@ -6,6 +6,7 @@ so that a resumed run draws exactly the batches it would have drawn; `data.batch
 to the device in the background. The evaluation row holds `task.metric`, which picks the best model
 (`higher_is_better` says which way).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -74,8 +75,16 @@ class LanguageModelling(Task):
         self.data = data
 
     def make_batches(self, cfg, block_size: int, rank: int, world_size: int) -> Batches:
-        return Batches(self.data.train, block_size, cfg.batch_size, mode=cfg.batch_mode, stride=cfg.stride,
-                       seed=cfg.seed, rank=rank, world_size=world_size)
+        return Batches(
+            self.data.train,
+            block_size,
+            cfg.batch_size,
+            mode=cfg.batch_mode,
+            stride=cfg.stride,
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world_size,
+        )
 
     def loss(self, model: torch.nn.Module, batch: tuple) -> torch.Tensor:
         x, y = batch
@@ -86,16 +95,27 @@ class LanguageModelling(Task):
         return self.data.val is not None
 
     def evaluate(self, model: torch.nn.Module, *, full: bool, trainer) -> dict:
-        res = evaluate_tokens(model, self.data.val, block_size=trainer.block_size, batch_size=trainer.cfg.batch_size,
-                              max_tokens=None if full else trainer.cfg.eval_tokens, device=trainer.device,
-                              autocast_dtype=trainer.dtype if trainer.dtype != torch.float32 else None)
-        return {"val_loss": res.loss, "val_perplexity": res.perplexity,
-                "val_bits_per_byte": bits_per_byte(res.loss, self.data.bytes_per_token), "val_tokens": res.tokens}
+        res = evaluate_tokens(
+            model,
+            self.data.val,
+            block_size=trainer.block_size,
+            batch_size=trainer.cfg.batch_size,
+            max_tokens=None if full else trainer.cfg.eval_tokens,
+            device=trainer.device,
+            autocast_dtype=trainer.dtype if trainer.dtype != torch.float32 else None,
+        )
+        return {
+            "val_loss": res.loss,
+            "val_perplexity": res.perplexity,
+            "val_bits_per_byte": bits_per_byte(res.loss, self.data.bytes_per_token),
+            "val_tokens": res.tokens,
+        }
 
     def describe(self, row: dict) -> str:
         bpb = row.get("val_bits_per_byte")
-        return (f"val loss {row['val_loss']:.4f}, perplexity {row['val_perplexity']:.2f}"
-                + (f", {bpb:.4f} bits/byte" if bpb is not None else ""))
+        return f"val loss {row['val_loss']:.4f}, perplexity {row['val_perplexity']:.2f}" + (
+            f", {bpb:.4f} bits/byte" if bpb is not None else ""
+        )
 
     def size(self) -> str:
         return f"training tokens: {len(self.data.train):,}"

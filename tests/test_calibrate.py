@@ -81,6 +81,8 @@ def test_a_bad_override_is_refused_by_name(machine, monkeypatch, text):
 
 
 def test_the_isa_level_and_torchs_isa_variables_have_files_of_their_own(machine, monkeypatch):
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.setenv(native.ISA, "native")
     files = {calibrate.path()}
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
     files.add(calibrate.path())

@@ -292,6 +292,19 @@ def memorization_report(
     )
 
 
+def run_summary(model, tokenizer, data, history: list[dict]) -> MemorizationReport:
+    """The short report a training run ends with: 16 samples of 64 tokens against its training tokens (`data`, the
+    run's RunData; the index is cached in its dataset folder), with the run's own sampling defaults."""
+    from .checkpoint import sampling_defaults
+    from .options import MemorizationOptions
+
+    train, val = data.train[:], data.val[:]
+    opts = MemorizationOptions(mem_samples=16, mem_tokens=64, mem_prompt_tokens=16, mem_batch_size=16, mem_show=1)
+    return memorization_report(
+        model, tokenizer, train, val, index_for(data.source, train), opts, sampling_defaults(model), history=history
+    )
+
+
 def _run_files(model_dir: Path) -> tuple[Path | None, list[dict]]:
     """The prepared data and the metrics rows of the run a model folder belongs to (the run itself, or its best/ or
     a checkpoint inside it)."""
@@ -356,4 +369,5 @@ __all__ = [
     "memorization_report",
     "overfit_warning",
     "report",
+    "run_summary",
 ]

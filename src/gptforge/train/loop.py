@@ -33,7 +33,7 @@ import torch.nn as nn
 from ..config import GPTConfig
 from ..data.batches import Prefetcher
 from ..data.dataset import RunData
-from ..errors import OptionError, RunFolderError, TokenizerError, TrainingError
+from ..errors import GPTForgeError, OptionError, RunFolderError, TokenizerError, TrainingError
 from ..fsio import atomic_dir
 from ..model import GPT
 from ..options import PREVIEW_SAMPLING, TrainConfig, unset_defaults
@@ -503,11 +503,48 @@ class Trainer:
                     + (f" (the average of its weights, --ema {self.cfg.ema:g})" if self.average else "")
                 )
                 self.callbacks.call("on_save", self, self.out)
+                self._memorization_summary()
         if math.isfinite(self.best_val):
             result.best_val_loss, result.best_step = self.best_val, self.best_step
         self.log.close()
         self.dist.close()
         return result
+
+    def _memorization_summary(self) -> None:
+        """--memorization: how much of what the model writes copies its training text, in metrics.jsonl (and so in
+        the model card) and a line here; a warning when it memorises."""
+        if not (
+            self.cfg.memorization
+            and type(self.task) is LanguageModelling
+            and self.tokenizer is not None
+            and getattr(self.data, "val", None) is not None
+            and len(self.data.val)
+        ):
+            return
+        from ..memorization import run_summary
+
+        try:
+            report = run_summary(self.model, self.tokenizer, self.data, self.history)
+        except (GPTForgeError, OSError, ImportError) as e:  # a report is a bonus: never fail a finished run for it
+            self.log.message(f"memorization report skipped: {str(e).splitlines()[0]}")
+            return
+        copied, base = report.copied, report.baseline
+        self.log.record(
+            {
+                "step": self.step,
+                "memorization": {
+                    "copied": copied,
+                    "baseline": base,
+                    "samples": report.samples,
+                    "warning": report.warning,
+                },
+            }
+        )
+        self.log.message(
+            f"memorization: {copied[16]:.1%} of sampled tokens lie in copies of 16+ training tokens "
+            f"(validation text: {base[16]:.1%}); `gptforge eval {self.out} --memorization` for the full "
+            "report" + (f"\nwarning: {report.warning}" if report.warning else "")
+        )
 
     def _say_if_best_was_better(self, row: dict) -> None:
         """Tell the user when an earlier evaluation was more than 2% better than the final model: the run went

@@ -1,0 +1,60 @@
+"""The options of each operation, written once: training, sampling and evaluation.
+
+Each is a dataclass whose fields carry their help text; the `gptforge` command makes its flags from
+them, the Python API takes them as keywords, and every default lives here. Nothing here imports torch,
+so `gptforge --help` stays fast. (Reading and cleaning options are `data.reading.ReadOptions`.)
+"""
+
+from .base import (
+    AITEXTGEN_SAMPLING,
+    DEFAULT_VOCAB_SIZE,
+    MAX_LORA_ALPHA,
+    MAX_NEW_TOKENS,
+    PREVIEW_SAMPLING,
+    check_fields,
+    flag_of,
+    opt,
+    parse_duration,
+    refuse_unknown,
+)
+from .generation import SamplingOptions
+from .serve import SERVE_LOG_LEVELS, ServeOptions
+from .tasks import LORA_LAYERS, ClassifyOptions, EvalOptions, InstructOptions, LoRAOptions, MemorizationOptions
+from .train import (
+    FINETUNE_DEFAULTS,
+    MUON_LR_RATIO,
+    REPORTERS,
+    SCRATCH_DEFAULTS,
+    TRAIN_GROUPS,
+    TrainConfig,
+    unset_defaults,
+)
+
+__all__ = [
+    "AITEXTGEN_SAMPLING",
+    "DEFAULT_VOCAB_SIZE",
+    "PREVIEW_SAMPLING",
+    "ClassifyOptions",
+    "EvalOptions",
+    "MemorizationOptions",
+    "InstructOptions",
+    "LORA_LAYERS",
+    "LoRAOptions",
+    "MAX_LORA_ALPHA",
+    "MAX_NEW_TOKENS",
+    "FINETUNE_DEFAULTS",
+    "MUON_LR_RATIO",
+    "REPORTERS",
+    "SCRATCH_DEFAULTS",
+    "SamplingOptions",
+    "SERVE_LOG_LEVELS",
+    "ServeOptions",
+    "TRAIN_GROUPS",
+    "TrainConfig",
+    "check_fields",
+    "refuse_unknown",
+    "unset_defaults",
+    "flag_of",
+    "opt",
+    "parse_duration",
+]

@@ -66,8 +66,9 @@ def cmd_create(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_model
 
-    out = export_model(args.run, args.out, license=args.license, force=args.force)
-    print(f"exported the model of {args.run} to {out} (model files and README.md; no data, checkpoints or trainer state)")
+    out = export_model(args.run, args.out, license=args.license, force=args.force, format=args.format, type=args.type)
+    what = "model files" if args.format == "transformers" else f"{args.format} {args.type or 'f32'}"
+    print(f"exported the model of {args.run} to {out} ({what} and README.md; no data, checkpoints or trainer state)")
     print(f"upload it with the Hugging Face CLI: hf upload USER/NAME {out} .")
     return 0
 
@@ -230,6 +231,12 @@ def _add_model_commands(sub) -> None:
     p.add_argument("out", help="folder to write")
     p.add_argument("--license", default="other", help="license in the model card (e.g. mit, apache-2.0, cc-by-4.0; default: other)")
     p.add_argument("--force", action="store_true", help="replace the folder if it already holds files")
+    p.add_argument("--format", choices=("transformers", "gguf", "onnx", "ct2"), default="transformers",
+                   help="transformers: the model folder (default); gguf: one file for llama.cpp (pip install "
+                        "'gptforge[gguf]'); onnx: the decoder with its cache for ONNX Runtime ('gptforge[onnx]'); ct2: "
+                        "CTranslate2's converter on the folder ('gptforge[ct2]')")
+    p.add_argument("--type", choices=("f32", "f16", "q8_0", "int8"), default=None,
+                   help="weights: gguf f32 (default), f16 or q8_0; onnx and ct2 f32 (default) or int8")
     p.set_defaults(func=cmd_export)
 
 

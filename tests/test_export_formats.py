@@ -265,3 +265,17 @@ def test_llama_cpp_tokenizes_and_decodes_as_gptforge(run, reference, tmp_path, t
         if len(got) == STEPS:
             break
     assert got == want if type == "f32" else got[:5] == want[:5]
+
+
+def test_gguf_q8_0_keeps_rows_that_do_not_split_into_blocks_in_f16():
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from gptforge.export_gguf import _tensor_type
+
+    rows = np.random.default_rng(0).standard_normal((4, 48)).astype(np.float32)  # 48 is not a multiple of 32
+    data, kind = _tensor_type(gguf, "blk.0.attn_qkv.weight", rows, "q8_0")
+    assert kind == gguf.GGMLQuantizationType.F16 and (data == rows.astype(np.float16)).all()
+    data, kind = _tensor_type(gguf, "blk.0.attn_qkv.weight", rows[:, :32], "q8_0")
+    assert kind == gguf.GGMLQuantizationType.Q8_0
+    assert np.abs(gguf.quants.dequantize(data, kind).reshape(4, 32) - rows[:, :32]).max() < 0.05

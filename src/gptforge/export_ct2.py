@@ -26,10 +26,18 @@ def write_ct2(hf_folder: str | Path, out: str | Path, type: str = "f32") -> Path
         raise OptionError(f"--type {type}: CTranslate2 exports take {', '.join(TYPES)}")
     hf_folder = Path(hf_folder)
     copies = [name for name in TOKENIZER_COPIES if (hf_folder / name).is_file()]
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.disable_progress_bar()  # a bar for loading a few tensors, notes on the converter's own calls
+    transformers_logging.set_verbosity_error()
     try:
         TransformersConverter(str(hf_folder), copy_files=copies).convert(str(out), quantization=_QUANTIZATION[type])
     except (NotImplementedError, ValueError, KeyError) as e:  # an activation or shape the converter does not know
         raise ConfigError(f"{hf_folder / 'config.json'}: CTranslate2's converter refuses this model ({e})") from None
+    finally:
+        transformers_logging.enable_progress_bar()
+        transformers_logging.set_verbosity(verbosity)
     return Path(out)
 
 

@@ -9,6 +9,8 @@ matrix products (int8 weights, activations quantized per call) as `model_int8.on
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
 from pathlib import Path
 
@@ -61,6 +63,23 @@ class DecoderStep(torch.nn.Module):
         return tuple(out)
 
 
+@contextlib.contextmanager
+def _quiet():
+    """The exporter's and the quantizer's notes on their own internals (missing torchvision, pre-processing advice)
+    kept off the user's terminal; errors still show."""
+    loggers = [logging.getLogger(name) for name in ("", "torch.onnx", "onnx_ir", "onnxscript", "onnxruntime")]
+    levels = [log.level for log in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for log in loggers:
+            log.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for log, level in zip(loggers, levels):
+                log.setLevel(level)
+
+
 def past_names(n_layer: int, prefix: str = "past_key_values") -> list[str]:
     return [f"{prefix}.{i}.{kind}" for i in range(n_layer) for kind in ("key", "value")]
 
@@ -79,8 +98,7 @@ def write_onnx(folder: str | Path, path: str | Path) -> Path:
     dyn = torch.export.Dim.DYNAMIC
     shapes = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn}, "position_ids": {0: dyn, 1: dyn},
               "past": tuple({0: dyn, 2: dyn} for _ in past)}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the exporter's notes on its own internals
+    with _quiet(), torch.no_grad():
         program = torch.onnx.export(
             DecoderStep(model).eval(), args, dynamo=True, dynamic_shapes=shapes, opset_version=OPSET, verbose=False,
             input_names=["input_ids", "attention_mask", "position_ids", *past_names(c.n_layer)],
@@ -94,25 +112,35 @@ def quantize_int8(path: str | Path, out: str | Path) -> Path:
     _need("onnxruntime")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
+    with _quiet():
+        quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
     return Path(out)
 
 
-def greedy(path: str | Path, prompt: list[int], max_new_tokens: int, eos_id: int | None = None) -> list[int]:
-    """Greedy decoding with the ONNX file `path` in ONNX Runtime, one cached step per token: the check that an
-    export decodes as gptforge does, and the loop a user writes (see the model card)."""
+def session(path: str | Path, threads: int | None = None):
+    """An ONNX Runtime session on the CPU for the ONNX file `path` (`threads`: intra-op threads, default ORT's)."""
     _need("onnxruntime")
-    import numpy as np
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def greedy(model, prompt: list[int], max_new_tokens: int, eos_id: int | None = None) -> list[int]:
+    """Greedy decoding in ONNX Runtime with `model` (an ONNX file or a `session`), one cached step per token:
+    the check that an export decodes as gptforge does, and the loop a user writes (see the model card)."""
+    import numpy as np
+
+    sess = session(model) if isinstance(model, (str, Path)) else model
     past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
-            for i in session.get_inputs() if i.name.startswith("past_key_values.")}
+            for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
     ids, new = list(prompt), list(prompt)
     out: list[int] = []
     for _ in range(max_new_tokens):
         start = len(ids) - len(new)
-        logits, *present = session.run(None, {
+        logits, *present = sess.run(None, {
             "input_ids": np.array([new], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64),
             "position_ids": np.arange(start, len(ids), dtype=np.int64)[None], **past})
         token = int(logits[0, -1].argmax())
@@ -148,4 +176,4 @@ def card_lines(type: str, n_head: int, head_dim: int) -> tuple[str, list[str]]:
 
 
 __all__ = ["FILE", "INT8_FILE", "TYPES", "DecoderStep", "card_lines", "greedy", "past_names", "quantize_int8",
-           "write_onnx"]
+           "session", "write_onnx"]

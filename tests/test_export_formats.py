@@ -132,12 +132,12 @@ def test_export_refuses_a_type_the_format_has_not(run, tmp_path):
 
 
 def test_export_command_offers_every_format_and_type():
-    export = next(a for a in build_parser()._subparsers._group_actions[0].choices["export"]._actions
-                  if a.dest == "format")
-    types = next(a for a in build_parser()._subparsers._group_actions[0].choices["export"]._actions
-                 if a.dest == "type")
-    assert tuple(export.choices) == tuple(FORMATS)
-    assert set(types.choices) == {t for ts in FORMATS.values() for t in ts}
+    parser = build_parser()
+    for format, types in FORMATS.items():
+        for type in types:
+            args = parser.parse_args(["export", "run", "out", "--format", format, "--type", type])
+            assert (args.format, args.type) == (format, type)
+    assert parser.parse_args(["export", "run", "out"]).format == "transformers"
 
 
 def test_a_missing_extra_is_named(run, tmp_path, monkeypatch):

@@ -54,7 +54,7 @@ def model_folder(size: str, root: Path) -> Path:
                       root / "model", tok)
 
 
-def runners(folder: Path, root: Path, threads: int) -> dict:
+def runners(folder: Path, root: Path, threads: int, amx: bool) -> dict:
     from gptforge.checkpoint import load_model
 
     model = load_model(folder)
@@ -68,8 +68,15 @@ def runners(folder: Path, root: Path, threads: int) -> dict:
     if llama is None:
         print("llama.cpp: llama-cpp-python is not built (bash benchmarks/build_llama_cpp.sh); left out")
         return out
+    default = llama.llama_cpp.llama_model_default_params
+
+    def plain():  # llama.cpp's AMX q8_0 kernels crashed on the machine this was written on: its plain ones
+        params = default()
+        params.use_extra_bufts = False
+        return params
     for type in ("f32", "f16", "q8_0"):
         path = write_gguf(folder, root / f"model-{type}.gguf", type)
+        llama.llama_cpp.llama_model_default_params = plain if type == "q8_0" and not amx else default
         llm = llama.Llama(str(path), n_ctx=model.config.n_positions, n_threads=threads, verbose=False)
 
         def run(p, n, llm=llm):
@@ -88,12 +95,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 2))
+    ap.add_argument("--amx", action="store_true", help="let llama.cpp use its AMX/repacked q8_0 kernels")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         folder = model_folder(args.size, root)
-        run = runners(folder, root, args.threads)
+        run = runners(folder, root, args.threads, args.amx)
         prompt = list(range(1, 17))
         times: dict = {key: [] for key in run}
         for _ in range(args.trials):

@@ -249,14 +249,23 @@ def _llama_cpp():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("type", ["f32", "f16"])
-def test_llama_cpp_tokenizes_and_decodes_as_gptforge(run, reference, tmp_path, type):
+@pytest.mark.parametrize("type", ["f32", "f16", "q8_0"])
+def test_llama_cpp_tokenizes_and_decodes_as_gptforge(run, reference, tmp_path, type, monkeypatch):
     llama_cpp = _llama_cpp()
     if llama_cpp is None:
         pytest.skip(f"llama-cpp-python is not built: run benchmarks/build_llama_cpp.sh (minutes) to build it into "
                     f"{LLAMA_CPP}")
     model, tok, ids, want = reference
     out = export_model(run, tmp_path / "gguf", format="gguf", type=type)
+    if type == "q8_0":  # llama.cpp's AMX q8_0 kernels crash on the AMX machine this was written on, on llama.cpp's
+        # own q8_0 files too (their tensors are byte for byte ours): its plain CPU kernels check the file
+        default = llama_cpp.llama_cpp.llama_model_default_params
+
+        def plain():
+            params = default()
+            params.use_extra_bufts = False
+            return params
+        monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", plain)
     llm = llama_cpp.Llama(str(out / "model.gguf"), n_ctx=model.config.n_positions, verbose=False, seed=0)
     assert llm.tokenize(PROBE.encode(), add_bos=False, special=False) == ids
     got = []
@@ -264,7 +273,7 @@ def test_llama_cpp_tokenizes_and_decodes_as_gptforge(run, reference, tmp_path, t
         got.append(token)
         if len(got) == STEPS:
             break
-    assert got == want if type == "f32" else got[:5] == want[:5]
+    assert got == want
 
 
 def test_gguf_q8_0_keeps_rows_that_do_not_split_into_blocks_in_f16():

@@ -240,7 +240,7 @@ def _write_format(format: str, type: str, run: Path, copies: list[Path], tmp: Pa
         from . import export_gguf
 
         export_gguf.write_gguf(run, tmp / export_gguf.FILE, type, name=name)
-        return export_gguf.card_lines(type)
+        return export_gguf.card_lines(type, GPTConfig.load(run).n_positions)
     if format == "onnx":
         from . import export_onnx
 

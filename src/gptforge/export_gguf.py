@@ -170,16 +170,18 @@ def write_gguf(folder: str | Path, path: str | Path, type: str = "f32", name: st
     return path
 
 
-def card_lines(type: str) -> tuple[str, list[str]]:
-    """What the export is and how to run it, for the model card."""
+def card_lines(type: str, context: int) -> tuple[str, list[str]]:
+    """What the export is and how to run it (within its `context` of positions), for the model card."""
     kept = {"f32": "f32 weights, as trained", "f16": "f16 matrices (norms, biases and positions f32)",
             "q8_0": "q8_0 matrices, 8 bits per weight in blocks of 32 (norms, biases and positions f32)"}[type]
     what = (f"`{FILE}`: the model and its tokenizer in one GGUF file ({kept}) for llama.cpp, which runs it as its "
             "`gpt2` architecture with the tokenizer's `gpt-2` pre-tokenizer. Exported with `gptforge export RUN OUT "
             f"--format gguf --type {type}`.")
-    use = ["```bash", f"llama-cli -m {FILE} -p \"Once upon a time\" -n 100 --temp 0.8", "```", "",
-           "or from Python with llama-cpp-python:", "", "```python", "from llama_cpp import Llama", "",
-           f'llm = Llama("{FILE}")', 'print(llm("Once upon a time", max_tokens=100)["choices"][0]["text"])', "```"]
+    n = min(100, context // 2)
+    use = ["```bash", f"llama-cli -m {FILE} -c {context} -p \"Once upon a time\" -n {n} --temp 0.8", "```", "",
+           f"(`-c {context}`: the model has no positions past its context), or from Python with llama-cpp-python:",
+           "", "```python", "from llama_cpp import Llama", "", f'llm = Llama("{FILE}", n_ctx={context})',
+           f'print(llm("Once upon a time", max_tokens={n})["choices"][0]["text"])', "```"]
     return what, use
 
 

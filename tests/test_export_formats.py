@@ -131,6 +131,20 @@ def test_export_refuses_a_type_the_format_has_not(run, tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_a_classifier_is_exported_as_the_transformers_folder_only(run, tmp_path):
+    import shutil
+
+    clf = tmp_path / "clf"
+    shutil.copytree(run, clf, ignore=shutil.ignore_patterns("data", "checkpoints", "best"))
+    config = json.loads((clf / "config.json").read_text())
+    config.update(architectures=["GPT2ForSequenceClassification"], id2label={"0": "sport", "1": "food"})
+    (clf / "config.json").write_text(json.dumps(config))
+    for format in ("gguf", "onnx", "ct2"):
+        with pytest.raises(OptionError, match=f"a text classifier; --format {format} exports language models"):
+            export_model(clf, tmp_path / format, format=format)
+    assert not any((tmp_path / format).exists() for format in ("gguf", "onnx", "ct2"))
+
+
 def test_export_command_offers_every_format_and_type():
     parser = build_parser()
     for format, types in FORMATS.items():

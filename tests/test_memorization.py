@@ -151,3 +151,14 @@ def test_cli_memorization_of_a_run_and_of_a_folder_with_train_data(run_folder, t
     assert "--train-data" in capsys.readouterr().err
     assert main(["eval", str(model), "--memorization", "--train-data", str(run_folder / "data"), *opts]) == 0
     assert "validation text" in capsys.readouterr().out
+
+
+def test_a_run_ends_with_a_short_report_that_the_model_card_quotes(run_folder, tmp_path):
+    from gptforge.cli import main
+
+    rows = [json.loads(line) for line in (run_folder / "metrics.jsonl").read_text().splitlines()]
+    summary = [r["memorization"] for r in rows if "memorization" in r]
+    assert len(summary) == 1 and set(summary[0]["copied"]) == {str(k) for k in KS}
+    assert main(["export", str(run_folder), str(tmp_path / "shared")]) == 0
+    card = (tmp_path / "shared" / "README.md").read_text()
+    assert f"Copying: {summary[0]['copied']['16']:.1%} of sampled tokens" in card

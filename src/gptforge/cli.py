@@ -1,4 +1,5 @@
 """The `gptforge` command. Thin: it parses arguments and calls the modules."""
+
 from __future__ import annotations
 
 import argparse
@@ -38,17 +39,26 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     if is_preset(args.model):
         config = resolve_config(args.model)
-        info = {"path": f"preset {args.model!r} (not saved)", "config": config, "params": config.num_params(),
-                "non_embedding_params": config.num_params(non_embedding=True), "files": {}}
+        info = {
+            "path": f"preset {args.model!r} (not saved)",
+            "config": config,
+            "params": config.num_params(),
+            "non_embedding_params": config.num_params(non_embedding=True),
+            "files": {},
+        }
     else:
         info = model_info(args.model)
     c = info["config"]
     print(f"model: {info['path']}")
     print(f"parameters: {info['params']:,} ({_human(info['params'])}); non-embedding {info['non_embedding_params']:,}")
-    print(f"vocab_size={c.vocab_size} n_positions={c.n_positions} n_embd={c.n_embd} n_layer={c.n_layer} "
-          f"n_head={c.n_head} n_inner={c.mlp_width} activation={c.activation_function}")
-    print(f"dropout: resid={c.resid_pdrop} embd={c.embd_pdrop} attn={c.attn_pdrop}; "
-          f"bos={c.bos_token_id} eos={c.eos_token_id}")
+    print(
+        f"vocab_size={c.vocab_size} n_positions={c.n_positions} n_embd={c.n_embd} n_layer={c.n_layer} "
+        f"n_head={c.n_head} n_inner={c.mlp_width} activation={c.activation_function}"
+    )
+    print(
+        f"dropout: resid={c.resid_pdrop} embd={c.embd_pdrop} attn={c.attn_pdrop}; "
+        f"bos={c.bos_token_id} eos={c.eos_token_id}"
+    )
     for name, size in info["files"].items():
         print(f"  {name:32s} {size:>14,} bytes")
     return 0
@@ -75,8 +85,11 @@ def cmd_create(args: argparse.Namespace) -> int:
     from .model import GPT
 
     check_out_folder(args.out, args.force)
-    overrides = {k: getattr(args, k) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
-                 if getattr(args, k) is not None}
+    overrides = {
+        k: getattr(args, k)
+        for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+        if getattr(args, k) is not None
+    }
     config = preset(args.preset, **overrides)  # validated before anything is allocated or written
     torch.manual_seed(args.seed)
     model = GPT(config)
@@ -89,13 +102,15 @@ def cmd_create(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_model
 
-    out = export_model(args.run, args.out, license=args.license, force=args.force)
-    print(f"exported the model of {args.run} to {out} (model files and README.md; no data, checkpoints or trainer state)")
+    out = export_model(args.run, args.out, license=args.license, force=args.force, format=args.format, type=args.type)
+    what = "model files" if args.format == "transformers" else f"{args.format} {args.type or 'f32'}"
+    print(f"exported the model of {args.run} to {out} ({what} and README.md; no data, checkpoints or trainer state)")
     print(f"upload it with the Hugging Face CLI: hf upload USER/NAME {out} .")
     return 0
 
 
 # --- train ------------------------------------------------------------------------------------------
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
@@ -104,10 +119,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.pipeline import run_training
 
     options = option_values(args, TrainConfig)
-    extra = dict(lora=LoRAOptions(**option_values(args, LoRAOptions)), instruct=InstructOptions(**option_values(args, InstructOptions)))
+    extra = dict(
+        lora=LoRAOptions(**option_values(args, LoRAOptions)),
+        instruct=InstructOptions(**option_values(args, InstructOptions)),
+    )
     inputs = inputs_of(args, list(args.inputs) + ([args.train_file] if args.train_file else []))
-    overrides = {k: getattr(args, k) for k in ("n_layer", "n_embd", "n_head", "n_positions", "dropout", "attn_dropout",
-                                               "activation_function", "tie_word_embeddings") if getattr(args, k) is not None}
+    overrides = {
+        k: getattr(args, k)
+        for k in (
+            "n_layer",
+            "n_embd",
+            "n_head",
+            "n_positions",
+            "dropout",
+            "attn_dropout",
+            "activation_function",
+            "tie_word_embeddings",
+        )
+        if getattr(args, k) is not None
+    }
     for flag, p in (("--dropout", args.dropout), ("--attn-dropout", args.attn_dropout)):
         if p is not None and not 0 <= p < 1:
             raise OptionError(f"{flag} {p}: must be at least 0 and below 1 (1 would drop everything)")
@@ -117,10 +147,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     if "attn_dropout" in overrides:
         overrides["attn_pdrop"] = overrides.pop("attn_dropout")
     result = run_training(
-        inputs or None, data=args.data, eval_inputs=[args.eval_file] if args.eval_file else None, init=args.init,
-        size=args.size, tokenizer=args.tokenizer, vocab_size=args.vocab_size, tokenizer_kind=args.tokenizer_kind,
-        line_by_line=args.line_by_line, model_overrides=overrides, read_options=read_options(args),
-        record={k: v for k, v in vars(args).items() if k not in ("func", "parser", "argv", "command", "config")}, **extra, **options,
+        inputs or None,
+        data=args.data,
+        eval_inputs=[args.eval_file] if args.eval_file else None,
+        init=args.init,
+        size=args.size,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        tokenizer_kind=args.tokenizer_kind,
+        line_by_line=args.line_by_line,
+        model_overrides=overrides,
+        read_options=read_options(args),
+        record={k: v for k, v in vars(args).items() if k not in ("func", "parser", "argv", "command", "config")},
+        **extra,
+        **options,
     )
     if result.val_loss is not None:
         bpb = f", {result.val_bits_per_byte:.4f} bits/byte" if result.val_bits_per_byte is not None else ""
@@ -131,8 +171,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import demo
 
-    result = demo(args.inputs or None, out_dir=args.out, minutes=args.minutes, prompt=args.prompt,
-                  overwrite=args.overwrite, resume=args.resume, device=args.device)
+    result = demo(
+        args.inputs or None,
+        out_dir=args.out,
+        minutes=args.minutes,
+        prompt=args.prompt,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        device=args.device,
+    )
     return 130 if result.interrupted else 0
 
 
@@ -173,8 +220,6 @@ def _launch_torchrun(nproc: int) -> int:
 # --- generate / eval ------------------------------------------------------------------------------------
 
 
-
-
 # --- tokenizer / prepare -------------------------------------------------------------------------------
 
 
@@ -186,31 +231,61 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     existing = [f for f in TOKENIZER_FILES if (out / f).exists()]
     if existing and not args.force:
-        raise RunFolderError(f"{out}: already holds {', '.join(existing)}; pass --force to replace them or choose another --out")
-    tok = train_tokenizer(inputs_of(args, args.files), vocab_size=args.vocab_size, min_frequency=args.min_frequency,
-                          kind=args.kind, out_dir=out, progress=True, **read_options(args))
-    print(f"trained a {tok.kind} tokenizer with {tok.vocab_size} tokens (eos id {tok.eos_id}, fingerprint {tok.fingerprint}) "
-          f"into {out}")
+        raise RunFolderError(
+            f"{out}: already holds {', '.join(existing)}; pass --force to replace them or choose another --out"
+        )
+    tok = train_tokenizer(
+        inputs_of(args, args.files),
+        vocab_size=args.vocab_size,
+        min_frequency=args.min_frequency,
+        kind=args.kind,
+        out_dir=out,
+        progress=True,
+        **read_options(args),
+    )
+    print(
+        f"trained a {tok.kind} tokenizer with {tok.vocab_size} tokens (eos id {tok.eos_id}, "
+        f"fingerprint {tok.fingerprint}) into {out}"
+    )
     return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .data.shards import prepare
 
-    meta = prepare(inputs_of(args, args.inputs), args.tokenizer, args.out, line_by_line=args.line_by_line, val_fraction=args.val_fraction,
-                   val_inputs=args.val_file, seed=args.seed, workers=args.workers, shard_tokens=args.shard_tokens,
-                   force=args.force, progress=not args.quiet, **read_options(args))
+    meta = prepare(
+        inputs_of(args, args.inputs),
+        args.tokenizer,
+        args.out,
+        line_by_line=args.line_by_line,
+        val_fraction=args.val_fraction,
+        val_inputs=args.val_file,
+        seed=args.seed,
+        workers=args.workers,
+        shard_tokens=args.shard_tokens,
+        force=args.force,
+        progress=not args.quiet,
+        **read_options(args),
+    )
     if meta["reused"]:
         print(f"{args.out}: up to date with the inputs and tokenizer; reused (pass --force to rebuild)")
     for split in ("train", "val"):
         m = meta[split]
-        print(f"{split}: {m['tokens']:,} tokens, {m['documents']:,} documents, {m['bytes']:,} bytes, {len(m['shards'])} shard(s)")
+        print(
+            f"{split}: {m['tokens']:,} tokens, {m['documents']:,} documents, {m['bytes']:,} bytes, "
+            f"{len(m['shards'])} shard(s)"
+        )
     if meta["val_split"] == "tail":
-        print("note: too few documents to split by document; val is the last "
-              f"{meta['options']['val_fraction']:.0%} of the text (separate documents with blank lines, or pass --val-file)")
+        print(
+            "note: too few documents to split by document; val is the last "
+            f"{meta['options']['val_fraction']:.0%} of the text (separate documents with blank lines, or pass "
+            "--val-file)"
+        )
     if not meta["reused"]:
         mb = sum(f["bytes"] for f in meta["inputs"] + meta["val_inputs"]) / 1e6
-        print(f"wrote {args.out} ({meta['dtype']}) in {meta['seconds']:.1f}s, {mb / max(meta['seconds'], 1e-9):.1f} MB/s")
+        print(
+            f"wrote {args.out} ({meta['dtype']}) in {meta['seconds']:.1f}s, {mb / max(meta['seconds'], 1e-9):.1f} MB/s"
+        )
     return 0
 
 
@@ -225,18 +300,30 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_classify import add_classify_commands
     from .cli_generate import add_generate_commands
 
-    for add in (_add_model_commands, _add_data_commands, _add_train_commands, add_classify_commands, add_generate_commands,
-                _add_serve_command):
+    for add in (
+        _add_model_commands,
+        _add_data_commands,
+        _add_train_commands,
+        add_classify_commands,
+        add_generate_commands,
+        _add_serve_command,
+    ):
         add(sub)
     return parser
 
 
 def _add_model_commands(sub) -> None:
-    p = sub.add_parser("info", help="show a model's config, parameter count and files; without one, this machine's "
-                                    "CPU paths (processor, instruction set, decoding kernel, measured choices)")
+    p = sub.add_parser(
+        "info",
+        help="show a model's config, parameter count and files; without one, this machine's "
+        "CPU paths (processor, instruction set, decoding kernel, measured choices)",
+    )
     p.add_argument("model", nargs="?", default=None, help="model folder, weights file, preset name or hub id")
-    p.add_argument("--calibrate", action="store_true",
-                   help="measure again which CPU paths are fastest here, store and show them (docs/performance.md)")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="measure again which CPU paths are fastest here, store and show them (docs/performance.md)",
+    )
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("create", help="write a randomly initialised model folder from a preset")
@@ -248,14 +335,33 @@ def _add_model_commands(sub) -> None:
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None, help=f"override {name}")
     p.set_defaults(func=cmd_create)
 
-    p = sub.add_parser("export", help="copy a run's model, without its data and checkpoints, with a model card",
-                       description="Write the model files of a run (config, weights, generation config, tokenizer) and "
-                                   "a README.md model card into a new folder, ready for `hf upload`. The run's data/, "
-                                   "checkpoints/ and trainer state are left out: they hold the training text.")
+    p = sub.add_parser(
+        "export",
+        help="copy a run's model, without its data and checkpoints, with a model card",
+        description="Write the model files of a run (config, weights, generation config, tokenizer) and "
+        "a README.md model card into a new folder, ready for `hf upload`. The run's data/, "
+        "checkpoints/ and trainer state are left out: they hold the training text.",
+    )
     p.add_argument("run", help="run folder (or RUN/best, RUN/checkpoints/step-N)")
     p.add_argument("out", help="folder to write")
-    p.add_argument("--license", default="other", help="license in the model card (e.g. mit, apache-2.0, cc-by-4.0; default: other)")
+    p.add_argument(
+        "--license", default="other", help="license in the model card (e.g. mit, apache-2.0, cc-by-4.0; default: other)"
+    )
     p.add_argument("--force", action="store_true", help="replace the folder if it already holds files")
+    p.add_argument(
+        "--format",
+        choices=("transformers", "gguf", "onnx", "ct2"),
+        default="transformers",
+        help="transformers: the model folder (default); gguf: one file for llama.cpp (pip install "
+        "'gptforge[gguf]'); onnx: the decoder with its cache for ONNX Runtime ('gptforge[onnx]'); ct2: "
+        "CTranslate2's converter on the folder ('gptforge[ct2]')",
+    )
+    p.add_argument(
+        "--type",
+        choices=("f32", "f16", "q8_0", "int8"),
+        default=None,
+        help="weights: gguf f32 (default), f16 or q8_0; onnx and ct2 f32 (default) or int8",
+    )
     p.set_defaults(func=cmd_export)
 
 
@@ -265,17 +371,29 @@ def _add_data_commands(sub) -> None:
     t = tsub.add_parser("train", help="train a byte-level BPE or a character vocabulary on your text")
     t.add_argument("files", nargs="*", help="text files, folders, globs, .csv/.tsv, .jsonl, .json or .parquet")
     t.add_argument("--out", required=True, help="folder to write the tokenizer files into")
-    t.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
-                   help=f"number of tokens, <|endoftext|> included (default {DEFAULT_VOCAB_SIZE})")
-    t.add_argument("--min-frequency", type=int, default=2, help="ignore merges / characters seen fewer times (default 2)")
-    t.add_argument("--kind", choices=("bpe", "char"), default="bpe",
-                   help="bpe: GPT-2 byte-level BPE; char: one token per character (unseen characters become <|unk|>)")
+    t.add_argument(
+        "--vocab-size",
+        type=int,
+        default=DEFAULT_VOCAB_SIZE,
+        help=f"number of tokens, <|endoftext|> included (default {DEFAULT_VOCAB_SIZE})",
+    )
+    t.add_argument(
+        "--min-frequency", type=int, default=2, help="ignore merges / characters seen fewer times (default 2)"
+    )
+    t.add_argument(
+        "--kind",
+        choices=("bpe", "char"),
+        default="bpe",
+        help="bpe: GPT-2 byte-level BPE; char: one token per character (unseen characters become <|unk|>)",
+    )
     t.add_argument("--force", action="store_true", help="replace tokenizer files already in --out")
     read_flags(t)
     t.set_defaults(func=cmd_tokenizer_train, parser=t)
 
     p = sub.add_parser("prepare", help="tokenize text into train/val token shards")
-    p.add_argument("inputs", nargs="*", help="text files, folders (recursive), globs, .csv/.tsv, .jsonl, .json or .parquet")
+    p.add_argument(
+        "inputs", nargs="*", help="text files, folders (recursive), globs, .csv/.tsv, .jsonl, .json or .parquet"
+    )
     p.add_argument("--tokenizer", required=True, help="tokenizer folder, tokenizer.json, vocab.json or model folder")
     p.add_argument("--out", required=True, help="dataset folder to write (train_*.bin, val_*.bin, meta.json)")
     p.add_argument("--line-by-line", action="store_true", help="each line / row is one sample wrapped in <|endoftext|>")
@@ -291,10 +409,14 @@ def _add_data_commands(sub) -> None:
 
 
 def _add_train_commands(sub) -> None:
-    p = sub.add_parser("train", help="train a GPT-2 from scratch or fine-tune one", epilog=TRAIN_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Train from raw text (a tokenizer is trained and the data prepared on the way),\n"
-                                   "from a prepared dataset (--data), or fine-tune a pretrained model (--init).")
+    p = sub.add_parser(
+        "train",
+        help="train a GPT-2 from scratch or fine-tune one",
+        epilog=TRAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train from raw text (a tokenizer is trained and the data prepared on the way),\n"
+        "from a prepared dataset (--data), or fine-tune a pretrained model (--init).",
+    )
     add_train_arguments(p)
     p.set_defaults(func=cmd_train, parser=p)
 
@@ -312,9 +434,12 @@ def _add_train_commands(sub) -> None:
 def _add_serve_command(sub) -> None:
     from .serve import add_serve_arguments, run_from_args
 
-    p = sub.add_parser("serve", help="serve a model over HTTP: an OpenAI-compatible API and a web playground",
-                       description="An OpenAI-compatible API (/v1/completions, /v1/chat/completions, streaming) with "
-                                   "continuous batching, and a playground page at /. Needs `pip install 'gptforge[serve]'`.")
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP: an OpenAI-compatible API and a web playground",
+        description="An OpenAI-compatible API (/v1/completions, /v1/chat/completions, streaming) with "
+        "continuous batching, and a playground page at /. Needs `pip install 'gptforge[serve]'`.",
+    )
     add_serve_arguments(p)
     p.set_defaults(func=run_from_args)
 
@@ -331,7 +456,7 @@ def _take_late_positionals(parser: argparse.ArgumentParser, args: argparse.Names
     if len(variadic) != 1:
         raise OptionError(f"unrecognized arguments: {' '.join(extra)} (see --help)")
     dest = variadic[0].dest
-    setattr(args, dest, [*(getattr(args, dest) or []), *extra[:cut], *extra[cut + 1:]])
+    setattr(args, dest, [*(getattr(args, dest) or []), *extra[:cut], *extra[cut + 1 :]])
 
 
 def _command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.ArgumentParser, int]:
@@ -354,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    args.argv = argv[argv.index(args.command) + 1:]  # the command's own arguments
+    args.argv = argv[argv.index(args.command) + 1 :]  # the command's own arguments
     stop_on_sigterm()
     try:
         if extra:

@@ -129,8 +129,10 @@ def pick(scores: torch.Tensor, greedy: bool, generators: Sequence[torch.Generato
     if not generators or all(g is None for g in generators):
         race = torch.empty_like(probs).exponential_(1.0)
     else:
-        race = torch.stack([torch.empty_like(probs[0]).exponential_(1.0, generator=g) for g in generators])
-    return (probs / race).argmax(dim=-1)
+        race = torch.empty_like(probs)
+        for row, g in zip(race, generators):  # each row's numbers from its own generator, in place
+            row.exponential_(1.0, generator=g)
+    return probs.div_(race).argmax(dim=-1)
 
 
 def row_seed(seed: int, index: int) -> int:

@@ -289,7 +289,8 @@ def test_from_scratch_defaults_are_muon_wsd_and_fine_tuning_keeps_adamw(tmp_path
     # a run begun by the version before (defaults AdamW 1e-3, cosine to 0.1, and no ema: None) resumes as it began
     former = dict(optimizer="adamw", schedule="cosine", min_lr_ratio=0.1, learning_rate=1e-3)
     with monkeypatch.context() as m:
-        m.setattr(options, "SCRATCH_DEFAULTS", {**{k: v for k, v in SCRATCH_DEFAULTS.items() if k != "ema"}, **former})
+        scratch = {**{k: v for k, v in SCRATCH_DEFAULTS.items() if k != "ema"}, **former}
+        m.setattr(options.train, "SCRATCH_DEFAULTS", scratch)  # where unset_defaults reads them
         train(
             _model(),
             data,

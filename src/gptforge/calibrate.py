@@ -95,8 +95,20 @@ def _parse(text: str) -> dict | None:
 
 
 def path() -> Path:
-    """This machine's calibration file: per kernel build (processor, level, source) and torch set-up."""
-    return _path(native.isa(), str(native.cache_dir()), tuple(os.environ.get(k, "") for k in TORCH_ISA))
+    """This machine's calibration file: per kernel build (processor, level, source) and torch set-up. Asked at every
+    product (kernels.onednn), so it is remembered per value of the variables it depends on."""
+    env = os.environ
+    return _path_of(
+        env.get(native.ISA, ""),
+        env.get("GPTFORGE_CACHE", ""),
+        env.get("HOME", ""),
+        tuple(env.get(k, "") for k in TORCH_ISA),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _path_of(isa: str, cache: str, home: str, torch_isa: tuple) -> Path:
+    return _path(native.isa(), str(native.cache_dir()), torch_isa)
 
 
 @functools.lru_cache(maxsize=16)

@@ -25,7 +25,7 @@ from .errors import DataError, OptionError
 from .tokenizer import EOS
 
 KS = (8, 16, 32, 64)  # copy lengths reported, in tokens
-WIDTH = 64  # tokens compared per step of the binary search; longer matches are extended afterwards
+WIDTH = 16  # tokens compared per step of the first binary search; rows that match that many are searched again
 
 
 # --- the index ------------------------------------------------------------------------------------------------

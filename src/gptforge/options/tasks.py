@@ -49,7 +49,7 @@ class MemorizationOptions:
     mem_tokens: int = opt(256, "tokens per continuation")
     mem_prompt_tokens: int = opt(32, "validation tokens before each continuation (at most a quarter of the context)")
     mem_seed: int = opt(0, "seed of the prompts' choice and of the sampling")
-    mem_batch_size: int = opt(32, "continuations generated together (fewer use less memory)")
+    mem_batch_size: int = opt(50, "continuations generated together (fewer use less memory)")
     mem_show: int = opt(5, "longest copies to list")
 
     def __post_init__(self) -> None:

@@ -808,3 +808,13 @@ def test_structured_output_over_http(chat_server):
     ):
         status, _, err = chat_server.post("/v1/completions", {"prompt": "x", "max_tokens": 4, **bad})
         assert status == 400 and err["error"]["param"] == field, err
+
+
+def test_the_server_measures_its_cpu_paths_before_it_listens(folders, tmp_path, monkeypatch):
+    # the first request used to wait for the kernel's build and the measurement of its paths (seconds)
+    monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path / "cache"))
+    s = RunningServer(folders[0])
+    try:
+        assert list((tmp_path / "cache").glob("calibration-*.json")), "nothing was measured before listening"
+    finally:
+        s.stop()

@@ -84,6 +84,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             template_file=str(chat_template_file(folder)) if template else None,
         )
         app = create_app(server)
+        _measure_paths(model)  # the first request must not wait for the kernel's build and measurement
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(
@@ -103,6 +104,22 @@ def run_from_args(args: argparse.Namespace) -> int:
         options.log_level,
     )
     return 0
+
+
+def _measure_paths(model) -> None:
+    """Build the decoding kernel and measure which CPU paths to take now, before the server says it listens
+    (calibrate.py; at most a few seconds, once per machine: the choices are stored)."""
+    if model.transformer.wte.weight.device.type != "cpu":
+        return
+    from .. import calibrate
+
+    try:
+        for name in calibrate.DEFAULTS:
+            calibrate.decision(name)
+    except GPTForgeError:
+        raise  # GPTFORGE_CALIBRATION or GPTFORGE_ISA the user set wrong: said at once
+    except Exception as e:  # noqa: BLE001 - a failed measurement leaves the default paths, which work
+        print(f"gptforge serve: the CPU paths were not measured ({e}); using the defaults", file=sys.stderr)
 
 
 def _classifier_app(base, adapter, args, options, name: str):

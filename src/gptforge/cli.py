@@ -114,7 +114,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch_torchrun(args.nproc)
+        from .runtime import launch_torchrun
+
+        return launch_torchrun(args.nproc, sys.argv[1:])
     from .options import InstructOptions, LoRAOptions, TrainConfig
     from .train.pipeline import run_training
 
@@ -181,43 +183,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         device=args.device,
     )
     return 130 if result.interrupted else 0
-
-
-def _launch_torchrun(nproc: int) -> int:
-    """`gptforge train --nproc N ...` is `torchrun --nproc_per_node N -m gptforge train ...`."""
-    argv, skip = [], False
-    for a in sys.argv[1:]:
-        if skip:
-            skip = False
-            continue
-        if a == "--nproc":
-            skip = True
-            continue
-        if a.startswith("--nproc="):
-            continue
-        argv.append(a)
-    launch = ["--standalone", f"--nproc_per_node={nproc}", "-m", "gptforge", *argv]
-    print("launching: torchrun", " ".join(launch), file=sys.stderr)
-    # torchrun's launcher in this process, so that a failed or interrupted run ends with the processes' own
-    # one-line error and exit code, not the launcher's traceback
-    import logging
-
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    try:
-        run(get_args_parser().parse_args(launch))
-    except ChildFailedError as e:
-        codes = [f.exitcode for f in e.failures.values()]
-        return next((c for c in codes if c > 0), 1)
-    except (SignalException, KeyboardInterrupt):
-        return 130
-    return 0
-
-
-# --- generate / eval ------------------------------------------------------------------------------------
 
 
 # --- tokenizer / prepare -------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -168,6 +169,41 @@ def shard_model(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
+def launch_torchrun(nproc: int, args: list[str]) -> int:
+    """`gptforge train --nproc N ...` (its command-line `args`) is `torchrun --nproc_per_node N -m gptforge train ...`,
+    launched in this process; returns the exit code."""
+    argv, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        argv.append(a)
+    launch = ["--standalone", f"--nproc_per_node={nproc}", "-m", "gptforge", *argv]
+    print("launching: torchrun", " ".join(launch), file=sys.stderr)
+    # torchrun's launcher in this process, so that a failed or interrupted run ends with the processes' own
+    # one-line error and exit code, not the launcher's traceback
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(get_args_parser().parse_args(launch))
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        return next((c for c in codes if c > 0), 1)
+    except (SignalException, KeyboardInterrupt):
+        return 130
+    return 0
+
+
 __all__ = [
     "DEVICE_TYPES",
     "TORCH_FLOOR",
@@ -175,6 +211,7 @@ __all__ = [
     "configure",
     "fused_optimizer",
     "init_distributed",
+    "launch_torchrun",
     "mps_available",
     "out_of_memory",
     "pick_precision",

@@ -58,6 +58,7 @@ class TextStream:
         self.hold = max((len(s) - 1 for s in self.stop), default=0)
         self.text, self.sent, self.stopped = "", 0, False
         self.prefix = self.read = 0  # token offsets: decoding restarts at `prefix`; `read` tokens are in `text`
+        self.head = 0  # the length of the text of tokens prefix:read (the last piece added to `text`)
         self.searched = 0  # text before this holds no stop string
         self.decoded_tokens = 0  # the decoding work done so far (tests count it)
 
@@ -70,11 +71,11 @@ class TextStream:
         characters included. Sets `stopped` when a stop string appeared."""
         if self.stopped:
             return ""
-        head = self._decode(ids[self.prefix : self.read]) if self.read > self.prefix else ""
         full = self._decode(ids[self.prefix :])
-        if final or (len(full) > len(head) and not full.endswith("\ufffd")):
-            self.text += full[len(head) :]
-            self.prefix, self.read = self.read, len(ids)
+        if final or (len(full) > self.head and not full.endswith("\ufffd")):
+            # text ends on a whole character at `read`, so the text of tokens read: is exactly what was added
+            self.text += full[self.head :]
+            self.prefix, self.read, self.head = self.read, len(ids), len(full) - self.head
         cut = min(
             (i for s in self.stop if (i := self.text.find(s, max(0, self.searched - len(s) + 1))) >= 0), default=-1
         )

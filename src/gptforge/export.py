@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .config import GPTConfig
 from .errors import NotFoundError, OptionError, RunFolderError
-from .fsio import atomic_dir, check_out_folder, write_text
+from .fsio import atomic_dir, check_out_folder, read_json_lines, write_text
 from .tokenizer import TOKENIZER_FILES
 
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", *TOKENIZER_FILES, "chat_template.jinja")
@@ -37,19 +37,7 @@ def _json(path: Path | None) -> dict:
 
 
 def _rows(path: Path | None) -> list[dict]:
-    if path is None:
-        return []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    rows = []
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut short by a crash
-    return rows
+    return [] if path is None else read_json_lines(path)
 
 
 def _last_sample(path: Path | None, limit: int = 600) -> str | None:

@@ -208,6 +208,24 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
+def read_json_lines(path: str | os.PathLike) -> list:
+    """The records of a JSON Lines file that gptforge appends to (metrics.jsonl): lines cut short by a crash are
+    skipped, and a file that is missing or unreadable has none."""
+    import json
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
 def folder_of(path: str | os.PathLike) -> Path:
     """The folder a path names: itself when it is a folder, else the folder holding the file."""
     path = Path(path)
@@ -325,6 +343,7 @@ def _try_lock(fd: int) -> bool:
 
 
 __all__ = [
+    "read_json_lines",
     "LOCK_NAME",
     "atomic_dir",
     "atomic_write",

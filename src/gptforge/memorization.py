@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError, OptionError
+from .fsio import atomic_write, read_json_lines
 from .tokenizer import EOS
 
 KS = (8, 16, 32, 64)  # copy lengths reported, in tokens
@@ -51,7 +52,6 @@ class SuffixIndex:
         dtype = np.uint16 if tokens.dtype.itemsize <= 2 else np.uint32
         suffixes = divsufsort(np.ascontiguousarray(tokens, dtype=dtype))
         if cache is not None:
-            from .fsio import atomic_write
 
             def save(path: Path) -> None:
                 with open(path, "wb") as f:  # a file object: np.save would add .npy to the temporary name
@@ -135,34 +135,28 @@ def copied_shares(windows: list[np.ndarray], index: SuffixIndex) -> tuple[dict[i
     if not windows:
         return dict.fromkeys(KS, 0.0), []
     width = max(len(w) for w in windows)
-    rows, owner, start = [], [], []
-    for i, w in enumerate(windows):
+    rows = []
+    for w in windows:  # one query per start position, window after window
         padded = np.full(len(w) + width, -1, dtype=np.int64)
         padded[: len(w)] = w
-        for s in range(len(w)):
-            rows.append(padded[s : s + width])
-            owner.append(i)
-            start.append(s)
+        rows += [padded[s : s + width] for s in range(len(w))]
     lengths, where = index.longest(np.stack(rows))
-    owner, start = np.array(owner), np.array(start)
     total = sum(len(w) for w in windows)
-    shares = {}
-    for k in KS:
-        covered = 0
-        for i, w in enumerate(windows):
-            mine = (owner == i) & (lengths >= k)
-            marks = np.zeros(len(w) + 1, dtype=np.int64)
-            np.add.at(marks, start[mine], 1)
-            np.add.at(marks, np.minimum(start[mine] + lengths[mine], len(w)), -1)
-            covered += int((np.cumsum(marks)[: len(w)] > 0).sum())
-        shares[k] = covered / total if total else 0.0
-    longest = []
-    for i in range(len(windows)):
-        mine = np.flatnonzero(owner == i)
-        if len(mine):
-            j = mine[lengths[mine].argmax()]
-            longest.append((int(lengths[j]), i, int(start[j]), int(where[j])))
-    return shares, longest
+    covered, longest, at = dict.fromkeys(KS, 0), [], 0
+    for i, w in enumerate(windows):
+        n = len(w)
+        mine, found = lengths[at : at + n], where[at : at + n]  # the match starting at each position of window i
+        at += n
+        for k in KS:  # a token is covered by a match of k+ tokens that starts at or before it and reaches it
+            starts = np.flatnonzero(mine >= k)
+            marks = np.zeros(n + 1, dtype=np.int64)
+            np.add.at(marks, starts, 1)
+            np.add.at(marks, np.minimum(starts + mine[starts], n), -1)
+            covered[k] += int((np.cumsum(marks)[:n] > 0).sum())
+        if n:
+            j = int(mine.argmax())
+            longest.append((int(mine[j]), i, j, int(found[j])))
+    return {k: c / total if total else 0.0 for k, c in covered.items()}, longest
 
 
 @dataclass
@@ -310,15 +304,8 @@ def _run_files(model_dir: Path) -> tuple[Path | None, list[dict]]:
     a checkpoint inside it)."""
     for run in (model_dir, model_dir.parent, model_dir.parent.parent):
         if (run / "data" / "meta.json").is_file() or (run / "metrics.jsonl").is_file():
-            rows = []
-            if (run / "metrics.jsonl").is_file():
-                for line in (run / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
-                    try:
-                        rows.append(json.loads(line))
-                    except ValueError:
-                        continue  # a line cut short by a crash
             data = run / "data"
-            return (data if (data / "meta.json").is_file() else None), rows
+            return (data if (data / "meta.json").is_file() else None), read_json_lines(run / "metrics.jsonl")
     return None, []
 
 

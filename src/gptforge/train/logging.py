@@ -103,16 +103,11 @@ class RunLog:
         """A resumed run picks up its records at checkpoint `step`: the history (and loss.png) from the start,
         and no rows or samples of the steps after it, which the run is about to take again (with `final_again`,
         nor the evaluation and sample of `step` itself, which a finished run repeats)."""
-        from ..fsio import write_text
+        from ..fsio import read_json_lines, write_text
 
         metrics, samples = self.out / "metrics.jsonl", self.out / "samples.txt"
         if metrics.is_file():
-            rows = []
-            for line in metrics.read_text(encoding="utf-8").splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:  # a line cut short by the kill that ended the run
-                    continue
+            rows = read_json_lines(metrics)  # a line cut short by the kill that ended the run is left out
             self.history = [
                 r
                 for r in rows

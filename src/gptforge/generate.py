@@ -231,14 +231,14 @@ def choose_tokens(
     they get end of text, and `on_error(row, error)` is called for each.
     """
     out = torch.empty(logits.size(0), dtype=torch.long, device=logits.device)
-    first = rows[0].group if rows else None
     if all(row.opts is rows[0].opts for row in rows):  # one request's rows share their options: one group
-        groups = {first: list(range(len(rows)))}
+        groups = [list(range(len(rows)))]
     else:
-        groups: dict[tuple, list[int]] = {}
+        by_options: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
-            groups.setdefault(row.group, []).append(i)
-    for members in groups.values():
+            by_options.setdefault(row.group, []).append(i)
+        groups = list(by_options.values())
+    for members in groups:
         group = [rows[i] for i in members]
         whole = len(members) == len(rows)
         idx = None if whole else torch.tensor(members, device=logits.device)

@@ -71,6 +71,26 @@ class RequestParsing:
                 "n",
                 "invalid_value",
             )
+        opts = self._sampling(body, max_tokens)
+        stream_options = get_field(body, "stream_options", (dict,), {}, "an object")
+        truncate = get_field(body, "truncate_prompt", (bool,), True, "true or false")
+        cut = self._fit(prompts, max_tokens, truncate)
+        return Job(
+            prompts,
+            max_tokens,
+            n,
+            opts,
+            stop_field(body),
+            get_field(body, "stream", (bool,), False, "true or false"),
+            bool(stream_options.get("include_usage")),
+            cut,
+            logprobs=logprobs,
+            prompt_logprobs=scoring,
+            token_ids=get_field(body, "return_tokens_as_token_ids", (bool,), False, "true or false"),
+        )
+
+    def _sampling(self, body: dict, max_tokens: int) -> SamplingOptions:
+        """The request's sampling fields as the core's options, each checked and named as the request names it."""
         temperature = number_field(body, "temperature", _D.temperature, 0, 2)
         seed = get_field(body, "seed", (int,), _D.seed, "an integer")
         try:
@@ -101,8 +121,11 @@ class RequestParsing:
             param = getattr(e, "param", None) or self._structure_field(body)
             param = {"max_new_tokens": "max_tokens", "num_samples": "n"}.get(param, param)
             raise ApiError(400, str(e), param, "invalid_value") from None
-        stream_options = get_field(body, "stream_options", (dict,), {}, "an object")
-        truncate = get_field(body, "truncate_prompt", (bool,), True, "true or false")
+        return opts
+
+    def _fit(self, prompts: list[list[int]], max_tokens: int, truncate: bool) -> int:
+        """Cut prompts from the left to leave `max_tokens` of room (or refuse, without truncate_prompt); the tokens
+        cut."""
         room = self.n_ctx - max_tokens
         cut = 0
         for i, p in enumerate(prompts):
@@ -118,19 +141,7 @@ class RequestParsing:
                     )
                 cut += len(p) - room
                 prompts[i] = p[len(p) - room :]
-        return Job(
-            prompts,
-            max_tokens,
-            n,
-            opts,
-            stop_field(body),
-            get_field(body, "stream", (bool,), False, "true or false"),
-            bool(stream_options.get("include_usage")),
-            cut,
-            logprobs=logprobs,
-            prompt_logprobs=scoring,
-            token_ids=get_field(body, "return_tokens_as_token_ids", (bool,), False, "true or false"),
-        )
+        return cut
 
     @staticmethod
     def _structure_field(body: dict) -> str | None:

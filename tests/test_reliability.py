@@ -435,9 +435,9 @@ def test_cpu_out_of_memory_gets_the_readme_message(tmp_path, corpus, monkeypatch
 
 
 def test_out_of_memory_outside_training_is_one_line(monkeypatch, capsys):
-    import gptforge.cli as cli_module
+    import gptforge.cli.models as models
 
-    monkeypatch.setattr(cli_module, "cmd_info", lambda args: torch.empty(1 << 50))
+    monkeypatch.setattr(models, "cmd_info", lambda args: torch.empty(1 << 50))
     code, err = cli(capsys, "info", "tiny")
     assert code == 2 and "out of memory" in err and len(err.strip().splitlines()) == 1
 

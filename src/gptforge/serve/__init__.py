@@ -27,8 +27,8 @@ class ServeError(GPTForgeError, ValueError):
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `serve` flags: ServeOptions' fields, and how to open the model."""
-    from ..cli_args import add_dataclass_options
     from ..options import ServeOptions
+    from ..options.flags import add_dataclass_options
 
     parser.add_argument("model", help="model folder (or hub id) to serve")
     add_dataclass_options(parser, ServeOptions)
@@ -42,8 +42,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Load the model named in `args` and serve it until interrupted; returns an exit code."""
-    from ..cli_args import option_values
     from ..options import ServeOptions
+    from ..options.flags import option_values
 
     fields = option_values(args, ServeOptions)
     options = ServeOptions(**{**fields, "api_key": fields["api_key"] or os.environ.get(API_KEY_ENV) or None})

@@ -20,8 +20,8 @@ CLASSIFY_EXAMPLES = """examples:
 
 
 def cmd_classify_train(args: argparse.Namespace) -> int:
-    from .options import ClassifyOptions, LoRAOptions, TrainConfig
-    from .train.classification import train_classifier
+    from ..options import ClassifyOptions, LoRAOptions, TrainConfig
+    from ..train.classification import train_classifier
 
     fields = lambda cls: {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}  # noqa: E731
     result = train_classifier(
@@ -39,11 +39,11 @@ def cmd_classify_train(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
-    from .checkpoint import resolve_model_path
-    from .classify import load_classifier
-    from .fsio import folder_of
-    from .runtime import resolve_device
-    from .tokenizer import check_vocab_fits, load_tokenizer
+    from ..checkpoint import resolve_model_path
+    from ..classify import load_classifier
+    from ..fsio import folder_of
+    from ..runtime import resolve_device
+    from ..tokenizer import check_vocab_fits, load_tokenizer
 
     model = load_classifier(args.model, device=resolve_device(args.device))
     tokenizer = load_tokenizer(args.tokenizer or folder_of(resolve_model_path(args.model)))
@@ -52,8 +52,8 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_classify_eval(args: argparse.Namespace) -> int:
-    from .classify import evaluate_classifier, format_metrics
-    from .data.labelled import read_labelled
+    from ..classify import evaluate_classifier, format_metrics
+    from ..data.labelled import read_labelled
 
     data = read_labelled(
         args.files, args.text_field, args.label_field, header=args.header, encoding_errors=args.encoding_errors
@@ -76,9 +76,9 @@ def cmd_classify_eval(args: argparse.Namespace) -> int:
 def _texts(args: argparse.Namespace) -> list[str]:
     """The texts to classify: arguments ('-': stdin), --file text files (one text each) or labelled files
     (.csv/.tsv/.jsonl/.json: one text per row); --lines makes every non-empty line a text of its own."""
-    from .data.labelled import TABLE_FORMATS, read_labelled
-    from .data.reading import read_text_file
-    from .errors import DataError
+    from ..data.labelled import TABLE_FORMATS, read_labelled
+    from ..data.reading import read_text_file
+    from ..errors import DataError
 
     texts = [sys.stdin.read() if t == "-" else t for t in args.texts]
     for f in args.file or []:
@@ -96,7 +96,7 @@ def _texts(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_classify_predict(args: argparse.Namespace) -> int:
-    from .classify import predict
+    from ..classify import predict
 
     texts = _texts(args)
     model, tokenizer = _load(args)
@@ -145,8 +145,8 @@ def _fields(p: argparse.ArgumentParser) -> None:
 
 def add_classify_commands(sub) -> None:
     """`classify` and its three actions."""
-    from .cli_args import add_dataclass_options
-    from .options import DEFAULT_VOCAB_SIZE, TRAIN_GROUPS, ClassifyOptions, LoRAOptions, TrainConfig
+    from ..options import DEFAULT_VOCAB_SIZE, TRAIN_GROUPS, ClassifyOptions, LoRAOptions, TrainConfig
+    from ..options.flags import add_dataclass_options
 
     p = sub.add_parser(
         "classify",

@@ -1,4 +1,4 @@
-"""The `gptforge` commands that use a trained model: generate, eval, quantize, merge."""
+"""The commands that use a trained model's text: generate, eval (and its memorization report)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli_args import add_dataclass_options, option_values
-from .errors import NotFoundError, OptionError
-
-ADAPTER_HELP = (
-    "a LoRA adapter folder (gptforge's or peft's) to apply to the model, merged on load; see docs/adapters.md"
-)
-QUANTIZE_HELP = "int8: int8 weights made on load (faster on CPUs, slightly different numbers); see docs/guide.md"
+from ..errors import NotFoundError, OptionError
+from ..options.flags import add_dataclass_options, option_values
+from .args import ADAPTER_HELP, QUANTIZE_HELP
 
 
 def _gather_prompts(args: argparse.Namespace) -> list[str]:
-    from .data.reading import read_text_file
+    from ..data.reading import read_text_file
 
     sources = []
     for p in args.prompt + args.prompt_option:
@@ -33,13 +29,13 @@ def _gather_prompts(args: argparse.Namespace) -> list[str]:
 def cmd_generate(args: argparse.Namespace) -> int:
     import random
 
-    from .chat import Conversation
-    from .checkpoint import load_model_and_tokenizer, sampling_defaults
-    from .configfile import given_on_command_line
-    from .fsio import dated_path, write_text
-    from .generate import generate
-    from .options import SamplingOptions
-    from .quantize import check_method
+    from ..chat import Conversation
+    from ..checkpoint import load_model_and_tokenizer, sampling_defaults
+    from ..configfile import given_on_command_line
+    from ..fsio import dated_path, write_text
+    from ..generate import generate
+    from ..options import SamplingOptions
+    from ..quantize import check_method
 
     options = option_values(args, SamplingOptions)
     SamplingOptions(**options).validate()  # bad options fail before the model loads
@@ -47,21 +43,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if options["seed"] is None:
         options["seed"] = random.randrange(2**31)
         print(f"seed {options['seed']} (pass --seed {options['seed']} to get this text again)", file=sys.stderr)
-    if args.interactive and (args.prompt or args.prompt_option or args.out_dir or args.lines):
-        given = [
-            f
-            for f, v in (
-                ("a prompt", args.prompt or args.prompt_option),
-                ("--out-dir", args.out_dir),
-                ("--lines", args.lines),
-            )
-            if v
-        ]
-        raise OptionError(
-            f"--interactive reads its prompts from stdin and prints the answers; leave out {', '.join(given)}"
-        )
-    if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
-        raise OptionError(f"--out-dir {args.out_dir}: is a file, not a folder")
+    _check_outputs(args)
     prompts = [] if args.interactive else _gather_prompts(args)
     model, tokenizer = load_model_and_tokenizer(
         args.model, args.tokenizer, device=args.device, quantize=args.quantize, adapter=args.adapter
@@ -98,19 +80,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return texts
 
     if args.interactive:
-        while True:
-            if sys.stdin.isatty():
-                print("prompt> ", end="", file=sys.stderr, flush=True)
-            line = sys.stdin.readline()
-            if not line or line.strip() in ("exit", "quit"):
-                return 0
-            # streamed when the samples come one at a time; several at once are printed whole, not interleaved
-            live = not args.no_stream and options["num_beams"] == 1 and (args.num_samples == 1 or args.batch_size == 1)
-            reply = run([chat.ask(line.rstrip("\n")) if chat else line.rstrip("\n")], live=live)
-            if not live:
-                print(args.delimiter.join(reply))
-            if chat:
-                chat.answer(reply[0])
+        return _interactive(args, run, chat, live=not args.no_stream and options["num_beams"] == 1)
     # Stream when rows come one at a time; a batch of rows is printed when it is done, as is a beam search.
     one_at_a_time = len(prompts) * args.num_samples == 1 or args.batch_size == 1
     live = not args.no_stream and not args.out_dir and options["num_beams"] == 1 and one_at_a_time
@@ -125,24 +95,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_quantize(args: argparse.Namespace) -> int:
-    from .checkpoint import quantize_folder
+def _check_outputs(args: argparse.Namespace) -> None:
+    """--interactive reads stdin and prints; it takes no prompts, --out-dir or --lines. --out-dir is a folder."""
+    if args.interactive and (args.prompt or args.prompt_option or args.out_dir or args.lines):
+        given = [("a prompt", args.prompt or args.prompt_option), ("--out-dir", args.out_dir), ("--lines", args.lines)]
+        raise OptionError(
+            "--interactive reads its prompts from stdin and prints the answers; leave out "
+            + ", ".join(f for f, v in given if v)
+        )
+    if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise OptionError(f"--out-dir {args.out_dir}: is a file, not a folder")
 
-    out = quantize_folder(args.model, args.out, args.method, force=args.force)
-    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    print(f"wrote the int8 model folder {out} ({size / 1e6:.1f} MB)")
-    return 0
 
-
-def cmd_merge(args: argparse.Namespace) -> int:
-    from .checkpoint import merge_to_folder
-
-    out = merge_to_folder(args.base, args.adapter, args.out, force=args.force)
-    print(
-        f"wrote {out}: {args.base} with the adapter {args.adapter} merged in (a plain model folder, no adapter code "
-        "needed)"
-    )
-    return 0
+def _interactive(args: argparse.Namespace, run, chat, live: bool) -> int:
+    """Read prompts line by line from stdin until EOF or exit; a chat keeps the conversation."""
+    # streamed when the samples come one at a time; several at once are printed whole, not interleaved
+    live = live and (args.num_samples == 1 or args.batch_size == 1)
+    while True:
+        if sys.stdin.isatty():
+            print("prompt> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("exit", "quit"):
+            return 0
+        reply = run([chat.ask(line.rstrip("\n")) if chat else line.rstrip("\n")], live=live)
+        if not live:
+            print(args.delimiter.join(reply))
+        if chat:
+            chat.answer(reply[0])
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -151,12 +130,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .adapters import is_adapter
-    from .checkpoint import load_model, load_model_and_tokenizer
-    from .evaluate import combine, evaluate_prepared, evaluate_text
-    from .options import EvalOptions
-    from .quantize import check_method
-    from .runtime import pick_precision, resolve_device
+    from ..adapters import is_adapter
+    from ..checkpoint import load_model, load_model_and_tokenizer
+    from ..evaluate import combine, evaluate_prepared, evaluate_text
+    from ..options import EvalOptions
+    from ..quantize import check_method
+    from ..runtime import pick_precision, resolve_device
 
     opts = EvalOptions(**option_values(args, EvalOptions))
     check_method(args.quantize)
@@ -208,8 +187,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _memorization(args: argparse.Namespace) -> int:
     import json
 
-    from .memorization import report
-    from .options import MemorizationOptions
+    from ..memorization import report
+    from ..options import MemorizationOptions
 
     if args.files or args.adapter or args.quantize:
         given = [
@@ -228,8 +207,8 @@ def _memorization(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_generate_commands(sub) -> None:
-    from .options import EvalOptions, MemorizationOptions, SamplingOptions
+def _add_generate(sub) -> None:
+    from ..options import SamplingOptions
 
     p = sub.add_parser(
         "generate",
@@ -276,6 +255,10 @@ def add_generate_commands(sub) -> None:
     )
     p.set_defaults(func=cmd_generate, parser=p)
 
+
+def _add_eval(sub) -> None:
+    from ..options import EvalOptions, MemorizationOptions
+
     p = sub.add_parser(
         "eval",
         help="perplexity, loss and bits per byte of text files or prepared datasets; "
@@ -318,29 +301,7 @@ def add_generate_commands(sub) -> None:
     p.add_argument("--adapter", metavar="DIR", help=ADAPTER_HELP)
     p.set_defaults(func=cmd_eval, parser=p)
 
-    p = sub.add_parser(
-        "merge",
-        help="merge a LoRA adapter into its base model: a plain model folder",
-        description="Fold the adapter's low-rank updates into the base model's weights and write a model "
-        "folder that gptforge and transformers open without any adapter code.",
-    )
-    p.add_argument("base", help="the base model folder or hub id the adapter was trained on")
-    p.add_argument(
-        "adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors, from gptforge or peft)"
-    )
-    p.add_argument("--out", required=True, help="folder to write")
-    p.add_argument("--force", action="store_true", help="replace --out if it already holds files")
-    p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser(
-        "quantize",
-        help="write an int8 copy of a model folder, for faster generation on CPUs",
-        description="Store the linear layers and the output head with int8 weights (one scale per "
-        "output channel). The folder opens in gptforge (generate, eval, serve, GPTForge) "
-        "but not in transformers: keep the fp32 folder to share.",
-    )
-    p.add_argument("model", help="fp32 model folder or hub id")
-    p.add_argument("--out", required=True, help="folder to write")
-    p.add_argument("--method", default="int8", help="quantization (default and only choice: int8)")
-    p.add_argument("--force", action="store_true", help="replace --out if it already holds files")
-    p.set_defaults(func=cmd_quantize)
+def add_generate_commands(sub) -> None:
+    _add_generate(sub)
+    _add_eval(sub)

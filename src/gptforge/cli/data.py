@@ -1,0 +1,118 @@
+"""The commands that turn text into what training reads: tokenizer train, prepare."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import RunFolderError
+from ..options import DEFAULT_VOCAB_SIZE
+from .args import inputs_of, read_flags, read_options
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..tokenizer import TOKENIZER_FILES, train_tokenizer
+
+    out = Path(args.out)
+    existing = [f for f in TOKENIZER_FILES if (out / f).exists()]
+    if existing and not args.force:
+        raise RunFolderError(
+            f"{out}: already holds {', '.join(existing)}; pass --force to replace them or choose another --out"
+        )
+    tok = train_tokenizer(
+        inputs_of(args, args.files),
+        vocab_size=args.vocab_size,
+        min_frequency=args.min_frequency,
+        kind=args.kind,
+        out_dir=out,
+        progress=True,
+        **read_options(args),
+    )
+    print(
+        f"trained a {tok.kind} tokenizer with {tok.vocab_size} tokens (eos id {tok.eos_id}, "
+        f"fingerprint {tok.fingerprint}) into {out}"
+    )
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from ..data.shards import prepare
+
+    meta = prepare(
+        inputs_of(args, args.inputs),
+        args.tokenizer,
+        args.out,
+        line_by_line=args.line_by_line,
+        val_fraction=args.val_fraction,
+        val_inputs=args.val_file,
+        seed=args.seed,
+        workers=args.workers,
+        shard_tokens=args.shard_tokens,
+        force=args.force,
+        progress=not args.quiet,
+        **read_options(args),
+    )
+    if meta["reused"]:
+        print(f"{args.out}: up to date with the inputs and tokenizer; reused (pass --force to rebuild)")
+    for split in ("train", "val"):
+        m = meta[split]
+        print(
+            f"{split}: {m['tokens']:,} tokens, {m['documents']:,} documents, {m['bytes']:,} bytes, "
+            f"{len(m['shards'])} shard(s)"
+        )
+    if meta["val_split"] == "tail":
+        print(
+            "note: too few documents to split by document; val is the last "
+            f"{meta['options']['val_fraction']:.0%} of the text (separate documents with blank lines, or pass "
+            "--val-file)"
+        )
+    if not meta["reused"]:
+        mb = sum(f["bytes"] for f in meta["inputs"] + meta["val_inputs"]) / 1e6
+        print(
+            f"wrote {args.out} ({meta['dtype']}) in {meta['seconds']:.1f}s, {mb / max(meta['seconds'], 1e-9):.1f} MB/s"
+        )
+    return 0
+
+
+def add_data_commands(sub) -> None:
+    p = sub.add_parser("tokenizer", help="train a tokenizer")
+    tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE or a character vocabulary on your text")
+    t.add_argument("files", nargs="*", help="text files, folders, globs, .csv/.tsv, .jsonl, .json or .parquet")
+    t.add_argument("--out", required=True, help="folder to write the tokenizer files into")
+    t.add_argument(
+        "--vocab-size",
+        type=int,
+        default=DEFAULT_VOCAB_SIZE,
+        help=f"number of tokens, <|endoftext|> included (default {DEFAULT_VOCAB_SIZE})",
+    )
+    t.add_argument(
+        "--min-frequency", type=int, default=2, help="ignore merges / characters seen fewer times (default 2)"
+    )
+    t.add_argument(
+        "--kind",
+        choices=("bpe", "char"),
+        default="bpe",
+        help="bpe: GPT-2 byte-level BPE; char: one token per character (unseen characters become <|unk|>)",
+    )
+    t.add_argument("--force", action="store_true", help="replace tokenizer files already in --out")
+    read_flags(t)
+    t.set_defaults(func=cmd_tokenizer_train, parser=t)
+
+    p = sub.add_parser("prepare", help="tokenize text into train/val token shards")
+    p.add_argument(
+        "inputs", nargs="*", help="text files, folders (recursive), globs, .csv/.tsv, .jsonl, .json or .parquet"
+    )
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder, tokenizer.json, vocab.json or model folder")
+    p.add_argument("--out", required=True, help="dataset folder to write (train_*.bin, val_*.bin, meta.json)")
+    p.add_argument("--line-by-line", action="store_true", help="each line / row is one sample wrapped in <|endoftext|>")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents for validation (default 0.1)")
+    p.add_argument("--val-file", action="append", help="validation text instead of a split (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.add_argument("--workers", type=int, default=None, help="encoding processes (default: CPU cores)")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
+    p.add_argument("--force", action="store_true", help="rebuild even when the shards are up to date")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    read_flags(p)
+    p.set_defaults(func=cmd_prepare, parser=p)

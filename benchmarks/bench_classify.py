@@ -26,7 +26,7 @@ import transformers
 from gptforge.checkpoint import to_hf_state_dict
 from gptforge.classify import GPTClassifier, classifier_config
 from gptforge.config import preset
-from gptforge.kernels import cpu_inference_weights
+from gptforge.inference.packed import cpu_inference_weights
 
 NUM_LABELS = 8
 SHAPES = {

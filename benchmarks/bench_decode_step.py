@@ -22,9 +22,10 @@ import torch
 from machine import cpu_name
 
 import gptforge.generate as generate_module
-from gptforge import GPT, native, preset
+from gptforge import GPT, cpu, preset
 from gptforge.generate import generate_ids
-from gptforge.quantize import quantize_model
+from gptforge.inference import native
+from gptforge.inference.quantize import quantize_model
 
 
 def main() -> None:
@@ -47,7 +48,7 @@ def main() -> None:
     prompt = torch.randint(0, fp32.config.vocab_size, (32,)).tolist()
     in_c, through_torch = generate_module.decoder, (lambda model, rows: None)
     # the C step at every batch size, fp32 and int8, whatever the calibration chose; torch's threads
-    os.environ["GPTFORGE_CALIBRATION"] = f"fp32_rows={native.MAX_ROWS},int8_rows={native.MAX_ROWS},threads=0"
+    os.environ["GPTFORGE_CALIBRATION"] = f"fp32_rows={cpu.MAX_ROWS},int8_rows={cpu.MAX_ROWS},threads=0"
     rates: dict[tuple, list[float]] = {}
     for rows in map(int, args.rows.split(",")):
         for _ in range(args.rounds):

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from machine import cpu_name  # noqa: E402
 
-from gptforge import kernels, native
+from gptforge import kernels
+from gptforge.inference import native
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ from machine import add_isa_argument, cpu_name, level_line, paths_line, use_isa
 
 from gptforge import GPT, preset, save_model
 from gptforge.generate import generate_ids
-from gptforge.quantize import quantize_model
+from gptforge.inference.quantize import quantize_model
 
 ENGINES = ("gptforge fp32", "gptforge int8", "transformers", "CTranslate2 fp32", "CTranslate2 int8")
 

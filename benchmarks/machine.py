@@ -70,7 +70,8 @@ def level_line() -> str:
 
 def paths_line() -> str:
     """The CPU paths in force (gptforge's measured choices, or their override), one line."""
-    from gptforge import calibrate, fastdecode
+    from gptforge import calibrate
+    from gptforge.inference import fastdecode
 
     calibrate.MEASURES.setdefault("steps", fastdecode.measure_steps)  # as importing fastdecode did
     values = {name: calibrate.decision(name) for name in calibrate.DEFAULTS}

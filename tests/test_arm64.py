@@ -14,7 +14,8 @@ import torch
 from test_fastdecode import _assert_within, _in_float64, _model, _prefilled
 from test_native import assert_product_close
 
-from gptforge import native
+from gptforge import cpu
+from gptforge.inference import native
 
 CROSS, QEMU = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
 pytestmark = [
@@ -81,7 +82,7 @@ def _inputs(path: Path, model, cache, nxt, pos, x, w, q, scale) -> None:
 
 def test_the_kernel_built_for_arm64_gives_the_step_and_products(tmp_path):
     program = tmp_path / "driver"
-    flags = [*native.FLAGS, "-march=armv8-a", "-static", f"-I{native.SOURCE.parent}"]
+    flags = [*cpu.FLAGS, "-march=armv8-a", "-static", f"-I{cpu.SOURCE.parent}"]
     subprocess.run([CROSS, *flags, str(DRIVER), "-o", str(program), "-lm"], check=True, capture_output=True)
     model = _model(n_embd=40)
     prompt, nxt, pos = torch.randint(0, 300, (3, 7)), torch.randint(0, 300, (3,)), torch.full((3, 1), 7)

@@ -9,10 +9,11 @@ import pytest
 import torch
 from test_native import needs_kernel
 
-from gptforge import GPT, calibrate, fastdecode, kernels, native
+from gptforge import GPT, calibrate, cpu, kernels
 from gptforge.config import GPTConfig
 from gptforge.errors import OptionError
-from gptforge.quantize import quantize_model
+from gptforge.inference import fastdecode, native
+from gptforge.inference.quantize import quantize_model
 
 STORED = {"onednn": True, "fp32_rows": 5, "int8_rows": 2, "threads": 1}
 
@@ -49,7 +50,7 @@ def test_first_use_measures_once_and_stores_per_group(machine):
     assert calibrate.decision("fp32_rows") == 8 and calibrate.decision("threads") == 2
     assert machine == ["steps"]  # one measurement for the group's three decisions
     stored = json.loads(calibrate.path().read_text())
-    assert stored["decisions"] == {"fp32_rows": 8, "int8_rows": 0, "threads": 2} and stored["isa"] == native.isa()
+    assert stored["decisions"] == {"fp32_rows": 8, "int8_rows": 0, "threads": 2} and stored["isa"] == cpu.isa()
     calibrate.forget()  # a new process: read from the file
     assert calibrate.decision("int8_rows") == 0 and machine == ["steps"]
     assert calibrate.decision("onednn") is False and machine == ["steps", "products"]
@@ -82,11 +83,11 @@ def test_a_bad_override_is_refused_by_name(machine, monkeypatch, text):
 
 def test_the_isa_level_and_torchs_isa_variables_have_files_of_their_own(machine, monkeypatch):
     monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
-    monkeypatch.setenv(native.ISA, "native")
+    monkeypatch.setenv(cpu.ISA, "native")
     files = {calibrate.path()}
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
     files.add(calibrate.path())
-    monkeypatch.setenv(native.ISA, "avx2")
+    monkeypatch.setenv(cpu.ISA, "avx2")
     files.add(calibrate.path())
     assert len(files) == 3 and all(f.parent == calibrate.path().parent for f in files)
 
@@ -130,7 +131,7 @@ def test_info_shows_the_machine_and_its_decisions(machine, monkeypatch, capsys):
     monkeypatch.setenv(calibrate.OVERRIDE, "threads=1")
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert f"instruction set: {native.isa()} (GPTFORGE_ISA" in out and f"calibration: {calibrate.path()}" in out
+    assert f"instruction set: {cpu.isa()} (GPTFORGE_ISA" in out and f"calibration: {calibrate.path()}" in out
     assert "fp32_rows = 5 (measured" in out and "threads = 1 (from GPTFORGE_CALIBRATION)" in out
     assert "onednn: not measured yet" in out and machine == []  # info alone measures nothing
     monkeypatch.delenv(calibrate.OVERRIDE)

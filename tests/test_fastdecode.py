@@ -12,12 +12,13 @@ import torch
 from test_native import needs_kernel
 from torch import nn
 
-from gptforge import GPT, fastdecode, kernels, native
+from gptforge import GPT, cpu, kernels
 from gptforge import batching as generate_module
 from gptforge.adapters import apply_lora
 from gptforge.config import GPTConfig
 from gptforge.generate import generate_ids
-from gptforge.quantize import quantize_model
+from gptforge.inference import fastdecode, int8, native, packed
+from gptforge.inference.quantize import quantize_model
 
 pytestmark = needs_kernel
 level = test_native.level  # the fixture: a test using it runs at each instruction-set level this CPU can run
@@ -165,7 +166,7 @@ def test_int8_model_uses_its_int8_weights():
     quantize_model(model)
     with torch.no_grad():
         for (name, layer), twin in zip(model.named_modules(), plain.modules()):
-            if isinstance(layer, kernels.Int8Linear):
+            if isinstance(layer, int8.Int8Linear):
                 twin.weight = nn.Parameter(layer.weight.float() * layer.scale[:, None])
     prompt, nxt, pos = torch.randint(0, 300, (2, 5)), torch.tensor([3, 4]), torch.full((2, 1), 5)
     cache = _prefilled(plain, prompt)
@@ -177,9 +178,9 @@ def test_int8_model_uses_its_int8_weights():
 
 def test_torch_path_where_the_step_does_not_apply(monkeypatch):
     model = _model()
-    assert fastdecode.decoder(model, native.MAX_ROWS + 1) is None  # a big batch: torch's GEMMs
-    assert not any(kernels.is_packed(m) for m in model.modules() if isinstance(m, nn.Linear))  # nothing packed for it
-    assert fastdecode.decoder(model, native.MAX_ROWS) is not None
+    assert fastdecode.decoder(model, cpu.MAX_ROWS + 1) is None  # a big batch: torch's GEMMs
+    assert not any(packed.is_packed(m) for m in model.modules() if isinstance(m, nn.Linear))  # nothing packed for it
+    assert fastdecode.decoder(model, cpu.MAX_ROWS) is not None
     model.train()
     assert not fastdecode.applies(model)
     model.eval()

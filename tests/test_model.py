@@ -13,6 +13,7 @@ import gptforge.kernels as kernels
 import gptforge.model as model_module
 from gptforge import GPT, GPTConfig, preset
 from gptforge.checkpoint import to_hf_state_dict
+from gptforge.inference import packed
 
 transformers = LazyTransformers()  # tests that use it skip one by one without it
 
@@ -270,7 +271,7 @@ def test_parameter_counts_of_the_gpt2_releases(name, expected):
     "overrides", [dict(n_inner=100), dict(n_head=1, n_layer=1), dict(vocab_size=7), dict(tie_word_embeddings=False)]
 )
 def test_config_and_model_parameter_counts_agree(overrides):
-    from gptforge.quantize import quantize_model
+    from gptforge.inference.quantize import quantize_model
 
     config = GPTConfig(**{**SMALL, **overrides})
     model = GPT(config)
@@ -428,7 +429,7 @@ def test_cpu_inference_weights_give_the_same_logits_and_follow_weight_updates(mo
     step = x[:, :1]  # three rows: what a decoding step multiplies (the decoding kernel where it is built)
     with torch.no_grad():
         plain, plain_step = model(x)[0], model(step)[0]
-        with kernels.cpu_inference_weights(model):
+        with packed.cpu_inference_weights(model):
             assert all("forward" in m.__dict__ for m in model.modules() if isinstance(m, torch.nn.Linear))
             torch.testing.assert_close(model(x)[0], plain, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(model(step)[0], plain_step, atol=1e-5, rtol=1e-5)
@@ -437,10 +438,10 @@ def test_cpu_inference_weights_give_the_same_logits_and_follow_weight_updates(mo
         assert not any("forward" in m.__dict__ for m in model.modules())  # plain modules again
         torch.testing.assert_close(changed, model(step)[0], atol=1e-5, rtol=1e-5)
         assert not torch.allclose(changed, plain_step, atol=1e-3)
-    assert model.transformer.h[0].mlp.c_fc in kernels._PACKED  # kept for the next call
-    with torch.no_grad(), kernels.cpu_inference_weights(model, keep=False):
+    assert packed.is_packed(model.transformer.h[0].mlp.c_fc)  # kept for the next call
+    with torch.no_grad(), packed.cpu_inference_weights(model, keep=False):
         model(step)
-    assert model.transformer.h[0].mlp.c_fc not in kernels._PACKED
-    with kernels.cpu_inference_weights(model):  # with gradients on, the layer's own path: gradients flow
+    assert not packed.is_packed(model.transformer.h[0].mlp.c_fc)
+    with packed.cpu_inference_weights(model):  # with gradients on, the layer's own path: gradients flow
         model(x, targets=x)[1].backward()
     assert model.transformer.h[0].attn.c_attn.weight.grad is not None

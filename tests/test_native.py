@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptforge import GPT, calibrate, kernels, native, preset
+from gptforge import GPT, calibrate, cpu, kernels, preset
 from gptforge import batching as generate_module
 from gptforge.errors import OptionError
 from gptforge.generate import generate_ids
+from gptforge.inference import native
 
 needs_kernel = pytest.mark.skipif(
     not (shutil.which("cc") or shutil.which("gcc")) or not native.available(),
@@ -24,19 +25,19 @@ needs_kernel = pytest.mark.skipif(
 def _c_step_at_every_row(monkeypatch):
     """The C step for 1-8 rows (3 int8) on torch's threads, whatever this machine measured: these tests check
     its numbers."""
-    monkeypatch.setenv(calibrate.OVERRIDE, f"fp32_rows={native.MAX_ROWS},int8_rows=3,threads=0")
+    monkeypatch.setenv(calibrate.OVERRIDE, f"fp32_rows={cpu.MAX_ROWS},int8_rows=3,threads=0")
 
 
 # every level the kernel can be built for; a test taking `level` runs at each this processor can run
-LEVELS = ["native", *native.LEVELS]
+LEVELS = ["native", *cpu.LEVELS]
 
 
 @pytest.fixture(params=LEVELS)
 def level(request, monkeypatch):
     """The kernel built for this instruction-set level (GPTFORGE_ISA) for the test's duration."""
-    if not native.runs_here(request.param):
+    if not cpu.runs_here(request.param):
         pytest.skip(f"this processor cannot run code built for {request.param}")
-    monkeypatch.setenv(native.ISA, request.param)
+    monkeypatch.setenv(cpu.ISA, request.param)
     if not native.available():
         pytest.skip(f"the kernel could not be built for {request.param} here")
     return request.param
@@ -116,7 +117,7 @@ def test_decoding_steps_use_the_kernel_and_keep_the_tokens(monkeypatch):
     assert rows == [2] * (1 + 9 * (4 * 4 + 1))
 
 
-@pytest.mark.skipif(not native.supported(), reason="the kernel is built only on Linux and macOS, x86-64 or ARM64")
+@pytest.mark.skipif(not cpu.supported(), reason="the kernel is built only on Linux and macOS, x86-64 or ARM64")
 def test_without_a_compiler_torch_products_remain(monkeypatch, tmp_path):
     native._load.cache_clear()
     try:
@@ -130,20 +131,20 @@ def test_without_a_compiler_torch_products_remain(monkeypatch, tmp_path):
 
 
 def test_isa_level_is_checked_and_in_the_cache_key(monkeypatch):
-    monkeypatch.setenv(native.ISA, "avx1024")
+    monkeypatch.setenv(cpu.ISA, "avx1024")
     with pytest.raises(OptionError, match="GPTFORGE_ISA='avx1024' is not an instruction-set level"):
-        native.isa()
-    monkeypatch.setenv(native.ISA, "AVX2")
-    assert native.isa() == "avx2"
-    assert len({native.build_key(level) for level in LEVELS}) == len(LEVELS)
-    assert "-march=x86-64-v3" in native.build_flags("avx2")
+        cpu.isa()
+    monkeypatch.setenv(cpu.ISA, "AVX2")
+    assert cpu.isa() == "avx2"
+    assert len({cpu.build_key(level) for level in LEVELS}) == len(LEVELS)
+    assert "-march=x86-64-v3" in cpu.build_flags("avx2")
 
 
-@pytest.mark.skipif(not native.supported(), reason="the kernel is built only on Linux and macOS, x86-64 or ARM64")
+@pytest.mark.skipif(not cpu.supported(), reason="the kernel is built only on Linux and macOS, x86-64 or ARM64")
 def test_a_level_the_processor_lacks_keeps_torchs_products(monkeypatch):
-    monkeypatch.setattr(native, "cpu_info", lambda field: "fpu sse2 avx" if field == "flags" else None)
-    monkeypatch.setattr(native, "on_x86", lambda: True)
-    monkeypatch.setenv(native.ISA, "avx512")
+    monkeypatch.setattr(cpu, "cpu_info", lambda field: "fpu sse2 avx" if field == "flags" else None)
+    monkeypatch.setattr(cpu, "on_x86", lambda: True)
+    monkeypatch.setenv(cpu.ISA, "avx512")
     native._load.cache_clear()
     try:
         with pytest.warns(UserWarning, match="GPTFORGE_ISA=avx512: this processor cannot run it"):
@@ -155,11 +156,11 @@ def test_a_level_the_processor_lacks_keeps_torchs_products(monkeypatch):
 @needs_kernel
 def test_without_openmp_it_builds_for_one_thread_with_one_warning(monkeypatch, tmp_path):
     """macOS: Apple's clang has no -fopenmp and torch ships no libgomp there."""
-    monkeypatch.setattr(native, "_torch_openmp", lambda: None)
+    monkeypatch.setattr(cpu, "torch_openmp", lambda: None)
     monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path))
     native._load.cache_clear()
     try:
-        assert "-fopenmp" not in native.build_flags("native")
+        assert "-fopenmp" not in cpu.build_flags("native")
         with pytest.warns(UserWarning, match="without OpenMP") as warned:
             assert native.available()
         assert len(warned) == 1

@@ -14,14 +14,15 @@ from gptforge.checkpoint import load_model, quantize_folder, save_model
 from gptforge.config import GPTConfig
 from gptforge.errors import GPTForgeError, OptionError, RunFolderError
 from gptforge.generate import generate, generate_ids
-from gptforge.model import GPT
-from gptforge.quantize import (
+from gptforge.inference import int8
+from gptforge.inference.int8 import is_int8
+from gptforge.inference.quantize import (
     QUANT_METHOD,
     WEIGHTS_NAME,
     check_method,
-    is_quantized,
     quantize_model,
 )
+from gptforge.model import GPT
 
 # Tolerance of int8 logits: per-channel int8 weights (and, on fbgemm, 8-bit inputs) of a random 2-layer model
 # move each logit by at most this share of the largest fp32 logit.
@@ -65,17 +66,17 @@ def test_int8_logits_are_close_to_fp32(fp32_dir, monkeypatch, kernels_on):
     monkeypatch.setenv(kernels.SWITCH, kernels_on)  # fbgemm's int8 product, then the plain one
     model = load_model(fp32_dir)
     q = quantize_model(model, inplace=False)
-    assert is_quantized(q) and not is_quantized(model)  # the original is untouched
+    assert is_int8(q) and not is_int8(model)  # the original is untouched
     ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     err = _relative_error(model, q, ids)
     assert 0 < err < LOGIT_TOLERANCE
 
 
 def test_fbgemm_and_plain_int8_products_agree(monkeypatch):
-    if kernels._fbgemm_reduce_range() is None:
+    if int8._fbgemm_reduce_range() is None:
         pytest.skip("this torch build has no working fbgemm int8 product")
     torch.manual_seed(0)
-    layer = kernels.Int8Linear.from_linear(torch.nn.Linear(96, 40))
+    layer = int8.Int8Linear.from_linear(torch.nn.Linear(96, 40))
     x = torch.randn(3, 5, 96)
     with torch.inference_mode():
         fast = layer(x)
@@ -87,7 +88,7 @@ def test_fbgemm_and_plain_int8_products_agree(monkeypatch):
 
 def test_quantize_rows_reconstructs_each_row_within_half_a_step():
     w = torch.randn(17, 33) * torch.logspace(-3, 1, 17)[:, None]  # rows of very different sizes
-    q, scale = kernels.quantize_rows(w)
+    q, scale = int8.quantize_rows(w)
     assert q.dtype == torch.int8 and q.abs().max() == 127
     assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7).all()
 
@@ -99,7 +100,7 @@ def test_int8_folder_round_trip(int8_dir, fp32_dir):
     assert config["quantization_config"]["quant_method"] == QUANT_METHOD and config["model_type"] == "gpt2"
     loaded = load_model(int8_dir)
     fresh = load_model(fp32_dir, quantize="int8")
-    assert is_quantized(loaded)
+    assert is_int8(loaded)
     a, b = loaded.state_dict(), fresh.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert a["lm_head.weight"].dtype == torch.int8 and a["transformer.wte.weight"].dtype == torch.float32
@@ -128,7 +129,7 @@ def test_api_quantize_and_cli(fp32_dir, int8_dir, capsys):
     from gptforge.cli import main
 
     ai = GPTForge(fp32_dir, device="cpu", quantize="int8")
-    assert is_quantized(ai.model)
+    assert is_int8(ai.model)
     want = ai.generate(prompt="the", max_new_tokens=8, temperature=0, return_as_list=True)[0]
     assert main(["generate", str(int8_dir), "the", "--greedy", "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out == want + "\n"

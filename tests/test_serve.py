@@ -25,10 +25,10 @@ pytest.importorskip("uvicorn")
 
 from conftest import API_KEY, RunningServer
 
-from gptforge import fastdecode, native
 from gptforge.checkpoint import save_model
 from gptforge.config import GPTConfig
 from gptforge.generate import SamplingOptions, generate_ids
+from gptforge.inference import fastdecode, native
 from gptforge.model import GPT
 from gptforge.serve.engine import Engine, Sequence
 from gptforge.tokenizer import train_tokenizer
@@ -292,7 +292,7 @@ def test_openai_client_completions_plain_and_streaming(client, tiny):
 
 @pytest.mark.slow
 def test_int8_server_answers_as_the_int8_model_generates(folders, tiny):
-    from gptforge.quantize import quantize_model
+    from gptforge.inference.quantize import quantize_model
 
     model, tok = tiny
     q = quantize_model(model, "int8", inplace=False)

@@ -50,7 +50,7 @@ class GPTForge:
       The tokenizer comes from the model folder unless you name one.
 
     `device="auto"` uses CUDA when there is a GPU. `quantize="int8"` gives the model int8 weights for faster
-    generation on CPUs (gptforge.quantize; an int8 model generates, evaluates and saves, but does not train).
+    generation on CPUs (gptforge.inference.quantize; an int8 model generates, evaluates and saves, but does not train).
     """
 
     def __init__(
@@ -66,7 +66,7 @@ class GPTForge:
         device: str = "auto",
         quantize: str | None = None,
     ):
-        from .quantize import check_method, quantize_model
+        from .inference.quantize import check_method, quantize_model
 
         check_method(quantize, "quantize")
         model = model if model is not None else model_folder
@@ -191,13 +191,13 @@ class GPTForge:
         (train/callbacks.py): on_step(trainer), on_log(trainer, row), on_evaluate(trainer, row),
         on_save(trainer, folder). Returns the TrainResult.
         """
+        from .inference.int8 import is_int8
         from .options import LoRAOptions
-        from .quantize import is_quantized
         from .train.callbacks import NAMES as CALLBACKS
         from .train.finetune import check_lora, start_lora
         from .train.pipeline import train
 
-        if is_quantized(self.model):
+        if is_int8(self.model):
             raise OptionError(
                 "this model has int8 weights, which are for generation; train the fp32 model "
                 "(GPTForge without quantize=) and quantize it afterwards"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .fastdecode import decoder
+from .inference.fastdecode import decoder
 from .model import GPT
 
 

@@ -12,7 +12,7 @@ gpt2's: the products a training step multiplies, and whole decoding steps of a t
 each row count), the other path chosen over the default (torch's products; the C step; torch's threads) only where its
 best
 time beats the default's by more than the noise of the timings (`beats`). It is kept in a JSON file beside the
-compiled kernel (`native.cache_dir()`), one per processor, instruction-set level (`GPTFORGE_ISA`), torch
+compiled kernel (`cpu.cache_dir()`), one per processor, instruction-set level (`GPTFORGE_ISA`), torch
 version, CPU count and torch's own ISA variables; a file that cannot be read is measured again.
 `GPTFORGE_CALIBRATION` overrides: "off" measures nothing and takes the defaults below, or name=value pairs
 ("onednn=0,fp32_rows=8,int8_rows=3,threads=2") fix those decisions and leave the others measured.
@@ -33,14 +33,14 @@ from pathlib import Path
 
 import torch
 
-from . import native
+from . import cpu
 from .errors import OptionError
 from .fsio import write_text
 
 OVERRIDE = "GPTFORGE_CALIBRATION"
 # what is used where nothing can be measured ("off", or no kernel): torch's products, the C step at every row
 # count it takes, as many threads as torch uses
-DEFAULTS = {"onednn": False, "fp32_rows": native.MAX_ROWS, "int8_rows": native.MAX_ROWS, "threads": 0}
+DEFAULTS = {"onednn": False, "fp32_rows": cpu.MAX_ROWS, "int8_rows": cpu.MAX_ROWS, "threads": 0}
 # the variables that change torch's own speed: a measurement holds only under the same values
 TORCH_ISA = (
     "ATEN_CPU_CAPABILITY",
@@ -54,7 +54,7 @@ TORCH_ISA = (
 def _valid(name: str, value) -> bool:
     if name == "onednn":
         return isinstance(value, bool)
-    top = native.MAX_ROWS if name.endswith("_rows") else 4096
+    top = cpu.MAX_ROWS if name.endswith("_rows") else 4096
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= top
 
 
@@ -87,8 +87,8 @@ def _parse(text: str) -> dict | None:
             parsed = None
         if name not in DEFAULTS or not _valid(name, parsed):
             raise OptionError(
-                f"{OVERRIDE}: {pair!r} is not one of onednn=0|1, fp32_rows=0-{native.MAX_ROWS}, "
-                f"int8_rows=0-{native.MAX_ROWS}, threads=N (0: torch's), comma-separated, or off"
+                f"{OVERRIDE}: {pair!r} is not one of onednn=0|1, fp32_rows=0-{cpu.MAX_ROWS}, "
+                f"int8_rows=0-{cpu.MAX_ROWS}, threads=N (0: torch's), comma-separated, or off"
             )
         fixed[name] = parsed
     return fixed
@@ -99,7 +99,7 @@ def path() -> Path:
     product (kernels.onednn), so it is remembered per value of the variables it depends on."""
     env = os.environ
     return _path_of(
-        env.get(native.ISA, ""),
+        env.get(cpu.ISA, ""),
         env.get("GPTFORGE_CACHE", ""),
         env.get("HOME", ""),
         tuple(env.get(k, "") for k in TORCH_ISA),
@@ -108,12 +108,12 @@ def path() -> Path:
 
 @functools.lru_cache(maxsize=16)
 def _path_of(isa: str, cache: str, home: str, torch_isa: tuple) -> Path:
-    return _path(native.isa(), str(native.cache_dir()), torch_isa)
+    return _path(cpu.isa(), str(cpu.cache_dir()), torch_isa)
 
 
 @functools.lru_cache(maxsize=16)
 def _path(level: str, folder: str, torch_isa: tuple) -> Path:
-    parts = [native.build_key(level), torch.__version__, str(os.cpu_count()), *torch_isa]
+    parts = [cpu.build_key(level), torch.__version__, str(os.cpu_count()), *torch_isa]
     return Path(folder) / f"calibration-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}.json"
 
 
@@ -132,10 +132,10 @@ def load() -> dict:
 
 def _store(data: dict) -> None:
     data.update(
-        processor=native.cpu_info("model name") or platform.processor() or platform.machine(),
+        processor=cpu.cpu_info("model name") or platform.processor() or platform.machine(),
         load=round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None,
         cpus=os.cpu_count(),
-        isa=native.isa(),
+        isa=cpu.isa(),
         measured=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     try:

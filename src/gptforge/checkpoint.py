@@ -229,7 +229,7 @@ def load_model(
     `name_or_path` may be a folder written by gptforge or transformers, a single `.safetensors` /
     `pytorch_model.bin` file (its folder's config.json is used unless `config` is given), a hub id
     such as `gpt2` (downloaded with huggingface_hub), or an int8 folder written by `gptforge quantize`.
-    `quantize="int8"` gives int8 weights for generation (gptforge.quantize), made on load. `dtype=None` keeps
+    `quantize="int8"` gives int8 weights for generation (gptforge.inference.quantize), made on load. `dtype=None` keeps
     the stored dtype, except on a CPU, which computes in fp32.
     """
     path = resolve_model_path(name_or_path)
@@ -239,7 +239,7 @@ def load_model(
     elif not isinstance(config, GPTConfig):
         config = GPTConfig.load(config)
     if "quantization_config" in config.extra:  # an int8 folder of `gptforge quantize` (quantize.py reads it)
-        from .quantize import load_quantized
+        from .inference.quantize import load_quantized
 
         model = load_quantized(folder, config)
     else:
@@ -253,7 +253,7 @@ def load_model(
     model.to(device=device, dtype=dtype)
     model.eval()
     if quantize:
-        from .quantize import quantize_model
+        from .inference.quantize import quantize_model
 
         quantize_model(model, quantize)
     return model
@@ -269,7 +269,7 @@ def save_model(model: GPT, folder: str | os.PathLike, tokenizer=None, *, state_d
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
     if "quantization_config" in config.extra:  # int8 weights (`gptforge quantize`): a folder only gptforge opens
-        from .quantize import save_quantized_weights
+        from .inference.quantize import save_quantized_weights
 
         save_quantized_weights(model, folder)
         stored = None
@@ -373,7 +373,7 @@ def load_model_and_tokenizer(
     adapter is merged).
     """
     from .adapters import load_adapter, merge_lora, read_adapter, resolve_base
-    from .quantize import quantize_model, refuse_quantized
+    from .inference.quantize import quantize_model, refuse_quantized
     from .runtime import resolve_device
     from .tokenizer import check_vocab_fits, load_tokenizer
 
@@ -445,7 +445,7 @@ def quantize_folder(
 ) -> Path:
     """`gptforge quantize`: read an fp32 model folder (or hub id) and write its int8 folder, with the
     tokenizer and sampling defaults, to `out` (replaced whole, and only with `force`)."""
-    from .quantize import check_method, quantization_of, quantize_model
+    from .inference.quantize import check_method, quantization_of, quantize_model
     from .tokenizer import load_tokenizer
 
     check_method(method, "--method")

@@ -225,7 +225,7 @@ def build_classifier(
             )
         return model.train()
     from .checkpoint import load_model
-    from .quantize import refuse_quantized
+    from .inference.quantize import refuse_quantized
 
     model = load_model(init)
     refuse_quantized(model.config, f"--init {init}", "be trained")
@@ -294,7 +294,7 @@ def predict_proba(
 def probabilities(model: GPTClassifier, seqs: Sequence[np.ndarray], batch_size: int = 32) -> torch.Tensor:
     """Class probabilities of token sequences. Sequences of similar length are batched together (sorted by
     length), so little time goes into padding; the rows come back in the order given."""
-    from .kernels import cpu_inference_weights
+    from .inference.packed import cpu_inference_weights
 
     order = np.argsort([len(s) for s in seqs], kind="stable")
     device = next(model.parameters()).device

@@ -25,7 +25,7 @@ import torch
 from .batching import StaticBatch
 from .constraints import Constraint, make_constraint
 from .errors import OptionError
-from .kernels import cpu_inference_weights
+from .inference.packed import cpu_inference_weights
 from .model import GPT
 from .options import SamplingOptions
 from .progress import progress_bar

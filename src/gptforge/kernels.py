@@ -1,6 +1,6 @@
-"""CPU fast paths the network calls: oneDNN fp32 products, chunked linear + cross-entropy, dropout,
-attention-with-dropout and a LoRA adapter's activated input that keep less for the backward pass, packed
-weights, and the int8 linear layer (fbgemm's int8 products, the plain product elsewhere).
+"""CPU fast paths the network calls in training: oneDNN fp32 products, chunked linear + cross-entropy,
+dropout, attention-with-dropout and a LoRA adapter's activated input that keep less for the backward pass.
+(What only serves decoding, packed weights, the C step and int8 weights, is in inference/.)
 
 fp32 matrix products go through oneDNN rather than torch.mm's BLAS where that was measured faster on this
 machine (calibrate.py's `onednn`, once per processor): on a 2-core AMD EPYC oneDNN ran at 2.0-2.4x MKL,
@@ -13,18 +13,16 @@ ARM, autocast, torch.compile) each function is the plain torch call.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import platform
 import warnings
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import calibrate, native
+from . import calibrate
 
 SWITCH = "GPTFORGE_KERNELS"  # "0" turns the fast paths off
 
@@ -64,7 +62,7 @@ def onednn() -> bool:
     return enabled() and _onednn_checked() and _onednn_faster()
 
 
-def _fp32_cpu(x: torch.Tensor) -> bool:
+def fp32_cpu(x: torch.Tensor) -> bool:
     """An fp32 CPU input that the fast paths may take (not under autocast or torch.compile)."""
     return (
         enabled()
@@ -76,7 +74,7 @@ def _fp32_cpu(x: torch.Tensor) -> bool:
 
 
 def _onednn_ok(x: torch.Tensor) -> bool:
-    return _fp32_cpu(x) and onednn()
+    return fp32_cpu(x) and onednn()
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -355,189 +353,14 @@ def activation_down(u: torch.Tensor, act, weight: torch.Tensor, p: float = 0.0) 
     return h, linear(dropout(h, p), weight)
 
 
-# --- packed weights for generation ---------------------------------------------------------------------
-
-
-_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # nn.Linear -> (weight key, packed weight)
-
-
-def _packed_weight(layer: nn.Linear | Int8Linear, kind: str = "onednn"):
-    """`layer.weight` reordered for oneDNN (`kind="onednn"`) or for the decoding kernel (`"native"`; an
-    Int8Linear's int8 weight and scales too), made once and reused until the weight changes (in-place updates
-    bump the tensor's version, a new tensor changes its address); freed with the layer. One copy per layer."""
-    w, scale = layer.weight, getattr(layer, "scale", None)
-    key = (w.data_ptr(), w._version, kind, None if scale is None else (scale.data_ptr(), scale._version))
-    cached = _PACKED.get(layer)
-    if cached is None or cached[0] != key:
-        if kind == "native":
-            packed = native.pack(w) if scale is None else native.pack_int8(w, scale)
-        else:
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
-        cached = _PACKED[layer] = (key, packed)
-    return cached[1]
-
-
-def decoding_weight(layer: nn.Linear | Int8Linear) -> native.Packed:
-    """The layer's weight packed for the decoding kernel (native.py), kept with the layer as `_packed_weight`
-    keeps it."""
-    return _packed_weight(layer, "native")
-
-
-def is_packed(layer: nn.Linear) -> bool:
-    """Whether a packed copy of this layer's weight is held."""
-    return layer in _PACKED
-
-
-@contextlib.contextmanager
-def cpu_inference_weights(model: nn.Module, keep: bool = True):
-    """For the duration, the model's fp32 CPU `nn.Linear` layers multiply faster (gradients off), with the same
-    products up to float rounding: a decoding step's few rows (at most native.MAX_ROWS) through the decoding
-    kernel (native.py) on a copy packed for it; longer inputs (prompts) through oneDNN where it is used
-    (`onednn()`), else torch's product; without the kernel, every product on a oneDNN-packed copy. The copies
-    cost as much memory as the weights, made on first use (~0.15 s for `gpt2`) and, with `keep`, reused while
-    the weights stay unchanged; without it (a model in training) dropped on exit. Elsewhere it does nothing.
-    """
-    layers = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.Linear) and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
-    ]
-    if not layers or not (onednn() or (enabled() and native.available())):
-        yield model
-        return
-
-    def packed_forward(layer: nn.Linear):
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            if torch.is_grad_enabled() or not _fp32_cpu(x):
-                return type(layer).forward(layer, x)  # the layer's own path
-            if native.fits(x, layer.weight):  # a decoding step's few rows: bound by reading the weight
-                return native.gemv(x, _packed_weight(layer, "native"), layer.bias)
-            if not onednn():
-                return type(layer).forward(layer, x)  # a prompt: torch's product
-            # a prompt: oneDNN's GEMM, on its packed copy only where there is no kernel's copy to keep instead
-            return onednn_linear(x, layer.weight if native.available() else _packed_weight(layer), layer.bias)
-
-        return forward
-
-    try:
-        for m in layers:
-            m.forward = packed_forward(m)
-        yield model
-    finally:
-        for m in layers:
-            m.__dict__.pop("forward", None)
-            if not keep:
-                _PACKED.pop(m, None)
-
-
-# --- int8 weights ----------------------------------------------------------------------------------------
-
-
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output row: `weight ~= q * scale[:, None]`, q in [-127, 127], scale fp32."""
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-    return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
-
-
-def _fbgemm_pack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
-    """fbgemm's packed form of an int8 weight (torch's quantized-tensor API, deprecated but shipped)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        zero = torch.zeros(q.size(0), dtype=torch.long)
-        qw = torch._make_per_channel_quantized_tensor(q.cpu(), scale.double().cpu(), zero, 0)
-        engine = torch.backends.quantized.engine
-        torch.backends.quantized.engine = "fbgemm"
-        try:
-            return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.detach().float().cpu())
-        finally:
-            torch.backends.quantized.engine = engine
-
-
-@functools.lru_cache(maxsize=1)
-def _fbgemm_reduce_range() -> bool | None:
-    """None when this torch has no working fbgemm int8 product; else whether activations must use 7 bits.
-
-    fbgemm quantizes each call's input to uint8 and multiplies it with the int8 weight. CPUs without VNNI
-    add pairs of u8 x s8 products in int16, which saturates for 8-bit inputs: a product of all-maximal
-    values shows it, and then inputs get 7 bits (`reduce_range`), as torch's dynamic quantization does."""
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
-        return None
-    try:
-        g = torch.Generator().manual_seed(0)
-        x, w, b = torch.randn(5, 64, generator=g), torch.randn(24, 64, generator=g), torch.randn(24, generator=g)
-        q, scale = quantize_rows(w)
-        got = torch.ops.quantized.linear_dynamic(x, _fbgemm_pack(q, scale, b), True)
-        full = torch.ops.quantized.linear_dynamic(
-            torch.ones(1, 64), _fbgemm_pack(*quantize_rows(torch.ones(2, 64)), None), False
-        )
-    except (AttributeError, RuntimeError):
-        return None
-    ref = F.linear(x, q.float() * scale[:, None], b)
-    if not (got - ref).abs().max() <= 0.03 * ref.abs().max():  # 7-bit inputs: about 1% of the largest output
-        warnings.warn("fbgemm int8 products disagree with the plain ones on this machine; using the plain products")
-        return None
-    return not torch.allclose(full, torch.full_like(full, 64.0), rtol=0.02)
-
-
-class Int8Linear(nn.Module):
-    """A linear layer with int8 weights and one fp32 scale per output: y = x @ (q * scale).T + bias.
-
-    On x86 CPUs with fbgemm (fp32 input, no autograd) the product is fbgemm's dynamic int8 one: each call
-    quantizes its input to uint8 (one scale for the call) and multiplies in int8 with int32 sums, reading
-    a quarter of the fp32 weight's bytes. Elsewhere it is the plain product with the weight cast to the
-    input's dtype, which any device runs. Buffers `weight` (int8, (out, in)), `scale` and `bias`.
-    """
-
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.in_features, self.out_features = weight.size(1), weight.size(0)
-        self.register_buffer("weight", weight)
-        self.register_buffer("scale", scale)
-        self.register_buffer("bias", bias)
-        self._packed = None  # (key, fbgemm packed weight), made on first use
-
-    @classmethod
-    def from_linear(cls, layer: nn.Linear) -> Int8Linear:
-        q, scale = quantize_rows(layer.weight)
-        return cls(q, scale, None if layer.bias is None else layer.bias.detach().clone())
-
-    def _fbgemm_weight(self):
-        key = (self.weight.data_ptr(), self.weight._version, self.scale._version)
-        if self._packed is None or self._packed[0] != key:
-            self._packed = (key, _fbgemm_pack(self.weight, self.scale, self.bias))
-        return self._packed[1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and self.weight.device.type == "cpu"
-            and enabled()
-            and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-            and (reduce := _fbgemm_reduce_range()) is not None
-        ):
-            return torch.ops.quantized.linear_dynamic(x, self._fbgemm_weight(), reduce)
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
-        return y + self.bias.to(x.dtype) if self.bias is not None else y
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
-
-
 __all__ = [
     "SWITCH",
-    "Int8Linear",
     "Linear",
-    "cpu_inference_weights",
-    "decoding_weight",
     "enabled",
-    "is_packed",
+    "fp32_cpu",
     "linear",
     "linear_cross_entropy",
     "matmul",
     "onednn",
     "onednn_linear",
-    "quantize_rows",
 ]

@@ -34,8 +34,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ..configfile import given_on_command_line
     from ..fsio import dated_path, write_text
     from ..generate import generate
+    from ..inference.quantize import check_method
     from ..options import SamplingOptions
-    from ..quantize import check_method
 
     options = option_values(args, SamplingOptions)
     SamplingOptions(**options).validate()  # bad options fail before the model loads
@@ -133,8 +133,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..adapters import is_adapter
     from ..checkpoint import load_model, load_model_and_tokenizer
     from ..evaluate import combine, evaluate_prepared, evaluate_text
+    from ..inference.quantize import check_method
     from ..options import EvalOptions
-    from ..quantize import check_method
     from ..runtime import pick_precision, resolve_device
 
     opts = EvalOptions(**option_values(args, EvalOptions))

@@ -47,7 +47,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _machine_info(measure: bool) -> int:
     """This machine's CPU paths: processor, instruction-set level, decoding kernel, measured choices."""
-    from . import calibrate, fastdecode, native
+    from .. import calibrate
+    from ..inference import fastdecode, native
 
     calibrate.MEASURES.setdefault("steps", fastdecode.measure_steps)  # as importing fastdecode (and kernels) did
     if measure:

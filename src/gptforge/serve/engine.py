@@ -23,9 +23,9 @@ from typing import Callable
 
 import torch
 
-from .. import fastdecode
 from ..generate import Row, TextStream, choose_tokens, prompt_logprobs, row_constraint
-from ..kernels import cpu_inference_weights  # packed fp32 weights for the CPU's decoding products
+from ..inference import fastdecode
+from ..inference.packed import cpu_inference_weights  # packed fp32 weights for the CPU's decoding products
 from ..model import GPT
 from ..options import SamplingOptions
 

@@ -16,10 +16,10 @@ from ..config import GPTConfig, preset
 from ..data.dataset import load_run_data
 from ..errors import ConfigError, DataError, NotFoundError, TokenizerError
 from ..fsio import folder_of, write_text
+from ..inference.quantize import refuse_quantized
 from ..kernels import matmul
 from ..model import GPT
 from ..options import DEFAULT_VOCAB_SIZE, InstructOptions, LoRAOptions, TrainConfig, unset_defaults
-from ..quantize import refuse_quantized
 from ..runtime import pick_precision, resolve_device, world_size
 from . import state
 from .callbacks import Callbacks

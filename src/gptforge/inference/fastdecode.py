@@ -13,7 +13,7 @@ values into the model's own `KVCache`, so prompts still run through torch and th
 It applies to a model in eval mode on the CPU with fp32 embeddings, blocks of plain linear layers
 (`nn.Linear` or `Int8Linear`: no adapters) and LayerNorms, an activation the C code knows, and where the
 kernel is built and the kernels switch is on; for as many rows as it was measured faster than the model's
-torch forward on this machine (calibrate.py's `fp32_rows` and `int8_rows`, at most native.MAX_ROWS), on the
+torch forward on this machine (calibrate.py's `fp32_rows` and `int8_rows`, at most cpu.MAX_ROWS), on the
 measured number of threads (`threads`). Its numbers are the model's up to float rounding (sums in another order); an
 int8 model's are those of
 its int8 weights times their scales, without fbgemm's rounding of each input to 8 bits.
@@ -26,9 +26,12 @@ import os
 import torch
 from torch import nn
 
-from . import calibrate, kernels, native
-from .kernels import Int8Linear, Linear
-from .model import GPT, KVCache
+from .. import calibrate, cpu, kernels
+from ..kernels import Linear
+from ..model import GPT, KVCache
+from . import native
+from .int8 import Int8Linear, is_int8
+from .packed import cpu_inference_weights, decoding_weight
 
 _PLAIN = (nn.Linear, Linear, Int8Linear)
 # An int8 model's step widens its weights to fp32 in C, while fbgemm's int8 products (the torch path) multiply
@@ -70,14 +73,10 @@ def applies(model: GPT) -> bool:
     return _plain_norm(model.transformer.ln_f) and _plain_linear(model.lm_head) and native.available()
 
 
-def _int8(model: GPT) -> bool:
-    return any(isinstance(m, Int8Linear) for m in model.modules())
-
-
 def max_rows(model: GPT) -> int:
     """Up to how many sequences a step of this model goes through C: as measured on this machine (calibrate.py:
-    `int8_rows` for int8 weights, else `fp32_rows`; 0 to native.MAX_ROWS)."""
-    return calibrate.decision("int8_rows" if _int8(model) else "fp32_rows")
+    `int8_rows` for int8 weights, else `fp32_rows`; 0 to cpu.MAX_ROWS)."""
+    return calibrate.decision("int8_rows" if is_int8(model) else "fp32_rows")
 
 
 class Decoder:
@@ -94,7 +93,7 @@ class Decoder:
             return t.data_ptr()
 
         def weight(layer) -> native.Weight:
-            packed = kernels.decoding_weight(layer)
+            packed = decoding_weight(layer)
             bias = None if layer.bias is None else layer.bias.detach().float().contiguous()
             self._keep += [packed, bias]
             return packed.struct(bias)
@@ -133,7 +132,7 @@ class Decoder:
         )
         self.n_positions, self.vocab = cfg.n_positions, model.lm_head.out_features
         self.heads, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
-        self.int8 = _int8(model)
+        self.int8 = is_int8(model)
 
     def takes(self, rows: int) -> bool:
         """Whether a step of `rows` sequences is for the C step (measured faster there) rather than for torch's
@@ -155,8 +154,8 @@ class Decoder:
         """The step (see __call__) on `threads` threads (0: torch's number), whatever the measured choices."""
         rows, past = ids.numel(), cache.length
         max_len = cache.k[0].size(2)
-        if not 0 < rows <= native.MAX_ROWS:
-            raise ValueError(f"the C step takes 1 to {native.MAX_ROWS} rows, not {rows}")
+        if not 0 < rows <= cpu.MAX_ROWS:
+            raise ValueError(f"the C step takes 1 to {cpu.MAX_ROWS} rows, not {rows}")
         if pos.numel() != rows:
             raise ValueError(f"{pos.numel()} positions for {rows} token ids")
         if past + 1 > max_len or not 0 <= int(pos.min()) <= int(pos.max()) < self.n_positions:
@@ -226,13 +225,13 @@ def _rows_in_c(model: GPT, name: str, timings: dict) -> int:
         "torch": lambda i, p, c: model(i[:, None], cache=c, position_ids=p, logits_to_keep=1),
     }
     timings[f"{name}_step_ms"] = table = {}
-    with kernels.cpu_inference_weights(model):
-        for rows in range(1, native.MAX_ROWS + 1):
+    with cpu_inference_weights(model):
+        for rows in range(1, cpu.MAX_ROWS + 1):
             t = _step_times(steps, model, rows)
             table[rows] = calibrate.best_ms(t)
             if calibrate.beats(t, "torch", "c"):
                 return rows - 1
-    return native.MAX_ROWS
+    return cpu.MAX_ROWS
 
 
 def measure_steps() -> tuple[dict, dict]:
@@ -241,7 +240,7 @@ def measure_steps() -> tuple[dict, dict]:
     and all the CPUs' threads."""
     if not (kernels.enabled() and native.available()):
         return {}, {}  # nothing to choose between
-    from .config import GPTConfig
+    from ..config import GPTConfig
     from .quantize import quantize_model
 
     # not inference mode (first use may come inside generate's): the packed copies are keyed by weight versions

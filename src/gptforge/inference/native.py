@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import math
 import mmap
 import os
@@ -30,105 +29,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import OptionError
-
-SOURCE = Path(__file__).with_name("csrc") / "decode.c"
-MAX_ROWS = 8  # a decoding batch's rows (measured at 1 and 8 by bench_gemv); longer inputs are prompts, for a GEMM
-# reassociating the sums (not -ffast-math, which can change the whole process's float modes) lets the compiler
-# vectorise them with several accumulators
-FLAGS = ["-O3", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-fPIC"]
-ISA = "GPTFORGE_ISA"  # the instruction-set level the kernel is built for: native (default), avx2 or avx512
-# x86-64 levels: what the compiler may use, and the /proc/cpuinfo flags a processor needs to run the result
-LEVELS = {
-    "avx2": ("-march=x86-64-v3", ("avx2", "fma", "bmi2", "f16c", "movbe")),
-    "avx512": ("-march=x86-64-v4", ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")),
-}
-
-
-def isa() -> str:
-    """The level the environment asks for (`GPTFORGE_ISA`): "native", "avx2" or "avx512"."""
-    level = os.environ.get(ISA, "native").strip().lower() or "native"
-    if level != "native" and level not in LEVELS:
-        raise OptionError(f"{ISA}={level!r} is not an instruction-set level: use native, avx2 or avx512")
-    return level
-
-
-def runs_here(level: str) -> bool:
-    """Whether this processor can run code built for `level` (native always can)."""
-    if level == "native":
-        return True
-    flags = set((cpu_info("flags") or "").split())
-    return on_x86() and all(f in flags for f in LEVELS[level][1])
-
-
-def march(level: str) -> list[str]:
-    """The compiler's target flag for `level`: -march=native on x86, -mcpu=native on ARM."""
-    if level != "native":
-        return [LEVELS[level][0]]
-    return ["-march=native"] if on_x86() else ["-mcpu=native"]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("GPTFORGE_CACHE") or Path.home() / ".cache" / "gptforge")
-
-
-def on_x86() -> bool:
-    return platform.machine().lower() in ("x86_64", "amd64")
-
-
-def supported() -> bool:
-    """Whether the kernel is built on this system at all: Linux or macOS, on x86-64 or ARM64."""
-    return platform.system() in ("Linux", "Darwin") and (on_x86() or platform.machine().lower() in ("aarch64", "arm64"))
-
-
-def _torch_openmp() -> Path | None:
-    """The libgomp torch's wheel ships and has loaded (torch/lib on x86, torch.libs on ARM Linux); None where
-    there is none to share (macOS, whose Apple clang has no -fopenmp, or a torch built otherwise)."""
-    root = Path(torch.__file__).parent
-    found = [root / "lib" / "libgomp.so.1", *sorted(root.parent.glob("torch.libs/libgomp*.so*"))]
-    return next((lib for lib in found if lib.is_file()), None)
-
-
-@functools.cache
-def cpu_info(field: str) -> str | None:
-    """The first processor's `field` in /proc/cpuinfo (e.g. "vendor_id", "flags"); None where there is none."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
-    except OSError:
-        return None
-    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == field), None)
-
-
-def _cpu_key() -> str:
-    """What -march=native depends on: the processor's feature flags."""
-    return cpu_info("flags") or cpu_info("Features") or f"{platform.machine()} {platform.processor()}"
-
-
-def build_flags(level: str) -> list[str]:
-    """The compiler flags for `level`; OpenMP only where torch has a libgomp to share."""
-    return [*FLAGS, *march(level), *(["-fopenmp"] if _torch_openmp() else [])]
-
-
-def build_key(level: str) -> str:
-    """What the compiled library depends on: the source, the flags, torch's OpenMP runtime and the processor."""
-    parts = [SOURCE.read_text(), *build_flags(level), str(_torch_openmp()), _cpu_key(), level]
-    return f"{level}-" + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+from .. import cpu
 
 
 def _build(level: str) -> Path:
     """The shared library for this source at `level`, compiled unless cached."""
-    target = cache_dir() / f"decode-{build_key(level)}.so"
+    target = cpu.cache_dir() / f"decode-{cpu.build_key(level)}.so"
     if target.is_file():
         return target
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc or gcc) found")
-    gomp = _torch_openmp()
+    gomp = cpu.torch_openmp()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         obj, lib = Path(tmp) / "decode.o", Path(tmp) / "decode.so"
         run = functools.partial(subprocess.run, check=True, capture_output=True)
-        run([compiler, *build_flags(level), "-c", str(SOURCE), "-o", str(obj)])
+        run([compiler, *cpu.build_flags(level), "-c", str(cpu.SOURCE), "-o", str(obj)])
         run([compiler, "-shared", str(obj), *([str(gomp)] if gomp else []), "-o", str(lib)])
         os.replace(lib, target)  # atomic: another process building at the same time writes the same file
     return target
@@ -188,16 +105,16 @@ ACTIVATIONS = {"gelu_new": 0, "gelu_pytorch_tanh": 0, "gelu_fast": 0, "gelu": 1,
 
 
 def _library():
-    """The kernel at the level the environment asks for (`isa()`), or None where it cannot be used."""
-    return _load(isa())
+    """The kernel at the level the environment asks for (`cpu.isa()`), or None where it cannot be used."""
+    return _load(cpu.isa())
 
 
 @functools.cache
 def _load(level: str):
-    if not supported():
+    if not cpu.supported():
         return None
-    if not runs_here(level):
-        warnings.warn(f"{ISA}={level}: this processor cannot run it; using torch's products")
+    if not cpu.runs_here(level):
+        warnings.warn(f"{cpu.ISA}={level}: this processor cannot run it; using torch's products")
         return None
     try:
         lib = ctypes.CDLL(str(_build(level)))
@@ -205,7 +122,7 @@ def _load(level: str):
         detail = e.stderr.decode(errors="replace").strip()[-300:] if isinstance(e, subprocess.CalledProcessError) else e
         warnings.warn(f"gptforge's decoding kernel could not be built ({detail}); using torch's products")
         return None
-    if _torch_openmp() is None:
+    if cpu.torch_openmp() is None:
         warnings.warn("gptforge's decoding kernel is built without OpenMP (torch ships no libgomp here): one thread")
     lib.gptforge_gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3
     lib.gptforge_gemv.restype = None
@@ -333,17 +250,17 @@ def _agrees(lib) -> bool:
 def describe() -> list[str]:
     """Lines for `gptforge info`: the processor, the instruction-set level asked for and those it runs, the
     kernel's library (building it if needed)."""
-    name = cpu_info("model name") or platform.processor() or "unknown processor"
-    runs = ", ".join(level for level in LEVELS if runs_here(level)) or "none of " + ", ".join(LEVELS)
-    level = isa()
+    name = cpu.cpu_info("model name") or platform.processor() or "unknown processor"
+    runs = ", ".join(level for level in cpu.LEVELS if cpu.runs_here(level)) or "none of " + ", ".join(cpu.LEVELS)
+    level = cpu.isa()
     lines = [
         f"processor: {name} ({platform.machine()}, {os.cpu_count()} CPUs)",
-        f"instruction set: {level} ({ISA}; this processor runs native, {runs})",
+        f"instruction set: {level} ({cpu.ISA}; this processor runs native, {runs})",
     ]
     if not available():
         return [*lines, "decoding kernel: not available here (torch's products are used)"]
-    threads = "one thread (no OpenMP)" if _torch_openmp() is None else "OpenMP shared with torch"
-    return [*lines, f"decoding kernel: {cache_dir() / f'decode-{build_key(level)}.so'} ({threads})"]
+    threads = "one thread (no OpenMP)" if cpu.torch_openmp() is None else "OpenMP shared with torch"
+    return [*lines, f"decoding kernel: {cpu.cache_dir() / f'decode-{cpu.build_key(level)}.so'} ({threads})"]
 
 
 def available() -> bool:
@@ -352,11 +269,11 @@ def available() -> bool:
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `gemv` takes x times this weight: fp32 CPU tensors, at most MAX_ROWS rows, no gradients."""
+    """Whether `gemv` takes x times this weight: fp32 CPU tensors, at most cpu.MAX_ROWS rows, no gradients."""
     return (
         x.dtype == weight.dtype == torch.float32
         and x.device.type == weight.device.type == "cpu"
-        and 0 < x.numel() // max(x.shape[-1], 1) <= MAX_ROWS
+        and 0 < x.numel() // max(x.shape[-1], 1) <= cpu.MAX_ROWS
         and not torch.is_grad_enabled()
         and available()
     )
@@ -388,25 +305,16 @@ def step(
 
 __all__ = [
     "ACTIVATIONS",
-    "ISA",
-    "LEVELS",
-    "MAX_ROWS",
     "Layer",
     "Model",
     "Packed",
     "Weight",
     "available",
-    "build_key",
-    "cache_dir",
-    "cpu_info",
     "describe",
     "fits",
     "gemv",
-    "isa",
     "pack",
     "pack_int8",
     "rounding_bound",
-    "runs_here",
     "step",
-    "supported",
 ]

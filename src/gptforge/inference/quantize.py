@@ -1,7 +1,7 @@
 """int8 weights for generation: quantize a GPT, and store or open an int8 model folder.
 
 Every linear layer of the blocks and the output head get int8 weights with one fp32 scale per output
-channel (`kernels.Int8Linear`); embeddings, LayerNorms and biases stay fp32. Decoding one token reads
+channel (`int8.Int8Linear`); embeddings, LayerNorms and biases stay fp32. Decoding one token reads
 every weight once, so it is bound by memory bandwidth, and int8 weights are a quarter of the bytes.
 
     model = quantize_model(load_model("run"))              # on load: a second or two for gpt2
@@ -25,11 +25,11 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import GPTConfig
-from .errors import CheckpointError, OptionError
-from .fsio import atomic_write
-from .kernels import Int8Linear
-from .model import GPT
+from ..config import GPTConfig
+from ..errors import CheckpointError, OptionError
+from ..fsio import atomic_write
+from ..model import GPT
+from .int8 import Int8Linear, is_int8
 
 METHODS = ("int8",)
 QUANT_METHOD = "gptforge-int8"
@@ -66,10 +66,6 @@ def refuse_quantized(config: GPTConfig, where, doing: str, hint: str = "") -> No
         )
 
 
-def is_quantized(model: GPT) -> bool:
-    return any(isinstance(m, Int8Linear) for m in model.modules())
-
-
 def _linear_layers(model: GPT) -> list[tuple[nn.Module, str, nn.Linear]]:
     """(parent, attribute, layer) for every nn.Linear of the model, the tied head included."""
     return [
@@ -97,7 +93,7 @@ def quantize_model(model: GPT, method: str = "int8", inplace: bool = True) -> GP
     The output head gets its own int8 copy of the tied token embedding, which stays fp32 for the lookup.
     An already-int8 model is returned as it is."""
     check_method(method, "quantize")
-    if is_quantized(model):
+    if is_int8(model):
         return model
     if not inplace:
         model = copy.deepcopy(model)
@@ -109,7 +105,7 @@ def quantize_model(model: GPT, method: str = "int8", inplace: bool = True) -> GP
 
 def save_quantized_weights(model: GPT, folder: str | os.PathLike) -> None:
     """Write the int8 weights file of a model folder atomically (`checkpoint.save_model` writes the rest)."""
-    if not is_quantized(model):
+    if not is_int8(model):
         raise OptionError("the model has fp32 weights; quantize_model(model) first")
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": "pt", "quantization": QUANT_METHOD}
@@ -126,7 +122,7 @@ def load_quantized(folder: str | os.PathLike, config: GPTConfig) -> GPT:
         sd = load_file(str(path))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read int8 weights ({type(e).__name__}); the file is damaged") from None
-    from .config import check_block_count
+    from ..config import check_block_count
 
     check_block_count(sd, config, str(path))  # before the config's blocks are built
     model = GPT.empty(config)
@@ -150,7 +146,6 @@ __all__ = [
     "QUANT_METHOD",
     "WEIGHTS_NAME",
     "check_method",
-    "is_quantized",
     "load_quantized",
     "quantization_of",
     "quantize_model",

@@ -49,7 +49,7 @@ def baseline(train: list[dict], test: list[dict]) -> dict:
 
 def gptforge_recipe(args, out: Path) -> dict:
     from gptforge.api import GPTForgeClassifier
-    from gptforge.tokenizer import train_tokenizer
+    from gptforge.data.vocabulary import train_tokenizer
     from gptforge.train.pipeline import run_training
 
     start = time.perf_counter()

@@ -23,8 +23,8 @@ import torch
 from machine import cpu_name
 
 from gptforge import GPT, preset
+from gptforge.data.vocabulary import train_tokenizer
 from gptforge.generate import generate
-from gptforge.tokenizer import train_tokenizer
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "fortunes_en.txt"
 SCHEMA = {

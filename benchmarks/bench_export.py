@@ -28,10 +28,10 @@ from machine import cpu_name  # noqa: E402
 
 from gptforge import GPT, preset, save_model
 from gptforge.config import GPTConfig
+from gptforge.data.vocabulary import train_tokenizer
 from gptforge.export_gguf import write_gguf
 from gptforge.export_onnx import greedy, quantize_int8, session, write_onnx
 from gptforge.generate import generate_ids
-from gptforge.tokenizer import train_tokenizer
 
 
 def llama_cpp():

@@ -28,7 +28,7 @@ CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "fortunes_
 
 
 def tokens_for(mb: float, folder: Path) -> Path:
-    from gptforge.tokenizer import train_tokenizer
+    from gptforge.data.vocabulary import train_tokenizer
 
     text = CORPUS.read_text(encoding="utf-8")
     docs = [d for d in text.split("\n\n") if d.strip()]

@@ -157,7 +157,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    from gptforge.tokenizer import train_tokenizer
+    from gptforge.data.vocabulary import train_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -39,8 +39,8 @@ def make_model(folder: Path) -> None:
 
     from gptforge.checkpoint import save_model
     from gptforge.config import preset
+    from gptforge.data.vocabulary import train_tokenizer
     from gptforge.model import GPT
-    from gptforge.tokenizer import train_tokenizer
 
     rng = random.Random(0)
     syllables = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 4))) for _ in range(3000)]

@@ -33,7 +33,7 @@ def make_line(path: Path, mb: int) -> None:
 
 def run_one(path: str, mode: str) -> dict:
     import gptforge.data.reading as reading
-    from gptforge.tokenizer import train_tokenizer
+    from gptforge.data.vocabulary import train_tokenizer
 
     if mode == "whole":
         reading.split_long = lambda text, *a: iter([text])  # the reference: each document as one string

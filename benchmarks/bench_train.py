@@ -39,7 +39,7 @@ import transformers
 from bench_step import SHAPES, build, hf_copy, matmul_peak_gflops  # same models, FLOP count and peak
 
 from gptforge.data import Batches, load_split, prepare
-from gptforge.tokenizer import train_tokenizer
+from gptforge.data.vocabulary import train_tokenizer
 from gptforge.train import train
 
 LR, BETAS, WD, CLIP, SEED = 6e-4, (0.9, 0.95), 0.1, 1.0, 1337

@@ -137,7 +137,7 @@ def corpus(tmp_path_factory, sample_text):
 def dataset(tmp_path_factory, corpus):
     """A prepared dataset (vocabulary 300) and its tokenizer, made the way users make them."""
     from gptforge.data import prepare
-    from gptforge.tokenizer import train_tokenizer
+    from gptforge.data.vocabulary import train_tokenizer
 
     root = tmp_path_factory.mktemp("dataset")
     tok = train_tokenizer([str(corpus)], vocab_size=300, out_dir=root / "tok")

@@ -33,7 +33,7 @@ def _randomise_b(model: torch.nn.Module, seed: int = 0) -> None:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, sample_text):
     """A small GPT-2 folder with a byte-level BPE tokenizer (vocab ~300, context 64)."""
-    from gptforge.tokenizer import train_tokenizer
+    from gptforge.data.vocabulary import train_tokenizer
 
     folder = tmp_path_factory.mktemp("base")
     (folder.parent / "corpus.txt").write_text(sample_text)

@@ -149,7 +149,7 @@ def texts_and_labels(n: int = 30, seed: int = 0):
 @pytest.fixture(scope="module")
 def small_lm(tmp_path_factory):
     """A tiny language-model folder with a BPE tokenizer (vocab 300) trained on the example texts."""
-    from gptforge.tokenizer import train_tokenizer
+    from gptforge.data.vocabulary import train_tokenizer
 
     tok = train_tokenizer([], vocab_size=300, texts=[t for t, _ in texts_and_labels(90)] * 3, out_dir=None)
     torch.manual_seed(0)

@@ -13,9 +13,9 @@ pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
 
 from gptforge import GPT, GPTConfig  # noqa: E402
+from gptforge.data.vocabulary import train_tokenizer  # noqa: E402
 from gptforge.errors import OptionError  # noqa: E402
 from gptforge.generate import generate, generate_ids  # noqa: E402
-from gptforge.tokenizer import train_tokenizer  # noqa: E402
 
 SCHEMA = {
     "type": "object",

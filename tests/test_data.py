@@ -24,7 +24,8 @@ from gptforge.data import (
     prepare,
     token_dtype,
 )
-from gptforge.tokenizer import EOS, train_tokenizer
+from gptforge.data.vocabulary import train_tokenizer
+from gptforge.tokenizer import EOS
 
 
 @pytest.fixture(scope="module")
@@ -194,8 +195,8 @@ def test_workers_and_shards_match_single_process(tok, sample_text, tmp_path, mon
 
 
 def test_long_document_cut_into_pieces_keeps_ids(tok, tmp_path, monkeypatch):
-    monkeypatch.setattr(data.reading, "MAX_PIECE_CHARS", 300)
-    monkeypatch.setattr(data.reading, "BLOCK_BYTES", 256)
+    monkeypatch.setattr(data.textfile, "MAX_PIECE_CHARS", 300)
+    monkeypatch.setattr(data.textfile, "BLOCK_BYTES", 256)
     text = "\n".join(f"Line {i}: some words,  spaced\tout; 第{i}行" for i in range(120))
     text += "\r\n".join(f"  windows line {i}  " if i % 2 else f"crlf{i}" for i in range(60))
     (tmp_path / "long.txt").write_text(text)
@@ -246,7 +247,7 @@ def test_bad_input_errors(tok, tmp_path):
 
 
 def test_invalid_utf8_offset_across_blocks_and_replace(tok, tmp_path, monkeypatch):
-    monkeypatch.setattr(data.reading, "BLOCK_BYTES", 7)
+    monkeypatch.setattr(data.textfile, "BLOCK_BYTES", 7)
     raw = "ab\nédé\n".encode() + b"\xff" + b"zz\n"
     (tmp_path / "x.txt").write_bytes(raw)
     bad = raw.index(b"\xff")
@@ -458,8 +459,8 @@ def test_tail_split_across_shards(tok, tmp_path):
     ],
 )
 def test_enormous_line_is_cut_without_changing_ids(tok, tmp_path, monkeypatch, text):
-    monkeypatch.setattr(data.reading, "MAX_PIECE_CHARS", 300)
-    monkeypatch.setattr(data.reading, "BLOCK_BYTES", 256)
+    monkeypatch.setattr(data.textfile, "MAX_PIECE_CHARS", 300)
+    monkeypatch.setattr(data.textfile, "BLOCK_BYTES", 256)
     (tmp_path / "line.txt").write_text(text)
     cuts = []
     real = data.reading._text_pieces

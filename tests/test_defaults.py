@@ -58,7 +58,7 @@ def test_every_flag_made_from_a_dataclass_has_its_fields_default(path):
 
 def test_hand_written_flags_have_the_librarys_defaults():
     from gptforge.data.shards import prepare
-    from gptforge.tokenizer import train_tokenizer
+    from gptforge.data.vocabulary import train_tokenizer
 
     parser = build_parser()
     tokenizer = _defaults(_command(parser, ("tokenizer", "train")))

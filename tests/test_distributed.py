@@ -54,7 +54,7 @@ MODEL = dict(
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, sample_text):
     from gptforge.data import prepare
-    from gptforge.tokenizer import train_tokenizer
+    from gptforge.data.vocabulary import train_tokenizer
 
     root = tmp_path_factory.mktemp("dist")
     (root / "text.txt").write_text(sample_text * 2, encoding="utf-8")

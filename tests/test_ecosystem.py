@@ -13,11 +13,13 @@ import torch
 from gptforge.checkpoint import load_model, save_model
 from gptforge.cli import main
 from gptforge.config import GPTConfig
-from gptforge.data.reading import HFDataset, iter_texts
+from gptforge.data.formats import HFDataset
+from gptforge.data.reading import iter_texts
+from gptforge.data.vocabulary import train_tokenizer
 from gptforge.errors import DataError, NotFoundError, OptionError
 from gptforge.model import GPT
 from gptforge.options import TrainConfig, parse_duration
-from gptforge.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from gptforge.tokenizer import Tokenizer, load_tokenizer
 
 WORDS = "the cat sat on a mat while dogs ran fast and birds sang over green hills".split()
 

@@ -211,8 +211,8 @@ def test_prepared_dataset_matches_its_tokens_and_training_bits_per_byte(
 
     from gptforge.cli import main
     from gptforge.data import load_meta, load_split, prepare
+    from gptforge.data.vocabulary import train_tokenizer
     from gptforge.evaluate import evaluate_prepared
-    from gptforge.tokenizer import train_tokenizer
 
     tok = train_tokenizer([], vocab_size=300, texts=[sample_text], out_dir=tmp_path / "tok")
     (tmp_path / "corpus.txt").write_text(sample_text * 3, encoding="utf-8")

@@ -116,7 +116,7 @@ def test_gguf_refuses_what_llama_cpp_cannot_reproduce(run, tmp_path):
     pytest.importorskip("gguf")
     import shutil
 
-    from gptforge.tokenizer import train_tokenizer
+    from gptforge.data.vocabulary import train_tokenizer
 
     char = tmp_path / "char"
     shutil.copytree(run, char, ignore=shutil.ignore_patterns("data", "checkpoints", "best"))

@@ -484,7 +484,7 @@ def test_cli_streams_samples_one_after_another(model_dir, capsys):
 
 def test_unseen_characters_follow_the_tokenizer_policy(models, sample_text):
     """A char vocabulary encodes an unseen character as <|unk|> (its documented policy); generation goes on."""
-    from gptforge.tokenizer import train_tokenizer
+    from gptforge.data.vocabulary import train_tokenizer
 
     tok = train_tokenizer([], kind="char", vocab_size=100, texts=[sample_text], out_dir=None)
     m, _ = models

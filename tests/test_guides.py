@@ -141,7 +141,7 @@ TEXT = ["the cat sat on the mat", "a dog", "the quick brown fox jumps over the l
 
 @pytest.fixture(scope="module")
 def specials_dir(tmp_path_factory):
-    from gptforge.tokenizer import train_tokenizer
+    from gptforge.data.vocabulary import train_tokenizer
 
     out = tmp_path_factory.mktemp("tok")
     train_tokenizer(
@@ -151,7 +151,7 @@ def specials_dir(tmp_path_factory):
 
 
 def test_encode_batch_pads_truncates_and_masks():
-    from gptforge.tokenizer import train_tokenizer
+    from gptforge.data.vocabulary import train_tokenizer
 
     tok = train_tokenizer([], vocab_size=300, texts=TEXT, out_dir=None)
     plain = tok.encode_batch(TEXT[:3])
@@ -175,7 +175,8 @@ def test_encode_batch_pads_truncates_and_masks():
 
 @pytest.mark.parametrize("kind", ["bpe", "char"])
 def test_special_tokens_at_training_time_are_whole_and_first(tmp_path, kind):
-    from gptforge.tokenizer import EOS, train_tokenizer
+    from gptforge.data.vocabulary import train_tokenizer
+    from gptforge.tokenizer import EOS
 
     tok = train_tokenizer(
         [],
@@ -209,7 +210,7 @@ def test_transformers_knows_the_special_tokens(specials_dir):
 
 
 def test_train_tokenizer_takes_aitextgens_names(tmp_path):
-    from gptforge.tokenizer import train_tokenizer
+    from gptforge.data.vocabulary import train_tokenizer
 
     (tmp_path / "t.txt").write_text("\n".join(TEXT), encoding="utf-8")
     tok = train_tokenizer(
@@ -243,7 +244,7 @@ def test_train_tokenizer_takes_aitextgens_names(tmp_path):
 def small_data(tmp_path_factory):
     """A prepared dataset of a few thousand tokens and its tokenizer."""
     from gptforge.data import prepare
-    from gptforge.tokenizer import train_tokenizer
+    from gptforge.data.vocabulary import train_tokenizer
 
     root = tmp_path_factory.mktemp("small")
     text = "\n\n".join(f"line {i}: the {['cat', 'dog', 'fox'][i % 3]} sat on the mat number {i}." for i in range(300))
@@ -340,7 +341,7 @@ def test_classifier_compute_metrics_and_gptforge_train_callbacks(tmp_path):
 
     from gptforge.api import GPTForgeClassifier
     from gptforge.checkpoint import save_model
-    from gptforge.tokenizer import train_tokenizer
+    from gptforge.data.vocabulary import train_tokenizer
 
     rows = [(f"{w} {w} item {i}", w) for i in range(30) for w in ("red", "blue")]
     tok = train_tokenizer([], vocab_size=280, texts=[t for t, _ in rows], out_dir=None)

@@ -25,7 +25,7 @@ CHAT = [
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory, sample_text):
-    from gptforge.tokenizer import train_tokenizer
+    from gptforge.data.vocabulary import train_tokenizer
 
     folder = tmp_path_factory.mktemp("tok")
     (folder / "corpus.txt").write_text(sample_text + "\n### User:\n### Assistant:\nHello. Four, I think. Be brief.\n")

@@ -220,7 +220,7 @@ def test_config_file_with_trainer_names(captured, tmp_path, capsys):
 def fresh_ai():
     from gptforge.api import GPTForge
     from gptforge.config import GPTConfig
-    from gptforge.tokenizer import train_tokenizer
+    from gptforge.data.vocabulary import train_tokenizer
 
     tok = train_tokenizer([], vocab_size=280, texts=["a few words of text to learn from"] * 50, out_dir=None)
     return GPTForge(

@@ -55,8 +55,8 @@ def test_finetune_notebook(tmp_path):
 
     from gptforge.checkpoint import save_model
     from gptforge.config import GPTConfig
+    from gptforge.data.vocabulary import train_tokenizer
     from gptforge.model import GPT
-    from gptforge.tokenizer import train_tokenizer
 
     corpus = _corpus(tmp_path / "book.txt")
     tok = train_tokenizer([str(corpus)], vocab_size=300, out_dir=None)

@@ -32,7 +32,7 @@ LOGIT_TOLERANCE = 0.05
 @pytest.fixture(scope="module")
 def fp32_dir(tmp_path_factory, sample_text):
     """A small random fp32 model folder with a character tokenizer."""
-    from gptforge.tokenizer import train_tokenizer
+    from gptforge.data.vocabulary import train_tokenizer
 
     tok = train_tokenizer([], kind="char", vocab_size=100, texts=[sample_text], out_dir=None)
     torch.manual_seed(0)

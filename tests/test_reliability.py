@@ -21,6 +21,7 @@ import torch
 from gptforge.checkpoint import save_model
 from gptforge.cli import main
 from gptforge.config import GPTConfig
+from gptforge.data.vocabulary import train_tokenizer
 from gptforge.errors import (
     CheckpointError,
     ConfigError,
@@ -32,7 +33,6 @@ from gptforge.errors import (
 )
 from gptforge.fsio import LOCK_NAME, atomic_write, clean_leftovers, exclusive_lock
 from gptforge.model import GPT
-from gptforge.tokenizer import train_tokenizer
 from gptforge.train.pipeline import run_training
 from gptforge.train.state import list_checkpoints, load_training_state, save_checkpoint
 
@@ -572,12 +572,12 @@ def test_ctrl_c_stops_tokenizer_training_at_once(monkeypatch):
 
 
 def test_interrupted_before_the_first_checkpoint_says_how_to_start_again(tmp_path, corpus, monkeypatch):
-    import gptforge.tokenizer
+    import gptforge.data.vocabulary
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gptforge.tokenizer, "train_tokenizer", interrupted)
+    monkeypatch.setattr(gptforge.data.vocabulary, "train_tokenizer", interrupted)
     said = []
     with pytest.raises(KeyboardInterrupt):
         run_training([str(corpus)], **TINY, log=said.append, **quick(tmp_path / "run"))

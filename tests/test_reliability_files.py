@@ -39,7 +39,7 @@ def _running(pid: int) -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process tree from /proc")
 def test_prepare_workers_end_when_prepare_is_killed(tmp_path, sample_text):
-    from gptforge.tokenizer import train_tokenizer
+    from gptforge.data.vocabulary import train_tokenizer
 
     train_tokenizer([], vocab_size=300, texts=[sample_text], out_dir=tmp_path / "tok")
     big = tmp_path / "big.txt"
@@ -108,8 +108,8 @@ def test_only_files_gptforge_wrote_are_cleaned_at_the_next_start(tmp_path):
 
 def test_a_reused_dataset_clears_a_killed_prepares_temporary_folder(tmp_path, corpus):
     from gptforge.data import prepare
+    from gptforge.data.vocabulary import train_tokenizer
     from gptforge.fsio import atomic_dir
-    from gptforge.tokenizer import train_tokenizer
 
     tok = train_tokenizer([str(corpus)], vocab_size=300, out_dir=None)
     first = prepare([str(corpus)], tok, tmp_path / "data")
@@ -347,8 +347,8 @@ def lm_folder(tmp_path_factory, sample_text):
 
     from gptforge.checkpoint import save_model
     from gptforge.config import GPTConfig
+    from gptforge.data.vocabulary import train_tokenizer
     from gptforge.model import GPT
-    from gptforge.tokenizer import train_tokenizer
 
     tok = train_tokenizer([], vocab_size=300, texts=[sample_text + "\n### User:\n### Assistant:\n"], out_dir=None)
     torch.manual_seed(0)

@@ -27,11 +27,11 @@ from conftest import API_KEY, RunningServer
 
 from gptforge.checkpoint import save_model
 from gptforge.config import GPTConfig
+from gptforge.data.vocabulary import train_tokenizer
 from gptforge.generate import SamplingOptions, generate_ids
 from gptforge.inference import fastdecode, native
 from gptforge.model import GPT
 from gptforge.serve.engine import Engine, Sequence
-from gptforge.tokenizer import train_tokenizer
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

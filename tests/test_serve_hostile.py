@@ -20,8 +20,8 @@ from conftest import RunningServer
 
 from gptforge.checkpoint import save_model
 from gptforge.config import GPTConfig
+from gptforge.data.vocabulary import train_tokenizer
 from gptforge.model import GPT
-from gptforge.tokenizer import train_tokenizer
 
 N_CTX = 128  # the context of `tiny`, the smallest preset: a long chat does not fit
 # A template that behaves until a message asks it not to: loops for good, or makes a 20M-character string.

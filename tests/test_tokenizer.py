@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from gptforge.tokenizer import EOS, UNK, Tokenizer, TokenizerError, check_vocab_fits, load_tokenizer, train_tokenizer
+from gptforge.data.vocabulary import train_tokenizer
+from gptforge.tokenizer import EOS, UNK, Tokenizer, TokenizerError, check_vocab_fits, load_tokenizer
 
 VARIED = [
     "Hello, world! It's 2024 and we've got 3.14159 reasons.",

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.reading import read_text_file
+from .data.textfile import read_text_file
 from .errors import DataError, NotFoundError, OptionError
 from .model import GPT
 from .options import EvalOptions, refuse_unknown

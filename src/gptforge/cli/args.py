@@ -13,7 +13,7 @@ QUANTIZE_HELP = "int8: int8 weights made on load (faster on CPUs, slightly diffe
 
 def inputs_of(args: argparse.Namespace, items: list) -> list:
     """The inputs named on the command line, and the --hf-dataset one."""
-    from ..data.reading import HFDataset
+    from ..data.formats import HFDataset
 
     return list(items) + ([HFDataset(args.hf_dataset, args.split)] if args.hf_dataset else [])
 

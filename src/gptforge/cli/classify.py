@@ -77,7 +77,7 @@ def _texts(args: argparse.Namespace) -> list[str]:
     """The texts to classify: arguments ('-': stdin), --file text files (one text each) or labelled files
     (.csv/.tsv/.jsonl/.json: one text per row); --lines makes every non-empty line a text of its own."""
     from ..data.labelled import TABLE_FORMATS, read_labelled
-    from ..data.reading import read_text_file
+    from ..data.textfile import read_text_file
     from ..errors import DataError
 
     texts = [sys.stdin.read() if t == "-" else t for t in args.texts]

@@ -12,7 +12,8 @@ from .args import inputs_of, read_flags, read_options
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..tokenizer import TOKENIZER_FILES, train_tokenizer
+    from ..data.vocabulary import train_tokenizer
+    from ..tokenizer import TOKENIZER_FILES
 
     out = Path(args.out)
     existing = [f for f in TOKENIZER_FILES if (out / f).exists()]

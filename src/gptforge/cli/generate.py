@@ -12,7 +12,7 @@ from .args import ADAPTER_HELP, QUANTIZE_HELP
 
 
 def _gather_prompts(args: argparse.Namespace) -> list[str]:
-    from ..data.reading import read_text_file
+    from ..data.textfile import read_text_file
 
     sources = []
     for p in args.prompt + args.prompt_option:

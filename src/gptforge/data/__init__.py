@@ -1,4 +1,5 @@
-"""Data: reading inputs (`reading`), token shards (`shards`), training batches (`batches`), datasets (`dataset`).
+"""Data: reading inputs (`reading`), a tokenizer trained on them (`vocabulary`), token shards (`shards`),
+training batches (`batches`), datasets (`dataset`).
 
 Names are imported on first use, so that reading text does not import numpy's or torch's users.
 """
@@ -13,12 +14,14 @@ _EXPORTS = {
         "fingerprint_file",
         "iter_pieces",
         "iter_texts",
-        "read_text_file",
         "resolve_inputs",
     ],
+    "textfile": ["read_lines", "read_text_file"],
+    "formats": ["HFDataset"],
     "shards": ["FORMAT", "ShardedTokens", "load_meta", "load_split", "prepare", "token_dtype"],
     "batches": ["Batches", "Prefetcher"],
     "dataset": ["RunData", "TokenDataset", "default_cache_dir", "load_run_data"],
+    "vocabulary": ["train_tokenizer"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE) + ["DataError"]

@@ -19,7 +19,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import DataError, NotFoundError
-from .reading import TEXT_EXTENSIONS, read_lines, read_text_file
+from .reading import TEXT_EXTENSIONS
+from .textfile import read_lines, read_text_file
 
 TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
 

@@ -8,20 +8,19 @@ of a text file (a line with `line_by_line`), a CSV row's column, or a row's fiel
 
 from __future__ import annotations
 
-import codecs
-import csv
 import glob as globlib
 import hashlib
-import json
 import os
 import re
-import sys
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..errors import DataError, NotFoundError
+from . import formats, textfile
+from .formats import HFDataset
+from .textfile import decoded_blocks, fingerprint
 
 TEXT_EXTENSIONS = (".txt", ".md", ".text", ".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
 # a folder holding both files of a pair is a model or tokenizer (transformers', gptforge's) or a gptforge run: not text
@@ -30,10 +29,7 @@ WRITTEN_MARKERS = (
     ("tokenizer.json", "config.json"),
     ("run_config.json", "metrics.jsonl"),
 )
-BLOCK_BYTES = 1 << 20  # bytes read at a time
 JOB_CHARS = 1 << 20  # characters of text per batch of documents handed on
-MAX_PIECE_CHARS = 16 << 20  # a document longer than this is passed on in pieces (cut where the ids cannot change)
-NUL = b"\x00"
 _BLANK_LINES = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
 # Where GPT-2's pre-tokenizer always starts a new pre-token, whatever the text around: after a line break
 # between two non-space characters, before a single space between two non-space characters, or between a
@@ -166,14 +162,8 @@ def _each_once(files: list) -> list:
 
 
 def fingerprint_file(path: Path) -> dict:
-    """Content hash (not timestamps), so a copied file reuses shards and an edited one rebuilds them."""
-    if isinstance(path, HFDataset):
-        return path.fingerprint()
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while block := f.read(BLOCK_BYTES):
-            h.update(block)
-    return {"path": str(path), "bytes": path.stat().st_size, "blake2b": h.hexdigest()}
+    """Content hash (not timestamps) of a file or a `datasets` dataset: a copy reuses shards, an edit rebuilds them."""
+    return path.fingerprint() if isinstance(path, HFDataset) else fingerprint(path)
 
 
 # --- reading: files -> documents -----------------------------------------------------------------------
@@ -191,65 +181,10 @@ def _format_of(path: Path) -> str:
     }.get(suffix, "text")
 
 
-def _decoded_blocks(path: Path, errors: str, split_long_lines: bool = False) -> Iterator[str]:
-    """Text of `path` in blocks of whole lines; names the byte offset of invalid UTF-8 and rejects binary files.
-
-    With `split_long_lines`, a line longer than MAX_PIECE_CHARS is passed on in parts, so memory stays
-    bounded even for text without line breaks.
-    """
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: the file is empty; remove it from the inputs")
-    decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
-    offset, carry = 0, ""
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(BLOCK_BYTES)
-            if offset == 0 and block[:2] in (b"\xff\xfe", b"\xfe\xff"):
-                raise DataError(
-                    f"{path}: UTF-16 text (it starts with a UTF-16 byte order mark); save it as UTF-8 "
-                    "(e.g. iconv -f UTF-16 -t UTF-8), which gptforge reads"
-                )
-            if NUL in block:
-                raise DataError(
-                    f"{path}: NUL byte at byte {offset + block.index(NUL)}; this looks like a binary "
-                    "file, not text (remove it from the inputs)"
-                )
-            pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
-            try:
-                text = carry + decoder.decode(block, final=not block)
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    f"{path}: invalid UTF-8 at byte {offset - pending + e.start}; "
-                    "convert the file to UTF-8 or pass --encoding-errors replace"
-                ) from None
-            if offset == 0 and text.startswith("\ufeff"):
-                text = text[1:]  # byte order mark
-            offset += len(block)
-            if not block:
-                if text:
-                    yield text
-                break
-            cut = text.rfind("\n") + 1
-            if not cut and split_long_lines and len(text) > MAX_PIECE_CHARS:
-                cut = len(text)
-            carry = text[cut:]
-            if cut:
-                yield text[:cut]
-
-
-_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
-
-
-def _lines(block: str) -> list[str]:
-    """Lines with their ends, broken at \n, \r\n and \r only: U+2028, U+0085 and the other breaks that
-    str.splitlines() knows are text inside a JSON string or a CSV field, not the end of a row."""
-    return _LINE.findall(block)
-
-
 def _text_pieces(path: Path, opts: ReadOptions) -> Iterator[tuple[list[str], list[bool]]]:
     """Batches of (texts, ends_document) of a plain text file, one batch per block read."""
     carry = ""
-    for block in _decoded_blocks(path, opts.encoding_errors, split_long_lines=not opts.line_by_line):
+    for block in decoded_blocks(path, opts.encoding_errors, split_long_lines=not opts.line_by_line):
         if opts.line_by_line:
             texts = [line.rstrip("\r") for line in block.split("\n") if line and not line.isspace()]
             yield texts, [True] * len(texts)
@@ -258,7 +193,9 @@ def _text_pieces(path: Path, opts: ReadOptions) -> Iterator[tuple[list[str], lis
         carry = parts.pop()
         texts = [p.strip("\r\n") for p in parts if p and not p.isspace()]
         ends = [True] * len(texts)
-        if len(carry) > MAX_PIECE_CHARS:  # one enormous document: pass it on in pieces the tokenizer cannot tell apart
+        if (
+            len(carry) > textfile.MAX_PIECE_CHARS
+        ):  # one enormous document: pass it on in pieces the tokenizer cannot tell apart
             m = _SAFE_CUT.search(carry, len(carry) // 2)
             if m:
                 texts.append(carry[: m.end()].lstrip("\r\n"))
@@ -282,199 +219,6 @@ def _batched(rows: Iterator[str]) -> Iterator[tuple[list[str], list[bool]]]:
         yield texts, [True] * len(texts)
 
 
-def _csv_rows(path: Path, opts: ReadOptions, delimiter: str) -> Iterator[str]:
-    csv.field_size_limit(sys.maxsize)
-    lines = (line for block in _decoded_blocks(path, opts.encoding_errors) for line in _lines(block))
-    reader = csv.reader(lines, delimiter=delimiter)
-    index = opts.column if isinstance(opts.column, int) else None
-    if opts.header:
-        header = next(reader, None) or []
-        if isinstance(opts.column, str):
-            if opts.column not in header:
-                raise DataError(
-                    f"{path}: no column {opts.column!r}; the header has {header}; pass --column NAME or an index"
-                )
-            index = header.index(opts.column)
-        elif opts.column is None:
-            if len(header) != 1:
-                raise DataError(f"{path}: {len(header)} columns {header}; choose the text column with --column NAME")
-            index = 0
-    else:
-        if isinstance(opts.column, str):
-            raise DataError(
-                f"{path}: --column {opts.column!r} is a name but --no-header says the file has no header; "
-                "pass a 0-based index instead"
-            )
-        index = index or 0
-    for row in reader:
-        if not row:
-            continue
-        if index >= len(row):
-            raise DataError(f"{path}: row {reader.line_num} has {len(row)} columns, no column {index}; check --column")
-        if row[index].strip():
-            yield row[index]
-
-
-def _jsonl_rows(path: Path, opts: ReadOptions) -> Iterator[str]:
-    n = 0
-    for block in _decoded_blocks(path, opts.encoding_errors):
-        for line in _lines(block):
-            n += 1
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}:{n}: not valid JSON ({e.msg}); each line of a .jsonl file must be one JSON value"
-                ) from None
-            text = _row_text(row, opts.field, f"{path}:{n}", opts.encoding_errors)
-            if text.strip():
-                yield text
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _row_text(row, field: str, where: str, errors: str = "strict") -> str:
-    """The text of one row: a string, or an object's `field`; an error that says what to do otherwise.
-    A lone surrogate escape ("\\ud83d", half an emoji, common in scraped JSON) is no character and UTF-8
-    cannot hold it: refused naming the row, or U+FFFD with `errors="replace"`."""
-    if not isinstance(row, str):
-        if not isinstance(row, dict) or field not in row:
-            found = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise DataError(f"{where}: no text field {field!r} (found {found}); choose it with --field NAME")
-        row = _text_value(row[field], field, where)
-    bad = _SURROGATE.search(row)
-    if bad is None:
-        return row
-    if errors == "replace":
-        return _SURROGATE.sub("\ufffd", row)
-    raise DataError(
-        f"{where}: a lone surrogate escape (\\u{ord(bad.group()):04x}) in the text, half of a character; "
-        "fix the row, or pass --encoding-errors replace to read it as U+FFFD"
-    )
-
-
-def _text_value(value, field: str, where: str) -> str:
-    if isinstance(value, str):
-        return value
-    if value is None:
-        return ""
-    if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
-        raise DataError(
-            f"{where}: the field {field!r} holds a list of chat messages, not text; gptforge trains on "
-            "plain text: write each conversation as one string (e.g. 'role: content' lines, or its chat "
-            "template applied) into a field of its own and pass --field NAME"
-        )
-    raise DataError(
-        f"{where}: the field {field!r} holds {type(value).__name__}, not text; choose a text field with --field NAME"
-    )
-
-
-def _json_rows(path: Path, opts: ReadOptions) -> Iterator[str]:
-    """A .json file: an array of strings or of objects (a JSON Lines file named .json is read as one)."""
-    try:
-        data = json.loads("".join(_decoded_blocks(path, opts.encoding_errors)))
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data":
-            yield from _jsonl_rows(path, opts)
-            return
-        raise DataError(
-            f"{path}: not valid JSON ({e.msg} at line {e.lineno}); a .json input holds an array of strings or objects"
-        ) from None
-    if not isinstance(data, list):
-        found = f"an object with keys {sorted(data)[:8]}" if isinstance(data, dict) else type(data).__name__
-        raise DataError(
-            f"{path}: holds {found}, not an array; gptforge reads an array of strings or of objects "
-            "(with --field NAME), or JSON Lines"
-        )
-    for i, row in enumerate(data):
-        text = _row_text(row, opts.field, f"{path}[{i}]", opts.encoding_errors)
-        if text.strip():
-            yield text
-
-
-def _text_column(names: list[str], opts: ReadOptions, where: str) -> str:
-    name = opts.column if isinstance(opts.column, str) else opts.field
-    if name not in names:
-        raise DataError(f"{where}: no column {name!r}; it has {names}; choose it with --field NAME")
-    return name
-
-
-def _parquet_rows(path: Path, opts: ReadOptions) -> Iterator[str]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install 'gptforge[data]'") from None
-    try:
-        table = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises its own ArrowInvalid and OSError for damaged files
-        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:200]})") from None
-    name = _text_column(table.schema_arrow.names, opts, str(path))
-    for batch in table.iter_batches(columns=[name], batch_size=1024):
-        for value in batch.column(0).to_pylist():
-            text = _text_value(value, name, str(path))
-            if text.strip():
-                yield text
-
-
-@dataclass(frozen=True)
-class HFDataset:
-    """A split of a `datasets` library dataset: a local folder (written by `save_to_disk`, or of data files),
-    or a hub name, which is downloaded only because it was named."""
-
-    name: str
-    split: str = "train"
-
-    def __str__(self) -> str:
-        return f"{self.name}[{self.split}]"
-
-    def load(self):
-        try:
-            import datasets
-        except ImportError:
-            raise DataError(
-                f"--hf-dataset {self.name}: needs the datasets package: pip install 'gptforge[data]'"
-            ) from None
-        try:
-            if (Path(self.name) / "dataset_info.json").is_file() or (Path(self.name) / "dataset_dict.json").is_file():
-                ds = datasets.load_from_disk(self.name)
-            else:
-                ds = datasets.load_dataset(self.name, split=self.split)
-        except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
-            raise DataError(
-                f"--hf-dataset {self.name}: cannot load it ({str(e).splitlines()[0][:200]}); without network "
-                "access, save it elsewhere with `Dataset.save_to_disk(DIR)` and pass the local folder"
-            ) from None
-        if isinstance(ds, datasets.DatasetDict):
-            if self.split not in ds:
-                raise DataError(
-                    f"--hf-dataset {self.name}: no split {self.split!r}; it has {list(ds)}; choose one with --split"
-                )
-            ds = ds[self.split]
-        return ds
-
-    def fingerprint(self) -> dict:
-        ds = self.load()
-        h = hashlib.blake2b(str(self).encode(), digest_size=16)
-        files = [Path(f["filename"]) for f in ds.cache_files]
-        for f in files:
-            h.update(fingerprint_file(f)["blake2b"].encode())
-        if not files:  # an in-memory dataset: hash its table
-            h.update(str(ds.data.to_pydict()).encode())
-        return {"path": str(self), "bytes": int(ds.data.nbytes), "blake2b": h.hexdigest()}
-
-    def rows(self, opts: ReadOptions) -> Iterator[str]:
-        ds = self.load()
-        name = _text_column(ds.column_names, opts, f"--hf-dataset {self}")
-        for batch in ds.select_columns([name]).iter(batch_size=1024):
-            for value in batch[name]:
-                text = _text_value(value, name, f"--hf-dataset {self}")
-                if text.strip():
-                    yield text
-
-
 def iter_pieces(files: Sequence[Path], opts: ReadOptions) -> Iterator[tuple[list[str], list[bool]]]:
     """Batches of (texts, ends_document) covering every document of every file in order, uncleaned.
 
@@ -487,10 +231,8 @@ def iter_pieces(files: Sequence[Path], opts: ReadOptions) -> Iterator[tuple[list
             batches = _batched(path.rows(opts))
         elif fmt == "text":
             batches = _text_pieces(path, opts)
-        elif fmt in ("csv", "tsv"):
-            batches = _batched(_csv_rows(path, opts, "," if fmt == "csv" else "\t"))
         else:
-            batches = _batched({"jsonl": _jsonl_rows, "json": _json_rows, "parquet": _parquet_rows}[fmt](path, opts))
+            batches = _batched(formats.rows(path, fmt, opts))
         empty = True
         for texts, ends in batches:
             if texts:
@@ -550,30 +292,7 @@ def iter_texts(inputs, progress: bool = False, exclude: Sequence = (), **options
     finish(bar)
 
 
-def read_text_file(path: str | os.PathLike, errors: str = "strict") -> str:
-    """A whole UTF-8 text file, with the same checks as every other reader (missing, empty, binary, bad
-    UTF-8 with its byte offset, no text at all)."""
-    path = Path(path)
-    if not path.is_file():
-        raise NotFoundError(f"{path}: no such file")
-    text = "".join(_decoded_blocks(path, errors))
-    if not text.strip():
-        raise DataError(f"{path}: no text in this file (only blank lines); remove it from the inputs")
-    return text
-
-
-def read_lines(path: str | os.PathLike, errors: str = "strict") -> Iterator[str]:
-    """The lines of a UTF-8 file (line ends kept), read in blocks with the checks every reader makes (missing,
-    empty, binary, bad UTF-8 with its byte offset); for readers of their own formats (data/labelled.py)."""
-    path = Path(path)
-    if not path.is_file():
-        raise NotFoundError(f"{path}: no such file")
-    for block in _decoded_blocks(path, errors):
-        yield from _lines(block)
-
-
 __all__ = [
-    "HFDataset",
     "JOB_CHARS",
     "ReadOptions",
     "TEXT_EXTENSIONS",
@@ -581,8 +300,6 @@ __all__ = [
     "fingerprint_file",
     "iter_pieces",
     "iter_texts",
-    "read_lines",
-    "read_text_file",
     "resolve_inputs",
     "split_long",
 ]

@@ -252,7 +252,8 @@ def _fingerprint(data: Labelled) -> str:
 def _tokenizer_for(init: str, out: Path, tokenizer, texts: list[str], vocab_size, resume: bool, log):
     """The tokenizer of a classifier run: the one named, the init model's, or (from scratch) one trained on the
     training texts into `out/tokenizer` (a resumed run reuses its own)."""
-    from ..tokenizer import load_tokenizer, train_tokenizer
+    from ..data.vocabulary import train_tokenizer
+    from ..tokenizer import load_tokenizer
     from .pipeline import load_model_folder
 
     if tokenizer is not None:

@@ -190,7 +190,8 @@ def _run_tokenizer(
     inputs, out: Path, init, tokenizer, data, vocab_size, kind, names: str, log, progress: bool, read: dict
 ):
     """The tokenizer of a run: the model's (fine-tuning), the one named, the dataset's, or one trained on the inputs."""
-    from ..tokenizer import load_tokenizer, train_tokenizer
+    from ..data.vocabulary import train_tokenizer
+    from ..tokenizer import load_tokenizer
 
     if init is not None:
         try:

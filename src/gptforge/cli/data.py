@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..errors import RunFolderError
-from ..options import DEFAULT_VOCAB_SIZE
+from ..options import TokenizerOptions
+from ..options.flags import add_dataclass_options, option_values
 from .args import inputs_of, read_flags, read_options
 
 
@@ -15,19 +16,17 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from ..data.vocabulary import train_tokenizer
     from ..tokenizer import TOKENIZER_FILES
 
-    out = Path(args.out)
+    out, options = Path(args.out), option_values(args, TokenizerOptions)
     existing = [f for f in TOKENIZER_FILES if (out / f).exists()]
-    if existing and not args.force:
+    if existing and not options.pop("force"):
         raise RunFolderError(
             f"{out}: already holds {', '.join(existing)}; pass --force to replace them or choose another --out"
         )
     tok = train_tokenizer(
         inputs_of(args, args.files),
-        vocab_size=args.vocab_size,
-        min_frequency=args.min_frequency,
-        kind=args.kind,
         out_dir=out,
         progress=True,
+        **options,
         **read_options(args),
     )
     print(
@@ -82,22 +81,7 @@ def add_data_commands(sub) -> None:
     t = tsub.add_parser("train", help="train a byte-level BPE or a character vocabulary on your text")
     t.add_argument("files", nargs="*", help="text files, folders, globs, .csv/.tsv, .jsonl, .json or .parquet")
     t.add_argument("--out", required=True, help="folder to write the tokenizer files into")
-    t.add_argument(
-        "--vocab-size",
-        type=int,
-        default=DEFAULT_VOCAB_SIZE,
-        help=f"number of tokens, <|endoftext|> included (default {DEFAULT_VOCAB_SIZE})",
-    )
-    t.add_argument(
-        "--min-frequency", type=int, default=2, help="ignore merges / characters seen fewer times (default 2)"
-    )
-    t.add_argument(
-        "--kind",
-        choices=("bpe", "char"),
-        default="bpe",
-        help="bpe: GPT-2 byte-level BPE; char: one token per character (unseen characters become <|unk|>)",
-    )
-    t.add_argument("--force", action="store_true", help="replace tokenizer files already in --out")
+    add_dataclass_options(t, TokenizerOptions)
     read_flags(t)
     t.set_defaults(func=cmd_tokenizer_train, parser=t)
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..options import ExportOptions, MergeOptions, QuantizeOptions
+from ..options.flags import add_dataclass_options, option_values
+
 
 def _human(n: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -84,7 +87,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ..export import export_model
 
-    out = export_model(args.run, args.out, license=args.license, force=args.force, format=args.format, type=args.type)
+    out = export_model(args.run, args.out, **option_values(args, ExportOptions))
     what = "model files" if args.format == "transformers" else f"{args.format} {args.type or 'f32'}"
     print(f"exported the model of {args.run} to {out} ({what} and README.md; no data, checkpoints or trainer state)")
     print(f"upload it with the Hugging Face CLI: hf upload USER/NAME {out} .")
@@ -94,7 +97,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from ..checkpoint import quantize_folder
 
-    out = quantize_folder(args.model, args.out, args.method, force=args.force)
+    out = quantize_folder(args.model, args.out, **option_values(args, QuantizeOptions))
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"wrote the int8 model folder {out} ({size / 1e6:.1f} MB)")
     return 0
@@ -103,7 +106,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from ..checkpoint import merge_to_folder
 
-    out = merge_to_folder(args.base, args.adapter, args.out, force=args.force)
+    out = merge_to_folder(args.base, args.adapter, args.out, **option_values(args, MergeOptions))
     print(
         f"wrote {out}: {args.base} with the adapter {args.adapter} merged in (a plain model folder, no adapter code "
         "needed)"
@@ -143,24 +146,7 @@ def add_model_commands(sub) -> None:
     )
     p.add_argument("run", help="run folder (or RUN/best, RUN/checkpoints/step-N)")
     p.add_argument("out", help="folder to write")
-    p.add_argument(
-        "--license", default="other", help="license in the model card (e.g. mit, apache-2.0, cc-by-4.0; default: other)"
-    )
-    p.add_argument("--force", action="store_true", help="replace the folder if it already holds files")
-    p.add_argument(
-        "--format",
-        choices=("transformers", "gguf", "onnx", "ct2"),
-        default="transformers",
-        help="transformers: the model folder (default); gguf: one file for llama.cpp (pip install "
-        "'gptforge[gguf]'); onnx: the decoder with its cache for ONNX Runtime ('gptforge[onnx]'); ct2: "
-        "CTranslate2's converter on the folder ('gptforge[ct2]')",
-    )
-    p.add_argument(
-        "--type",
-        choices=("f32", "f16", "q8_0", "int8"),
-        default=None,
-        help="weights: gguf f32 (default), f16 or q8_0; onnx and ct2 f32 (default) or int8",
-    )
+    add_dataclass_options(p, ExportOptions)
     p.set_defaults(func=cmd_export)
 
 
@@ -176,7 +162,7 @@ def add_convert_commands(sub) -> None:
         "adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors, from gptforge or peft)"
     )
     p.add_argument("--out", required=True, help="folder to write")
-    p.add_argument("--force", action="store_true", help="replace --out if it already holds files")
+    add_dataclass_options(p, MergeOptions)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
@@ -188,6 +174,5 @@ def add_convert_commands(sub) -> None:
     )
     p.add_argument("model", help="fp32 model folder or hub id")
     p.add_argument("--out", required=True, help="folder to write")
-    p.add_argument("--method", default="int8", help="quantization (default and only choice: int8)")
-    p.add_argument("--force", action="store_true", help="replace --out if it already holds files")
+    add_dataclass_options(p, QuantizeOptions)
     p.set_defaults(func=cmd_quantize)

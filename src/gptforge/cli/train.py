@@ -61,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = run_training(
         inputs or None,
         data=args.data,
-        eval_inputs=[args.eval_file] if args.eval_file else None,
+        eval_inputs=[args.val_file] if args.val_file else None,
         init=args.init,
         size=args.size,
         tokenizer=args.tokenizer,
@@ -110,7 +110,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g = groups["data"]
     g.add_argument("inputs", nargs="*", help="text files, folders, globs, .csv/.tsv, .jsonl, .json or .parquet")
     g.add_argument("--train-file", help="a training file (same as a positional input)")
-    g.add_argument("--eval-file", help="validation file (default: a seeded 90/10 split of the inputs)")
+    g.add_argument("--val-file", help="validation file (default: a seeded 90/10 split of the inputs)")
     g.add_argument("--data", help="a dataset folder written by `gptforge prepare`")
     g.add_argument("--line-by-line", action="store_true", help="each line is one short sample (tweets, titles, jokes)")
     g.add_argument("--tokenizer", help="use this tokenizer (folder or tokenizer.json) instead of training one")

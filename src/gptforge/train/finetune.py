@@ -171,7 +171,7 @@ def example_inputs(inputs, eval_inputs, data, instruct: InstructOptions | None, 
     bad = [str(e) for e in eval_inputs or [] if not is_example_file(e)]
     if bad:
         raise DataError(
-            f"--eval-file {bad[0]}: the training data are instruction examples; give examples to validate on too"
+            f"--val-file {bad[0]}: the training data are instruction examples; give examples to validate on too"
         )
     if plain_only:
         raise OptionError(

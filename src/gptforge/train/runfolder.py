@@ -188,7 +188,7 @@ def refuse_conflicts(
             )
         if eval_inputs:
             raise OptionError(
-                f"--eval-file with --data: the dataset {data} has its own validation split; prepare it "
+                f"--val-file with --data: the dataset {data} has its own validation split; prepare it "
                 "with `gptforge prepare --val-file` instead"
             )
         if line_by_line:

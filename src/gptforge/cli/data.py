@@ -17,8 +17,9 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from ..tokenizer import TOKENIZER_FILES
 
     out, options = Path(args.out), option_values(args, TokenizerOptions)
+    force = options.pop("force")  # the command's own: train_tokenizer writes where it is told
     existing = [f for f in TOKENIZER_FILES if (out / f).exists()]
-    if existing and not options.pop("force"):
+    if existing and not force:
         raise RunFolderError(
             f"{out}: already holds {', '.join(existing)}; pass --force to replace them or choose another --out"
         )

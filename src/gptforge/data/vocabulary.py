@@ -11,7 +11,8 @@ from typing import Iterable, Sequence
 
 from ..errors import TokenizerError
 from ..options import DEFAULT_VOCAB_SIZE
-from ..tokenizer import Tokenizer, check_training, train_from_texts
+from ..tokenizer import Tokenizer
+from ..tokenizer_training import check_training, train_from_texts
 from . import reading
 
 

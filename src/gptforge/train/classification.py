@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -276,6 +277,57 @@ def _split(train: Labelled, eval_inputs, opts: ClassifyOptions, seed: int, read)
     return train.subset(keep), train.subset(val)
 
 
+def _refuse(cfg: TrainConfig, init, compute_metrics) -> None:
+    """A classifier run's options that cannot work, refused before anything is read."""
+    if compute_metrics is not None and not callable(compute_metrics):
+        raise OptionError(f"compute_metrics={compute_metrics!r}: must be a function of (probabilities, label_ids)")
+    unused = [
+        flag_of(TrainConfig, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if f.name in LANGUAGE_MODELLING_ONLY and getattr(cfg, f.name) != f.default
+    ]
+    if unused:
+        raise OptionError(
+            f"{', '.join(unused)}: only for language modelling; a classifier trains on whole examples "
+            "and samples no text, so leave it out"
+        )
+    if init is None:
+        raise OptionError(
+            "say what to start from: --init a language-model folder or hub id (e.g. gpt2), a classifier "
+            "folder to train further, or a preset (tiny, mini, small) to train from scratch"
+        )
+
+
+def _model_and_task(init, labels, tok, train_data, val_data, opts, cfg, lora, compute_metrics, log):
+    """The classifier (a new head drawn from --seed, dropout and LoRA as asked) and its task over the encoded
+    examples; the TrainConfig comes back changed where LoRA changes it."""
+    torch.manual_seed(cfg.seed)  # before the new head (or a preset's weights) is drawn: one classifier per --seed
+    model = build_classifier(init, labels, tok.pad_id, tok.vocab_size)
+    labels = model.labels  # a classifier trained further keeps its label ids
+    if opts.dropout is not None:
+        set_dropout(model, opts.dropout)
+    if val_data is not None:
+        check_known(val_data, labels, "the validation examples must use the training labels")
+    if lora is not None and lora.enabled:
+        cfg = add_lora(model, lora, cfg, None if is_preset(init) else init, log)
+        model.score.requires_grad_(True)  # the new head trains in full
+    max_length = cfg.block_size or model.config.n_positions
+    encode = lambda d, say=None: _encode(tok, d, labels, max_length, opts.truncate, say)
+    task = ClassificationTask(
+        encode(train_data, log),
+        encode(val_data) if val_data is not None else None,
+        labels,
+        model.pad_token_id,
+        opts.balance,
+        _fingerprint(train_data),
+        getattr(tok, "fingerprint", ""),
+        opts.lm_weight,
+        opts.crop,
+        compute_metrics,
+    )
+    return model, task, cfg
+
+
 def train_classifier(
     inputs,
     *,
@@ -305,32 +357,16 @@ def train_classifier(
     ids) returns a dict of numbers added to each evaluation's row as val_<name> (as the Trainer's hook does)."""
     callbacks = Callbacks.take(train_options)
     callbacks.on_step = callbacks.on_step or on_step
-    if compute_metrics is not None and not callable(compute_metrics):
-        raise OptionError(f"compute_metrics={compute_metrics!r}: must be a function of (probabilities, label_ids)")
     opts = options or ClassifyOptions()
     cfg = TrainConfig(**train_options)
-    unused = [
-        flag_of(TrainConfig, f.name)
-        for f in dataclasses.fields(TrainConfig)
-        if f.name in LANGUAGE_MODELLING_ONLY and getattr(cfg, f.name) != f.default
-    ]
-    if unused:
-        raise OptionError(
-            f"{', '.join(unused)}: only for language modelling; a classifier trains on whole examples "
-            "and samples no text, so leave it out"
-        )
-    if init is None:
-        raise OptionError(
-            "say what to start from: --init a language-model folder or hub id (e.g. gpt2), a classifier "
-            "folder to train further, or a preset (tiny, mini, small) to train from scratch"
-        )
+    _refuse(cfg, init, compute_metrics)
     out = Path(cfg.out_dir)
     refuse_previous_run(out, cfg, None if is_preset(init) else init)
-    read = lambda files: read_labelled(
-        files,
-        opts.text_field,
-        opts.label_field,
-        header=opts.header,  # noqa: E731
+    read = functools.partial(
+        read_labelled,
+        text_field=opts.text_field,
+        label_field=opts.label_field,
+        header=opts.header,
         encoding_errors=encoding_errors,
     )
     train_data = read(inputs)
@@ -338,29 +374,8 @@ def train_classifier(
     train_data, val_data = _split(train_data, eval_inputs, opts, cfg.seed, read)
     with claim_run_folder(out, log):
         tok = _tokenizer_for(init, out, tokenizer, train_data.texts, vocab_size, cfg.resume, log)
-        torch.manual_seed(cfg.seed)  # before the new head (or a preset's weights) is drawn: one classifier per --seed
-        model = build_classifier(init, labels, tok.pad_id, tok.vocab_size)
-        labels = model.labels  # a classifier trained further keeps its label ids
-        if opts.dropout is not None:
-            set_dropout(model, opts.dropout)
-        if val_data is not None:
-            check_known(val_data, labels, "the validation examples must use the training labels")
-        if lora is not None and lora.enabled:
-            cfg = add_lora(model, lora, cfg, None if is_preset(init) else init, log)
-            model.score.requires_grad_(True)  # the new head trains in full
-        max_length = cfg.block_size or model.config.n_positions
-        encode = lambda d, say=None: _encode(tok, d, labels, max_length, opts.truncate, say)  # noqa: E731
-        task = ClassificationTask(
-            encode(train_data, log),
-            encode(val_data) if val_data is not None else None,
-            labels,
-            model.pad_token_id,
-            opts.balance,
-            _fingerprint(train_data),
-            getattr(tok, "fingerprint", ""),
-            opts.lm_weight,
-            opts.crop,
-            compute_metrics,
+        model, task, cfg = _model_and_task(
+            init, labels, tok, train_data, val_data, opts, cfg, lora, compute_metrics, log
         )
         counts = ", ".join(f"{k} {v}" for k, v in sorted(train_data.counts().items()))
         log(

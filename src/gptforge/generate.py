@@ -31,6 +31,7 @@ from .options import SamplingOptions
 from .progress import progress_bar
 from .sampling import (
     NGramBan,
+    apply_logit_bias,
     apply_presence_frequency,
     apply_repetition_penalty,
     apply_temperature,
@@ -127,6 +128,7 @@ class Row:
         self.top_logprobs: list[list[tuple[int, float]]] = []
         self._scored: tuple[float, list[tuple[int, float]]] | None = None
         self.seen = self.counts = self.generator = self.ngrams = None
+        check_bias_fits(opts, vocab_size)
         if opts.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
             self.seen[prompt] = True
@@ -150,6 +152,7 @@ class Row:
             o.presence_penalty,
             o.frequency_penalty,
             o.min_new_tokens,
+            tuple(sorted(o.logit_bias.items())) if o.logit_bias else None,
         )
 
     def push(self, token: int) -> str:
@@ -209,6 +212,15 @@ def prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> tuple[li
     else:
         top = [[] for _ in chosen]
     return [None, *chosen], [[], *top]
+
+
+def check_bias_fits(opts: SamplingOptions, vocab_size: int) -> None:
+    """Every token of `logit_bias` is in the vocabulary."""
+    outside = [t for t in opts.logit_bias or () if t >= vocab_size]
+    if outside:
+        error = OptionError(f"logit_bias: token id {outside[0]} is not in the vocabulary (ids 0 to {vocab_size - 1})")
+        error.param = "logit_bias"
+        raise error
 
 
 def row_constraint(opts: SamplingOptions, tokenizer, vocab_size: int, device) -> Constraint | None:
@@ -337,6 +349,7 @@ def generate_ids(
     beam search) and gives its `num_samples` best hypotheses, best first; `text` and `on_token` are refused.
     """
     opts = SamplingOptions.make(options, **sampling)
+    check_bias_fits(opts, model.config.vocab_size)
     n_ctx = model.config.n_positions
     if eos_id == -1:
         eos_id = model.config.eos_token_id
@@ -487,5 +500,14 @@ def _beam_texts(model, tokenizer, prompts, opts, stop, stream, include_prompt, c
 
 
 __all__ = ["NGramBan", "Row", "SamplingOptions", "TextStream", "apply_presence_frequency", "apply_repetition_penalty"]
-__all__ += ["apply_temperature", "choose_tokens", "generate", "generate_ids", "pick", "process_logits"]
+__all__ += [
+    "apply_logit_bias",
+    "check_bias_fits",
+    "apply_temperature",
+    "choose_tokens",
+    "generate",
+    "generate_ids",
+    "pick",
+    "process_logits",
+]
 __all__ += ["prompt_logprobs", "row_constraint", "row_seed", "top_k_filter", "top_p_filter"]

@@ -31,6 +31,13 @@ def apply_presence_frequency(scores: torch.Tensor, counts: torch.Tensor, presenc
     return scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
 
 
+def apply_logit_bias(scores: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    """OpenAI's logit_bias: add each token's bias to its logit in every row (-100 all but bans it)."""
+    ids = torch.tensor(list(bias), dtype=torch.long, device=scores.device)
+    values = torch.tensor(list(bias.values()), dtype=scores.dtype, device=scores.device)
+    return scores.index_add(-1, ids, values.expand(scores.size(0), -1))
+
+
 def apply_temperature(scores: torch.Tensor, temperature: float) -> torch.Tensor:
     """Divide by the temperature. Below 1 the best score is first moved to 0 (softmax does not change): a tiny
     temperature then sends every other score to -inf instead of overflowing the best ones to +inf, where they
@@ -103,6 +110,8 @@ def process_logits(
         scores = apply_repetition_penalty(scores, seen, opts.repetition_penalty)
     if counts is not None and (opts.presence_penalty or opts.frequency_penalty):
         scores = apply_presence_frequency(scores, counts, opts.presence_penalty, opts.frequency_penalty)
+    if opts.logit_bias:
+        scores = apply_logit_bias(scores, opts.logit_bias)
     for row, ban in enumerate(ngrams or ()):
         if ban is not None and (banned := ban.banned()):
             scores[row, list(banned)] = float("-inf")

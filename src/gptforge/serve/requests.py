@@ -17,6 +17,7 @@ from .protocol import (
     ApiError,
     check_fields,
     get_field,
+    logit_bias_field,
     number_field,
     stop_field,
 )
@@ -111,6 +112,7 @@ class RequestParsing:
                 body, "no_repeat_ngram_size", _D.no_repeat_ngram_size, 0, 1 << 20, integer=True
             ),
             seed=seed,
+            logit_bias=logit_bias_field(body, self.model.config.vocab_size),
             **structure,
         )
         try:

@@ -181,6 +181,7 @@ def test_engine_queue_limit_and_cancel(tiny, one_thread):
             time.sleep(0.01)
         assert engine.stats()["running"] == engine.stats()["waiting"] == 0
         assert engine.steps < 800  # freed long before it would have finished
+        assert engine.stats()["cancelled"] == 2  # /health shows them
         assert engine.submit([c.seq(3, p, 3)])
         c.wait(1)
     finally:

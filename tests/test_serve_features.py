@@ -67,3 +67,80 @@ def test_logit_bias_over_the_api_is_a_400_naming_the_field(tiny):
         with pytest.raises(ApiError) as e:
             server.completion_job({"prompt": "hi", "logit_bias": bad})
         assert e.value.status == 400 and e.value.param == "logit_bias"
+
+
+# --- the prefix cache -------------------------------------------------------------------------------------
+
+
+def run_engine(engine, batches: list[list[tuple[list[int], dict]]]) -> list:
+    """Submit each batch of (prompt, options) together, waiting for it to end before the next; the sequences."""
+    import threading
+
+    from gptforge.serve.engine import Sequence
+
+    out = []
+    for batch in batches:
+        done = threading.Semaphore(0)
+        seqs = []
+        for prompt, opts in batch:
+            s = Sequence(prompt, SamplingOptions(**opts), lambda ev: ev.finish and done.release(), logprobs=0)
+            s.events = []
+            s.emit = lambda ev, s=s: (s.events.append(ev), ev.finish and done.release())
+            seqs.append(s)
+        assert engine.submit(seqs)
+        for _ in seqs:
+            assert done.acquire(timeout=60)
+        out += seqs
+    return out
+
+
+def test_the_prefix_cache_gives_the_same_tokens_and_counts_what_it_reused(tiny, one_thread):
+    from gptforge.serve.engine import Engine
+
+    model, tok = tiny
+    g = torch.Generator().manual_seed(3)
+    shared = torch.randint(1, tok.vocab_size, (70,), generator=g).tolist()
+    tails = [torch.randint(1, tok.vocab_size, (n,), generator=g).tolist() for n in (3, 9, 1, 30, 5)]
+    greedy = dict(max_new_tokens=12, do_sample=False)
+    batches = [
+        [(shared + tails[0], greedy)],  # fills the cache
+        [(shared + tails[1], greedy), (shared + tails[2], dict(max_new_tokens=8, seed=5))],  # both reuse 64 tokens
+        [(shared[:20] + tails[3], greedy), (tails[4], greedy), (shared + tails[0], greedy)],  # partial, none, all
+    ]
+    results = []
+    for size in (0, 1 << 24):
+        engine = Engine(model, tok, max_batch=8, prefix_cache_bytes=size).start()
+        try:
+            results.append(run_engine(engine, batches))
+        finally:
+            engine.stop()
+    plain, cached = results
+    for a, b in zip(plain, cached):
+        assert a.row.ids == b.row.ids
+        assert b.row.token_logprobs == pytest.approx(a.row.token_logprobs, abs=1e-4)
+    assert [s.cached for s in plain] == [0] * 6
+    assert [s.cached for s in cached] == [0, 64, 64, 16, 0, 64]  # whole 16-token blocks, never the last token
+    stats = engine.stats()["prefix_cache"]
+    assert stats["hits"] == 208 and stats["queries"] == sum(len(s.prompt) for s in cached)
+
+
+def test_the_prefix_cache_stays_in_its_bound_and_evicts_the_least_recently_used():
+    from gptforge.serve.prefix import PrefixCache
+
+    layers, heads, cols, dim = 2, 2, 64, 4
+    k = [torch.randn(1, heads, cols, dim) for _ in range(layers)]
+    v = [torch.randn(1, heads, cols, dim) for _ in range(layers)]
+    block_bytes = 2 * layers * heads * 16 * dim * 4
+    cache = PrefixCache(5 * block_bytes)
+    a, b = list(range(1, 50)), list(range(100, 149))  # 3 whole blocks each
+    cache.store(a, 0, k, v, 0, 0)
+    assert cache.lookup(a + [7], 0)[1] == 48 and cache.lookup(a, 1)[1] == 0  # another adapter: another prefix
+    cache.store(b, 0, k, v, 0, 0)  # 6 blocks > 5: a's last block (least recently used, the deepest) goes
+    assert cache.bytes == 5 * block_bytes and len(cache.blocks) == 5
+    assert cache.lookup(b + [7], 0)[1] == 48 and cache.lookup(a + [7], 0)[1] == 32
+    found, n = cache.lookup(a + [7], 0)
+    out = [torch.zeros(1, heads, cols, dim) for _ in range(layers)]
+    cache.copy_into(found, n, out, [torch.zeros_like(t) for t in out], 0, 0)
+    assert torch.equal(out[1][:, :, :32], k[1][:, :, :32]) and not out[1][:, :, 32:].any()
+    cache.store(list(range(200, 217)), 0, k, v, 0, 0)  # b was used before a: b's deepest block goes
+    assert cache.lookup(b + [7], 0)[1] == 32 and cache.lookup(a + [7], 0)[1] == 32

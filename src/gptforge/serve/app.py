@@ -61,7 +61,17 @@ class Server(RequestParsing):
         self.model, self.tokenizer, self.options = model, tokenizer, options
         self.n_ctx = model.config.n_positions
         self.name = options.model_name or model_name
-        self.engine = engine or Engine(model, tokenizer, options.max_batch, options.max_queue)
+        self.metrics = _metrics(self.name)
+        self.engine = engine or Engine(
+            model,
+            tokenizer,
+            options.max_batch,
+            options.max_queue,
+            prefix_cache_bytes=int(options.prefix_cache_mb * (1 << 20)),
+            metrics=self.metrics,
+        )
+        if self.metrics is not None:
+            self.metrics.engine = self.engine
         self.created = int(time.time())
         self.max_tokens = min(options.max_tokens or self.n_ctx - 1, self.n_ctx - 1)
         # the folder's template, else gptforge's GPT-2 one, as `generate --chat` and instruction training use
@@ -218,6 +228,12 @@ class Routes:
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.server.name, **self.server.engine.stats()})
 
+    async def metrics(self, request: Request) -> Response:
+        m = self.server.metrics
+        if m is None:
+            raise ApiError(404, "metrics need prometheus-client: pip install 'gptforge[serve]'", code="not_found")
+        return Response(m.render(), media_type=m.content_type)
+
     async def models(self, request: Request) -> Response:
         self.check_key(request)
         return JSONResponse({"object": "list", "data": [self.model_card()]})
@@ -303,7 +319,7 @@ class Routes:
                 {"index": i, "text": t, "logprobs": lp, "finish_reason": r}
                 for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))
             ]
-        return JSONResponse({**head, "choices": choices, "usage": usage(job, tokens)}, headers=cut)
+        return JSONResponse({**head, "choices": choices, "usage": usage(job, tokens, seqs)}, headers=cut)
 
     async def error(self, request: Request, exc: Exception) -> Response:
         if isinstance(exc, ApiError):
@@ -358,11 +374,21 @@ def create_app(server: Server) -> Starlette:
         r,
         [
             Route("/", r.playground, methods=["GET"]),
+            Route("/metrics", r.metrics, methods=["GET"]),
             Route("/v1/completions", r.completions, methods=["POST"]),
             Route("/v1/chat/completions", r.chat, methods=["POST"]),
         ],
         lifespan,
     )
+
+
+def _metrics(model_name: str):
+    """The server's Prometheus instruments (serve/metrics.py), or None without prometheus-client."""
+    try:
+        from .metrics import ServeMetrics
+    except ImportError:
+        return None
+    return ServeMetrics(model_name)
 
 
 async def _wait_disconnect(request: Request) -> None:

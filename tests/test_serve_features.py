@@ -72,8 +72,9 @@ def test_logit_bias_over_the_api_is_a_400_naming_the_field(tiny):
 # --- the prefix cache -------------------------------------------------------------------------------------
 
 
-def run_engine(engine, batches: list[list[tuple[list[int], dict]]]) -> list:
-    """Submit each batch of (prompt, options) together, waiting for it to end before the next; the sequences."""
+def run_engine(engine, batches: list[list[tuple[list[int], dict]]], adapters: list[int] = ()) -> list:
+    """Submit each batch of (prompt, options) together, waiting for it to end before the next; the sequences (the
+    first batch's under `adapters`, where given)."""
     import threading
 
     from gptforge.serve.engine import Sequence
@@ -82,8 +83,9 @@ def run_engine(engine, batches: list[list[tuple[list[int], dict]]]) -> list:
     for batch in batches:
         done = threading.Semaphore(0)
         seqs = []
-        for prompt, opts in batch:
-            s = Sequence(prompt, SamplingOptions(**opts), lambda ev: ev.finish and done.release(), logprobs=0)
+        for i, (prompt, opts) in enumerate(batch):
+            adapter = adapters[i] if adapters and not out else 0
+            s = Sequence(prompt, SamplingOptions(**opts), None, logprobs=0, adapter=adapter)
             s.events = []
             s.emit = lambda ev, s=s: (s.events.append(ev), ev.finish and done.release())
             seqs.append(s)
@@ -144,3 +146,133 @@ def test_the_prefix_cache_stays_in_its_bound_and_evicts_the_least_recently_used(
     assert torch.equal(out[1][:, :, :32], k[1][:, :, :32]) and not out[1][:, :, 32:].any()
     cache.store(list(range(200, 217)), 0, k, v, 0, 0)  # b was used before a: b's deepest block goes
     assert cache.lookup(b + [7], 0)[1] == 32 and cache.lookup(a + [7], 0)[1] == 32
+
+
+# --- several adapters on one base ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adapted(tiny, tmp_path_factory):
+    """A base folder and two adapter folders trained on it (random updates, strong enough to change the text)."""
+    import copy
+
+    from gptforge.adapters import apply_lora, save_adapter
+    from gptforge.checkpoint import save_model
+
+    model, tok = tiny
+    root = tmp_path_factory.mktemp("adapters")
+    base = save_model(model, root / "base", tok)
+    folders = {}
+    for name, targets, seed in (("poet", "c_attn,c_proj", 1), ("chef", "c_fc", 2)):
+        m = copy.deepcopy(model)
+        apply_lora(m, 4, 8.0, targets=targets, base=base)
+        torch.manual_seed(seed)
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.5)
+        folders[name] = save_adapter(m, root / name, base=base)
+    return base, folders
+
+
+def test_adapters_and_the_base_in_one_batch_give_the_merged_models_tokens(adapted, one_thread):
+    from gptforge.checkpoint import load_model_and_tokenizer
+    from gptforge.serve.adapters import AdapterSet
+    from gptforge.serve.engine import Engine
+
+    base, folders = adapted
+    model, tok = load_model_and_tokenizer(base)
+    adapters = AdapterSet(model, folders)
+    prompts = [tok.encode("the quick brown fox"), tok.encode("a lazy dog sat")]
+    jobs = [(p, j) for p in prompts for j in (0, 1, 2)]
+    engine = Engine(model, tok, max_batch=8, adapters=adapters).start()
+    try:
+        seqs = run_engine(
+            engine, [[(p, dict(max_new_tokens=10, do_sample=False)) for p, _ in jobs]], [j for _, j in jobs]
+        )
+    finally:
+        engine.stop()
+    assert engine.peak_batch == 6  # all in one batch
+    names = [None, "poet", "chef"]
+    for s, (p, j) in zip(seqs, jobs):
+        merged = (
+            load_model_and_tokenizer(base, adapter=folders[names[j]])[0] if j else load_model_and_tokenizer(base)[0]
+        )
+        ref = generate_ids(merged, p, max_new_tokens=10, do_sample=False, eos_id=tok.eos_id)[0]
+        assert s.row.ids == ref, f"{names[j]} on {tok.decode(p)!r}"
+    assert len({tuple(s.row.ids) for s in seqs[:3]}) == 3  # each adapter changes the text
+
+
+def test_adapter_flags():
+    from gptforge.serve.adapters import parse_adapter_flags
+
+    assert parse_adapter_flags(None) == (None, {})
+    assert parse_adapter_flags(["runs/lora", "poet=runs/a", "chef=b"]) == ("runs/lora", {"poet": "runs/a", "chef": "b"})
+    with pytest.raises(OptionError, match="given twice"):
+        parse_adapter_flags(["a=x", "a=y"])
+    with pytest.raises(OptionError, match="one adapter can be merged"):
+        parse_adapter_flags(["x", "y"])
+
+
+# --- over HTTP: adapters by name, cached tokens, the metrics ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def http(adapted):
+    """A server of the base and both adapters, in-process (Starlette's test client; the engine thread runs)."""
+    pytest.importorskip("starlette")
+    pytest.importorskip("prometheus_client")
+    from starlette.testclient import TestClient
+
+    from gptforge.checkpoint import load_model_and_tokenizer
+    from gptforge.options import ServeOptions
+    from gptforge.serve import Server, create_app
+
+    base, folders = adapted
+    server = Server(*load_model_and_tokenizer(base), ServeOptions(), model_name="base", adapters=folders)
+    with TestClient(create_app(server), base_url="http://localhost") as client:
+        yield client
+
+
+def test_models_lists_the_base_and_its_adapters_and_a_request_picks_one(http, adapted):
+    from gptforge.checkpoint import load_model_and_tokenizer
+    from gptforge.generate import generate
+
+    base, folders = adapted
+    cards = http.get("/v1/models").json()["data"]
+    assert [c["id"] for c in cards] == ["base", "poet", "chef"] and cards[1]["parent"] == "base"
+    body = {"prompt": "the quick brown fox", "max_tokens": 8, "temperature": 0}
+    for name in ("poet", "base"):
+        r = http.post("/v1/completions", json={**body, "model": name}).json()
+        merged = load_model_and_tokenizer(base, adapter=folders[name] if name != "base" else None)
+        want = generate(*merged, body["prompt"], max_new_tokens=8, do_sample=False, include_prompt=False)[0]
+        assert r["model"] == name and r["choices"][0]["text"] == want
+    r = http.post("/v1/completions", json={**body, "model": "nobody"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+
+def test_cached_tokens_in_usage_and_the_metrics_scrape(http, tiny):
+    prompt = list(range(1, 60))
+    first = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 3, "model": "chef"}).json()
+    again = http.post("/v1/completions", json={"prompt": prompt + [5], "max_tokens": 3, "model": "chef"}).json()
+    other = http.post("/v1/completions", json={"prompt": prompt + [5], "max_tokens": 3, "model": "poet"}).json()
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 48
+    assert other["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # another adapter's keys and values
+    page = http.get("/metrics")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain")
+    values = {}
+    for line in page.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    label = '{model_name="base"}'
+    assert values[f"gptforge:prefix_cache_hits_total{label}"] >= 48
+    assert values[f"gptforge:prefix_cache_queries_total{label}"] >= 59 + 60 + 60
+    assert values[f"gptforge:generation_tokens_total{label}"] >= 9
+    assert values[f"gptforge:time_to_first_token_seconds_count{label}"] >= 3
+    assert values[f"gptforge:inter_token_latency_seconds_count{label}"] >= 6
+    assert values[f"gptforge:e2e_request_latency_seconds_count{label}"] >= 3
+    assert values[f"gptforge:request_queue_time_seconds_count{label}"] >= 3
+    assert values[f"gptforge:num_requests_running{label}"] == 0
+    assert values[f"gptforge:num_requests_waiting{label}"] == 0
+    assert 'gptforge:request_success_total{finished_reason="length",model_name="base"}' in values

@@ -41,6 +41,7 @@ class Job:
     logprobs: int | None = None  # report log-probabilities with this many alternatives per token
     prompt_logprobs: bool = False  # and the prompt's own (echo)
     token_ids: bool = False  # name tokens "token_id:N" in log-probabilities (vLLM's return_tokens_as_token_ids)
+    adapter: int = 0  # the adapter the request's `model` names (0: the base)
 
 
 class RequestParsing:
@@ -88,6 +89,7 @@ class RequestParsing:
             logprobs=logprobs,
             prompt_logprobs=scoring,
             token_ids=get_field(body, "return_tokens_as_token_ids", (bool,), False, "true or false"),
+            adapter=self.adapter_of(body.get("model")),
         )
 
     def _sampling(self, body: dict, max_tokens: int) -> SamplingOptions:

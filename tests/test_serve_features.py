@@ -276,3 +276,16 @@ def test_cached_tokens_in_usage_and_the_metrics_scrape(http, tiny):
     assert values[f"gptforge:num_requests_running{label}"] == 0
     assert values[f"gptforge:num_requests_waiting{label}"] == 0
     assert 'gptforge:request_success_total{finished_reason="length",model_name="base"}' in values
+
+
+def test_a_requests_grammar_is_compiled_once_for_all_its_rows(http, monkeypatch):
+    pytest.importorskip("llguidance")
+    import gptforge.generate as core
+
+    compiled = []
+    real = core.make_constraint
+    monkeypatch.setattr(core, "make_constraint", lambda *a, **k: compiled.append(1) or real(*a, **k))
+    body = {"prompt": "pick:", "max_tokens": 8, "n": 3, "guided_choice": ["red", "green"], "seed": 1}
+    r = http.post("/v1/completions", json=body).json()
+    assert {c["text"] for c in r["choices"]} <= {"red", "green"}
+    assert len(compiled) == 1  # checked once; the rows take copies (it was compiled again for every row)

@@ -116,6 +116,7 @@ class Server(RequestParsing):
                         logprobs=job.logprobs,
                         prompt_logprobs=job.prompt_logprobs,
                         adapter=job.adapter,
+                        constraint=job.constraint,
                     )
                 )
         if not self.engine.submit(seqs):

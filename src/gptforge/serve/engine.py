@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from .. import fastdecode
+from ..constraints import Constraint
 from ..generate import Row, TextStream, choose_tokens, prompt_logprobs, row_constraint
 from ..kernels import cpu_inference_weights  # packed fp32 weights for the CPU's decoding products
 from ..model import GPT
@@ -59,6 +60,7 @@ class Sequence:
     cancelled: bool = False  # set from the web side; the model thread drops the row at its next step
     logprobs: int | None = None  # report log-probabilities, with this many top alternatives per token
     prompt_logprobs: bool = False  # also the prompt's own (OpenAI's echo), in a first event
+    constraint: Constraint | None = None  # its request's grammar, compiled once: the row takes a fresh copy
     adapter: int = 0  # which adapter it runs under (0: the base model; see serve/adapters.py)
     row: Row | None = None  # the decoding state, made by the engine when the sequence starts
     reported: int = 0  # tokens whose log-probabilities went out
@@ -421,7 +423,9 @@ class Engine:
             s.choice,
             TextStream(self.tokenizer, s.stop),
             s.logprobs,
-            row_constraint(s.opts, self.tokenizer, self.vocab, self.device),
+            s.constraint.fresh(self.device)
+            if s.constraint is not None
+            else row_constraint(s.opts, self.tokenizer, self.vocab, self.device),
         )
 
     def _decode(self, tokens: torch.Tensor) -> None:

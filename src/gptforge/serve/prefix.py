@@ -72,11 +72,11 @@ class PrefixCache:
         size = 2 * k[0][0, :, : self.block].numel() * len(k) * k[0].element_size()
         if not new or size > self.max_bytes:
             return
-        end = (new[-1] + 1) * self.block
-        span_k = torch.stack([t[row, :, col : col + end] for t in k])
-        span_v = torch.stack([t[row, :, col : col + end] for t in v])
+        start, end = col + new[0] * self.block, col + (new[-1] + 1) * self.block  # the columns of the new blocks
+        span_k = torch.stack([t[row, :, start:end] for t in k])
+        span_v = torch.stack([t[row, :, start:end] for t in v])
         for j in new:
-            s = slice(j * self.block, (j + 1) * self.block)
+            s = slice((j - new[0]) * self.block, (j - new[0] + 1) * self.block)
             self.blocks[keys[j]] = (span_k[:, :, s].clone(), span_v[:, :, s].clone())
             self.bytes += size
         for key in reversed(keys):  # the first block ends up the most recently used

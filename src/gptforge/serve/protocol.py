@@ -138,7 +138,16 @@ _UNSUPPORTED = {
     "function_call": ("none",),
     "parallel_tool_calls": (False, True),
 }
-_IGNORED = {"model", "user", "metadata", "store", "service_tier", "stream_options"}
+_IGNORED = {
+    "model",
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "stream_options",
+    "prompt_cache_key",  # a routing hint: the prefix cache finds shared prefixes by their tokens
+    "safety_identifier",
+}
 _COMMON = {
     "max_tokens",
     "temperature",

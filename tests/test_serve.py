@@ -492,6 +492,7 @@ def test_queue_full_is_429_and_a_disconnect_frees_the_slot(small_server, long_pr
     sock.close()  # the client goes away mid-stream
     health = wait_idle(s)
     assert health["steps"] - before < 900  # freed long before its 1000 tokens were done
+    assert health["cancelled"] >= 1  # and /health counts it
     status, _, _ = s.post("/v1/completions", {"prompt": "hi", "max_tokens": 2})
     assert status == 200
 

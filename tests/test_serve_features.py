@@ -46,6 +46,7 @@ def test_logit_bias_moves_the_choice_in_generate(tiny):
 def test_logit_bias_from_the_command_line_and_its_errors(tiny):
     assert SamplingOptions(logit_bias="5:-100, 7:2.5").logit_bias == {5: -100.0, 7: 2.5}
     assert SamplingOptions(logit_bias='{"5": 1}').logit_bias == {5: 1.0}
+    assert SamplingOptions(logit_bias={"5": 1}).logit_bias == {5: 1}  # a JSON config file's keys
     with pytest.raises(OptionError, match="logit_bias='5=1'"):
         SamplingOptions(logit_bias="5=1")
     with pytest.raises(OptionError, match="from -100 to 100") as e:
@@ -289,3 +290,25 @@ def test_a_requests_grammar_is_compiled_once_for_all_its_rows(http, monkeypatch)
     r = http.post("/v1/completions", json=body).json()
     assert {c["text"] for c in r["choices"]} <= {"red", "green"}
     assert len(compiled) == 1  # checked once; the rows take copies (it was compiled again for every row)
+
+
+@pytest.mark.slow
+def test_gptforge_serve_with_named_adapters(adapted):
+    pytest.importorskip("uvicorn")
+    from conftest import RunningServer
+
+    base, folders = adapted
+    s = RunningServer(base, "--adapter", f"poet={folders['poet']}", "--adapter", f"chef={folders['chef']}")
+    try:
+        status, models = s.get("/v1/models")
+        assert status == 200 and [m["id"] for m in models["data"]] == ["base", "poet", "chef"]
+        body = {"prompt": "the quick", "max_tokens": 6, "temperature": 0}
+        texts = {
+            name: s.post("/v1/completions", {**body, "model": name})[2]["choices"][0]["text"]
+            for name in ("base", "poet")
+        }
+        assert texts["base"] != texts["poet"]
+        status, _, page = s.raw("GET", "/metrics")
+        assert status == 200 and b"gptforge:generation_tokens_total" in page
+    finally:
+        s.stop()

@@ -98,6 +98,10 @@ class SamplingOptions:
     def __post_init__(self) -> None:
         if isinstance(self.logit_bias, str):  # from the command line or a config file
             self.logit_bias = parse_logit_bias(self.logit_bias)
+        elif isinstance(self.logit_bias, dict):  # a JSON config's keys are strings
+            self.logit_bias = {
+                int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in self.logit_bias.items()
+            }
         if isinstance(self.early_stopping, str) and self.early_stopping.lower() in ("true", "false", "never"):
             self.early_stopping = {"true": True, "false": False}.get(self.early_stopping.lower(), "never")
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .errors import OptionError
 from .options import SamplingOptions
 
 # --- logits processors (each the counterpart of one transformers LogitsProcessor) ------------------
@@ -123,6 +124,29 @@ def process_logits(
     if not opts.greedy:
         scores = top_p_filter(top_k_filter(apply_temperature(scores, opts.temperature), opts.top_k), opts.top_p)
     return scores
+
+
+def prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> tuple[list[float | None], list[list]]:
+    """The log-probability of each prompt token given the ones before it (None for the first), and the top `k`
+    alternatives at each position, from the logits of the prompt's positions (one row per prompt token)."""
+    logp = logits[: len(prompt) - 1].float().log_softmax(dim=-1)
+    target = torch.tensor(prompt[1:], device=logits.device, dtype=torch.long)
+    chosen = logp.gather(1, target[:, None]).squeeze(1).tolist() if len(prompt) > 1 else []
+    if k:
+        values, ids = logp.topk(k, dim=-1)
+        top = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        top = [[] for _ in chosen]
+    return [None, *chosen], [[], *top]
+
+
+def check_bias_fits(opts: SamplingOptions, vocab_size: int) -> None:
+    """Every token of `logit_bias` is in the vocabulary."""
+    outside = [t for t in opts.logit_bias or () if t >= vocab_size]
+    if outside:
+        error = OptionError(f"logit_bias: token id {outside[0]} is not in the vocabulary (ids 0 to {vocab_size - 1})")
+        error.param = "logit_bias"
+        raise error
 
 
 def pick(scores: torch.Tensor, greedy: bool, generators: Sequence[torch.Generator | None] = ()) -> torch.Tensor:

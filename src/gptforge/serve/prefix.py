@@ -57,12 +57,17 @@ class PrefixCache:
 
     def copy_into(self, found: list[bytes], tokens: int, k: list[torch.Tensor], v: list[torch.Tensor], row, col):
         """Write the first `tokens` cached tokens of `found` into row `row` of the per-layer buffers `k` and `v`
-        ((rows, heads, columns, head_dim) each), from column `col`."""
-        keys = torch.cat([self.blocks[key][0] for key in found], dim=2)
-        values = torch.cat([self.blocks[key][1] for key in found], dim=2)
-        for layer in range(len(k)):
-            k[layer][row, :, col : col + tokens] = keys[layer, :, :tokens]
-            v[layer][row, :, col : col + tokens] = values[layer, :, :tokens]
+        ((rows, heads, columns, head_dim) each), from column `col`. Block by block and layer by layer: joining
+        the blocks first would allocate and fill one more copy of them all."""
+        for j, key in enumerate(found):
+            n = min(self.block, tokens - j * self.block)
+            if n <= 0:
+                break
+            at = col + j * self.block
+            block_k, block_v = self.blocks[key]
+            for layer in range(len(k)):
+                k[layer][row, :, at : at + n] = block_k[layer, :, :n]
+                v[layer][row, :, at : at + n] = block_v[layer, :, :n]
 
     def store(self, prompt: list[int], salt: int, k: list[torch.Tensor], v: list[torch.Tensor], row, col) -> None:
         """Keep the whole blocks of a prompt just prefilled into row `row` from column `col`, evicting the least
@@ -72,12 +77,11 @@ class PrefixCache:
         size = 2 * k[0][0, :, : self.block].numel() * len(k) * k[0].element_size()
         if not new or size > self.max_bytes:
             return
-        start, end = col + new[0] * self.block, col + (new[-1] + 1) * self.block  # the columns of the new blocks
-        span_k = torch.stack([t[row, :, start:end] for t in k])
-        span_v = torch.stack([t[row, :, start:end] for t in v])
         for j in new:
-            s = slice((j - new[0]) * self.block, (j - new[0] + 1) * self.block)
-            self.blocks[keys[j]] = (span_k[:, :, s].clone(), span_v[:, :, s].clone())
+            at = col + j * self.block
+            block_k = torch.stack([t[row, :, at : at + self.block] for t in k])
+            block_v = torch.stack([t[row, :, at : at + self.block] for t in v])
+            self.blocks[keys[j]] = (block_k, block_v)
             self.bytes += size
         for key in reversed(keys):  # the first block ends up the most recently used
             self.blocks.move_to_end(key)

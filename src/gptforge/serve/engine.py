@@ -6,7 +6,8 @@ never waits for a long one. The cache (`RowCache`) holds one row per running seq
 the same column, the one the next token is written to, and each row's real tokens are the last
 `lens[row]` columns before it (left padding, masked out of attention). Position ids count real tokens
 only, so every row sees exactly the positions it would see alone -- the reason greedy decoding here
-gives the tokens `generate_ids` gives.
+gives the tokens `generate_ids` gives. A prompt whose beginning is in the prefix cache (prefix.py) has those
+columns copied in and computes only the rest; rows under different adapters (adapters.py) share each pass.
 
 The engine talks to the web side through callbacks: `Sequence.emit(event)` is called from the model
 thread and must be thread-safe (the app hands over `loop.call_soon_threadsafe`).

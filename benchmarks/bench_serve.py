@@ -8,6 +8,11 @@ moment, and the table reports aggregate tokens/s (all new tokens over the wall t
 first token and the gap between tokens of a stream (p50/p95 over all requests/gaps), and errors.
 
     python benchmarks/bench_serve.py [--clients 1,4,16,64] [--max-tokens 32] [--prompt-words 16] [--round-timeout 240]
+                                     [--prefix-trials 5]
+
+With --prefix-trials N it also measures the prefix cache on the batched server: N times, a new 512-token prefix
+(token ids) with a 16-token tail is sent once (nothing cached) and then with another 16-token tail (the prefix's
+keys and values come from the cache), one request at a time, and the table compares the time to first token.
 
 Everything stays on 127.0.0.1; every round is bounded by --round-timeout (unfinished requests count as
 errors), and the servers are stopped at the end.
@@ -107,7 +112,7 @@ async def stream_request(host: str, port: int, body: bytes) -> dict:
         status = await reader.readline()
         if b" 200 " not in status:
             return {"error": status.decode(errors="replace").strip()}
-        times, tokens, prompt = [], None, 0
+        times, tokens, prompt, usage = [], None, 0, {}
         while line := await reader.readline():
             if not line.startswith(b"data: "):
                 continue  # headers, chunk sizes, blank lines
@@ -118,10 +123,16 @@ async def stream_request(host: str, port: int, body: bytes) -> dict:
             if "error" in event:
                 return {"error": event["error"]["message"]}
             if event.get("usage"):
-                tokens, prompt = event["usage"]["completion_tokens"], event["usage"]["prompt_tokens"]
-            if any(c.get("text") for c in event["choices"]):
+                usage = event["usage"]
+                tokens, prompt = usage["completion_tokens"], usage["prompt_tokens"]
+            if any(c.get("text") or c.get("finish_reason") for c in event["choices"]):
                 times.append(time.perf_counter() - t0)
-        return {"times": times, "tokens": tokens if tokens is not None else len(times), "prompt": prompt}
+        return {
+            "times": times,
+            "tokens": tokens if tokens is not None else len(times),
+            "prompt": prompt,
+            "cached": usage.get("prompt_tokens_details", {}).get("cached_tokens", 0),
+        }
     finally:
         writer.close()
 
@@ -165,6 +176,42 @@ async def run_round(server: ServerProcess, clients: int, prompts: list[str], max
     }
 
 
+def prefix_rounds(server: ServerProcess, trials: int, timeout: float) -> list[dict]:
+    """Time to first token of a 512-token prefix + 16-token tail, uncached then cached, `trials` times."""
+    rng = random.Random(2)
+    out = []
+    for trial in range(trials):
+        prefix = [rng.randrange(1, 50000) for _ in range(512)]
+        row = {}
+        for kind in ("uncached", "cached"):
+            tail = [rng.randrange(1, 50000) for _ in range(16)]
+            body = {"prompt": prefix + tail, "max_tokens": 1, "temperature": 0, "stream": True}
+            body["stream_options"] = {"include_usage": True}
+            r = asyncio.run(
+                asyncio.wait_for(stream_request(server.host, server.port, json.dumps(body).encode()), timeout)
+            )
+            if "error" in r:
+                raise RuntimeError(f"prefix trial {trial}: {r['error']}")
+            row[kind], row[kind + "_tokens"] = r["times"][0], r["cached"]
+        out.append(row)
+    return out
+
+
+def print_prefix(rows: list[dict]) -> None:
+    print()
+    print("| trial | prompt tokens | TTFT uncached | cached tokens | TTFT cached | ratio |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for i, r in enumerate(rows):
+        print(
+            f"| {i + 1} | 528 | {1000 * r['uncached']:.0f} ms | {r['cached_tokens']} | {1000 * r['cached']:.0f} ms "
+            f"| {r['uncached'] / r['cached']:.1f}x |"
+        )
+    un, ca = statistics.median(r["uncached"] for r in rows), statistics.median(r["cached"] for r in rows)
+    print(
+        f"\nmedian: {1000 * un:.0f} ms uncached, {1000 * ca:.0f} ms cached: {un / ca:.1f}x lower with the prefix cached"
+    )
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -179,6 +226,7 @@ def main() -> None:
     ap.add_argument("--prompt-words", type=int, default=16, help="random words per prompt (1-3 tokens each)")
     ap.add_argument("--round-timeout", type=float, default=240, help="seconds a round may take at most")
     ap.add_argument("--no-sequential", action="store_true", help="skip the one-at-a-time comparison")
+    ap.add_argument("--prefix-trials", type=int, default=0, help="measure the prefix cache this many times (0: not)")
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     rng = random.Random(1)
@@ -190,7 +238,7 @@ def main() -> None:
         f"{time.strftime('%Y-%m-%d')}",
         flush=True,
     )
-    rows = []
+    rows, prefix = [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "gpt2-random"
         make_model(folder)
@@ -216,6 +264,8 @@ def main() -> None:
                         f"({r['wall']:.1f} s)" + (f"  first error: {r['first_error']}" if r["errors"] else ""),
                         flush=True,
                     )
+                if mode == "batched" and args.prefix_trials:
+                    prefix = prefix_rounds(server, args.prefix_trials, args.round_timeout)
             finally:
                 server.stop()
 
@@ -249,6 +299,8 @@ def main() -> None:
                 print(
                     f"{r['clients']} clients batched: {r['tok_s'] / one['tok_s']:.1f}x one client's throughput{extra}"
                 )
+    if prefix:
+        print_prefix(prefix)
 
 
 if __name__ == "__main__":

@@ -181,6 +181,7 @@ def test_engine_queue_limit_and_cancel(tiny, one_thread):
             time.sleep(0.01)
         assert engine.stats()["running"] == engine.stats()["waiting"] == 0
         assert engine.steps < 800  # freed long before it would have finished
+        assert engine.stats()["cancelled"] == 2  # /health shows them
         assert engine.submit([c.seq(3, p, 3)])
         c.wait(1)
     finally:
@@ -491,6 +492,7 @@ def test_queue_full_is_429_and_a_disconnect_frees_the_slot(small_server, long_pr
     sock.close()  # the client goes away mid-stream
     health = wait_idle(s)
     assert health["steps"] - before < 900  # freed long before its 1000 tokens were done
+    assert health["cancelled"] >= 1  # and /health counts it
     status, _, _ = s.post("/v1/completions", {"prompt": "hi", "max_tokens": 2})
     assert status == 200
 

@@ -20,22 +20,33 @@ import hashlib
 import json
 import math
 import os
-import re
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError, NotFoundError, OptionError
+from .adapter_files import (  # noqa: F401 - the folder side, re-exported: callers import it from here
+    CONFIG_NAME,
+    LORA_KEY,
+    PREFIX,
+    WEIGHTS_NAME,
+    adapter_base,
+    check_adapter_config,
+    is_adapter,
+    matches,
+    pattern_value,
+    read_adapter,
+    resolve_base,
+)
+from .errors import CheckpointError, OptionError
 from .fsio import atomic_write
 from .kernels import Dropout, Linear, activation_down
 from .model import GPT
-from .options import MAX_LORA_ALPHA
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."  # peft's prefix of the wrapped model's parameter names
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+
+def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
+    """The factor s of the update s * B A: alpha / r (peft's), or alpha / sqrt(r) with rank-stabilised LoRA."""
+    return alpha / (math.sqrt(r) if rslora else r)
 
 
 class LoRALinear(Linear):
@@ -49,7 +60,7 @@ class LoRALinear(Linear):
         self.lora_A = Linear(base.in_features, r, **kw)
         self.lora_B = Linear(r, base.out_features, **kw)
         self.lora_dropout = Dropout(dropout) if dropout else nn.Identity()
-        self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        self.scaling = lora_scaling(r, alpha, rslora)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # peft's initialisation: B = 0, no change yet
         nn.init.zeros_(self.lora_B.weight)
 
@@ -72,11 +83,6 @@ class LoRALinear(Linear):
             out.weight = nn.Parameter((self.weight.float() + delta).to(self.weight.dtype), requires_grad=False)
         out.bias = self.bias
         return out
-
-
-def _matches(name: str, targets: list[str]) -> bool:
-    """peft's rule: a target matches a module whose name is it or ends with '.' + it."""
-    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def _linear_layers(model: GPT) -> dict[str, nn.Linear]:
@@ -112,7 +118,7 @@ def apply_lora(
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise OptionError(f"--lora-r {r!r}: must be an integer above 0 (e.g. 8)")
     layers = _linear_layers(model)
-    chosen = [name for name in layers if _matches(name, list(targets))]
+    chosen = [name for name in layers if matches(name, list(targets))]
     if not chosen:
         suffixes = sorted({n.split(".", 3)[-1] for n in layers})
         raise OptionError(
@@ -236,17 +242,13 @@ def save_adapter(
 def _target_modules(tensors: dict, n_layer: int) -> list[str]:
     """peft's target_modules naming exactly the adapted layers: `attn.c_proj` where every block has that layer
     adapted (a bare `c_proj` would also take mlp.c_proj), full names otherwise."""
-    modules = {_LORA_KEY.match(k)["module"] for k in tensors}
+    modules = {LORA_KEY.match(k)["module"] for k in tensors}
     kinds = {m.split(".", 3)[3] for m in modules}  # transformer.h.N.<attn.c_attn>
     out = []
     for kind in sorted(kinds):
         names = sorted(m for m in modules if m.endswith("." + kind))
         out += [kind] if len(names) == n_layer else names
     return out
-
-
-def is_adapter(folder: str | os.PathLike) -> bool:
-    return (Path(folder) / CONFIG_NAME).is_file()
 
 
 def load_adapter_weights(model: GPT, folder: str | os.PathLike) -> None:
@@ -262,148 +264,13 @@ def load_adapter_weights(model: GPT, folder: str | os.PathLike) -> None:
     _copy_in(model, tensors, folder)
 
 
-def read_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], dict]:
-    """An adapter folder's config, its tensors under our names, and the safetensors metadata; unsupported
-    peft features are refused by name."""
-    from safetensors import SafetensorError, safe_open
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise NotFoundError(f"{folder}: no such adapter folder")
-    if not is_adapter(folder):
-        raise CheckpointError(
-            f"{folder}: not an adapter folder (no {CONFIG_NAME}); `gptforge train --lora-r 8` writes one"
-        )
-    try:
-        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{folder / CONFIG_NAME}: cannot be read as JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
-        raise CheckpointError(
-            f"{folder / CONFIG_NAME}: a {config.get('peft_type') if isinstance(config, dict) else '?'} "
-            "adapter; gptforge opens LoRA adapters only"
-        )
-    check_adapter_config(config, folder / CONFIG_NAME)
-    unsupported = [
-        k
-        for k in ("use_dora", "lora_bias", "modules_to_save", "layer_replication", "trainable_token_indices")
-        if config.get(k)
-    ] + ([f"bias={config['bias']!r}"] if config.get("bias", "none") != "none" else [])
-    if unsupported:
-        raise CheckpointError(
-            f"{folder / CONFIG_NAME}: uses {', '.join(unsupported)}, which gptforge does not support; "
-            "it opens plain LoRA adapters of a GPT-2 language model"
-        )
-    path = folder / WEIGHTS_NAME
-    if not path.is_file():
-        raise CheckpointError(
-            f"{folder}: no {WEIGHTS_NAME} (adapters saved as adapter_model.bin: re-save with peft's "
-            "save_pretrained(safe_serialization=True))"
-        )
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta, raw = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: cannot read the adapter weights ({str(e).splitlines()[0]})") from None
-    tensors = {}
-    for key, t in raw.items():
-        name = key.removeprefix(PREFIX)
-        if not name.startswith("transformer."):
-            name = "transformer." + name  # an adapter of transformers' GPT2Model (no LM head wrapper)
-        name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
-        if not _LORA_KEY.match(name):
-            raise CheckpointError(
-                f"{path}: unexpected tensor {key!r}; gptforge opens LoRA adapters of GPT-2's layers only"
-            )
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(
-                f"{path}: {key} holds NaN or infinite values; the adapter is damaged (or its training diverged)"
-            )
-        tensors[name] = t
-    if not tensors:
-        raise CheckpointError(f"{path}: holds no LoRA tensors")
-    return config, tensors, meta
-
-
-def _pattern_value(name: str, patterns: dict, default):
-    """peft's rank_pattern / alpha_pattern: the value of the first key that is the layer's name or the end of it
-    (keys are plain names: `check_adapter_config`)."""
-    for key, value in (patterns or {}).items():
-        if _matches(name, [key]):
-            return value
-    return default
-
-
-# A layer name, whole or its end (transformer.h.0.attn.c_attn, h.0.mlp.c_fc, c_proj). peft reads the keys of
-# rank_pattern and alpha_pattern as regular expressions; gptforge takes plain names only, matched as peft matches
-# target_modules: a file from elsewhere cannot make loading run for ever ("(.*)*(.*)*zzz") or fail inside `re`.
-_LAYER_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
-
-
-def _integer(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_adapter_config(config: dict, path: Path) -> None:
-    """Every field of adapter_config.json that gptforge reads, by type and range; an error names the file and the
-    field (the adapter was not made with gptforge's options, so no flag is named)."""
-
-    def bad(field: str, value, need: str):
-        raise CheckpointError(f"{path}: {field} {value!r}: {need}")
-
-    def alpha(field: str, value) -> None:
-        if not _finite(value) or abs(value) > MAX_LORA_ALPHA:
-            bad(
-                field,
-                value,
-                f"must be a finite number no larger than {MAX_LORA_ALPHA:g} (lora_alpha is usually r or 2 r)",
-            )
-
-    def rank(field: str, value) -> None:
-        if not _integer(value) or value < 1:
-            bad(field, value, "must be an integer above 0 (the adapter's rank, e.g. 8)")
-
-    rank("r", config.get("r", 8))
-    alpha("lora_alpha", config.get("lora_alpha", 8))
-    dropout = config.get("lora_dropout")
-    if dropout is not None and not (_finite(dropout) and 0 <= dropout < 1):
-        bad("lora_dropout", dropout, "must be a number from 0 to below 1")
-    for field in ("use_rslora", "fan_in_fan_out"):
-        if config.get(field) is not None and not isinstance(config[field], bool):
-            bad(field, config[field], "must be true or false")
-    base = config.get("base_model_name_or_path")
-    if base is not None and not isinstance(base, str):
-        bad("base_model_name_or_path", base, "must be a string (a model folder or hub id)")
-    targets = config.get("target_modules")
-    if targets is not None and not (
-        isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
-    ):
-        bad("target_modules", targets, "must be a list of layer names")
-    for field, check in (("alpha_pattern", alpha), ("rank_pattern", rank)):
-        patterns = {} if config.get(field) is None else config[field]
-        if not isinstance(patterns, dict):
-            bad(field, patterns, "must be an object of layer names to values")
-        for key, value in patterns.items():
-            if not _LAYER_NAME.fullmatch(key):
-                bad(
-                    f"{field} key",
-                    key,
-                    "gptforge takes plain layer names here (transformer.h.0.attn.c_attn, "
-                    "h.0.mlp.c_fc), not regular expressions",
-                )
-            check(f"{field}[{key!r}]", value)
-
-
-def load_adapter(model: GPT, folder: str | os.PathLike, check_base: bool = True) -> list[str]:
-    """Add the adapter of `folder` to `model` (checked against it) and freeze the rest; the adapted layers."""
+def read_lora(model: GPT, folder: str | os.PathLike, check_base: bool = True) -> tuple[dict, dict, dict, dict]:
+    """An adapter folder read and checked against `model`: its config, its tensors, and the rank and alpha of each
+    layer it adapts (peft's rank_pattern and alpha_pattern applied)."""
     folder = Path(folder)
     config, tensors, meta = read_adapter(folder)
     check_adapter_fits(model, folder, tensors, meta, check_base)
-    modules = sorted({_LORA_KEY.match(k)["module"] for k in tensors})
+    modules = sorted({LORA_KEY.match(k)["module"] for k in tensors})
     ranks = {m: int(tensors[f"{m}.lora_A.weight"].shape[0]) for m in modules if f"{m}.lora_A.weight" in tensors}
     missing = [m for m in modules if m not in ranks or f"{m}.lora_B.weight" not in tensors]
     if missing:
@@ -411,12 +278,18 @@ def load_adapter(model: GPT, folder: str | os.PathLike, check_base: bool = True)
             f"{folder / WEIGHTS_NAME}: {missing[0]} has only one of lora_A / lora_B; the file is incomplete"
         )
     alpha = config.get("lora_alpha", 8)
-    alphas = {m: _pattern_value(m, config.get("alpha_pattern"), alpha) for m in modules}
-    r = int(config.get("r", 8))
+    alphas = {m: pattern_value(m, config.get("alpha_pattern"), alpha) for m in modules}
+    return config, tensors, ranks, alphas
+
+
+def load_adapter(model: GPT, folder: str | os.PathLike, check_base: bool = True) -> list[str]:
+    """Add the adapter of `folder` to `model` (checked against it) and freeze the rest; the adapted layers."""
+    config, tensors, ranks, alphas = read_lora(model, folder, check_base)
+    modules = list(ranks)
     apply_lora(
         model,
-        r,
-        alpha,
+        int(config.get("r", 8)),
+        config.get("lora_alpha", 8),
         float(config.get("lora_dropout") or 0.0),
         modules,
         bool(config.get("use_rslora")),
@@ -447,7 +320,7 @@ def check_adapter_fits(model: GPT, folder: Path, tensors: dict, meta: dict, chec
     the same vocabulary and the same base weights."""
     layers, c = _linear_layers(model), model.config
     for name, t in tensors.items():
-        module, part = _LORA_KEY.match(name)["module"], _LORA_KEY.match(name)["part"]
+        module, part = LORA_KEY.match(name)["module"], LORA_KEY.match(name)["part"]
         layer = layers.get(module)
         if layer is None:
             raise CheckpointError(
@@ -474,25 +347,6 @@ def check_adapter_fits(model: GPT, folder: Path, tensors: dict, meta: dict, chec
         )
 
 
-def adapter_base(folder: str | os.PathLike) -> str | None:
-    """The base model an adapter folder names (peft's base_model_name_or_path), if any."""
-    config, _, _ = read_adapter(folder)
-    return config.get("base_model_name_or_path")
-
-
-def resolve_base(model_path, adapter) -> tuple[str, str | None]:
-    """(base, adapter) for `MODEL [--adapter DIR]`: MODEL may itself be an adapter folder (a LoRA run), whose
-    base is the one its adapter_config.json names."""
-    if adapter is None and model_path is not None and is_adapter(model_path):
-        adapter = model_path
-        model_path = adapter_base(adapter)
-        if not model_path:
-            raise OptionError(
-                f"{adapter}: an adapter folder that names no base model; give the base and --adapter {adapter}"
-            )
-    return str(model_path), (str(adapter) if adapter is not None else None)
-
-
 __all__ = [
     "LoRALinear",
     "adapter_base",
@@ -504,9 +358,11 @@ __all__ = [
     "is_adapter",
     "load_adapter",
     "load_adapter_weights",
+    "lora_scaling",
     "lora_state_dict",
     "merge_lora",
     "read_adapter",
+    "read_lora",
     "resolve_base",
     "save_adapter",
 ]

@@ -73,6 +73,11 @@ class Constraint:
         mask = np.unpackbits(bits, bitorder="little")[: self.vocab_size].astype(bool)
         return torch.from_numpy(mask).to(self.device)
 
+    def fresh(self, device: torch.device | str | None = None) -> "Constraint":
+        """The same grammar at its start, for another row (a copy of the matcher: the grammar is not compiled
+        again)."""
+        return Constraint(self.matcher.deep_copy(), self.vocab_size, self.device if device is None else device)
+
     def consume(self, token: int) -> None:
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"token {token} is outside the grammar: {self.matcher.get_error()}")

@@ -31,11 +31,14 @@ from .options import SamplingOptions
 from .progress import progress_bar
 from .sampling import (
     NGramBan,
+    apply_logit_bias,
     apply_presence_frequency,
     apply_repetition_penalty,
     apply_temperature,
+    check_bias_fits,
     pick,
     process_logits,
+    prompt_logprobs,
     row_seed,
     top_k_filter,
     top_p_filter,
@@ -127,6 +130,7 @@ class Row:
         self.top_logprobs: list[list[tuple[int, float]]] = []
         self._scored: tuple[float, list[tuple[int, float]]] | None = None
         self.seen = self.counts = self.generator = self.ngrams = None
+        check_bias_fits(opts, vocab_size)
         if opts.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
             self.seen[prompt] = True
@@ -150,6 +154,7 @@ class Row:
             o.presence_penalty,
             o.frequency_penalty,
             o.min_new_tokens,
+            tuple(sorted(o.logit_bias.items())) if o.logit_bias else None,
         )
 
     def push(self, token: int) -> str:
@@ -195,20 +200,6 @@ def _score(logits: torch.Tensor, rows: Sequence[Row], picked: torch.Tensor) -> N
     for n, j in enumerate(wanted):
         alternatives = list(zip(top_ids[n].tolist(), top_values[n].tolist()))[: rows[j].logprobs]
         rows[j]._scored = (chosen[n], alternatives)
-
-
-def prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> tuple[list[float | None], list[list]]:
-    """The log-probability of each prompt token given the ones before it (None for the first), and the top `k`
-    alternatives at each position, from the logits of the prompt's positions (one row per prompt token)."""
-    logp = logits[: len(prompt) - 1].float().log_softmax(dim=-1)
-    target = torch.tensor(prompt[1:], device=logits.device, dtype=torch.long)
-    chosen = logp.gather(1, target[:, None]).squeeze(1).tolist() if len(prompt) > 1 else []
-    if k:
-        values, ids = logp.topk(k, dim=-1)
-        top = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
-    else:
-        top = [[] for _ in chosen]
-    return [None, *chosen], [[], *top]
 
 
 def row_constraint(opts: SamplingOptions, tokenizer, vocab_size: int, device) -> Constraint | None:
@@ -337,6 +328,7 @@ def generate_ids(
     beam search) and gives its `num_samples` best hypotheses, best first; `text` and `on_token` are refused.
     """
     opts = SamplingOptions.make(options, **sampling)
+    check_bias_fits(opts, model.config.vocab_size)
     n_ctx = model.config.n_positions
     if eos_id == -1:
         eos_id = model.config.eos_token_id
@@ -487,5 +479,14 @@ def _beam_texts(model, tokenizer, prompts, opts, stop, stream, include_prompt, c
 
 
 __all__ = ["NGramBan", "Row", "SamplingOptions", "TextStream", "apply_presence_frequency", "apply_repetition_penalty"]
-__all__ += ["apply_temperature", "choose_tokens", "generate", "generate_ids", "pick", "process_logits"]
+__all__ += [
+    "apply_logit_bias",
+    "check_bias_fits",
+    "apply_temperature",
+    "choose_tokens",
+    "generate",
+    "generate_ids",
+    "pick",
+    "process_logits",
+]
 __all__ += ["prompt_logprobs", "row_constraint", "row_seed", "top_k_filter", "top_p_filter"]

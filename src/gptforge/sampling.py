@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .errors import OptionError
 from .options import SamplingOptions
 
 # --- logits processors (each the counterpart of one transformers LogitsProcessor) ------------------
@@ -29,6 +30,13 @@ def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: 
 def apply_presence_frequency(scores: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float):
     """OpenAI's penalties: subtract `frequency` per earlier occurrence in the output, and `presence` once."""
     return scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
+
+
+def apply_logit_bias(scores: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    """OpenAI's logit_bias: add each token's bias to its logit in every row (-100 all but bans it)."""
+    ids = torch.tensor(list(bias), dtype=torch.long, device=scores.device)
+    values = torch.tensor(list(bias.values()), dtype=scores.dtype, device=scores.device)
+    return scores.index_add(-1, ids, values.expand(scores.size(0), -1))
 
 
 def apply_temperature(scores: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -103,6 +111,8 @@ def process_logits(
         scores = apply_repetition_penalty(scores, seen, opts.repetition_penalty)
     if counts is not None and (opts.presence_penalty or opts.frequency_penalty):
         scores = apply_presence_frequency(scores, counts, opts.presence_penalty, opts.frequency_penalty)
+    if opts.logit_bias:
+        scores = apply_logit_bias(scores, opts.logit_bias)
     for row, ban in enumerate(ngrams or ()):
         if ban is not None and (banned := ban.banned()):
             scores[row, list(banned)] = float("-inf")
@@ -114,6 +124,29 @@ def process_logits(
     if not opts.greedy:
         scores = top_p_filter(top_k_filter(apply_temperature(scores, opts.temperature), opts.top_k), opts.top_p)
     return scores
+
+
+def prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> tuple[list[float | None], list[list]]:
+    """The log-probability of each prompt token given the ones before it (None for the first), and the top `k`
+    alternatives at each position, from the logits of the prompt's positions (one row per prompt token)."""
+    logp = logits[: len(prompt) - 1].float().log_softmax(dim=-1)
+    target = torch.tensor(prompt[1:], device=logits.device, dtype=torch.long)
+    chosen = logp.gather(1, target[:, None]).squeeze(1).tolist() if len(prompt) > 1 else []
+    if k:
+        values, ids = logp.topk(k, dim=-1)
+        top = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        top = [[] for _ in chosen]
+    return [None, *chosen], [[], *top]
+
+
+def check_bias_fits(opts: SamplingOptions, vocab_size: int) -> None:
+    """Every token of `logit_bias` is in the vocabulary."""
+    outside = [t for t in opts.logit_bias or () if t >= vocab_size]
+    if outside:
+        error = OptionError(f"logit_bias: token id {outside[0]} is not in the vocabulary (ids 0 to {vocab_size - 1})")
+        error.param = "logit_bias"
+        raise error
 
 
 def pick(scores: torch.Tensor, greedy: bool, generators: Sequence[torch.Generator | None] = ()) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 
@@ -13,6 +14,20 @@ from .base import (
     opt,
     refuse_unknown,
 )
+
+
+def parse_logit_bias(text: str) -> dict:
+    """`--logit-bias`: 'ID:BIAS,ID:BIAS' or a JSON object of token ids to biases; the values are checked by
+    SamplingOptions.validate."""
+    text = text.strip()
+    try:
+        pairs = json.loads(text).items() if text.startswith("{") else [p.split(":") for p in text.split(",") if p]
+        return {int(k): float(v) for k, v in pairs}
+    except (ValueError, TypeError, AttributeError):
+        error = OptionError(f"logit_bias={text!r}: write it as 'ID:BIAS,ID:BIAS' (e.g. '50256:-100') or a JSON object")
+        error.param = "logit_bias"
+        raise error from None
+
 
 # --- sampling -----------------------------------------------------------------------------------------
 
@@ -42,6 +57,11 @@ class SamplingOptions:
     )
     frequency_penalty: float = opt(
         0.0, "OpenAI's frequency penalty: subtract this times a token's count in the output so far (-2 to 2)"
+    )
+    logit_bias: dict[int, float] | None = opt(
+        None,
+        "add a bias from -100 to 100 to chosen tokens' logits before sampling (OpenAI's logit_bias): "
+        "'ID:BIAS,ID:BIAS' or a JSON object; -100 bans a token, 100 all but forces it",
     )
     json_schema: str | None = opt(
         None,
@@ -76,6 +96,12 @@ class SamplingOptions:
     MAX_NEW_TOKENS = MAX_NEW_TOKENS
 
     def __post_init__(self) -> None:
+        if isinstance(self.logit_bias, str):  # from the command line or a config file
+            self.logit_bias = parse_logit_bias(self.logit_bias)
+        elif isinstance(self.logit_bias, dict):  # a JSON config's keys are strings
+            self.logit_bias = {
+                int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in self.logit_bias.items()
+            }
         if isinstance(self.early_stopping, str) and self.early_stopping.lower() in ("true", "false", "never"):
             self.early_stopping = {"true": True, "false": False}.get(self.early_stopping.lower(), "never")
 
@@ -127,6 +153,8 @@ class SamplingOptions:
             value = getattr(self, name)
             if not (is_number(value) and -2 <= value <= 2):
                 bad(name, value, "must be a number from -2 to 2 (0: no penalty)")
+        if self.logit_bias is not None:
+            self._validate_logit_bias(bad)
         if self.json_schema is not None and self.regex is not None:
             bad("regex", self.regex, "give one of json_schema and regex, not both")
         if (self.json_schema is not None or self.regex is not None) and self.num_beams > 1:
@@ -134,6 +162,15 @@ class SamplingOptions:
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
             bad("seed", self.seed, "must be an integer from 0 to 2**63 - 1")
         self._validate_beams(bad)
+
+    def _validate_logit_bias(self, bad) -> None:
+        if not isinstance(self.logit_bias, dict):
+            bad("logit_bias", self.logit_bias, "must map token ids to biases from -100 to 100")
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                bad("logit_bias", self.logit_bias, f"key {token!r} must be a token id (an integer >= 0)")
+            if not (is_number(bias) and -100 <= bias <= 100):
+                bad("logit_bias", self.logit_bias, f"bias {bias!r} of token {token} must be a number from -100 to 100")
 
     def _validate_beams(self, bad) -> None:
         if not (is_number(self.length_penalty) and math.isfinite(self.length_penalty)):

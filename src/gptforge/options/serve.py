@@ -31,6 +31,11 @@ class ServeOptions:
     max_batch: int = opt(32, "sequences generated together")
     max_queue: int = opt(256, "sequences that may wait beyond --max-batch; more are answered 429")
     max_tokens: int | None = opt(None, "largest max_tokens a request may ask (default: the context - 1)")
+    prefix_cache_mb: float = opt(
+        512.0,
+        "memory for the prefix cache in MiB: prompts that begin alike (a system prompt, a few-shot block) reuse "
+        "the keys and values computed for that beginning; least recently used blocks go first (0: off)",
+    )
     max_body: int = opt(1 << 20, "request body limit in bytes")
     max_n: int = opt(8, "choices per prompt a request may ask for (n)")
     allowed_hosts: list[str] = opt(
@@ -64,6 +69,7 @@ class ServeOptions:
                 "max_queue": (0, None, True, int),
                 "max_tokens": (1, None, True, int),
                 "max_body": (1024, None, True, int),
+                "prefix_cache_mb": (0, None, True, float),
                 "max_n": (1, None, True, int),
                 "header_timeout": (0, None, False, float),
                 "max_connections": (1, None, True, int),

@@ -33,7 +33,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("model", help="model folder (or hub id) to serve")
     add_dataclass_options(parser, ServeOptions)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
-    parser.add_argument("--adapter", help="LoRA adapter folder (gptforge's or peft's), merged into the model on load")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        help="LoRA adapter folder (gptforge's or peft's): DIR is merged into the model on load; NAME=DIR (repeat it) "
+        "is served beside the base without merging, to requests whose 'model' is NAME",
+    )
     parser.add_argument(
         "--quantize", choices=("int8",), help="int8 weights for the linear layers and the head, made on load"
     )
@@ -50,18 +55,20 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         import uvicorn  # noqa: F401
 
-        from ..chat import chat_template_file, read_chat_template
-        from .app import Server, create_app
+        from .app import create_app
         from .guard import default_max_connections, run
     except ImportError as e:
         raise ServeError(f"serving needs the web extra ({e.name} is missing): pip install 'gptforge[serve]'") from None
     from ..adapters import read_adapter, resolve_base
-    from ..checkpoint import load_model_and_tokenizer
     from ..classify import is_classifier_folder
+    from .adapters import parse_adapter_flags
 
-    base, adapter = resolve_base(args.model, args.adapter)  # MODEL may be an adapter folder naming its base
-    if adapter:
-        read_adapter(adapter)  # a bad adapter fails before the port is taken
+    adapter, named = parse_adapter_flags(args.adapter)
+    base, adapter = resolve_base(args.model, adapter)  # MODEL may be an adapter folder naming its base
+    for folder in [adapter, *named.values()] if adapter else named.values():
+        read_adapter(folder)  # a bad adapter fails before the port is taken
+    if named and args.quantize:
+        raise ServeError("--adapter NAME=DIR serves adapters beside fp32 weights; leave out --quantize")
     api_key = options.api_key
     try:  # bind first: a port in use should fail before the model takes seconds to load
         sock = socket.create_server((args.host, args.port))
@@ -69,22 +76,11 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise ServeError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     name = Path(str(args.model).rstrip("/\\")).name or "model"
     if is_classifier_folder(base):  # labels and probabilities on /v1/classifications
-        server, app = _classifier_app(base, adapter, args, options, name)
+        server, app = _classifier_app(base, adapter or named, args, options, name)
     else:
-        model, tokenizer = load_model_and_tokenizer(base, adapter=adapter, device=args.device, quantize=args.quantize)
-        folder = Path(adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base)
-        folder = folder if folder.is_dir() else folder.parent
-        template = read_chat_template(folder) if folder.is_dir() else None
-        server = Server(
-            model,
-            tokenizer,
-            options,
-            template,
-            model_name=name,
-            template_file=str(chat_template_file(folder)) if template else None,
-        )
+        server = _language_model_server(base, adapter, named, args, options, name)
         app = create_app(server)
-        _measure_paths(model)  # the first request must not wait for the kernel's build and measurement
+        _measure_paths(server.model)  # the first request must not wait for the kernel's build and measurement
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(
@@ -104,6 +100,28 @@ def run_from_args(args: argparse.Namespace) -> int:
         options.log_level,
     )
     return 0
+
+
+def _language_model_server(base, adapter, named: dict, args, options, name: str):
+    """The `Server` of a language model: the base (an adapter merged into it), the adapters served beside it, and
+    the chat template of the folder (the merged adapter's own, when it has one)."""
+    from ..chat import chat_template_file, read_chat_template
+    from ..checkpoint import load_model_and_tokenizer
+    from .app import Server
+
+    model, tokenizer = load_model_and_tokenizer(base, adapter=adapter, device=args.device, quantize=args.quantize)
+    folder = Path(adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base)
+    folder = folder if folder.is_dir() else folder.parent
+    template = read_chat_template(folder) if folder.is_dir() else None
+    return Server(
+        model,
+        tokenizer,
+        options,
+        template,
+        model_name=name,
+        template_file=str(chat_template_file(folder)) if template else None,
+        adapters=named,
+    )
 
 
 def _measure_paths(model) -> None:

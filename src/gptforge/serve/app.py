@@ -27,7 +27,9 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from ..chat import ChatTemplate, template_of
+from ..errors import OptionError
 from ..options import ServeOptions
+from .adapters import AdapterSet
 from .engine import Engine, Event, Sequence
 from .guard import HostGuard, host_names
 from .protocol import (
@@ -57,11 +59,28 @@ class Server(RequestParsing):
         model_name: str = "model",
         engine: Engine | None = None,
         template_file: str | None = None,
+        adapters: dict | None = None,
     ):
         self.model, self.tokenizer, self.options = model, tokenizer, options
         self.n_ctx = model.config.n_positions
         self.name = options.model_name or model_name
-        self.engine = engine or Engine(model, tokenizer, options.max_batch, options.max_queue)
+        self.n_params = model.num_params()
+        # adapters served beside the base, by name (serve/adapters.py); a request picks one with its `model`
+        if adapters and self.name in adapters:
+            raise OptionError(f"--adapter {self.name}=...: the base model is named {self.name!r}; name it otherwise")
+        self.adapters = AdapterSet(model, adapters) if adapters else None
+        self.metrics = _metrics(self.name)
+        self.engine = engine or Engine(
+            model,
+            tokenizer,
+            options.max_batch,
+            options.max_queue,
+            prefix_cache_bytes=int(options.prefix_cache_mb * (1 << 20)),
+            metrics=self.metrics,
+            adapters=self.adapters,
+        )
+        if self.metrics is not None:
+            self.metrics.engine = self.engine
         self.created = int(time.time())
         self.max_tokens = min(options.max_tokens or self.n_ctx - 1, self.n_ctx - 1)
         # the folder's template, else gptforge's GPT-2 one, as `generate --chat` and instruction training use
@@ -70,7 +89,6 @@ class Server(RequestParsing):
         if not self.own_template:
             name = "gptforge's GPT-2 chat template"
         self.template = ChatTemplate(chat_template or template_of(tokenizer), tokenizer, name)
-        self.n_params = model.num_params()
         self.live: dict[asyncio.Queue, list[Sequence]] = {}  # each running request's queue and sequences
         self.closing = False
 
@@ -97,6 +115,8 @@ class Server(RequestParsing):
                         job.stop,
                         logprobs=job.logprobs,
                         prompt_logprobs=job.prompt_logprobs,
+                        adapter=job.adapter,
+                        constraint=job.constraint,
                     )
                 )
         if not self.engine.submit(seqs):
@@ -110,6 +130,15 @@ class Server(RequestParsing):
             )
         self.live[q] = seqs
         return seqs, q
+
+    @property
+    def model_names(self) -> list[str]:
+        """The base's name, then each adapter's."""
+        return [self.name, *(self.adapters.names[1:] if self.adapters else [])]
+
+    def adapter_of(self, model: str | None) -> int:
+        """The adapter a request's `model` names (0: the base)."""
+        return 0 if model is None or model == self.name else self.adapters.index(model)
 
     def done(self, q: asyncio.Queue) -> None:
         self.live.pop(q, None)
@@ -187,19 +216,21 @@ class Routes:
         if "\\ud" in text.lower():  # JSON's \uXXXX escapes are the one way to send half a surrogate pair
             check_text(data)
         model = data.get("model")
-        if model is not None and model != self.server.name:
+        if model is not None and model not in self.server.model_names:
             raise ApiError(
                 404,
-                f"model '{model}' is not served here; this server serves '{self.server.name}'",
+                f"model {json.dumps(model)[:80]} is not served here; this server serves "
+                f"{', '.join(repr(n) for n in self.server.model_names)}",
                 "model",
                 "model_not_found",
             )
         return data
 
-    def model_card(self) -> dict:
+    def model_card(self, name: str) -> dict:
         server = self.server
+        adapter = {"parent": server.name, "adapter": True} if name != server.name else {}
         return {
-            "id": server.name,
+            "id": name,
             "object": "model",
             "created": server.created,
             "owned_by": "gptforge",
@@ -209,6 +240,8 @@ class Routes:
             "chat_template": "the model's" if server.own_template else "gptforge's GPT-2 default",
             "max_tokens": server.max_tokens,
             "auth": bool(self.options.api_key),
+            "root": server.name,
+            **adapter,
         }
 
     async def playground(self, request: Request) -> Response:
@@ -218,15 +251,22 @@ class Routes:
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.server.name, **self.server.engine.stats()})
 
+    async def metrics(self, request: Request) -> Response:
+        m = self.server.metrics
+        if m is None:
+            raise ApiError(404, "metrics need prometheus-client: pip install 'gptforge[serve]'", code="not_found")
+        return Response(m.render(), media_type=m.content_type)
+
     async def models(self, request: Request) -> Response:
         self.check_key(request)
-        return JSONResponse({"object": "list", "data": [self.model_card()]})
+        return JSONResponse({"object": "list", "data": [self.model_card(n) for n in self.server.model_names]})
 
     async def model(self, request: Request) -> Response:
         self.check_key(request)
-        if request.path_params["name"] != self.server.name:
-            raise ApiError(404, f"model '{request.path_params['name']}' is not served here", code="model_not_found")
-        return JSONResponse(self.model_card())
+        name = request.path_params["name"]
+        if name not in self.server.model_names:
+            raise ApiError(404, f"model '{name}' is not served here", code="model_not_found")
+        return JSONResponse(self.model_card(name))
 
     async def completions(self, request: Request) -> Response:
         return await self.respond(request, self.server.completion_job(await self.read_json(request)), chat=False)
@@ -244,7 +284,7 @@ class Routes:
             "id": rid,
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
-            "model": server.name,
+            "model": server.model_names[job.adapter],
         }
         cut = {"X-Truncated-Prompt-Tokens": str(job.truncated)} if job.truncated else {}
         if job.stream:
@@ -303,7 +343,7 @@ class Routes:
                 {"index": i, "text": t, "logprobs": lp, "finish_reason": r}
                 for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))
             ]
-        return JSONResponse({**head, "choices": choices, "usage": usage(job, tokens)}, headers=cut)
+        return JSONResponse({**head, "choices": choices, "usage": usage(job, tokens, seqs)}, headers=cut)
 
     async def error(self, request: Request, exc: Exception) -> Response:
         if isinstance(exc, ApiError):
@@ -358,11 +398,21 @@ def create_app(server: Server) -> Starlette:
         r,
         [
             Route("/", r.playground, methods=["GET"]),
+            Route("/metrics", r.metrics, methods=["GET"]),
             Route("/v1/completions", r.completions, methods=["POST"]),
             Route("/v1/chat/completions", r.chat, methods=["POST"]),
         ],
         lifespan,
     )
+
+
+def _metrics(model_name: str):
+    """The server's Prometheus instruments (serve/metrics.py), or None without prometheus-client."""
+    try:
+        from .metrics import ServeMetrics
+    except ImportError:
+        return None
+    return ServeMetrics(model_name)
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -6,7 +6,8 @@ never waits for a long one. The cache (`RowCache`) holds one row per running seq
 the same column, the one the next token is written to, and each row's real tokens are the last
 `lens[row]` columns before it (left padding, masked out of attention). Position ids count real tokens
 only, so every row sees exactly the positions it would see alone -- the reason greedy decoding here
-gives the tokens `generate_ids` gives.
+gives the tokens `generate_ids` gives. A prompt whose beginning is in the prefix cache (prefix.py) has those
+columns copied in and computes only the rest; rows under different adapters (adapters.py) share each pass.
 
 The engine talks to the web side through callbacks: `Sequence.emit(event)` is called from the model
 thread and must be thread-safe (the app hands over `loop.call_soon_threadsafe`).
@@ -17,17 +18,20 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from ..constraints import Constraint
 from ..generate import Row, TextStream, choose_tokens, prompt_logprobs, row_constraint
 from ..inference import fastdecode
 from ..inference.packed import cpu_inference_weights  # packed fp32 weights for the CPU's decoding products
 from ..model import GPT
 from ..options import SamplingOptions
+from .prefix import PrefixCache
 
 
 @dataclass
@@ -57,8 +61,14 @@ class Sequence:
     cancelled: bool = False  # set from the web side; the model thread drops the row at its next step
     logprobs: int | None = None  # report log-probabilities, with this many top alternatives per token
     prompt_logprobs: bool = False  # also the prompt's own (OpenAI's echo), in a first event
+    constraint: Constraint | None = None  # its request's grammar, compiled once: the row takes a fresh copy
+    adapter: int = 0  # which adapter it runs under (0: the base model; see serve/adapters.py)
     row: Row | None = None  # the decoding state, made by the engine when the sequence starts
     reported: int = 0  # tokens whose log-probabilities went out
+    cached: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    finished: bool = False  # its end was reported (a cancel after that frees nothing)
+    hit: tuple | None = None  # the prefix cache's blocks for its prompt, looked up when it is about to join
+    times: list[float] = field(default_factory=list)  # submitted, first token, last token (monotonic seconds)
 
 
 class RowCache:
@@ -137,8 +147,23 @@ class Engine:
     prompt tokens join in one step, so that a burst of long prompts does not stall running streams.
     """
 
-    def __init__(self, model: GPT, tokenizer, max_batch: int = 32, max_queue: int = 256, prefill_tokens: int = 1024):
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer,
+        max_batch: int = 32,
+        max_queue: int = 256,
+        prefill_tokens: int = 1024,
+        prefix_cache_bytes: int = 0,
+        metrics=None,
+        adapters=None,
+    ):
         self.model, self.tokenizer = model.eval(), tokenizer
+        # prompts' shared beginnings (serve/prefix.py), the metrics (serve/metrics.py), and the adapters each row
+        # runs under (serve/adapters.py)
+        self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.metrics, self.adapters = metrics, adapters
+        self.cancelled = 0  # sequences whose client left before their end
         self.eos = tokenizer.eos_id
         self.n_ctx = model.config.n_positions
         self.vocab = model.config.vocab_size
@@ -176,7 +201,9 @@ class Engine:
             if self._load + len(seqs) > self.max_batch + self.max_queue:
                 return False
             self._load += len(seqs)
+        now = time.monotonic()
         for s in seqs:
+            s.times = [now]
             self._inbox.put(s)
         return True
 
@@ -197,7 +224,15 @@ class Engine:
             "steps": self.steps,
             "peak_batch": self.peak_batch,
             "mean_batch": round(self.rows_decoded / self.steps, 2) if self.steps else 0.0,
+            "cancelled": self.cancelled,
+            "prefix_cache": self._prefix_stats(),
         }
+
+    def _prefix_stats(self) -> dict | None:
+        p = self.prefix
+        if p is None:
+            return None
+        return {"blocks": len(p.blocks), "bytes": p.bytes, "queries": p.queries, "hits": p.hits}
 
     def retry_after(self) -> int:
         """Seconds a refused client should wait: roughly how long the queue ahead takes to start."""
@@ -236,7 +271,9 @@ class Engine:
         for s in [s for s in self.waiting if s.cancelled]:
             self.waiting.remove(s)
             self._release(1)
+            self.cancelled += not s.finished
         gone = [i for i, s in enumerate(self.running) if s.cancelled]
+        self.cancelled += sum(not self.running[i].finished for i in gone)
         if gone:
             self._remove(gone)
             self._release(len(gone))
@@ -249,11 +286,13 @@ class Engine:
         self._joining = []
         budget = self.prefill_tokens
         while self.waiting and len(self.running) + len(self._joining) < self.max_batch:
-            if self._joining and len(self.waiting[0].prompt) > budget:
+            s = self.waiting[0]
+            if self.prefix is not None and not s.prompt_logprobs:  # scoring needs every prompt position's logits
+                s.hit = self.prefix.lookup(s.prompt, s.adapter)
+            if self._joining and len(s.prompt) - (s.hit[1] if s.hit else 0) > budget:
                 break
-            s = self.waiting.pop(0)
-            budget -= len(s.prompt)
-            self._joining.append(s)
+            budget -= len(s.prompt) - (s.hit[1] if s.hit else 0)
+            self._joining.append(self.waiting.pop(0))
         if self._joining:
             self._prefill(self._joining)
         self._joining = []
@@ -323,36 +362,57 @@ class Engine:
                 c.shift(B, 0, L, P - L)
             L = P
         c.real[B : B + n] = False
-        tokens = torch.full((n, P), self.eos, dtype=torch.long, device=self.device)
+        # a prompt whose beginning is in the prefix cache computes only the rest: S columns for all joining rows
+        S = max(len(s.prompt) - (s.hit[1] if s.hit else 0) for s in seqs)
+        tokens = torch.full((n, S), self.eos, dtype=torch.long, device=self.device)
         for i, s in enumerate(seqs):
-            p = len(s.prompt)
-            tokens[i, P - p :] = torch.tensor(s.prompt, dtype=torch.long, device=self.device)
+            p, q = len(s.prompt), min(S, len(s.prompt))
+            tokens[i, S - q :] = torch.tensor(s.prompt[p - q :], dtype=torch.long, device=self.device)
             c.real[B + i, L - p : L] = True
+            s.cached = s.hit[1] if s.hit else 0
+            if p > q:  # the cached columns before the S computed ones (those are recomputed, not read)
+                self.prefix.copy_into(s.hit[0], p - q, c.k, c.v, B + i, L - p)
             self._setup(s)
         mask = c.real[B : B + n, L - P : L]
-        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, P - S :]
         ragged = any(len(s.prompt) < P for s in seqs)
         scored = [i for i, s in enumerate(seqs) if s.prompt_logprobs]
+        self._select_adapters(seqs)
         logits, _ = self.model(
             tokens,
-            cache=c.window(B, B + n, L - P, 0),
+            cache=c.window(B, B + n, L - P, P - S),
             position_ids=pos,
             attention_mask=mask if ragged else None,
             logits_to_keep=0 if scored else 1,
         )
-        for i in scored:  # the prompt's own log-probabilities, from its positions' logits
-            s = seqs[i]
-            lps, tops = prompt_logprobs(logits[i, P - len(s.prompt) :], s.prompt, s.logprobs or 0)
-            s.emit(Event(s.choice, logprobs=list(zip(s.prompt, lps, tops))))
-        for s in seqs:
-            if s.opts.max_new_tokens == 0:  # scoring only (echo with max_tokens 0): done before any token
-                self._finish(s, "length")
-                s.cancelled = True  # leaves at the next step, with its slot
+        self._prefilled(seqs, logits, B, L)
         c.length = L
         self.running += seqs
         self.lens += [len(s.prompt) for s in seqs]
         new = logits[:, -1].float()
         self.logits = new if self.logits is None or not B else torch.cat([self.logits, new])
+
+    def _prefilled(self, seqs: list[Sequence], logits: torch.Tensor, B: int, L: int) -> None:
+        """After the prompts' pass: the prompts' own log-probabilities where asked, scoring-only requests done,
+        the prompts' blocks kept in the prefix cache, the queue times measured."""
+        S = logits.size(1)
+        for i, s in enumerate(seqs):
+            if s.prompt_logprobs:  # the prompt's own log-probabilities, from its positions' logits (all computed)
+                lps, tops = prompt_logprobs(logits[i, S - len(s.prompt) :], s.prompt, s.logprobs or 0)
+                s.emit(Event(s.choice, logprobs=list(zip(s.prompt, lps, tops))))
+            if s.opts.max_new_tokens == 0:  # scoring only (echo with max_tokens 0): done before any token
+                self._finish(s, "length")
+                s.cancelled = True  # leaves at the next step, with its slot
+            if self.prefix is not None:
+                self.prefix.count(len(s.prompt), s.cached)
+                self.prefix.store(s.prompt, s.adapter, self.cache.k, self.cache.v, B + i, L - len(s.prompt))
+            if self.metrics is not None:
+                self.metrics.started(s)
+
+    def _select_adapters(self, seqs: list[Sequence]) -> None:
+        """Tell the adapted layers which adapter each row of the next pass runs under."""
+        if self.adapters is not None:
+            self.adapters.select([s.adapter for s in seqs])
 
     def _setup(self, s: Sequence) -> None:
         s.row = Row(
@@ -364,7 +424,9 @@ class Engine:
             s.choice,
             TextStream(self.tokenizer, s.stop),
             s.logprobs,
-            row_constraint(s.opts, self.tokenizer, self.vocab, self.device),
+            s.constraint.fresh(self.device)
+            if s.constraint is not None
+            else row_constraint(s.opts, self.tokenizer, self.vocab, self.device),
         )
 
     def _decode(self, tokens: torch.Tensor) -> None:
@@ -375,6 +437,7 @@ class Engine:
         full = all(n == L for n in self.lens)  # no padding anywhere: plain attention, no mask
         pos = torch.tensor(self.lens, dtype=torch.long, device=self.device)[:, None]
         visible = None if full else c.real[:B, : L + 1]
+        self._select_adapters(self.running)
         if self._c_step is not None and self._c_step.takes(B):
             self.logits = self._c_step(tokens, pos, c.window(0, B, 0, L), visible)
         else:
@@ -403,6 +466,8 @@ class Engine:
         row = s.row
         if s.cancelled or row.finish == "error":
             return True
+        if self.metrics is not None:
+            self.metrics.token(s)
         piece = row.push(token)
         if row.finish is not None:
             return self._finish(s, row.finish, text=piece)
@@ -421,5 +486,8 @@ class Engine:
 
     def _finish(self, s: Sequence, reason: str, error: str | None = None, text: str = "") -> bool:
         tokens = len(s.row.ids) if s.row else 0
+        s.finished = True
+        if self.metrics is not None:
+            self.metrics.finished(s, reason)
         s.emit(Event(s.choice, text, reason, tokens, error, None if error else self._new_logprobs(s)))
         return True

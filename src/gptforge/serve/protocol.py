@@ -93,6 +93,31 @@ def number_field(body: dict, name: str, default: float, lo: float, hi: float, in
     return value
 
 
+def logit_bias_field(body: dict, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's logit_bias: {"token id": bias from -100 to 100}, as the core's {id: bias}."""
+    bias = get_field(body, "logit_bias", (dict,), None, 'an object of token ids to biases, as {"50256": -100}')
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) < vocab_size):
+            raise ApiError(
+                400,
+                f"'logit_bias' key {key!r} is not a token id (0 to {vocab_size - 1})",
+                "logit_bias",
+                "invalid_value",
+            )
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise ApiError(
+                400,
+                f"'logit_bias' of token {key} must be a number from -100 to 100; got {json.dumps(value)[:40]}",
+                "logit_bias",
+                "invalid_value",
+            )
+        out[int(key)] = float(value)
+    return out
+
+
 def stop_field(body: dict) -> list[str]:
     stop = body.get("stop")
     if stop is None:
@@ -107,14 +132,22 @@ def stop_field(body: dict) -> list[str]:
 _UNSUPPORTED = {
     "suffix": ("",),
     "best_of": (1,),
-    "logit_bias": ({},),
     "tools": ([],),
     "tool_choice": ("none",),
     "functions": ([],),
     "function_call": ("none",),
     "parallel_tool_calls": (False, True),
 }
-_IGNORED = {"model", "user", "metadata", "store", "service_tier", "stream_options"}
+_IGNORED = {
+    "model",
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "stream_options",
+    "prompt_cache_key",  # a routing hint: the prefix cache finds shared prefixes by their tokens
+    "safety_identifier",
+}
 _COMMON = {
     "max_tokens",
     "temperature",
@@ -134,6 +167,7 @@ _COMMON = {
     "guided_json",
     "guided_regex",
     "guided_choice",
+    "logit_bias",
 }
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "logprobs", "return_tokens_as_token_ids"}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "return_tokens_as_token_ids"}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..chat import TemplateLimitError, check_messages
-from ..constraints import ANY_JSON_OBJECT, choice_regex, schema_text
+from ..constraints import ANY_JSON_OBJECT, Constraint, choice_regex, schema_text
 from ..errors import DataError, OptionError
 from ..generate import row_constraint
 from ..options import SamplingOptions
@@ -17,6 +17,7 @@ from .protocol import (
     ApiError,
     check_fields,
     get_field,
+    logit_bias_field,
     number_field,
     stop_field,
 )
@@ -40,6 +41,8 @@ class Job:
     logprobs: int | None = None  # report log-probabilities with this many alternatives per token
     prompt_logprobs: bool = False  # and the prompt's own (echo)
     token_ids: bool = False  # name tokens "token_id:N" in log-probabilities (vLLM's return_tokens_as_token_ids)
+    adapter: int = 0  # the adapter the request's `model` names (0: the base)
+    constraint: Constraint | None = None  # the structured output's grammar, compiled once when checked
 
 
 class RequestParsing:
@@ -71,7 +74,7 @@ class RequestParsing:
                 "n",
                 "invalid_value",
             )
-        opts = self._sampling(body, max_tokens)
+        opts, constraint = self._sampling(body, max_tokens)
         stream_options = get_field(body, "stream_options", (dict,), {}, "an object")
         truncate = get_field(body, "truncate_prompt", (bool,), True, "true or false")
         cut = self._fit(prompts, max_tokens, truncate)
@@ -87,10 +90,13 @@ class RequestParsing:
             logprobs=logprobs,
             prompt_logprobs=scoring,
             token_ids=get_field(body, "return_tokens_as_token_ids", (bool,), False, "true or false"),
+            adapter=self.adapter_of(body.get("model")),
+            constraint=constraint,
         )
 
-    def _sampling(self, body: dict, max_tokens: int) -> SamplingOptions:
-        """The request's sampling fields as the core's options, each checked and named as the request names it."""
+    def _sampling(self, body: dict, max_tokens: int) -> tuple[SamplingOptions, Constraint | None]:
+        """The request's sampling fields as the core's options, each checked and named as the request names it, and
+        its structured output's grammar (checked by compiling it: the rows take copies)."""
         temperature = number_field(body, "temperature", _D.temperature, 0, 2)
         seed = get_field(body, "seed", (int,), _D.seed, "an integer")
         try:
@@ -111,17 +117,17 @@ class RequestParsing:
                 body, "no_repeat_ngram_size", _D.no_repeat_ngram_size, 0, 1 << 20, integer=True
             ),
             seed=seed,
+            logit_bias=logit_bias_field(body, self.model.config.vocab_size),
             **structure,
         )
         try:
-            opts.validate()
-            if opts.json_schema is not None or opts.regex is not None:  # a bad schema or regex is this request's 400
-                row_constraint(opts, self.tokenizer, self.model.config.vocab_size, "cpu")
+            opts.validate()  # a bad schema or regex is this request's 400
+            constraint = row_constraint(opts, self.tokenizer, self.model.config.vocab_size, "cpu")
         except ValueError as e:  # named as the request names it
             param = getattr(e, "param", None) or self._structure_field(body)
             param = {"max_new_tokens": "max_tokens", "num_samples": "n"}.get(param, param)
             raise ApiError(400, str(e), param, "invalid_value") from None
-        return opts
+        return opts, constraint
 
     def _fit(self, prompts: list[list[int]], max_tokens: int, truncate: bool) -> int:
         """Cut prompts from the left to leave `max_tokens` of room (or refuse, without truncate_prompt); the tokens

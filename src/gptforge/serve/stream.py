@@ -78,17 +78,19 @@ async def stream_events(
             tokens += ev.completion_tokens
             yield chunk(ev.choice, None if chat else "", ev.finish, None if ev.text else ev.logprobs)
     if job.include_usage:
-        yield _sse({**head, "choices": [], "usage": usage(job, tokens)})
+        yield _sse({**head, "choices": [], "usage": usage(job, tokens, seqs)})
     yield _sse(b"[DONE]")
 
 
-def usage(job: Job, completion_tokens: int) -> dict:
-    """OpenAI's token counts (each prompt once, whatever n), plus how many prompt tokens were cut off."""
+def usage(job: Job, completion_tokens: int, seqs: list[Sequence]) -> dict:
+    """OpenAI's token counts (each prompt once, whatever n: its first choice's cached tokens), plus how many prompt
+    tokens were cut off."""
     prompt = sum(map(len, job.prompts))
     usage = {
         "prompt_tokens": prompt,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": sum(seqs[i * job.n].cached for i in range(len(job.prompts)))},
     }
     if job.truncated:
         usage["truncated_prompt_tokens"] = job.truncated

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from gptforge.config import GPTConfig
+from gptforge.data.vocabulary import train_tokenizer
 from gptforge.errors import OptionError
 from gptforge.generate import SamplingOptions, generate_ids
 from gptforge.model import GPT
-from gptforge.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")

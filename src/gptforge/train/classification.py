@@ -37,7 +37,7 @@ from ..options import DEFAULT_VOCAB_SIZE, ClassifyOptions, LoRAOptions, TrainCon
 from .callbacks import Callbacks
 from .finetune import add_lora
 from .loop import Trainer, TrainResult
-from .runfolder import claim_run_folder, refuse_previous_run, resume_tokenizer
+from .runfolder import claim_run_folder, refuse_previous_run, resume_after_restart, resume_tokenizer
 from .tasks import Task
 
 # TrainConfig fields that mean nothing for classification: refused when set, never silently ignored
@@ -307,7 +307,7 @@ def train_classifier(
     if compute_metrics is not None and not callable(compute_metrics):
         raise OptionError(f"compute_metrics={compute_metrics!r}: must be a function of (probabilities, label_ids)")
     opts = options or ClassifyOptions()
-    cfg = TrainConfig(**train_options)
+    cfg = resume_after_restart(TrainConfig(**train_options))
     unused = [
         flag_of(TrainConfig, f.name)
         for f in dataclasses.fields(TrainConfig)

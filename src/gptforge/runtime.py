@@ -202,6 +202,25 @@ def shard_model(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
+def lost_processes(failures) -> list[str]:
+    """One line per process of a torchrun job that a signal ended (torchrun's ProcessFailure records: rank,
+    local_rank, exitcode, pid); a process that failed with an error has said so itself."""
+    import signal
+
+    lines = []
+    for f in sorted(failures, key=lambda f: f.rank):
+        if f.exitcode < 0:
+            try:
+                name = signal.Signals(-f.exitcode).name
+            except ValueError:
+                name = f"signal {-f.exitcode}"
+            lines.append(
+                f"rank {f.rank} (local rank {f.local_rank}, pid {f.pid}) was ended by {name}; the launcher stopped "
+                "the other processes (with torchrun --max-restarts the run continues from its newest checkpoint)"
+            )
+    return lines
+
+
 def launch_torchrun(nproc: int, args: list[str]) -> int:
     """`gptforge train --nproc N ...` (its command-line `args`) is `torchrun --nproc_per_node N -m gptforge train ...`,
     launched in this process; returns the exit code."""
@@ -230,6 +249,8 @@ def launch_torchrun(nproc: int, args: list[str]) -> int:
     try:
         run(get_args_parser().parse_args(launch))
     except ChildFailedError as e:
+        for line in lost_processes(e.failures.values()):
+            print(f"gptforge: {line}", file=sys.stderr)
         codes = [f.exitcode for f in e.failures.values()]
         return next((c for c in codes if c > 0), 1)
     except (SignalException, KeyboardInterrupt):
@@ -246,6 +267,7 @@ __all__ = [
     "init_distributed",
     "job_restarted",
     "launch_torchrun",
+    "lost_processes",
     "mps_available",
     "out_of_memory",
     "pick_precision",

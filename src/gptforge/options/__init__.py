@@ -17,6 +17,7 @@ from .base import (
     parse_duration,
     refuse_unknown,
 )
+from .data import PrepareOptions
 from .generation import SamplingOptions
 from .serve import SERVE_LOG_LEVELS, ServeOptions
 from .tasks import LORA_LAYERS, ClassifyOptions, EvalOptions, InstructOptions, LoRAOptions, MemorizationOptions
@@ -44,6 +45,7 @@ __all__ = [
     "MAX_NEW_TOKENS",
     "FINETUNE_DEFAULTS",
     "MUON_LR_RATIO",
+    "PrepareOptions",
     "REPORTERS",
     "SCRATCH_DEFAULTS",
     "SamplingOptions",

@@ -62,10 +62,8 @@ def test_a_process_ended_by_a_signal_is_named_by_rank():
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
     killed = ProcessFailure(local_rank=1, pid=4321, exitcode=-9, error_file="")
-    killed.rank = 3  # torchrun sets the global rank after making the record
     failed = ProcessFailure(local_rank=0, pid=4320, exitcode=2, error_file="")
-    failed.rank = 2
-    lines = runtime.lost_processes([failed, killed])
+    lines = runtime.lost_processes({3: killed, 2: failed})  # as ChildFailedError.failures: by global rank
     assert len(lines) == 1 and lines[0].startswith("rank 3 (local rank 1, pid 4321) was ended by SIGKILL")
 
 

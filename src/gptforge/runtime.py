@@ -202,20 +202,20 @@ def shard_model(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
-def lost_processes(failures) -> list[str]:
-    """One line per process of a torchrun job that a signal ended (torchrun's ProcessFailure records: rank,
-    local_rank, exitcode, pid); a process that failed with an error has said so itself."""
+def lost_processes(failures: dict) -> list[str]:
+    """One line per process of a torchrun job that a signal ended (`failures`: global rank -> torchrun's
+    ProcessFailure, with local_rank, exitcode, pid); a process that failed with an error has said so itself."""
     import signal
 
     lines = []
-    for f in sorted(failures, key=lambda f: f.rank):
+    for rank, f in sorted(failures.items()):
         if f.exitcode < 0:
             try:
                 name = signal.Signals(-f.exitcode).name
             except ValueError:
                 name = f"signal {-f.exitcode}"
             lines.append(
-                f"rank {f.rank} (local rank {f.local_rank}, pid {f.pid}) was ended by {name}; the launcher stopped "
+                f"rank {rank} (local rank {f.local_rank}, pid {f.pid}) was ended by {name}; the launcher stopped "
                 "the other processes (with torchrun --max-restarts the run continues from its newest checkpoint)"
             )
     return lines
@@ -249,7 +249,7 @@ def launch_torchrun(nproc: int, args: list[str]) -> int:
     try:
         run(get_args_parser().parse_args(launch))
     except ChildFailedError as e:
-        for line in lost_processes(e.failures.values()):
+        for line in lost_processes(e.failures):
             print(f"gptforge: {line}", file=sys.stderr)
         codes = [f.exitcode for f in e.failures.values()]
         return next((c for c in codes if c > 0), 1)

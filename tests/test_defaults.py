@@ -17,6 +17,7 @@ from gptforge.options import (
     InstructOptions,
     LoRAOptions,
     MemorizationOptions,
+    PrepareOptions,
     SamplingOptions,
     ServeOptions,
     TrainConfig,
@@ -28,6 +29,7 @@ COMMANDS = {
     ("serve",): [ServeOptions],
     ("train",): [TrainConfig, LoRAOptions, InstructOptions],
     ("classify", "train"): [ClassifyOptions],
+    ("prepare",): [PrepareOptions],
 }
 
 

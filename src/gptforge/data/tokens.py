@@ -85,6 +85,14 @@ def shards_complete(data_dir: Path, meta: dict) -> bool:
 
 def load_meta(data_dir: str | os.PathLike) -> dict:
     data_dir = Path(data_dir)
+    parts = sorted(data_dir.glob("part-*-of-*")) if data_dir.is_dir() else []
+    if parts and not (data_dir / "meta.json").is_file():
+        count = int(parts[0].name.rsplit("-", 1)[1])
+        done = sum((p / "meta.json").is_file() for p in parts)
+        raise DataError(
+            f"{data_dir}: {done} of {count} parts are prepared; run `gptforge prepare ... --part I/{count}` for "
+            "the others (the folder is one dataset once every part is written)"
+        )
     if not (data_dir / "meta.json").is_file():
         raise NotFoundError(f"{data_dir}: not a prepared dataset (no meta.json); create it with `gptforge prepare`")
     meta = read_meta(data_dir)

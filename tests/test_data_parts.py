@@ -93,6 +93,46 @@ def test_a_finished_part_is_skipped_and_parts_of_other_inputs_are_refused(inputs
         prepare([str(root / "text")], tok, tmp_path / "parts", part="3/2")
 
 
+@pytest.fixture
+def big_file(tmp_path, sample_text, monkeypatch):
+    """One text file of many blocks (blocks of 3,000 bytes here), with CRLF line ends and whitespace-only lines
+    among the blank ones in one half."""
+    from gptforge.data import parts
+
+    monkeypatch.setattr(parts, "BLOCK_BYTES", 3000)
+    crlf = sample_text.replace("\n\n", "\n  \n\t\n").replace("\n", "\r\n")
+    path = tmp_path / "big.txt"
+    path.write_bytes((sample_text + crlf).encode("utf-8"))
+    return path
+
+
+@pytest.mark.parametrize("line_by_line", [False, True])
+def test_a_large_file_is_cut_where_documents_end(big_file, line_by_line):
+    from gptforge.data import ReadOptions, iter_pieces
+    from gptforge.data.parts import FileBlock, cut_large
+
+    blocks = cut_large([big_file], line_by_line)
+    assert len(blocks) > 5 and all(isinstance(b, FileBlock) for b in blocks)
+    assert [(b.start, b.stop) for b in blocks] == list(
+        zip([0] + [b.stop for b in blocks[:-1]], [b.stop for b in blocks])
+    )
+    opts = ReadOptions(line_by_line=line_by_line)
+    whole = [t for texts, _ in iter_pieces([big_file], opts) for t in texts]
+    pieces = [t for texts, _ in iter_pieces(blocks, opts) for t in texts]
+    assert pieces == whole  # the same documents, in the same order
+
+
+def test_parts_of_one_large_file_are_the_tokens_of_one_prepare(big_file, inputs, tmp_path):
+    _, _, tok = inputs
+    whole = prepare([str(big_file)], tok, tmp_path / "whole")
+    for i in (1, 2, 3):
+        part = prepare([str(big_file)], tok, tmp_path / "parts", part=f"{i}/3")
+        assert part["train"]["tokens"] > 0  # the file is spread over the parts
+    assert whole["val_split"] == "documents"
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(tokens(tmp_path / "parts", split), tokens(tmp_path / "whole", split))
+
+
 KILLED = textwrap.dedent("""
     import os, signal, sys
     import gptforge.data.shards as shards

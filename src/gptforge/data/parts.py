@@ -4,8 +4,9 @@ writing `part-I-of-N/` of one folder, which becomes one dataset when the last pa
 The rules, which depend on the inputs alone (never on the machine):
 
 - Units: the inputs in the order `resolve_inputs` gives them (sorted), training files first, then --val-file
-  files; unit k is the k-th. Each unit lands in exactly one part: part I holds the units whose middle byte lies in
-  the I-th N-th of all the inputs' bytes, so parts are contiguous runs of units of about equal size.
+  files, each plain text file larger than BLOCK_BYTES (256 MiB) cut into blocks that begin where a document
+  begins (`cut_large`); unit k is the k-th. Each unit lands in exactly one part: part I holds the units whose
+  middle byte lies in the I-th N-th of all the inputs' bytes, so parts are contiguous runs of about equal size.
 - Train/val: each document goes to val with probability --val-fraction, drawn from a generator seeded by
   (--seed, its unit) in the order of the unit's documents: the same draw whichever part holds the unit.
   --val-file files are val, whole. The fall-backs for a corpus with too few documents apply to the whole: when no
@@ -21,14 +22,92 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DataError
 from ..fsio import atomic_dir, write_text
+from .reading import format_of
 from .tokens import read_meta, shards_complete
+
+BLOCK_BYTES = 256 << 20  # a plain text file larger than this is several units, cut where a document ends
+
+
+@dataclass(frozen=True)
+class FileBlock:
+    """Bytes [start, stop) of a text file, a unit of its own: it begins where a document (with --line-by-line,
+    a line) begins, so it holds exactly the documents one reading of the whole file finds there. It reads as
+    its file does (reading.py opens it, seeks to `start` and stops at `stop`) and errors name the file."""
+
+    path: Path
+    start: int
+    stop: int
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def suffix(self) -> str:
+        return self.path.suffix
+
+    def stat(self):
+        return self.path.stat()
+
+    def fingerprint(self) -> dict:
+        h = hashlib.blake2b(digest_size=16)
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            left = self.stop - self.start
+            while left > 0 and (chunk := f.read(min(1 << 20, left))):
+                h.update(chunk)
+                left -= len(chunk)
+        size = self.path.stat().st_size
+        return {"path": str(self.path), "bytes": self.stop - self.start, "blake2b": h.hexdigest(),
+                "start": self.start, "file_bytes": size}  # fmt: skip
+
+
+def _cut_after(f, pos: int, separator: re.Pattern) -> int | None:
+    """The end of the first separator at or after byte `pos` (the whole run of blank lines), or None."""
+    f.seek(pos)
+    buf = b""
+    while True:
+        chunk = f.read(1 << 20)
+        buf += chunk
+        m = separator.search(buf)
+        if m and (m.end() < len(buf) or not chunk):
+            return pos + m.end()
+        if not chunk:
+            return None
+
+
+def cut_large(files: list, line_by_line: bool) -> list:
+    """Each plain text file larger than BLOCK_BYTES as blocks of about that size (FileBlock), cut at the
+    first document boundary (a run of blank lines; with `line_by_line`, a line end) at or after each multiple
+    of BLOCK_BYTES; other inputs as they are. One `prepare` and every part cut the same way."""
+    separator = re.compile(rb"\n" if line_by_line else rb"\n(?:[ \t\r\f\v]*\n)+")
+    units = []
+    for path in files:
+        size = path.stat().st_size if isinstance(path, Path) else 0
+        if size <= BLOCK_BYTES or format_of(path) != "text":
+            units.append(path)
+            continue
+        cuts = [0]
+        with open(path, "rb") as f:
+            while (target := (cuts[-1] // BLOCK_BYTES + 1) * BLOCK_BYTES) < size:  # the next multiple past the cut
+                cut = _cut_after(f, target, separator)
+                if cut is None or cut >= size:
+                    break
+                cuts.append(cut)
+        units += [FileBlock(path, a, b) for a, b in zip(cuts, cuts[1:] + [size])]
+    return units
 
 
 def part_folder(index: int, count: int) -> str:
@@ -36,6 +115,8 @@ def part_folder(index: int, count: int) -> str:
 
 
 def _size(path) -> int:
+    if isinstance(path, FileBlock):
+        return path.stop - path.start
     return path.stat().st_size if isinstance(path, Path) else 1  # a Hugging Face dataset: one unit of its own
 
 
@@ -50,7 +131,8 @@ def split_inputs(files: list, val_files: list, index: int, count: int, key: list
     owner = np.minimum((middle * count // total).astype(int), count - 1) if units else np.zeros(0, int)
     mine = [k for k in range(len(units)) if owner[k] == index - 1]
     first, end = (mine[0], mine[-1] + 1) if mine else (0, 0)
-    whole = json.dumps([key, [(str(p), s) for p, s in zip(units, sizes)], len(files), count], sort_keys=True)
+    names = [(str(p), getattr(p, "start", 0), s) for p, s in zip(units, sizes)]
+    whole = json.dumps([key, names, len(files), count], sort_keys=True)
     info = {
         "index": index,
         "of": count,

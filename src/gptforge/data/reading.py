@@ -167,7 +167,7 @@ def _each_once(files: list) -> list:
 
 def fingerprint_file(path: Path) -> dict:
     """Content hash (not timestamps), so a copied file reuses shards and an edited one rebuilds them."""
-    if isinstance(path, HFDataset):
+    if not isinstance(path, Path):  # a Hugging Face dataset, or a FileBlock (data/parts.py): its own
         return path.fingerprint()
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
@@ -179,7 +179,7 @@ def fingerprint_file(path: Path) -> dict:
 # --- reading: files -> documents -----------------------------------------------------------------------
 
 
-def _format_of(path: Path) -> str:
+def format_of(path: Path) -> str:
     suffix = path.suffix.lower()
     return {
         ".csv": "csv",
@@ -200,10 +200,12 @@ def _decoded_blocks(path: Path, errors: str, split_long_lines: bool = False) -> 
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty; remove it from the inputs")
     decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
-    offset, carry = 0, ""
+    offset, carry = getattr(path, "start", 0), ""  # a FileBlock (data/parts.py) is a byte range of its file
+    stop = getattr(path, "stop", None)
     with open(path, "rb") as f:
+        f.seek(offset)
         while True:
-            block = f.read(BLOCK_BYTES)
+            block = f.read(BLOCK_BYTES if stop is None else min(BLOCK_BYTES, stop - offset))
             if offset == 0 and block[:2] in (b"\xff\xfe", b"\xfe\xff"):
                 raise DataError(
                     f"{path}: UTF-16 text (it starts with a UTF-16 byte order mark); save it as UTF-8 "
@@ -482,7 +484,7 @@ def iter_pieces(files: Sequence[Path], opts: ReadOptions) -> Iterator[tuple[list
     the next text continues). Memory stays bounded by the block size.
     """
     for path in files:
-        fmt = "hf" if isinstance(path, HFDataset) else _format_of(path)
+        fmt = "hf" if isinstance(path, HFDataset) else format_of(path)
         if fmt == "hf":
             batches = _batched(path.rows(opts))
         elif fmt == "text":

@@ -238,6 +238,9 @@ def prepare(
     files = resolve_inputs(inputs, opts.extensions, exclude)
     val_files = resolve_inputs(val_inputs, opts.extensions, exclude) if val_inputs else []
     _refuse_overlap(files, val_files)
+    from .parts import cut_large  # large text files are several units (data/parts.py), in one prepare too
+
+    files, val_files = cut_large(files, opts.line_by_line), cut_large(val_files, opts.line_by_line)
     # what decides the tokens; `extensions` only chose the files, which are fingerprinted themselves
     options = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(opts).items() if k != "extensions"}
     options.update(val_fraction=0.0 if val_files else val_fraction, seed=seed, shard_tokens=shard_tokens)
@@ -257,7 +260,7 @@ def _prepare_units(
 ) -> dict:
     """Write the dataset (or with `part`, one part of a dataset) of these inputs into `out_dir`."""
     dtype = token_dtype(tok.vocab_size)
-    stamps = {p: p.stat().st_mtime_ns for p in files + val_files if isinstance(p, Path)}  # before the hash is taken
+    stamps = {p: p.stat().st_mtime_ns for p in files + val_files if hasattr(p, "stat")}  # before the hash is taken
     inputs_fp = [fingerprint_file(p) for p in files]
     val_fp = [fingerprint_file(p) for p in val_files]
     key = json.dumps(
@@ -337,8 +340,9 @@ def _check_arguments(val_fraction: float, seed: int, shard_tokens: int) -> None:
 def _refuse_changed(paths: list, fingerprints: list[dict], stamps: dict) -> None:
     """What was read is what was fingerprinted: an input written to meanwhile is refused."""
     for path, before in zip(paths, fingerprints):
-        now = path.stat() if isinstance(path, Path) else None
-        if now is not None and (now.st_size != before["bytes"] or now.st_mtime_ns != stamps[path]):
+        now = path.stat() if hasattr(path, "stat") else None
+        size = before.get("file_bytes", before["bytes"])  # a block's record holds its file's size too
+        if now is not None and (now.st_size != size or now.st_mtime_ns != stamps[path]):
             raise DataError(
                 f"{path}: changed while it was read ({before['bytes']:,} bytes before, "
                 f"{now.st_size:,} now); prepare again once it is complete"

@@ -24,7 +24,7 @@ class PrepareOptions:
     part: str | None = opt(
         None,
         "I/N: write part I of N (1-based) into --out/part-I-of-N, for N machines or a SLURM array running the "
-        "same command; each input file lands in one part. Under torchrun the "
+        "same command; each input file (or 256 MiB block of a large text file) lands in one part. Under torchrun the "
         "part defaults to RANK+1/WORLD_SIZE. The folder is one dataset once every part is written (docs/data.md)",
     )
 

@@ -1,6 +1,7 @@
 """Data preparation: `gptforge prepare` against the `tokenizers` library's encode_batch, same tokenizer, same run.
 
     python benchmarks/bench_prepare.py [--size-mb 100] [--trials 3] [--workers 2]
+    python benchmarks/bench_prepare.py --scaling [--size-mb 50] [--trials 3]
 
 Builds a corpus of at least --size-mb MB from ../shared/corpora (English and Chinese fortunes, repeated),
 trains a 5,000-token byte-level BPE on it, then alternates trials of
@@ -9,6 +10,11 @@ trains a 5,000-token byte-level BPE on it, then alternates trials of
     thread pool uses every core), ids appended to a uint16 file in the same layout
 each in a fresh process, and reports median MB/s, peak memory (PSS) of the whole process tree, and whether the two
 token files are byte-identical. Prints a markdown table.
+
+With --scaling, the corpus is 8 files and gptforge alone runs, in interleaved trials: `prepare` with 1 worker
+process, with 2, and as 2 parts (`part="1/2"` and `"2/2"`, one worker each, run at the same time, as two
+machines would); it reports tokens per second in all and per core busy (the processes that encode, at most
+the cores), the figure a cluster estimate multiplies.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-CORPORA = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpora"
+CORPORA = Path(os.environ.get("GPTFORGE_CORPORA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "corpora")
 
 
 def build_corpus(path: Path, size_mb: float) -> None:
@@ -85,6 +92,67 @@ def run_measured(args: list[str]) -> tuple[dict, int]:
     if proc.returncode:
         raise SystemExit(f"child {args} failed")
     return json.loads(out.strip().splitlines()[-1]), peak
+
+
+def child_parts(corpus: str, tok_dir: str, out: str, count: str) -> dict:
+    """`count` parts of `corpus`, each in its own process with one worker, all at once; then the joined dataset."""
+    from gptforge.data import load_meta
+
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--child", "part", corpus, tok_dir, out, f"{i}/{count}"],
+            stdout=subprocess.DEVNULL,
+        )
+        for i in range(1, int(count) + 1)
+    ]
+    if any(p.wait() for p in procs):
+        raise SystemExit("a part failed")
+    meta = load_meta(out)
+    return {"seconds": time.perf_counter() - t0, "tokens": meta["train"]["tokens"], "workers": int(count)}
+
+
+def child_part(corpus: str, tok_dir: str, out: str, part: str) -> dict:
+    from gptforge.data import prepare
+
+    prepare(corpus, tok_dir, out, val_fraction=0.0, workers=1, force=True, part=part)
+    return {}
+
+
+def scaling(args, tmp: Path) -> None:
+    """Tokens per second of prepare with 1 and 2 worker processes, and as 2 parts run side by side."""
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    for k in range(8):
+        build_corpus(corpus / f"part{k}.txt", args.size_mb / 8)
+    mb = sum(f.stat().st_size for f in corpus.iterdir()) / 1e6
+    from gptforge.data.vocabulary import train_tokenizer
+
+    train_tokenizer([CORPORA / "fortunes_en.txt", CORPORA / "fortunes_zh.txt"], vocab_size=5000, out_dir=tmp / "tok")
+    kinds = {
+        "prepare, 1 worker": ["gptforge", str(corpus), str(tmp / "tok"), str(tmp / "w1"), "1"],
+        "prepare, 2 workers": ["gptforge", str(corpus), str(tmp / "tok"), str(tmp / "w2"), "2"],
+        "2 parts side by side, 1 worker each": ["parts", str(corpus), str(tmp / "tok"), str(tmp / "p2"), "2"],
+    }
+    rows: dict[str, list] = {k: [] for k in kinds}
+    for trial in range(args.trials):
+        for name, child in kinds.items():
+            if child[0] == "parts":
+                shutil.rmtree(child[3], ignore_errors=True)
+            r, peak = run_measured(["--child", *child])
+            rows[name].append((r["tokens"] / r["seconds"], r["seconds"], peak, r["workers"]))
+        said = ", ".join(f"{k} {v[-1][0]:,.0f} tok/s" for k, v in rows.items())
+        print(f"trial {trial + 1}: {said}", file=sys.stderr)
+    cores = os.cpu_count() or 1
+    print(f"\ncorpus: {mb:.0f} MB in 8 files ({r['tokens']:,} tokens), {cores} CPUs, median of {args.trials} trials\n")
+    print("| run | seconds | tokens/s | tokens/s per core busy | peak memory, PSS (MB) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, values in rows.items():
+        speed = statistics.median(v[0] for v in values)
+        busy = min(values[0][3], cores)
+        seconds = statistics.median(v[1] for v in values)
+        peak = max(v[2] for v in values) / 1e6
+        print(f"| {name} | {seconds:.1f} | {speed:,.0f} | {speed / busy:,.0f} | {peak:.0f} |")
 
 
 # --- the two contenders, each run in its own process -------------------------------------------------------
@@ -149,16 +217,24 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--skip-reference", action="store_true", help="measure gptforge only (memory at large sizes)")
+    ap.add_argument("--scaling", action="store_true", help="1 and 2 worker processes, and 2 parts side by side")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         kind, *rest = args.child
-        result = child_gptforge(*rest[:3], int(rest[3])) if kind == "gptforge" else child_tokenizers(*rest)
+        if kind in ("parts", "part"):
+            result = (child_parts if kind == "parts" else child_part)(*rest)
+        else:
+            result = child_gptforge(*rest[:3], int(rest[3])) if kind == "gptforge" else child_tokenizers(*rest)
         print(json.dumps(result))
         return
 
     from gptforge.data.vocabulary import train_tokenizer
 
+    if args.scaling:
+        with tempfile.TemporaryDirectory() as tmp:
+            scaling(args, Path(tmp))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         corpus = tmp / "corpus.txt"

@@ -18,6 +18,7 @@ from gptforge.options import (
     LoRAOptions,
     MemorizationOptions,
     MergeOptions,
+    PrepareOptions,
     QuantizeOptions,
     SamplingOptions,
     ServeOptions,
@@ -35,6 +36,7 @@ COMMANDS = {
     ("export",): [ExportOptions],
     ("merge",): [MergeOptions],
     ("quantize",): [QuantizeOptions],
+    ("prepare",): [PrepareOptions],
 }
 
 

@@ -56,3 +56,36 @@ def test_kernel_switch_turns_the_fast_paths_off(monkeypatch):
     torch.testing.assert_close(kernels.linear(x, w), torch.nn.functional.linear(x, w))
     torch.testing.assert_close(fast, x @ w.t(), atol=1e-5, rtol=1e-5)
     assert calls == []
+
+
+def test_a_process_ended_by_a_signal_is_named_by_rank():
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    killed = ProcessFailure(local_rank=1, pid=4321, exitcode=-9, error_file="")
+    failed = ProcessFailure(local_rank=0, pid=4320, exitcode=2, error_file="")
+    lines = runtime.lost_processes({3: killed, 2: failed})  # as ChildFailedError.failures: by global rank
+    assert len(lines) == 1 and lines[0].startswith("rank 3 (local rank 1, pid 4321) was ended by SIGKILL")
+
+
+def test_restarted_workers_on_several_nodes_need_their_own_store(monkeypatch):
+    env = dict(WORLD_SIZE="2", GROUP_WORLD_SIZE="2", TORCHELASTIC_MAX_RESTARTS="1", TORCHELASTIC_RESTART_COUNT="1")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv(runtime.SHARED_STORE_OFF, raising=False)
+    with pytest.raises(OptionError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        runtime.job_restarted()
+
+
+def test_workers_started_again_resume_the_newest_checkpoint(tmp_path, monkeypatch):
+    from gptforge.train import state
+    from gptforge.train.runfolder import resume_after_restart
+
+    cfg = TrainConfig(out_dir=str(tmp_path), max_steps=2, overwrite=True)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert resume_after_restart(cfg) == cfg  # no checkpoint yet: as given (here: start again)
+    (tmp_path / "checkpoints" / "step-0000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-0000002" / state.STATE_NAME).write_bytes(b"")
+    again = resume_after_restart(cfg)
+    assert again.resume and not again.overwrite
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert resume_after_restart(cfg) == cfg  # the first attempt does what the command says

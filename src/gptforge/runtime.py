@@ -128,7 +128,7 @@ class Dist:
         self.barrier()
         if self.owns_group:
             torch.distributed.destroy_process_group()
-            self.owns_group = False
+            self.owns_group = _started_group[0] = False
 
 
 def out_of_memory(e: BaseException) -> bool:
@@ -152,10 +152,43 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    owns = not dist.is_initialized()
-    if owns:
+    if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), local, owns), device
+        _started_group[0] = True
+    return Dist(dist.get_rank(), dist.get_world_size(), local, _started_group[0]), device
+
+
+SHARED_STORE_OFF = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"  # torchrun's switch: a fresh store for each round
+_started_group = [False]  # whether gptforge started the process group (then the run that ends it is ours)
+
+
+def restart_count() -> int:
+    """How many times torchrun's elastic agent on this node has started its workers again (0: the first try)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
+def job_restarted(device_name: str = "auto") -> bool:
+    """Whether torchrun (--max-restarts) has started this job's workers again after a failure, on any node.
+    Each node's agent counts only its own failures: a node whose workers were healthy when another node's
+    failed starts them again with a count of 0, so the ranks agree on the largest count (a collective: every
+    rank calls this)."""
+    count = restart_count()
+    if world_size() == 1 or os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") == "0":  # no restarts, no collective
+        return count > 0
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1 and os.environ.get(SHARED_STORE_OFF) != "1":
+        # torch shares its rendezvous store with the workers' process group and keeps the failed round's
+        # addresses in it, which restarted workers then read (pytorch/pytorch#135712): they hang or fail
+        raise OptionError(
+            f"torchrun --max-restarts on several nodes: set {SHARED_STORE_OFF}=1 in torchrun's environment on "
+            "every node, or restarted workers can wait for the processes they replaced (docs/multinode.md)"
+        )
+    dist, device = init_distributed(resolve_device(device_name))
+    total = torch.tensor([count], device=device)
+    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX)
+    return int(total.item()) > 0
 
 
 def shard_model(model: torch.nn.Module) -> None:
@@ -167,6 +200,25 @@ def shard_model(model: torch.nn.Module) -> None:
     for block in model.transformer.h:
         fully_shard(block)
     fully_shard(model)
+
+
+def lost_processes(failures: dict) -> list[str]:
+    """One line per process of a torchrun job that a signal ended (`failures`: global rank -> torchrun's
+    ProcessFailure, with local_rank, exitcode, pid); a process that failed with an error has said so itself."""
+    import signal
+
+    lines = []
+    for rank, f in sorted(failures.items()):
+        if f.exitcode < 0:
+            try:
+                name = signal.Signals(-f.exitcode).name
+            except ValueError:
+                name = f"signal {-f.exitcode}"
+            lines.append(
+                f"rank {rank} (local rank {f.local_rank}, pid {f.pid}) was ended by {name}; the launcher stopped "
+                "the other processes (with torchrun --max-restarts the run continues from its newest checkpoint)"
+            )
+    return lines
 
 
 def launch_torchrun(nproc: int, args: list[str]) -> int:
@@ -197,6 +249,8 @@ def launch_torchrun(nproc: int, args: list[str]) -> int:
     try:
         run(get_args_parser().parse_args(launch))
     except ChildFailedError as e:
+        for line in lost_processes(e.failures):
+            print(f"gptforge: {line}", file=sys.stderr)
         codes = [f.exitcode for f in e.failures.values()]
         return next((c for c in codes if c > 0), 1)
     except (SignalException, KeyboardInterrupt):
@@ -211,12 +265,15 @@ __all__ = [
     "configure",
     "fused_optimizer",
     "init_distributed",
+    "job_restarted",
     "launch_torchrun",
+    "lost_processes",
     "mps_available",
     "out_of_memory",
     "pick_precision",
     "require_torch",
     "resolve_device",
+    "restart_count",
     "shard_model",
     "torch_version",
     "world_size",

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..errors import RunFolderError
-from ..options import TokenizerOptions
+from ..options import PrepareOptions, TokenizerOptions
 from ..options.flags import add_dataclass_options, option_values
 from .args import inputs_of, read_flags, read_options
 
@@ -39,21 +40,22 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from ..data.shards import prepare
+    from ..options.data import torchrun_part
 
+    options = option_values(args, PrepareOptions)
+    options["part"] = options["part"] or torchrun_part()  # under torchrun, each rank its own part
     meta = prepare(
         inputs_of(args, args.inputs),
         args.tokenizer,
         args.out,
-        line_by_line=args.line_by_line,
-        val_fraction=args.val_fraction,
         val_inputs=args.val_file,
-        seed=args.seed,
-        workers=args.workers,
-        shard_tokens=args.shard_tokens,
-        force=args.force,
         progress=not args.quiet,
+        **options,
         **read_options(args),
     )
+    if meta.get("part"):
+        done = os.path.isfile(os.path.join(args.out, "meta.json"))
+        print(f"part {meta['part']['index']} of {meta['part']['of']}" + (": every part is written" * done))
     if meta["reused"]:
         print(f"{args.out}: up to date with the inputs and tokenizer; reused (pass --force to rebuild)")
     for split in ("train", "val"):
@@ -92,13 +94,8 @@ def add_data_commands(sub) -> None:
     )
     p.add_argument("--tokenizer", required=True, help="tokenizer folder, tokenizer.json, vocab.json or model folder")
     p.add_argument("--out", required=True, help="dataset folder to write (train_*.bin, val_*.bin, meta.json)")
-    p.add_argument("--line-by-line", action="store_true", help="each line / row is one sample wrapped in <|endoftext|>")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents for validation (default 0.1)")
     p.add_argument("--val-file", action="append", help="validation text instead of a split (repeatable)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
-    p.add_argument("--workers", type=int, default=None, help="encoding processes (default: CPU cores)")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
-    p.add_argument("--force", action="store_true", help="rebuild even when the shards are up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_dataclass_options(p, PrepareOptions)
     read_flags(p)
     p.set_defaults(func=cmd_prepare, parser=p)

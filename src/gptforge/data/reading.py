@@ -163,13 +163,14 @@ def _each_once(files: list) -> list:
 
 def fingerprint_file(path: Path) -> dict:
     """Content hash (not timestamps) of a file or a `datasets` dataset: a copy reuses shards, an edit rebuilds them."""
-    return path.fingerprint() if isinstance(path, HFDataset) else fingerprint(path)
+    # a Hugging Face dataset, or a FileBlock (data/parts.py), has its own
+    return fingerprint(path) if isinstance(path, Path) else path.fingerprint()
 
 
 # --- reading: files -> documents -----------------------------------------------------------------------
 
 
-def _format_of(path: Path) -> str:
+def format_of(path: Path) -> str:
     suffix = path.suffix.lower()
     return {
         ".csv": "csv",
@@ -226,7 +227,7 @@ def iter_pieces(files: Sequence[Path], opts: ReadOptions) -> Iterator[tuple[list
     the next text continues). Memory stays bounded by the block size.
     """
     for path in files:
-        fmt = "hf" if isinstance(path, HFDataset) else _format_of(path)
+        fmt = "hf" if isinstance(path, HFDataset) else format_of(path)
         if fmt == "hf":
             batches = _batched(path.rows(opts))
         elif fmt == "text":

@@ -17,119 +17,22 @@ import contextlib
 import hashlib
 import json
 import os
-import sys
-import threading
 import time
-from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError, NotFoundError
+from ..errors import DataError
 from ..fsio import atomic_dir, remove_stale
+from ..options.data import SHARD_TOKENS, PrepareOptions
 from ..progress import finish, progress_bar
-from ..tokenizer import EOS, Tokenizer, load_tokenizer
-from .reading import JOB_CHARS, ReadOptions, clean, fingerprint_file, iter_pieces, resolve_inputs
+from ..tokenizer import Tokenizer, load_tokenizer
+from .encoding import run_jobs
+from .reading import JOB_CHARS, ReadOptions, fingerprint_file, iter_pieces, resolve_inputs
+from .tokens import ShardedTokens, load_meta, load_split, load_split_from, read_meta, shards_complete
 
 FORMAT = "gptforge-tokens-1"
-SHARD_TOKENS = 100_000_000
-
-
-# --- encoding jobs (run in worker processes) -------------------------------------------------------------
-
-
-_worker: dict = {}
-
-
-def _end_with_parent(parent: int, watch: bool = False) -> None:
-    """End this worker when `parent` dies, even by kill -9: an orphan waits for jobs for good, holding the command's
-    stdout (`prepare ... | tee log` never ends). Linux signals it at once; elsewhere a thread (`watch`) looks."""
-    if watch:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-    try:
-        import ctypes
-
-        signalled = sys.platform.startswith("linux") and ctypes.CDLL(None).prctl(1, 9) == 0  # PR_SET_PDEATHSIG, SIGKILL
-    except (OSError, AttributeError):
-        signalled = False
-    if not signalled:
-        threading.Thread(target=_end_with_parent, args=(parent, True), daemon=True).start()
-    elif os.getppid() != parent:  # it died before the signal was asked for
-        os._exit(1)
-
-
-def _init_worker(tokenizer: Tokenizer, opts: ReadOptions, dtype: str, parent: int | None = None) -> None:
-    if parent is not None:
-        _end_with_parent(parent)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no nested thread pools
-    _worker.update(tokenizer=tokenizer, opts=opts, dtype=np.dtype(dtype))
-
-
-def _encode_job(texts: list[str], ends: list[bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """Clean and encode one job: (tokens with <|endoftext|> after each finished document, tokens per text
-    including that separator, UTF-8 bytes per text, 64-bit hash per text or None)."""
-    tok: Tokenizer = _worker["tokenizer"]
-    opts: ReadOptions = _worker["opts"]
-    if opts.nfc or opts.drop_control or opts.remove:
-        texts = [clean(t, opts) for t in texts]
-    finished = np.asarray(ends, dtype=bool)
-    if any(EOS in t for t in texts):  # a literal <|endoftext|> in the text: encode texts one by one
-        arrays = [np.append(tok.encode_array(t), [tok.eos_id] * e) for t, e in zip(texts, ends)]
-        ids = np.concatenate(arrays)
-        counts = np.array([len(a) for a in arrays], dtype=np.int64)
-    else:  # one call for the whole job; the separators tell the texts apart again
-        ids = tok.encode_array(EOS.join(texts) + EOS)
-        cuts = np.flatnonzero(ids == tok.eos_id)
-        counts = np.diff(cuts, prepend=-1)
-        ids = np.delete(ids, cuts[~finished])  # a piece that the next text continues gets no separator
-        counts[~finished] -= 1
-    nbytes = np.array([len(t.encode("utf-8", "surrogatepass")) for t in texts], dtype=np.int64)
-    hashes = None
-    if opts.dedupe:
-        hashes = np.array(
-            [
-                int.from_bytes(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-                for t in texts
-            ],
-            dtype=np.uint64,
-        )
-    return ids.astype(_worker["dtype"]), counts, nbytes, hashes
-
-
-def _run_jobs(jobs, tokenizer: Tokenizer, opts: ReadOptions, dtype: str, workers: int):
-    """(job, result of `_encode_job`) in input order, with at most 2 jobs per worker in flight (bounded memory)."""
-    if workers <= 1:
-        _init_worker(tokenizer, opts, dtype)
-        for job in jobs:
-            yield job, _encode_job(job[0], job[1])
-        return
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    # fork: workers start in milliseconds and a user's script needs no `if __name__ == "__main__"` guard
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(
-        workers,
-        mp_context=mp.get_context(method),
-        initializer=_init_worker,
-        initargs=(tokenizer, opts, dtype, os.getpid()),
-    ) as pool:
-        window: deque = deque()
-        try:
-            for job in jobs:
-                window.append((job, pool.submit(_encode_job, job[0], job[1])))
-                if len(window) >= 2 * workers:
-                    job, fut = window.popleft()
-                    yield job, fut.result()
-            while window:
-                job, fut = window.popleft()
-                yield job, fut.result()
-        finally:
-            for _, fut in window:
-                fut.cancel()
 
 
 # --- writing shards ------------------------------------------------------------------------------------
@@ -215,27 +118,45 @@ def _carve_tail(
 # --- prepare ------------------------------------------------------------------------------------------
 
 
-def _jobs(files: list[Path], val_files: list[Path], opts: ReadOptions):
-    """(texts, ends, source split) of ~JOB_CHARS each; a job never mixes train and val inputs."""
+def _jobs(files: list, val_files: list, opts: ReadOptions, first_unit: int = 0):
+    """(texts, ends, source split, unit of each text) of ~JOB_CHARS each; a job never mixes train and val
+    inputs. Input file k (training files first, then validation files) is unit `first_unit + k`."""
+    unit = first_unit
     for split, group in (("train", files), ("val", val_files)):
-        texts, ends = [], []
-        for t, e in iter_pieces(group, opts):
-            texts += t
-            ends += e
-            if sum(map(len, texts)) >= JOB_CHARS:
-                yield texts, ends, split
-                texts, ends = [], []
+        texts, ends, units = [], [], []
+        for path in group:
+            for t, e in iter_pieces([path], opts):
+                texts += t
+                ends += e
+                units += [unit] * len(t)
+                if sum(map(len, texts)) >= JOB_CHARS:
+                    yield texts, ends, split, units
+                    texts, ends, units = [], [], []
+            unit += 1
         if texts:
-            yield texts, ends, split
+            yield texts, ends, split, units
 
 
-def _route(results, writers: dict, val_fraction: float, rng: np.random.Generator, bar) -> None:
+class _Draws:
+    """The val draws of documents: each unit (input file) has a generator of its own, seeded by (seed, unit),
+    so a document's split depends on its file and its place there, not on which part or machine prepares it."""
+
+    def __init__(self, seed: int):
+        self.seed, self.unit, self.rng = seed, None, None
+
+    def __call__(self, unit: int, n: int) -> np.ndarray:
+        if unit != self.unit:
+            self.unit, self.rng = unit, np.random.default_rng([self.seed, unit])
+        return self.rng.random(n)
+
+
+def _route(results, writers: dict, val_fraction: float, draws: _Draws, bar) -> None:
     """Write each encoded document to its split: a val input's to val, otherwise val with probability
-    `val_fraction`; empty documents and (with dedupe) repeats are dropped. A document cut into several
-    texts keeps one label across jobs."""
+    `val_fraction` (`draws`); empty documents and (with dedupe) repeats are dropped. A document cut into
+    several texts keeps one label across jobs."""
     seen: set[int] = set()
     carried = -1  # split (0 train, 1 val) of a document that continues into the next job, else -1
-    for (_, ends, source), (ids, counts, nbytes, hashes) in results:
+    for (_, ends, source, units), (ids, counts, nbytes, hashes) in results:
         ends = np.asarray(ends, dtype=bool)
         k = len(ends)
         starts = np.concatenate([[carried < 0], ends[:-1]])  # texts that begin a document
@@ -250,8 +171,10 @@ def _route(results, writers: dict, val_fraction: float, rng: np.random.Generator
         if source == "val":
             label[:] = 1
         elif val_fraction > 0:
-            new = starts & keep
-            label[new] = rng.random(int(new.sum())) < val_fraction
+            new, units = starts & keep, np.asarray(units)
+            for unit in dict.fromkeys(units[new].tolist()):  # in order of appearance
+                mine = np.flatnonzero(new & (units == unit))
+                label[mine] = draws(unit, len(mine)) < val_fraction
             # continuation texts take the label of the document they continue
             first = np.maximum.accumulate(np.where(starts, np.arange(k), -1))
             label = np.where(first >= 0, label[np.maximum(first, 0)], carried)
@@ -271,18 +194,22 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 65535 else "uint32"
 
 
+_DEFAULT = PrepareOptions()  # the defaults of `prepare`, written once in options/data.py
+
+
 def prepare(
     inputs,
     tokenizer: Tokenizer | str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    line_by_line: bool = False,
-    val_fraction: float = 0.1,
+    line_by_line: bool = _DEFAULT.line_by_line,
+    val_fraction: float = _DEFAULT.val_fraction,
     val_inputs=None,
-    seed: int = 0,
-    workers: int | None = None,
-    shard_tokens: int = SHARD_TOKENS,
-    force: bool = False,
+    seed: int = _DEFAULT.seed,
+    workers: int | None = _DEFAULT.workers,
+    shard_tokens: int = _DEFAULT.shard_tokens,
+    force: bool = _DEFAULT.force,
+    part: str | None = _DEFAULT.part,
     progress: bool = False,
     expect_same: bool = False,
     exclude=(),
@@ -292,13 +219,17 @@ def prepare(
 
     `inputs`: files, folders (recursive, by `extensions`), glob patterns, .csv/.tsv (`column`, `header`) and
     .jsonl (`field`). Documents are blank-line blocks of text files, or rows; with `line_by_line` each line
-    is a sample. Each document goes to val with probability `val_fraction` (seeded); `val_inputs` instead
-    names the validation text. When the corpus has too few documents for that (one book without blank
-    lines), the last `val_fraction` of the tokens becomes val (meta "val_split": "tail").
+    is a sample. Each document goes to val with probability `val_fraction` (drawn from a generator seeded by
+    `seed` and its file's place among the inputs); `val_inputs` instead names the validation text. When the
+    corpus has too few documents for that (one book without blank lines), the last `val_fraction` of the
+    tokens becomes val (meta "val_split": "tail").
     The same inputs, options and tokenizer again reuse the shards (meta "reused": True); with `expect_same` (a
     resumed run) a dataset made otherwise is refused, saying what changed. Folders and patterns never yield files
-    under `out_dir` or `exclude` (a run folder). Other keywords are `ReadOptions`.
+    under `out_dir` or `exclude` (a run folder). `part` "I/N" writes part I of N into out_dir/part-I-of-N
+    (data/parts.py); the folder becomes one dataset when the last part is written. Other keywords are
+    `ReadOptions`.
     """
+    where = PrepareOptions(part=part).part_of()
     opts = ReadOptions(line_by_line=line_by_line, **read_options)
     _check_arguments(val_fraction, seed, shard_tokens)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
@@ -307,19 +238,37 @@ def prepare(
     files = resolve_inputs(inputs, opts.extensions, exclude)
     val_files = resolve_inputs(val_inputs, opts.extensions, exclude) if val_inputs else []
     _refuse_overlap(files, val_files)
-    dtype = token_dtype(tok.vocab_size)
+    from .parts import cut_large  # large text files are several units (data/parts.py), in one prepare too
+
+    files, val_files = cut_large(files, opts.line_by_line), cut_large(val_files, opts.line_by_line)
     # what decides the tokens; `extensions` only chose the files, which are fingerprinted themselves
     options = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(opts).items() if k != "extensions"}
     options.update(val_fraction=0.0 if val_files else val_fraction, seed=seed, shard_tokens=shard_tokens)
-    stamps = {p: p.stat().st_mtime_ns for p in files + val_files if isinstance(p, Path)}  # before the hash is taken
+    job = dict(tok=tok, opts=opts, options=options, workers=workers, force=force, progress=progress)
+    if where is None:
+        return _prepare_units(files, val_files, out_dir, expect_same=expect_same, **job)
+    from .parts import combine_parts, part_folder, split_inputs
+
+    mine, mine_val, info = split_inputs(files, val_files, *where, [FORMAT, tok.fingerprint, options])
+    meta = _prepare_units(mine, mine_val, out_dir / part_folder(*where), part=info, **job)
+    combine_parts(out_dir, where[1])  # the last part to finish makes the folder one dataset
+    return meta
+
+
+def _prepare_units(
+    files, val_files, out_dir: Path, *, tok, opts, options, workers, force, progress, expect_same=False, part=None
+) -> dict:
+    """Write the dataset (or with `part`, one part of a dataset) of these inputs into `out_dir`."""
+    dtype = token_dtype(tok.vocab_size)
+    stamps = {p: p.stat().st_mtime_ns for p in files + val_files if hasattr(p, "stat")}  # before the hash is taken
     inputs_fp = [fingerprint_file(p) for p in files]
     val_fp = [fingerprint_file(p) for p in val_files]
     key = json.dumps(
-        [FORMAT, tok.fingerprint, [f["blake2b"] for f in inputs_fp], [f["blake2b"] for f in val_fp], options],
+        [FORMAT, tok.fingerprint, [f["blake2b"] for f in inputs_fp], [f["blake2b"] for f in val_fp], options]
+        + ([part] if part else []),
         sort_keys=True,
     )
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
-
     old = _previous(
         out_dir, fingerprint, force, expect_same, lambda m: _what_changed(m, tok, inputs_fp + val_fp, options)
     )
@@ -333,11 +282,14 @@ def prepare(
     workers = 1 if total < 4 * JOB_CHARS else min(os.cpu_count() or 1, 8) if workers is None else workers
     bar = _progress_bar(total) if progress else None
     with atomic_dir(out_dir) as tmp:
-        writers = {s: _ShardWriter(tmp, s, np.dtype(dtype), tok.eos_id, shard_tokens) for s in ("train", "val")}
+        writers = {
+            s: _ShardWriter(tmp, s, np.dtype(dtype), tok.eos_id, options["shard_tokens"]) for s in ("train", "val")
+        }
         try:
+            jobs = _jobs(files, val_files, opts, part["units"][0] if part else 0)
             # closed here when routing fails (a full disk): its workers end now, not at garbage collection
-            with contextlib.closing(_run_jobs(_jobs(files, val_files, opts), tok, opts, dtype, workers)) as results:
-                _route(results, writers, 0.0 if val_files else val_fraction, np.random.default_rng(seed), bar)
+            with contextlib.closing(run_jobs(jobs, tok, opts, dtype, workers)) as results:
+                _route(results, writers, options["val_fraction"], _Draws(options["seed"]), bar)
             if bar is not None:
                 finish(bar)  # the bar counted the text's bytes; the files also hold blank lines and markup
         finally:
@@ -347,7 +299,11 @@ def prepare(
                 bar.close()
         _refuse_changed(files + val_files, [*inputs_fp, *val_fp], stamps)
         train, val = writers["train"].summary(), writers["val"].summary()
-        val_split = _settle_split(tmp, train, val, files, bool(val_files), val_fraction, np.dtype(dtype), tok)
+        if part:  # the fall-backs for too few documents apply to the whole (data/parts.py)
+            val_split = "file" if val_files else "documents"
+        else:
+            fraction = options["val_fraction"]
+            val_split = _settle_split(tmp, train, val, files, bool(val_files), fraction, np.dtype(dtype), tok)
         meta = dict(
             format=FORMAT,
             fingerprint=fingerprint,
@@ -363,6 +319,7 @@ def prepare(
             train=train,
             val=val,
             seconds=round(time.time() - started, 3),
+            **({"part": part} if part else {}),
         )
         _write_meta(tmp, meta)
         tok.save(tmp / "tokenizer")  # the exact tokenizer the ids belong to
@@ -383,8 +340,9 @@ def _check_arguments(val_fraction: float, seed: int, shard_tokens: int) -> None:
 def _refuse_changed(paths: list, fingerprints: list[dict], stamps: dict) -> None:
     """What was read is what was fingerprinted: an input written to meanwhile is refused."""
     for path, before in zip(paths, fingerprints):
-        now = path.stat() if isinstance(path, Path) else None
-        if now is not None and (now.st_size != before["bytes"] or now.st_mtime_ns != stamps[path]):
+        now = path.stat() if hasattr(path, "stat") else None
+        size = before.get("file_bytes", before["bytes"])  # a block's record holds its file's size too
+        if now is not None and (now.st_size != size or now.st_mtime_ns != stamps[path]):
             raise DataError(
                 f"{path}: changed while it was read ({before['bytes']:,} bytes before, "
                 f"{now.st_size:,} now); prepare again once it is complete"
@@ -434,13 +392,13 @@ def _previous(out_dir: Path, fingerprint: str, force: bool, expect_same: bool, w
     is not a dataset, and (`expect_same`, a resumed run) a dataset made from other inputs."""
     if not (out_dir.exists() and any(out_dir.iterdir())):
         return None
-    old = _read_meta(out_dir) if (out_dir / "meta.json").is_file() else None
+    old = read_meta(out_dir) if (out_dir / "meta.json").is_file() else None
     if old is None:
         raise DataError(
             f"{out_dir}: folder exists and is not a prepared dataset (no meta.json); "
             "choose a new or empty --out folder so nothing of yours is overwritten"
         )
-    if old.get("fingerprint") == fingerprint and not force and _complete(out_dir, old):
+    if old.get("fingerprint") == fingerprint and not force and shards_complete(out_dir, old):
         return old
     if expect_same and old.get("fingerprint") != fingerprint:
         raise DataError(
@@ -473,84 +431,5 @@ def _progress_bar(total_bytes: int):
     return progress_bar(total_bytes, desc="prepare", unit="B", unit_scale=True)
 
 
-def _read_meta(data_dir: Path) -> dict:
-    try:
-        return json.loads((data_dir / "meta.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{data_dir / 'meta.json'}: damaged ({e}); run `gptforge prepare` again") from None
-
-
-def _complete(data_dir: Path, meta: dict) -> bool:
-    size = np.dtype(meta["dtype"]).itemsize
-    return all(
-        (data_dir / s["file"]).is_file() and (data_dir / s["file"]).stat().st_size == s["tokens"] * size
-        for split in ("train", "val")
-        for s in meta[split]["shards"]
-    )
-
-
-# --- reading shards back ------------------------------------------------------------------------------
-
-
-class ShardedTokens:
-    """Several shard memmaps seen as one 1-D token array (slicing may cross shard edges)."""
-
-    def __init__(self, arrays: list[np.ndarray]):
-        self.arrays = arrays
-        self.starts = np.cumsum([0] + [len(a) for a in arrays])
-        self.dtype = arrays[0].dtype
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def __getitem__(self, key):
-        if isinstance(key, (int, np.integer)):
-            key = int(key) + (len(self) if key < 0 else 0)
-            i = int(np.searchsorted(self.starts, key, side="right")) - 1
-            return self.arrays[i][key - self.starts[i]]
-        start, stop, step = key.indices(len(self))
-        if step != 1:
-            raise IndexError("ShardedTokens supports contiguous slices only")
-        parts = []
-        while start < stop:
-            i = int(np.searchsorted(self.starts, start, side="right")) - 1
-            end = min(stop, int(self.starts[i + 1]))
-            parts.append(self.arrays[i][start - self.starts[i] : end - self.starts[i]])
-            start = end
-        return np.concatenate(parts) if len(parts) != 1 else parts[0]
-
-    def __array__(self, dtype=None, copy=None):
-        out = np.concatenate(self.arrays)
-        return out.astype(dtype) if dtype is not None else out
-
-
-def load_split_from(data_dir: Path, split_meta: dict, dtype) -> np.ndarray | ShardedTokens:
-    arrays = [
-        np.memmap(data_dir / s["file"], dtype=dtype, mode="r", shape=(s["tokens"],))
-        for s in split_meta["shards"]
-        if s["tokens"]
-    ]
-    if not arrays:
-        return np.zeros(0, dtype=dtype)
-    return arrays[0] if len(arrays) == 1 else ShardedTokens(arrays)
-
-
-def load_meta(data_dir: str | os.PathLike) -> dict:
-    data_dir = Path(data_dir)
-    if not (data_dir / "meta.json").is_file():
-        raise NotFoundError(f"{data_dir}: not a prepared dataset (no meta.json); create it with `gptforge prepare`")
-    meta = _read_meta(data_dir)
-    if not _complete(data_dir, meta):
-        raise DataError(f"{data_dir}: shard files are missing or truncated; run `gptforge prepare` again")
-    return meta
-
-
-def load_split(data_dir: str | os.PathLike, split: str) -> np.ndarray | ShardedTokens:
-    """All tokens of "train" or "val" as a read-only memmap (a ShardedTokens view when there are several shards)."""
-    if split not in ("train", "val"):
-        raise DataError(f"split {split!r}: choose 'train' or 'val'")
-    meta = load_meta(data_dir)
-    return load_split_from(Path(data_dir), meta[split], np.dtype(meta["dtype"]))
-
-
+# the reading back lives in tokens.py and is re-exported here
 __all__ = ["FORMAT", "ShardedTokens", "load_meta", "load_split", "prepare", "token_dtype"]

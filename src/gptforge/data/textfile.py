@@ -27,10 +27,12 @@ def decoded_blocks(path: Path, errors: str, split_long_lines: bool = False) -> I
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty; remove it from the inputs")
     decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
-    offset, carry = 0, ""
+    offset, carry = getattr(path, "start", 0), ""  # a FileBlock (data/parts.py) is a byte range of its file
+    stop = getattr(path, "stop", None)
     with open(path, "rb") as f:
+        f.seek(offset)
         while True:
-            block = f.read(BLOCK_BYTES)
+            block = f.read(BLOCK_BYTES if stop is None else min(BLOCK_BYTES, stop - offset))
             if offset == 0 and block[:2] in (b"\xff\xfe", b"\xfe\xff"):
                 raise DataError(
                     f"{path}: UTF-16 text (it starts with a UTF-16 byte order mark); save it as UTF-8 "

@@ -18,6 +18,7 @@ from .base import (
     parse_duration,
     refuse_unknown,
 )
+from .data import PrepareOptions
 from .generation import SamplingOptions
 from .models import ExportOptions, MergeOptions, QuantizeOptions, TokenizerOptions
 from .serve import SERVE_LOG_LEVELS, ServeOptions
@@ -50,6 +51,7 @@ __all__ = [
     "MAX_NEW_TOKENS",
     "FINETUNE_DEFAULTS",
     "MUON_LR_RATIO",
+    "PrepareOptions",
     "REPORTERS",
     "SCRATCH_DEFAULTS",
     "SamplingOptions",

@@ -38,7 +38,7 @@ from ..options import DEFAULT_VOCAB_SIZE, ClassifyOptions, LoRAOptions, TrainCon
 from .callbacks import Callbacks
 from .finetune import add_lora
 from .loop import Trainer, TrainResult
-from .runfolder import claim_run_folder, refuse_previous_run, resume_tokenizer
+from .runfolder import claim_run_folder, refuse_previous_run, resume_after_restart, resume_tokenizer
 from .tasks import Task
 
 # TrainConfig fields that mean nothing for classification: refused when set, never silently ignored
@@ -358,7 +358,7 @@ def train_classifier(
     callbacks = Callbacks.take(train_options)
     callbacks.on_step = callbacks.on_step or on_step
     opts = options or ClassifyOptions()
-    cfg = TrainConfig(**train_options)
+    cfg = resume_after_restart(TrainConfig(**train_options))
     _refuse(cfg, init, compute_metrics)
     out = Path(cfg.out_dir)
     refuse_previous_run(out, cfg, None if is_preset(init) else init)

@@ -33,6 +33,7 @@ from .runfolder import (
     claim_run_folder,
     refuse_conflicts,
     refuse_previous_run,
+    resume_after_restart,
     resume_tokenizer,
 )
 
@@ -72,7 +73,7 @@ def train(
     the callbacks of train/callbacks.py (on_step, on_log, on_evaluate, on_save)."""
     callbacks = Callbacks.take(options)
     callbacks.on_step = callbacks.on_step or on_step
-    cfg = dataclasses.replace(config, **options) if config else TrainConfig(**options)
+    cfg = resume_after_restart(dataclasses.replace(config, **options) if config else TrainConfig(**options))
     if tokenizer is None:
         tokenizer = getattr(data, "tokenizer", None)
     refuse_previous_run(Path(cfg.out_dir), cfg)
@@ -323,7 +324,7 @@ def run_training(
     """
     from ..data.shards import prepare
 
-    cfg = TrainConfig(**options)
+    cfg = resume_after_restart(TrainConfig(**options))  # workers torchrun started again continue the run
     out = Path(cfg.out_dir)
     _check_before_work(cfg, inputs, data, eval_inputs, init, size, model_overrides, tokenizer, vocab_size, line_by_line)
     check_reporters(cfg.reporters)  # likewise a logger that is not installed

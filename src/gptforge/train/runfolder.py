@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from .. import checkpoint as ckpt
 from ..config import GPTConfig
 from ..errors import OptionError, RunFolderError, TokenizerError
 from ..fsio import LOCK_NAME, clean_leftovers, exclusive_lock
+from ..runtime import job_restarted
 from . import state as ckpt_state
 
 PREVIOUS = ("metrics.jsonl", ckpt_state.CHECKPOINTS)  # what an earlier run leaves as soon as it has trained
@@ -43,6 +45,16 @@ RUN_FILES = (
 def is_run_folder(out: Path) -> bool:
     """Whether `out` was made by a gptforge training run (its lock file, metrics or checkpoints)."""
     return any((out / name).exists() for name in (LOCK_NAME, *PREVIOUS))
+
+
+def resume_after_restart(cfg):
+    """The options of workers that torchrun (--max-restarts) started again after one of them failed: they
+    continue from the run's newest intact checkpoint without being told (--resume), whatever the command said
+    (--overwrite would throw the run away). With no checkpoint yet, the options stay as given: a restart of a
+    run begun with --overwrite starts it again, one begun without it stops at the earlier attempt's files."""
+    if cfg.resume or not (job_restarted(cfg.device) and ckpt_state.list_checkpoints(Path(cfg.out_dir))):
+        return cfg
+    return dataclasses.replace(cfg, resume=True, overwrite=False)
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -76,4 +76,31 @@ def leave(code: int) -> int:
     return code
 
 
-__all__ = ["describe_fault", "leave", "run_interruptibly", "stop_on_sigterm"]
+__all__ = [
+    "describe_fault",
+    "leave",
+    "on_stop_signals",
+    "restore_signal_handlers",
+    "run_interruptibly",
+    "stop_on_sigterm",
+]
+
+
+def on_stop_signals(first: Callable[[], None], stopping: Callable[[], bool]) -> dict:
+    """Ctrl-C and SIGTERM call `first` (finish the work in hand, save, return); one more while `stopping()`
+    gives up at once (KeyboardInterrupt). Returns the handlers replaced, for `restore_signal_handlers`; outside
+    the main thread, where handlers cannot be set, nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, frame):
+        if stopping():
+            raise KeyboardInterrupt
+        first()
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def restore_signal_handlers(previous: dict) -> None:
+    for sig, h in previous.items():
+        signal.signal(sig, h)

@@ -20,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +28,10 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..config import GPTConfig
 from ..data.batches import Prefetcher
 from ..data.dataset import RunData
-from ..errors import GPTForgeError, OptionError, RunFolderError, TokenizerError, TrainingError
+from ..errors import OptionError, TokenizerError, TrainingError
+from ..faults import on_stop_signals, restore_signal_handlers
 from ..fsio import atomic_dir
 from ..model import GPT
 from ..options import PREVIEW_SAMPLING, TrainConfig, unset_defaults
@@ -43,10 +41,13 @@ from .average import WeightAverage
 from .callbacks import Callbacks
 from .logging import RunLog, StepProgress, describe_run
 from .optim import apply_freeze, configure_optimizer, freeze_parts, lr_at, warmup_share
+from .report import memorization_summary, say_if_best_was_better
 from .runfolder import (
+    batch_change_note,
     check_block_size,
     check_fits_memory,
     check_same_run,
+    check_same_setup,
     check_tokenizer_of_data,
     clear_previous_run,
     refuse_previous_run,
@@ -183,20 +184,7 @@ class Trainer:
         """The newest intact checkpoint of this run and its training state, checked to belong to this run."""
         path, saved = state.newest_intact_checkpoint(self.out, self.log.message)
         check_same_run(path, saved, self.data, self.tokenizer)
-        theirs, mine = GPTConfig.load(path).to_dict(), self.model.config.to_dict()
-        differ = [f"{k}: checkpoint {theirs[k]} vs now {mine[k]}" for k in mine if k in theirs and mine[k] != theirs[k]]
-        if differ:
-            raise RunFolderError(f"{path}: was trained with a different model config ({'; '.join(differ)})")
-        theirs, mine = saved.get("task_options") or {}, self.resume_options()
-        show = lambda v: "none" if v is None else v  # noqa: E731
-        differ = [
-            f"{k} {show(theirs[k])} then, {show(mine[k])} now" for k in mine if k in theirs and mine[k] != theirs[k]
-        ]
-        if differ:
-            raise RunFolderError(
-                f"{path}: this run was begun with other options ({'; '.join(differ)}); resume with "
-                "the options it began with"
-            )
+        check_same_setup(path, saved, self.model.config, self.resume_options())
         return path, saved
 
     def resume_options(self) -> dict:
@@ -266,17 +254,9 @@ class Trainer:
             + (f" (saved by {ranks} processes, now {self.dist.world_size})" if ranks != self.dist.world_size else "")
             + average
         )
-        began = saved.get("train_config") or {}
-        changed = [
-            f"--{k.replace('_', '-')} {began[k]} then, {getattr(self.cfg, k)} now"
-            for k in ("batch_size", "grad_accum")
-            if began.get(k) is not None and began[k] != getattr(self.cfg, k)
-        ]
-        if changed:
-            self.log.message(
-                f"note: {'; '.join(changed)}: the run goes on with another batch, so it will not end as the "
-                "stopped run would have; resume with the command it began with to continue it exactly"
-            )
+        note = batch_change_note(saved, self.cfg)
+        if note:
+            self.log.message(note)
 
     # -- evaluation and samples
 
@@ -332,6 +312,10 @@ class Trainer:
 
     # -- the loop
 
+    def _stop_requested(self) -> None:
+        self.log.message("interrupt received: saving a checkpoint after this step (press Ctrl-C again to abort)")
+        self._stop = True
+
     def request_stop(self) -> None:
         self._stop = True
 
@@ -368,7 +352,7 @@ class Trainer:
     def run(self) -> TrainResult:
         self.out.mkdir(parents=True, exist_ok=True)
         self.log.message(describe_run(self))
-        handlers = self._install_signal_handlers()
+        handlers = on_stop_signals(self._stop_requested, lambda: self._stop)
         bar = StepProgress(self.max_steps, self.cfg.max_time, self.step, main=self.dist.main, bar=self.cfg.progress)
         feed = Prefetcher(self.batches, self.step * self.cfg.grad_accum, self.device)
         try:
@@ -385,7 +369,7 @@ class Trainer:
         finally:
             feed.close()
             bar.close()
-            self._restore_signal_handlers(handlers)
+            restore_signal_handlers(handlers)
         return self._finish(train_loss)
 
     def _steps(self, batches, bar) -> float | None:
@@ -491,7 +475,7 @@ class Trainer:
             if row:
                 result.val_loss, result.val_perplexity = row.get("val_loss"), row.get("val_perplexity")
                 result.val_bits_per_byte, result.validation = row.get("val_bits_per_byte"), row
-                self._say_if_best_was_better(row)
+                say_if_best_was_better(self, row)
             if self.average is not None:
                 self.average.install()  # the model in memory (GPTForge.train's, a caller's) is the one saved
             self.sample()
@@ -503,84 +487,12 @@ class Trainer:
                     + (f" (the average of its weights, --ema {self.cfg.ema:g})" if self.average else "")
                 )
                 self.callbacks.call("on_save", self, self.out)
-                self._memorization_summary()
+                memorization_summary(self)
         if math.isfinite(self.best_val):
             result.best_val_loss, result.best_step = self.best_val, self.best_step
         self.log.close()
         self.dist.close()
         return result
-
-    def _memorization_summary(self) -> None:
-        """--memorization: how much of what the model writes copies its training text, in metrics.jsonl (and so in
-        the model card) and a line here; a warning when it memorises."""
-        if not (
-            self.cfg.memorization
-            and type(self.task) is LanguageModelling
-            and self.tokenizer is not None
-            and getattr(self.data, "val", None) is not None
-            and len(self.data.val)
-        ):
-            return
-        from ..memorization import run_summary
-
-        try:
-            report = run_summary(self.model, self.tokenizer, self.data, self.history)
-        except (GPTForgeError, OSError, ImportError) as e:  # a report is a bonus: never fail a finished run for it
-            self.log.message(f"memorization report skipped: {str(e).splitlines()[0]}")
-            return
-        copied, base = report.copied, report.baseline
-        self.log.record(
-            {
-                "step": self.step,
-                "memorization": {
-                    "copied": copied,
-                    "baseline": base,
-                    "samples": report.samples,
-                    "warning": report.warning,
-                },
-            }
-        )
-        self.log.message(
-            f"memorization: {copied[16]:.1%} of sampled tokens lie in copies of 16+ training tokens "
-            f"(validation text: {base[16]:.1%}); `gptforge eval {self.out} --memorization` for the full "
-            "report" + (f"\nwarning: {report.warning}" if report.warning else "")
-        )
-
-    def _say_if_best_was_better(self, row: dict) -> None:
-        """Tell the user when an earlier evaluation was more than 2% better than the final model: the run went
-        on past its best, as a small model does that sees its training text many times and learns it by
-        heart (the from-scratch defaults' Muon fits it sooner than AdamW did); best/ holds that model. Only
-        where the periodic evaluations read every validation token, as the final one does."""
-        best, final, higher = self.best_val, row[self.task.metric], self.task.higher_is_better
-        whole = not self.cfg.eval_tokens or row.get("val_tokens", 0) <= self.cfg.eval_tokens
-        if whole and self.best_step != self.step and (final < best * 0.98 if higher else final > best * 1.02):
-            metric, which = (
-                self.task.metric,
-                "an earlier evaluation" if self.best_step is None else f"step {self.best_step}",
-            )
-            self.log.message(
-                f"note: the model of {which} ({metric} {best:.4f}) is better on validation than "
-                f"the final one ({metric} {final:.4f}); it is in {self.out / 'best'}. The run went on past "
-                "its best: use that folder, or train for less time or with --dropout"
-            )
-
-    def _install_signal_handlers(self):
-        """Ctrl-C and SIGTERM finish the current step, save a checkpoint and return."""
-        if threading.current_thread() is not threading.main_thread():
-            return {}  # signal handlers can only be set from the main thread
-
-        def handler(signum, frame):
-            if self._stop:  # a second Ctrl-C: give up at once
-                raise KeyboardInterrupt
-            self.log.message("interrupt received: saving a checkpoint after this step (press Ctrl-C again to abort)")
-            self._stop = True
-
-        return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    @staticmethod
-    def _restore_signal_handlers(previous: dict) -> None:
-        for sig, h in previous.items():
-            signal.signal(sig, h)
 
 
 __all__ = ["TrainResult", "Trainer", "refuse_previous_run"]

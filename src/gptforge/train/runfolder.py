@@ -160,6 +160,42 @@ def check_same_run(path: Path, state: dict, data, tokenizer) -> None:
         )
 
 
+def check_same_setup(path: Path, saved: dict, config: GPTConfig, options_now: dict) -> None:
+    """A checkpoint resumes only the model config and the task options (Trainer.resume_options) it was saved with."""
+    theirs, mine = GPTConfig.load(path).to_dict(), config.to_dict()
+    differ = [f"{k}: checkpoint {theirs[k]} vs now {mine[k]}" for k in mine if k in theirs and mine[k] != theirs[k]]
+    if differ:
+        raise RunFolderError(f"{path}: was trained with a different model config ({'; '.join(differ)})")
+    theirs = saved.get("task_options") or {}
+    show = lambda v: "none" if v is None else v
+    differ = [
+        f"{k} {show(theirs[k])} then, {show(options_now[k])} now"
+        for k in options_now
+        if k in theirs and options_now[k] != theirs[k]
+    ]
+    if differ:
+        raise RunFolderError(
+            f"{path}: this run was begun with other options ({'; '.join(differ)}); resume with the options it "
+            "began with"
+        )
+
+
+def batch_change_note(saved: dict, cfg) -> str | None:
+    """What to say when a run resumes with another batch size or accumulation than it began with."""
+    began = saved.get("train_config") or {}
+    changed = [
+        f"--{k.replace('_', '-')} {began[k]} then, {getattr(cfg, k)} now"
+        for k in ("batch_size", "grad_accum")
+        if began.get(k) is not None and began[k] != getattr(cfg, k)
+    ]
+    if not changed:
+        return None
+    return (
+        f"note: {'; '.join(changed)}: the run goes on with another batch, so it will not end as the stopped run "
+        "would have; resume with the command it began with to continue it exactly"
+    )
+
+
 def check_tokenizer_of_data(tokenizer, data) -> None:
     """Refuse a tokenizer other than the one a prepared dataset's ids belong to."""
     mine, theirs = getattr(tokenizer, "fingerprint", None), getattr(data, "tokenizer_fingerprint", "")

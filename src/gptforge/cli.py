@@ -117,13 +117,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .runtime import launch_torchrun
 
         return launch_torchrun(args.nproc, sys.argv[1:])
-    from .options import InstructOptions, LoRAOptions, TrainConfig
+    from .options import InstructOptions, LoRAOptions, PreferenceOptions, TrainConfig
     from .train.pipeline import run_training
 
     options = option_values(args, TrainConfig)
     extra = dict(
         lora=LoRAOptions(**option_values(args, LoRAOptions)),
         instruct=InstructOptions(**option_values(args, InstructOptions)),
+        preference=PreferenceOptions(**option_values(args, PreferenceOptions)),
     )
     inputs = inputs_of(args, list(args.inputs) + ([args.train_file] if args.train_file else []))
     overrides = {
@@ -164,7 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         **extra,
         **options,
     )
-    if result.val_loss is not None:
+    if result.val_perplexity is not None:  # a language model's (a preference run said its figures)
         bpb = f", {result.val_bits_per_byte:.4f} bits/byte" if result.val_bits_per_byte is not None else ""
         print(f"validation: loss {result.val_loss:.4f}, perplexity {result.val_perplexity:.2f}{bpb}")
     return 130 if result.interrupted else 0

@@ -134,13 +134,14 @@ TRAIN_EXAMPLES = """examples:
   gptforge train corpus.txt --max-time 1h30m --report-to tensorboard,wandb --out run
   gptforge train --init gpt2 book.txt --lora-r 8 --epochs 1 --out adapter     # LoRA: saves a peft adapter folder
   gptforge train --init gpt2 chat.jsonl --lora-r 8 --epochs 3 --out bot       # prompt/completion or messages lines
+  gptforge train prefs.jsonl --init bot --preference dpo --beta 0.1 --max-time 20m --out dpo  # prompt/chosen/rejected
 """
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """`gptforge train`'s options, in groups (options.TRAIN_GROUPS), the reading group shared with prepare."""
     from .config import ACTIVATIONS, PRESETS
-    from .options import DEFAULT_VOCAB_SIZE, TRAIN_GROUPS, InstructOptions, LoRAOptions, TrainConfig
+    from .options import DEFAULT_VOCAB_SIZE, TRAIN_GROUPS, InstructOptions, LoRAOptions, PreferenceOptions, TrainConfig
 
     p.add_argument(
         "--config",
@@ -203,6 +204,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     add_dataclass_options(p, TrainConfig, groups)
     add_dataclass_options(p, LoRAOptions, groups)
     add_dataclass_options(p, InstructOptions, groups)
+    add_dataclass_options(p, PreferenceOptions, groups)
 
 
 __all__ = ["TRAIN_EXAMPLES", "add_dataclass_options", "add_train_arguments", "inputs_of", "read_flags", "read_options"]

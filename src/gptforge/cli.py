@@ -265,12 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     # Each stage adds its own commands, in the order of the pipeline.
     from .cli_classify import add_classify_commands
     from .cli_generate import add_generate_commands
+    from .cli_reward import add_reward_commands
 
     for add in (
         _add_model_commands,
         _add_data_commands,
         _add_train_commands,
         add_classify_commands,
+        add_reward_commands,
         add_generate_commands,
         _add_serve_command,
     ):

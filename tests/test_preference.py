@@ -237,8 +237,8 @@ def test_reward_model_trains_scores_and_opens_in_transformers(base, tokenizer, t
 
 def test_server_route_gives_a_reward_models_score(base, tokenizer):
     pytest.importorskip("starlette")
-    from gptforge.classify import from_language_model
     from gptforge.checkpoint import load_model
+    from gptforge.classify import from_language_model
     from gptforge.options import ServeOptions
     from gptforge.reward import LABEL, score
     from gptforge.serve.classify import ClassifierServer
@@ -371,3 +371,18 @@ def test_orpo_odds_ratio_term_equals_trls():
     ours, figs = orpo_loss(chosen, rejected, nll, 0.25)
     assert ours.item() == pytest.approx((nll - losses.mean()).item(), abs=1e-6)
     assert figs["rewards/chosen"].item() == pytest.approx(chosen_rewards.mean().item(), abs=1e-7)
+
+
+def test_loss_picture_shows_the_reward_figures(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from gptforge.train import logging as run_logging
+
+    drawn = []
+    monkeypatch.setattr(run_logging, "draw_rewards", lambda ax, history: drawn.append(len(history)))
+    history = [
+        {"step": 1, "loss": 0.7, "lr": 1e-4, "rewards/margins": 0.1, "rewards/accuracies": 0.5},
+        {"step": 2, "val_loss": 0.6, "val_rewards/margins": 0.2, "val_rewards/accuracies": 1.0, "val_pairs": 4},
+    ]
+    run_logging.draw_loss(history, tmp_path / "loss.png")
+    run_logging.draw_loss([{"step": 1, "loss": 0.7, "lr": 1e-4}], tmp_path / "lm.png")
+    assert drawn == [2] and (tmp_path / "loss.png").is_file()

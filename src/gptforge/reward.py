@@ -35,7 +35,10 @@ def build_reward_model(init: str, pad_token_id: int) -> GPTClassifier:
 
 def encode_scored(tokenizer, texts: Sequence[str], max_length: int) -> list[np.ndarray]:
     """Each text's tokens and the end-of-text token, cut to `max_length` (keeping the start, as in training)."""
-    return [np.asarray((ids + [tokenizer.eos_id])[:max_length], dtype=np.int64) for ids in tokenizer.encode_batch(list(texts))]
+    return [
+        np.asarray((ids + [tokenizer.eos_id])[:max_length], dtype=np.int64)
+        for ids in tokenizer.encode_batch(list(texts))
+    ]
 
 
 @torch.inference_mode()

@@ -103,8 +103,10 @@ def _text_pair(record: dict, tokenizer, where: str) -> tuple[list[int], list[int
             )
     eos = [tokenizer.eos_id]
     prompt = tokenizer.encode(record["prompt"])
-    return prompt, tokenizer.encode(record["prompt"] + record["chosen"]) + eos, (
-        tokenizer.encode(record["prompt"] + record["rejected"]) + eos
+    return (
+        prompt,
+        tokenizer.encode(record["prompt"] + record["chosen"]) + eos,
+        (tokenizer.encode(record["prompt"] + record["rejected"]) + eos),
     )
 
 
@@ -141,7 +143,9 @@ def encode_pair(record, tokenizer, template, where: str) -> tuple[list[int], lis
         raise DataError(f"{where}: a preference pair must be an object with 'prompt', 'chosen' and 'rejected'")
     for name in ("chosen", "rejected"):
         if name not in record:
-            raise DataError(f"{where}: missing field {name!r} (a preference pair has 'prompt', 'chosen' and 'rejected')")
+            raise DataError(
+                f"{where}: missing field {name!r} (a preference pair has 'prompt', 'chosen' and 'rejected')"
+            )
     if record["chosen"] == record["rejected"]:
         raise DataError(f"{where}: 'chosen' and 'rejected' are the same answer; a pair needs two different ones")
     if isinstance(record["chosen"], list):

@@ -386,7 +386,9 @@ def run_training(
             task = preference_task(inputs, eval_inputs, tok, model, cfg, preference, instruct, lora_on, log)
         else:
             task = (
-                instruction_task(inputs, eval_inputs, tok, cfg.block_size or model.config.n_positions, cfg, instruct, log)
+                instruction_task(
+                    inputs, eval_inputs, tok, cfg.block_size or model.config.n_positions, cfg, instruct, log
+                )
                 if examples
                 else None
             )

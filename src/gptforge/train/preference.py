@@ -33,7 +33,14 @@ from ..options import InstructOptions, PreferenceOptions, TrainConfig
 from .tasks import Task
 
 REFERENCE_FILE = "reference_logps.safetensors"  # DPO: the reference's log-probabilities of each pair
-METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
+METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
 # --- the objectives -----------------------------------------------------------------------------------------
@@ -117,7 +124,8 @@ def adapters_off(model) -> contextlib.AbstractContextManager:
 
 
 def disable_dropout(model) -> None:
-    """Every dropout of the model off (trl's `disable_dropout`), its config left as it is (the saved folder keeps it)."""
+    """Every dropout of the model off (trl's `disable_dropout`), its config left as it is (the saved folder keeps
+    it)."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -328,10 +336,14 @@ def preference_task(
         raise OptionError("--train-on-prompt is for instruction data; preference pairs train on the answers only")
     given = load_template_file(instruct.chat_template) if instruct.chat_template else None
     source = given or template_of(tokenizer)
-    template = ChatTemplate(source, tokenizer, f"--chat-template {instruct.chat_template}" if given else "the chat template")
+    template = ChatTemplate(
+        source, tokenizer, f"--chat-template {instruct.chat_template}" if given else "the chat template"
+    )
     block = cfg.block_size or model.config.n_positions
     pairs = read_pairs(inputs, tokenizer, block + 1, template)
-    train, val = (pairs, read_pairs(eval_inputs, tokenizer, block + 1, template)) if eval_inputs else pairs.split(0.1, cfg.seed)
+    train, val = (
+        (pairs, read_pairs(eval_inputs, tokenizer, block + 1, template)) if eval_inputs else pairs.split(0.1, cfg.seed)
+    )
     if pairs.truncated:
         log(f"warning: {pairs.truncated} pair(s) were longer than the context of {block} tokens; their answers are cut")
     disable_dropout(model)

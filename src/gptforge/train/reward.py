@@ -140,7 +140,9 @@ def train_reward_model(
         disable_dropout(model)  # as trl's RewardTrainer does by default
         block = cfg.block_size or model.config.n_positions
         pairs = read_pairs(inputs, tok, block, template)
-        train, val = (pairs, read_pairs(eval_inputs, tok, block, template)) if eval_inputs else pairs.split(0.1, cfg.seed)
+        train, val = (
+            (pairs, read_pairs(eval_inputs, tok, block, template)) if eval_inputs else pairs.split(0.1, cfg.seed)
+        )
         log(f"reward model: {len(train):,} training and {len(val) if val else 0:,} validation pairs")
         task = RewardModelling(train, val, tok.pad_id, tok.fingerprint)
         if cfg.max_steps is None and cfg.epochs is None and cfg.max_time is None:

@@ -87,20 +87,21 @@ def train_lm(work: Path, seconds: float, rows: list[dict]) -> Path:
     return work / "lm"
 
 
-def run_gptforge(work: Path, lm: Path, train_file: Path, steps: int) -> tuple[float, float]:
+def run_gptforge(work: Path, lm: Path, train_file: Path, test_file: Path, name: str, **length) -> tuple:
+    """(seconds per step, wall seconds, steps) of a gptforge DPO run of `length` (max_steps or max_time)."""
     from gptforge.options import PreferenceOptions
     from gptforge.train.pipeline import run_training
 
     start = time.perf_counter()
     result = run_training(
-        [str(train_file)], init=str(lm), preference=PreferenceOptions("dpo", BETA), out_dir=str(work / "gf"),
-        max_steps=steps, batch_size=BATCH, block_size=BLOCK, learning_rate=LR, schedule="linear", min_lr_ratio=0.0,
-        warmup_steps=0, weight_decay=0.0, grad_clip=1.0, eval_strategy="no", save_strategy="no", progress=False,
-        plot=False, log=lambda m: None, log_interval=50,
+        [str(train_file)], eval_inputs=[str(test_file)], init=str(lm), preference=PreferenceOptions("dpo", BETA),
+        out_dir=str(work / name), **length, batch_size=BATCH, block_size=BLOCK, learning_rate=LR, schedule="linear",
+        min_lr_ratio=0.0, warmup_steps=0, weight_decay=0.0, grad_clip=1.0, eval_strategy="no", save_strategy="no",
+        progress=False, plot=False, log=lambda m: None, log_interval=50,
     )  # fmt: skip
     wall = time.perf_counter() - start
     elapsed = [r["elapsed"] for r in result.history if "elapsed" in r][-1]
-    return elapsed / steps, wall
+    return elapsed / result.step, wall, result.step
 
 
 def run_trl(work: Path, lm: Path, train_file: Path, steps: int) -> tuple[float, float]:
@@ -115,6 +116,7 @@ def run_trl(work: Path, lm: Path, train_file: Path, steps: int) -> tuple[float, 
         lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=BETA,
         max_length=BLOCK, precompute_ref_log_probs=True, use_cpu=True, bf16=False, report_to=[],
         save_strategy="no", logging_steps=50, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        gradient_checkpointing=False,  # trl's default is on; gptforge's is off: the same work per step
     )  # fmt: skip
     trainer = trl.DPOTrainer(
         model=transformers.AutoModelForCausalLM.from_pretrained(lm),
@@ -125,8 +127,7 @@ def run_trl(work: Path, lm: Path, train_file: Path, steps: int) -> tuple[float, 
     out = trainer.train()
     trainer.save_model(str(work / "trl" / "final"))
     wall = time.perf_counter() - start
-    precompute = wall - out.metrics["train_runtime"]  # set-up, tokenizing and (inside train) the reference pass
-    return out.metrics["train_runtime"] / steps, wall if precompute >= 0 else wall
+    return out.metrics["train_runtime"] / steps, wall, out.metrics["train_runtime"]
 
 
 def main() -> None:
@@ -155,10 +156,13 @@ def main() -> None:
     held = read_pairs([test_file], tok, BLOCK + 1, ChatTemplate(template_of(tok), tok))
     ref = pair_logps(load_model(lm), held, 32, tok.pad_id, "cpu")[0]
     rows = {"before DPO (the LM)": (held_out_figures(lm, ref, held, tok), None, None)}
-    step, wall = run_gptforge(work, lm, train_file, args.steps)
-    rows["gptforge DPO"] = (held_out_figures(work / "gf", ref, held, tok), step, wall)
-    step, wall = run_trl(work, lm, train_file, args.steps)
-    rows["trl DPOTrainer"] = (held_out_figures(work / "trl" / "final", ref, held, tok), step, wall)
+    step, wall, _ = run_gptforge(work, lm, train_file, test_file, "gf", max_steps=args.steps)
+    rows[f"gptforge DPO, {args.steps} steps"] = (held_out_figures(work / "gf", ref, held, tok), step, wall)
+    step, wall, seconds = run_trl(work, lm, train_file, args.steps)
+    rows[f"trl DPOTrainer, {args.steps} steps"] = (held_out_figures(work / "trl" / "final", ref, held, tok), step, wall)
+    step, wall, steps = run_gptforge(work, lm, train_file, test_file, "gf_time", max_time=seconds)
+    name = f"gptforge DPO, trl's {seconds:.0f} s ({steps} steps)"
+    rows[name] = (held_out_figures(work / "gf_time", ref, held, tok), step, wall)
 
     print(f"machine: {cpu_name()}, {args.threads} threads; torch {torch.__version__}")
     print(

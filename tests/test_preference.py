@@ -232,7 +232,8 @@ def test_reward_model_trains_scores_and_opens_in_transformers(base, tokenizer, t
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
     ids = torch.tensor([tokenizer.encode("the cat sat on the mat.") + [tokenizer.eos_id]])
     assert hf.config.num_labels == 1
-    assert float(hf(ids).logits[0, 0]) == pytest.approx(ours, abs=1e-5)
+    with torch.no_grad():
+        assert float(hf(ids).logits[0, 0]) == pytest.approx(ours, abs=1e-5)
 
 
 def test_server_route_gives_a_reward_models_score(base, tokenizer):

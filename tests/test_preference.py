@@ -182,6 +182,7 @@ def _rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_dpo_run_logs_trl_figures_and_resumes_exactly(base, tmp_path, one_thread, capsys):
     from safetensors.torch import load_file
 
@@ -217,6 +218,7 @@ def test_dpo_with_lora_and_orpo_train(base, tmp_path, one_thread):
     assert "rewards/margins" in _rows(tmp_path / "orpo")[0]
 
 
+@pytest.mark.slow
 def test_reward_model_trains_scores_and_opens_in_transformers(base, tokenizer, tmp_path, one_thread, capsys):
     transformers = pytest.importorskip("transformers")
     from gptforge.cli import main

@@ -203,7 +203,7 @@ def draw_loss(history: list[dict], path: Path, title: str = "loss") -> None:
             ha="right",
             fontsize=8,
         )
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel("loss (per pair)" if rewards else "loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")

@@ -165,7 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         **extra,
         **options,
     )
-    if result.val_perplexity is not None:  # a language model's (a preference run said its figures)
+    if result.val_loss is not None and result.val_perplexity is not None:  # a preference run said its figures
         bpb = f", {result.val_bits_per_byte:.4f} bits/byte" if result.val_bits_per_byte is not None else ""
         print(f"validation: loss {result.val_loss:.4f}, perplexity {result.val_perplexity:.2f}{bpb}")
     return 130 if result.interrupted else 0

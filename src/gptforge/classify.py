@@ -42,17 +42,18 @@ TRUNCATE = ("right", "left")  # right: keep the start of a long text; left: keep
 
 
 def classifier_config(config: GPTConfig, labels: Sequence[str], pad_token_id: int) -> GPTConfig:
-    """A copy of `config` that describes a classifier of `labels` (in id order) padded with `pad_token_id`."""
+    """A copy of `config` that describes a classifier of `labels` (in id order) padded with `pad_token_id`; one
+    label is a model with one output, a score (a reward model: transformers' "regression" problem type)."""
     labels = [str(label) for label in labels]
-    if len(set(labels)) != len(labels) or len(labels) < 2:
-        raise OptionError(f"labels {labels}: a classifier needs at least two distinct labels")
+    if len(set(labels)) != len(labels) or not labels:
+        raise OptionError(f"labels {labels}: a classifier needs distinct labels")
     extra = {k: v for k, v in config.extra.items() if k not in ("architectures", "problem_type")}
     extra.update(
         num_labels=len(labels),
         id2label={str(i): name for i, name in enumerate(labels)},
         label2id={name: i for i, name in enumerate(labels)},
         pad_token_id=int(pad_token_id),
-        problem_type="single_label_classification",
+        problem_type="regression" if len(labels) == 1 else "single_label_classification",
     )
     return dataclasses.replace(config, extra=extra)
 

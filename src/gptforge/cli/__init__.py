@@ -1,5 +1,5 @@
 """The `gptforge` command. Thin: it parses arguments and calls the library; each group of commands is a module
-of this package (models, data, train, classify, generate, serve), in the order of the pipeline."""
+of this package (models, data, train, classify, reward, generate, serve), in the order of the pipeline."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .data import add_data_commands
     from .generate import add_generate_commands
     from .models import add_convert_commands, add_model_commands
+    from .reward import add_reward_commands
     from .serve import add_serve_command
     from .train import add_train_commands
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_data_commands,
         add_train_commands,
         add_classify_commands,
+        add_reward_commands,
         add_generate_commands,
         add_convert_commands,
         add_serve_command,

@@ -19,6 +19,7 @@ TRAIN_EXAMPLES = """examples:
   gptforge train corpus.txt --max-time 1h30m --report-to tensorboard,wandb --out run
   gptforge train --init gpt2 book.txt --lora-r 8 --epochs 1 --out adapter     # LoRA: saves a peft adapter folder
   gptforge train --init gpt2 chat.jsonl --lora-r 8 --epochs 3 --out bot       # prompt/completion or messages lines
+  gptforge train prefs.jsonl --init bot --preference dpo --beta 0.1 --max-time 20m --out dpo  # prompt/chosen/rejected
 """
 
 
@@ -27,13 +28,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         from ..runtime import launch_torchrun
 
         return launch_torchrun(args.nproc, sys.argv[1:])
-    from ..options import InstructOptions, LoRAOptions, TrainConfig
+    from ..options import InstructOptions, LoRAOptions, PreferenceOptions, TrainConfig
     from ..train.pipeline import run_training
 
     options = option_values(args, TrainConfig)
     extra = dict(
         lora=LoRAOptions(**option_values(args, LoRAOptions)),
         instruct=InstructOptions(**option_values(args, InstructOptions)),
+        preference=PreferenceOptions(**option_values(args, PreferenceOptions)),
     )
     inputs = inputs_of(args, list(args.inputs) + ([args.train_file] if args.train_file else []))
     overrides = {
@@ -74,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         **extra,
         **options,
     )
-    if result.val_loss is not None:
+    if result.val_loss is not None and result.val_perplexity is not None:  # a preference run said its figures
         bpb = f", {result.val_bits_per_byte:.4f} bits/byte" if result.val_bits_per_byte is not None else ""
         print(f"validation: loss {result.val_loss:.4f}, perplexity {result.val_perplexity:.2f}{bpb}")
     return 130 if result.interrupted else 0
@@ -98,7 +100,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """`gptforge train`'s options, in groups (options.TRAIN_GROUPS), the reading group shared with prepare."""
     from ..config import ACTIVATIONS, PRESETS
-    from ..options import DEFAULT_VOCAB_SIZE, TRAIN_GROUPS, InstructOptions, LoRAOptions, TrainConfig
+    from ..options import DEFAULT_VOCAB_SIZE, TRAIN_GROUPS, InstructOptions, LoRAOptions, PreferenceOptions, TrainConfig
 
     p.add_argument(
         "--config",
@@ -161,6 +163,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     add_dataclass_options(p, TrainConfig, groups)
     add_dataclass_options(p, LoRAOptions, groups)
     add_dataclass_options(p, InstructOptions, groups)
+    add_dataclass_options(p, PreferenceOptions, groups)
 
 
 def add_train_commands(sub) -> None:

@@ -25,7 +25,7 @@ IGNORE = -100  # the label of a token the loss leaves out (transformers' and tor
 EXAMPLE_SUFFIXES = (".jsonl", ".ndjson", ".json")
 
 
-def _records(path: Path) -> Iterator[tuple[str, object]]:
+def json_records(path: Path) -> Iterator[tuple[str, object]]:
     """(file:line, value) of a JSON Lines file, or of a JSON array file."""
     if not path.is_file():
         raise NotFoundError(f"{path}: no such file")
@@ -54,7 +54,7 @@ def is_example_file(path) -> bool:
     if path.suffix not in EXAMPLE_SUFFIXES or not path.is_file():
         return False
     try:
-        _, first = next(_records(path))
+        _, first = next(json_records(path))
     except (StopIteration, DataError, UnicodeDecodeError, OSError):
         return False
     return isinstance(first, dict) and ("messages" in first or ("prompt" in first and "completion" in first))
@@ -122,7 +122,7 @@ def read_examples(
     out, h = Examples(), hashlib.sha256()
     for path in map(Path, files):
         before = len(out.ids) + out.dropped
-        for where, record in _records(path):
+        for where, record in json_records(path):
             ids, answer = encode_example(record, tokenizer, template, train_on_prompt, where)
             if not any(answer[1:]):  # before any cut: an example with nothing to learn, not one cut too short
                 raise DataError(
@@ -211,6 +211,7 @@ __all__ = [
     "IGNORE",
     "encode_example",
     "is_example_file",
+    "json_records",
     "pad_examples",
     "read_examples",
     "truncation_note",

@@ -22,7 +22,16 @@ from .data import PrepareOptions
 from .generation import SamplingOptions
 from .models import ExportOptions, MergeOptions, QuantizeOptions, TokenizerOptions
 from .serve import SERVE_LOG_LEVELS, ServeOptions
-from .tasks import LORA_LAYERS, ClassifyOptions, EvalOptions, InstructOptions, LoRAOptions, MemorizationOptions
+from .tasks import (
+    LORA_LAYERS,
+    PREFERENCE_METHODS,
+    ClassifyOptions,
+    EvalOptions,
+    InstructOptions,
+    LoRAOptions,
+    MemorizationOptions,
+    PreferenceOptions,
+)
 from .train import (
     FINETUNE_DEFAULTS,
     MUON_LR_RATIO,
@@ -46,6 +55,8 @@ __all__ = [
     "MemorizationOptions",
     "InstructOptions",
     "LORA_LAYERS",
+    "PREFERENCE_METHODS",
+    "PreferenceOptions",
     "LoRAOptions",
     "MAX_LORA_ALPHA",
     "MAX_NEW_TOKENS",

@@ -175,3 +175,30 @@ class ClassifyOptions:
                 raise OptionError(
                     f"{flag_of(ClassifyOptions, name)} {getattr(self, name)!r}: choose {', '.join(choices)}"
                 )
+
+
+# --- preference tuning ------------------------------------------------------------------------------------
+
+PREFERENCE_METHODS = ("dpo", "orpo")
+
+
+@dataclass
+class PreferenceOptions:
+    """Preference pairs (JSON Lines of prompt/chosen/rejected): which objective, and how strongly it pulls."""
+
+    preference: str | None = opt(
+        None,
+        "train on preference pairs ({prompt, chosen, rejected} lines): dpo (against the --init model as the "
+        "reference) or orpo (no reference model)",
+        choices=PREFERENCE_METHODS,
+    )
+    beta: float = opt(
+        0.1,
+        "DPO: how far the model may move from the reference (smaller: further); ORPO: the weight of the "
+        "odds-ratio term beside the answers' loss (trl's beta)",
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"beta": (0, 100, False, float)})
+        if self.preference is not None and self.preference not in PREFERENCE_METHODS:
+            raise OptionError(f"--preference {self.preference!r}: choose {', '.join(PREFERENCE_METHODS)}")

@@ -308,4 +308,5 @@ TRAIN_GROUPS = {
     "logging": ("log_interval", "report_to", "tensorboard", "plot", "progress"),
     "LoRA adapters": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
     "instruction data": ("chat_template", "train_on_prompt"),
+    "preference tuning": ("preference", "beta"),
 }

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..classify import GPTClassifier, encode_texts, probabilities
+from ..reward import LABEL, encode_scored, is_reward_model, scores
 from .app import Routes, ServeOptions, build_app
 from .protocol import ApiError, check_fields
 
@@ -33,6 +34,11 @@ class ClassifierServer:
         self.lock = threading.Lock()  # one forward pass at a time; requests queue on it
 
     def classify(self, texts: list[str]) -> tuple[list[dict], int]:
+        if is_reward_model(self.model):  # one output: its score, of the text and the end-of-text token
+            seqs = encode_scored(self.tokenizer, texts, self.n_ctx)
+            with self.lock:
+                values = scores(self.model, seqs).tolist()
+            return [{"index": i, "label": LABEL, "score": v} for i, v in enumerate(values)], sum(map(len, seqs))
         seqs = encode_texts(
             self.tokenizer, texts, self.n_ctx, "right"
         )  # as `classify predict`: a long text keeps its start

@@ -180,7 +180,14 @@ def draw_loss(history: list[dict], path: Path, title: str = "loss") -> None:
         else None
     )
     periodic = [r for r in vals if r is not final]
-    fig, (ax, ax_lr) = plt.subplots(2, 1, sharex=True, figsize=(8, 6), gridspec_kw={"height_ratios": [3, 1]})
+    rewards = any("rewards/margins" in r for r in history)  # preference tuning: trl's figures get a panel
+    fig, axes = plt.subplots(
+        3 if rewards else 2, 1, sharex=True, figsize=(8, 8 if rewards else 6),
+        gridspec_kw={"height_ratios": [3, 2, 1] if rewards else [3, 1]},
+    )  # fmt: skip
+    ax, ax_lr = axes[0], axes[-1]
+    if rewards:
+        draw_rewards(axes[1], history)
     if train:
         ax.plot(*zip(*train), label="train", alpha=0.8)
     if periodic:
@@ -196,7 +203,7 @@ def draw_loss(history: list[dict], path: Path, title: str = "loss") -> None:
             ha="right",
             fontsize=8,
         )
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel("loss (per pair)" if rewards else "loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
@@ -216,6 +223,19 @@ def draw_loss(history: list[dict], path: Path, title: str = "loss") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def draw_rewards(ax, history: list[dict]) -> None:
+    """Preference tuning's figures: the reward margin and the share of pairs preferred the right way, training and
+    validation."""
+    for key, style in (("rewards/margins", "-"), ("rewards/accuracies", "--")):
+        for prefix, label in (("", "train"), ("val_", "validation")):
+            points = [(r["step"], r[prefix + key]) for r in history if prefix + key in r]
+            if points:
+                ax.plot(*zip(*points), style, marker="o" if prefix else None, label=f"{label} {key.split('/')[1]}")
+    ax.set_ylabel("reward margin / accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
 
 
 class StepProgress:
@@ -313,4 +333,4 @@ def describe_run(trainer) -> str:
     )
 
 
-__all__ = ["describe_run", "RunLog", "StepProgress", "check_reporters", "draw_loss"]
+__all__ = ["describe_run", "RunLog", "StepProgress", "check_reporters", "draw_loss", "draw_rewards"]

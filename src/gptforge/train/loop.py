@@ -420,6 +420,7 @@ class Trainer:
             "lr": lr,
             "tokens_per_s": round(tps, 1),
             "elapsed": round(self.elapsed, 2),
+            **self.task.log_metrics(),
         }
         self.log.record(row)
         bar.show(self.step, train_loss, lr, tps, self.elapsed)

@@ -14,12 +14,12 @@ import torch
 from ..checkpoint import load_model, resolve_model_path
 from ..config import GPTConfig, preset
 from ..data.dataset import load_run_data
-from ..errors import ConfigError, DataError, NotFoundError, TokenizerError
+from ..errors import ConfigError, DataError, NotFoundError, OptionError, TokenizerError
 from ..fsio import folder_of, write_text
 from ..inference.quantize import refuse_quantized
 from ..kernels import matmul
 from ..model import GPT
-from ..options import DEFAULT_VOCAB_SIZE, InstructOptions, LoRAOptions, TrainConfig, unset_defaults
+from ..options import DEFAULT_VOCAB_SIZE, InstructOptions, LoRAOptions, PreferenceOptions, TrainConfig, unset_defaults
 from ..runtime import pick_precision, resolve_device, world_size
 from . import state
 from .callbacks import Callbacks
@@ -27,6 +27,7 @@ from .finetune import add_lora, check_lora, example_inputs, instruction_task
 from .logging import check_reporters
 from .loop import Trainer, TrainResult
 from .optim import configure_optimizer, freeze_parts
+from .preference import preference_inputs, preference_task
 from .runfolder import (
     check_block_size,
     check_fits_memory,
@@ -310,6 +311,7 @@ def run_training(
     record: dict | None = None,
     lora: LoRAOptions | None = None,
     instruct: InstructOptions | None = None,
+    preference: PreferenceOptions | None = None,
     **options,
 ) -> TrainResult:
     """From raw text (or a prepared dataset) to a trained model folder, choosing what the user did not say.
@@ -320,7 +322,8 @@ def run_training(
     `data.reading.ReadOptions` fields for reading the inputs. The run folder gets `run_config.json`: the
     options as given (`record`, e.g. the command's; by default this call's) and as resolved. `lora` trains a
     LoRA adapter instead of the whole model; inputs that are instruction examples (JSON Lines of prompt/completion
-    or messages) train on their answers, read as `instruct` says (train/finetune.py).
+    or messages) train on their answers, read as `instruct` says (train/finetune.py); `preference` trains on
+    preference pairs (DPO or ORPO, train/preference.py).
     """
     from ..data.shards import prepare
 
@@ -342,6 +345,9 @@ def run_training(
             if on
         ],
     )
+    pairs = preference_inputs(inputs, eval_inputs, preference)
+    if pairs and init is None:
+        raise OptionError("--preference tunes a trained model: give --init MODEL (e.g. an instruction-tuned one)")
     check_lora(lora, cfg, init, examples)
     _refuse_missing(inputs, eval_inputs)
     given = (
@@ -377,11 +383,17 @@ def run_training(
         tok = _run_tokenizer(
             inputs, out, init, tokenizer, data, vocab_size, tokenizer_kind, names, log, cfg.progress and main, read
         )
-        task = (
-            instruction_task(inputs, eval_inputs, tok, cfg.block_size or model.config.n_positions, cfg, instruct, log)
-            if examples
-            else None
-        )
+        if pairs:
+            lora_on = lora is not None and lora.enabled
+            task = preference_task(inputs, eval_inputs, tok, model, cfg, preference, instruct, lora_on, log)
+        else:
+            task = (
+                instruction_task(
+                    inputs, eval_inputs, tok, cfg.block_size or model.config.n_positions, cfg, instruct, log
+                )
+                if examples
+                else None
+            )
         if data is None and task is None:
             data = out / "data"
             log(f"preparing {names} -> {data}")

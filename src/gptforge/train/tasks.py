@@ -37,6 +37,11 @@ class Task:
     def loss(self, model: torch.nn.Module, batch: tuple) -> torch.Tensor:
         raise NotImplementedError
 
+    def log_metrics(self) -> dict:
+        """Figures of the training batches since the last call, added to each log row (a host sync is allowed:
+        it runs once per log interval)."""
+        return {}
+
     @property
     def has_validation(self) -> bool:
         return False

@@ -36,7 +36,10 @@
 #ifndef LOCALITY
 #define LOCALITY 3 /* __builtin_prefetch's: 3 keeps the line in every cache level, 0 streams past them */
 #endif
-typedef float vf __attribute__((vector_size(W * sizeof(float)), aligned(sizeof(float))));
+/* vf: a vector in registers (naturally aligned, so that arrays of them, the sums of a tile, stay in registers);
+   vfu: the same at any float's address, to load from the packed weights and the input rows */
+typedef float vf __attribute__((vector_size(W * sizeof(float))));
+typedef float vfu __attribute__((vector_size(W * sizeof(float)), aligned(sizeof(float))));
 
 typedef struct {
     const void *data;   /* packed tiles of `out` (padded to 4) rows of `in` values, fp32 or int8 */
@@ -49,9 +52,7 @@ enum { STORE, ADD, ACTIVATE };                                     /* what a pro
 enum { GELU_TANH, GELU_ERF, RELU, RELU_SQUARED, QUICK_GELU };      /* activations (model.py's _activation) */
 
 static inline vf load(const float *p) {
-    vf v;
-    __builtin_memcpy(&v, p, sizeof v);
-    return v;
+    return *(const vfu *)p;
 }
 
 /* W int8 values widened to floats (compilers do not vectorise __builtin_convertvector from bytes well) */

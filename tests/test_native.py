@@ -3,6 +3,7 @@ products wherever it cannot be built."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -49,6 +50,24 @@ def assert_product_close(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bi
     err = (got.double() - want.double()).abs().reshape(-1, w.size(0))
     bound = native.rounding_bound(x.reshape(-1, x.size(-1)), w)
     assert (err <= bound).all(), f"off by {float(err.max()):.3g}, {float((err / bound).max()):.3g}x the bound"
+
+
+@needs_kernel
+def test_each_level_packs_for_its_own_vectors(level):
+    """AVX2 builds read 8-float vectors (wider ones went through memory), AVX-512 ones 16; a weight packed while
+    one level is asked for is packed again for another (the packed copy is kept per layout)."""
+    from gptforge.inference import packed
+
+    width = native.vector_width()
+    expected = {"avx2": 8, "avx512": 16}.get(level)
+    assert width == (expected or width) and width in (8, 16)
+    layer = torch.nn.Linear(40, 24)
+    assert packed.decoding_weight(layer).width == -(-40 // width) * width
+    other = "avx2" if width == 16 else "avx512"
+    if cpu.runs_here(other):
+        os.environ[cpu.ISA] = other  # restored by the fixture's monkeypatch
+        assert packed.decoding_weight(layer).width == -(-40 // native.vector_width()) * native.vector_width()
+        assert native.vector_width() != width
 
 
 @needs_kernel

@@ -26,12 +26,23 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define W 16             /* values per vector */
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#define W 8 /* values per vector: one of AVX2's 256-bit registers (wider generic vectors go through memory) */
+#else
+#define W 16 /* values per vector: AVX-512's; NEON and plain C take four or more registers for one */
+#endif
 #ifndef AHEAD_BYTES
 #define AHEAD_BYTES 8192 /* prefetch distance in the weight stream */
 #endif
 #ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 4 /* software prefetch in tiles of this many input rows (fewer: the hardware keeps up) */
+#endif
+#ifndef TILE_ROWS
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#define TILE_ROWS 2 /* AVX2 has 16 vector registers: a tile's sums for two input rows take 8, their inputs 2 */
+#else
+#define TILE_ROWS 4 /* input rows summed against a tile at once (AVX-512's 32 registers: 16 sums, 4 inputs) */
+#endif
 #endif
 #ifndef LOCALITY
 #define LOCALITY 3 /* __builtin_prefetch's: 3 keeps the line in every cache level, 0 streams past them */
@@ -60,12 +71,7 @@ static inline vf load8(const signed char *p) {
 #if defined(__AVX512F__)
     return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 #elif defined(__AVX2__)
-    __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-    __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))));
-    vf v;
-    __builtin_memcpy(&v, &lo, sizeof lo);
-    __builtin_memcpy((char *)&v + sizeof lo, &hi, sizeof hi);
-    return v;
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 #elif defined(__ARM_NEON)
     int8x16_t b = vld1q_s8(p);
     int16x8_t lo = vmovl_s8(vget_low_s8(b)), hi = vmovl_s8(vget_high_s8(b));
@@ -95,25 +101,24 @@ static inline __attribute__((always_inline)) void tile(const void *t, const int 
                                                          long in, const int R, float s[4][4]) {
     vf acc[4][4] = {{{0}}};
     for (long i = 0; i < in; i += W) {
-        vf w[4];
-        if (q8) {
-            const signed char *p = (const signed char *)t + 4 * i;
-            if (R >= PREFETCH_ROWS)
-                __builtin_prefetch(p + AHEAD_BYTES, 0, LOCALITY);
-            for (int q = 0; q < 4; q++)
-                w[q] = load8(p + q * W);
-        } else {
-            const float *p = (const float *)t + 4 * i;
-            for (int q = 0; q < 4; q++) {
+        vf xv[4];
+        for (int r = 0; r < R; r++)
+            xv[r] = load(x + r * in + i);
+        for (int q = 0; q < 4; q++) { /* one weight vector live at a time: AVX2's 16 registers hold the rest */
+            vf w;
+            if (q8) {
+                const signed char *p = (const signed char *)t + 4 * i + q * W;
+                if (q == 0 && R >= PREFETCH_ROWS)
+                    __builtin_prefetch(p + AHEAD_BYTES, 0, LOCALITY);
+                w = load8(p);
+            } else {
+                const float *p = (const float *)t + 4 * i + q * W;
                 if (R >= PREFETCH_ROWS)
-                    __builtin_prefetch((const char *)(p + q * W) + AHEAD_BYTES, 0, LOCALITY);
-                w[q] = load(p + q * W);
+                    __builtin_prefetch((const char *)p + AHEAD_BYTES, 0, LOCALITY);
+                w = load(p);
             }
-        }
-        for (int r = 0; r < R; r++) {
-            vf xv = load(x + r * in + i);
-            for (int q = 0; q < 4; q++)
-                acc[q][r] += w[q] * xv;
+            for (int r = 0; r < R; r++)
+                acc[q][r] += w * xv[r];
         }
     }
     for (int j = 0; j < 4; j++)
@@ -158,8 +163,8 @@ static void product(const Weight *w, const float *x, long rows, float *y, long y
         long o = 4 * k, live = w->out - o < 4 ? w->out - o : 4;
         const void *t = q8 ? (const void *)((const signed char *)w->data + o * in)
                            : (const void *)((const float *)w->data + o * in);
-        for (long m = 0; m < rows; m += 4) {
-            long n = rows - m < 4 ? rows - m : 4;
+        for (long m = 0; m < rows; m += TILE_ROWS) { /* a tile read again for more rows comes from the cache */
+            long n = rows - m < TILE_ROWS ? rows - m : TILE_ROWS;
             float s[4][4];
             tile_rows(t, q8, x + m * in, in, n, s);
             for (long r = 0; r < n; r++)
@@ -171,6 +176,9 @@ static void product(const Weight *w, const float *x, long rows, float *y, long y
         }
     }
 }
+
+/* W, for gptforge.native's packing: the layout of the weights this build reads */
+int gptforge_vector_width(void) { return W; }
 
 /* One product, for native.gemv: y (rows x out) = x (rows x in) . w^T + b, w fp32 (scale NULL) or int8. */
 void gptforge_gemv(const void *wp, const float *scale, const float *x, const float *b, float *y, long out,

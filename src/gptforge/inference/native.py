@@ -136,6 +136,7 @@ def _load(level: str):
         ctypes.c_void_p,
     ]
     lib.gptforge_step.restype = ctypes.c_int
+    lib.gptforge_vector_width.argtypes, lib.gptforge_vector_width.restype = [], ctypes.c_int
     if not _agrees(lib):
         warnings.warn("gptforge's decoding kernel disagrees with F.linear on this machine; using torch's products")
         return None
@@ -162,7 +163,13 @@ def _huge_pages_empty(shape, dtype: torch.dtype) -> torch.Tensor:
     return raw[start : start + size].view(dtype).view(shape)
 
 
-VECTOR = 16  # values per vector in the packed layout (W in csrc/decode.c)
+VECTOR = 16  # values per vector in the packed layout of builds for AVX-512, ARM and plain C (W in csrc/decode.c)
+
+
+def vector_width(lib=None) -> int:
+    """Values per vector in the packed layout the kernel built here reads (8 for AVX2 builds, else VECTOR)."""
+    lib = lib if lib is not None else _library()
+    return lib.gptforge_vector_width() if lib is not None else VECTOR
 
 
 class Packed:
@@ -171,12 +178,15 @@ class Packed:
     `out` and `in_features` are the weight's own sizes, `width` the padded input size. `huge_pages=False` keeps
     it in torch's own allocation (for measuring what the 2 MB pages are worth)."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None, huge_pages: bool = True):
+    def __init__(
+        self, weight: torch.Tensor, scale: torch.Tensor | None = None, huge_pages: bool = True, vector: int = 0
+    ):
         out, inp = weight.shape
-        self.out, self.in_features, self.width = out, inp, -(-inp // VECTOR) * VECTOR
+        vector = vector or vector_width()
+        self.out, self.in_features, self.width = out, inp, -(-inp // vector) * vector
         padded = torch.zeros(-(-out // 4) * 4, self.width, dtype=weight.dtype)
         padded[:out, :inp] = weight.detach()
-        tiles = padded.view(-1, 4, self.width // VECTOR, VECTOR).transpose(1, 2)
+        tiles = padded.view(-1, 4, self.width // vector, vector).transpose(1, 2)
         self.data = (_huge_pages_empty if huge_pages else torch.empty)(tiles.shape, dtype=tiles.dtype).copy_(tiles)
         self.scale = None if scale is None else scale.detach().float().contiguous()
 
@@ -191,16 +201,16 @@ class Packed:
         )
 
 
-def pack(weight: torch.Tensor, huge_pages: bool = True) -> Packed:
+def pack(weight: torch.Tensor, huge_pages: bool = True, vector: int = 0) -> Packed:
     """`weight` (out, in), fp32 on the CPU, in the kernel's layout: as much memory again as the weight."""
-    return Packed(weight.float(), huge_pages=huge_pages)
+    return Packed(weight.float(), huge_pages=huge_pages, vector=vector)
 
 
-def pack_int8(weight: torch.Tensor, scale: torch.Tensor) -> Packed:
+def pack_int8(weight: torch.Tensor, scale: torch.Tensor, vector: int = 0) -> Packed:
     """An int8 `weight` (out, in) that stands for `weight * scale[:, None]`, in the kernel's layout."""
     if weight.dtype != torch.int8:
         raise TypeError(f"pack_int8 takes an int8 weight, not {weight.dtype}")
-    return Packed(weight, scale)
+    return Packed(weight, scale, vector=vector)
 
 
 def _call(lib, x: torch.Tensor, w: Packed, bias: torch.Tensor | None) -> torch.Tensor:
@@ -234,14 +244,15 @@ def rounding_bound(x: torch.Tensor, w: torch.Tensor, extra: int = 3) -> torch.Te
 
 
 def _agrees(lib) -> bool:
-    g = torch.Generator().manual_seed(0)
+    g, vector = torch.Generator().manual_seed(0), vector_width(lib)
     for rows, out, inp in ((1, 37, 45), (3, 64, 128), (8, 130, 96), (5, 3, 16)):
         x, w, b = torch.randn(rows, inp, generator=g), torch.randn(out, inp, generator=g), torch.randn(out, generator=g)
         q = torch.randint(-127, 128, (out, inp), generator=g, dtype=torch.int8)
         scale = torch.rand(out, generator=g) / 64
         wq = q.float() * scale[:, None]
         for bias in (b, None):
-            for ours, weight in ((_call(lib, x, pack(w), bias), w), (_call(lib, x, pack_int8(q, scale), bias), wq)):
+            fp32, int8 = pack(w, vector=vector), pack_int8(q, scale, vector=vector)
+            for ours, weight in ((_call(lib, x, fp32, bias), w), (_call(lib, x, int8, bias), wq)):
                 if not ((ours - F.linear(x, weight, bias)).abs() <= rounding_bound(x, weight)).all():
                     return False
     return True

@@ -21,7 +21,8 @@ def _packed_weight(layer: nn.Linear | Int8Linear, kind: str = "onednn"):
     Int8Linear's int8 weight and scales too), made once and reused until the weight changes (in-place updates
     bump the tensor's version, a new tensor changes its address); freed with the layer. One copy per layer."""
     w, scale = layer.weight, getattr(layer, "scale", None)
-    key = (w.data_ptr(), w._version, kind, None if scale is None else (scale.data_ptr(), scale._version))
+    vector = native.vector_width() if kind == "native" else 0  # the layout of the kernel of the level asked for
+    key = (w.data_ptr(), w._version, kind, vector, None if scale is None else (scale.data_ptr(), scale._version))
     cached = _PACKED.get(layer)
     if cached is None or cached[0] != key:
         if kind == "native":

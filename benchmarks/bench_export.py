@@ -1,4 +1,5 @@
-"""Decoding speed of the exports: gptforge against llama.cpp (GGUF f32, f16, q8_0) and ONNX Runtime (f32, int8).
+"""Decoding speed of the exports: gptforge (f32, int8) against llama.cpp (GGUF f32, f16, q8_0) and ONNX Runtime
+(f32, int8).
 
 One model with random weights (`--size`, a preset: `small` by default, `gpt2` for GPT-2's shape) and a BPE
 tokenizer trained on made-up text, saved as a model folder and exported with `gptforge export`'s writers.
@@ -62,8 +63,12 @@ def model_folder(size: str, root: Path) -> Path:
 def runners(folder: Path, root: Path, threads: int, amx: bool) -> dict:
     from gptforge.checkpoint import load_model
 
-    model = load_model(folder)
-    out = {("gptforge", "f32"): lambda p, n: generate_ids(model, p, max_new_tokens=n, do_sample=False, eos_id=None)}
+    out = {}
+    for type, quantize in (("f32", None), ("int8", "int8")):  # int8: gptforge's own weights, made on load
+        model = load_model(folder, quantize=quantize)
+        out[("gptforge", type)] = lambda p, n, m=model: generate_ids(
+            m, p, max_new_tokens=n, do_sample=False, eos_id=None
+        )
     write_onnx(folder, root / "model.onnx")
     quantize_int8(root / "model.onnx", root / "model_int8.onnx")
     for type, name in (("f32", "model.onnx"), ("int8", "model_int8.onnx")):

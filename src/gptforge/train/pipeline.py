@@ -294,6 +294,54 @@ def _write_run_config(out: Path, given: dict, trainer: Trainer, size: str | None
     )
 
 
+def _fresh_model(train_tokens: int, cfg: TrainConfig, tok, size, model_overrides, log):
+    """A model from scratch for the tokenizer: the size given, or one chosen for the data; seeded by cfg.seed."""
+    overrides = dict(model_overrides or {})
+    overrides.setdefault("vocab_size", tok.vocab_size)
+    overrides.setdefault("bos_token_id", tok.eos_id)
+    overrides.setdefault("eos_token_id", tok.eos_id)
+    if cfg.block_size:
+        overrides.setdefault("n_positions", cfg.block_size)
+    if size is None:
+        size, why = choose_size(train_tokens, cfg, overrides["vocab_size"])
+        given = all(k in overrides for k in ("n_layer", "n_embd", "n_head", "n_positions"))
+        log(
+            f"model size: as given (n_layer, n_embd, n_head, n_positions); dropout and the rest from {size!r}"
+            if given
+            else f"model size: {size!r}: {why} (choose another with --size)"
+        )
+    torch.manual_seed(cfg.seed)  # the same fresh weights on every rank and every rerun
+    model, _ = build_model(size=size, **overrides)
+    if unset_defaults(cfg, finetune=False).get("zero_init", cfg.zero_init):  # the default, or as given
+        zero_output_projections(model)
+    return model, size
+
+
+def _task(pairs, examples, inputs, eval_inputs, tok, model, cfg, preference, instruct, lora, log):
+    """The task of inputs that are not plain text: preference pairs or instruction examples; None for text."""
+    if pairs:
+        lora_on = lora is not None and lora.enabled
+        return preference_task(inputs, eval_inputs, tok, model, cfg, preference, instruct, lora_on, log)
+    if examples:
+        return instruction_task(
+            inputs, eval_inputs, tok, cfg.block_size or model.config.n_positions, cfg, instruct, log
+        )
+    return None
+
+
+def _names(inputs) -> str:
+    """The inputs as the log names them: up to three by name, more by count."""
+    return ", ".join(map(str, inputs or [])) if len(inputs or []) <= 3 else f"{len(inputs)} inputs ({inputs[0]}, ...)"
+
+
+def _with_a_length(cfg: TrainConfig, log) -> TrainConfig:
+    """One epoch where the user gave no --max-steps, --epochs or --max-time."""
+    if cfg.max_steps is None and cfg.epochs is None and cfg.max_time is None:
+        log("length: 1 epoch (set --max-steps, --epochs or --max-time)")
+        return dataclasses.replace(cfg, epochs=1.0)
+    return cfg
+
+
 def run_training(
     inputs: list[str] | None = None,
     *,
@@ -331,51 +379,23 @@ def run_training(
     out = Path(cfg.out_dir)
     _check_before_work(cfg, inputs, data, eval_inputs, init, size, model_overrides, tokenizer, vocab_size, line_by_line)
     check_reporters(cfg.reporters)  # likewise a logger that is not installed
-    examples = example_inputs(
-        inputs,
-        eval_inputs,
-        data,
-        instruct,
-        [
-            flag
-            for flag, on in (
-                ("--line-by-line", line_by_line),
-                ("--batch-mode sequential", cfg.batch_mode == "sequential"),
-            )
-            if on
-        ],
-    )
+    plain_only = {"--line-by-line": line_by_line, "--batch-mode sequential": cfg.batch_mode == "sequential"}
+    examples = example_inputs(inputs, eval_inputs, data, instruct, [flag for flag, on in plain_only.items() if on])
     pairs = preference_inputs(inputs, eval_inputs, preference)
     if pairs and init is None:
         raise OptionError("--preference tunes a trained model: give --init MODEL (e.g. an instruction-tuned one)")
     check_lora(lora, cfg, init, examples)
     _refuse_missing(inputs, eval_inputs)
-    given = (
-        record
-        if record is not None
-        else dict(
-            inputs=inputs,
-            data=data,
-            eval_inputs=eval_inputs,
-            init=init,
-            size=size,
-            tokenizer=tokenizer,
-            vocab_size=vocab_size,
-            tokenizer_kind=tokenizer_kind,
-            line_by_line=line_by_line,
-            **(model_overrides or {}),
-            **(read_options or {}),
-            **options,
-        )
-    )
+    given = record if record is not None else dict(
+        inputs=inputs, data=data, eval_inputs=eval_inputs, init=init, size=size, tokenizer=tokenizer,
+        vocab_size=vocab_size, tokenizer_kind=tokenizer_kind, line_by_line=line_by_line,
+        **(model_overrides or {}), **(read_options or {}), **options,
+    )  # fmt: skip
     read = dict(read_options or {})
     main = world_size() == 1 or int(__import__("os").environ.get("RANK", "0")) == 0
-    if world_size() > 1 and int(__import__("os").environ.get("RANK", "0")) != 0:
-        log = lambda message: None  # noqa: E731 - only rank 0 talks
+    log = log if main else (lambda message: None)  # only rank 0 talks
     with claim_run_folder(out, log), _restart_hint(out, log):
-        names = (
-            ", ".join(map(str, inputs or [])) if len(inputs or []) <= 3 else f"{len(inputs)} inputs ({inputs[0]}, ...)"
-        )
+        names = _names(inputs)
         torch.manual_seed(cfg.seed)  # before any random draw; fresh weights are seeded again after the size is measured
         model = build_model(str(load_model_folder(init)))[0] if init is not None else None
         if cfg.resume and init is None and tokenizer is None and data is None:
@@ -383,57 +403,19 @@ def run_training(
         tok = _run_tokenizer(
             inputs, out, init, tokenizer, data, vocab_size, tokenizer_kind, names, log, cfg.progress and main, read
         )
-        if pairs:
-            lora_on = lora is not None and lora.enabled
-            task = preference_task(inputs, eval_inputs, tok, model, cfg, preference, instruct, lora_on, log)
-        else:
-            task = (
-                instruction_task(
-                    inputs, eval_inputs, tok, cfg.block_size or model.config.n_positions, cfg, instruct, log
-                )
-                if examples
-                else None
-            )
+        task = _task(pairs, examples, inputs, eval_inputs, tok, model, cfg, preference, instruct, lora, log)
         if data is None and task is None:
             data = out / "data"
             log(f"preparing {names} -> {data}")
             meta = prepare(
-                inputs,
-                tok,
-                data,
-                line_by_line=line_by_line,
-                val_inputs=eval_inputs,
-                seed=cfg.seed,
-                progress=cfg.progress and main,
-                expect_same=cfg.resume,
-                exclude=[out],
-                **read,
-            )
+                inputs, tok, data, line_by_line=line_by_line, val_inputs=eval_inputs, seed=cfg.seed,
+                progress=cfg.progress and main, expect_same=cfg.resume, exclude=[out], **read,
+            )  # fmt: skip
             log(f"data: {meta['train']['tokens']:,} training tokens, {meta['val']['tokens']:,} validation tokens")
         run_data = task.data if task is not None else load_run_data(data)
         if model is None:
-            overrides = dict(model_overrides or {})
-            overrides.setdefault("vocab_size", tok.vocab_size)
-            overrides.setdefault("bos_token_id", tok.eos_id)
-            overrides.setdefault("eos_token_id", tok.eos_id)
-            if cfg.block_size:
-                overrides.setdefault("n_positions", cfg.block_size)
-            if size is None:
-                size, why = choose_size(len(run_data.train), cfg, overrides["vocab_size"])
-                given = all(k in overrides for k in ("n_layer", "n_embd", "n_head", "n_positions"))
-                log(
-                    f"model size: as given (n_layer, n_embd, n_head, n_positions); dropout and the rest from {size!r}"
-                    if given
-                    else f"model size: {size!r}: {why} (choose another with --size)"
-                )
-            torch.manual_seed(cfg.seed)  # the same fresh weights on every rank and every rerun
-            model, _ = build_model(size=size, **overrides)
-            if unset_defaults(cfg, finetune=False).get("zero_init", cfg.zero_init):  # the default, or as given
-                zero_output_projections(model)
-        if cfg.max_steps is None and cfg.epochs is None and cfg.max_time is None:
-            cfg = dataclasses.replace(cfg, epochs=1.0)
-            log("length: 1 epoch (set --max-steps, --epochs or --max-time)")
-        cfg = add_lora(model, lora, cfg, init, log)
+            model, size = _fresh_model(len(run_data.train), cfg, tok, size, model_overrides, log)
+        cfg = add_lora(model, lora, _with_a_length(cfg, log), init, log)
         trainer = Trainer(model, run_data, cfg, tokenizer=tok, finetune=init is not None, task=task)
         if main:
             _write_run_config(out, given, trainer, size, tok, lora)

@@ -30,7 +30,7 @@ from ..data.preferences import PairBatches, Pairs, is_preference_file, read_pair
 from ..errors import DataError, OptionError
 from ..fsio import atomic_write
 from ..options import InstructOptions, PreferenceOptions, TrainConfig
-from .tasks import Task
+from .tasks import FigureMeans, Task
 
 REFERENCE_FILE = "reference_logps.safetensors"  # DPO: the reference's log-probabilities of each pair
 METRICS = (
@@ -206,8 +206,7 @@ class PreferenceTuning(Task):
         self.reference = reference  # {"train": (n, 2), "val": (n, 2)} cached; None: the adapters switched off
         self.data = RunData(train, val, None, train.fingerprint, "")
         self.options = {"--preference": self.method, "--beta": self.beta}
-        self._sums: dict = {}
-        self._steps = 0
+        self._figures = FigureMeans(METRICS)
         self._on_device: dict = {}
 
     def make_batches(self, cfg, block_size: int, rank: int, world_size: int) -> PairBatches:
@@ -240,19 +239,12 @@ class PreferenceTuning(Task):
 
     def loss(self, model: torch.nn.Module, batch: tuple) -> torch.Tensor:
         loss, figs = self.objective(model, batch, "train")
-        for k, v in figs.items():
-            self._sums[k] = self._sums.get(k, 0) + v
-        self._steps += 1
+        self._figures.add(figs)
         return loss
 
     def log_metrics(self) -> dict:
         """The mean of each figure over the micro-steps since the last call (one host sync)."""
-        if not self._steps:
-            return {}
-        values = torch.stack([self._sums[k] for k in METRICS]).float().cpu().tolist()
-        row = {k: v / self._steps for k, v in zip(METRICS, values)}
-        self._sums, self._steps = {}, 0
-        return row
+        return self._figures.means()
 
     @property
     def has_validation(self) -> bool:

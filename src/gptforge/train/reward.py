@@ -20,7 +20,7 @@ from .callbacks import Callbacks
 from .loop import Trainer, TrainResult
 from .preference import disable_dropout
 from .runfolder import claim_run_folder, refuse_previous_run
-from .tasks import Task
+from .tasks import FigureMeans, Task
 
 FIGURES = ("accuracy", "margin", "mean_reward")  # trl's RewardTrainer's names
 
@@ -51,7 +51,7 @@ class RewardModelling(Task):
     def __init__(self, train: Pairs, val: Pairs | None, pad_id: int, tokenizer_fingerprint: str = ""):
         self.train, self.val, self.pad_id = train, val, pad_id
         self.data = RunData(train, val, None, train.fingerprint, tokenizer_fingerprint)
-        self._sums, self._steps = {}, 0
+        self._figures = FigureMeans(FIGURES)
 
     def make_batches(self, cfg, block_size: int, rank: int, world_size: int) -> RewardBatches:
         return RewardBatches(self.train, cfg.batch_size, self.pad_id, seed=cfg.seed, rank=rank, world_size=world_size)
@@ -61,17 +61,11 @@ class RewardModelling(Task):
 
     def loss(self, model: torch.nn.Module, batch: tuple) -> torch.Tensor:
         loss, figs = reward_loss(model(batch[0])[:, 0])
-        for k, v in figs.items():
-            self._sums[k] = self._sums.get(k, 0) + v
-        self._steps += 1
+        self._figures.add(figs)
         return loss
 
     def log_metrics(self) -> dict:
-        if not self._steps:
-            return {}
-        values = torch.stack([self._sums[k] for k in FIGURES]).float().cpu().tolist()
-        self._sums, steps, self._steps = {}, self._steps, 0
-        return {k: v / steps for k, v in zip(FIGURES, values)}
+        return self._figures.means()
 
     @property
     def has_validation(self) -> bool:

@@ -19,6 +19,27 @@ from ..data.dataset import RunData
 from ..evaluate import bits_per_byte, evaluate_tokens
 
 
+class FigureMeans:
+    """Figures of the training micro-steps (tensors, kept on the device) summed until a log row asks for their
+    means: one host sync per log interval, not per step."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names, self.sums, self.steps = names, {}, 0
+
+    def add(self, figures: dict) -> None:
+        for k, v in figures.items():
+            self.sums[k] = self.sums.get(k, 0) + v
+        self.steps += 1
+
+    def means(self) -> dict:
+        if not self.steps:
+            return {}
+        values = torch.stack([self.sums[k] for k in self.names]).float().cpu().tolist()
+        row = {k: v / self.steps for k, v in zip(self.names, values)}
+        self.sums, self.steps = {}, 0
+        return row
+
+
 class Task:
     """The interface; see LanguageModelling for the reference implementation."""
 

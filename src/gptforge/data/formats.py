@@ -10,13 +10,11 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 from ..errors import DataError
+from ..options.data import ReadOptions
 from .textfile import decoded_blocks, fingerprint, split_lines
-
-if TYPE_CHECKING:
-    from .reading import ReadOptions
 
 
 def rows(path: Path, fmt: str, opts: ReadOptions) -> Iterator[str]:

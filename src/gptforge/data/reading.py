@@ -13,16 +13,15 @@ import hashlib
 import os
 import re
 import unicodedata
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..errors import DataError, NotFoundError
+from ..options.data import TEXT_EXTENSIONS, ReadOptions
 from . import formats, textfile
 from .formats import HFDataset
 from .textfile import decoded_blocks, fingerprint
 
-TEXT_EXTENSIONS = (".txt", ".md", ".text", ".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
 # a folder holding both files of a pair is a model or tokenizer (transformers', gptforge's) or a gptforge run: not text
 WRITTEN_MARKERS = (
     ("tokenizer.json", "tokenizer_config.json"),
@@ -36,35 +35,6 @@ _BLANK_LINES = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
 # letter and punctuation (Chinese text has neither spaces nor, sometimes, line breaks).
 _SAFE_CUT = re.compile(r"(?<=\S)\r?\n(?=\S)|(?<=\S)(?= \S)|(?<=[^\W\d_])(?=[^\w\s])")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\ufeff]")
-
-
-@dataclass
-class ReadOptions:
-    """How inputs are read and cleaned; every field is recorded in meta.json and part of its fingerprint."""
-
-    line_by_line: bool = False  # each line / row is one sample; otherwise blank-line blocks are documents
-    column: str | int | None = None  # CSV: column name, or 0-based index
-    header: bool = True  # CSV: the first row names the columns
-    field: str = "text"  # JSON Lines: field holding the text
-    extensions: tuple[str, ...] = TEXT_EXTENSIONS  # file types taken from folders
-    encoding_errors: str = "strict"  # "strict" reports bad UTF-8, "replace" continues with U+FFFD
-    nfc: bool = False  # Unicode NFC normalisation
-    drop_control: bool = False  # remove control characters (keeps tab and newlines)
-    remove: tuple[str, ...] = ()  # regular expressions removed from every document (multiline mode)
-    dedupe: bool = False  # drop exact duplicate documents (after cleaning)
-
-    def __post_init__(self) -> None:
-        if self.encoding_errors not in ("strict", "replace"):
-            raise DataError(f"--encoding-errors {self.encoding_errors!r}: choose 'strict' or 'replace'")
-        self.extensions = tuple(
-            (e if e.startswith(".") else "." + e).lower() for e in self.extensions
-        )  # as the files' suffixes
-        self.remove = tuple(self.remove)
-        for pattern in self.remove:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise DataError(f"--remove {pattern!r} is not a valid regular expression ({e})") from None
 
 
 # --- finding and fingerprinting inputs -------------------------------------------------------------------

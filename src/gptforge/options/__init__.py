@@ -3,7 +3,7 @@ operations on tokenizers and model folders.
 
 Each is a dataclass whose fields carry their help text; the `gptforge` command makes its flags from
 them, the Python API takes them as keywords, and every default lives here. Nothing here imports torch,
-so `gptforge --help` stays fast. (Reading and cleaning options are `data.reading.ReadOptions`.)
+so `gptforge --help` stays fast. (Reading and cleaning options are `options.data.ReadOptions`.)
 """
 
 from .base import (

@@ -1,5 +1,5 @@
-"""The options of `prepare` (tokenizing text into token shards), the flags of `gptforge prepare` made from them.
-(How the inputs are read and cleaned is `data.reading.ReadOptions`.)"""
+"""The options of reading and cleaning inputs (`ReadOptions`, which data/ reads by) and of `prepare` (tokenizing
+text into token shards; the flags of `gptforge prepare` are made from them)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,40 @@ import os
 import re
 from dataclasses import dataclass
 
-from ..errors import OptionError
+from ..errors import DataError, OptionError
 from .base import opt
+
+TEXT_EXTENSIONS = (".txt", ".md", ".text", ".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
+
+
+@dataclass
+class ReadOptions:
+    """How inputs are read and cleaned; every field is recorded in meta.json and part of its fingerprint."""
+
+    line_by_line: bool = False  # each line / row is one sample; otherwise blank-line blocks are documents
+    column: str | int | None = None  # CSV: column name, or 0-based index
+    header: bool = True  # CSV: the first row names the columns
+    field: str = "text"  # JSON Lines: field holding the text
+    extensions: tuple[str, ...] = TEXT_EXTENSIONS  # file types taken from folders
+    encoding_errors: str = "strict"  # "strict" reports bad UTF-8, "replace" continues with U+FFFD
+    nfc: bool = False  # Unicode NFC normalisation
+    drop_control: bool = False  # remove control characters (keeps tab and newlines)
+    remove: tuple[str, ...] = ()  # regular expressions removed from every document (multiline mode)
+    dedupe: bool = False  # drop exact duplicate documents (after cleaning)
+
+    def __post_init__(self) -> None:
+        if self.encoding_errors not in ("strict", "replace"):
+            raise DataError(f"--encoding-errors {self.encoding_errors!r}: choose 'strict' or 'replace'")
+        self.extensions = tuple(
+            (e if e.startswith(".") else "." + e).lower() for e in self.extensions
+        )  # as the files' suffixes
+        self.remove = tuple(self.remove)
+        for pattern in self.remove:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise DataError(f"--remove {pattern!r} is not a valid regular expression ({e})") from None
+
 
 SHARD_TOKENS = 100_000_000
 

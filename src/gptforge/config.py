@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CheckpointError, ConfigError, NotFoundError
+from .errors import CheckpointError, ConfigError, NotFoundError, OptionError
 from .options import DEFAULT_VOCAB_SIZE
 
 
@@ -211,6 +211,20 @@ def build_gpt2_config(
         eos_token_id=kwargs.pop("eos_token_id", 0),
         **kwargs,
     )
+
+
+def model_overrides(dropout: float | None = None, attn_dropout: float | None = None, **fields) -> dict:
+    """GPTConfig fields from the shape options a user gives (those not None): `dropout` sets the residual,
+    embedding and attention dropout, `attn_dropout` the attention's alone (after `dropout`)."""
+    overrides = {k: v for k, v in fields.items() if v is not None}
+    for flag, p in (("--dropout", dropout), ("--attn-dropout", attn_dropout)):
+        if p is not None and not 0 <= p < 1:
+            raise OptionError(f"{flag} {p}: must be at least 0 and below 1 (1 would drop everything)")
+    if dropout is not None:
+        overrides.update(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    if attn_dropout is not None:
+        overrides["attn_pdrop"] = attn_dropout
+    return overrides
 
 
 def is_preset(name) -> bool:

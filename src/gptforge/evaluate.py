@@ -19,6 +19,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -278,7 +279,56 @@ def evaluate_prepared(model: GPT, folder: str | os.PathLike, split: str = "val",
     return r
 
 
+def evaluate_files(
+    model: str | os.PathLike,
+    files: Sequence[str | os.PathLike],
+    options: EvalOptions | None = None,
+    *,
+    tokenizer=None,
+    adapter=None,
+    device: str = "auto",
+    quantize: str | None = None,
+    precision: str = "auto",
+    split: str = "val",
+    progress: bool = True,
+) -> dict[str, EvalResult]:
+    """`gptforge eval`: each of `files` (text files, or dataset folders written by `prepare`, scored on `split`)
+    scored by the model, opened through the one door (its tokenizer only where text needs one), with a "total"
+    over several. Missing files, and folders that are not prepared datasets, are refused before the model loads."""
+    from .adapters import is_adapter
+    from .checkpoint import load_model, load_model_and_tokenizer
+    from .runtime import pick_precision, resolve_device
+
+    for f in files:
+        if not os.path.exists(f):
+            raise NotFoundError(f"{f}: no such file or prepared dataset folder")
+    prepared = [os.path.isfile(os.path.join(f, "meta.json")) for f in files]
+    for f, is_prepared in zip(files, prepared):
+        if os.path.isdir(f) and not is_prepared:
+            raise NotFoundError(
+                f"{f}: a folder without meta.json, not data prepared by `gptforge prepare`; give its "
+                "text files, or a run's RUN/data"
+            )
+    if all(prepared) and not (adapter or is_adapter(model)):  # token shards need no tokenizer
+        net, tok = load_model(model, device=resolve_device(device), quantize=quantize), None
+    else:
+        opened = dict(adapter=adapter, device=device, dtype=torch.float32, quantize=quantize)
+        net, tok = load_model_and_tokenizer(model, tokenizer, **opened)
+    dtype = pick_precision(precision, net.transformer.wte.weight.device)
+    kw = dict(autocast_dtype=None if dtype == torch.float32 else dtype, progress=progress)
+    results = {
+        str(f): evaluate_prepared(net, f, split=split, options=options, **kw)
+        if is_prepared
+        else evaluate_text(net, tok, [Path(f)], options, **kw)  # a file, whatever its name
+        for f, is_prepared in zip(files, prepared)
+    }
+    if len(results) > 1:
+        results["total"] = combine(list(results.values()))
+    return results
+
+
 __all__ = [
+    "evaluate_files",
     "EvalOptions",
     "EvalResult",
     "bits_per_byte",

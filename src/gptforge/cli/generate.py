@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import NotFoundError, OptionError
+from ..errors import OptionError
 from ..options.flags import add_dataclass_options, option_values
 from .args import ADAPTER_HELP, QUANTIZE_HELP
 
@@ -128,14 +128,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    import torch
-
-    from ..adapters import is_adapter
-    from ..checkpoint import load_model, load_model_and_tokenizer
-    from ..evaluate import combine, evaluate_prepared, evaluate_text
+    from ..evaluate import evaluate_files
     from ..inference.quantize import check_method
     from ..options import EvalOptions
-    from ..runtime import pick_precision, resolve_device
 
     opts = EvalOptions(**option_values(args, EvalOptions))
     check_method(args.quantize)
@@ -143,38 +138,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _memorization(args)
     if not args.files:
         raise OptionError("name the text files or prepared datasets to score (or give --memorization)")
-    for f in args.files:
-        if not Path(f).exists():
-            raise NotFoundError(f"{f}: no such file or prepared dataset folder")
-    prepared = [(Path(f) / "meta.json").is_file() for f in args.files]
-    for f, is_prepared in zip(args.files, prepared):
-        if Path(f).is_dir() and not is_prepared:
-            raise NotFoundError(
-                f"{f}: a folder without meta.json, not data prepared by `gptforge prepare`; give its "
-                "text files, or a run's RUN/data"
-            )
-    if all(prepared) and not (args.adapter or is_adapter(args.model)):
-        model = load_model(args.model, device=resolve_device(args.device), quantize=args.quantize)
-        tokenizer = None  # token shards need no tokenizer
-    else:
-        model, tokenizer = load_model_and_tokenizer(
-            args.model,
-            args.tokenizer,
-            adapter=args.adapter,
-            device=args.device,
-            dtype=torch.float32,
-            quantize=args.quantize,
-        )
-    precision = pick_precision(args.precision, model.transformer.wte.weight.device)
-    kw = dict(autocast_dtype=None if precision == torch.float32 else precision, progress=True)
-    results = {}
-    for f, is_prepared in zip(args.files, prepared):
-        if is_prepared:
-            results[f] = evaluate_prepared(model, f, split=args.split, options=opts, **kw)
-        else:
-            results[f] = evaluate_text(model, tokenizer, [Path(f)], opts, **kw)
-    if len(results) > 1:
-        results["total"] = combine(list(results.values()))
+    opened = dict(tokenizer=args.tokenizer, adapter=args.adapter, device=args.device, quantize=args.quantize)
+    results = evaluate_files(args.model, args.files, opts, precision=args.precision, split=args.split, **opened)
     if args.json:
         print(json.dumps({k: dataclasses.asdict(r) for k, r in results.items()}, indent=2))
     else:

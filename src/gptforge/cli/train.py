@@ -6,7 +6,6 @@ import argparse
 import os
 import sys
 
-from ..errors import OptionError
 from ..options.flags import add_dataclass_options, option_values
 from .args import inputs_of, read_flags, read_options
 
@@ -28,6 +27,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from ..runtime import launch_torchrun
 
         return launch_torchrun(args.nproc, sys.argv[1:])
+    from ..config import model_overrides
     from ..options import InstructOptions, LoRAOptions, PreferenceOptions, TrainConfig
     from ..train.pipeline import run_training
 
@@ -38,28 +38,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         preference=PreferenceOptions(**option_values(args, PreferenceOptions)),
     )
     inputs = inputs_of(args, list(args.inputs) + ([args.train_file] if args.train_file else []))
-    overrides = {
-        k: getattr(args, k)
-        for k in (
-            "n_layer",
-            "n_embd",
-            "n_head",
-            "n_positions",
-            "dropout",
-            "attn_dropout",
-            "activation_function",
-            "tie_word_embeddings",
-        )
-        if getattr(args, k) is not None
-    }
-    for flag, p in (("--dropout", args.dropout), ("--attn-dropout", args.attn_dropout)):
-        if p is not None and not 0 <= p < 1:
-            raise OptionError(f"{flag} {p}: must be at least 0 and below 1 (1 would drop everything)")
-    if "dropout" in overrides:
-        p = overrides.pop("dropout")
-        overrides.update(resid_pdrop=p, embd_pdrop=p, attn_pdrop=p)
-    if "attn_dropout" in overrides:
-        overrides["attn_pdrop"] = overrides.pop("attn_dropout")
+    shape = ("n_layer", "n_embd", "n_head", "n_positions", "dropout", "attn_dropout", "activation_function")
+    overrides = model_overrides(**{k: getattr(args, k) for k in (*shape, "tie_word_embeddings")})
     result = run_training(
         inputs or None,
         data=args.data,

@@ -273,3 +273,13 @@ def test_classify_train_takes_max_length_as_eval_and_predict_do(monkeypatch, tmp
     monkeypatch.setattr(classification, "train_classifier", lambda *a, **kw: got.update(kw) or _Result())
     assert main(["classify", "train", "a.csv", "--init", "tiny", "--out", str(tmp_path / "c"), flag, "48"]) == 0
     assert got["block_size"] == 48
+
+
+@pytest.mark.parametrize("flag", ["--val-file", "--eval-file"])
+def test_reward_train_takes_val_file_too(monkeypatch, tmp_path, flag):
+    from gptforge.train import reward
+
+    got = {}
+    monkeypatch.setattr(reward, "train_reward_model", lambda *a, **kw: got.update(kw) or _Result())
+    assert main(["reward", "train", "p.jsonl", "--init", "m", "--out", str(tmp_path / "rm"), flag, "v.jsonl"]) == 0
+    assert got["eval_inputs"] == ["v.jsonl"]

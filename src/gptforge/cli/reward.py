@@ -20,7 +20,7 @@ def cmd_reward_train(args: argparse.Namespace) -> int:
     result = train_reward_model(
         args.inputs,
         init=args.init,
-        eval_inputs=args.eval_file,
+        eval_inputs=args.val_file,
         instruct=InstructOptions(chat_template=args.chat_template),
         **option_values(args, TrainConfig),
     )
@@ -68,7 +68,7 @@ def add_reward_commands(sub) -> None:
     groups = {title: t.add_argument_group(title) for title in TRAIN_GROUPS}
     g = groups["data"]
     g.add_argument("inputs", nargs="+", help="JSON Lines files of preference pairs")
-    g.add_argument("--eval-file", action="append", help="validation pairs instead of a split (repeatable)")
+    g.add_argument("--val-file", action="append", help="validation pairs instead of a split (repeatable)")
     g.add_argument("--chat-template", help="a Jinja chat template file for message-list pairs (default: the model's)")
     groups["model"].add_argument("--init", required=True, help="the language-model folder or hub id to start from")
     add_dataclass_options(t, TrainConfig, groups)

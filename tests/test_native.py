@@ -3,7 +3,6 @@ products wherever it cannot be built."""
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
@@ -53,7 +52,7 @@ def assert_product_close(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bi
 
 
 @needs_kernel
-def test_each_level_packs_for_its_own_vectors(level):
+def test_each_level_packs_for_its_own_vectors(level, monkeypatch):
     """AVX2 builds read 8-float vectors (wider ones went through memory), AVX-512 ones 16; a weight packed while
     one level is asked for is packed again for another (the packed copy is kept per layout)."""
     from gptforge.inference import packed
@@ -65,7 +64,7 @@ def test_each_level_packs_for_its_own_vectors(level):
     assert packed.decoding_weight(layer).width == -(-40 // width) * width
     other = "avx2" if width == 16 else "avx512"
     if cpu.runs_here(other):
-        os.environ[cpu.ISA] = other  # restored by the fixture's monkeypatch
+        monkeypatch.setenv(cpu.ISA, other)
         assert packed.decoding_weight(layer).width == -(-40 // native.vector_width()) * native.vector_width()
         assert native.vector_width() != width
 

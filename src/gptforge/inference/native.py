@@ -137,6 +137,7 @@ def _load(level: str):
     ]
     lib.gptforge_step.restype = ctypes.c_int
     lib.gptforge_vector_width.argtypes, lib.gptforge_vector_width.restype = [], ctypes.c_int
+    lib.vector_width = lib.gptforge_vector_width()  # read once: packing asks for it at every product
     if not _agrees(lib):
         warnings.warn("gptforge's decoding kernel disagrees with F.linear on this machine; using torch's products")
         return None
@@ -169,7 +170,7 @@ VECTOR = 16  # values per vector in the packed layout of builds for AVX-512, ARM
 def vector_width(lib=None) -> int:
     """Values per vector in the packed layout the kernel built here reads (8 for AVX2 builds, else VECTOR)."""
     lib = lib if lib is not None else _library()
-    return lib.gptforge_vector_width() if lib is not None else VECTOR
+    return lib.vector_width if lib is not None else VECTOR
 
 
 class Packed:

@@ -14,7 +14,7 @@ from typing import Iterator
 
 from ..errors import DataError
 from ..options.data import ReadOptions
-from .textfile import decoded_blocks, fingerprint, split_lines
+from .textfile import decoded_blocks, fingerprint, read_lines, split_lines
 
 
 def rows(path: Path, fmt: str, opts: ReadOptions) -> Iterator[str]:
@@ -58,21 +58,18 @@ def _csv_rows(path: Path, opts: ReadOptions, delimiter: str) -> Iterator[str]:
 
 
 def _jsonl_rows(path: Path, opts: ReadOptions) -> Iterator[str]:
-    n = 0
-    for block in decoded_blocks(path, opts.encoding_errors):
-        for line in split_lines(block):
-            n += 1
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}:{n}: not valid JSON ({e.msg}); each line of a .jsonl file must be one JSON value"
-                ) from None
-            text = _row_text(row, opts.field, f"{path}:{n}", opts.encoding_errors)
-            if text.strip():
-                yield text
+    for n, line in enumerate(read_lines(path, opts.encoding_errors), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path}:{n}: not valid JSON ({e.msg}); each line of a .jsonl file must be one JSON value"
+            ) from None
+        text = _row_text(row, opts.field, f"{path}:{n}", opts.encoding_errors)
+        if text.strip():
+            yield text
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -12,5 +12,5 @@ python="${PYTHON:-python}"
 start=$(date +%s)
 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
 CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF}" \
-    "$python" -m pip install --no-deps --target "$target" "llama-cpp-python==0.3.36" diskcache
+    "$python" -m pip install --no-cache-dir --no-deps --target "$target" "llama-cpp-python==0.3.36" diskcache
 echo "built llama-cpp-python into $target in $(( $(date +%s) - start )) s"

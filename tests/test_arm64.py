@@ -33,17 +33,18 @@ def _write(f, a) -> None:
     f.write(np.int64(len(data)).tobytes() + data)
 
 
-def _weight(f, layer) -> None:
-    packed = native.pack(layer.weight)
+def _weight(f, layer, width: int) -> None:
+    packed = native.pack(layer.weight, vector=width)
     _write(f, packed.data)
     _write(f, layer.bias)
 
 
-def _padded(t: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.pad(t, (0, -t.size(-1) % native.VECTOR))
+def _padded(t: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, -t.size(-1) % width))
 
 
-def _inputs(path: Path, model, cache, nxt, pos, x, w, q, scale) -> None:
+def _inputs(path: Path, model, cache, nxt, pos, x, w, q, scale, width: int) -> None:
+    """The driver's input, packed for a build that reads vectors of `width` values (not this machine's)."""
     c, tr = model.config, model.transformer
     with path.open("wb") as f:
         _write(
@@ -61,7 +62,7 @@ def _inputs(path: Path, model, cache, nxt, pos, x, w, q, scale) -> None:
                     c.vocab_size,
                     x.size(0),
                     w.size(0),
-                    _padded(x).size(1),
+                    _padded(x, width).size(1),
                 ],
                 dtype=np.int64,
             ),
@@ -70,27 +71,31 @@ def _inputs(path: Path, model, cache, nxt, pos, x, w, q, scale) -> None:
         _write(f, nxt.long()), _write(f, pos.reshape(-1).long())
         for t in (tr.wte.weight, tr.wpe.weight, tr.ln_f.weight, tr.ln_f.bias):
             _write(f, t)
-        _weight(f, model.lm_head)
+        _weight(f, model.lm_head, width)
         for b, k, v in zip(tr.h, cache.k, cache.v):
-            _write(f, b.ln_1.weight), _write(f, b.ln_1.bias), _weight(f, b.attn.c_attn), _weight(f, b.attn.c_proj)
-            _write(f, b.ln_2.weight), _write(f, b.ln_2.bias), _weight(f, b.mlp.c_fc), _weight(f, b.mlp.c_proj)
+            _write(f, b.ln_1.weight), _write(f, b.ln_1.bias)
+            _weight(f, b.attn.c_attn, width), _weight(f, b.attn.c_proj, width)
+            _write(f, b.ln_2.weight), _write(f, b.ln_2.bias)
+            _weight(f, b.mlp.c_fc, width), _weight(f, b.mlp.c_proj, width)
             _write(f, k), _write(f, v)
-        _write(f, native.pack(w).data), _write(f, None)
-        _write(f, native.pack_int8(q, scale).data), _write(f, None), _write(f, scale)
-        _write(f, _padded(x))
+        _write(f, native.pack(w, vector=width).data), _write(f, None)
+        _write(f, native.pack_int8(q, scale, vector=width).data), _write(f, None), _write(f, scale)
+        _write(f, _padded(x, width))
 
 
 def test_the_kernel_built_for_arm64_gives_the_step_and_products(tmp_path):
     program = tmp_path / "driver"
     flags = [*cpu.FLAGS, "-march=armv8-a", "-static", f"-I{cpu.SOURCE.parent}"]
     subprocess.run([CROSS, *flags, str(DRIVER), "-o", str(program), "-lm"], check=True, capture_output=True)
+    width = int(subprocess.run([QEMU, str(program), "width"], check=True, capture_output=True, text=True).stdout)
+    assert width == 4  # NEON's 128-bit registers (csrc/decode.c's W): the layout packed below
     model = _model(n_embd=40)
     prompt, nxt, pos = torch.randint(0, 300, (3, 7)), torch.randint(0, 300, (3,)), torch.full((3, 1), 7)
     cache = _prefilled(model, prompt)
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(3, 45, generator=g), torch.randn(37, 45, generator=g)
     q, scale = torch.randint(-127, 128, (37, 45), generator=g, dtype=torch.int8), torch.rand(37, generator=g) / 50
-    _inputs(tmp_path / "in.bin", model, cache, nxt, pos, x, w, q, scale)
+    _inputs(tmp_path / "in.bin", model, cache, nxt, pos, x, w, q, scale, width)
     subprocess.run([QEMU, str(program), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")], check=True, timeout=300)
     out = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float32))
     want, cache64, bounds = _in_float64(model, cache, nxt, pos)

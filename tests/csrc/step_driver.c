@@ -32,6 +32,8 @@ static Weight weight(long out, long width, int q8) {
 }
 
 int main(int argc, char **argv) {
+    if (argc == 2 && !strcmp(argv[1], "width")) /* the packed layout this build reads: values per vector */
+        return printf("%d\n", gptforge_vector_width()) < 0;
     if (argc != 3 || !(in = fopen(argv[1], "rb")))
         return 1;
     long long *h = next(); /* n_layer n_head n_embd mlp_width max_len act rows past vocab prows pout pwidth */

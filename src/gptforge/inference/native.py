@@ -164,11 +164,11 @@ def _huge_pages_empty(shape, dtype: torch.dtype) -> torch.Tensor:
     return raw[start : start + size].view(dtype).view(shape)
 
 
-VECTOR = 16  # values per vector in the packed layout of builds for AVX-512, ARM and plain C (W in csrc/decode.c)
+VECTOR = 16  # values per vector in the packed layout of AVX-512 and plain C builds (W in csrc/decode.c)
 
 
 def vector_width(lib=None) -> int:
-    """Values per vector in the packed layout the kernel built here reads (8 for AVX2 builds, else VECTOR)."""
+    """Values per vector in the packed layout the kernel built here reads (8 for AVX2, 4 for NEON, else VECTOR)."""
     lib = lib if lib is not None else _library()
     return lib.vector_width if lib is not None else VECTOR
 

@@ -174,7 +174,7 @@ def test_loss_head_under_no_grad_computes_no_gradients(monkeypatch):
         pytest.skip(f"{kernels.SWITCH}=0: the chunked loss head is off")
     calls = []
     real, real_add = kernels.matmul, kernels.matmul_add_
-    monkeypatch.setattr(kernels, "matmul", lambda a, b: calls.append(1) or real(a, b))
+    monkeypatch.setattr(kernels, "matmul", lambda a, b, out=None: calls.append(1) or real(a, b, out=out))
     monkeypatch.setattr(kernels, "matmul_add_", lambda out, a, b: calls.append(1) or real_add(out, a, b))
     x = torch.randn(300, 16, requires_grad=True)
     w = torch.randn(50, 16, requires_grad=True)

@@ -82,11 +82,15 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for 2-D tensors, through oneDNN for fp32 on x86 CPUs. `b.t()` is passed as a strided view:
-    oneDNN reads it in place, where a contiguous copy of the (vocab x width) head weight for every chunk of
-    the loss cost more than the product (gpt2 head with its gradients: 1.97 s with the copy, 1.50 s without)."""
-    return onednn_linear(a.contiguous(), b.t()) if _onednn_ok(a) else a @ b
+def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b for 2-D tensors, through oneDNN for fp32 on x86 CPUs; written into `out` (contiguous, of the
+    result's shape) when given. `b.t()` is passed as a strided view: oneDNN reads it in place, where a
+    contiguous copy of the (vocab x width) head weight for every chunk of the loss cost more than the product
+    (gpt2 head with its gradients: 1.97 s with the copy, 1.50 s without)."""
+    if _onednn_ok(a):
+        product = onednn_linear(a.contiguous(), b.t())
+        return product if out is None else out.copy_(product)
+    return a @ b if out is None else torch.mm(a, b, out=out)
 
 
 def weight_gradient(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -150,9 +154,12 @@ def _chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch
     grad_x = torch.empty_like(x) if want_x else None
     grad_wt = weight.new_zeros(weight.size(1), weight.size(0)) if want_w else None  # (width, vocab): see below
     total = x.new_zeros((), dtype=torch.float32)
+    # One buffer serves every chunk's logits: a fresh 5 MB tensor a chunk costs its page faults each time
+    # (tiny's loss head 53 -> 44 ms a step, gpt2's 1.18 -> 1.11 s, docs/benchmarks-history.md).
+    logits = x.new_empty(min(rows, x.size(0)), weight.size(0))
     for s in range(0, x.size(0), rows):
         xs, ts, vs = x[s : s + rows], safe[s : s + rows], valid[s : s + rows]
-        z = matmul(xs, weight.t()).float()
+        z = matmul(xs, weight.t(), out=logits[: xs.size(0)])
         target = z.gather(1, ts[:, None]).squeeze(1)
         top = z.amax(dim=1, keepdim=True)
         e = z.sub_(top).exp_()  # exp(z - max), in place: one exp pass serves the loss and the softmax
@@ -162,9 +169,8 @@ def _chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch
             continue
         p = e.mul_((vs / total_e)[:, None])  # softmax, zero on ignored rows
         p[torch.arange(p.size(0), device=p.device), ts] -= vs.to(p.dtype)
-        p = p.to(x.dtype)
         if want_x:
-            grad_x[s : s + rows] = matmul(p, weight)
+            matmul(p, weight, out=grad_x[s : s + rows])
         if want_w:  # xs^T p, not p^T xs: the copy made contiguous is the chunk's (width x rows), not (vocab x rows)
             matmul_add_(grad_wt, xs.t(), p)
     return total, count, grad_x, (grad_wt.t().contiguous() if want_w else None)

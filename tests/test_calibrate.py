@@ -12,10 +12,10 @@ from test_native import needs_kernel
 from gptforge import GPT, calibrate, cpu, kernels
 from gptforge.config import GPTConfig
 from gptforge.errors import OptionError
-from gptforge.inference import fastdecode, native
+from gptforge.inference import fastdecode, native, packed
 from gptforge.inference.quantize import quantize_model
 
-STORED = {"onednn": True, "fp32_rows": 5, "int8_rows": 2, "threads": 1}
+STORED = {"onednn": True, "prefetch": True, "fp32_rows": 5, "int8_rows": 2, "threads": 1}
 
 
 @pytest.fixture
@@ -25,6 +25,7 @@ def machine(monkeypatch, tmp_path):
     monkeypatch.delenv(calibrate.OVERRIDE, raising=False)
     calls = []
     monkeypatch.setitem(calibrate.MEASURES, "products", lambda: calls.append("products") or ({"onednn": False}, {}))
+    monkeypatch.setitem(calibrate.MEASURES, "prefetch", lambda: calls.append("prefetch") or ({"prefetch": False}, {}))
     monkeypatch.setitem(
         calibrate.MEASURES,
         "steps",
@@ -74,7 +75,7 @@ def test_the_override_wins(machine, monkeypatch):
     assert machine == []
 
 
-@pytest.mark.parametrize("text", ["fast=1", "fp32_rows=9", "threads=-1", "int8_rows", "onednn=maybe"])
+@pytest.mark.parametrize("text", ["fast=1", "fp32_rows=9", "threads=-1", "int8_rows", "onednn=maybe", "prefetch=2"])
 def test_a_bad_override_is_refused_by_name(machine, monkeypatch, text):
     monkeypatch.setenv(calibrate.OVERRIDE, text)
     with pytest.raises(OptionError, match=f"GPTFORGE_CALIBRATION: '{text}' is not one of"):
@@ -96,17 +97,21 @@ def test_the_isa_level_and_torchs_isa_variables_have_files_of_their_own(machine,
 def test_the_decisions_steer_the_paths(machine, monkeypatch):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2)).eval()
-    monkeypatch.setenv(calibrate.OVERRIDE, "fp32_rows=2,int8_rows=0,threads=1")
+    monkeypatch.setenv(calibrate.OVERRIDE, "fp32_rows=2,int8_rows=0,threads=1,prefetch=0")
     assert fastdecode.decoder(model, 2) is not None and fastdecode.decoder(model, 3) is None
     assert not fastdecode.Decoder(quantize_model(GPT(model.config).eval())).takes(1)
-    seen = []
-    real = native.step
+    seen, prefetch = [], []
+    real, real_prefetch = native.step, native.set_prefetch
     monkeypatch.setattr(native, "step", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+    monkeypatch.setattr(native, "set_prefetch", lambda on: prefetch.append(on) or real_prefetch(on))
     before = torch.get_num_threads()
     cache = model.new_cache(1, 8)
     with torch.no_grad():
         fastdecode.decoder(model, 1)(torch.tensor([3]), torch.tensor([[0]]), cache)
-    assert seen == [1] and torch.get_num_threads() == before
+    assert seen == [1] and torch.get_num_threads() == before and prefetch == [False]
+    monkeypatch.setenv(calibrate.OVERRIDE, "prefetch=1")
+    with packed.cpu_inference_weights(model):  # the products of other decoding paths (LoRA, beams) too
+        assert prefetch == [False, True]
     for flag in ("0", "1"):
         monkeypatch.setenv(calibrate.OVERRIDE, f"onednn={flag}")
         assert kernels.onednn() == (flag == "1" and kernels._onednn_checked())
@@ -120,6 +125,8 @@ def test_the_real_measurements_give_valid_decisions(monkeypatch, tmp_path):
     decisions, timings = fastdecode.measure_steps()
     assert set(decisions) == {"fp32_rows", "int8_rows", "threads"} and "fp32_step_ms" in timings
     assert all(calibrate._valid(name, value) for name, value in decisions.items())
+    decisions, timings = native.measure_prefetch()
+    assert isinstance(decisions["prefetch"], bool) and set(timings["prefetch_ms"]) == {"on", "off"}
     products, _ = calibrate.compare_products(lambda a, b: a @ b)
     assert isinstance(products["onednn"], bool)
 
@@ -137,7 +144,8 @@ def test_info_shows_the_machine_and_its_decisions(machine, monkeypatch, capsys):
     monkeypatch.delenv(calibrate.OVERRIDE)
     assert main(["info", "--calibrate"]) == 0
     out = capsys.readouterr().out
-    assert sorted(machine) == ["products", "steps"] and "onednn = False (measured" in out and "threads = 2" in out
+    assert sorted(machine) == ["prefetch", "products", "steps"] and "onednn = False (measured" in out
+    assert "threads = 2" in out and "prefetch = False (measured" in out
 
 
 def test_another_path_wins_only_by_more_than_the_noise():

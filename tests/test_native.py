@@ -87,6 +87,22 @@ def test_gemv_gives_linears_numbers(rows, level):
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_prefetching_or_not_the_products_are_the_same(rows, level):
+    """The calibration's `prefetch` changes which loads the kernel issues early, never a sum: same bits both ways."""
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 768, generator=g), torch.randn(3072, 768, generator=g)
+    q, scale = torch.randint(-127, 128, (3072, 768), generator=g, dtype=torch.int8), torch.rand(3072, generator=g)
+    got = {}
+    for on in (False, True):
+        native.set_prefetch(on)
+        got[on] = native.gemv(x, native.pack(w)), native.gemv(x, native.pack_int8(q, scale))
+    native.set_prefetch(True)
+    assert all(torch.equal(a, b) for a, b in zip(got[False], got[True]))
+    assert_product_close(got[True][0], x, w)
+
+
+@needs_kernel
 def test_fits_only_few_fp32_rows_without_gradients():
     w = torch.randn(8, 16)
     with torch.no_grad():

@@ -1,17 +1,19 @@
 """Which CPU path runs, chosen by measuring them on this machine once and remembering the answer.
 
-Four decisions, each between paths that give the same numbers up to rounding:
+Five decisions, each between paths that give the same numbers up to rounding:
 
 - `onednn`: whether fp32 products (training, prompts) go through oneDNN rather than torch's BLAS (kernels.py);
+- `prefetch`: whether the decoding kernel prefetches its weights in software for every few-row product, or
+  leaves one to three rows to the hardware's prefetcher (inference/native.py);
 - `fp32_rows`, `int8_rows`: up to how many sequences a decoding step runs in C (fastdecode.py) rather than
   through the model's torch forward, for fp32 and for int8 weights (0: never);
 - `threads`: how many threads the C step runs on.
 
 A decision is measured the first time it is wanted (a fraction of a second to a few seconds, on shapes like
-gpt2's: the products a training step multiplies, and whole decoding steps of a two-block gpt2-wide model at
-each row count), the other path chosen over the default (torch's products; the C step; torch's threads) only where its
-best
-time beats the default's by more than the noise of the timings (`beats`). It is kept in a JSON file beside the
+gpt2's: the products a training step multiplies, one row's products and whole decoding steps of a two-block
+gpt2-wide model at each row count), the other path chosen over the default (torch's products; prefetch in every
+tile; the C step; torch's threads) only where its best time beats the default's by more than the noise of the
+timings (`beats`). It is kept in a JSON file beside the
 compiled kernel (`cpu.cache_dir()`), one per processor, instruction-set level (`GPTFORGE_ISA`), torch
 version, CPU count and torch's own ISA variables; a file that cannot be read is measured again.
 `GPTFORGE_CALIBRATION` overrides: "off" measures nothing and takes the defaults below, or name=value pairs
@@ -40,7 +42,7 @@ from .fsio import write_text
 OVERRIDE = "GPTFORGE_CALIBRATION"
 # what is used where nothing can be measured ("off", or no kernel): torch's products, the C step at every row
 # count it takes, as many threads as torch uses
-DEFAULTS = {"onednn": False, "fp32_rows": cpu.MAX_ROWS, "int8_rows": cpu.MAX_ROWS, "threads": 0}
+DEFAULTS = {"onednn": False, "prefetch": True, "fp32_rows": cpu.MAX_ROWS, "int8_rows": cpu.MAX_ROWS, "threads": 0}
 # the variables that change torch's own speed: a measurement holds only under the same values
 TORCH_ISA = (
     "ATEN_CPU_CAPABILITY",
@@ -52,7 +54,7 @@ TORCH_ISA = (
 
 
 def _valid(name: str, value) -> bool:
-    if name == "onednn":
+    if name in ("onednn", "prefetch"):
         return isinstance(value, bool)
     top = cpu.MAX_ROWS if name.endswith("_rows") else 4096
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= top
@@ -82,12 +84,12 @@ def _parse(text: str) -> dict | None:
             "false": False,
         }
         try:
-            parsed = flags.get(value) if name == "onednn" else int(value)
+            parsed = flags.get(value) if name in ("onednn", "prefetch") else int(value)
         except ValueError:
             parsed = None
         if name not in DEFAULTS or not _valid(name, parsed):
             raise OptionError(
-                f"{OVERRIDE}: {pair!r} is not one of onednn=0|1, fp32_rows=0-{cpu.MAX_ROWS}, "
+                f"{OVERRIDE}: {pair!r} is not one of onednn=0|1, prefetch=0|1, fp32_rows=0-{cpu.MAX_ROWS}, "
                 f"int8_rows=0-{cpu.MAX_ROWS}, threads=N (0: torch's), comma-separated, or off"
             )
         fixed[name] = parsed
@@ -186,7 +188,7 @@ def compare_products(fast: Callable[[torch.Tensor, torch.Tensor], torch.Tensor])
 
 # group of decisions -> its measurement (set by the modules that own the paths, which import this one)
 MEASURES: dict[str, Callable[[], tuple[dict, dict]]] = {}
-GROUPS = {"onednn": "products", "fp32_rows": "steps", "int8_rows": "steps", "threads": "steps"}
+GROUPS = {"onednn": "products", "prefetch": "prefetch", "fp32_rows": "steps", "int8_rows": "steps", "threads": "steps"}
 
 
 def decision(name: str):

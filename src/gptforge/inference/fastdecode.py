@@ -146,12 +146,19 @@ class Decoder:
         (whose length grows by one): a `KVCache`, or any object with its `k`, `v` (lists of contiguous fp32
         (at least rows, heads, positions, head_dim) buffers, sequence r in row r) and `length`. `visible`
         (rows, cache.length + 1; bool): which positions each row attends to (False: padding), None for all."""
-        return self.run(ids, pos, cache, visible, calibrate.decision("threads"))
+        return self.run(ids, pos, cache, visible, calibrate.decision("threads"), calibrate.decision("prefetch"))
 
     def run(
-        self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, visible: torch.Tensor | None, threads: int
+        self,
+        ids: torch.Tensor,
+        pos: torch.Tensor,
+        cache: KVCache,
+        visible: torch.Tensor | None,
+        threads: int,
+        prefetch: bool,
     ) -> torch.Tensor:
-        """The step (see __call__) on `threads` threads (0: torch's number), whatever the measured choices."""
+        """The step (see __call__) on `threads` threads (0: torch's number), prefetching the weights in software
+        for every tile or not (native.set_prefetch), whatever the measured choices."""
         rows, past = ids.numel(), cache.length
         max_len = cache.k[0].size(2)
         if not 0 < rows <= cpu.MAX_ROWS:
@@ -186,6 +193,7 @@ class Decoder:
         before = torch.get_num_threads()
         if threads and threads != before:
             torch.set_num_threads(threads)  # torch's OpenMP pool, which the kernel shares
+        native.set_prefetch(prefetch)
         try:
             native.step(self.model, ids, pos, past, visible, logits)
         finally:
@@ -219,9 +227,9 @@ def _step_times(steps: dict, model: GPT, rows: int) -> dict[str, list[float]]:
 def _rows_in_c(model: GPT, name: str, timings: dict) -> int:
     """Up to how many rows the C step is not beaten by the model's torch forward (stopping at the first where
     it is)."""
-    c_step = Decoder(model)
+    c_step, prefetch = Decoder(model), calibrate.decision("prefetch")  # a group measured before this one
     steps = {
-        "c": lambda i, p, c: c_step.run(i, p, c, None, 0),
+        "c": lambda i, p, c: c_step.run(i, p, c, None, 0, prefetch),
         "torch": lambda i, p, c: model(i[:, None], cache=c, position_ids=p, logits_to_keep=1),
     }
     timings[f"{name}_step_ms"] = table = {}
@@ -253,7 +261,10 @@ def measure_steps() -> tuple[dict, dict]:
         c_step = Decoder(model)
         now = torch.get_num_threads()
         candidates = sorted({1, now, os.cpu_count() or 1})
-        by_threads = _step_times({n: lambda i, p, c, n=n: c_step.run(i, p, c, None, n) for n in candidates}, model, 1)
+        prefetch = calibrate.decision("prefetch")
+        by_threads = _step_times(
+            {n: lambda i, p, c, n=n: c_step.run(i, p, c, None, n, prefetch) for n in candidates}, model, 1
+        )
         winners = [n for n in candidates if n != now and calibrate.beats(by_threads, n, now)]
         decisions["threads"] = min(winners, key=lambda n: by_threads[n][0]) if winners else 0  # 0: torch's
         timings["threads_step_ms"] = calibrate.best_ms(by_threads)

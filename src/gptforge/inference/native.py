@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import cpu
+from .. import calibrate, cpu
+from .int8 import quantize_rows
 
 
 def _build(level: str) -> Path:
@@ -137,6 +138,7 @@ def _load(level: str):
     ]
     lib.gptforge_step.restype = ctypes.c_int
     lib.gptforge_vector_width.argtypes, lib.gptforge_vector_width.restype = [], ctypes.c_int
+    lib.gptforge_set_prefetch.argtypes, lib.gptforge_set_prefetch.restype = [ctypes.c_int], None
     lib.vector_width = lib.gptforge_vector_width()  # read once: packing asks for it at every product
     if not _agrees(lib):
         warnings.warn("gptforge's decoding kernel disagrees with F.linear on this machine; using torch's products")
@@ -275,6 +277,44 @@ def describe() -> list[str]:
     return [*lines, f"decoding kernel: {cpu.cache_dir() / f'decode-{cpu.build_key(level)}.so'} ({threads})"]
 
 
+def set_prefetch(every_tile: bool) -> None:
+    """Whether every product tile prefetches its weights in software, or only tiles of four input rows
+    (csrc/decode.c); the calibration's `prefetch` decides (calibrate.py), the callers that run products set it."""
+    lib = _library()
+    if lib is not None:
+        lib.gptforge_set_prefetch(int(every_tile))
+
+
+def measure_prefetch() -> tuple[dict, dict]:
+    """The `prefetch` decision: one row times the products of two gpt2-wide blocks, fp32 and int8 (71 MB: more than
+    a core's caches hold), with software prefetch in every tile ("on", the default) against only in tiles of four
+    rows ("off"), which the hardware prefetcher serves alone on some processors."""
+    lib = _library()
+    if lib is None:
+        return {}, {}
+    g = torch.Generator().manual_seed(0)
+    shapes = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 2
+    weights = [torch.randn(o, i, generator=g) / 30 for o, i in shapes]
+    packed = [pack(w) for w in weights] + [pack_int8(*quantize_rows(w)) for w in weights]
+    x = {i: torch.randn(1, i, generator=g) for i in (768, 3072)}
+
+    def products(every_tile: bool):
+        def run():
+            lib.gptforge_set_prefetch(int(every_tile))
+            for w in packed:
+                _call(lib, x[w.in_features], w, None)
+
+        return run
+
+    times = calibrate.timings({"on": products(True), "off": products(False)})
+    on = not calibrate.beats(times, "off", "on")
+    lib.gptforge_set_prefetch(int(on))
+    return {"prefetch": on}, {"prefetch_ms": calibrate.best_ms(times)}
+
+
+calibrate.MEASURES["prefetch"] = measure_prefetch
+
+
 def available() -> bool:
     """Whether the kernel can be used in this process (built and checked; kernels.py also honours its switch)."""
     return _library() is not None
@@ -328,5 +368,6 @@ __all__ = [
     "pack",
     "pack_int8",
     "rounding_bound",
+    "set_prefetch",
     "step",
 ]

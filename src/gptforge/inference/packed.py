@@ -9,6 +9,7 @@ import weakref
 import torch
 from torch import nn
 
+from .. import calibrate
 from ..kernels import enabled, fp32_cpu, onednn, onednn_linear
 from . import native
 from .int8 import Int8Linear
@@ -61,6 +62,8 @@ def cpu_inference_weights(model: nn.Module, keep: bool = True):
     if not layers or not (onednn() or (enabled() and native.available())):
         yield model
         return
+    if enabled() and native.available():
+        native.set_prefetch(calibrate.decision("prefetch"))
 
     def packed_forward(layer: nn.Linear):
         def forward(x: torch.Tensor) -> torch.Tensor:

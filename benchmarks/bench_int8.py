@@ -167,6 +167,21 @@ def time_one(args, work: Path, name: str, threads: int) -> dict:
     return times
 
 
+def read_rate(model) -> tuple[float, int]:
+    """Bytes per second `torch.sum` reads over the model's matrices (best of 5), and the bytes of fp32 weights a
+    decoding step reads (every matrix but the position table: the head reads all of the tied token table)."""
+    matrices = [p for name, p in model.named_parameters() if p.dim() == 2 and "wpe" not in name]
+    size = sum(p.numel() * p.element_size() for p in matrices)
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(5):
+            start = time.perf_counter()
+            for p in matrices:
+                p.sum()
+            best = min(best, time.perf_counter() - start)
+    return size / best, size
+
+
 def speed(args, work: Path, threads: int) -> None:
     engines = Engines(work, threads)
     print(engines.versions, flush=True)
@@ -179,6 +194,7 @@ def speed(args, work: Path, threads: int) -> None:
         + ", ".join(f"{k} {v:.0%}" for k, v in checks.items()),
         flush=True,
     )
+    rate, weight_bytes = read_rate(engines.fp32)
     del engines
     # Timing: each engine in a process of its own, so that no engine's OpenMP runtime (CTranslate2 brings its
     # own) slows another's; the trials rotate the order so that drifting load falls on all alike.
@@ -223,6 +239,13 @@ def speed(args, work: Path, threads: int) -> None:
             f"| batch {b}, tokens/s | " + " | ".join(f"{b * args.new_tokens / med[(b, n)]:.1f}" for n in ENGINES) + " |"
         )
     print("| TTFT, ms | " + " | ".join(f"{med[('ttft', n)] * 1e3:.0f}" for n in ENGINES) + " |")
+    bound = rate / weight_bytes
+    fp32_b1 = args.new_tokens / med[(1, "gptforge fp32")]
+    print(
+        f"\nmemory read rate (torch.sum over the fp32 weights, best of 5): {rate / 1e9:.1f} GB/s; a batch-1 token "
+        f"reads {weight_bytes / 1e6:.0f} MB of fp32 weights, so at most {bound:.1f} tokens/s; gptforge fp32 at "
+        f"batch 1: {fp32_b1:.1f} tokens/s, {fp32_b1 / bound:.0%} of that (prompt included)"
+    )
     print(
         "\nratios (same run): "
         + "; ".join(

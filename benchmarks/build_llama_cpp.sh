@@ -6,6 +6,14 @@
 #
 #     bash benchmarks/build_llama_cpp.sh            # into ~/.cache/gptforge/llama-cpp-python
 #     GPTFORGE_LLAMA_CPP=/some/folder bash benchmarks/build_llama_cpp.sh
+#
+# An AVX2-only copy, for bench_export.py --isa avx2 on a processor with AVX-512 (about 5 minutes here):
+#
+#     GPTFORGE_LLAMA_CPP=~/.cache/gptforge/llama-cpp-python-avx2 CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON \
+#       -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+#       -DLLAMA_BUILD_TESTS=OFF" bash benchmarks/build_llama_cpp.sh
+#
+# pip's wheel cache is bypassed (--no-cache-dir): a wheel built earlier with other CMAKE_ARGS would be reused.
 set -euo pipefail
 target="${GPTFORGE_LLAMA_CPP:-$HOME/.cache/gptforge/llama-cpp-python}"
 python="${PYTHON:-python}"

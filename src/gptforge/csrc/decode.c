@@ -49,7 +49,7 @@
 #endif
 /* Tiles of at least this many input rows prefetch their weights in software (gptforge_set_prefetch): every tile,
    or only tiles of four rows, as on the AMD EPYC this was first tuned on, where the hardware kept up with one
-   row's stream. On a Sapphire Rapids one int8 row's products ran 2.5x faster with it. Set from the calibration
+   row's stream. On a Sapphire Rapids a one-row int8 step ran 2.4x faster with it. Set from the calibration
    (calibrate.py's `prefetch`), before any product runs. */
 static int prefetch_rows = 1;
 void gptforge_set_prefetch(int every_tile) { prefetch_rows = every_tile ? 1 : 4; }

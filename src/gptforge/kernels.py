@@ -82,13 +82,18 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+def onednn_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for 2-D fp32 CPU tensors through oneDNN. `b.t()` is passed as a strided view: oneDNN reads it in
+    place, where a contiguous copy of the (vocab x width) head weight for every chunk of the loss cost more than
+    the product (gpt2 head with its gradients: 1.97 s with the copy, 1.50 s without)."""
+    return onednn_linear(a.contiguous(), b.t())
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b for 2-D tensors, through oneDNN for fp32 on x86 CPUs; written into `out` (contiguous, of the
-    result's shape) when given. `b.t()` is passed as a strided view: oneDNN reads it in place, where a
-    contiguous copy of the (vocab x width) head weight for every chunk of the loss cost more than the product
-    (gpt2 head with its gradients: 1.97 s with the copy, 1.50 s without)."""
+    """a @ b for 2-D tensors, through oneDNN for fp32 on x86 CPUs where that is used; written into `out`
+    (contiguous, of the result's shape) when given."""
     if _onednn_ok(a):
-        product = onednn_linear(a.contiguous(), b.t())
+        product = onednn_matmul(a, b)
         return product if out is None else out.copy_(product)
     return a @ b if out is None else torch.mm(a, b, out=out)
 
@@ -103,7 +108,7 @@ def weight_gradient(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def matmul_add_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """out += a @ b in place: torch's addmm_ adds into `out` without the temporary a product of its own makes
     (for gpt2's head, a (768 x 50257) temporary and one more pass over it for each chunk of the loss)."""
-    return out.add_(onednn_linear(a.contiguous(), b.t())) if _onednn_ok(a) else out.addmm_(a, b)
+    return out.add_(onednn_matmul(a, b)) if _onednn_ok(a) else out.addmm_(a, b)
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -140,7 +145,7 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-calibrate.MEASURES["products"] = lambda: calibrate.compare_products(lambda a, b: onednn_linear(a.contiguous(), b.t()))
+calibrate.MEASURES["products"] = lambda: calibrate.compare_products(onednn_matmul)
 # --- the loss head -------------------------------------------------------------------------------------
 
 
@@ -375,4 +380,5 @@ __all__ = [
     "matmul",
     "onednn",
     "onednn_linear",
+    "onednn_matmul",
 ]

@@ -224,10 +224,10 @@ def _step_times(steps: dict, model: GPT, rows: int) -> dict[str, list[float]]:
     return calibrate.timings({name: once(step) for name, step in steps.items()})
 
 
-def _rows_in_c(model: GPT, name: str, timings: dict) -> int:
+def _rows_in_c(model: GPT, name: str, timings: dict, prefetch: bool) -> int:
     """Up to how many rows the C step is not beaten by the model's torch forward (stopping at the first where
     it is)."""
-    c_step, prefetch = Decoder(model), calibrate.decision("prefetch")  # a group measured before this one
+    c_step = Decoder(model)
     steps = {
         "c": lambda i, p, c: c_step.run(i, p, c, None, 0, prefetch),
         "torch": lambda i, p, c: model(i[:, None], cache=c, position_ids=p, logits_to_keep=1),
@@ -256,19 +256,18 @@ def measure_steps() -> tuple[dict, dict]:
         torch.manual_seed(0)
         model = GPT(GPTConfig(vocab_size=8192, n_positions=64, n_embd=768, n_layer=2, n_head=12)).eval()
     with torch.inference_mode(False), torch.no_grad():
-        timings = {}
-        decisions = {"fp32_rows": _rows_in_c(model, "fp32", timings)}
+        timings, prefetch = {}, calibrate.decision("prefetch")  # a group of its own, measured before this one
+        decisions = {"fp32_rows": _rows_in_c(model, "fp32", timings, prefetch)}
         c_step = Decoder(model)
         now = torch.get_num_threads()
         candidates = sorted({1, now, os.cpu_count() or 1})
-        prefetch = calibrate.decision("prefetch")
         by_threads = _step_times(
             {n: lambda i, p, c, n=n: c_step.run(i, p, c, None, n, prefetch) for n in candidates}, model, 1
         )
         winners = [n for n in candidates if n != now and calibrate.beats(by_threads, n, now)]
         decisions["threads"] = min(winners, key=lambda n: by_threads[n][0]) if winners else 0  # 0: torch's
         timings["threads_step_ms"] = calibrate.best_ms(by_threads)
-        decisions["int8_rows"] = _rows_in_c(quantize_model(model), "int8", timings)
+        decisions["int8_rows"] = _rows_in_c(quantize_model(model), "int8", timings, prefetch)
     return decisions, timings
 
 

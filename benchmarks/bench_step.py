@@ -1,7 +1,14 @@
 """Training-step speed: gptforge's GPT against transformers' GPT2LMHeadModel, same weights, same batch, same run.
 
-A step is forward + loss + backward + AdamW (foreach). Trials of the two models are interleaved (the order
-alternating) and the median is reported, so that load from other jobs on the machine hits both alike.
+A step is forward + loss + backward + AdamW (fused: what gptforge's trainer and transformers' Trainer both take
+with torch >= 2.8). Trials of the models are interleaved (the order alternating) and the median is reported, so
+that load from other jobs on the machine hits all alike.
+
+gptforge's step is the one `--precision auto` trains with: where calibration chose bf16 products (processors with
+AMX or AVX-512 BF16 that multiply bf16 much faster: calibrate.py's `bf16`), its products take bf16 inputs with
+fp32 sums and everything else stays fp32. On such a processor two more rows say what that is worth: gptforge at
+`--precision fp32`, and transformers with torch's own switch for the same products
+(`torch.backends.mkldnn.matmul.fp32_precision = "bf16"`, which also takes attention's products).
 
 FLOPs per token (training) = 6 * N + 12 * n_layer * n_embd * T, where N is the non-embedding parameter count
 plus the output head (vocab_size * n_embd; the head is tied to wte but its matrix product is still done), and the
@@ -26,8 +33,9 @@ import torch
 import transformers
 from machine import add_isa_argument, cpu_name, level_line, paths_line, use_isa
 
-from gptforge import GPT, GPTConfig, preset
+from gptforge import GPT, GPTConfig, kernels, preset
 from gptforge.checkpoint import to_hf_state_dict
+from gptforge.runtime import cpu_bf16_products
 from gptforge.train import matmul_flops
 
 SHAPES = {
@@ -84,16 +92,22 @@ def hf_copy(ours: GPT, **overrides):
     return hf.train()
 
 
-def make_step(model, hf: bool, x: torch.Tensor, y: torch.Tensor):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, foreach=True)
+def make_step(model, hf: bool, x: torch.Tensor, y: torch.Tensor, bf16: bool = False):
+    """One training step; `bf16`: gptforge's bf16 products (ours), torch's global switch (transformers')."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    flag = torch.backends.mkldnn.matmul
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         if hf:
+            before, flag.fp32_precision = flag.fp32_precision, "bf16" if bf16 else flag.fp32_precision
             loss = model(input_ids=x, labels=x).loss  # transformers shifts the labels itself
+            loss.backward()
+            flag.fp32_precision = before
         else:
-            loss = model(x, y)[1]
-        loss.backward()
+            with kernels.bf16_products(bf16):
+                loss = model(x, y)[1]
+                loss.backward()
         opt.step()
 
     return step
@@ -122,8 +136,12 @@ def run_shape(name: str, trials: int, peak: float, do_profile: bool, fused_gelu:
         for hf in hfs.values():
             diff = abs(ours(x, y)[1].item() - hf(input_ids=x, labels=x).loss.item())
             assert diff < 1e-4, f"models disagree (loss difference {diff})"
-    runs = {"gptforge": make_step(ours, False, x, y)}
+    bf16 = cpu_bf16_products("auto", torch.device("cpu"))
+    runs = {"gptforge": make_step(ours, False, x, y, bf16)}
     runs.update({label: make_step(hf, True, x, y) for label, hf in hfs.items()})
+    if bf16:  # what the bf16 products are worth, to gptforge and to transformers
+        runs["gptforge, --precision fp32"] = make_step(ours, False, x, y)
+        runs["transformers, torch's bf16 products"] = make_step(hfs["transformers"], True, x, y, True)
     for step in runs.values():
         step()  # warm-up: allocator, optimizer state
     times: dict[str, list[float]] = {k: [] for k in runs}

@@ -9,13 +9,13 @@ import pytest
 import torch
 from test_native import needs_kernel
 
-from gptforge import GPT, calibrate, cpu, kernels
+from gptforge import GPT, calibrate, cpu, kernels, runtime
 from gptforge.config import GPTConfig
 from gptforge.errors import OptionError
 from gptforge.inference import fastdecode, native, packed
 from gptforge.inference.quantize import quantize_model
 
-STORED = {"onednn": True, "prefetch": True, "fp32_rows": 5, "int8_rows": 2, "threads": 1}
+STORED = {"onednn": True, "bf16": True, "prefetch": True, "fp32_rows": 5, "int8_rows": 2, "threads": 1}
 
 
 @pytest.fixture
@@ -26,6 +26,7 @@ def machine(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setitem(calibrate.MEASURES, "products", lambda: calls.append("products") or ({"onednn": False}, {}))
     monkeypatch.setitem(calibrate.MEASURES, "prefetch", lambda: calls.append("prefetch") or ({"prefetch": False}, {}))
+    monkeypatch.setitem(calibrate.MEASURES, "bf16", lambda: calls.append("bf16") or ({"bf16": False}, {}))
     monkeypatch.setitem(
         calibrate.MEASURES,
         "steps",
@@ -75,7 +76,9 @@ def test_the_override_wins(machine, monkeypatch):
     assert machine == []
 
 
-@pytest.mark.parametrize("text", ["fast=1", "fp32_rows=9", "threads=-1", "int8_rows", "onednn=maybe", "prefetch=2"])
+@pytest.mark.parametrize(
+    "text", ["fast=1", "fp32_rows=9", "threads=-1", "int8_rows", "onednn=maybe", "prefetch=2", "bf16=fast"]
+)
 def test_a_bad_override_is_refused_by_name(machine, monkeypatch, text):
     monkeypatch.setenv(calibrate.OVERRIDE, text)
     with pytest.raises(OptionError, match=f"GPTFORGE_CALIBRATION: '{text}' is not one of"):
@@ -113,8 +116,12 @@ def test_the_decisions_steer_the_paths(machine, monkeypatch):
     with packed.cpu_inference_weights(model):  # the products of other decoding paths (LoRA, beams) too
         assert prefetch == [False, True]
     for flag in ("0", "1"):
-        monkeypatch.setenv(calibrate.OVERRIDE, f"onednn={flag}")
+        monkeypatch.setenv(calibrate.OVERRIDE, f"onednn={flag},bf16={flag}")
         assert kernels.onednn() == (flag == "1" and kernels._onednn_checked())
+        for precision in ("auto", "fp32", "bf16"):  # only auto takes bf16 products, and only on the CPU
+            on = runtime.cpu_bf16_products(precision, torch.device("cpu"))
+            assert on == (flag == "1" and precision == "auto")
+        assert not runtime.cpu_bf16_products("auto", torch.device("cuda"))
 
 
 @pytest.mark.slow
@@ -129,6 +136,10 @@ def test_the_real_measurements_give_valid_decisions(monkeypatch, tmp_path):
     assert isinstance(decisions["prefetch"], bool) and set(timings["prefetch_ms"]) == {"on", "off"}
     products, _ = calibrate.compare_products(lambda a, b: a @ b)
     assert isinstance(products["onednn"], bool)
+    bf16, timings = calibrate.compare_bf16(kernels.bf16_matmul)
+    assert isinstance(bf16["bf16"], bool) and set(timings["bf16_products_ms"]) == {"fp32", "bf16"}
+    wrong, _ = calibrate.compare_bf16(lambda a, b: (a @ b) * 1.1)  # fast but not a product of rounded inputs
+    assert wrong == {"bf16": False}
 
 
 def test_info_shows_the_machine_and_its_decisions(machine, monkeypatch, capsys):
@@ -144,7 +155,7 @@ def test_info_shows_the_machine_and_its_decisions(machine, monkeypatch, capsys):
     monkeypatch.delenv(calibrate.OVERRIDE)
     assert main(["info", "--calibrate"]) == 0
     out = capsys.readouterr().out
-    assert sorted(machine) == ["prefetch", "products", "steps"] and "onednn = False (measured" in out
+    assert sorted(machine) == ["bf16", "prefetch", "products", "steps"] and "onednn = False (measured" in out
     assert "threads = 2" in out and "prefetch = False (measured" in out
 
 

@@ -446,3 +446,52 @@ def test_cpu_inference_weights_give_the_same_logits_and_follow_weight_updates(mo
     with packed.cpu_inference_weights(model):  # with gradients on, the layer's own path: gradients flow
         model(x, targets=x)[1].backward()
     assert model.transformer.h[0].attn.c_attn.weight.grad is not None
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.bfloat16().float()
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this processor has no bf16 products")
+@pytest.mark.parametrize("faster", [True, False])  # oneDNN's path and torch's
+def test_bf16_products_round_the_products_inputs_and_nothing_else(monkeypatch, faster):
+    """Within kernels.bf16_products a linear layer's three products are those of bf16-rounded inputs summed in
+    fp32; outside it, and after it, they are fp32's again."""
+    monkeypatch.setattr(kernels, "_onednn_faster", lambda: faster)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 64, generator=g).requires_grad_()
+    w = torch.randn(96, 64, generator=g).requires_grad_()
+    b, gy = torch.randn(96, generator=g), torch.randn(40, 96, generator=g)
+    flag = torch.backends.mkldnn.matmul.fp32_precision
+    with kernels.bf16_products():
+        y = kernels.linear(x, w, b)
+        assert torch.backends.mkldnn.matmul.fp32_precision == flag  # set around each product only
+    gx, gw = torch.autograd.grad(y, (x, w), gy)
+    tight = dict(atol=1e-4, rtol=1e-4)  # the same rounded inputs, summed in another order
+    torch.testing.assert_close(y, _bf16(x) @ _bf16(w).t() + b, **tight)
+    torch.testing.assert_close(gx, _bf16(gy) @ _bf16(w), **tight)
+    torch.testing.assert_close(gw, _bf16(gy).t() @ _bf16(x), **tight)
+    exact = x @ w.t() + b
+    assert (y - exact).abs().max() > 1e-3  # rounded: not fp32's products
+    torch.testing.assert_close(kernels.linear(x, w, b), exact, atol=1e-4, rtol=1e-4)  # outside: fp32 again
+    assert not kernels._BF16 and torch.backends.mkldnn.matmul.fp32_precision == flag
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this processor has no bf16 products")
+def test_bf16_products_train_a_model_close_to_fp32():
+    """A whole step (products, loss head, attention) within bf16_products: the loss and gradients of fp32 up to
+    bf16's rounding of the products' inputs, and not exactly fp32's (the rounding happened)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=4)).eval()
+    x = torch.randint(0, 97, (3, 10))
+
+    def grads(bf16: bool):
+        model.zero_grad()
+        with kernels.bf16_products(bf16):
+            loss = model(x, targets=x)[1]
+            loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    (loss, grad), (loss32, grad32) = grads(True), grads(False)
+    assert 0 < abs(loss - loss32) < 1e-2 * loss32
+    assert (grad - grad32).norm() < 2e-2 * grad32.norm() and not torch.equal(grad, grad32)

@@ -464,3 +464,26 @@ def test_training_rate_times_the_optimizer_the_run_will_use(monkeypatch, given, 
     config = GPTConfig(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=2)
     pipeline.training_rate(config, 16, TrainConfig(batch_size=2, device="cpu", **given), repeats=2)
     assert stepped == [expected] * 3  # a warm-up and two timed steps
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp32"])
+def test_bf16_products_are_taken_for_the_run_where_calibration_chose_them(
+    tmp_path, dataset, monkeypatch, capsys, precision
+):
+    """--precision auto on a processor whose calibration chose bf16 products: the run's steps and evaluations take
+    them (and its description says so), for the run only; --precision fp32 keeps every product fp32."""
+    from gptforge import calibrate, kernels
+
+    monkeypatch.setenv(calibrate.OVERRIDE, "bf16=1")
+    data, tok = dataset
+    seen = []
+    real_evaluate = Trainer.evaluate
+    monkeypatch.setattr(
+        Trainer, "evaluate", lambda self, *a, **k: seen.append(kernels._BF16) or real_evaluate(self, *a, **k)
+    )
+    on_step = lambda trainer: seen.append(kernels._BF16)  # noqa: E731
+    result = train(
+        tiny_model(), data, tokenizer=tok, on_step=on_step, **quick(tmp_path, max_steps=4, precision=precision)
+    )
+    assert result.step == 4 and len(seen) >= 5 and set(seen) == {precision == "auto"} and not kernels._BF16
+    assert ("products from bf16 inputs" in capsys.readouterr().out) == (precision == "auto")

@@ -1,8 +1,12 @@
 """Which CPU path runs, chosen by measuring them on this machine once and remembering the answer.
 
-Five decisions, each between paths that give the same numbers up to rounding:
+Six decisions, five between paths that give the same numbers up to rounding:
 
 - `onednn`: whether fp32 products (training, prompts) go through oneDNN rather than torch's BLAS (kernels.py);
+- `bf16`: whether a training run at `--precision auto` multiplies its fp32 matrices with bf16 inputs (fp32 sums,
+  fp32 everywhere else: kernels.py's `bf16_products`), because this processor does that much faster (AMX,
+  AVX-512 BF16). The one decision that changes the numbers (a product's inputs keep 8 bits of mantissa, not 24,
+  like TF32 on a GPU), so it is taken only for a gain of `BF16_GAIN` or more;
 - `prefetch`: whether the decoding kernel prefetches its weights in software for every few-row product, or
   leaves one to three rows to the hardware's prefetcher (inference/native.py);
 - `fp32_rows`, `int8_rows`: up to how many sequences a decoding step runs in C (fastdecode.py) rather than
@@ -40,9 +44,16 @@ from .errors import OptionError
 from .fsio import write_text
 
 OVERRIDE = "GPTFORGE_CALIBRATION"
-# what is used where nothing can be measured ("off", or no kernel): torch's products, the C step at every row
+# what is used where nothing can be measured ("off", or no kernel): torch's fp32 products, the C step at every row
 # count it takes, as many threads as torch uses
-DEFAULTS = {"onednn": False, "prefetch": True, "fp32_rows": cpu.MAX_ROWS, "int8_rows": cpu.MAX_ROWS, "threads": 0}
+DEFAULTS = {
+    "onednn": False,
+    "bf16": False,
+    "prefetch": True,
+    "fp32_rows": cpu.MAX_ROWS,
+    "int8_rows": cpu.MAX_ROWS,
+    "threads": 0,
+}
 # the variables that change torch's own speed: a measurement holds only under the same values
 TORCH_ISA = (
     "ATEN_CPU_CAPABILITY",
@@ -53,8 +64,12 @@ TORCH_ISA = (
 )
 
 
+SWITCHES = ("onednn", "bf16", "prefetch")  # the yes/no decisions
+BF16_GAIN = 1.25  # bf16 products are taken only where they run at least this many times as fast as fp32's
+
+
 def _valid(name: str, value) -> bool:
-    if name in ("onednn", "prefetch"):
+    if name in SWITCHES:
         return isinstance(value, bool)
     top = cpu.MAX_ROWS if name.endswith("_rows") else 4096
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= top
@@ -84,12 +99,12 @@ def _parse(text: str) -> dict | None:
             "false": False,
         }
         try:
-            parsed = flags.get(value) if name in ("onednn", "prefetch") else int(value)
+            parsed = flags.get(value) if name in SWITCHES else int(value)
         except ValueError:
             parsed = None
         if name not in DEFAULTS or not _valid(name, parsed):
             raise OptionError(
-                f"{OVERRIDE}: {pair!r} is not one of onednn=0|1, prefetch=0|1, fp32_rows=0-{cpu.MAX_ROWS}, "
+                f"{OVERRIDE}: {pair!r} is not one of onednn=0|1, bf16=0|1, prefetch=0|1, fp32_rows=0-{cpu.MAX_ROWS}, "
                 f"int8_rows=0-{cpu.MAX_ROWS}, threads=N (0: torch's), comma-separated, or off"
             )
         fixed[name] = parsed
@@ -173,22 +188,44 @@ def best_ms(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: round(t[0] * 1e3, 3) for name, t in times.items()}
 
 
-def compare_products(fast: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[dict, dict]:
-    """The `onednn` decision: `fast(a, b)` (a @ b through oneDNN) against torch's a @ b on the three products of
-    a training step's linear layer at gpt2's width (forward, input gradient, weight gradient; 256 tokens)."""
+def _linear_products(mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], tuple]:
+    """The three products of a training step's linear layer at gpt2's width (forward, input gradient, weight
+    gradient; 256 tokens), each done by `mm(a, b)` (a @ b)."""
     g = torch.Generator().manual_seed(0)
     x, w, grad = (torch.randn(*shape, generator=g) for shape in ((256, 768), (3072, 768), (256, 3072)))
+    return lambda: (mm(x, w.t()), mm(grad, w), mm(grad.t(), x))
 
-    def step(mm):
-        return lambda: (mm(x, w.t()), mm(grad, w), mm(grad.t(), x))
 
-    t = timings({"torch": step(torch.matmul), "onednn": step(fast)}, 3)
+def compare_products(fast: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[dict, dict]:
+    """The `onednn` decision: `fast(a, b)` (a @ b through oneDNN) against torch's a @ b on a linear layer's
+    products."""
+    t = timings({"torch": _linear_products(torch.matmul), "onednn": _linear_products(fast)}, 3)
     return {"onednn": beats(t, "onednn", "torch")}, {"products_ms": best_ms(t)}
+
+
+def compare_bf16(bf16: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[dict, dict]:
+    """The `bf16` decision: `bf16(a, b)` (a @ b from bf16-rounded inputs) against torch's fp32 a @ b on a linear
+    layer's products; taken where it is `BF16_GAIN` times as fast and its results are fp32's up to bf16's
+    rounding (a build that did something else would be refused)."""
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(64, 256, generator=g), torch.randn(256, 64, generator=g)
+    exact = a @ b
+    close = bool(((bf16(a, b) - exact).abs().max() <= 2**-6 * exact.abs().max()).item())
+    t = timings({"fp32": _linear_products(torch.matmul), "bf16": _linear_products(bf16)}, 3)
+    faster = beats(t, "bf16", "fp32") and t["bf16"][0] * BF16_GAIN <= t["fp32"][0]
+    return {"bf16": close and faster}, {"bf16_products_ms": best_ms(t)}
 
 
 # group of decisions -> its measurement (set by the modules that own the paths, which import this one)
 MEASURES: dict[str, Callable[[], tuple[dict, dict]]] = {}
-GROUPS = {"onednn": "products", "prefetch": "prefetch", "fp32_rows": "steps", "int8_rows": "steps", "threads": "steps"}
+GROUPS = {
+    "onednn": "products",
+    "bf16": "bf16",
+    "prefetch": "prefetch",
+    "fp32_rows": "steps",
+    "int8_rows": "steps",
+    "threads": "steps",
+}
 
 
 def decision(name: str):
@@ -252,11 +289,13 @@ def describe() -> list[str]:
 
 
 __all__ = [
+    "BF16_GAIN",
     "DEFAULTS",
     "MEASURES",
     "OVERRIDE",
     "beats",
     "best_ms",
+    "compare_bf16",
     "compare_products",
     "decision",
     "describe",

@@ -9,10 +9,16 @@ with it (docs/benchmarks.md). The ops are torch's internal `torch.ops.mkldnn.*`,
 build has them, when they agree with `F.linear` on a small check the first time they are needed, and when
 the environment does not say `GPTFORGE_KERNELS=0` (which turns every fast path here off). Elsewhere (CUDA,
 ARM, autocast, torch.compile) each function is the plain torch call.
+
+Within `bf16_products()` (a training run at `--precision auto` on a processor measured to multiply bf16 much
+faster: calibrate.py's `bf16`), the products of `linear`, `matmul` and the loss head take bf16-rounded inputs
+and sum in fp32 (torch's `mkldnn.matmul.fp32_precision = "bf16"`, set around each product only: attention,
+whose small products oneDNN runs several times slower that way, and everything between products stay fp32).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
@@ -89,13 +95,55 @@ def onednn_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return onednn_linear(a.contiguous(), b.t())
 
 
+_BF16 = False  # within `bf16_products(True)`: fp32 products of the fast paths from bf16-rounded inputs
+
+
+def bf16_faster() -> bool:
+    """Whether this processor's products from bf16 inputs were measured much faster than fp32's (calibrate.py's
+    `bf16`; AMX or AVX-512 BF16 processors, where the fast paths are on)."""
+    return enabled() and calibrate.decision("bf16")
+
+
+@contextlib.contextmanager
+def bf16_products(on: bool = True):
+    """Within: the fp32 CPU products of `linear`, `matmul`, `matmul_add_` and the loss head round their inputs to
+    bf16 and sum in fp32 (where `on`; a training run at `--precision auto` where `bf16_faster()`)."""
+    global _BF16
+    before, _BF16 = _BF16, on
+    try:
+        yield
+    finally:
+        _BF16 = before
+
+
+@contextlib.contextmanager
+def _precision():
+    """torch's fp32 products in bf16 for the time of one product, within `bf16_products`."""
+    if not _BF16:
+        yield
+        return
+    flag = torch.backends.mkldnn.matmul
+    before, flag.fp32_precision = flag.fp32_precision, "bf16"
+    try:
+        yield
+    finally:
+        flag.fp32_precision = before
+
+
+def bf16_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b from bf16-rounded inputs, fp32 sums and result (what `bf16_products` does; calibration measures it)."""
+    with bf16_products(), _precision():
+        return a @ b
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """a @ b for 2-D tensors, through oneDNN for fp32 on x86 CPUs where that is used; written into `out`
     (contiguous, of the result's shape) when given."""
-    if _onednn_ok(a):
-        product = onednn_matmul(a, b)
-        return product if out is None else out.copy_(product)
-    return a @ b if out is None else torch.mm(a, b, out=out)
+    with _precision():
+        if _onednn_ok(a):
+            product = onednn_matmul(a, b)
+            return product if out is None else out.copy_(product)
+        return a @ b if out is None else torch.mm(a, b, out=out)
 
 
 def weight_gradient(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -108,33 +156,38 @@ def weight_gradient(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def matmul_add_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """out += a @ b in place: torch's addmm_ adds into `out` without the temporary a product of its own makes
     (for gpt2's head, a (768 x 50257) temporary and one more pass over it for each chunk of the loss)."""
-    return out.add_(onednn_matmul(a, b)) if _onednn_ok(a) else out.addmm_(a, b)
+    with _precision():
+        return out.add_(onednn_matmul(a, b)) if _onednn_ok(a) else out.addmm_(a, b)
 
 
-class _OneDNNLinear(torch.autograd.Function):
-    """`F.linear` with its three products (forward, input gradient, weight gradient) done by oneDNN."""
+class _Linear(torch.autograd.Function):
+    """`F.linear` with its three products (forward, input gradient, weight gradient) done by `matmul`'s paths:
+    oneDNN where that was measured faster, bf16 inputs within `bf16_products`."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x is kept only for the weight's gradient: a frozen layer (LoRA's base, --freeze) lets it go
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
-        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
-        return onednn_linear(x, weight, bias)
+        ctx.x_shape, ctx.has_bias, ctx.bf16 = x.shape, bias is not None, _BF16  # the backward's products alike
+        with _precision():
+            return onednn_linear(x, weight, bias) if _onednn_ok(x) else F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         g = grad.reshape(-1, grad.size(-1))
-        grad_x = matmul(g, weight).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        grad_w = weight_gradient(g, x.reshape(-1, x.size(-1))) if ctx.needs_input_grad[1] else None
+        with bf16_products(ctx.bf16):
+            grad_x = matmul(g, weight).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+            grad_w = weight_gradient(g, x.reshape(-1, x.size(-1))) if ctx.needs_input_grad[1] else None
         grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, through oneDNN for fp32 on x86 CPUs, the plain call elsewhere."""
-    if weight.dtype == torch.float32 and _onednn_ok(x):
-        return _OneDNNLinear.apply(x, weight, bias)
+    """`F.linear`, through oneDNN for fp32 on x86 CPUs where measured faster, from bf16 inputs within
+    `bf16_products`, the plain call elsewhere."""
+    if weight.dtype == torch.float32 and fp32_cpu(x) and (_BF16 or onednn()):
+        return _Linear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -146,6 +199,7 @@ class Linear(nn.Linear):
 
 
 calibrate.MEASURES["products"] = lambda: calibrate.compare_products(onednn_matmul)
+calibrate.MEASURES["bf16"] = lambda: calibrate.compare_bf16(bf16_matmul)
 # --- the loss head -------------------------------------------------------------------------------------
 
 
@@ -373,6 +427,9 @@ def activation_down(u: torch.Tensor, act, weight: torch.Tensor, p: float = 0.0) 
 __all__ = [
     "SWITCH",
     "Linear",
+    "bf16_faster",
+    "bf16_matmul",
+    "bf16_products",
     "enabled",
     "fp32_cpu",
     "linear",

@@ -83,7 +83,8 @@ def pick_precision(precision: str, device: torch.device) -> torch.dtype:
     """The autocast dtype for a run (float32 means no autocast).
 
     `auto` keeps CPUs at fp32: bf16 autocast turns off the fp32 fast paths of kernels.py, and on the two
-    processors we measured it did not pay for that at the small sizes a CPU run trains (docs/training.md).
+    processors we measured it did not pay for that at the small sizes a CPU run trains (docs/training.md);
+    where bf16 products are fast, `cpu_bf16_products` takes them without autocast.
     On CUDA, bf16 where the GPU has it; fp16 (with a gradient scaler) only where it does not. Apple's GPU
     (mps) trains in fp32: its mixed precision is not one gptforge has tested.
     """
@@ -99,6 +100,17 @@ def pick_precision(precision: str, device: torch.device) -> torch.dtype:
             f"--precision {precision}: on mps (Apple GPUs) gptforge trains in fp32; leave --precision auto or give fp32"
         )
     return choices[precision]
+
+
+def cpu_bf16_products(precision: str, device: torch.device) -> bool:
+    """Whether a run's fp32 CPU products take bf16 inputs (kernels.bf16_products): at `--precision auto`, on a
+    processor where that was measured at least calibrate.BF16_GAIN times as fast (AMX, AVX-512 BF16). Like TF32
+    on a GPU: activations, sums, weights and optimizer stay fp32; `--precision fp32` keeps every product fp32."""
+    if precision != "auto" or device.type != "cpu":
+        return False
+    from .kernels import bf16_faster
+
+    return bf16_faster()
 
 
 # --- distributed ------------------------------------------------------------------------------------
@@ -263,6 +275,7 @@ __all__ = [
     "TORCH_FLOOR",
     "Dist",
     "configure",
+    "cpu_bf16_products",
     "fused_optimizer",
     "init_distributed",
     "job_restarted",

@@ -215,10 +215,12 @@ class Engine:
     def stats(self) -> dict:
         with self._lock:
             load = self._load
-        running = len(self.running)
+        rows = list(self.running)  # a snapshot: the model thread changes the list meanwhile
+        # a sequence whose last event is out (its client may have its answer) leaves the batch after the step
+        running = sum(not s.finished for s in rows)
         return {
             "running": running,
-            "waiting": max(0, load - running),
+            "waiting": max(0, load - len(rows)),
             "max_batch": self.max_batch,
             "max_queue": self.max_queue,
             "steps": self.steps,

@@ -320,10 +320,13 @@ def describe_run(trainer) -> str:
     frozen = f", {trainer.frozen:,} frozen" if trainer.frozen else ""
     muon = f"Muon lr {cfg.muon_lr:g} for the block matrices, " if cfg.optimizer == "muon" else ""
     schedule = f"wsd, cooldown {cfg.cooldown:.0%}" if cfg.schedule == "wsd" else cfg.schedule
+    bf16 = " (products from bf16 inputs: measured faster here; --precision fp32 keeps them fp32)"
+    bf16 = bf16 if trainer.bf16_products else ""
     return (
         f"model: {trainer.model.num_params() / 1e6:.2f}M parameters (n_layer={c.n_layer}, n_embd={c.n_embd}, "
         f"n_head={c.n_head}, vocab={c.vocab_size}){frozen}\n"
-        f"device: {trainer.device}, precision: {str(trainer.dtype).removeprefix('torch.')}, world size {world}\n"
+        f"device: {trainer.device}, precision: {str(trainer.dtype).removeprefix('torch.')}"
+        f"{bf16}, world size {world}\n"
         f"batch: {cfg.batch_size} x {trainer.block_size} tokens x {cfg.grad_accum} accumulation"
         f"{f' x {world} ranks' if world > 1 else ''} = {trainer.tokens_per_step:,} tokens per step\n"
         f"optimizer: {muon}AdamW lr {cfg.learning_rate:g} ({schedule}, warmup {warmup}, floor x{cfg.min_lr_ratio}), "

@@ -33,9 +33,10 @@ from ..data.dataset import RunData
 from ..errors import OptionError, TokenizerError, TrainingError
 from ..faults import on_stop_signals, restore_signal_handlers
 from ..fsio import atomic_dir
+from ..kernels import bf16_products
 from ..model import GPT
 from ..options import PREVIEW_SAMPLING, TrainConfig, unset_defaults
-from ..runtime import init_distributed, out_of_memory, pick_precision, resolve_device, shard_model
+from ..runtime import cpu_bf16_products, init_distributed, out_of_memory, pick_precision, resolve_device, shard_model
 from . import state
 from .average import WeightAverage
 from .callbacks import Callbacks
@@ -92,6 +93,7 @@ class Trainer:
         self.task = task if task is not None else LanguageModelling(data)  # what is trained: batches, loss, evaluation
         self.dist, self.device = init_distributed(resolve_device(cfg.device))
         self.dtype = pick_precision(cfg.precision, self.device)
+        self.bf16_products = cpu_bf16_products(cfg.precision, self.device)
         config = model.config
         self.block_size = cfg.block_size or config.n_positions
         check_block_size(self.block_size, config)
@@ -350,6 +352,10 @@ class Trainer:
         return bool(self.cfg.max_time and self.elapsed >= self.cfg.max_time)
 
     def run(self) -> TrainResult:
+        with bf16_products(self.bf16_products):  # the run's products, its evaluations' too
+            return self._run()
+
+    def _run(self) -> TrainResult:
         self.out.mkdir(parents=True, exist_ok=True)
         self.log.message(describe_run(self))
         handlers = on_stop_signals(self._stop_requested, lambda: self._stop)

@@ -17,10 +17,10 @@ from ..data.dataset import load_run_data
 from ..errors import ConfigError, DataError, NotFoundError, OptionError, TokenizerError
 from ..fsio import folder_of, write_text
 from ..inference.quantize import refuse_quantized
-from ..kernels import matmul
+from ..kernels import bf16_products, matmul
 from ..model import GPT
 from ..options import DEFAULT_VOCAB_SIZE, InstructOptions, LoRAOptions, PreferenceOptions, TrainConfig, unset_defaults
-from ..runtime import pick_precision, resolve_device, world_size
+from ..runtime import cpu_bf16_products, pick_precision, resolve_device, world_size
 from . import state
 from .callbacks import Callbacks
 from .finetune import add_lora, check_lora, example_inputs, instruction_task
@@ -125,7 +125,8 @@ def training_rate(config: GPTConfig, block: int, cfg: TrainConfig, repeats: int 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return cfg.batch_size * block / best_seconds(step, device, repeats)
+    with bf16_products(cpu_bf16_products(cfg.precision, device)):  # the products the run will take
+        return cfg.batch_size * block / best_seconds(step, device, repeats)
 
 
 SCRATCH_SIZES = ("tiny", "mini", "small", "gpt2")  # the presets `choose_size` picks from, smallest first
@@ -155,7 +156,8 @@ def choose_size(
     world = world_size()
     if cfg.max_time is not None and flops_per_s is None:
         device = resolve_device(cfg.device)
-        flops_per_s = matmul_flops(device, pick_precision(cfg.precision, device)) * world
+        with bf16_products(cpu_bf16_products(cfg.precision, device)):
+            flops_per_s = matmul_flops(device, pick_precision(cfg.precision, device)) * world
     rate = rate or (lambda config, block: training_rate(config, block, cfg))
     chosen, why = SCRATCH_SIZES[0], ""
     for name in SCRATCH_SIZES:

@@ -9,13 +9,13 @@ import pytest
 import torch
 from test_native import needs_kernel
 
-from gptforge import GPT, calibrate, cpu, kernels, runtime
+from gptforge import GPT, calibrate, cpu, gelu, kernels, runtime
 from gptforge.config import GPTConfig
 from gptforge.errors import OptionError
 from gptforge.inference import fastdecode, native, packed
 from gptforge.inference.quantize import quantize_model
 
-STORED = {"onednn": True, "bf16": True, "prefetch": True, "fp32_rows": 5, "int8_rows": 2, "threads": 1}
+STORED = {"onednn": True, "bf16": True, "gelu": True, "prefetch": True, "fp32_rows": 5, "int8_rows": 2, "threads": 1}
 
 
 @pytest.fixture
@@ -27,6 +27,7 @@ def machine(monkeypatch, tmp_path):
     monkeypatch.setitem(calibrate.MEASURES, "products", lambda: calls.append("products") or ({"onednn": False}, {}))
     monkeypatch.setitem(calibrate.MEASURES, "prefetch", lambda: calls.append("prefetch") or ({"prefetch": False}, {}))
     monkeypatch.setitem(calibrate.MEASURES, "bf16", lambda: calls.append("bf16") or ({"bf16": False}, {}))
+    monkeypatch.setitem(calibrate.MEASURES, "gelu", lambda: calls.append("gelu") or ({"gelu": False}, {}))
     monkeypatch.setitem(
         calibrate.MEASURES,
         "steps",
@@ -140,6 +141,8 @@ def test_the_real_measurements_give_valid_decisions(monkeypatch, tmp_path):
     assert isinstance(bf16["bf16"], bool) and set(timings["bf16_products_ms"]) == {"fp32", "bf16"}
     wrong, _ = calibrate.compare_bf16(lambda a, b: (a @ b) * 1.1)  # fast but not a product of rounded inputs
     assert wrong == {"bf16": False}
+    decisions, timings = gelu.measure()
+    assert isinstance(decisions["gelu"], bool) and set(timings["gelu_ms"]) == {"torch", "c"}
 
 
 def test_info_shows_the_machine_and_its_decisions(machine, monkeypatch, capsys):
@@ -155,7 +158,7 @@ def test_info_shows_the_machine_and_its_decisions(machine, monkeypatch, capsys):
     monkeypatch.delenv(calibrate.OVERRIDE)
     assert main(["info", "--calibrate"]) == 0
     out = capsys.readouterr().out
-    assert sorted(machine) == ["bf16", "prefetch", "products", "steps"] and "onednn = False (measured" in out
+    assert sorted(machine) == ["bf16", "gelu", "prefetch", "products", "steps"] and "onednn = False (measured" in out
     assert "threads = 2" in out and "prefetch = False (measured" in out
 
 

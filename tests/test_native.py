@@ -155,7 +155,7 @@ def test_decoding_steps_use_the_kernel_and_keep_the_tokens(monkeypatch):
 def test_without_a_compiler_torch_products_remain(monkeypatch, tmp_path):
     native._load.cache_clear()
     try:
-        monkeypatch.setattr(native.shutil, "which", lambda name: None)
+        monkeypatch.setattr(cpu.shutil, "which", lambda name: None)
         monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path))
         with pytest.warns(UserWarning, match="could not be built"):
             assert not native.available()

@@ -1,12 +1,13 @@
 """Which CPU path runs, chosen by measuring them on this machine once and remembering the answer.
 
-Six decisions, five between paths that give the same numbers up to rounding:
+Seven decisions, six between paths that give the same numbers up to rounding:
 
 - `onednn`: whether fp32 products (training, prompts) go through oneDNN rather than torch's BLAS (kernels.py);
 - `bf16`: whether a training run at `--precision auto` multiplies its fp32 matrices with bf16 inputs (fp32 sums,
   fp32 everywhere else: kernels.py's `bf16_products`), because this processor does that much faster (AMX,
   AVX-512 BF16). The one decision that changes the numbers (a product's inputs keep 8 bits of mantissa, not 24,
   like TF32 on a GPU), so it is taken only for a gain of `BF16_GAIN` or more;
+- `gelu`: whether GPT-2's tanh GELU runs in C (gelu.py) rather than torch's, in training and prompts;
 - `prefetch`: whether the decoding kernel prefetches its weights in software for every few-row product, or
   leaves one to three rows to the hardware's prefetcher (inference/native.py);
 - `fp32_rows`, `int8_rows`: up to how many sequences a decoding step runs in C (fastdecode.py) rather than
@@ -15,8 +16,8 @@ Six decisions, five between paths that give the same numbers up to rounding:
 
 A decision is measured the first time it is wanted (a fraction of a second to a few seconds, on shapes like
 gpt2's: the products a training step multiplies, one row's products and whole decoding steps of a two-block
-gpt2-wide model at each row count), the other path chosen over the default (torch's products; prefetch in every
-tile; the C step; torch's threads) only where its best time beats the default's by more than the noise of the
+gpt2-wide model at each row count), the other path chosen over the default (torch's products and GELU; prefetch in
+every tile; the C step; torch's threads) only where its best time beats the default's by more than the noise of the
 timings (`beats`). It is kept in a JSON file beside the
 compiled kernel (`cpu.cache_dir()`), one per processor, instruction-set level (`GPTFORGE_ISA`), torch
 version, CPU count and torch's own ISA variables; a file that cannot be read is measured again.
@@ -49,6 +50,7 @@ OVERRIDE = "GPTFORGE_CALIBRATION"
 DEFAULTS = {
     "onednn": False,
     "bf16": False,
+    "gelu": False,
     "prefetch": True,
     "fp32_rows": cpu.MAX_ROWS,
     "int8_rows": cpu.MAX_ROWS,
@@ -64,7 +66,7 @@ TORCH_ISA = (
 )
 
 
-SWITCHES = ("onednn", "bf16", "prefetch")  # the yes/no decisions
+SWITCHES = ("onednn", "bf16", "gelu", "prefetch")  # the yes/no decisions
 BF16_GAIN = 1.25  # bf16 products are taken only where they run at least this many times as fast as fp32's
 
 
@@ -104,8 +106,9 @@ def _parse(text: str) -> dict | None:
             parsed = None
         if name not in DEFAULTS or not _valid(name, parsed):
             raise OptionError(
-                f"{OVERRIDE}: {pair!r} is not one of onednn=0|1, bf16=0|1, prefetch=0|1, fp32_rows=0-{cpu.MAX_ROWS}, "
-                f"int8_rows=0-{cpu.MAX_ROWS}, threads=N (0: torch's), comma-separated, or off"
+                f"{OVERRIDE}: {pair!r} is not one of onednn=0|1, bf16=0|1, gelu=0|1, prefetch=0|1, "
+                f"fp32_rows=0-{cpu.MAX_ROWS}, int8_rows=0-{cpu.MAX_ROWS}, threads=N (0: torch's), comma-separated, "
+                "or off"
             )
         fixed[name] = parsed
     return fixed
@@ -130,7 +133,13 @@ def _path_of(isa: str, cache: str, home: str, torch_isa: tuple) -> Path:
 
 @functools.lru_cache(maxsize=16)
 def _path(level: str, folder: str, torch_isa: tuple) -> Path:
-    parts = [cpu.build_key(level), torch.__version__, str(os.cpu_count()), *torch_isa]
+    parts = [
+        cpu.build_key(level),
+        cpu.build_key(level, cpu.GELU_SOURCE),
+        torch.__version__,
+        str(os.cpu_count()),
+        *torch_isa,
+    ]
     return Path(folder) / f"calibration-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}.json"
 
 
@@ -221,6 +230,7 @@ MEASURES: dict[str, Callable[[], tuple[dict, dict]]] = {}
 GROUPS = {
     "onednn": "products",
     "bf16": "bf16",
+    "gelu": "gelu",
     "prefetch": "prefetch",
     "fp32_rows": "steps",
     "int8_rows": "steps",

@@ -1,7 +1,8 @@
 """The processor and how gptforge's C code is built for it: the instruction-set level asked for
 (`GPTFORGE_ISA`), what this processor runs, the compiler flags, the cache folder for compiled kernels and
-measurements, and the key that says when either must be made again. Nothing here compiles or measures;
-inference/native.py builds the decoding kernel and calibrate.py measures the paths.
+measurements, the key that says when either must be made again, and `build`, which compiles a C source into
+that folder once. Nothing here loads or measures: inference/native.py loads the decoding kernel, gelu.py the
+training GELU, and calibrate.py measures the paths.
 """
 
 from __future__ import annotations
@@ -10,13 +11,17 @@ import functools
 import hashlib
 import os
 import platform
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
 
 from .errors import OptionError
 
-SOURCE = Path(__file__).with_name("csrc") / "decode.c"
+SOURCE = Path(__file__).with_name("csrc") / "decode.c"  # the decoding kernel (inference/native.py)
+GELU_SOURCE = SOURCE.with_name("gelu.c")  # the training GELU (gelu.py)
 MAX_ROWS = 8  # a decoding batch's rows (measured at 1 and 8 by bench_gemv); longer inputs are prompts, for a GEMM
 # reassociating the sums (not -ffast-math, which can change the whole process's float modes) lets the compiler
 # vectorise them with several accumulators
@@ -93,23 +98,51 @@ def build_flags(level: str) -> list[str]:
     return [*FLAGS, *march(level), *(["-fopenmp"] if torch_openmp() else [])]
 
 
-def build_key(level: str) -> str:
+def build_key(level: str, source: Path = SOURCE) -> str:
     """What the compiled library depends on: the source, the flags, torch's OpenMP runtime and the processor."""
-    parts = [SOURCE.read_text(), *build_flags(level), str(torch_openmp()), _cpu_key(), level]
+    parts = [source.read_text(), *build_flags(level), str(torch_openmp()), _cpu_key(), level]
     return f"{level}-" + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def library_path(source: Path, level: str) -> Path:
+    """Where `build` puts the shared library of `source` at `level`."""
+    return cache_dir() / f"{source.stem}-{build_key(level, source)}.so"
+
+
+def build(source: Path, level: str) -> Path:
+    """The shared library of the C file `source` at `level`, compiled unless cached (OSError without a compiler,
+    CalledProcessError where it fails), linked against torch's OpenMP runtime so that both share one pool."""
+    target = library_path(source, level)
+    if target.is_file():
+        return target
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (cc or gcc) found")
+    gomp = torch_openmp()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        obj, lib = Path(tmp) / f"{source.stem}.o", Path(tmp) / f"{source.stem}.so"
+        run = functools.partial(subprocess.run, check=True, capture_output=True)
+        run([compiler, *build_flags(level), "-c", str(source), "-o", str(obj)])
+        run([compiler, "-shared", str(obj), *([str(gomp)] if gomp else []), "-o", str(lib)])
+        os.replace(lib, target)  # atomic: another process building at the same time writes the same file
+    return target
 
 
 __all__ = [
     "FLAGS",
+    "GELU_SOURCE",
     "ISA",
     "LEVELS",
     "MAX_ROWS",
     "SOURCE",
+    "build",
     "build_flags",
     "build_key",
     "cache_dir",
     "cpu_info",
     "isa",
+    "library_path",
     "march",
     "on_x86",
     "runs_here",

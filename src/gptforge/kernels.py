@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import calibrate
+from . import calibrate, gelu
 
 SWITCH = "GPTFORGE_KERNELS"  # "0" turns the fast paths off
 
@@ -272,6 +272,31 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return total / count
 
 
+# --- GPT-2's GELU --------------------------------------------------------------------------------------
+
+
+class _GeluTanh(torch.autograd.Function):
+    """gelu(x) (tanh form) and its gradient in C (gelu.py), keeping x for the backward as torch's GELU does."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return gelu.forward(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return gelu.backward(x, grad.contiguous())
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """`F.gelu(x, approximate="tanh")`, GPT-2's activation: in C for fp32 CPU tensors where that was measured
+    faster (calibrate.py's `gelu`), torch's elsewhere."""
+    if fp32_cpu(x) and x.is_contiguous() and calibrate.decision("gelu") and gelu.available():
+        return _GeluTanh.apply(x)
+    return F.gelu(x, approximate="tanh")
+
+
 # --- dropout with one-byte masks ---------------------------------------------------------------------
 
 
@@ -432,6 +457,7 @@ __all__ = [
     "bf16_products",
     "enabled",
     "fp32_cpu",
+    "gelu_tanh",
     "linear",
     "linear_cross_entropy",
     "matmul",

@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import GPTConfig
-from .kernels import Dropout, Linear, attention, linear_cross_entropy
+from .kernels import Dropout, Linear, attention, gelu_tanh, linear_cross_entropy
 
 
 def _activation(name: str):
     if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        return lambda x: F.gelu(x, approximate="tanh")  # GPT-2's tanh approximation of GELU
+        return gelu_tanh  # GPT-2's tanh approximation of GELU
     if name == "gelu":
         return F.gelu
     if name == "relu":

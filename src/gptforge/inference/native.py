@@ -20,36 +20,14 @@ import math
 import mmap
 import os
 import platform
-import shutil
 import subprocess
-import tempfile
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .. import calibrate, cpu
 from .int8 import quantize_rows
-
-
-def _build(level: str) -> Path:
-    """The shared library for this source at `level`, compiled unless cached."""
-    target = cpu.cache_dir() / f"decode-{cpu.build_key(level)}.so"
-    if target.is_file():
-        return target
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler (cc or gcc) found")
-    gomp = cpu.torch_openmp()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        obj, lib = Path(tmp) / "decode.o", Path(tmp) / "decode.so"
-        run = functools.partial(subprocess.run, check=True, capture_output=True)
-        run([compiler, *cpu.build_flags(level), "-c", str(cpu.SOURCE), "-o", str(obj)])
-        run([compiler, "-shared", str(obj), *([str(gomp)] if gomp else []), "-o", str(lib)])
-        os.replace(lib, target)  # atomic: another process building at the same time writes the same file
-    return target
 
 
 class Weight(ctypes.Structure):
@@ -118,7 +96,7 @@ def _load(level: str):
         warnings.warn(f"{cpu.ISA}={level}: this processor cannot run it; using torch's products")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(level)))
+        lib = ctypes.CDLL(str(cpu.build(cpu.SOURCE, level)))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = e.stderr.decode(errors="replace").strip()[-300:] if isinstance(e, subprocess.CalledProcessError) else e
         warnings.warn(f"gptforge's decoding kernel could not be built ({detail}); using torch's products")
@@ -274,7 +252,7 @@ def describe() -> list[str]:
     if not available():
         return [*lines, "decoding kernel: not available here (torch's products are used)"]
     threads = "one thread (no OpenMP)" if cpu.torch_openmp() is None else "OpenMP shared with torch"
-    return [*lines, f"decoding kernel: {cpu.cache_dir() / f'decode-{cpu.build_key(level)}.so'} ({threads})"]
+    return [*lines, f"decoding kernel: {cpu.library_path(cpu.SOURCE, level)} ({threads})"]
 
 
 def set_prefetch(every_tile: bool) -> None:

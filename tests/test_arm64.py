@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 from test_fastdecode import _assert_within, _in_float64, _model, _prefilled
+from test_gelu import assert_gelu_close
 from test_native import assert_product_close
 
-from gptforge import cpu
+from gptforge import cpu, gelu
 from gptforge.inference import native
 
 CROSS, QEMU = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
@@ -109,3 +110,20 @@ def test_the_kernel_built_for_arm64_gives_the_step_and_products(tmp_path):
         _assert_within(v[:, :, new], cache64.v[i][:, :, new], qkv[:, 2])
     assert_product_close(out[: 37 * 3].view(3, 37), x, w)
     assert_product_close(out[37 * 3 :].view(3, 37), x, q.float() * scale[:, None])
+
+
+def test_the_gelu_built_for_arm64_gives_torchs_values_and_gradients(tmp_path):
+    program = tmp_path / "gelu"
+    flags = [*cpu.FLAGS, "-march=armv8-a", "-static"]
+    sources = [str(Path(__file__).with_name("csrc") / "gelu_driver.c"), str(cpu.GELU_SOURCE)]
+    subprocess.run([CROSS, *flags, *sources, "-o", str(program), "-lm"], check=True, capture_output=True)
+    g = torch.Generator().manual_seed(0)
+    x, grad = torch.randn(40_001, generator=g) * 4, torch.randn(40_001, generator=g)  # several blocks of csrc/gelu.c
+    with (tmp_path / "in.bin").open("wb") as f:
+        f.write(np.int64(x.numel()).tobytes() + x.numpy().tobytes() + grad.numpy().tobytes())
+    subprocess.run([QEMU, str(program), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")], check=True, timeout=300)
+    out = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float32))
+    want = torch.nn.functional.gelu(x, approximate="tanh")
+    want_dx = torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
+    assert_gelu_close(out[: x.numel()], want, gelu.rounding(x))
+    assert_gelu_close(out[x.numel() :], want_dx, gelu.rounding(x, grad))

@@ -37,11 +37,14 @@ def test_the_c_gelu_gives_torchs_values_and_gradients(level):
     gy = torch.randn(x.shape, generator=g)
     ours, ref = kernels.gelu_tanh(x), F.gelu(x, approximate="tanh")
     assert ours.grad_fn is not None and "GeluTanh" in type(ours.grad_fn).__name__  # the C path ran
-    # float rounding of a different but equal formula: a few units in the last place of the larger terms
-    torch.testing.assert_close(ours, ref, atol=2e-6, rtol=2e-6)
-    torch.testing.assert_close(
-        torch.autograd.grad(ours, x, gy)[0], torch.autograd.grad(ref, x, gy)[0], atol=2e-6, rtol=2e-6
-    )
+    # float rounding of a different but equal formula (gelu.rounding: where torch's 1 + tanh loses its bits)
+    assert_gelu_close(ours, ref, gelu.rounding(x))
+    assert_gelu_close(torch.autograd.grad(ours, x, gy)[0], torch.autograd.grad(ref, x, gy)[0], gelu.rounding(x, gy))
+
+
+def assert_gelu_close(ours: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor) -> None:
+    gap = (ours - ref).abs() - (bound + 4e-7 * ref.abs())
+    assert (gap <= 0).all(), f"{int((gap > 0).sum())} values off by up to {gap.max().item():.2e} beyond rounding"
 
 
 @needs_compiler

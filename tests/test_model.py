@@ -146,10 +146,14 @@ def test_left_padded_prefill_then_cached_step_matches_single_rows():
 # --- loss, logits_to_keep, gradients -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("onednn", [False, True])  # the weight's gradient summed as it is, or transposed
 @pytest.mark.parametrize("vocab", [50, 9000])  # one chunk; several chunks of 256 rows (2**20 // 9000 = 116)
-def test_chunked_linear_cross_entropy_equals_the_plain_form(vocab):
+def test_chunked_linear_cross_entropy_equals_the_plain_form(vocab, onednn, monkeypatch):
     from gptforge.kernels import linear_cross_entropy
 
+    if onednn and not kernels._onednn_checked():
+        pytest.skip("no oneDNN ops in this torch build or on this CPU")
+    monkeypatch.setattr(kernels, "_onednn_faster", lambda: onednn)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(700, 32, generator=g, requires_grad=True)
     w = (torch.randn(vocab, 32, generator=g) * 0.3).requires_grad_()

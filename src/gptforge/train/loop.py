@@ -3,8 +3,7 @@
 A run folder (`out_dir`) ends up as a model folder transformers can open, plus:
 
     checkpoints/step-0000100/   complete model folder + trainer_state.pt (optimizer, step, RNG, clock)
-    best/                       model folder with the lowest validation loss so far (best_validation.json: its step,
-    score)
+    best/                       model folder with the lowest validation loss so far (best_validation.json: step, score)
     metrics.jsonl               one JSON object per log line and per evaluation
     loss.png                    train / validation loss curves (drawn with matplotlib, a dependency)
     samples.txt                 text sampled from the model during training
@@ -352,31 +351,27 @@ class Trainer:
         return bool(self.cfg.max_time and self.elapsed >= self.cfg.max_time)
 
     def run(self) -> TrainResult:
-        with bf16_products(self.bf16_products):  # the run's products, its evaluations' too
-            return self._run()
-
-    def _run(self) -> TrainResult:
         self.out.mkdir(parents=True, exist_ok=True)
         self.log.message(describe_run(self))
         handlers = on_stop_signals(self._stop_requested, lambda: self._stop)
         bar = StepProgress(self.max_steps, self.cfg.max_time, self.step, main=self.dist.main, bar=self.cfg.progress)
         feed = Prefetcher(self.batches, self.step * self.cfg.grad_accum, self.device)
-        try:
-            train_loss = self._steps(iter(feed), bar)
-        except (RuntimeError, MemoryError) as e:  # CUDA's OutOfMemoryError is a RuntimeError too
-            if not out_of_memory(e):
-                raise
-            raise TrainingError(
-                f"out of memory at step {self.step} (batch {self.cfg.batch_size} x {self.block_size}). Lower "
-                "--batch-size and "
-                "raise --grad-accum to keep the tokens per step, lower --block-size, add --gradient-checkpointing, or "
-                "pick a smaller model"
-            ) from None
-        finally:
-            feed.close()
-            bar.close()
-            restore_signal_handlers(handlers)
-        return self._finish(train_loss)
+        with bf16_products(self.bf16_products):  # the run's products, its evaluations' too
+            try:
+                train_loss = self._steps(iter(feed), bar)
+            except (RuntimeError, MemoryError) as e:  # CUDA's OutOfMemoryError is a RuntimeError too
+                if not out_of_memory(e):
+                    raise
+                raise TrainingError(
+                    f"out of memory at step {self.step} (batch {self.cfg.batch_size} x {self.block_size}). Lower "
+                    "--batch-size and raise --grad-accum to keep the tokens per step, lower --block-size, add "
+                    "--gradient-checkpointing, or pick a smaller model"
+                ) from None
+            finally:
+                feed.close()
+                bar.close()
+                restore_signal_handlers(handlers)
+            return self._finish(train_loss)
 
     def _steps(self, batches, bar) -> float | None:
         """Optimizer steps until a limit, early stopping or a stop request; the last logged training loss."""

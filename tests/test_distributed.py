@@ -51,6 +51,23 @@ MODEL = dict(
 )
 
 
+OPTIONS = dict(  # the training options of every run here and in test_multinode.py
+    block_size=16,
+    max_steps=6,
+    log_interval=1,
+    eval_interval=3,
+    eval_tokens=256,
+    progress=False,
+    plot=False,
+    save_minutes=None,
+    learning_rate=3e-3,
+    warmup_steps=2,
+    # fp32 products: bf16 inputs (what --precision auto takes where calibration measured them faster) turn the
+    # rounding-level differences between one process and two ranks into flips of bf16's last bit (2^-8)
+    precision="fp32",
+)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, sample_text):
     from gptforge.data import prepare
@@ -66,21 +83,7 @@ def data_dir(tmp_path_factory, sample_text):
 def run(tmp_path, out: str, data_dir, nproc: int = 1, **options) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    args = dict(
-        model=MODEL,
-        data=str(data_dir),
-        out_dir=str(tmp_path / out),
-        block_size=16,
-        max_steps=6,
-        log_interval=1,
-        eval_interval=3,
-        eval_tokens=256,
-        progress=False,
-        plot=False,
-        save_minutes=None,
-        learning_rate=3e-3,
-        warmup_steps=2,
-    )
+    args = dict(model=MODEL, data=str(data_dir), out_dir=str(tmp_path / out), **OPTIONS)
     args.update(options)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if nproc == 1:

@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 import torch
-from test_distributed import MODEL, assert_same_weights, data_dir, run  # noqa: F401 - data_dir is a fixture
+from test_distributed import MODEL, OPTIONS, assert_same_weights, data_dir, run  # noqa: F401 - data_dir is a fixture
 
 from gptforge.checkpoint import load_model
 from gptforge.train.state import list_checkpoints
@@ -65,19 +65,6 @@ WORKER = textwrap.dedent("""
 
     train(model, args.pop("data"), on_step=on_step, **args)
 """)
-
-OPTIONS = dict(
-    block_size=16,
-    max_steps=6,
-    log_interval=1,
-    eval_interval=3,
-    eval_tokens=256,
-    progress=False,
-    plot=False,
-    save_minutes=None,
-    learning_rate=3e-3,
-    warmup_steps=2,
-)
 
 
 def free_port() -> int:

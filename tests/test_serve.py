@@ -188,6 +188,32 @@ def test_engine_queue_limit_and_cancel(tiny, one_thread):
         engine.stop()
 
 
+def test_a_client_leaving_during_a_step_is_counted_as_cancelled(tiny, one_thread, monkeypatch):
+    """A cancel that lands after a step's sweep of cancelled rows, before its tokens are handed out, still counts."""
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch=1, max_queue=1)
+    c = Collector()
+    a = c.seq(0, tok.encode("the"), 900, do_sample=False)
+    real = engine._sample
+
+    def sample(logits):
+        if engine.steps == 3:
+            a.cancelled = True  # what Engine.cancel does from the web side, here at the worst moment
+        return real(logits)
+
+    monkeypatch.setattr(engine, "_sample", sample)
+    engine.start()
+    try:
+        assert engine.submit([a])
+        deadline = time.time() + 10
+        while (engine.steps < 3 or engine.stats()["running"] + engine.stats()["waiting"]) and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.stats()["running"] == engine.stats()["waiting"] == 0 and engine.steps < 800
+        assert engine.stats()["cancelled"] == 1
+    finally:
+        engine.stop()
+
+
 def test_serve_face_needs_no_torch():
     code = (
         "import sys, argparse, gptforge.serve as s; p = s.add_serve_arguments(argparse.ArgumentParser()); "

@@ -467,6 +467,7 @@ class Engine:
         """Give a sampled token to a sequence and send the text that became final; True when it is done."""
         row = s.row
         if s.cancelled or row.finish == "error":
+            self.cancelled += s.cancelled and not s.finished  # its client left after this step's sweep (`_intake`)
             return True
         if self.metrics is not None:
             self.metrics.token(s)

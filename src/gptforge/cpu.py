@@ -1,12 +1,13 @@
 """The processor and how gptforge's C code is built for it: the instruction-set level asked for
 (`GPTFORGE_ISA`), what this processor runs, the compiler flags, the cache folder for compiled kernels and
-measurements, the key that says when either must be made again, and `build`, which compiles a C source into
-that folder once. Nothing here loads or measures: inference/native.py loads the decoding kernel, gelu.py the
-training GELU, and calibrate.py measures the paths.
+measurements, the key that says when either must be made again, and `build` / `load`, which compile a C source
+into that folder once and open it. Nothing here checks or measures: inference/native.py checks the decoding
+kernel, gelu.py the training GELU, and calibrate.py measures the paths.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import os
@@ -14,6 +15,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -129,6 +131,17 @@ def build(source: Path, level: str) -> Path:
     return target
 
 
+def load(source: Path, level: str, what: str, instead: str) -> ctypes.CDLL | None:
+    """The library of `source` at `level`, built unless cached and opened; None, with one warning that `what`
+    could not be built and `instead` is used, where there is no compiler or the build fails."""
+    try:
+        return ctypes.CDLL(str(build(source, level)))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = e.stderr.decode(errors="replace").strip()[-300:] if isinstance(e, subprocess.CalledProcessError) else e
+        warnings.warn(f"{what} could not be built ({detail}); using {instead}")
+        return None
+
+
 __all__ = [
     "FLAGS",
     "GELU_SOURCE",
@@ -143,6 +156,7 @@ __all__ = [
     "cpu_info",
     "isa",
     "library_path",
+    "load",
     "march",
     "on_x86",
     "runs_here",

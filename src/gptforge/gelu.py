@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import subprocess
 import warnings
 
 import torch
@@ -27,11 +26,8 @@ SQRT_2_OVER_PI, CUBIC = 0.7978845608028654, 0.044715  # GPT-2's GELU: tanh(sqrt(
 def _load(level: str):
     if not (cpu.supported() and cpu.runs_here(level)):
         return None
-    try:
-        lib = ctypes.CDLL(str(cpu.build(cpu.GELU_SOURCE, level)))
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = e.stderr.decode(errors="replace").strip()[-300:] if isinstance(e, subprocess.CalledProcessError) else e
-        warnings.warn(f"gptforge's GELU could not be built ({detail}); using torch's")
+    lib = cpu.load(cpu.GELU_SOURCE, level, "gptforge's GELU", "torch's")
+    if lib is None:
         return None
     lib.gptforge_gelu.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
     lib.gptforge_gelu_backward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]

@@ -20,7 +20,6 @@ import math
 import mmap
 import os
 import platform
-import subprocess
 import warnings
 
 import torch
@@ -95,11 +94,8 @@ def _load(level: str):
     if not cpu.runs_here(level):
         warnings.warn(f"{cpu.ISA}={level}: this processor cannot run it; using torch's products")
         return None
-    try:
-        lib = ctypes.CDLL(str(cpu.build(cpu.SOURCE, level)))
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = e.stderr.decode(errors="replace").strip()[-300:] if isinstance(e, subprocess.CalledProcessError) else e
-        warnings.warn(f"gptforge's decoding kernel could not be built ({detail}); using torch's products")
+    lib = cpu.load(cpu.SOURCE, level, "gptforge's decoding kernel", "torch's products")
+    if lib is None:
         return None
     if cpu.torch_openmp() is None:
         warnings.warn("gptforge's decoding kernel is built without OpenMP (torch ships no libgomp here): one thread")
